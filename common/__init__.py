@@ -1,0 +1,1 @@
+"""Pieces every part of sparsecnn shares: the user-error type, atomic file output, ONNX I/O."""

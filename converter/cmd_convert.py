@@ -1,0 +1,80 @@
+"""`sparsecnn convert`: model -> pruned ONNX (the hand-off file) and, with --engine, an engine."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..common.onnxio import save_onnx
+from ..passes.graph import run_pipeline
+from ..passes.inspect import layer_table, sparsity_summary
+from ..passes.prune import prune_pipeline
+from .options import add_engine_args, add_prune_args, add_source_args, compile_options
+from .source import load_source, stage
+
+HELP = """\
+Export a model to ONNX with BatchNorm folded, prune it, and write the pruned model: a
+plain ONNX file whose pruned weights are zeros (every runtime starts from this file).
+With --engine, also rewrite it for --runtime and save the compiled engine.
+"""
+
+EXAMPLES = """\
+examples:
+  sparsecnn convert resnet18 --prune 2:4 -o r18-24.onnx
+  sparsecnn convert vgg19 --weights vgg19_fmnist.pt --prune 0.9 --scope global -o v90.onnx
+  sparsecnn convert model.onnx --prune 0.8 --exclude 'layer4.*' -o model-80.onnx
+  sparsecnn convert trafficcamnet --opset 13 -o tcn.onnx          # for TensorRT 8.2 on Jetson Nano
+  sparsecnn convert resnet18 --prune 0.9 -o r.onnx --runtime torch --engine r.engine --device cuda --dtype fp16
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("convert", help="model -> pruned ONNX (and an engine)", description=HELP, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_args(p)
+    add_prune_args(p)
+    p.add_argument("-o", "--output", help="pruned ONNX file to write (default: <model>[-<prune>].onnx)")
+    add_engine_args(p)
+    p.add_argument("--engine", help="also write a compiled engine for --runtime to this file")
+    p.add_argument("--sparse-onnx", help="also write the runtime-rewritten ONNX (custom sparse ops) to this file")
+    p.set_defaults(func=run)
+
+
+def default_output(label: str, prune: str | None) -> str:
+    stem = Path(label).stem
+    suffix = "" if not prune or prune == "none" else "-" + prune.replace(":", "to")
+    return f"{stem}{suffix}.onnx"
+
+
+def run(args) -> int:
+    from ..runtimes import require_runtime, resolve_device
+
+    pipeline = prune_pipeline(args.prune, args.scope, args.exclude)  # validates --prune before any work
+    runtime = require_runtime(args.runtime) if (args.engine or args.sparse_onnx) else None
+    device = resolve_device(args.device) if args.engine else None
+    src = load_source(args.source, args.weights, args.num_classes, args.opset)
+    model = src.model
+    if pipeline:
+        with stage(f"pruning ({args.prune}{', ' + args.scope if args.prune != '2:4' else ''})"):
+            model, results = run_pipeline(model, pipeline)
+        for r in results:
+            print(r.summary(), file=sys.stderr)
+    out = Path(args.output or default_output(src.label, args.prune))
+    save_onnx(model, out)
+    s = sparsity_summary(layer_table(model))
+    print(f"wrote {out}: {s['prunable_layers']} prunable layers at sparsity {s['prunable_sparsity']:.4f}, "
+          f"{s['two_four_layers']} layers 2:4; weights {s['dense_bytes'] / 2**20:.1f} MiB dense, "
+          f"{s['nonzero_bytes'] / 2**20:.1f} MiB non-zero")
+    if runtime is not None:
+        opts = compile_options(args)
+        with stage(f"rewriting for runtime '{runtime.name}'"):
+            sparse = runtime.rewrite(model, opts)
+        if args.sparse_onnx:
+            save_onnx(sparse, args.sparse_onnx)
+            print(f"wrote {args.sparse_onnx} ({Path(args.sparse_onnx).stat().st_size / 2**20:.1f} MiB)")
+        if args.engine:
+            with stage(f"compiling for {device} ({args.dtype})"):
+                engine = runtime.compile(sparse, device, opts)
+            engine.save(args.engine)
+            print(f"wrote {args.engine}: runtime {runtime.name} on {device}, {args.dtype}")
+    return 0

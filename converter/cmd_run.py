@@ -1,0 +1,115 @@
+"""`sparsecnn run`: run an engine, ONNX file or registry model on images or random input."""
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..common.errors import UserError
+from ..common.fileio import write_bytes_atomic
+from .options import add_engine_args
+
+EXAMPLES = """\
+examples:
+  sparsecnn run r18.engine --input cat.jpg --topk 5
+  sparsecnn run vgg19-0.9.onnx --input photos/ --device cuda --dtype fp16
+  sparsecnn run trafficcamnet --random --batch 2 -o outputs.npz
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="run a model on images or random input", epilog=EXAMPLES,
+                       description="Run a saved engine (.engine), an ONNX file or a registry model. Images "
+                                   "are resized and normalised per the model's input spec; classifiers print "
+                                   "the top-k classes, other models their output shapes.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="engine file, ONNX file or registry model name")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--input", help="an image file or a folder of images")
+    src.add_argument("--random", action="store_true", help="random input (the default without --input)")
+    p.add_argument("--batch", type=int, default=1, help="batch size for random input (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random input")
+    p.add_argument("--topk", type=int, default=5, help="classes to print per image (default 5)")
+    p.add_argument("-o", "--output", help="write all outputs to this .npz file")
+    p.add_argument("--weights", help="weights for a registry model (see `convert --help`)")
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def _engine(args):
+    from ..common.onnxio import get_input_spec
+    from ..models.registry import InputSpec
+    from ..runtimes import load_engine, require_runtime, resolve_device
+    from .source import load_source
+
+    if args.model.endswith(".engine"):
+        engine = load_engine(args.model, None if args.device == "auto" else args.device)
+        spec = get_input_spec(engine.model)
+        return engine, InputSpec.from_dict(spec) if spec else None
+    rt = require_runtime(args.runtime)
+    device = resolve_device(args.device)
+    src = load_source(args.model, args.weights)
+    from .options import compile_options
+
+    opts = compile_options(args)
+    return rt.compile(rt.rewrite(src.model, opts), device, opts), src.spec
+
+
+def run(args) -> int:
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {args.batch}")
+    if args.output and not args.output.endswith(".npz"):
+        raise UserError(f"--output must name an .npz file, got {args.output}")
+    files = None
+    if args.input:
+        from .images import image_files
+
+        files = image_files(args.input)  # a missing input fails before the model is built
+    engine, spec = _engine(args)
+    if files is not None:
+        if spec is None:
+            raise UserError(f"{args.model} carries no input spec (size, normalisation); export it with "
+                            "`sparsecnn convert` or run it with --random")
+        from .images import load_images
+
+        x = load_images(files, spec)
+    else:
+        shape = spec.shape if spec else _input_shape(engine)
+        x = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(args.seed))
+    t0 = time.perf_counter()
+    outputs = engine(x)
+    elapsed = time.perf_counter() - t0
+    names = engine.output_names
+    print(f"ran {engine.runtime} on {engine.device} ({engine.options.dtype}), batch {x.shape[0]}: {elapsed * 1e3:.1f} ms "
+          "(first call, includes set-up)")
+    if len(outputs) == 1 and outputs[0].dim() == 2:
+        labels = spec.labels if spec and spec.labels else None
+        probs = torch.softmax(outputs[0], dim=1)
+        k = min(args.topk, probs.shape[1])
+        top = probs.topk(k, dim=1)
+        for i in range(x.shape[0]):
+            who = files[i].name if files else f"input {i}"
+            picks = ", ".join(f"{labels[c] if labels else c} {p:.3f}" for p, c in zip(top.values[i].tolist(), top.indices[i].tolist()))
+            print(f"{who}: {picks}")
+    else:
+        for n, o in zip(names, outputs):
+            print(f"{n}: shape {list(o.shape)}, min {o.min():.4g}, mean {o.mean():.4g}, max {o.max():.4g}")
+    if args.output:
+        buf = io.BytesIO()
+        np.savez(buf, **{n: o.numpy() for n, o in zip(names, outputs)})
+        write_bytes_atomic(args.output, buf.getvalue())
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _input_shape(engine) -> tuple[int, ...]:
+    for vi in engine.model.graph.input:
+        if vi.name == engine.input_names[0]:
+            dims = [d.dim_value for d in vi.type.tensor_type.shape.dim][1:]
+            if all(dims):
+                return tuple(dims)
+    raise UserError("the model's input size is not fixed; give images with --input")

@@ -1,0 +1,49 @@
+"""Images from files, prepared the way a model's input spec says."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..common.errors import UserError
+from ..models.registry import InputSpec
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
+
+
+def image_files(path: str | Path) -> list[Path]:
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {p}")
+        return files
+    raise UserError(f"input not found: {p}")
+
+
+def preprocess(image, spec: InputSpec) -> torch.Tensor:
+    """A PIL image -> [C, H, W] float tensor: resized, scaled, normalised per the spec."""
+    from PIL import Image
+
+    image = image.convert("RGB" if spec.channels == 3 else "L").resize((spec.width, spec.height), Image.BILINEAR)
+    arr = np.asarray(image, dtype=np.float32)
+    x = torch.from_numpy(arr if arr.ndim == 3 else arr[..., None]).permute(2, 0, 1) * spec.scale
+    if spec.mean is not None:
+        x = (x - torch.tensor(spec.mean).view(-1, 1, 1)) / torch.tensor(spec.std).view(-1, 1, 1)
+    return x
+
+
+def load_images(files: list[Path], spec: InputSpec) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    batch = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                batch.append(preprocess(im, spec))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"cannot read image {f}: {exc}") from None
+    return torch.stack(batch)

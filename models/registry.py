@@ -1,0 +1,244 @@
+"""The model registry: how to build each architecture, load its weights, and feed it.
+
+An entry carries its input spec (what `run` and the data loaders need to prepare images)
+and the modules excluded from pruning by default (stem conv, classifier, detection heads):
+those layers are small, sensitive, and for 2:4 often have too few input channels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..common.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects: pixels are scaled by `scale`, then (x - mean) / std per channel."""
+
+    channels: int
+    height: int
+    width: int
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    input_name: str = "input"
+    output_names: tuple[str, ...] = ("logits",)
+    num_classes: int | None = None
+    labels: tuple[str, ...] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    description: str
+    build: Callable[[int], nn.Module]  # num_classes -> module with random weights
+    input: InputSpec
+    exclude: tuple[str, ...]  # module names left dense by default
+    classifier: str | None = None  # module whose output size is the class count
+    torchvision_builder: str | None = None  # torchvision.models function that knows its weights
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def spec_for(self, num_classes: int | None) -> InputSpec:
+        if num_classes is None or num_classes == self.input.num_classes:
+            return self.input
+        return dataclasses.replace(self.input, num_classes=num_classes, labels=None)
+
+
+def _torchvision(name: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        import torchvision.models as tvm
+
+        return getattr(tvm, name)(weights=None, num_classes=num_classes)
+
+    return build
+
+
+def _detectnet(num_classes: int) -> nn.Module:
+    from .detectnet import DetectNetV2
+
+    return DetectNetV2(num_classes)
+
+
+def _tiny(kind: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from . import tiny
+
+        if kind == "tinynet":
+            return tiny.TinyNet(num_classes)
+        if kind == "tinynet_odd":
+            return tiny.TinyNet(num_classes, widths=(6, 10, 14))
+        return tiny.TinyResNet(num_classes)
+
+    return build
+
+
+_TINY_INPUT = InputSpec(3, 32, 32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), num_classes=10)
+
+MODELS: dict[str, ModelEntry] = {
+    e.name: e
+    for e in [
+        ModelEntry(
+            "resnet18", "ResNet-18 (torchvision), 1000 ImageNet classes by default",
+            _torchvision("resnet18"),
+            InputSpec(3, 224, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000),
+            exclude=("conv1", "fc"), classifier="fc", torchvision_builder="resnet18"),
+        ModelEntry(
+            "vgg19", "VGG-19 without batch norm (torchvision), 1000 ImageNet classes by default",
+            _torchvision("vgg19"),
+            InputSpec(3, 224, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000),
+            exclude=("features.0", "classifier.6"), classifier="classifier.6", torchvision_builder="vgg19"),
+        ModelEntry(
+            "trafficcamnet", "TrafficCamNet: DetectNet_v2 on ResNet-18 (layer4 at stride 1), 544x960",
+            _detectnet,
+            InputSpec(3, 544, 960, scale=1.0 / 255.0, input_name="input_1",
+                      output_names=("output_cov/Sigmoid", "output_bbox/BiasAdd"),
+                      num_classes=4, labels=("car", "bicycle", "person", "road_sign")),
+            exclude=("conv1", "output_cov", "output_bbox"), classifier="output_cov",
+            notes="NVIDIA's released weights (NGC, .etlt/.onnx) are not downloadable here; "
+                  "random or user-trained weights are used."),
+        ModelEntry("tinynet", "3-conv VGG-like test net, 32x32", _tiny("tinynet"), _TINY_INPUT,
+                   exclude=("features.0", "classifier"), classifier="classifier"),
+        ModelEntry("tinynet_odd", "tinynet with 6/10/14 channels (not multiples of 4)", _tiny("tinynet_odd"),
+                   _TINY_INPUT, exclude=("features.0", "classifier"), classifier="classifier"),
+        ModelEntry("tinyresnet", "small residual test net with strided shortcuts, 32x32", _tiny("tinyresnet"),
+                   _TINY_INPUT, exclude=("conv1", "fc"), classifier="fc"),
+    ]
+}
+
+
+def get_entry(name: str) -> ModelEntry:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise UserError(f"unknown model '{name}'; known models: {', '.join(MODELS)} "
+                        "(or give a path to an .onnx file or a sparsecnn checkpoint)") from None
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict:
+    """Load a checkpoint as plain data (weights_only=True) and return its tensor dict.
+
+    Accepts a bare state dict or a dict holding one under 'state_dict' / 'model'
+    (sparsecnn's own checkpoints also carry 'arch', 'num_classes' and 'input').
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).strip().splitlines()[0] if "Weights only load failed" not in str(exc) else ""
+        raise UserError(
+            f"{p} is not a plain state dict: it holds Python objects that sparsecnn will not unpickle "
+            f"(weights_only=True){'; ' + detail if detail else ''}. Save it with "
+            "torch.save(model.state_dict(), path)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise UserError(f"{p} is corrupt or truncated and cannot be read as a PyTorch checkpoint "
+                        f"({type(exc).__name__}); save it again") from None
+    return obj
+
+
+def _tensor_dict(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    state = obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                state = obj[key]
+                break
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise UserError(f"{path} does not hold a state dict (a dict of parameter names to tensors)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_model(name: str, weights: str | None = None, num_classes: int | None = None,
+               seed: int = 0) -> tuple[nn.Module, InputSpec, ModelEntry]:
+    """Build registry model `name` in eval mode and load `weights`.
+
+    `weights` is a state-dict / checkpoint file, a torchvision weights name (e.g.
+    IMAGENET1K_V1, needs the internet once), or None for seeded random weights.
+    """
+    entry = get_entry(name)
+    state = None
+    if weights and (os.sep in weights or Path(weights).suffix in {".pt", ".pth", ".ckpt", ".bin"} or Path(weights).exists()):
+        obj = load_state_dict_file(weights)
+        state = _tensor_dict(obj, weights)
+        if num_classes is None and isinstance(obj, dict) and isinstance(obj.get("num_classes"), int):
+            num_classes = obj["num_classes"]
+        if num_classes is None and entry.classifier and f"{entry.classifier}.weight" in state:
+            num_classes = int(state[f"{entry.classifier}.weight"].shape[0])
+    torch.manual_seed(seed)
+    model = entry.build(num_classes or entry.input.num_classes)
+    spec = entry.spec_for(num_classes)
+    if state is not None:
+        _load_into(model, state, weights)
+        if isinstance(obj, dict) and isinstance(obj.get("input"), dict):
+            spec = InputSpec.from_dict(obj["input"])
+    elif weights:
+        _load_torchvision_weights(entry, model, weights, num_classes)
+    return model.eval(), spec, entry
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            parts.append(f"shape mismatch {wrong[0]}")
+        raise UserError(f"{path} does not fit this architecture: " + "; ".join(parts)
+                        + " (is --num-classes or the model name right?)")
+    model.load_state_dict(state)
+
+
+def _load_torchvision_weights(entry: ModelEntry, model: nn.Module, weights: str, num_classes: int | None) -> None:
+    if not entry.torchvision_builder:
+        raise UserError(f"model '{entry.name}' has no torchvision weights; give a state-dict file with --weights")
+    import torchvision.models as tvm
+
+    try:
+        w = tvm.get_model_weights(entry.torchvision_builder)[weights]
+    except KeyError:
+        known = ", ".join(x.name for x in tvm.get_model_weights(entry.torchvision_builder))
+        raise UserError(f"'{weights}' is neither a file nor a torchvision weights name for "
+                        f"{entry.name} (known: {known}, DEFAULT)") from None
+    if num_classes not in (None, len(w.meta["categories"])):
+        raise UserError(f"{weights} has {len(w.meta['categories'])} classes, not {num_classes}")
+    try:
+        state = w.get_state_dict(progress=False)
+    except Exception as exc:  # urllib / ssl / socket errors when offline
+        raise UserError(f"could not download torchvision weights {weights} ({type(exc).__name__}); "
+                        "without internet, pass a state-dict file with --weights") from None
+    model.load_state_dict(state)

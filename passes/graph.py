@@ -1,0 +1,203 @@
+"""What every pass shares: the result type, the post-pass checks, graph import/export.
+
+A pass is `fn(model: onnx.ModelProto, **options) -> PassResult`; a pipeline is an explicit
+list of (pass, options) pairs run in order, with the model checked after each one.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from ..common.errors import UserError
+
+SPARSECNN_DOMAIN = "sparsecnn"
+SPARSECNN_OPSET = 1
+PRUNE_EXCLUDE_KEY = "sparsecnn.prune_exclude"
+
+
+@dataclass
+class PassResult:
+    model: onnx.ModelProto
+    counters: Counter = field(default_factory=Counter)
+    name: str = ""
+
+    def summary(self) -> str:
+        items = ", ".join(f"{k}={v}" for k, v in sorted(self.counters.items()))
+        return f"{self.name}: {items or 'no changes'}"
+
+
+def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
+    """The model with large initializers turned into typed graph inputs.
+
+    The checker and shape inference see every name, type and shape without serialising
+    hundreds of megabytes of weights; small initializers (shapes, axes) keep their values.
+    """
+    out = onnx.ModelProto()
+    graph = model.graph
+    out.CopyFrom(onnx.helper.make_model(onnx.GraphProto(), opset_imports=model.opset_import))
+    out.ir_version = model.ir_version
+    g = out.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    input_names = {i.name for i in graph.input}
+    for t in graph.initializer:
+        nbytes = len(t.raw_data) or 8 * max(1, len(t.float_data) + len(t.int64_data) + len(t.int32_data))
+        if nbytes <= max_bytes:
+            g.initializer.append(t)
+        elif t.name not in input_names:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return out
+
+
+def check_model(model: onnx.ModelProto, after: str = "") -> None:
+    """onnx.checker and strict shape inference; a failure here is a bug in the pass."""
+    light = skeleton(model)
+    onnx.checker.check_model(light)
+    onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+
+
+Pass = Callable[..., PassResult]
+
+
+def run_pipeline(model: onnx.ModelProto, pipeline: Iterable[tuple[Pass, dict]]) -> tuple[onnx.ModelProto, list[PassResult]]:
+    results = []
+    for fn, options in pipeline:
+        res = fn(model, **options)
+        res.name = res.name or fn.__name__
+        check_model(res.model, after=res.name)
+        results.append(res)
+        model = res.model
+    return model, results
+
+
+# --- graph helpers -----------------------------------------------------------------------
+
+def import_graph(model: onnx.ModelProto):
+    import onnx_graphsurgeon as gs
+
+    return gs.import_onnx(model)
+
+
+def export_graph(graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a graphsurgeon graph, keeping the original's metadata, IR version and opsets."""
+    import onnx_graphsurgeon as gs
+
+    graph.cleanup().toposort()
+    opsets = {o.domain: o.version for o in like.opset_import}
+    uses_custom = any(n.domain == SPARSECNN_DOMAIN for n in graph.nodes)
+    if uses_custom:
+        opsets[SPARSECNN_DOMAIN] = SPARSECNN_OPSET
+    out = gs.export_onnx(graph, do_type_check=True)
+    del out.opset_import[:]
+    for domain, version in opsets.items():
+        out.opset_import.add(domain=domain, version=version)
+    out.ir_version = like.ir_version
+    out.producer_name = like.producer_name or "sparsecnn"
+    out.metadata_props.extend(like.metadata_props)
+    return out
+
+
+def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def weight_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, int]]:
+    """Conv / Gemm / MatMul nodes with a constant weight: (node, weight name, input-channel axis).
+
+    The input-channel axis is the one a 2:4 pattern and a GEMM view's K dimension run along:
+    axis 1 of a Conv weight [Cout, Cin/g, kh, kw] and of a Gemm weight with transB=1
+    [out, in]; axis 0 of a MatMul or transB=0 Gemm weight [in, out].
+    """
+    inits = initializer_map(model)
+    found = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
+            found.append((node, node.input[1], 1))
+        elif node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in inits:
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            found.append((node, node.input[1], 1 if trans_b else 0))
+        elif node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
+            if len(inits[node.input[1]].dims) == 2:
+                found.append((node, node.input[1], 0))
+    return found
+
+
+def default_exclusions(model: onnx.ModelProto) -> list[str]:
+    """Weights left dense when nothing says otherwise: stems and heads.
+
+    A stem is a weight layer reading a graph input directly; a head is one whose output
+    reaches a graph output without passing another weight layer (classifiers, detection
+    heads). Registry models carry explicit lists; this rule serves foreign ONNX files.
+    """
+    graph_inputs = {i.name for i in model.graph.input}
+    graph_outputs = {o.name for o in model.graph.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    weight_node_names = {id(n) for n, _, _ in weight_nodes(model)}
+
+    def reaches_output(tensor: str, seen: set[str]) -> bool:
+        if tensor in graph_outputs:
+            return True
+        if tensor in seen:
+            return False
+        seen.add(tensor)
+        for c in consumers.get(tensor, []):
+            if id(c) in weight_node_names:
+                continue
+            if any(reaches_output(o, seen) for o in c.output):
+                return True
+        return False
+
+    excluded = []
+    for node, weight, _ in weight_nodes(model):
+        if node.input[0] in graph_inputs or any(reaches_output(o, set()) for o in node.output):
+            excluded.append(weight)
+    return excluded
+
+
+def prune_exclusions(model: onnx.ModelProto) -> list[str]:
+    """The weights the model's own metadata (written at export) says to leave dense."""
+    for prop in model.metadata_props:
+        if prop.key == PRUNE_EXCLUDE_KEY:
+            return list(json.loads(prop.value))
+    return default_exclusions(model)
+
+
+def set_prune_exclusions(model: onnx.ModelProto, weights: list[str]) -> None:
+    for prop in list(model.metadata_props):
+        if prop.key == PRUNE_EXCLUDE_KEY:
+            model.metadata_props.remove(prop)
+    model.metadata_props.add(key=PRUNE_EXCLUDE_KEY, value=json.dumps(sorted(weights)))
+
+
+def replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            model.graph.initializer[i].CopyFrom(onnx.numpy_helper.from_array(array.astype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)), name))
+            return
+    raise KeyError(name)
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    return node.name or f"{node.op_type}({', '.join(node.output)})"
+
+
+def require_no_unknown_ops(model: onnx.ModelProto, known: set[tuple[str, str]]) -> None:
+    for node in model.graph.node:
+        key = (node.domain or "", node.op_type)
+        if key not in known:
+            dom = f"{node.domain}::" if node.domain else ""
+            raise UserError(f"node '{node_label(node)}' uses op {dom}{node.op_type}, which sparsecnn "
+                            "cannot run; supported ops are listed by `sparsecnn inspect --ops`")

@@ -1,0 +1,69 @@
+"""Runtime registry: each runtime is one module, imported only when asked for.
+
+Heavy libraries (TensorRT, MinkowskiEngine, cuda-python) are imported inside a runtime's
+functions, never here, so the CLI and `doctor` work without them.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ..common.errors import UserError
+
+RUNTIME_MODULES: dict[str, str] = {
+    "torch": "sparsecnn.runtimes.torch_runtime",
+}
+
+
+def runtime_names() -> list[str]:
+    return list(RUNTIME_MODULES)
+
+
+def get_runtime(name: str) -> ModuleType:
+    if name not in RUNTIME_MODULES:
+        raise UserError(f"unknown runtime '{name}'; known runtimes: {', '.join(RUNTIME_MODULES)}")
+    return importlib.import_module(RUNTIME_MODULES[name])
+
+
+def availability() -> dict[str, tuple[bool, str]]:
+    out = {}
+    for name in RUNTIME_MODULES:
+        try:
+            out[name] = get_runtime(name).available()
+        except Exception as exc:  # a broken runtime module must not break `doctor`
+            out[name] = (False, f"cannot import: {type(exc).__name__}: {exc}")
+    return out
+
+
+def require_runtime(name: str) -> ModuleType:
+    rt = get_runtime(name)
+    ok, reason = rt.available()
+    if not ok:
+        raise UserError(f"runtime '{name}' is not available here: {reason}")
+    return rt
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+    return dev
+
+
+def load_engine(path: str | Path, device: str | None = None):
+    """Rebuild a saved engine on `device` (default: the one it was compiled for, if present)."""
+    from .base import CompileOptions, read_engine_file
+
+    manifest, model = read_engine_file(path)
+    rt = require_runtime(manifest["runtime"])
+    options = CompileOptions.from_dict(manifest["options"])
+    dev = resolve_device(device or manifest["options"].get("device"))
+    return rt.compile(model, dev, options, state=manifest.get("state") or {})

@@ -1,0 +1,176 @@
+"""The runtime contract (DESIGN contract 3): Engine, its options, CUDA-graph replay, save/load.
+
+A runtime module has `name`, `available() -> (bool, reason)` that never raises,
+`rewrite(model, options) -> model` (its explicit list of passes) and
+`compile(model, device, options) -> Engine`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+
+from ..common.errors import UserError
+from ..common.fileio import atomic_path
+from .executor import Executor
+
+ENGINE_FORMAT = "sparsecnn-engine"
+ENGINE_VERSION = 1
+
+
+@dataclass
+class CompileOptions:
+    dtype: str = "fp32"          # fp32 | fp16
+    cuda_graph: bool = True      # capture the whole network in one CUDA graph (GPU only)
+    channels_last: bool = False  # NHWC activations and weights for cuDNN
+    tf32: bool = False           # allow TF32 tensor cores for fp32 (off: the CUDA-core regime)
+    extra: dict = field(default_factory=dict)  # runtime-specific settings
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "CompileOptions":
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: v for k, v in d.items() if k not in known}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["extra"] = {**kw.get("extra", {}), **extra}
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class GraphReplay:
+    """One CUDA graph of `fn` over static input buffers, for a fixed set of input shapes."""
+
+    def __init__(self, fn: Callable, example_inputs: tuple[torch.Tensor, ...], warmup: int = 3):
+        self.static_inputs = tuple(x.clone() for x in example_inputs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up loads kernels and picks cuDNN algorithms
+            for _ in range(warmup):
+                fn(*self.static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_outputs = fn(*self.static_inputs)
+
+    def replay(self) -> tuple[torch.Tensor, ...]:
+        self.graph.replay()
+        return self.static_outputs
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        for buf, x in zip(self.static_inputs, inputs):
+            buf.copy_(x)
+        return self.replay()
+
+
+class Engine:
+    """A compiled model: callable on torch tensors, reports per layer what ran, saves and loads."""
+
+    runtime = "base"
+
+    def __init__(self, model: onnx.ModelProto, device: str | torch.device, options: CompileOptions,
+                 executor: Executor):
+        self.model = model
+        self.device = torch.device(device)
+        self.options = options
+        self.executor = executor
+        self._graphs: dict[tuple, GraphReplay] = {}
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.executor.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.executor.output_names
+
+    def _precision_context(self):
+        return _MatmulPrecision(self.device, self.options.tf32)
+
+    def runner(self, *inputs: torch.Tensor) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """The function that runs this engine on inputs of these shapes (a graph replay on GPU).
+
+        Inputs must already be prepared (`prepare`). Benchmarks time the returned callable.
+        """
+        if self.device.type != "cuda" or not self.options.cuda_graph:
+            return self.executor
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        if key not in self._graphs:
+            with self._precision_context():
+                self._graphs[key] = GraphReplay(self.executor, inputs)
+        return self._graphs[key]
+
+    def prepare(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.executor.prepare_input(x) for x in inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run on `inputs` (any device/dtype); returns fp32 outputs the caller owns."""
+        prepared = self.prepare(*inputs)
+        with torch.no_grad(), self._precision_context():
+            outs = self.runner(*prepared)(*prepared)
+        return tuple(o.float().clone() for o in outs)
+
+    def report(self) -> list[dict]:
+        """Per layer (step): name, op and what the runtime ran for it."""
+        return [{"name": s.name, "op": s.op_type, **{k: v for k, v in s.info.items() if k != "buffers"}}
+                for s in self.executor.steps]
+
+    def weight_bytes(self) -> int:
+        return self.executor.weight_bytes()
+
+    def save(self, path: str | Path) -> Path:
+        """A zip holding the (rewritten) ONNX model and the compile options; loading recompiles."""
+        manifest = {"format": ENGINE_FORMAT, "version": ENGINE_VERSION, "runtime": self.runtime,
+                    "options": self.options.to_dict(), "state": self.saved_state()}
+        with atomic_path(path) as tmp:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+                z.writestr("engine.json", json.dumps(manifest, indent=2))
+                z.writestr("model.onnx", self.model.SerializeToString())
+        return Path(path)
+
+    def saved_state(self) -> dict:
+        """Runtime decisions worth keeping across a reload (e.g. per-layer kernel choices)."""
+        return {}
+
+
+class _MatmulPrecision:
+    """Sets TF32 for cuBLAS and cuDNN for the duration of a run, then restores it."""
+
+    def __init__(self, device: torch.device, tf32: bool):
+        self.active = device.type == "cuda"
+        self.tf32 = tf32
+
+    def __enter__(self):
+        if self.active:
+            self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+            torch.backends.cudnn.allow_tf32 = self.tf32
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def read_engine_file(path: str | Path) -> tuple[dict, onnx.ModelProto]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"engine file not found: {p}")
+    try:
+        with zipfile.ZipFile(p) as z:
+            manifest = json.loads(z.read("engine.json"))
+            model = onnx.load_model_from_string(z.read("model.onnx"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as exc:
+        raise UserError(f"{p} is not a sparsecnn engine file ({type(exc).__name__}); rebuild it with "
+                        "`sparsecnn convert ... --runtime NAME`") from None
+    if manifest.get("format") != ENGINE_FORMAT or manifest.get("version") != ENGINE_VERSION:
+        raise UserError(f"{p} is an engine of another format/version ({manifest.get('format')} "
+                        f"v{manifest.get('version')}); rebuild it")
+    return manifest, model

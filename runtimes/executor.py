@@ -1,0 +1,156 @@
+"""The shared ONNX -> PyTorch executor: a model becomes a list of steps over named tensors.
+
+Every runtime compiles through this: the standard op table runs what a runtime does not
+take over, and a runtime adds builders for its own `sparsecnn`-domain ops. Constant
+sub-graphs (shape arithmetic, Constant nodes) are evaluated once at compile time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import onnx
+import torch
+from onnx import numpy_helper
+
+from ..common.errors import UserError
+from ..passes.graph import node_label
+from .ops import STANDARD_OPS, Builder, NodeContext, attributes
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Step:
+    name: str
+    op_type: str
+    fn: Callable[..., Any]
+    inputs: list[str]
+    outputs: list[str]
+    info: dict
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shapes are a help to builders, never required
+        inferred = model
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return out
+
+
+class Executor:
+    """Runs an ONNX graph with PyTorch ops; callable on tensors already on its device/dtype."""
+
+    def __init__(self, model: onnx.ModelProto, device: str | torch.device = "cpu", dtype: str = "fp32",
+                 ops: dict[tuple[str, str], Builder] | None = None, channels_last: bool = False,
+                 options: dict | None = None):
+        self.device = torch.device(device)
+        if dtype not in TORCH_DTYPES:
+            raise UserError(f"unknown precision '{dtype}'; choose one of {', '.join(TORCH_DTYPES)}")
+        self.dtype = TORCH_DTYPES[dtype]
+        self.channels_last = channels_last
+        table = dict(STANDARD_OPS)
+        table.update(ops or {})
+        graph = model.graph
+        init_names = {t.name for t in graph.initializer}
+        self.input_names = [i.name for i in graph.input if i.name not in init_names]
+        self.output_names = [o.name for o in graph.output]
+        self.consts: dict[str, torch.Tensor] = {t.name: self._to_device(numpy_helper.to_array(t)) for t in graph.initializer}
+        shapes = _shapes(model)
+        for node in graph.node:  # unknown ops fail before any work is done
+            if (node.domain, node.op_type) not in table:
+                dom = f"{node.domain}::" if node.domain else ""
+                raise UserError(f"node '{node_label(node)}' uses op {dom}{node.op_type}, which this runtime "
+                                "cannot run (see `sparsecnn inspect --ops` for the supported ops)")
+        self.steps: list[Step] = []
+        for node in graph.node:
+            ctx = NodeContext(node, attributes(node), self.consts, shapes, self.device, self.dtype,
+                              channels_last, options or {})
+            try:
+                fn = table[(node.domain, node.op_type)](ctx)
+            except NotImplementedError as exc:
+                raise UserError(f"node '{node_label(node)}' ({node.op_type}) uses an unsupported form: {exc}") from None
+            ins = list(node.input)
+            if all((not n) or n in self.consts for n in ins):  # constant sub-graph: fold now
+                outs = fn(*[self.consts.get(n) if n else None for n in ins])
+                outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+                for name, value in zip(node.output, outs):
+                    self.consts[name] = value
+                continue
+            self.steps.append(Step(node_label(node), node.op_type if not node.domain else f"{node.domain}::{node.op_type}",
+                                   fn, ins, list(node.output), ctx.info))
+        # Constants used only to build steps (e.g. weights a sparse op re-encoded) are dropped.
+        used = {n for s in self.steps for n in s.inputs} | set(self.output_names)
+        self.consts = {k: v for k, v in self.consts.items() if k in used}
+
+    def _to_device(self, array) -> torch.Tensor:
+        t = torch.from_numpy(array.copy())
+        if t.is_floating_point():
+            return t.to(self.device, self.dtype)
+        return t  # integer tensors are shapes and indices: they stay on the CPU
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, self.dtype)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.input_names):
+            raise UserError(f"model takes {len(self.input_names)} input(s) ({', '.join(self.input_names)}), got {len(inputs)}")
+        env = dict(self.consts)
+        env.update(zip(self.input_names, inputs))
+        for step in self.steps:
+            outs = step.fn(*[env[n] if n else None for n in step.inputs])
+            if isinstance(outs, (tuple, list)):
+                env.update(zip(step.outputs, outs))
+            else:
+                env[step.outputs[0]] = outs
+        return tuple(env[n] for n in self.output_names)
+
+    def weight_bytes(self) -> int:
+        """Bytes of constants the engine keeps on its device (weights, compressed or not)."""
+        seen, total = set(), 0
+        for v in list(self.consts.values()) + [t for s in self.steps for t in s.info.get("buffers", [])]:
+            if isinstance(v, torch.Tensor) and v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                total += v.numel() * v.element_size()
+        return total
+
+    def profile(self, *inputs: torch.Tensor, reps: int = 20, warmup: int = 3) -> list[dict]:
+        """Median time of each step run alone, in eager mode (not graph-replayed)."""
+        env = dict(self.consts)
+        env.update(zip(self.input_names, inputs))
+        rows = []
+        cuda = self.device.type == "cuda"
+        for step in self.steps:
+            args = [env[n] if n else None for n in step.inputs]
+            for _ in range(warmup):
+                outs = step.fn(*args)
+            times = []
+            for _ in range(reps):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    outs = step.fn(*args)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+                else:
+                    t0 = time.perf_counter()
+                    outs = step.fn(*args)
+                    times.append((time.perf_counter() - t0) * 1e3)
+            if isinstance(outs, (tuple, list)):
+                env.update(zip(step.outputs, outs))
+            else:
+                env[step.outputs[0]] = outs
+            times.sort()
+            rows.append({"name": step.name, "op": step.op_type, "ms": times[len(times) // 2], **{
+                k: v for k, v in step.info.items() if k != "buffers"}})
+        return rows

@@ -1,0 +1,223 @@
+"""CUDA C++ kernels compiled at run time with NVRTC and launched on PyTorch's current stream.
+
+Sources live in runtimes/kernels/. A compiled cubin is cached on disk, keyed by the source,
+the options, the target architecture and the NVRTC version, so a second process (or an
+engine loaded later) skips compilation. NVRTC needs no GPU: CI compiles every kernel for
+sm_87 (Jetson Orin) and sm_90 (H100) with `compile_cubin` alone.
+
+cuda-python is imported inside the functions here (DESIGN contract 3).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..common.errors import UserError
+
+KERNEL_DIR = Path(__file__).parent / "kernels"
+CI_ARCHS = ("sm_87", "sm_90")
+
+
+class KernelCompileError(RuntimeError):
+    """NVRTC rejected a kernel: a bug in sparsecnn, with the compiler's log."""
+
+
+def _bindings():
+    try:
+        from cuda.bindings import driver, nvrtc
+    except ImportError:
+        try:  # cuda-python < 12.6 spelled the modules differently
+            from cuda import cuda as driver, nvrtc  # type: ignore
+        except ImportError:
+            raise UserError("cuda-python is not installed; `pip install 'sparsecnn[gpu]'` (or cuda-python) "
+                            "to compile and run sparsecnn's CUDA kernels") from None
+    return driver, nvrtc
+
+
+def nvrtc_available() -> tuple[bool, str]:
+    """Whether NVRTC can be loaded (no GPU needed); never raises."""
+    try:
+        _, nvrtc = _bindings()
+        err, major, minor = nvrtc.nvrtcVersion()
+        if int(err) != 0:
+            return False, f"NVRTC did not load ({err})"
+        return True, f"NVRTC {major}.{minor}"
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def cuda_include_dirs() -> list[str]:
+    dirs = []
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        found = find_nvidia_header_directory("cudart")
+        if found:
+            dirs.append(found)
+    except Exception:
+        pass
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and Path(home, "include", "cuda_fp16.h").is_file():
+            dirs.append(str(Path(home, "include")))
+    return list(dict.fromkeys(dirs))
+
+
+def _check(result, what: str):
+    err = result[0]
+    if int(err) != 0:
+        raise RuntimeError(f"{what} failed: {err}")
+    return result[1:] if len(result) > 2 else (result[1] if len(result) == 2 else None)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SPARSECNN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparsecnn"
+    return Path(root) / "kernels"
+
+
+def compile_cubin(source: str, arch: str, name: str = "kernel.cu", options: tuple[str, ...] = (),
+                  name_expressions: tuple[str, ...] = (), use_cache: bool = True) -> tuple[bytes, dict[str, str]]:
+    """Compile CUDA C++ `source` for `arch` (e.g. 'sm_90') -> (cubin, {expression: lowered name}).
+
+    `name_expressions` are template instantiations such as 'csr_spmm<float, 4>' whose
+    mangled names the caller needs to look the kernels up.
+    """
+    _, nvrtc = _bindings()
+    ver = nvrtc.nvrtcVersion()
+    opts = [f"--gpu-architecture={arch}", "-std=c++17", "--device-as-default-execution-space",
+            *[f"--include-path={d}" for d in cuda_include_dirs()], f"--include-path={KERNEL_DIR}", *options]
+    key = hashlib.sha256("\0".join([source, arch, *opts, *name_expressions, str(ver[1:])]).encode()
+                         + _included_sources(source)).hexdigest()[:32]
+    cubin_path = cache_dir() / f"{key}.cubin"
+    names_path = cache_dir() / f"{key}.names"
+    if use_cache and cubin_path.is_file() and names_path.is_file():
+        lines = names_path.read_text().splitlines()
+        return cubin_path.read_bytes(), dict(line.split("\t", 1) for line in lines if line)
+    prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram")
+    try:
+        for expr in name_expressions:
+            _check(nvrtc.nvrtcAddNameExpression(prog, expr.encode()), "nvrtcAddNameExpression")
+        bopts = [o.encode() for o in opts]
+        err = nvrtc.nvrtcCompileProgram(prog, len(bopts), bopts)[0]
+        size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        if int(err) != 0:
+            raise KernelCompileError(f"NVRTC could not compile {name} for {arch}:\n{log.decode(errors='replace')}")
+        size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        _check((nvrtc.nvrtcGetCUBIN(prog, cubin)[0], None), "nvrtcGetCUBIN")
+        lowered = {}
+        for expr in name_expressions:
+            mangled = _check(nvrtc.nvrtcGetLoweredName(prog, expr.encode()), "nvrtcGetLoweredName")
+            lowered[expr] = mangled.decode() if isinstance(mangled, bytes) else str(mangled)
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    if use_cache:
+        _write_cache(cubin_path, cubin, names_path, "".join(f"{k}\t{v}\n" for k, v in lowered.items()))
+    return cubin, lowered
+
+
+def _included_sources(source: str) -> bytes:
+    """Contents of the local headers a source includes, so editing a header changes the key."""
+    out = b""
+    for line in source.splitlines():
+        line = line.strip()
+        if line.startswith('#include "'):
+            p = KERNEL_DIR / line.split('"')[1]
+            if p.is_file():
+                out += p.read_bytes()
+    return out
+
+
+def _write_cache(cubin_path: Path, cubin: bytes, names_path: Path, names: str) -> None:
+    try:
+        cubin_path.parent.mkdir(parents=True, exist_ok=True)
+        for path, data in ((names_path, names.encode()), (cubin_path, cubin)):
+            tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs a recompile
+
+
+def load_source(filename: str) -> str:
+    return (KERNEL_DIR / filename).read_text()
+
+
+def device_arch(device: torch.device | int | None = None) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+@dataclass
+class _Loaded:
+    module: object
+    functions: dict
+
+
+_loaded: dict[tuple, _Loaded] = {}
+_lock = threading.Lock()
+
+
+class Kernel:
+    """One `__global__` function of a compiled source, launchable on torch tensors."""
+
+    def __init__(self, source: str, function: str, device: torch.device | None = None, options: tuple[str, ...] = (),
+                 name_expressions: tuple[str, ...] = (), filename: str = "kernel.cu"):
+        driver, _ = _bindings()
+        self.device = torch.device(device or "cuda")
+        torch.cuda.init()
+        arch = device_arch(self.device)
+        exprs = tuple(name_expressions) or ()
+        cubin, lowered = compile_cubin(source, arch, filename, options, exprs)
+        key = (hashlib.sha256(cubin).hexdigest(), self.device.index or 0)
+        with _lock, torch.cuda.device(self.device):
+            torch.cuda.current_stream()  # makes PyTorch's (primary) context current on this thread
+            if key not in _loaded:
+                module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+                _loaded[key] = _Loaded(module, {})
+            entry = _loaded[key]
+            symbol = lowered.get(function, function)
+            if symbol not in entry.functions:
+                entry.functions[symbol] = _check(driver.cuModuleGetFunction(entry.module, symbol.encode()),
+                                                 f"cuModuleGetFunction({function})")
+            self.function = entry.functions[symbol]
+        self.name = function
+        self._driver = driver
+
+    def set_max_dynamic_shared(self, nbytes: int) -> None:
+        attr = self._driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        _check((self._driver.cuFuncSetAttribute(self.function, attr, nbytes)[0], None), "cuFuncSetAttribute")
+
+    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], *args, shared: int = 0) -> None:
+        """Launch on PyTorch's current stream. Tensors pass as pointers; ints as int32 unless
+        wrapped in a ctypes type (e.g. ctypes.c_int64); floats as float32."""
+        values = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                values.append(ctypes.c_void_p(a.data_ptr()))
+            elif isinstance(a, bool):
+                values.append(ctypes.c_int(int(a)))
+            elif isinstance(a, int):
+                values.append(ctypes.c_int(a))
+            elif isinstance(a, float):
+                values.append(ctypes.c_float(a))
+            elif isinstance(a, ctypes._SimpleCData):
+                values.append(a)
+            elif a is None:
+                values.append(ctypes.c_void_p(0))
+            else:
+                raise TypeError(f"cannot pass {type(a).__name__} to kernel {self.name}")
+        ptrs = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        b = tuple(block) + (1,) * (3 - len(block))
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        err = self._driver.cuLaunchKernel(self.function, *g, *b, shared, stream, ctypes.addressof(ptrs), 0)[0]
+        if int(err) != 0:
+            raise RuntimeError(f"launching {self.name} failed: {err}")

@@ -1,0 +1,26 @@
+"""Small shared test utilities (independent of the code under test)."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+
+def ort_run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|: the error measure of the project's tolerances."""
+    a = torch.as_tensor(np.asarray(a), dtype=torch.float64)
+    b = torch.as_tensor(np.asarray(b), dtype=torch.float64)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def input_shape(model: onnx.ModelProto, batch: int = 1) -> tuple[int, ...]:
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return (batch, *dims[1:])

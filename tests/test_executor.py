@@ -1,0 +1,97 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from helpers import input_shape, ort_run, rel_err
+from sparsecnn.common.errors import UserError
+from sparsecnn.passes.prune import prune_2to4, prune_unstructured
+from sparsecnn.runtimes import get_runtime
+
+
+@pytest.mark.parametrize("name,prune", [("resnet18", "0.9"), ("resnet18", "2:4"), ("vgg19", "0.9"),
+                                        ("trafficcamnet", "0.9"), ("tinyresnet", "2:4")])
+def test_torch_runtime_reproduces_onnxruntime_on_pruned_models(exported, name, prune):
+    dense = exported(name)
+    model = (prune_2to4(dense) if prune == "2:4" else prune_unstructured(dense, float(prune))).model
+    x = np.random.default_rng(0).standard_normal(input_shape(model, 2 if name.startswith("tiny") else 1)).astype(np.float32)
+    engine = get_runtime("torch").compile(model, "cpu", {"dtype": "fp32"})
+    ours = engine(torch.from_numpy(x))
+    ref = ort_run(model, x)
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        assert tuple(a.shape) == b.shape
+        assert rel_err(a, b) <= 1e-4
+
+
+def _single_node_model(node, inputs, outputs, initializers=()):
+    graph = helper.make_graph([node], "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("node_kwargs", [
+    dict(op_type="MaxPool", kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1]),
+    dict(op_type="MaxPool", kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+    dict(op_type="AveragePool", kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0),
+    dict(op_type="AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1),
+    dict(op_type="Conv", kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 1, 0]),
+    dict(op_type="Conv", kernel_shape=[3, 3], auto_pad="SAME_UPPER", strides=[2, 2]),
+    dict(op_type="Conv", kernel_shape=[3, 3], pads=[2, 2, 2, 2], dilations=[2, 2]),
+])
+def test_spatial_ops_match_onnxruntime_including_asymmetric_padding(node_kwargs):
+    op_type = node_kwargs.pop("op_type")
+    rng = np.random.default_rng(1)
+    inits, ins = [], ["x"]
+    if op_type == "Conv":
+        inits = [onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")]
+        ins = ["x", "w"]
+    node = helper.make_node(op_type, ins, ["y"], **node_kwargs)
+    model = _single_node_model(node, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 9, 11])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)], inits)
+    x = rng.standard_normal((1, 3, 9, 11)).astype(np.float32)
+    ours = get_runtime("torch").compile(model, "cpu", {})(torch.from_numpy(x))[0]
+    ref = ort_run(model, x)[0]
+    assert tuple(ours.shape) == ref.shape
+    assert rel_err(ours, ref) < 1e-5
+
+
+def test_unknown_op_fails_at_compile_time_naming_node_and_op():
+    node = helper.make_node("Hardmax", ["x"], ["y"], name="weird_node")
+    model = _single_node_model(node, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    with pytest.raises(UserError, match=r"weird_node.*Hardmax"):
+        get_runtime("torch").compile(model, "cpu", {})
+
+
+def test_engine_save_load_roundtrip(exported, tmp_path):
+    from sparsecnn.runtimes import load_engine
+
+    model = prune_unstructured(exported("tinyresnet"), 0.7).model
+    engine = get_runtime("torch").compile(model, "cpu", {"dtype": "fp32"})
+    x = torch.randn(3, 3, 32, 32)
+    path = engine.save(tmp_path / "t.engine")
+    again = load_engine(path, "cpu")
+    assert again.runtime == "torch" and again.options.dtype == "fp32"
+    torch.testing.assert_close(again(x)[0], engine(x)[0], rtol=0, atol=0)
+
+
+def test_engine_file_that_is_not_an_engine_is_a_user_error(tmp_path):
+    from sparsecnn.runtimes import load_engine
+
+    bad = tmp_path / "x.engine"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a sparsecnn engine"):
+        load_engine(bad, "cpu")
+
+
+def test_fp16_on_cpu_stays_close_to_fp32(exported):
+    model = exported("tinyresnet")
+    x = torch.randn(2, 3, 32, 32)
+    rt = get_runtime("torch")
+    a = rt.compile(model, "cpu", {"dtype": "fp32"})(x)[0]
+    b = rt.compile(model, "cpu", {"dtype": "fp16"})(x)[0]
+    assert b.dtype == torch.float32  # engines hand back fp32 whatever they ran in
+    assert rel_err(b, a) < 2e-2
