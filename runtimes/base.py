@@ -119,7 +119,13 @@ class Engine:
         return tuple(o.float().clone() for o in outs)
 
     def report(self) -> list[dict]:
-        """Per layer (step): name, op and what the runtime ran for it."""
+        """Per layer (step): name, op and what the runtime ran for it.
+
+        Builders fill `NodeContext.info` with these keys where they apply: `kernel` (what
+        ran), `format` (csr, 2:4, ecr, dense...), `nnz`, `sparsity`, `config` (tile sizes
+        etc.), `reason` (why a layer stayed dense), `buffers` (device tensors the op keeps,
+        counted in `weight_bytes`, not reported).
+        """
         return [{"name": s.name, "op": s.op_type, **{k: v for k, v in s.info.items() if k != "buffers"}}
                 for s in self.executor.steps]
 

@@ -26,9 +26,9 @@ def rewrite(model: onnx.ModelProto, options: dict | None = None) -> onnx.ModelPr
 
 def reference_ops() -> dict:
     """The plain-PyTorch implementations of all sparsecnn-domain ops."""
-    from .reference_ops import REFERENCE_OPS
+    from .reference_ops import reference_ops as table
 
-    return REFERENCE_OPS
+    return table()
 
 
 class TorchEngine(Engine):

@@ -1,0 +1,12 @@
+# Source on the lent GPU machine (no internet, its own torch): makes sparsecnn and the
+# carried wheels in .whl/ importable without pip touching the machine's environment.
+#   source scripts/gpu_env.sh
+site=/tmp/site
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || return 1
+fi
+mkdir -p "$site/sparsecnn"
+for d in common converter models passes runtimes; do ln -sfn "$PWD/$d" "$site/sparsecnn/$d"; done
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export SPARSECNN_CACHE=/tmp/sparsecnn-cache
