@@ -1,0 +1,381 @@
+"""Issue 7 on a GPU: MinkowskiEngine (CUDA build) as a whole-network runtime vs the best dense engine.
+
+Run on the lent H100, with the CUDA wheel built by scripts/build_minkowski.py in .whl/:
+    source scripts/gpu_env.sh && python3 scripts/gpu_issue7.py --out $OUT
+Locally, without a GPU (tiny sizes, no timing claims):
+    python scripts/gpu_issue7.py --dry-run --out /tmp/i7
+
+Parts (each one recorded even if another fails):
+  1. env      versions, ME's availability line (CUDA or CPU build)
+  2. suite    the GPU tests: `pytest -m gpu tests/test_minkowski.py`
+  3. networks ResNet-18, VGG-19, TrafficCamNet (90 % unstructured-pruned weights, fp32, TF32 off),
+              batch 1 and 32: ME eager vs the torch runtime (CUDA graph, extra dense_conv=best,
+              best of NCHW / channels-last), relative error, measured site sparsity per layer and
+              per-layer coordinate bookkeeping / kernel-map build / convolution times
+  4. sweep    single conv layers at synthetic site sparsity 0 ... 0.99: ME (sites as the dense
+              conv needs them, and submanifold) vs cuDNN on the dense map; break-even sparsity
+Writes <out>/issue7.json (every number), issue7_sweep.png, issue7.md; prints a short table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparsecnn.common.fileio import atomic_path
+from sparsecnn.converter.export import export_onnx
+from sparsecnn.converter.timing import time_fn
+from sparsecnn.models import load_model
+from sparsecnn.passes.prune import prune_unstructured
+from sparsecnn.runtimes import get_runtime
+
+REPO = Path(__file__).resolve().parent.parent
+NETWORKS = {  # name: full-size input (C, H, W); --dry-run shrinks them
+    "resnet18": (3, 224, 224), "vgg19": (3, 224, 224), "trafficcamnet": (3, 544, 960)}
+SWEEP_LAYERS = [  # (label, Cin, Cout, H, W, kernel, stride): ResNet-18 / VGG-19 conv shapes, batch 1
+    ("64x56x56 3x3", 64, 64, 56, 56, 3, 1), ("128x28x28 3x3", 128, 128, 28, 28, 3, 1),
+    ("256x14x14 3x3", 256, 256, 14, 14, 3, 1), ("512x7x7 3x3", 512, 512, 7, 7, 3, 1),
+    ("64x112x112 3x3 (VGG)", 64, 64, 112, 112, 3, 1)]
+SWEEP_SPARSITIES = [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def part(results: dict, name: str):
+    """Decorator-ish runner: one failing part records its error and the script goes on."""
+    def run(fn, *args, **kwargs):
+        t0 = time.time()
+        try:
+            results[name] = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 — keep the other parts' numbers
+            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+            log(f"{name} FAILED: {type(exc).__name__}: {exc}")
+        log(f"{name} done in {time.time() - t0:.0f} s")
+    return run
+
+
+def env_info() -> dict:
+    ok, why = get_runtime("minkowski").available()
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "minkowski_available": ok, "minkowski": why}
+    if torch.cuda.is_available():
+        out.update(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)))
+    return out
+
+
+def gpu_suite(dry: bool) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_minkowski.py"]
+    cmd += ["-m", "not slow", "-k", "tiny or offsets"] if dry else ["-m", "gpu"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    tail = (res.stdout + res.stderr).strip().splitlines()
+    return {"cmd": " ".join(cmd[1:]), "rc": res.returncode, "summary": tail[-1] if tail else "", "tail": tail[-30:]}
+
+
+def _pruned(name: str, shape):
+    module, spec, entry = load_model(name)
+    return prune_unstructured(export_onnx(module, spec, entry.exclude), 0.9).model
+
+
+def _input(shape, seed=0):
+    """A normalised random image: every pixel non-zero, the dense-image case users meet."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def network_table(dry: bool, device: torch.device, reps: int) -> list[dict]:
+    rows = []
+    mk, tr = get_runtime("minkowski"), get_runtime("torch")
+    batches = [1, 2] if dry else [1, 32]
+    for name, chw in NETWORKS.items():
+        if dry:
+            chw = (3, 64, 64) if name != "trafficcamnet" else (3, 64, 96)
+            if name == "vgg19":
+                continue  # VGG's classifier needs 224x224: too slow for a CPU dry run
+        model = _pruned(name, chw)
+        for batch in batches:
+            row = {"model": name, "batch": batch, "input": list(chw)}
+            rows.append(row)
+            try:
+                x = _input((batch, *chw))
+                dense_best, dense_out = None, None
+                for cl in (False, True):
+                    eng = tr.compile(model, device, {"dtype": "fp32", "tf32": False, "cuda_graph": True,
+                                                     "channels_last": cl, "extra": {"dense_conv": "best"}})
+                    xs = eng.prepare(x)
+                    with torch.no_grad():
+                        run = eng.runner(*xs)
+                        t = time_fn(lambda i: run(*xs), device, reps=reps, warmup=5)
+                        if dense_out is None:
+                            dense_out = [o.float().cpu() for o in run(*xs)]
+                    row[f"dense_{'nhwc' if cl else 'nchw'}_ms"] = t.median_ms
+                    dense_best = t.median_ms if dense_best is None else min(dense_best, t.median_ms)
+                    del eng
+                row["dense_best_ms"] = dense_best
+                me = mk.compile(model, device, {"dtype": "fp32"})
+                xs = me.prepare(x)
+                with torch.no_grad():
+                    outs = [o.float().cpu() for o in me.runner(*xs)(*xs)]
+                    t = time_fn(lambda i: me.runner(*xs)(*xs), device, reps=max(3, reps // 4), warmup=2)
+                row["me_ms"] = t.median_ms
+                row["me_p90_ms"] = t.p90_ms
+                row["slowdown_vs_dense"] = t.median_ms / dense_best
+                row["rel_err_vs_dense"] = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+                                              for a, b in zip(outs, dense_out))
+                prof = me.profile_layers(x, reps=3)
+                row["layers"] = prof
+                coords = sum(r.get("coords_ms", 0.0) for r in prof)
+                kmap = sum(r.get("kernel_map_ms", 0.0) for r in prof)
+                conv = sum(r.get("conv_ms", 0.0) for r in prof)
+                pool = sum(r.get("pool_ms", 0.0) for r in prof)
+                row.update(coords_ms=coords, kernel_map_ms=kmap, conv_ms=conv, pool_ms=pool,
+                           bookkeeping_share=(coords + kmap) / max(coords + kmap + conv + pool, 1e-9))
+                conv_rows = [r for r in prof if r["op"] == "Conv"]
+                row["site_sparsity_conv_inputs"] = [r.get("site_sparsity_in") for r in conv_rows]
+                row["mean_site_sparsity"] = float(np.mean([r.get("site_sparsity_in", 0.0) for r in conv_rows]))
+                del me
+                log(f"{name} b{batch}: ME {row['me_ms']:.2f} ms vs dense {dense_best:.3f} ms "
+                    f"({row['slowdown_vs_dense']:.1f}x), err {row['rel_err_vs_dense']:.1e}, "
+                    f"bookkeeping {100 * row['bookkeeping_share']:.0f}%")
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                row["traceback"] = traceback.format_exc()[-2000:]
+                log(f"{name} b{batch} FAILED: {row['error']}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def site_modes(dry: bool, device: torch.device, reps: int) -> list[dict]:
+    """What else was tried for the active sites: the three site rules on ResNet-18, time and error."""
+    chw = (3, 64, 64) if dry else NETWORKS["resnet18"]
+    model = _pruned("resnet18", chw)
+    rows = []
+    for batch in ([1] if dry else [1, 32]):
+        x = _input((batch, *chw), seed=1)
+        ref = get_runtime("torch").compile(model, device, {"dtype": "fp32", "tf32": False})(x)[0]
+        for mode in ("relu", "generative", "submanifold"):
+            row = {"batch": batch, "sites": mode}
+            rows.append(row)
+            try:
+                eng = get_runtime("minkowski").compile(model, device, {"extra": {"sites": mode}})
+                xs = eng.prepare(x)
+                with torch.no_grad():
+                    out = eng.runner(*xs)(*xs)[0].float().cpu()
+                    t = time_fn(lambda i: eng.runner(*xs)(*xs), device, reps=max(3, reps // 4), warmup=2)
+                row.update(me_ms=t.median_ms, rel_err_vs_dense=float((out - ref).abs().max() / ref.abs().max()))
+                del eng
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            log(f"site rule {mode} b{batch}: {row}")
+    return rows
+
+
+def _site_mask(n, h, w, sparsity: float, gen: torch.Generator, block: int = 4) -> torch.Tensor:
+    """Active-site mask with about `sparsity` inactive sites, in block x block clumps (objects on background)."""
+    hb, wb = -(-h // block), -(-w // block)
+    low = torch.rand(n, 1, hb, wb, generator=gen) >= sparsity
+    return low.repeat_interleave(block, 2).repeat_interleave(block, 3)[:, :, :h, :w]
+
+
+def sweep(dry: bool, device: torch.device, reps: int) -> list[dict]:
+    """Per layer shape and site sparsity: dense cuDNN vs ME (full layer, and its convolution alone)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import sparsecnn.runtimes.minkowski as mkmod
+
+    ME = mkmod._me()
+    layers = SWEEP_LAYERS[:2] if dry else SWEEP_LAYERS
+    sparsities = [0.0, 0.9] if dry else SWEEP_SPARSITIES
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for label, cin, cout, h, w, k, s in layers:
+        if dry:
+            h, w = h // 4, w // 4
+        wt = torch.randn(cout, cin, k, k, generator=gen) * (2.0 / (cin * k * k)) ** 0.5
+        node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[k, k], strides=[s, s], pads=[k // 2] * 4)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, h, w])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [onnx.numpy_helper.from_array(wt.numpy(), "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        wd = wt.to(device)
+        for sp in sparsities:
+            row = {"layer": label, "cin": cin, "cout": cout, "h": h, "w": w, "kernel": k, "target_sparsity": sp}
+            out.append(row)
+            try:
+                mask = _site_mask(1, h, w, sp, gen)
+                x = (torch.rand(1, cin, h, w, generator=gen) + 0.1) * mask  # non-negative, like after a ReLU
+                row["site_sparsity"] = 1.0 - float(mask.float().mean())
+                xd = x.to(device)
+                best = None
+                for cl in (False, True):
+                    xin = xd.contiguous(memory_format=torch.channels_last) if cl else xd
+                    wk = wd.contiguous(memory_format=torch.channels_last) if cl else wd
+                    with torch.no_grad():
+                        t = time_fn(lambda i: F.conv2d(xin, wk, None, s, k // 2), device, reps=reps, warmup=5)
+                    best = t.median_ms if best is None else min(best, t.median_ms)
+                row["dense_ms"] = best
+                for mode in ("relu", "submanifold"):
+                    eng = get_runtime("minkowski").compile(model, device, {"extra": {"sites": mode}})
+                    step = eng.executor.steps[0]
+                    st = eng.state
+                    with torch.no_grad():
+                        xs = mkmod.to_sparse(xd, st, "in")
+                        # full layer on a sparse input: output sites, their hash map, kernel map, GEMMs
+                        full = time_fn(lambda i: step.fn(xs), device, reps=max(5, reps // 4), warmup=2)
+                        y = step.fn(xs)
+                        fw = mkmod.backend_fn("ConvolutionForward", xs.feats)
+                        me_w = mkmod.me_kernel(wd)
+                        args = (xs.feats, me_w, [k, k], [s, s], [1, 1], ME.RegionType.HYPER_CUBE, torch.IntTensor(),
+                                False, mkmod._backend().ConvolutionMode.DEFAULT, xs.key, y.key, xs.space.manager._manager)
+                        conv = time_fn(lambda i: fw(*args), device, reps=reps, warmup=3)  # kernel map cached
+                        sparsify = time_fn(lambda i: mkmod.to_sparse(xd, st, "in"), device,
+                                           reps=max(5, reps // 4), warmup=2)
+                    tag = "me" if mode == "relu" else "me_submanifold"
+                    row[f"{tag}_layer_ms"] = full.median_ms
+                    row[f"{tag}_conv_ms"] = conv.median_ms
+                    row[f"{tag}_bookkeeping_ms"] = max(full.median_ms - conv.median_ms, 0.0)
+                    row[f"{tag}_sparsify_ms"] = sparsify.median_ms
+                    row[f"{tag}_out_sparsity"] = 1.0 - y.sites / max(h * w // (s * s), 1)
+                    del eng, xs, y
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                log(f"sweep {label} @ {sp} FAILED: {row['error']}")
+        log(f"sweep {label} done")
+    return out
+
+
+def break_even(rows: list[dict], key: str) -> dict[str, float | None]:
+    """Per layer, the lowest site sparsity at which `key` <= dense (linear interpolation), None if never."""
+    res = {}
+    for label in dict.fromkeys(r["layer"] for r in rows):
+        pts = [(r["site_sparsity"], r[key], r["dense_ms"]) for r in rows
+               if r["layer"] == label and key in r and "dense_ms" in r]
+        pts.sort()
+        found = None
+        for (s0, m0, d0), (s1, m1, d1) in zip(pts, pts[1:]):
+            if m0 <= d0:
+                found = s0
+                break
+            if m1 <= d1:
+                g0, g1 = m0 - d0, m1 - d1
+                found = s0 + (s1 - s0) * g0 / (g0 - g1)
+                break
+        if found is None and pts and pts[0][1] <= pts[0][2]:
+            found = pts[0][0]
+        res[label] = found
+    return res
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["layer"] for r in rows))
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        rs = sorted((r for r in rows if r["layer"] == label and "dense_ms" in r), key=lambda r: r["site_sparsity"])
+        xs = [r["site_sparsity"] for r in rs]
+        for key, style, text in [("dense_ms", "k-", "cuDNN, dense map"),
+                                 ("me_layer_ms", "r-o", "ME layer (exact sites)"),
+                                 ("me_conv_ms", "r--", "ME GEMMs only (exact sites)"),
+                                 ("me_submanifold_layer_ms", "b-s", "ME layer (submanifold)")]:
+            ys = [r.get(key, float("nan")) for r in rs]
+            ax.plot(xs, ys, style, label=text, markersize=3)
+        ax.set_yscale("log")
+        ax.set_xlabel("input site sparsity (fraction of empty pixels)")
+        ax.set_ylabel("time per layer, batch 1 (ms)")
+        ax.set_title(label, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("MinkowskiEngine vs dense conv, fp32 (TF32 off): where sparsity pays", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Issue 7: MinkowskiEngine on {results['env'].get('gpu', 'CPU (dry run)')}", ""]
+    lines += ["| model | batch | ME ms | best dense ms | ME / dense | bookkeeping share | mean site sparsity | rel err |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results.get("networks", []) if isinstance(results.get("networks"), list) else []:
+        if "me_ms" in r:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['me_ms']:.2f} | {r['dense_best_ms']:.3f} | "
+                         f"{r['slowdown_vs_dense']:.1f}x | {100 * r['bookkeeping_share']:.0f}% | "
+                         f"{r['mean_site_sparsity']:.3f} | {r['rel_err_vs_dense']:.1e} |")
+        else:
+            lines.append(f"| {r['model']} | {r['batch']} | failed: {r.get('error', '?')} | | | | | |")
+    modes = results.get("site_modes")
+    if isinstance(modes, list) and modes:
+        lines += ["", "ResNet-18, site rules (relu: prune after each ReLU; generative: never prune; "
+                  "submanifold: ME's own rule, inexact):", "", "| batch | sites | ME ms | rel err vs dense |", "|---|---|---|---|"]
+        for r in modes:
+            lines.append(f"| {r['batch']} | {r['sites']} | {r.get('me_ms', float('nan')):.2f} | "
+                         f"{r.get('rel_err_vs_dense', float('nan')):.1e} |" if "error" not in r else
+                         f"| {r['batch']} | {r['sites']} | failed: {r['error'][:80]} | |")
+    be = results.get("break_even", {})
+    if be:
+        lines += ["", "Break-even input site sparsity per layer (ME faster than cuDNN above it):", "",
+                  "| layer | whole ME layer (exact sites) | ME GEMMs only | ME layer (submanifold) |", "|---|---|---|---|"]
+        for label in be.get("me_layer_ms", {}):
+            cells = [be[k].get(label) for k in ("me_layer_ms", "me_conv_ms", "me_submanifold_layer_ms")]
+            lines.append(f"| {label} | " + " | ".join("never" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out", help="folder for issue7.json, issue7_sweep.png, issue7.md")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, no timing claims")
+    ap.add_argument("--reps", type=int, default=40, help="timed repetitions of dense runs (ME runs use a quarter)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["suite", "networks", "sweep"], help="parts to skip")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    reps = 3 if args.dry_run else args.reps
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    results: dict = {"env": env_info(), "dry_run": args.dry_run}
+    log(json.dumps(results["env"]))
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU: use --dry-run on a CPU machine")
+    if "suite" not in args.skip:
+        part(results, "suite")(gpu_suite, args.dry_run)
+    if "networks" not in args.skip:
+        part(results, "networks")(network_table, args.dry_run, device, reps)
+    if "networks" not in args.skip:
+        part(results, "site_modes")(site_modes, args.dry_run, device, reps)
+    if "sweep" not in args.skip:
+        part(results, "sweep")(sweep, args.dry_run, device, reps)
+        if isinstance(results.get("sweep"), list):
+            results["break_even"] = {k: break_even(results["sweep"], k)
+                                     for k in ("me_layer_ms", "me_conv_ms", "me_submanifold_layer_ms")}
+            try:
+                plot(results["sweep"], out / "issue7_sweep.png")
+            except Exception as exc:  # noqa: BLE001
+                results["plot_error"] = f"{type(exc).__name__}: {exc}"
+    with atomic_path(out / "issue7.json") as tmp:
+        Path(tmp).write_text(json.dumps(results, indent=1, default=str))
+    md = markdown(results)
+    with atomic_path(out / "issue7.md") as tmp:
+        Path(tmp).write_text(md)
+    suite = results.get("suite", {})
+    print(f"\nGPU suite: {suite.get('summary', suite.get('error', 'skipped'))}")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
