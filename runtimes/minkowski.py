@@ -266,7 +266,7 @@ def _dense(v):
     return v.dense() if isinstance(v, SparseMap) else v
 
 
-def _new_sites(x: SparseMap, occ_out: torch.Tensor, stride_out: int, channels: int, label: str, grid_stride: int = 1):
+def _new_sites(x: SparseMap, occ_out: torch.Tensor, stride_out: int, label: str):
     """Insert the output sites `occ_out` [N, Ho, Wo] into x's manager; returns (key, rows, idx)."""
     n, ho, wo = occ_out.shape
     idx = occ_out.nonzero()
@@ -401,7 +401,7 @@ def _conv_builder(state: _State):
                 stride_out = x.stride * stride[0] if stride[0] == stride[1] else None
                 if stride_out is None:
                     raise UserError(f"node '{label}': ME runs equal strides only, got {stride}")
-                key, rows = _new_sites(x, occ_out, stride_out, me_w.shape[2], label)
+                key, rows = _new_sites(x, occ_out, stride_out, label)
             fw = backend_fn("ConvolutionForward", x.feats)
             args = (x.feats, me_w, kernel, stride, dilation, ME.RegionType.HYPER_CUBE, torch.IntTensor(),
                     False, _backend().ConvolutionMode.DEFAULT, x.key, key, x.space.manager._manager)
@@ -499,7 +499,7 @@ def _pool_builder(state: _State, op_type: str):
             with state.recorder.phase(label, "coords"):
                 occ_out = _output_occupancy(state, x, kernel, stride, dilation, pads, out_hw, False)
                 stride_out = x.stride * stride[0]
-                key, rows = _new_sites(x, occ_out, stride_out, c, label)
+                key, rows = _new_sites(x, occ_out, stride_out, label)
             fw = backend_fn("LocalPoolingForward", x.feats)
             mode = ME.PoolingMode.LOCAL_MAX_POOLING if is_max else ME.PoolingMode.LOCAL_SUM_POOLING
             with state.recorder.phase(label, "pool"):
@@ -542,7 +542,7 @@ def _add_builder(state: _State):
         ctx.info.update(kernel="feature add on shared sites, else dense add")
 
         def run(a, b):
-            if isinstance(a, SparseMap) and isinstance(b, SparseMap) and a.space is b.space and a.key == b.key:
+            if isinstance(a, SparseMap) and isinstance(b, SparseMap) and a.space is b.space and (a.key is b.key or a.key.get_key() == b.key.get_key()):
                 ctx.info.update(path="sparse")
                 return SparseMap(a.feats + b.feats, a.rows, a.key, a.space, a.shape, a.stride, False, a._occ)
             if isinstance(a, SparseMap) or isinstance(b, SparseMap):

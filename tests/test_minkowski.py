@@ -284,3 +284,20 @@ def test_doctor_lists_the_minkowski_runtime(capsys):
     cmd_doctor.run(None)
     line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("minkowski"))
     assert ("MinkowskiEngine 0.5.4" in line) if _ok else ("build_minkowski.py" in line)
+
+
+@needs_me
+def test_add_on_shared_sites_stays_sparse_and_global_pool_sums_site_features():
+    rng = np.random.default_rng()
+    shape = (2, 4, 9, 7)
+    w = rng.standard_normal((5, 4, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Add", ["r", "r"], ["s"]),
+             helper.make_node("GlobalAveragePool", ["s"], ["y"])]
+    model = _model(nodes, shape, {"w": w})
+    x = _sparse_image(rng, shape, keep=0.3)
+    engine = rt.compile(model, "cpu", {})
+    got = engine(torch.from_numpy(x))[0]
+    assert rel_err(got, ort_run(model, x)[0]) < 1e-5
+    add = next(r for r in engine.report() if r["op"] == "Add")
+    assert add["path"] == "sparse"
