@@ -119,6 +119,27 @@ def build_config(args) -> dict:
     return cfg
 
 
+def check_build_tools() -> None:
+    """pip builds the wheel in this environment (no build isolation): setuptools' bdist_wheel and ninja."""
+    missing = []
+    try:
+        import setuptools
+
+        major_minor = tuple(int(p) for p in setuptools.__version__.split(".")[:2])
+        if major_minor < (70, 1):
+            import wheel  # noqa: F401  (older setuptools get bdist_wheel from the wheel package)
+    except ImportError as exc:
+        missing.append(exc.name or "setuptools")
+    if not shutil.which("ninja"):
+        try:
+            import ninja  # noqa: F401
+        except ImportError:
+            missing.append("ninja")
+    if missing:
+        raise BuildError(f"missing build tools for {sys.executable}: {', '.join(missing)}; "
+                         "`pip install -e '.[minkowski]'` (or `pip install ninja wheel setuptools`)")
+
+
 def fetch_sdist(dest_dir: Path, given: str | None) -> Path:
     """The sdist: --sdist PATH, else a cached copy, else a download from PyPI; always hash-checked."""
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +188,7 @@ def build_wheel(src: Path, cfg: dict, out: Path, jobs: int) -> Path:
     else:
         env["ME_CPU_ONLY"] = "1"
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(out), str(src)]
+    cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "-w", str(out), str(src)]
     logfile = out / "build.log"
     log(f"building ({'CUDA ' + cfg['cuda'] + ', sm_' + cfg['arch'].replace('.', '') if cfg['cuda'] else 'CPU'}, "
         f"BLAS {cfg['blas']}, {jobs} jobs); log: {logfile}")
@@ -268,6 +289,7 @@ def main(argv=None) -> int:
             wheel = cached[-1]
             log(f"cached wheel: {wheel}")
         else:
+            check_build_tools()
             sdist = fetch_sdist(cache / "sdist", args.sdist)
             with tempfile.TemporaryDirectory(prefix="me-build-") as work:
                 src = unpack_and_patch(sdist, Path(work))
