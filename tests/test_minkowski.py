@@ -226,7 +226,7 @@ def test_gpu_whole_networks_match_the_dense_reference_within_1e4(exported, name,
 
 @needs_me
 @pytest.mark.gpu
-def test_gpu_engine_refuses_nothing_and_reports_gpu_kernels(exported):
+def test_gpu_engine_runs_me_kernels_on_the_gpu_and_profiles_them(exported):
     engine = rt.compile(exported("tinyresnet"), "cuda", {})
     engine(_sparse_input((1, 3, 32, 32)))
     assert all("(GPU)" in r["kernel"] for r in engine.report() if r["op"] == "Conv")
