@@ -313,7 +313,10 @@ def plot_layers(result: dict, model: str | None = None):
 
 
 def _short(name: str) -> str:
+    """'/layer1/layer1.0/conv1/Conv' -> 'layer1.0/conv1'; '/features/features.0/Conv' -> 'features.0'."""
     parts = [p for p in name.replace("::", "/").split("/") if p]
+    if len(parts) >= 4:
+        return f"{parts[-3]}/{parts[-2]}"
     return parts[-2] if len(parts) >= 2 else name[-18:]
 
 
@@ -362,7 +365,7 @@ def plot_summary(result: dict):
     return fig
 
 
-def write_reports(result: dict, out: Path) -> list[str]:
+def write_reports(result: dict, out: Path, json_name: str = "bench.json") -> list[str]:
     """Markdown and plots from a result dict (also used to re-render a saved JSON)."""
     plt = _plt()
     written = []
@@ -381,6 +384,6 @@ def write_reports(result: dict, out: Path) -> list[str]:
         _save(fig, out / name)
         plt.close(fig)
         written.append(name)
-    result["files"] = sorted(set(result.get("files", [])) | set(written) | {"bench.json", "bench.md"})
+    result["files"] = sorted(set(result.get("files", [])) | set(written) | {json_name, "bench.md"})
     write_text_atomic(out / "bench.md", markdown(result))
     return written

@@ -146,7 +146,7 @@ def run_sweep(device: torch.device | str, shapes=None, sparsities=None, methods=
     from tqdm import tqdm
 
     from .regimes import REGIMES, regime_flags
-    from .timing import spread, time_calls
+    from .timing import pooled, spread, time_calls
 
     device = torch.device(device)
     errors = [] if errors is None else errors
@@ -197,8 +197,8 @@ def run_sweep(device: torch.device | str, shapes=None, sparsities=None, methods=
                 call = lambda j, bufs=bufs, run=run: run(bufs[j % len(bufs)])  # noqa: E731
                 timings = [time_calls(call, device, reps=reps, flush_l2=flush_l2, min_inner=len(bufs))
                            for _ in range(repeats)]
-                row["timings"] = [t.to_dict() for t in timings]
-                row["median_ms"] = min(t.median_ms for t in timings)
+                row["timings"] = [t.to_dict(samples=True) for t in timings]
+                row["median_ms"] = pooled(timings)[0]  # over both runs' samples
                 row["spread"] = spread(timings[0], timings[-1])
                 row["rotation"] = nbuf
                 if method in DENSE_METHODS:

@@ -88,6 +88,12 @@ def auto_reps(fn: Callable[[int], object], device: torch.device | str, budget_ms
     return int(max(lo, min(hi, budget_ms / max(probe.median_ms, 1e-3))))
 
 
+def pooled(timings: list[Timing]) -> tuple[float, float]:
+    """(median, p90) over the samples of several timings of one configuration."""
+    ordered = sorted(x for t in timings for x in t.samples_ms)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
 def spread(a: Timing, b: Timing) -> float:
     """Relative difference of two medians of the same configuration: |a - b| / min(a, b)."""
     lo = min(a.median_ms, b.median_ms)

@@ -215,8 +215,10 @@ class DenseConv:
         for mode in modes:
             try:
                 times[mode] = self._time(mode, x, bias)
-            except torch.OutOfMemoryError as exc:  # a candidate that does not fit is not a choice
-                failed[mode] = f"out of memory: {str(exc).splitlines()[0]}"
+            except Exception as exc:  # a candidate that fails (out of memory, ...) is not a choice
+                failed[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize(x.device)
         chosen = min(times, key=times.get) if times else "cudnn"
         self.decided[key] = chosen
         self.info["choices"][key] = {"chosen": chosen, "layer_best": chosen, "ms": times,

@@ -351,3 +351,22 @@ def test_best_dense_engine_on_gpu_keeps_the_fastest_whole_network_plan(exported)
             (choice,) = row["choices"].values()
             assert choice["chosen"] in ("cudnn", "cudnn_nhwc", "im2col", "im2col_nhwc")
     assert not math.isnan(sum(plan["ms"].values()))
+
+
+@pytest.mark.gpu
+def test_quick_bench_on_gpu_uses_graphs_everywhere(tmp_path):
+    code = main(["bench", "--quick", "spmm", "--device", "cuda", "-o", str(tmp_path), "--no-progress"])
+    assert code == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    check_schema(result, SCHEMA)
+    assert result["env"]["card"] and result["env"].get("driver")
+    for r in result["networks"]:
+        if r["kind"] != "eager":
+            assert r["cuda_graph"] and r["timings"][0]["how"] == "cuda-events"
+    best = [r for r in result["networks"] if r["engine"] == "best dense"]
+    assert best and all(r.get("plans") for r in best)
+    for e in result["layers"]:
+        assert all(r["timed"] == "graph" for r in e["rows"] if r["op"] == "Conv")
+    for r in result["gemm"]["rows"]:
+        if r["method"] == "cublas" or (r["method"] == "cusparse" and r["regime"] != "fp16"):
+            assert r.get("ok"), r
