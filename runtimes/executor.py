@@ -14,7 +14,7 @@ import torch
 from onnx import numpy_helper
 
 from ..common.errors import UserError
-from ..passes.graph import node_label
+from ..passes.graph import node_label, skeleton
 from .ops import STANDARD_OPS, Builder, NodeContext, attributes
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -31,8 +31,8 @@ class Step:
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+    try:  # on the skeleton: weights as typed inputs, so hundreds of MB are not serialised
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
     except Exception:  # shapes are a help to builders, never required
         inferred = model
     out = {}

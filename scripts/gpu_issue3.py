@@ -15,7 +15,7 @@ Measures, in one run on one card:
 Writes <out>/issue3.json (every raw number; rewritten after every part, so a kill keeps what
 was done), <out>/bench.md (tables), gemm_speedup.png, layers_vgg19.png, summary.png; prints a
 short table last. Parts run most-important-first and stop starting new ones when the time
-budget (--budget-s, default 290 s) is spent; one failing part is recorded and the rest go on.
+budget (--budget-s, default 270 s) is spent; one failing part is recorded and the rest go on.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny nets and GEMMs, no timing claims")
-    ap.add_argument("--budget-s", type=float, default=290.0, help="stop starting new parts after this long")
+    ap.add_argument("--budget-s", type=float, default=270.0, help="stop starting new parts after this long")
     ap.add_argument("--measure-ms", type=float, default=200.0, help="length of one timing of one configuration")
     ap.add_argument("--no-gemm", action="store_true")
     ap.add_argument("--gemm-methods", default="cublas,cusparse",
