@@ -89,14 +89,18 @@ def markdown(result: dict) -> str:
     layers = result.get("layers") or []
     if layers:
         lines += ["", "## Why (no) speedup: the share of time a runtime can accelerate", "",
-                  "| model | engine | regime | batch | accelerated layers | share of dense time | Amdahl bound | "
-                  "predicted from layers | measured |", "|---|---|---|---|---|---|---|---|---|"]
+                  "The share of the best dense engine's per-layer time spent in layers the runtime runs with its "
+                  "own kernels; Amdahl bound = the whole-network speedup if those layers took no time at all; "
+                  "predicted = what the runtime's per-layer times add up to; measured = whole-network graph replays.",
+                  "",
+                  "| model | engine | regime | batch | accelerated layers | their speedup | share of dense time | "
+                  "Amdahl bound | predicted from layers | measured |", "|---|---|---|---|---|---|---|---|---|---|"]
         for e in layers:
             if e["kind"] == "dense":
                 continue
             b = e["bound"]
             lines.append(f"| {e['model']} | {e['engine']} | {e['regime']} | {e['batch']} | {b['accelerated_layers']} | "
-                         f"{_pct(b['share'])} | {_x(b['amdahl_max_speedup'])} | {_x(b['predicted_speedup'])} | "
+                         f"{_x(b.get('accelerated_speedup'))} | {_pct(b['share'])} | {_x(b['amdahl_max_speedup'])} | {_x(b['predicted_speedup'])} | "
                          f"{_x(b.get('measured_speedup'))} |")
         lines += ["", "## Per layer (weight layers; dense = the best dense engine's same layer)", ""]
         for e in layers:

@@ -125,8 +125,9 @@ def time_calls(call: Callable[[int], object], device: torch.device | str, reps: 
     if not flush_l2:
         probe = time_fn(lambda i: one.replay(), device, reps=5, warmup=2).median_ms
         inner = int(min(max_inner, max(min_inner, math.ceil(min_sample_ms / max(probe, 1e-4)))))
-    replay = one if inner == 1 else GraphReplay(lambda: [call(j) for j in range(inner)], (), warmup=1)
-    del one
+    if inner > 1:
+        one = GraphReplay(lambda: [call(j) for j in range(inner)], (), warmup=1)  # the single one is freed
+    replay = one
     t = time_fn(lambda i: replay.replay(), device, reps=reps, warmup=warmup, flush_l2=flush_l2)
     samples = [s / inner for s in t.samples_ms]
     return Timing(t.median_ms / inner, t.p90_ms / inner, t.min_ms / inner, t.reps, samples, inner, "graph")

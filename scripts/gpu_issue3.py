@@ -20,7 +20,6 @@ budget (--budget-s, default 270 s) is spent; one failing part is recorded and th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback

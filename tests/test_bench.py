@@ -227,7 +227,8 @@ def test_match_layers_maps_a_fused_op_to_the_chain_it_replaces():
     assert not rows[1]["accelerated"] and rows[3]["dense_ms"] is None
     assert bound["share"] == pytest.approx(0.4)               # 4 of 10 ms are in accelerated layers
     assert bound["amdahl_max_speedup"] == pytest.approx(10 / 6)
-    assert bound["predicted_speedup"] == pytest.approx(10 / 7)  # 6 ms left dense + 1 ms sparse
+    assert bound["accelerated_speedup"] == pytest.approx(4.0)
+    assert bound["predicted_speedup"] == pytest.approx(10 / 8)  # its steps add up to 8 ms
 
 
 FUSED_DOMAIN = "sparsecnn"
@@ -370,3 +371,50 @@ def test_quick_bench_on_gpu_uses_graphs_everywhere(tmp_path):
     for r in result["gemm"]["rows"]:
         if r["method"] == "cublas" or (r["method"] == "cusparse" and r["regime"] != "fp16"):
             assert r.get("ok"), r
+
+
+def test_time_calls_graph_path_batches_short_calls_and_reports_per_call(monkeypatch):
+    """The CUDA branch of time_calls, driven on CPU with a stand-in graph and clock."""
+    from sparsecnn.converter import timing
+    from sparsecnn.runtimes import base
+
+    class FakeReplay:
+        def __init__(self, fn, example_inputs, warmup=3):
+            self.fn = fn
+
+        def replay(self):
+            return self.fn()
+
+    seen = []
+
+    def fake_time_fn(fn, device, reps=100, warmup=10, flush_l2=False):
+        seen.clear()
+        fn(0)
+        ms = 0.01 * len(seen)  # 10 us per call of the timed function
+        return timing.Timing(ms, ms, ms, reps, [ms] * reps)
+
+    monkeypatch.setattr(base, "GraphReplay", FakeReplay)
+    monkeypatch.setattr(timing, "time_fn", fake_time_fn)
+    t = timing.time_calls(lambda j: seen.append(j), "cuda", reps=7)
+    assert t.how == "graph" and t.inner == 25  # 0.25 ms per replay / 10 us per call
+    assert seen == list(range(25))             # j runs 0..inner-1 inside one replay: inputs rotate
+    assert t.median_ms == pytest.approx(0.01) and t.reps == 7 and len(t.samples_ms) == 7
+    t = timing.time_calls(lambda j: seen.append(j), "cuda", reps=7, flush_l2=True)
+    assert t.inner == 1  # cold L2 for every call: no batching
+    t = timing.time_calls(lambda j: seen.append(j), "cuda", reps=7, min_inner=40)
+    assert t.inner == 40
+
+
+def test_time_calls_times_eagerly_when_the_call_cannot_be_captured(monkeypatch):
+    from sparsecnn.converter import timing
+    from sparsecnn.runtimes import base
+
+    def refuse(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(base, "GraphReplay", refuse)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(timing, "time_fn", lambda fn, device, **kw: timing.Timing(1.0, 1.0, 1.0, 3, [1.0] * 3,
+                                                                                  how="cuda-events"))
+    t = timing.time_calls(lambda j: None, "cuda", reps=3)
+    assert t.how == "cuda-events" and t.inner == 1

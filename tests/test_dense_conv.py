@@ -135,3 +135,52 @@ def test_dense_conv_modes_on_gpu_match_fp64_reference(mode, dtype, tol):
                        case.get("group", 1))
         assert tuple(ours.shape) == tuple(ref.shape)
         assert rel_err(ours, ref) < tol, (mode, case)
+
+
+class _FakeReplay:
+    """Stands in for a CUDA graph on CPU: 'capture' runs fn once (after warm-up), replay runs it again."""
+
+    built: list = []
+
+    def __init__(self, fn, example_inputs, warmup=3):
+        self.fn, self.inputs = fn, tuple(example_inputs)
+        for _ in range(warmup):
+            fn(*self.inputs)
+        self.static_outputs = fn(*self.inputs)
+        _FakeReplay.built.append(self)
+
+    def replay(self):
+        return self.fn(*self.inputs)
+
+
+def test_whole_network_plan_choice_keeps_the_fastest_graph_and_rewrites_layer_choices(exported, monkeypatch):
+    """The GPU-only plan selection of dense_conv=best, driven on CPU with a stand-in graph and clock."""
+    from sparsecnn.converter import timing
+    from sparsecnn.runtimes import torch_runtime
+
+    _FakeReplay.built = []
+    monkeypatch.setattr(torch_runtime, "GraphReplay", _FakeReplay)
+    clock = iter([3.0, 3.0, 1.0, 1.0, 2.0, 2.0])  # (probe, timing) for per-layer, cudnn, cudnn_nhwc
+
+    def fake_time_fn(fn, device, reps=100, warmup=10, flush_l2=False):
+        fn(0)
+        ms = next(clock)
+        return timing.Timing(ms, ms, ms, reps, [ms] * reps)
+
+    eng = get_runtime("torch").compile(exported("tinyresnet"), "cpu", {"extra": {"dense_conv": "best"}})
+    x = eng.prepare(torch.randn(2, 3, 32, 32))
+    eng.executor(*x)  # per-layer decisions, with the real (CPU) clock
+    with monkeypatch.context() as m:
+        m.setattr(timing, "time_fn", fake_time_fn)
+        replay = eng._best_plan_graph(x)
+    assert eng.plans == {"2x3x32x32": {"chosen": "cudnn", "ms": {"per-layer": 3.0, "cudnn": 1.0, "cudnn_nhwc": 2.0}}}
+    assert replay is _FakeReplay.built[1]  # the graph captured with every conv on cuDNN NCHW
+    for conv in eng.dense_convs:
+        assert conv.override is None
+        (key,) = conv.decided
+        assert conv.decided[key] == "cudnn"
+        assert "whole-network plan" in conv.info["choices"][key]["why"]
+        assert conv.info["choices"][key]["layer_best"] in conv.info["choices"][key]["ms"]
+    ref = get_runtime("torch").compile(exported("tinyresnet"), "cpu", {})
+    assert rel_err(replay.replay()[0], ref.executor(*x)[0]) < 1e-5
+    assert set(eng.saved_state()["dense_conv_decisions"]) == {c.name for c in eng.dense_convs}
