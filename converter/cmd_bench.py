@@ -223,5 +223,6 @@ def _print_short(result: dict) -> None:
         print(f"{'model':<14}{'regime':<16}{'b':>3}  {'engine':<24}{'ms':>9}{'spread':>8}{'vs eager':>9}{'vs best':>9}")
         for r in nets:
             sp = f"{100 * r['spread']:.1f}%" if r.get("spread") is not None else "–"
+            x = lambda v: f"{v:8.2f}x" if v is not None else f"{'–':>9}"  # noqa: E731
             print(f"{r['model']:<14}{r['regime']:<16}{r['batch']:>3}  {r['engine'][:23]:<24}{r['median_ms']:>9.3f}"
-                  f"{sp:>8}{r['speedup_vs_eager']:>8.2f}x{r['speedup_vs_best_dense']:>8.2f}x")
+                  f"{sp:>8}{x(r.get('speedup_vs_eager'))}{x(r.get('speedup_vs_best_dense'))}")
