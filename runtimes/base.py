@@ -118,6 +118,12 @@ class Engine:
             outs = self.runner(*prepared)(*prepared)
         return tuple(o.float().clone() for o in outs)
 
+    def profile(self, *inputs: torch.Tensor, reps: int = 20, warmup: int = 3, flush_l2: bool = False) -> list[dict]:
+        """Per-step times on `inputs` (any device/dtype) in this engine's precision (Executor.profile)."""
+        prepared = self.prepare(*inputs)
+        with torch.no_grad(), self._precision_context():
+            return self.executor.profile(*prepared, reps=reps, warmup=warmup, flush_l2=flush_l2)
+
     def report(self) -> list[dict]:
         """Per layer (step): name, op and what the runtime ran for it.
 
