@@ -230,6 +230,8 @@ def graph_time_ms(fn, x: torch.Tensor, calls: int = 4, reps: int = 20) -> float:
     """Median time of one `fn(x)`, measured as a CUDA graph of `calls` calls (no host set-up)."""
     from ..converter.timing import time_fn
 
+    if x.device.type != "cuda":  # CPU (the dense stand-in in dry runs): plain wall-clock timing
+        return time_fn(lambda i: fn(x), x.device, reps=reps, warmup=1).median_ms
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -280,8 +282,8 @@ class TwoFourLayer:
         if self.force in ("sparse", "dense"):
             entry.update(choice=self.force, reason=f"forced {self.force} (extra force={self.force})")
             return entry
-        if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            entry.update(choice="dense", reason="not measured (no GPU or inside a capture): dense by default")
+        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            entry.update(choice="dense", reason="not measured (first seen inside a graph capture): dense by default")
             return entry
         if self.gemm.backend == "cslt":
             rows_p = _round_up(entry["gemm"][2], DENSE_ALIGN)
@@ -445,12 +447,18 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cuda", options
     ok, reason = available()
     if not ok:
         raise UserError(f"runtime cusparselt is not available here: {reason}")
+    return build_engine(model, dev, opts, "cslt", state)
+
+
+def build_engine(model: onnx.ModelProto, device: torch.device, opts: CompileOptions, backend: str = "cslt",
+                 state: dict | None = None) -> CuSparseLtEngine:
+    """The engine without the environment checks; backend "dense" runs anywhere (dry runs, CPU tests)."""
     if not any(n.domain == SPARSECNN_DOMAIN for n in model.graph.node):
         model = rewrite(model)
     extra = dict(opts.extra)
     extra["_saved_choices"] = (state or {}).get("choices", {})
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ex = Executor(model, dev, opts.dtype, ops=op_table("cslt"), channels_last=True, options=extra)
+        warnings.simplefilter("ignore")  # the deprecation notice of older search APIs
+        ex = Executor(model, device, opts.dtype, ops=op_table(backend), channels_last=True, options=extra)
     engine_opts = CompileOptions.from_dict({**opts.to_dict(), "channels_last": True})
-    return CuSparseLtEngine(model, dev, engine_opts, ex)
+    return CuSparseLtEngine(model, device, engine_opts, ex)
