@@ -199,7 +199,7 @@ def bench_net(label: str, dense_model, sparse_model, shape, batch: int, device: 
         dense_ms[layout] = time_fn(step, device, reps=reps).median_ms
         del eng, run
     best_layout = min(dense_ms, key=dense_ms.get)
-    res.update(dense_ms=dense_ms, best_dense=f"torch fp16 {best_layout} (cuDNN, CUDA graph)", best_dense_ms=dense_ms[best_layout])
+    res.update(dense_ms=dense_ms, best_dense=f"torch {dtype} {best_layout} (cuDNN{', CUDA graph' if device == 'cuda' else ''})", best_dense_ms=dense_ms[best_layout])
     t0 = time.perf_counter()
     engine = cs.build_engine(sparse_model, torch.device(device), CompileOptions(dtype=dtype), backend)
     xs = engine.prepare(x)
