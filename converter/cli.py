@@ -13,6 +13,7 @@ VERBS = [
     "sparsecnn.converter.cmd_run",
     "sparsecnn.converter.cmd_inspect",
     "sparsecnn.converter.cmd_doctor",
+    "sparsecnn.converter.cmd_check_jetson",
 ]
 
 DESCRIPTION = """\
