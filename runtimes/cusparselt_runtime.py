@@ -285,26 +285,27 @@ class TwoFourLayer:
         if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             entry.update(choice="dense", reason="not measured (first seen inside a graph capture): dense by default")
             return entry
+        dense_t = graph_time_ms(lambda t: self.dense(t, self.bias), x, reps=self.tune_reps)
+        try:
+            sparse_t = graph_time_ms(self.sparse, x, reps=self.tune_reps)
+        except Exception as exc:  # cuSPARSELt refused this shape: the layer stays dense, and says why
+            entry.update(choice="dense", dense_us=round(dense_t * 1e3, 2),
+                         reason=f"cuSPARSELt failed on this shape ({type(exc).__name__}: {str(exc)[:160]})")
+            return entry
         if self.gemm.backend == "cslt":
             rows_p = _round_up(entry["gemm"][2], DENSE_ALIGN)
-            bt = x.new_zeros(rows_p, self.gemm.kp)
-            default_t = graph_time_ms(self.sparse, x, reps=self.tune_reps)
-            found = self.gemm.search(bt)
-            del bt
+            found = self.gemm.search(x.new_zeros(rows_p, self.gemm.kp))
             if found:
                 self.gemm.alg[rows_p] = found
-                searched_t = graph_time_ms(self.sparse, x, reps=self.tune_reps)
-                if searched_t < default_t:
+                try:
+                    searched_t = graph_time_ms(self.sparse, x, reps=self.tune_reps)
+                except Exception:
+                    searched_t = float("inf")
+                if searched_t < sparse_t:
                     entry["cslt_alg"] = found
+                    sparse_t = searched_t
                 else:
                     del self.gemm.alg[rows_p]
-                    searched_t = default_t
-                sparse_t = min(default_t, searched_t)
-            else:
-                sparse_t = default_t
-        else:
-            sparse_t = graph_time_ms(self.sparse, x, reps=self.tune_reps)
-        dense_t = graph_time_ms(lambda t: self.dense(t, self.bias), x, reps=self.tune_reps)
         entry.update(sparse_us=round(sparse_t * 1e3, 2), dense_us=round(dense_t * 1e3, 2))
         dense_name = "cuDNN channels-last conv" if self.kind == "conv" else "cuBLAS linear"
         how = ("im2col + " if entry["im2col"] else "") + "cuSPARSELt"
@@ -395,7 +396,7 @@ class CuSparseLtEngine(Engine):
             label = "x".join(map(str, inputs[0].shape))
             record = {"sparse_layers": self.sparse_layers(inputs[0].shape)}
             chosen = mixed
-            if self.options.extra.get("whole_network_check", True) and record["sparse_layers"]:
+            if self.options.extra.get("whole_network_check", True):
                 reps = int(self.options.extra.get("tune_reps", 20)) * 2
                 candidates = {"mixed (per-layer choice, NHWC)": mixed}
                 candidates["dense NCHW"] = GraphReplay(self._dense_executor(False), tuple(x.contiguous() for x in inputs))
@@ -412,8 +413,7 @@ class CuSparseLtEngine(Engine):
                 if best.startswith("mixed"):
                     self._dense_executors.clear()  # free the dense copies of the weights
             else:
-                record.update(chosen="mixed (per-layer choice, NHWC)",
-                              reason="no layer chose sparse" if not record["sparse_layers"] else "whole-network check off")
+                record.update(chosen="mixed (per-layer choice, NHWC)", reason="whole-network check off")
             self.whole_network[label] = record
             self._graphs[key] = chosen
         return chosen

@@ -6,7 +6,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tokenize
 from pathlib import Path
 
