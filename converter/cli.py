@@ -14,6 +14,7 @@ VERBS = [
     "sparsecnn.converter.cmd_inspect",
     "sparsecnn.converter.cmd_doctor",
     "sparsecnn.converter.cmd_bench",
+    "sparsecnn.converter.cmd_check_jetson",
 ]
 
 DESCRIPTION = """\
