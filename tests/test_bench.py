@@ -342,7 +342,7 @@ def test_best_dense_engine_on_gpu_keeps_the_fastest_whole_network_plan(exported)
     eng = get_runtime("torch").compile(model, "cuda", {"dtype": "fp32", "tf32": False, "extra": {"dense_conv": "best"}})
     x = torch.randn(2, 3, 32, 32)
     ref = get_runtime("torch").compile(model, "cpu", {})(x)[0]
-    out = eng(x)[0]
+    out = eng(x)[0].cpu()
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-4
     (plan,) = eng.plans.values()
     assert set(plan["ms"]) == {"per-layer", "cudnn", "cudnn_nhwc"}
