@@ -42,8 +42,12 @@ def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
 
 
 def time_fn(fn: Callable[[int], object], device: torch.device | str, reps: int = 100, warmup: int = 10,
-            flush_l2: bool = False) -> Timing:
-    """Time `fn(i)` (i = repetition index, for rotating inputs) `reps` times after `warmup` calls.
+            flush_l2: bool = False, warmup_ms: float = 30.0) -> Timing:
+    """Time `fn(i)` (i = repetition index, for rotating inputs) `reps` times after warm-up.
+
+    Warm-up is `warmup` calls and at least `warmup_ms` of device work, so an idle GPU has
+    raised its clocks before the first timed repetition (short configurations otherwise
+    read slow in whichever pass comes first).
 
     On CUDA each repetition is bracketed by its own events, so the median excludes host
     gaps between repetitions; with `flush_l2` a buffer twice the L2 size is overwritten
@@ -52,6 +56,12 @@ def time_fn(fn: Callable[[int], object], device: torch.device | str, reps: int =
     device = torch.device(device)
     for i in range(warmup):
         fn(i)
+    if device.type == "cuda" and warmup_ms > 0:
+        torch.cuda.synchronize(device)
+        t_end = time.perf_counter() + warmup_ms / 1e3
+        while time.perf_counter() < t_end:
+            fn(0)
+            torch.cuda.synchronize(device)
     samples = []
     if device.type == "cuda":
         flush = _l2_flush_buffer(device) if flush_l2 else None
