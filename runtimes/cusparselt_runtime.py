@@ -123,10 +123,13 @@ class SparseGemm:
         if search is None or self.backend != "cslt":
             return {}
         try:
-            alg_id, split_k, split_k_mode, _ = search(self.packed, bt.t(), self.bias, None, None, True)
+            alg_id = search(self.packed, bt.t(), self.bias, None, None, True)[0]
         except Exception:
             return {}
-        return {"alg_id": int(alg_id), "split_k": int(split_k), "split_k_mode": int(split_k_mode)}
+        # Only the algorithm id is passed back: on the H100 (torch 2.11, cuSPARSELt 0.8)
+        # the search reported split_k = -1, and calls given that split-k setting died with
+        # an illegal-instruction fault that poisoned the CUDA context.
+        return {"alg_id": int(alg_id)}
 
 
 def _cslt_mm(packed, b, bias, alg: dict):

@@ -92,11 +92,12 @@ def gemm_check(dry: bool, reps: int) -> list[dict]:
         search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
         if search is not None:
             try:
-                alg_id, split_k, split_k_mode, _ = search(*sparse_args, None, None, tr)
-                alg = {"alg_id": int(alg_id), "split_k": int(split_k), "split_k_mode": int(split_k_mode)}
+                found = search(*sparse_args, None, None, tr)
+                # pass back the algorithm id only (see SparseGemm.search in the runtime)
+                alg = {"alg_id": int(found[0]), "search_returned": [int(v) for v in found]}
             except Exception as exc:
                 alg = {"search_error": str(exc)}
-        call_alg = {k2: v for k2, v in alg.items() if k2 != "search_error"}
+        call_alg = {k2: v for k2, v in alg.items() if k2 == "alg_id"}
         sparse_default = lambda _: cs._cslt_mm(*sparse_args, {}) if tr else torch._cslt_sparse_mm(*sparse_args)  # noqa
         sparse_searched = lambda _: torch._cslt_sparse_mm(*sparse_args, transpose_result=tr, **call_alg)  # noqa
         ref = (a.float() @ (b.float() if layout == "square" else bt.float().t()))
