@@ -1,0 +1,184 @@
+// Sparse (CSR) x dense products for convolutions and GEMMs, after Sputnik (Gale et al., SC'20).
+//
+//   Y[m, pixel] = sum over the non-zeros (m, k) of W: W[m, k] * B[k, pixel]
+//
+// Design (Sputnik's, adapted to batch-1 CNN layers where the dense operand must be reused):
+// * 1-D tiling of the output: a block owns one tile of output pixels (the N dimension) for
+//   ROWS = 8 warps x RPT output rows; one warp ("subwarp" of 32) per output row, lanes across
+//   the tile's pixels.
+// * Row swizzle: the block's rows come from `row_order` (longest first), so warps of a block
+//   and blocks launched together carry similar work.
+// * The dense operand of the tile is staged in shared memory in K chunks (double-buffered,
+//   cp.async for fp32) and reused by every row of the block.
+//   - VEC = false, implicit im2col: for a conv the chunk is the input *window* of the output
+//     tile (chunk_c channels x win_h x win_w, zero outside the image); the non-zero
+//     (cin, r, s) of a row reads window[cin][ty*sh + r*dh][tx*sw + s*dw] for its pixels:
+//     stride, padding and dilation honoured, im2col never materialised.
+//   - VEC = true, plain SpMM (1x1 convs, GEMM sweep): the chunk is chunk_c rows x tile_w
+//     columns of B, staged with 16-byte vector copies; each lane owns P consecutive columns
+//     and reads them as one vector.
+// * Column indices pre-scaled to offsets: `offsets[e]` is entry e's position inside the
+//   staged chunk (cin_local*win_h*win_w + r*dh*win_w + s*dw, or k_local*tile_w), computed
+//   once at compile time, stored as uint16.
+// * ROMA + residue: a row segment is read in aligned vector groups of four entries
+//   (csr_common.cuh); pixels past the image edge are computed and masked at the store.
+// * Epilogue: bias and ReLU fused; or, split over K (blockIdx.z), fp32 atomic accumulation.
+//
+// fp32 and fp16 storage; shared memory and accumulators are fp32 (fp16 operands, fp32 sums).
+#include "csr_common.cuh"
+
+namespace csr {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename T, int P, bool VEC>
+__device__ __forceinline__ void stage_chunk(const Params& p, const T* __restrict__ x, float* __restrict__ buf, int q,
+                                            int iy0, int ix0) {
+  const int c0 = q * p.chunk_c;
+  const int cc = min(p.chunk_c, p.C - c0);
+  if (VEC) {
+    // Rows of the dense operand: chunk rows k = c0 .. c0+cc, columns ix0 .. ix0 + 32*P.
+    constexpr int kVecPerRow = 8 * P;  // 4 columns per vector
+    for (int i = threadIdx.x; i < cc * kVecPerRow; i += kThreads) {
+      const int cl = i / kVecPerRow;
+      const int v = i - cl * kVecPerRow;
+      const int n = ix0 + 4 * v;
+      const T* row = x + (long long)(c0 + cl) * p.x_cs;
+      float* dst = buf + cl * (32 * P) + 4 * v;
+      if (p.vec_stage) {
+        const int live = min(4, max(0, p.W - n));
+        stage4(dst, row + (live > 0 ? n : 0), live);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) stage1(dst + j, row + (n + j < p.W ? (long long)(n + j) * p.x_ws : 0), n + j < p.W);
+      }
+    }
+  } else {
+    // Window rows (channel, wy): a warp per row, lanes across x. Zero outside the image.
+    const int win_hw = p.win_h * p.win_w;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int r = warp; r < cc * p.win_h; r += kWarps) {
+      const int cl = r / p.win_h;
+      const int wy = r - cl * p.win_h;
+      const int iy = iy0 + wy;
+      const bool row_ok = (unsigned)iy < (unsigned)p.H;
+      const T* src = x + (long long)(c0 + cl) * p.x_cs + (long long)(row_ok ? iy : 0) * p.x_hs;
+      float* dst = buf + cl * win_hw + wy * p.win_w;
+      for (int wx = lane; wx < p.win_w; wx += 32) {
+        const int ix = ix0 + wx;
+        const bool ok = row_ok && (unsigned)ix < (unsigned)p.W;
+        stage1(dst + wx, src + (ok ? (long long)ix * p.x_ws : 0), ok);
+      }
+    }
+  }
+}
+
+template <typename T, int P, int RPT, bool VEC>
+__global__ void __launch_bounds__(kThreads) csr_conv(const Params p) {
+  constexpr int kRows = kWarps * RPT;
+  CSR_DYNAMIC_SMEM(smem);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int tile_y = (int)blockIdx.y / p.tiles_w;
+  const int tile_x = (int)blockIdx.y - tile_y * p.tiles_w;
+  const int ty0 = tile_y * p.tile_h, tx0 = tile_x * p.tile_w;
+  const int img = (int)blockIdx.z / p.nsplit;
+  const int split = (int)blockIdx.z - img * p.nsplit;
+  const int q_begin = split * p.chunks_per_split;
+  const int q_end = min(p.nchunks, q_begin + p.chunks_per_split);
+  const T* x = static_cast<const T*>(p.x) + img * p.x_batch;
+  const T* values = static_cast<const T*>(p.values);
+  const int buf_floats = VEC ? p.chunk_c * 32 * P : p.chunk_c * p.win_h * p.win_w;
+
+  // This lane's pixels: strided across the tile for windows (consecutive lanes read
+  // consecutive shared-memory words), P consecutive columns for VEC (one vector read).
+  int base[P], oy[P], ox[P];
+  bool live[P];
+#pragma unroll
+  for (int j = 0; j < P; ++j) {
+    if (VEC) {
+      base[j] = lane * P + j;
+      oy[j] = 0;
+      ox[j] = tx0 + base[j];
+      live[j] = ox[j] < p.Wo;
+    } else {
+      const int pix = lane + 32 * j;
+      const int ty = pix / p.tile_w, tx = pix - ty * p.tile_w;
+      oy[j] = ty0 + ty;
+      ox[j] = tx0 + tx;
+      live[j] = pix < p.tile_h * p.tile_w && oy[j] < p.Ho && ox[j] < p.Wo;
+      base[j] = live[j] ? ty * p.sh * p.win_w + tx * p.sw : 0;
+    }
+  }
+  int rows[RPT];
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    const int slot = (int)blockIdx.x * kRows + warp + i * kWarps;
+    rows[i] = slot < p.M ? p.row_order[slot] : -1;
+  }
+  float acc[RPT][P];
+#pragma unroll
+  for (int i = 0; i < RPT; ++i)
+#pragma unroll
+    for (int j = 0; j < P; ++j) acc[i][j] = 0.f;
+
+  const int iy0 = ty0 * p.sh - p.ph, ix0 = VEC ? tx0 : tx0 * p.sw - p.pw;
+  const int nq = q_end - q_begin;
+  if (nq > 0) stage_chunk<T, P, VEC>(p, x, smem, q_begin, iy0, ix0);
+  stage_commit();
+  for (int t = 0; t < nq; ++t) {
+    const int q = q_begin + t;
+    const float* cur = smem + (t & 1) * buf_floats;
+    if (t + 1 < nq) stage_chunk<T, P, VEC>(p, x, smem + ((t + 1) & 1) * buf_floats, q + 1, iy0, ix0);
+    stage_commit();
+    stage_wait_all_but_newest();
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      if (rows[i] < 0) continue;
+      const int* cp = p.chunk_ptr + (long long)rows[i] * (p.nchunks + 1);
+      roma_segment(values, p.offsets, cp[q], cp[q + 1], [&](float v, int o) {
+        if (VEC) {
+          const float* b = cur + o + lane * P;
+          if constexpr (P == 4) {
+            const float4 b4 = *reinterpret_cast<const float4*>(b);
+            acc[i][0] += v * b4.x; acc[i][1] += v * b4.y; acc[i][2] += v * b4.z; acc[i][3] += v * b4.w;
+          } else if constexpr (P == 2) {
+            const float2 b2 = *reinterpret_cast<const float2*>(b);
+            acc[i][0] += v * b2.x; acc[i][1] += v * b2.y;
+          } else {
+#pragma unroll
+            for (int j = 0; j < P; ++j) acc[i][j] += v * b[j];
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < P; ++j) acc[i][j] += v * cur[o + base[j]];
+        }
+      });
+    }
+    __syncthreads();  // the buffer just read is staged into two iterations from now
+  }
+
+  // Epilogue: bias (+ ReLU) and the store, or fp32 atomic accumulation across K splits.
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    if (rows[i] < 0) continue;
+    const int row = rows[i];
+    const float b = (p.bias != nullptr && (!p.accumulate || split == 0)) ? p.bias[row] : 0.f;
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      if (!live[j]) continue;
+      const long long idx = img * p.y_batch + (long long)row * p.y_cs + (long long)oy[j] * p.y_hs + (long long)ox[j] * p.y_ws;
+      float val = acc[i][j] + b;
+      if (p.accumulate) {
+        atomicAdd(static_cast<float*>(p.y) + idx, val);
+      } else {
+        if (p.relu) val = fmaxf(val, 0.f);
+        static_cast<T*>(p.y)[idx] = from_float<T>(val);
+      }
+    }
+  }
+}
+
+}  // namespace csr
