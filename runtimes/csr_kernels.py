@@ -19,8 +19,7 @@ import torch
 from ..passes.csr import CSR
 from .nvrtc import load_source
 
-THREADS = 256
-WARPS = THREADS // 32
+THREADS = 256  # the SpMV kernel's block; conv/SpMM configs choose 256 or 512
 STAGE_FLOATS = 8192  # one staged chunk: 32 KiB of fp32; double-buffered, 64 KiB a block (3 blocks an SM)
 GEMV_MAX_BATCH = 8   # CsrGemm runs the warp-per-row SpMV kernel up to this batch
 
@@ -28,7 +27,8 @@ GEMV_MAX_BATCH = 8   # CsrGemm runs the warp-per-row SpMV kernel up to this batc
 class CsrParams(ctypes.Structure):
     """Mirror of csr::Params in kernels/csr_common.cuh (same order, same C types)."""
 
-    _fields_ = [(n, ctypes.c_void_p) for n in ("values", "offsets", "chunk_ptr", "row_order", "bias", "x", "y")] + [
+    _fields_ = [(n, ctypes.c_void_p) for n in ("values", "offsets", "chunk_ptr", "row_order", "bias", "k_used", "x",
+                                               "y")] + [
         ("x_batch", ctypes.c_longlong), ("y_batch", ctypes.c_longlong)] + [
         (n, ctypes.c_int) for n in ("M", "C", "H", "W", "Ho", "Wo", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
                                     "x_cs", "x_hs", "x_ws", "y_cs", "y_hs", "y_ws", "tile_h", "tile_w", "tiles_w",
@@ -41,13 +41,14 @@ def _ctype_name(dtype: torch.dtype) -> str:
 
 
 # Every instantiation a source is compiled with (one NVRTC program per source and dtype).
-CONV_VARIANTS = [(p, rpt, False) for p in (2, 4) for rpt in (2, 4)] + \
-                [(p, rpt, True) for p in (1, 2, 4) for rpt in (2, 4, 8)]
+# (pixels per lane, rows per warp, threads, vec)
+CONV_VARIANTS = [(p, rpt, nt, False) for p in (2, 4) for rpt in (2, 4) for nt in (256, 512)] + \
+                [(p, rpt, nt, True) for p in (1, 2, 4) for rpt in (2, 4, 8) for nt in (256, 512)]
 SPMV_BATCH = (1, 4)
 
 
-def conv_expression(dtype: torch.dtype, p: int, rpt: int, vec: bool) -> str:
-    return f"csr::csr_conv<{_ctype_name(dtype)}, {p}, {rpt}, {'true' if vec else 'false'}>"
+def conv_expression(dtype: torch.dtype, p: int, rpt: int, threads: int, vec: bool) -> str:
+    return f"csr::csr_conv<{_ctype_name(dtype)}, {p}, {rpt}, {threads}, {'true' if vec else 'false'}>"
 
 
 def spmv_expression(dtype: torch.dtype, nb: int) -> str:
@@ -136,20 +137,22 @@ class ConvGeometry:
 class ConvConfig:
     vec: bool      # SpMM layout (pointwise / GEMM) instead of the conv window
     p: int         # output pixels (columns) per lane: tile of 32*p
-    rpt: int       # output rows per warp: 8*rpt rows a block
+    rpt: int       # output rows per warp: threads/32*rpt rows a block
     chunk_c: int   # input channels (K rows) staged per chunk
     tile_h: int
     tile_w: int
     nsplit: int = 1  # blocks along K (fp32 atomic accumulation) when the grid is too small
+    threads: int = 256
 
     @property
     def rows_per_block(self) -> int:
-        return WARPS * self.rpt
+        return self.threads // 32 * self.rpt
 
     def label(self) -> str:
         kind = "spmm" if self.vec else "window"
         split = f" splitk{self.nsplit}" if self.nsplit > 1 else ""
-        return f"{kind} p{self.p} rpt{self.rpt} tile{self.tile_h}x{self.tile_w} chunk{self.chunk_c}{split}"
+        return (f"{kind} p{self.p} rows{self.rows_per_block}(t{self.threads}) tile{self.tile_h}x{self.tile_w} "
+                f"chunk{self.chunk_c}{split}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,17 +168,19 @@ def _balanced(size: int, most: int) -> int:
     return -(-size // n)
 
 
-def window_config(g: ConvGeometry, p: int, rpt: int, nsplit: int = 1, budget: int = STAGE_FLOATS) -> ConvConfig:
+def window_config(g: ConvGeometry, p: int, rpt: int, nsplit: int = 1, budget: int = STAGE_FLOATS,
+                  threads: int = 256) -> ConvConfig:
     pixels = 32 * p
     tile_w = _balanced(g.wo, pixels)
     tile_h = _balanced(g.ho, max(1, pixels // tile_w))
     win_h, win_w = window_dims(g, tile_h, tile_w)
     chunk_c = max(1, min(g.c, budget // (win_h * win_w)))
-    return ConvConfig(False, p, rpt, chunk_c, tile_h, tile_w, nsplit)
+    return ConvConfig(False, p, rpt, chunk_c, tile_h, tile_w, nsplit, threads)
 
 
-def spmm_config(g: ConvGeometry, p: int, rpt: int, nsplit: int = 1, budget: int = STAGE_FLOATS) -> ConvConfig:
-    return ConvConfig(True, p, rpt, max(1, min(g.c, budget // (32 * p))), 1, 32 * p, nsplit)
+def spmm_config(g: ConvGeometry, p: int, rpt: int, nsplit: int = 1, budget: int = STAGE_FLOATS,
+                threads: int = 256) -> ConvConfig:
+    return ConvConfig(True, p, rpt, max(1, min(g.c, budget // (32 * p))), 1, 32 * p, nsplit, threads)
 
 
 def grid_blocks(g: ConvGeometry, cfg: ConvConfig, batch: int = 1) -> int:
@@ -196,17 +201,24 @@ def with_split(g: ConvGeometry, cfg: ConvConfig, sms: int, batch: int = 1) -> Co
     return ConvConfig(**{**cfg.to_dict(), "nsplit": nsplit}) if nsplit > 1 else None
 
 
+ROW_SHAPES = ((2, 256), (4, 256), (8, 256), (4, 512), (8, 512))  # (rows per warp, threads)
+
+
 def candidate_configs(g: ConvGeometry, sms: int = 132, batch: int = 1) -> list[ConvConfig]:
-    """The configurations worth timing for a layer (2-8 of them), most promising first."""
-    base: list[ConvConfig] = []
+    """The configurations worth timing for a layer (up to a dozen), most promising first.
+
+    Rows per block trade staging traffic (each block stages its tile's operand once for all
+    its rows) against parallelism; pixels per lane trade sparse-load reuse against tile
+    waste; a K split (fp32 atomics) fills the GPU when rows x tiles make too few blocks.
+    """
     if g.pointwise:
         n = g.h * g.w
-        ps = [p for p in (4, 2, 1) if 32 * p <= max(32, 2 * n)] or [1]
-        rpts = [r for r in (4, 8, 2) if WARPS * r <= max(WARPS * 2, 2 * g.m)][:2] or [2]
-        base = [spmm_config(g, p, r) for p in ps[:2] for r in rpts]
+        ps = [p for p in (4, 2, 1) if 32 * p <= max(32, 2 * n)][:2] or [1]
+        shapes = [(r, t) for r, t in ROW_SHAPES if t // 32 * r <= max(32, g.m) and r >= 4]
+        base = [spmm_config(g, p, r, threads=t) for p in ps for r, t in shapes]
     else:
-        rpts = [r for r in (4, 2) if WARPS * r <= max(WARPS * 2, 2 * g.m)] or [2]
-        base = [window_config(g, p, r) for p in (4, 2) for r in rpts]
+        shapes = [(r, t) for r, t in ROW_SHAPES if t // 32 * r <= max(16, g.m) and r <= 4]
+        base = [window_config(g, p, r, threads=t) for p in (4, 2) for r, t in shapes]
     out: list[ConvConfig] = []
     for cfg in base:
         out.append(cfg)
@@ -242,6 +254,18 @@ def entry_offsets(csr: CSR, g: ConvGeometry, cfg: ConvConfig) -> torch.Tensor:
     if off.numel() and int(off.max()) > 65535:
         raise ValueError(f"offsets do not fit uint16 for config {cfg.label()}")
     return off.to(torch.int32)
+
+
+def rows_block_column_use(csr: CSR, rows_per_block: int) -> torch.Tensor:
+    """[row blocks, K] uint8: 1 where a row of the block (in swizzled order) has an entry in column k."""
+    m, k = csr.shape
+    nblocks = -(-m // rows_per_block)
+    block_of_row = torch.empty(m, dtype=torch.int64)
+    block_of_row[csr.row_order.long()] = torch.arange(m) // rows_per_block
+    rows = torch.repeat_interleave(torch.arange(m), csr.row_lengths())
+    used = torch.zeros(nblocks * k, dtype=torch.uint8)
+    used[block_of_row[rows] * k + csr.col_idx.long()] = 1
+    return used
 
 
 def _padded(t: torch.Tensor, dtype: torch.dtype, device, pad: int = 4) -> torch.Tensor:
@@ -281,7 +305,9 @@ class ConvPlan:
         self.chunk_ptr = chunk_pointers(csr, cfg.chunk_c * g.kh * g.kw).to(self.device)
         self.row_order = csr.row_order.to(self.device, torch.int32)
         self.bias = None if bias is None else bias.reshape(-1).to(self.device, torch.float32).contiguous()
-        self.expr = conv_expression(dtype, cfg.p, cfg.rpt, cfg.vec)
+        self.expr = conv_expression(dtype, cfg.p, cfg.rpt, cfg.threads, cfg.vec)
+        self.k_used = rows_block_column_use(csr, cfg.rows_per_block).to(self.device) if cfg.vec else None
+        self._param_cache: dict[tuple, CsrParams] = {}
         if cfg.vec:
             self.win_h, self.win_w = 1, 32 * cfg.p
             self.smem = 2 * cfg.chunk_c * 32 * cfg.p * 4
@@ -291,14 +317,24 @@ class ConvPlan:
         self.cps = -(-self.nchunks // cfg.nsplit)
 
     def buffers(self) -> list[torch.Tensor]:
-        return [t for t in (self.values, self.offsets, self.chunk_ptr, self.row_order, self.bias) if t is not None]
+        return [t for t in (self.values, self.offsets, self.chunk_ptr, self.row_order, self.bias, self.k_used)
+                if t is not None]
 
     def _params(self, x: torch.Tensor, y: torch.Tensor, n: int, strides_x, strides_y, accumulate: bool) -> CsrParams:
+        key = (n, tuple(strides_x), tuple(strides_y), accumulate, x.data_ptr() % 16 == 0)
+        base = self._param_cache.get(key)
+        if base is None:
+            base = self._param_cache[key] = self._base_params(x, n, strides_x, strides_y, accumulate)
+        p = CsrParams.from_buffer_copy(base)  # per call only the pointers change
+        p.x, p.y = x.data_ptr(), y.data_ptr()
+        return p
+
+    def _base_params(self, x: torch.Tensor, n: int, strides_x, strides_y, accumulate: bool) -> CsrParams:
         g, kg, cfg = self.g, self.kg, self.cfg
         p = CsrParams()
         p.values, p.offsets, p.chunk_ptr, p.row_order = (self.values.data_ptr(), self.offsets.data_ptr(),
                                                         self.chunk_ptr.data_ptr(), self.row_order.data_ptr())
-        p.bias, p.x, p.y = _ptr(self.bias), x.data_ptr(), y.data_ptr()
+        p.bias, p.k_used = _ptr(self.bias), _ptr(self.k_used)
         (p.x_batch, p.x_cs, p.x_hs, p.x_ws), (p.y_batch, p.y_cs, p.y_hs, p.y_ws) = strides_x, strides_y
         p.M, p.C, p.H, p.W, p.Ho, p.Wo = g.m, kg.c, kg.h, kg.w, kg.ho, kg.wo
         p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw = kg.kh, kg.kw, kg.sh, kg.sw, kg.pt, kg.pl, kg.dh, kg.dw
@@ -312,7 +348,7 @@ class ConvPlan:
     def _launch(self, x, y, n, sx, sy, accumulate: bool) -> None:
         tiles = -(-self.kg.ho // self.cfg.tile_h) * -(-self.kg.wo // self.cfg.tile_w)
         grid = (-(-self.g.m // self.cfg.rows_per_block), tiles, n * self.cfg.nsplit)
-        self.backend.launch("csr_conv.cu", self.expr, self.dtype, grid, (THREADS,), self.smem,
+        self.backend.launch("csr_conv.cu", self.expr, self.dtype, grid, (self.cfg.threads,), self.smem,
                             self._params(x, y, n, sx, sy, accumulate))
 
     def _run(self, x: torch.Tensor, out_shape, n: int, sx, sy_of, y_view) -> torch.Tensor:
@@ -386,7 +422,7 @@ class GemvPlan:
         p.x_batch, p.y_batch, p.y_cs = x.stride(0), y.stride(0), 1
         p.M, p.C, p.batch, p.relu, p.nchunks, p.nsplit = self.m, self.k, n, int(self.relu), 1, 1
         self.backend.launch("csr_spmv.cu", spmv_expression(self.dtype, nb), self.dtype,
-                            (-(-self.m // WARPS), -(-n // nb), 1), (THREADS,), 0, p)
+                            (-(-self.m // (THREADS // 32)), -(-n // nb), 1), (THREADS,), 0, p)
         return y
 
 

@@ -11,7 +11,8 @@ from helpers import rel_err
 from sparsecnn.passes.csr import csr_from_dense, gemm_view
 from sparsecnn.runtimes.csr_kernels import (KERNEL_FILES, ConvGeometry, ConvPlan, GemvPlan, all_expressions,
                                             candidate_configs, chunk_pointers, gemm_as_conv_geometry,
-                                            gemm_conv_plan_call, spmm_config, window_config, with_split)
+                                            gemm_conv_plan_call, rows_block_column_use, spmm_config, window_config,
+                                            with_split)
 from sparsecnn.runtimes.nvrtc import CI_ARCHS, compile_cubin, load_source, nvrtc_available
 
 emu = pytest.mark.skipif(not cuda_emu.available(), reason="g++ not installed (the CPU kernel emulator needs it)")
@@ -62,6 +63,16 @@ def test_every_csr_kernel_compiles_with_nvrtc(arch, filename, tmp_path, monkeypa
         assert cubin[:4] == b"\x7fELF" and set(names) == set(exprs)
 
 
+def test_column_use_per_row_block_follows_the_swizzled_rows():
+    a = torch.zeros(4, 6)
+    a[0, [1, 2]] = 1
+    a[1, [0, 1, 2, 3]] = 1  # longest row: first in the swizzle
+    a[3, [5]] = 1
+    used = rows_block_column_use(csr_from_dense(a), 2).reshape(2, 6)
+    # swizzled order 1, 0, 3, 2: block 0 = rows {1, 0}, block 1 = rows {3, 2}
+    assert used.tolist() == [[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1]]
+
+
 def test_chunk_pointers_split_each_row_at_chunk_boundaries():
     a = torch.zeros(3, 10)
     a[0, [0, 3, 4, 9]] = 1
@@ -86,10 +97,10 @@ def test_window_kernel_matches_conv2d(backend, dtype, geom):
 
 
 @emu
-@pytest.mark.parametrize("p,rpt", [(4, 4), (2, 2), (4, 2)])
-def test_window_kernel_tiles_rows_and_split_k(backend, p, rpt):
+@pytest.mark.parametrize("p,rpt,threads", [(4, 4, 256), (2, 2, 256), (4, 2, 512)])
+def test_window_kernel_tiles_rows_and_split_k(backend, p, rpt, threads):
     g = ConvGeometry(37, 6, 15, 21, 3, 3, 1, 1, 1, 1, 1, 1)  # several tiles, M not a multiple of a block's rows
-    cfg = window_config(g, p, rpt, budget=240)
+    cfg = window_config(g, p, rpt, budget=240, threads=threads)
     split = with_split(g, cfg, sms=64)
     assert split is not None and split.nsplit >= 2
     assert conv_case(backend, torch.float32, g, cfg, relu=True) <= 1e-5
@@ -106,12 +117,12 @@ def test_window_kernel_reads_channels_last_input(backend):
 
 @emu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("hw,p,rpt,aligned", [((7, 9), 2, 2, False), ((8, 12), 1, 4, True), ((11, 13), 4, 8, False),
-                                               ((16, 16), 4, 2, True)])
-def test_pointwise_spmm_kernel_matches_conv2d(backend, dtype, hw, p, rpt, aligned):
+@pytest.mark.parametrize("hw,p,rpt,threads,aligned", [((7, 9), 2, 2, 256, False), ((8, 12), 1, 4, 256, True),
+                                                       ((11, 13), 4, 8, 256, False), ((16, 16), 4, 2, 512, True)])
+def test_pointwise_spmm_kernel_matches_conv2d(backend, dtype, hw, p, rpt, threads, aligned):
     g = ConvGeometry(29, 21, *hw)
     assert ((hw[0] * hw[1]) % 4 == 0) == aligned  # vector staging runs only on aligned rows
-    cfg = spmm_config(g, p, rpt, budget=5 * 32 * p)
+    cfg = spmm_config(g, p, rpt, budget=5 * 32 * p, threads=threads)
     assert conv_case(backend, dtype, g, cfg, relu=True) <= TOL[dtype]
     split = with_split(g, cfg, sms=200)
     assert split is not None

@@ -22,6 +22,7 @@ struct Params {
   const int* chunk_ptr;           // [M][nchunks + 1]: where each K chunk starts in row m (row_ptr when 1 chunk)
   const int* row_order;           // [M] rows by length, longest first (row swizzle)
   const float* bias;              // [M] or null
+  const unsigned char* k_used;    // [row blocks][C]: 1 if a row of the block has an entry in K row c (or null)
   const void* x;                  // input activation / dense operand
   void* y;                        // output (float when accumulate)
   long long x_batch, y_batch;     // element strides between images (batch rows for GEMM)

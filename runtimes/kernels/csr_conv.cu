@@ -4,7 +4,7 @@
 //
 // Design (Sputnik's, adapted to batch-1 CNN layers where the dense operand must be reused):
 // * 1-D tiling of the output: a block owns one tile of output pixels (the N dimension) for
-//   ROWS = 8 warps x RPT output rows; one warp ("subwarp" of 32) per output row, lanes across
+//   NT/32 warps x RPT output rows; one warp ("subwarp" of 32) per output row, lanes across
 //   the tile's pixels.
 // * Row swizzle: the block's rows come from `row_order` (longest first), so warps of a block
 //   and blocks launched together carry similar work.
@@ -29,20 +29,20 @@
 
 namespace csr {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-
-template <typename T, int P, bool VEC>
+template <typename T, int P, int NT, bool VEC>
 __device__ __forceinline__ void stage_chunk(const Params& p, const T* __restrict__ x, float* __restrict__ buf, int q,
-                                            int iy0, int ix0) {
+                                            int iy0, int ix0, const unsigned char* __restrict__ k_used) {
+  constexpr int kWarps = NT / 32;
   const int c0 = q * p.chunk_c;
   const int cc = min(p.chunk_c, p.C - c0);
   if (VEC) {
-    // Rows of the dense operand: chunk rows k = c0 .. c0+cc, columns ix0 .. ix0 + 32*P.
+    // Rows of the dense operand: chunk rows k = c0 .. c0+cc, columns ix0 .. ix0 + 32*P. Rows no
+    // row of this block uses are skipped (never read: at 98% sparsity a quarter of B).
     constexpr int kVecPerRow = 8 * P;  // 4 columns per vector
-    for (int i = threadIdx.x; i < cc * kVecPerRow; i += kThreads) {
+    for (int i = threadIdx.x; i < cc * kVecPerRow; i += NT) {
       const int cl = i / kVecPerRow;
       const int v = i - cl * kVecPerRow;
+      if (k_used != nullptr && !k_used[c0 + cl]) continue;
       const int n = ix0 + 4 * v;
       const T* row = x + (long long)(c0 + cl) * p.x_cs;
       float* dst = buf + cl * (32 * P) + 4 * v;
@@ -74,8 +74,11 @@ __device__ __forceinline__ void stage_chunk(const Params& p, const T* __restrict
   }
 }
 
-template <typename T, int P, int RPT, bool VEC>
-__global__ void __launch_bounds__(kThreads) csr_conv(const Params p) {
+// NT threads (8 or 16 warps); the minimum of blocks per SM keeps registers in a budget that
+// lets two or three blocks (their staged chunks double-buffered) share an SM.
+template <typename T, int P, int RPT, int NT, bool VEC>
+__global__ void __launch_bounds__(NT, NT >= 512 ? 1 : 2) csr_conv(const Params p) {
+  constexpr int kWarps = NT / 32;
   constexpr int kRows = kWarps * RPT;
   CSR_DYNAMIC_SMEM(smem);
   const int lane = threadIdx.x & 31;
@@ -92,7 +95,8 @@ __global__ void __launch_bounds__(kThreads) csr_conv(const Params p) {
   const int buf_floats = VEC ? p.chunk_c * 32 * P : p.chunk_c * p.win_h * p.win_w;
 
   // This lane's pixels: strided across the tile for windows (consecutive lanes read
-  // consecutive shared-memory words), P consecutive columns for VEC (one vector read).
+  // consecutive shared-memory words; base = byte offset in a channel's window), P
+  // consecutive columns for VEC (one vector read; base = column in the tile).
   int base[P], oy[P], ox[P];
   bool live[P];
 #pragma unroll
@@ -108,7 +112,7 @@ __global__ void __launch_bounds__(kThreads) csr_conv(const Params p) {
       oy[j] = ty0 + ty;
       ox[j] = tx0 + tx;
       live[j] = pix < p.tile_h * p.tile_w && oy[j] < p.Ho && ox[j] < p.Wo;
-      base[j] = live[j] ? ty * p.sh * p.win_w + tx * p.sw : 0;
+      base[j] = 4 * (live[j] ? ty * p.sh * p.win_w + tx * p.sw : 0);  // bytes: one add per load
     }
   }
   int rows[RPT];
@@ -125,12 +129,13 @@ __global__ void __launch_bounds__(kThreads) csr_conv(const Params p) {
 
   const int iy0 = ty0 * p.sh - p.ph, ix0 = VEC ? tx0 : tx0 * p.sw - p.pw;
   const int nq = q_end - q_begin;
-  if (nq > 0) stage_chunk<T, P, VEC>(p, x, smem, q_begin, iy0, ix0);
+  const unsigned char* k_used = p.k_used != nullptr ? p.k_used + (long long)blockIdx.x * p.C : nullptr;
+  if (nq > 0) stage_chunk<T, P, NT, VEC>(p, x, smem, q_begin, iy0, ix0, k_used);
   stage_commit();
   for (int t = 0; t < nq; ++t) {
     const int q = q_begin + t;
     const float* cur = smem + (t & 1) * buf_floats;
-    if (t + 1 < nq) stage_chunk<T, P, VEC>(p, x, smem + ((t + 1) & 1) * buf_floats, q + 1, iy0, ix0);
+    if (t + 1 < nq) stage_chunk<T, P, NT, VEC>(p, x, smem + ((t + 1) & 1) * buf_floats, q + 1, iy0, ix0, k_used);
     stage_commit();
     stage_wait_all_but_newest();
     __syncthreads();
@@ -152,8 +157,9 @@ __global__ void __launch_bounds__(kThreads) csr_conv(const Params p) {
             for (int j = 0; j < P; ++j) acc[i][j] += v * b[j];
           }
         } else {
+          const char* at = reinterpret_cast<const char*>(cur + o);
 #pragma unroll
-          for (int j = 0; j < P; ++j) acc[i][j] += v * cur[o + base[j]];
+          for (int j = 0; j < P; ++j) acc[i][j] += v * *reinterpret_cast<const float*>(at + base[j]);
         }
       });
     }
