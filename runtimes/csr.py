@@ -119,6 +119,10 @@ def compile_with_backend(model: onnx.ModelProto, device, options=None, state: di
 
 # --- kernel builders ------------------------------------------------------------------------
 
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class _KernelSession:
     """Shared state of one compile with kernels: backend, tuning settings, per-layer decisions."""
 
@@ -136,28 +140,10 @@ class _KernelSession:
         self.saved = dict((state or {}).get("layers", {}))
         self.decisions: dict[str, dict] = {}
 
-    # timing: `inner` calls captured in one CUDA graph, so host launch overhead is excluded
-    # exactly as it is in the engine's whole-network graph
-    def time_us(self, fn, x: torch.Tensor, inner: int = 10) -> float:
-        from ..converter.timing import time_fn
+    def time_us(self, fn, x: torch.Tensor) -> float:
+        from .csr_kernels import time_in_graph_us
 
-        if self.device.type != "cuda":
-            with torch.no_grad():
-                return time_fn(lambda i: fn(x), self.device, reps=max(1, self.reps // 5), warmup=1).median_ms * 1e3
-        with torch.no_grad():
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    fn(x)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(inner):
-                    fn(x)
-            t = time_fn(lambda i: graph.replay(), self.device, reps=self.reps, warmup=2)
-            del graph
-        return t.median_ms * 1e3 / inner
+        return time_in_graph_us(fn, x, self.device, self.reps)
 
     def _choose(self, ctx: NodeContext, density: float, candidates: list, make_plan, run_plan, make_dense, x):
         """Sparse (the fastest candidate config) or dense for one layer.
@@ -170,7 +156,7 @@ class _KernelSession:
 
         def dense(reason: str, us: float | None = None):
             fn, bufs, kernel = make_dense()
-            info.update(format="dense", kernel=kernel, reason=reason)
+            info.update(format="dense", kernel=kernel, reason=reason, dense_bytes=_nbytes(bufs))
             if us is not None:
                 info["time_us"] = round(us, 3)
             return fn, info, bufs, {"format": "dense", "reason": reason}
@@ -192,12 +178,14 @@ class _KernelSession:
             if best is None or (us is not None and us < best[2]):
                 best = (cfg, plan, us)
         cfg, plan, sparse_us = best
+        info["csr_bytes"] = _nbytes(plan.buffers())
         if timed:
             info["candidates"] = timed
         if saved is None and self.decide == "measure":
             dense_fn, dense_bufs, kernel = make_dense()
             dense_us = self.time_us(dense_fn, x)
             info["dense_us"] = round(dense_us, 3)
+            info["dense_bytes"] = _nbytes(dense_bufs)
             if dense_us < sparse_us:
                 info["sparse_us"] = round(sparse_us, 3)
                 del plan, best

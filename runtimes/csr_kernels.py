@@ -276,12 +276,13 @@ def _padded(t: torch.Tensor, dtype: torch.dtype, device, pad: int = 4) -> torch.
 
 
 def _uint16(t: torch.Tensor, device) -> torch.Tensor:
-    """Values in [0, 65535] as a uint16 device tensor, followed by 4 zeros (ROMA padding)."""
+    """Values in [0, 65535] as 16-bit device words (+4 zeros of ROMA padding). Kept in an int16
+    tensor (torch's uint16 is barely supported on CUDA); the kernels read unsigned shorts."""
     import numpy as np
 
     out = np.zeros(t.numel() + 4, dtype=np.uint16)
     out[:t.numel()] = t.cpu().numpy()
-    return torch.from_numpy(out).to(device)
+    return torch.from_numpy(out.view(np.int16)).to(device)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -440,6 +441,45 @@ def gemm_conv_plan_call(plan: ConvPlan, x: torch.Tensor) -> torch.Tensor:
     sx = (0, x.stride(1), 0, x.stride(0))
     sy = lambda y: (0, y.stride(1), 0, y.stride(0))  # noqa: E731
     return plan._run(x, (n, plan.g.m), 1, sx, sy, lambda y: y)
+
+
+def time_in_graph_us(fn, arg, device, reps: int = 15, inner: int = 10) -> float:
+    """Median microseconds of one `fn(arg)`: `inner` calls captured in one CUDA graph and
+    replayed through converter.timing.time_fn, so Python/launch overhead is excluded as it is
+    in an engine's whole-network graph. On CPU: time_fn on plain calls."""
+    from ..converter.timing import time_fn
+
+    device = torch.device(device)
+    with torch.no_grad():
+        if device.type != "cuda":
+            return time_fn(lambda i: fn(arg), device, reps=max(1, reps // 5), warmup=1).median_ms * 1e3
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside capture: kernel loading, cuDNN plans
+            for _ in range(2):
+                fn(arg)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                fn(arg)
+        t = time_fn(lambda i: graph.replay(), device, reps=reps, warmup=2)
+        del graph
+    return t.median_ms * 1e3 / inner
+
+
+def tune(candidates: list[ConvConfig], make_plan, run, arg, device, reps: int = 15) -> tuple:
+    """Time each candidate's plan on `arg`; returns (best config, its plan, its us, [{config, us}])."""
+    best, timed = None, []
+    for cfg in candidates:
+        plan = make_plan(cfg)
+        us = time_in_graph_us(lambda a, p=plan: run(p, a), arg, device, reps)
+        timed.append({"config": cfg.label(), "us": round(us, 3)})
+        if best is None or us < best[2]:
+            best = (cfg, plan, us)
+        else:
+            del plan
+    return best[0], best[1], best[2], timed
 
 
 def expected_floor_us(nnz: int, n: int, dense_bytes: int, sms: int = 132, clock_ghz: float = 1.755,
