@@ -189,16 +189,26 @@ def grid_blocks(g: ConvGeometry, cfg: ConvConfig, batch: int = 1) -> int:
     return -(-g.m // cfg.rows_per_block) * tiles * batch * cfg.nsplit
 
 
-def with_split(g: ConvGeometry, cfg: ConvConfig, sms: int, batch: int = 1) -> ConvConfig | None:
-    """The config split along K so the grid covers about two waves, or None if it does already."""
+def with_split(g: ConvGeometry, cfg: ConvConfig, sms: int, batch: int = 1, min_chunk_k: int = 64) -> ConvConfig | None:
+    """The config split along K so the grid covers about two waves, or None if it does already.
+
+    Chunks shrink (down to `min_chunk_k` K rows, so row segments stay long enough for the
+    vector groups to pay) when there are fewer chunks than splits wanted.
+    """
     blocks = grid_blocks(g, cfg, batch)
-    nchunks = -(-g.c // cfg.chunk_c)
-    if blocks >= sms or nchunks < 2:
+    if blocks >= sms:
         return None
-    want = min(nchunks, -(-2 * sms // blocks))
-    cps = -(-nchunks // want)
+    want = -(-2 * sms // blocks)
+    rs = g.kh * g.kw
+    chunk_c = cfg.chunk_c
+    if -(-g.c // chunk_c) < want:
+        chunk_c = min(chunk_c, max(-(-min_chunk_k // rs), -(-g.c // want)))
+    nchunks = -(-g.c // chunk_c)
+    if nchunks < 2:
+        return None
+    cps = -(-nchunks // min(nchunks, want))
     nsplit = -(-nchunks // cps)
-    return ConvConfig(**{**cfg.to_dict(), "nsplit": nsplit}) if nsplit > 1 else None
+    return ConvConfig(**{**cfg.to_dict(), "chunk_c": chunk_c, "nsplit": nsplit}) if nsplit > 1 else None
 
 
 ROW_SHAPES = ((2, 256), (4, 256), (8, 256), (4, 512), (8, 512))  # (rows per warp, threads)

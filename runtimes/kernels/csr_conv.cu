@@ -29,6 +29,63 @@
 
 namespace csr {
 
+// P consecutive outputs of one row as one vector store (or one vector atomic on sm_90 for
+// split-K); false when the address is not aligned for it (the caller stores scalars).
+template <typename T, int P>
+__device__ __forceinline__ bool store_vector(const Params& p, long long idx, const float (&acc)[P], float b) {
+  if (p.accumulate) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    float* dst = static_cast<float*>(p.y) + idx;
+    if (reinterpret_cast<unsigned long long>(dst) % (4 * P) != 0) return false;
+    if constexpr (P == 4) {
+      atomicAdd(reinterpret_cast<float4*>(dst), make_float4(acc[0] + b, acc[1] + b, acc[2] + b, acc[3] + b));
+      return true;
+    } else if constexpr (P == 2) {
+      atomicAdd(reinterpret_cast<float2*>(dst), make_float2(acc[0] + b, acc[1] + b));
+      return true;
+    }
+#endif
+    return false;
+  }
+  float v[P];
+#pragma unroll
+  for (int j = 0; j < P; ++j) v[j] = p.relu ? fmaxf(acc[j] + b, 0.f) : acc[j] + b;
+  T* dst = static_cast<T*>(p.y) + idx;
+  if (reinterpret_cast<unsigned long long>(dst) % (sizeof(T) * P) != 0) return false;
+  if constexpr (sizeof(T) == 4 && P == 4) {
+    *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+  } else if constexpr (sizeof(T) == 4 && P == 2) {
+    *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
+  } else if constexpr (sizeof(T) == 2 && P == 4) {
+    uint2 w;
+    w.x = (unsigned)__half_as_ushort(__float2half_rn(v[0])) | ((unsigned)__half_as_ushort(__float2half_rn(v[1])) << 16);
+    w.y = (unsigned)__half_as_ushort(__float2half_rn(v[2])) | ((unsigned)__half_as_ushort(__float2half_rn(v[3])) << 16);
+    *reinterpret_cast<uint2*>(dst) = w;
+  } else if constexpr (sizeof(T) == 2 && P == 2) {
+    *reinterpret_cast<unsigned*>(dst) =
+        (unsigned)__half_as_ushort(__float2half_rn(v[0])) | ((unsigned)__half_as_ushort(__float2half_rn(v[1])) << 16);
+  } else {
+    return false;
+  }
+  return true;
+}
+
+// Output pixel j of a lane: strided across the tile for windows (pixel lane + 32j of the
+// tile, row-major), P consecutive columns for VEC. False if it lies outside the tile/image.
+template <bool VEC, int P>
+__device__ __forceinline__ bool pixel_of(const Params& p, int lane, int j, int ty0, int tx0, int& oy, int& ox) {
+  if (VEC) {
+    oy = 0;
+    ox = tx0 + lane * P + j;
+    return ox < p.Wo;
+  }
+  const int pix = lane + 32 * j;
+  const int ty = pix / p.tile_w, tx = pix - ty * p.tile_w;
+  oy = ty0 + ty;
+  ox = tx0 + tx;
+  return pix < p.tile_h * p.tile_w && oy < p.Ho && ox < p.Wo;
+}
+
 template <typename T, int P, int NT, bool VEC>
 __device__ __forceinline__ void stage_chunk(const Params& p, const T* __restrict__ x, float* __restrict__ buf, int q,
                                             int iy0, int ix0, const unsigned char* __restrict__ k_used) {
@@ -74,10 +131,11 @@ __device__ __forceinline__ void stage_chunk(const Params& p, const T* __restrict
   }
 }
 
-// NT threads (8 or 16 warps); the minimum of blocks per SM keeps registers in a budget that
-// lets two or three blocks (their staged chunks double-buffered) share an SM.
+// NT threads (8 or 16 warps). The minimum of blocks per SM caps registers so that three
+// 256-thread blocks share an SM (the shared-memory budget allows three) unless the
+// accumulators (RPT x P) are many enough that the cap would spill; then two.
 template <typename T, int P, int RPT, int NT, bool VEC>
-__global__ void __launch_bounds__(NT, NT >= 512 ? 1 : 2) csr_conv(const Params p) {
+__global__ void __launch_bounds__(NT, NT >= 512 ? 1 : (P * RPT >= 16 ? 2 : 3)) csr_conv(const Params p) {
   constexpr int kWarps = NT / 32;
   constexpr int kRows = kWarps * RPT;
   CSR_DYNAMIC_SMEM(smem);
@@ -97,22 +155,17 @@ __global__ void __launch_bounds__(NT, NT >= 512 ? 1 : 2) csr_conv(const Params p
   // This lane's pixels: strided across the tile for windows (consecutive lanes read
   // consecutive shared-memory words; base = byte offset in a channel's window), P
   // consecutive columns for VEC (one vector read; base = column in the tile).
-  int base[P], oy[P], ox[P];
-  bool live[P];
+  // (Output coordinates are recomputed in the epilogue: fewer registers live in the main loop.)
+  int base[P];
 #pragma unroll
   for (int j = 0; j < P; ++j) {
     if (VEC) {
       base[j] = lane * P + j;
-      oy[j] = 0;
-      ox[j] = tx0 + base[j];
-      live[j] = ox[j] < p.Wo;
     } else {
-      const int pix = lane + 32 * j;
-      const int ty = pix / p.tile_w, tx = pix - ty * p.tile_w;
-      oy[j] = ty0 + ty;
-      ox[j] = tx0 + tx;
-      live[j] = pix < p.tile_h * p.tile_w && oy[j] < p.Ho && ox[j] < p.Wo;
-      base[j] = 4 * (live[j] ? ty * p.sh * p.win_w + tx * p.sw : 0);  // bytes: one add per load
+      int oy, ox;
+      const bool live = pixel_of<VEC, P>(p, lane, j, ty0, tx0, oy, ox);
+      const int ty = oy - ty0, tx = ox - tx0;
+      base[j] = 4 * (live ? ty * p.sh * p.win_w + tx * p.sw : 0);  // bytes: one add per load
     }
   }
   int rows[RPT];
@@ -130,11 +183,24 @@ __global__ void __launch_bounds__(NT, NT >= 512 ? 1 : 2) csr_conv(const Params p
   const int iy0 = ty0 * p.sh - p.ph, ix0 = VEC ? tx0 : tx0 * p.sw - p.pw;
   const int nq = q_end - q_begin;
   const unsigned char* k_used = p.k_used != nullptr ? p.k_used + (long long)blockIdx.x * p.C : nullptr;
+  // Each row's segment bounds for the current chunk; the next chunk's end is loaded one chunk
+  // ahead so its latency hides behind the current chunk's work.
+  int seg_begin[RPT], seg_end[RPT];
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    const int* cp = p.chunk_ptr + (long long)(rows[i] < 0 ? 0 : rows[i]) * (p.nchunks + 1);
+    seg_begin[i] = (rows[i] >= 0 && nq > 0) ? cp[q_begin] : 0;
+    seg_end[i] = (rows[i] >= 0 && nq > 0) ? cp[q_begin + 1] : 0;
+  }
   if (nq > 0) stage_chunk<T, P, NT, VEC>(p, x, smem, q_begin, iy0, ix0, k_used);
   stage_commit();
   for (int t = 0; t < nq; ++t) {
     const int q = q_begin + t;
     const float* cur = smem + (t & 1) * buf_floats;
+    int seg_next[RPT];
+#pragma unroll
+    for (int i = 0; i < RPT; ++i)
+      seg_next[i] = (rows[i] >= 0 && t + 1 < nq) ? p.chunk_ptr[(long long)rows[i] * (p.nchunks + 1) + q + 2] : 0;
     if (t + 1 < nq) stage_chunk<T, P, NT, VEC>(p, x, smem + ((t + 1) & 1) * buf_floats, q + 1, iy0, ix0, k_used);
     stage_commit();
     stage_wait_all_but_newest();
@@ -142,8 +208,7 @@ __global__ void __launch_bounds__(NT, NT >= 512 ? 1 : 2) csr_conv(const Params p
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
       if (rows[i] < 0) continue;
-      const int* cp = p.chunk_ptr + (long long)rows[i] * (p.nchunks + 1);
-      roma_segment(values, p.offsets, cp[q], cp[q + 1], [&](float v, int o) {
+      roma_segment(values, p.offsets, seg_begin[i], seg_end[i], [&](float v, int o) {
         if (VEC) {
           const float* b = cur + o + lane * P;
           if constexpr (P == 4) {
@@ -164,14 +229,30 @@ __global__ void __launch_bounds__(NT, NT >= 512 ? 1 : 2) csr_conv(const Params p
       });
     }
     __syncthreads();  // the buffer just read is staged into two iterations from now
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      seg_begin[i] = seg_end[i];
+      seg_end[i] = seg_next[i];
+    }
   }
 
   // Epilogue: bias (+ ReLU) and the store, or fp32 atomic accumulation across K splits.
+  int oy[P], ox[P];
+  bool live[P];
+#pragma unroll
+  for (int j = 0; j < P; ++j) live[j] = pixel_of<VEC, P>(p, lane, j, ty0, tx0, oy[j], ox[j]);
 #pragma unroll
   for (int i = 0; i < RPT; ++i) {
     if (rows[i] < 0) continue;
     const int row = rows[i];
     const float b = (p.bias != nullptr && (!p.accumulate || split == 0)) ? p.bias[row] : 0.f;
+    if (VEC && P > 1 && p.y_ws == 1) {  // this lane's P consecutive outputs as one vector, when aligned
+      const long long idx = img * p.y_batch + (long long)row * p.y_cs + ox[0];
+      bool all_live = true;
+#pragma unroll
+      for (int j = 0; j < P; ++j) all_live = all_live && live[j];
+      if (all_live && store_vector<T, P>(p, idx, acc[i], b)) continue;
+    }
 #pragma unroll
     for (int j = 0; j < P; ++j) {
       if (!live[j]) continue;

@@ -27,6 +27,7 @@ __global__ void __launch_bounds__(256) csr_spmv(const Params p) {
 #pragma unroll
   for (int b = 0; b < NB; ++b) acc[b] = 0.f;
 
+#pragma unroll 2
   for (int q = (begin & ~3) + 4 * lane; q < end; q += 128) {
     float v[4];
     int k[4];
