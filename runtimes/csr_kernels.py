@@ -353,7 +353,8 @@ class ConvPlan:
         p.win_h, p.win_w, p.chunk_c, p.nchunks = self.win_h, self.win_w, cfg.chunk_c, self.nchunks
         p.chunks_per_split, p.nsplit, p.batch = self.cps, cfg.nsplit, n
         p.relu, p.accumulate = int(self.relu), int(accumulate)
-        p.vec_stage = int(cfg.vec and p.x_ws == 1 and p.x_cs % 4 == 0 and x.data_ptr() % 16 == 0)
+        p.vec_stage = int(cfg.vec and p.x_ws == 1 and p.x_cs % 4 == 0 and (n == 1 or p.x_batch % 4 == 0)
+                          and x.data_ptr() % 16 == 0)
         return p
 
     def _launch(self, x, y, n, sx, sy, accumulate: bool) -> None:

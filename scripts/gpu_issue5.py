@@ -224,6 +224,9 @@ def part_sweep(run: Run, conv_view: bool) -> dict:
                 row["csr_us"] = time_in_graph_us(method, b, dev)
                 row["csr_config"], row["csr_candidates"] = tuned["config"], tuned["candidates"]
                 row["speedup_vs_cublas"] = row["cublas_us"] / row["csr_us"]
+                row["csr_useful_tflops"] = 2 * nnz * n / row["csr_us"] / 1e6
+                row["cublas_tflops"] = 2 * m * k * n / row["cublas_us"] / 1e6
+                row["floor_fraction"] = row["floor_us"] / row["csr_us"]
                 if (m, k, n) in SPUTNIK and s in SPARSITIES:
                     row["sputnik_vs_cublas"] = SPUTNIK[(m, k, n)][SPARSITIES.index(s)]
                 if conv_view and k % 9 == 0 and int(round(math.sqrt(n))) ** 2 == n:
@@ -268,12 +271,16 @@ def _geomean(xs):
 def _sweep_line(r: dict) -> str:
     if "error" in r:
         return f"  ({r['M']},{r['K']},{r['N']}) s={r['sparsity']}: ERROR {r['error']}"
-    line = (f"  ({r['M']},{r['K']},{r['N']}) s={r['sparsity']}: cuBLAS {r['cublas_us']:.1f}us  csr {r['csr_us']:.1f}us "
-            f"(floor {r['floor_us']:.1f})  x{r['speedup_vs_cublas']:.2f} [sputnik x{r.get('sputnik_vs_cublas', float('nan')):.2f}] "
-            f"err {r['csr_err']:.1e}  {r['csr_config']}")
+    line = (f"  ({r['M']},{r['K']},{r['N']}) s={r['sparsity']}: cuBLAS {r['cublas_us']:.1f}us ({r['cublas_tflops']:.1f} TF/s)  "
+            f"csr {r['csr_us']:.1f}us (floor {r['floor_us']:.1f}, {r['csr_useful_tflops']:.1f} useful TF/s)  "
+            f"x{r['speedup_vs_cublas']:.2f} [sputnik x{r.get('sputnik_vs_cublas', float('nan')):.2f}] "
+            f"err {r['csr_err']:.1e}  {r['csr_config']}\n      candidates: "
+            + ", ".join(f"{c['config']}={c['us']:.1f}" for c in r["csr_candidates"]))
     if "csr_conv_us" in r:
-        line += (f"\n      conv: cuDNN {r['cudnn_us']:.1f}us ({r['cudnn_layout']})  csr {r['csr_conv_us']:.1f}us "
-                 f"x{r['conv_speedup_vs_cudnn']:.2f} err {r['conv_err']:.1e}  {r['csr_conv_config']}")
+        line += (f"\n      conv: cuDNN {r['cudnn_us']:.1f}us ({r['cudnn_layout']}; nchw {r['cudnn_nchw_us']:.1f})  "
+                 f"csr {r['csr_conv_us']:.1f}us x{r['conv_speedup_vs_cudnn']:.2f} err {r['conv_err']:.1e}  "
+                 f"{r['csr_conv_config']}\n      candidates: "
+                 + ", ".join(f"{c['config']}={c['us']:.1f}" for c in r["csr_conv_candidates"]))
     return line
 
 
