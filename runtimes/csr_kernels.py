@@ -226,6 +226,8 @@ def candidate_configs(g: ConvGeometry, sms: int = 132, batch: int = 1) -> list[C
         ps = [p for p in (4, 2, 1) if 32 * p <= max(32, 2 * n)][:2] or [1]
         shapes = [(r, t) for r, t in ROW_SHAPES if t // 32 * r <= max(32, g.m) and r >= 4]
         base = [spmm_config(g, p, r, threads=t) for p in ps for r, t in shapes]
+        if ps[0] == 4 and g.c > STAGE_FLOATS // 128:  # long K: twice the chunk (longer row segments), 1 block an SM
+            base.append(spmm_config(g, 4, 4, threads=512, budget=2 * STAGE_FLOATS))
     else:
         shapes = [(r, t) for r, t in ROW_SHAPES if t // 32 * r <= max(16, g.m) and r <= 4]
         base = [window_config(g, p, r, threads=t) for p in (4, 2) for r, t in shapes]
