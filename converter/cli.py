@@ -13,6 +13,8 @@ VERBS = [
     "sparsecnn.converter.cmd_run",
     "sparsecnn.converter.cmd_inspect",
     "sparsecnn.converter.cmd_doctor",
+    "sparsecnn.converter.cmd_train",
+    "sparsecnn.converter.cmd_compare",
 ]
 
 DESCRIPTION = """\
