@@ -16,7 +16,6 @@ import onnx
 import torch
 
 from ..models.registry import InputSpec
-from ..passes.inspect import layer_table
 from .data import ImageData
 
 
@@ -123,22 +122,32 @@ def model_sizes(model: onnx.ModelProto, form: str) -> dict:
     `form`: 'dense' (the file as is), 'csr' (prunable layers as CSR) or '2:4' (prunable
     layers that satisfy 2:4 in compressed 2:4 form). Everything else stays as in the file.
     """
+    import numpy as np
+
+    from ..passes.graph import initializer_map, weight_nodes
+    from ..passes.masks import is_2to4
+    from ..passes.prune import prunable_weights
+
     onnx_bytes = model.ByteSize()
-    rows = layer_table(model)
-    compressed = onnx_bytes
-    converted = 0
-    for r in rows:
-        if not r.prunable:
+    inits = initializer_map(model)
+    prunable = {w for _, w, _ in prunable_weights(model)}
+    compressed, converted = onnx_bytes, 0
+    weights = nonzeros = pr_params = pr_nonzeros = 0
+    for _, name, axis in weight_nodes(model):
+        arr = onnx.numpy_helper.to_array(inits[name])
+        nnz = int(np.count_nonzero(arr))
+        weights += arr.size
+        nonzeros += nnz
+        if name not in prunable:
             continue
+        pr_params += arr.size
+        pr_nonzeros += nnz
         if form == "csr":
-            compressed += csr_bytes(r.shape[0], r.nonzeros, r.dense_bytes // max(1, r.params)) - r.dense_bytes
+            compressed += csr_bytes(arr.shape[0], nnz, arr.itemsize) - arr.nbytes
             converted += 1
-        elif form == "2:4" and r.two_four:
-            compressed += two_four_bytes(r.params, r.dense_bytes // max(1, r.params)) - r.dense_bytes
+        elif form == "2:4" and arr.shape[axis] % 4 == 0 and is_2to4(torch.from_numpy(np.array(arr)), axis):
+            compressed += two_four_bytes(arr.size, arr.itemsize) - arr.nbytes
             converted += 1
-    weights = sum(r.params for r in rows)
-    nonzeros = sum(r.nonzeros for r in rows)
-    prunable = [r for r in rows if r.prunable]
     return {"onnx_bytes": onnx_bytes, "compressed_bytes": compressed, "compressed_form": form,
             "layers_compressed": converted, "weights": weights, "nonzero_weights": nonzeros,
-            "prunable_sparsity": 1.0 - sum(r.nonzeros for r in prunable) / max(1, sum(r.params for r in prunable))}
+            "prunable_sparsity": 1.0 - pr_nonzeros / max(1, pr_params)}

@@ -344,7 +344,7 @@ def _compare_method(method: Method, subject: Subject, ev: _Evaluator, dense_weig
             names = list(masks)
             variant = "fine-tuned"
         else:
-            gradual = GradualPruning(method.amount, end_epoch=max(1.0, plan.prune_fraction * cfg.epochs),
+            gradual = GradualPruning(method.amount, end_epoch=plan.prune_fraction * cfg.epochs,
                                      scope=plan.scope, exclude=subject.exclude)
             from ..passes.masks import module_weights
 

@@ -121,7 +121,7 @@ def fold_batchnorm_into(trained: nn.Module, target: nn.Module) -> None:
                 raise RuntimeError(f"cannot fold {sn} {tuple(s.weight.shape)} into {dn} {tuple(d.weight.shape)}")
             w = s.weight.detach().double()
             b = s.bias.detach().double() if s.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-            bn = mods.get(pairs.get(sn, ""))
+            bn = mods[pairs[sn]] if sn in pairs else None
             if bn is not None:
                 scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
                 w = w * scale.view(-1, *([1] * (w.dim() - 1)))

@@ -188,11 +188,23 @@ def prepare(x: torch.Tensor, spec: InputSpec, channels_last: bool = False) -> to
         else:
             raise UserError(f"images have {y.shape[1]} channels; the model wants {spec.channels}")
     if spec.mean is not None:
-        mean = torch.tensor(spec.mean, device=y.device).view(1, -1, 1, 1)
-        std = torch.tensor(spec.std, device=y.device).view(1, -1, 1, 1)
+        mean, std = _normalisers(tuple(spec.mean), tuple(spec.std), y.device)
         y = (y - mean) / std
     y = y.contiguous(memory_format=torch.channels_last) if channels_last else y.contiguous()
     return y
+
+
+_NORMALISERS: dict = {}
+
+
+def _normalisers(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as [1, C, 1, 1] tensors on `device`, made once: a fresh host-to-GPU copy per
+    batch would make the host wait for the GPU every step."""
+    key = (mean, std, str(device))
+    if key not in _NORMALISERS:
+        _NORMALISERS[key] = (torch.tensor(mean, device=device).view(1, -1, 1, 1),
+                             torch.tensor(std, device=device).view(1, -1, 1, 1))
+    return _NORMALISERS[key]
 
 
 class FolderImages(ImageData):

@@ -177,7 +177,8 @@ def folded_magnitudes(module: torch.nn.Module, names, pairs: dict[str, str] | No
     out = {}
     for name in names:
         w = params[name].detach().abs().float()
-        bn = mods.get(pairs.get(name.removesuffix(".weight"), ""))
+        bn_name = pairs.get(name.removesuffix(".weight"))
+        bn = mods.get(bn_name) if bn_name else None
         if bn is not None and bn.running_var is not None:
             gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(bn.running_var)
             scale = (gamma / torch.sqrt(bn.running_var.float() + bn.eps)).abs()
