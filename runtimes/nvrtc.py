@@ -105,13 +105,18 @@ def compile_cubin(source: str, arch: str, name: str = "kernel.cu", options: tupl
         bopts = [o.encode() for o in opts]
         err = nvrtc.nvrtcCompileProgram(prog, len(bopts), bopts)[0]
         size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * size
-        nvrtc.nvrtcGetProgramLog(prog, log)
+        # NVRTC writes into the buffers it is given: they must be mutable. (`b" " * size`,
+        # as NVIDIA's samples write it, is CPython's shared one-byte object when the log is
+        # empty, and overwriting it corrupted unrelated code, torch.load among it.)
+        log_buf = bytearray(size)
+        nvrtc.nvrtcGetProgramLog(prog, log_buf)
+        log = bytes(log_buf).rstrip(b"\0")
         if int(err) != 0:
             raise KernelCompileError(f"NVRTC could not compile {name} for {arch}:\n{log.decode(errors='replace')}")
         size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-        cubin = b" " * size
-        _check((nvrtc.nvrtcGetCUBIN(prog, cubin)[0], None), "nvrtcGetCUBIN")
+        cubin_buf = bytearray(size)
+        _check((nvrtc.nvrtcGetCUBIN(prog, cubin_buf)[0], None), "nvrtcGetCUBIN")
+        cubin = bytes(cubin_buf)
         lowered = {}
         for expr in name_expressions:
             mangled = _check(nvrtc.nvrtcGetLoweredName(prog, expr.encode()), "nvrtcGetLoweredName")
