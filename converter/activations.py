@@ -92,6 +92,7 @@ def conv_input_sparsity(model: onnx.ModelProto, images: torch.Tensor, device: st
         x = args[0]
         zeros = (x == 0).reshape(x.shape[0], -1).float().mean(dim=1).tolist()
         row = per_layer.setdefault(step.name, {"node": step.name, "op": step.op_type, "input": step.inputs[0],
+                                               "weight": step.inputs[1] if len(step.inputs) > 1 else "",
                                                "input_shape": list(x.shape[1:]), "per_image": []})
         row["per_image"].extend(zeros)
 

@@ -67,10 +67,12 @@ def rewrite(model: onnx.ModelProto, options: dict | None = None) -> onnx.ModelPr
 @dataclass(frozen=True)
 class Variant:
     """A template instantiation: VEC output channels per lane (CT = 32*VEC per block), PPW
-    conv positions per warp (RMAX = PPW*WARPS per block)."""
+    conv positions per warp (RMAX = PPW*WARPS per block), GROUP positions whose compressed
+    rows a warp walks together (1, or 4: the union, each weight row read once for four)."""
 
     vec: int
     ppw: int
+    group: int = 1
     warps: int = 8
 
     @property
@@ -86,10 +88,17 @@ class Variant:
         return 32 * self.warps
 
     def expr(self, half: bool) -> str:
-        return f"ecr_conv_pool<{'__half' if half else 'float'}, {self.vec}, {self.ppw}, {self.warps}>"
+        return f"ecr_conv_pool<{'__half' if half else 'float'}, {self.vec}, {self.ppw}, {self.warps}, {self.group}>"
+
+    def smem_floats(self, kc: int, patch: int) -> int:
+        main = 2 * kc * self.ct + patch + kc + self.rmax
+        if self.group == 4:
+            main = ((main + 3) & ~3) + self.warps * 32 * 4
+        return max(main, self.ct * (self.rmax + 1))
 
 
-VARIANTS = (Variant(4, 8), Variant(4, 4), Variant(4, 16), Variant(2, 8), Variant(2, 16))
+VARIANTS = (Variant(4, 8), Variant(4, 4), Variant(2, 8),
+            Variant(4, 8, 4), Variant(4, 4, 4), Variant(4, 16, 4), Variant(2, 8, 4), Variant(2, 16, 4))
 KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
 SPLIT_SCALES = (1.0, 2.0)    # x the split count that gives ~2 blocks per SM
 MAX_CC = 64                  # largest channel chunk; the transposed weight is padded for it
@@ -104,7 +113,7 @@ class Candidate:
     @property
     def name(self) -> str:
         v = self.variant
-        return f"ecr{v.vec * 32}x{v.rmax}-k{self.kc_target}-s{self.split_scale:g}"
+        return f"ecr{v.vec * 32}x{v.rmax}{'u' if v.group == 4 else ''}-k{self.kc_target}-s{self.split_scale:g}"
 
 
 CANDIDATES = tuple(Candidate(v, k, s) for v in VARIANTS for k in KC_TARGETS for s in SPLIT_SCALES)
@@ -176,7 +185,7 @@ def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout:
     khw = g.kh * g.kw
     cc = max(1, min(g.cin, MAX_CC, round(cand.kc_target / khw)))
     kc = cc * khw
-    smem = 4 * max(2 * kc * v.ct + cc * patch_h * patch_w + kc + v.rmax, v.ct * (v.rmax + 1))
+    smem = 4 * v.smem_floats(kc, cc * patch_h * patch_w)
     if smem > max_smem:
         return None
     tiles_y, tiles_x = -(-qh // tqy), -(-qw // tqx)

@@ -88,9 +88,21 @@ template <int VEC> __device__ __forceinline__ void store_vec_cg(float* p, const 
 }
 
 // Shared memory (floats): W chunk buffers 2 x [kc][CT], patch [cc][patch_h][patch_w], entry
-// offsets [kc] and window bases [RMAX] (ints); the epilogue reuses the front as a
-// [CT][RMAX+1] staging tile.
-template <typename T, int VEC, int PPW, int WARPS>
+// offsets [kc] and window bases [RMAX] (ints), then (GROUP = 4, 16-byte aligned) WARPS x 32
+// float4 segment buffers; the epilogue reuses the front as a [CT][RMAX+1] staging tile.
+// The conv position (index in the tile's region) of slot s of a warp. GROUP = 1: slots of a
+// warp are WARPS positions apart; GROUP = 4: four consecutive positions form a group.
+template <int WARPS, int GROUP>
+__device__ __forceinline__ int slot_pos(int s, int warp) {
+  return GROUP == 1 ? s * WARPS + warp : ((s / GROUP) * WARPS + warp) * GROUP + (s % GROUP);
+}
+
+// GROUP = 1: a warp applies the filters to one position's compressed row at a time.
+// GROUP = 4: a warp walks the union of the compressed rows of four positions: each weight
+// row read from shared memory then serves all four (the entries of the positions where that
+// input is zero multiply a zero), which cuts shared-memory traffic per useful multiply when
+// the rows overlap, i.e. at moderate sparsity.
+template <typename T, int VEC, int PPW, int WARPS, int GROUP>
 __global__ void __launch_bounds__(WARPS * 32)
 ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,
               T* __restrict__ y, float* __restrict__ ws, int* __restrict__ tickets, const EcrParams p) {
@@ -98,6 +110,7 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
   constexpr int RMAX = PPW * WARPS;
   constexpr int THREADS = WARPS * 32;
   constexpr unsigned FULL = 0xffffffffu;
+  static_assert(GROUP == 1 || (GROUP == 4 && PPW % 4 == 0), "GROUP is 1 or 4 (and divides PPW)");
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   __shared__ int s_last;
@@ -131,15 +144,17 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
 
   // conv position r of the tile starts its window at patch offset bases[r]
   int* bases = offs + kc;
+  // GROUP = 4: per warp, the 32 entries of a segment for the group's four positions
+  float4* ubufs = reinterpret_cast<float4*>(smem + ((2 * kc * CT + patch_size + kc + RMAX + 3) & ~3));
   for (int r = tid; r < RMAX; r += THREADS) {
     const int ry = r / p.crx, rx = r - ry * p.crx;
     bases[r] = ry * p.sh * p.patch_w + rx * p.sw;
   }
-  // the conv positions this warp owns: r = s*WARPS + warp
+  // the conv positions this warp owns
   unsigned valid = 0;
 #pragma unroll
   for (int s = 0; s < PPW; ++s) {
-    const int r = s * WARPS + warp;
+    const int r = slot_pos<WARPS, GROUP>(s, warp);
     const int ry = r / p.crx, rx = r - ry * p.crx;
     const int cy = ry0 + ry, cx = rx0 + rx;
     if (r < R && cy >= 0 && cy < p.oh && cx >= 0 && cx < p.ow) valid |= 1u << s;
@@ -179,32 +194,92 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
     cp_async_wait<1>();  // this chunk's weights have landed (the next chunk's may still fly)
     __syncthreads();
     const float* wc = stage ? wbuf1 : wbuf0;
+    if (GROUP == 1) {
 #pragma unroll
-    for (int s = 0; s < PPW; ++s) {
-      if (!((valid >> s) & 1u)) continue;  // warp-uniform
-      const float* pb = patch + bases[s * WARPS + warp];
-      for (int e0 = 0; e0 < kc; e0 += 32) {
-        const int e = e0 + lane;
-        const float v = e < kc ? pb[offs[e]] : 0.f;
-        unsigned m = __ballot_sync(FULL, v != 0.f);  // the compressed row of these 32 entries
-        const float* wrow = wc + e0 * CT + lane * VEC;
-        while (m) {
-          const int s0 = __ffs(m) - 1;
-          m &= m - 1;
-          const float a0 = __shfl_sync(FULL, v, s0);
-          Row<VEC> w0;
-          w0.load(wrow + s0 * CT);
-          if (m) {
-            const int s1 = __ffs(m) - 1;
+      for (int s = 0; s < PPW; ++s) {
+        if (!((valid >> s) & 1u)) continue;  // warp-uniform
+        const float* pb = patch + bases[slot_pos<WARPS, GROUP>(s, warp)];
+        for (int e0 = 0; e0 < kc; e0 += 32) {
+          const int e = e0 + lane;
+          const float v = e < kc ? pb[offs[e]] : 0.f;
+          unsigned m = __ballot_sync(FULL, v != 0.f);  // the compressed row of these 32 entries
+          const float* wrow = wc + e0 * CT + lane * VEC;
+          while (m) {
+            const int s0 = __ffs(m) - 1;
             m &= m - 1;
-            const float a1 = __shfl_sync(FULL, v, s1);
-            Row<VEC> w1;
-            w1.load(wrow + s1 * CT);
+            const float a0 = __shfl_sync(FULL, v, s0);
+            Row<VEC> w0;
+            w0.load(wrow + s0 * CT);
+            if (m) {
+              const int s1 = __ffs(m) - 1;
+              m &= m - 1;
+              const float a1 = __shfl_sync(FULL, v, s1);
+              Row<VEC> w1;
+              w1.load(wrow + s1 * CT);
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) acc[s][j] = fmaf(a1, w1.v[j], fmaf(a0, w0.v[j], acc[s][j]));
-          } else {
+              for (int j = 0; j < VEC; ++j) acc[s][j] = fmaf(a1, w1.v[j], fmaf(a0, w0.v[j], acc[s][j]));
+            } else {
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) acc[s][j] = fmaf(a0, w0.v[j], acc[s][j]);
+              for (int j = 0; j < VEC; ++j) acc[s][j] = fmaf(a0, w0.v[j], acc[s][j]);
+            }
+          }
+        }
+      }
+    } else {
+      float4* ubuf = ubufs + warp * 32;
+#pragma unroll
+      for (int g = 0; g < PPW / 4; ++g) {
+        const unsigned gv = (valid >> (4 * g)) & 0xfu;
+        if (!gv) continue;  // warp-uniform
+        const float* pb0 = patch + bases[slot_pos<WARPS, GROUP>(4 * g + 0, warp)];
+        const float* pb1 = patch + bases[slot_pos<WARPS, GROUP>(4 * g + 1, warp)];
+        const float* pb2 = patch + bases[slot_pos<WARPS, GROUP>(4 * g + 2, warp)];
+        const float* pb3 = patch + bases[slot_pos<WARPS, GROUP>(4 * g + 3, warp)];
+        for (int e0 = 0; e0 < kc; e0 += 32) {
+          const int e = e0 + lane;
+          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (e < kc) {
+            const int o = offs[e];
+            if (gv & 1u) v.x = pb0[o];
+            if (gv & 2u) v.y = pb1[o];
+            if (gv & 4u) v.z = pb2[o];
+            if (gv & 8u) v.w = pb3[o];
+          }
+          const bool nz = v.x != 0.f || v.y != 0.f || v.z != 0.f || v.w != 0.f;
+          unsigned m = __ballot_sync(FULL, nz);  // the union of the four compressed rows
+          if (!m) continue;
+          __syncwarp();  // the previous segment's reads of ubuf are done
+          if (nz) ubuf[lane] = v;
+          __syncwarp();
+          const float* wrow = wc + e0 * CT + lane * VEC;
+          while (m) {
+            const int s0 = __ffs(m) - 1;
+            m &= m - 1;
+            const float4 a0 = ubuf[s0];
+            Row<VEC> w0;
+            w0.load(wrow + s0 * CT);
+            if (m) {
+              const int s1 = __ffs(m) - 1;
+              m &= m - 1;
+              const float4 a1 = ubuf[s1];
+              Row<VEC> w1;
+              w1.load(wrow + s1 * CT);
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) {
+                acc[4 * g + 0][j] = fmaf(a1.x, w1.v[j], fmaf(a0.x, w0.v[j], acc[4 * g + 0][j]));
+                acc[4 * g + 1][j] = fmaf(a1.y, w1.v[j], fmaf(a0.y, w0.v[j], acc[4 * g + 1][j]));
+                acc[4 * g + 2][j] = fmaf(a1.z, w1.v[j], fmaf(a0.z, w0.v[j], acc[4 * g + 2][j]));
+                acc[4 * g + 3][j] = fmaf(a1.w, w1.v[j], fmaf(a0.w, w0.v[j], acc[4 * g + 3][j]));
+              }
+            } else {
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) {
+                acc[4 * g + 0][j] = fmaf(a0.x, w0.v[j], acc[4 * g + 0][j]);
+                acc[4 * g + 1][j] = fmaf(a0.y, w0.v[j], acc[4 * g + 1][j]);
+                acc[4 * g + 2][j] = fmaf(a0.z, w0.v[j], acc[4 * g + 2][j]);
+                acc[4 * g + 3][j] = fmaf(a0.w, w0.v[j], acc[4 * g + 3][j]);
+              }
+            }
           }
         }
       }
@@ -219,7 +294,7 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
     float* slot = ws + (static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y) * (RMAX * CT);
 #pragma unroll
     for (int s = 0; s < PPW; ++s)
-      if ((valid >> s) & 1u) red_add_vec<VEC>(slot + (s * WARPS + warp) * CT + lane * VEC, acc[s]);
+      if ((valid >> s) & 1u) red_add_vec<VEC>(slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC, acc[s]);
     __threadfence();
     __syncthreads();
     int* ticket = tickets + blockIdx.x * gridDim.y + blockIdx.y;
@@ -230,7 +305,7 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
 #pragma unroll
     for (int s = 0; s < PPW; ++s) {
       if (!((valid >> s) & 1u)) continue;
-      float* q = slot + (s * WARPS + warp) * CT + lane * VEC;
+      float* q = slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC;
       load_vec_cg<VEC>(acc[s], q);
       const float zero[VEC] = {};
       store_vec_cg<VEC>(q, zero);
@@ -247,7 +322,7 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
 #pragma unroll
   for (int s = 0; s < PPW; ++s) {
     if (!((valid >> s) & 1u)) continue;
-    const int r = s * WARPS + warp;
+    const int r = slot_pos<WARPS, GROUP>(s, warp);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       float v = acc[s][j] + b[j];
