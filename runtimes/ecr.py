@@ -332,28 +332,19 @@ def dense_conv_fn(ctx: NodeContext, attrs: dict, pool: PoolGeometry | None, relu
     return run, conv_ctx.info.get("kernel", "torch.conv")
 
 
-class EcrOp:
-    """One EcrConv / EcrConvPool layer on CUDA: kernel variants and the dense path, one chosen."""
+class EcrLayer:
+    """One conv (+ max-pool) layer's kernels: packed weights, per-shape plans, launches."""
 
-    def __init__(self, ctx: NodeContext, scratch: Scratch, mode: str = "auto", reps: int = 30, tf32: bool = False):
-        self.ctx = ctx
-        self.name = ctx.name
-        self.attrs = dict(ctx.attrs)
-        self.pool = pool_geometry(self.attrs) if ctx.node.op_type == ECR_CONV_POOL else None
-        self.relu = self.pool is not None or bool(self.attrs.get("relu", 1))
-        w, b = ctx.const(1), ctx.const(2)
-        if w is None or (len(ctx.node.input) > 2 and ctx.node.input[2] and b is None):
-            raise NotImplementedError("the weight and bias must be constants")
-        self.cout, self.cin = int(w.shape[0]), int(w.shape[1])
-        self.wt, self.bias = pack_weights(w, b)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, attrs: dict, pool: PoolGeometry | None,
+                 relu: bool, scratch: Scratch):
+        self.attrs = dict(attrs)
+        self.pool = pool
+        self.relu = pool is not None or relu
+        self.cout, self.cin = int(weight.shape[0]), int(weight.shape[1])
+        self.wt, self.bias = pack_weights(weight, bias)
         self.scratch = scratch
-        self.kernels = KernelSet.get(ctx.device)
-        self.dense, dense_kernel = dense_conv_fn(ctx, self.attrs, self.pool, self.relu)
-        self.dense_kernel = dense_kernel + (" + relu" if self.relu else "") + (" + maxpool" if self.pool else "")
-        self.mode, self.reps, self.tf32 = mode, reps, tf32
-        self.choice = "dense" if mode == "dense" else None
+        self.kernels = KernelSet.get(weight.device)
         self._plans: dict[tuple, Plan | None] = {}
-        ctx.info.update(format="pecr" if self.pool else "ecr", buffers=[self.wt, self.bias])
 
     def geometry(self, x: torch.Tensor) -> ConvGeometry:
         return conv_geometry(self.attrs, x.shape)
@@ -382,13 +373,42 @@ class EcrOp:
         self.kernels.launch(plan, x, self.wt, self.bias, y, self.scratch)
         return y
 
+    def candidates(self, x: torch.Tensor) -> list[Candidate]:
+        return [c for c in CANDIDATES if self.plan(c, x) is not None]
+
+
+class EcrOp:
+    """One EcrConv / EcrConvPool node on CUDA: its kernel variants and the dense path, one chosen."""
+
+    def __init__(self, ctx: NodeContext, scratch: Scratch, mode: str = "auto", reps: int = 30, tf32: bool = False):
+        self.ctx = ctx
+        self.name = ctx.name
+        self.attrs = dict(ctx.attrs)
+        self.pool = pool_geometry(self.attrs) if ctx.node.op_type == ECR_CONV_POOL else None
+        self.relu = self.pool is not None or bool(self.attrs.get("relu", 1))
+        w, b = ctx.const(1), ctx.const(2)
+        if w is None or (len(ctx.node.input) > 2 and ctx.node.input[2] and b is None):
+            raise NotImplementedError("the weight and bias must be constants")
+        self.layer = EcrLayer(w, b, self.attrs, self.pool, self.relu, scratch)
+        self.dense, dense_kernel = dense_conv_fn(ctx, self.attrs, self.pool, self.relu)
+        self.dense_kernel = dense_kernel + (" + relu" if self.relu else "") + (" + maxpool" if self.pool else "")
+        self.mode, self.reps, self.tf32 = mode, reps, tf32
+        self.choice = "dense" if mode == "dense" else None
+        ctx.info.update(format="pecr" if self.pool else "ecr", buffers=[self.layer.wt, self.layer.bias])
+
+    def plan(self, cand: Candidate, x: torch.Tensor) -> Plan | None:
+        return self.layer.plan(cand, x)
+
+    def run_candidate(self, cand: Candidate, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.run_candidate(cand, x)
+
     def __call__(self, x, w=None, b=None):
         if self.choice is None or self.choice == "dense":
             return self.dense(x, w, b)
-        return self.run_candidate(CANDIDATE_BY_NAME[self.choice], x)
+        return self.layer.run_candidate(CANDIDATE_BY_NAME[self.choice], x)
 
     def candidates(self, x: torch.Tensor) -> list[Candidate]:
-        return [c for c in CANDIDATES if self.plan(c, x) is not None]
+        return self.layer.candidates(x)
 
     def calibrate(self, x: torch.Tensor, w=None, b=None) -> dict:
         """Time every variant and the dense path on this input; keep the fastest correct one."""
