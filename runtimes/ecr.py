@@ -365,6 +365,8 @@ class EcrLayer:
         return (g.n, self.cout, oh, ow)
 
     def run_candidate(self, cand: Candidate, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"the ECR kernels take fp32 or fp16 feature maps, not {x.dtype}")
         plan = self.plan(cand, x)
         if plan is None:
             raise ValueError(f"{cand.name} does not fit this layer")
@@ -374,6 +376,8 @@ class EcrLayer:
         return y
 
     def candidates(self, x: torch.Tensor) -> list[Candidate]:
+        if x.dtype not in (torch.float32, torch.float16):  # the kernels read fp32 or fp16 feature maps
+            return []
         return [c for c in CANDIDATES if self.plan(c, x) is not None]
 
 
