@@ -13,6 +13,7 @@ import importlib
 from .ops import Builder
 
 REFERENCE_OP_MODULES: list[str] = [
+    "sparsecnn.runtimes.two_four_ops",
     "sparsecnn.runtimes.ecr_ops",
 ]
 
