@@ -16,9 +16,16 @@ same per pooling window and fuses the max-pool, so the conv output never reaches
   you will run (`calibration=` tensor); without it a random input is used and the report
   says so. On CPU the plain-PyTorch reference ops run (slow, for checking only).
 
+On GPU the first run at an input shape also captures the whole network twice, with the
+per-layer choices and with every ECR layer dense, and keeps the faster graph
+(`engine.whole_network` records both times): layer-by-layer timings miss what happens
+between layers.
+
 extra options: `ecr_layers` = "auto" (measure, default) | "sparse" (fastest sparse variant,
-even if dense is faster) | "dense"; `ecr_reps` timing repetitions per candidate (default 30);
-`batch` calibration batch when no calibration input is given (default 1).
+even if dense is faster; no whole-network check) | "dense"; `ecr_reps` timing repetitions per
+candidate (default 30); `whole_network_check` (default True); `batch` calibration batch when
+no calibration input is given (default 1); `dense_conv` for the dense path (default "best" on
+GPU: per layer the fastest of cuDNN NCHW/NHWC and im2col + cuBLAS, see runtimes/dense_conv.py).
 """
 from __future__ import annotations
 
@@ -292,14 +299,12 @@ class KernelSet:
         k(plan.grid, (v.threads,), x, wt, bias, y, scratch.ws, scratch.tickets, plan.cparams, shared=plan.smem)
 
 
-def time_graphed(fn, inputs: tuple[torch.Tensor, ...], reps: int = 30, warmup: int = 5) -> float:
-    """Median ms of `fn(*inputs)` replayed as a CUDA graph (no launch overhead on either side)."""
-    from ..converter.timing import time_fn
+def time_ms(fn, x: torch.Tensor, reps: int = 30) -> float:
+    """Median ms of `fn(x)` alone: CUDA-graph replays through `time_calls` (kernels only, no launch
+    overhead on either side of a comparison)."""
+    from ..converter.timing import time_calls
 
-    g = GraphReplay(fn, inputs)
-    t = time_fn(lambda i: g.replay(), inputs[0].device, reps=reps, warmup=warmup)
-    del g
-    return t.median_ms
+    return time_calls(lambda j: fn(x), x.device, reps=reps).median_ms
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -425,10 +430,10 @@ class EcrOp:
                 if err > tol:  # a wrong kernel is never chosen, whatever its speed
                     errors[cand.name] = f"rel err {err:.2e} > {tol:g}"
                     continue
-                times[cand.name] = time_graphed(lambda xx, c=cand: self.run_candidate(c, xx), (x,), self.reps)
+                times[cand.name] = time_ms(lambda xx, c=cand: self.run_candidate(c, xx), x, self.reps)
             except Exception as exc:  # recorded in the report; the layer falls back to dense
                 errors[cand.name] = f"{type(exc).__name__}: {exc}"
-        dense_ms = time_graphed(lambda xx: self.dense(xx, w, b), (x,), self.reps)
+        dense_ms = time_ms(lambda xx: self.dense(xx, w, b), x, self.reps)
         best = min(times, key=times.get) if times else None
         if self.mode == "sparse" and best is not None:
             self.choice = best
@@ -463,13 +468,15 @@ class EcrOp:
                         config=plan.describe())
             info.pop("reason", None)
 
-    def set_choice(self, choice: str) -> None:
+    def set_choice(self, choice: str, reason: str | None = None) -> None:
         if choice != "dense" and choice not in CANDIDATE_BY_NAME:
             raise UserError(f"saved engine names kernel variant '{choice}' that this sparsecnn does not have; "
                             "rebuild the engine")
         self.choice = choice
         self.ctx.info.update(format="dense" if choice == "dense" else ("pecr" if self.pool else "ecr"),
                              kernel=self.dense_kernel if choice == "dense" else f"{KERNEL_SOURCE}:{choice}")
+        if reason:
+            self.ctx.info["reason"] = reason
 
 
 # --- engine --------------------------------------------------------------------------------
@@ -477,11 +484,67 @@ class EcrOp:
 class EcrEngine(Engine):
     runtime = name
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.whole_network: dict[str, dict] = {}  # input shape -> graph times (mixed vs all dense), kept
+
+    def runner(self, *inputs: torch.Tensor):
+        """On GPU, the network with the per-layer choices as one CUDA graph, unless the same network
+        with every ECR layer dense replays faster (extra whole_network_check, default on): the
+        per-layer timings miss effects between layers (caches, layouts), so the whole is checked."""
+        if self.device.type != "cuda" or not self.options.cuda_graph:
+            return self.executor
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        if key in self._graphs:
+            return self._graphs[key]
+        from ..converter.timing import time_fn
+
+        ops = self.ecr_ops()
+        label = "x".join(map(str, inputs[0].shape))
+        sparse_layers = [op.name for op in ops if op.choice not in (None, "dense")]
+        record = {"sparse_layers": sparse_layers}
+        with self._precision_context():
+            mixed = GraphReplay(self.executor, inputs)
+            chosen = mixed
+            check = self.options.extra.get("whole_network_check", True) and self.options.extra.get("ecr_layers", "auto") == "auto"
+            if sparse_layers and check:
+                saved = {id(op): op.choice for op in ops}
+                for op in ops:
+                    op.choice = "dense"
+                try:
+                    dense = GraphReplay(self.executor, inputs)
+                finally:
+                    for op in ops:
+                        op.choice = saved[id(op)]
+                reps = int(self.options.extra.get("ecr_reps", 30)) * 2
+                graphs = {"mixed": mixed, "dense": dense}
+                times = {k: [] for k in graphs}
+                for _ in range(2):  # alternate, so clock drift does not favour either
+                    for k, g in graphs.items():
+                        times[k].append(time_fn(lambda i, g=g: g.replay(), self.device, reps=reps).median_ms)
+                t = {k: min(v) for k, v in times.items()}
+                record.update(times_ms={k: round(v, 4) for k, v in t.items()}, chosen="mixed")
+                if t["dense"] < t["mixed"]:
+                    why = (f"whole-network check: all-dense graph {t['dense']:.4f} ms beat the graph with "
+                           f"ECR/PECR layers {t['mixed']:.4f} ms")
+                    for op in ops:
+                        op.set_choice("dense", why)
+                    record.update(chosen="dense", reason=why)
+                    chosen = dense
+                del graphs
+            else:
+                record.update(chosen="mixed" if sparse_layers else "dense",
+                              reason="no layer chose a sparse kernel" if not sparse_layers else "check off")
+            self.whole_network[label] = record
+            self._graphs[key] = chosen
+        return chosen
+
     def ecr_ops(self) -> list[EcrOp]:
         return [s.fn for s in self.executor.steps if isinstance(s.fn, EcrOp)]
 
     def saved_state(self) -> dict:
-        return {"choices": {op.name: op.choice for op in self.ecr_ops() if op.choice is not None}}
+        return {"choices": {op.name: op.choice for op in self.ecr_ops() if op.choice is not None},
+                "whole_network": self.whole_network}
 
     def calibrate(self, *inputs: torch.Tensor) -> list[dict]:
         """Choose every layer's kernel by timing on `inputs` (run through the network)."""
@@ -495,6 +558,7 @@ class EcrEngine(Engine):
         with torch.no_grad(), self._precision_context():
             self.executor.walk(*prepared, before=before)
         self._graphs.clear()  # graphs captured before the choices are stale
+        self.whole_network.clear()
         return rows
 
 
@@ -522,6 +586,7 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options:
     if dev.type != "cuda":
         ex = Executor(model, dev, opts.dtype, ops=reference_ops(), channels_last=opts.channels_last, options=opts.extra)
         return EcrEngine(model, dev, opts, ex)
+    opts.extra.setdefault("dense_conv", "best")  # the dense path is the best dense engine's per-layer choice
     mode = str(opts.extra.get("ecr_layers", "auto"))
     if mode not in ("auto", "sparse", "dense"):
         raise UserError(f"ecr_layers must be auto, sparse or dense, not '{mode}'")
