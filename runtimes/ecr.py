@@ -264,6 +264,13 @@ class Scratch:
             self.tickets = torch.zeros(tickets, dtype=torch.int32, device=self.device)
 
 
+def _static_shared_bytes(kernel) -> int:
+    driver = kernel._driver
+    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
+    err, value = driver.cuFuncGetAttribute(attr, kernel.function)
+    return int(value) if int(err) == 0 else 1024
+
+
 class KernelSet:
     """All variants, compiled in one NVRTC call (cached on disk) and loaded once per device."""
 
@@ -284,13 +291,18 @@ class KernelSet:
         exprs = tuple(v.expr(h) for v in VARIANTS for h in (False, True))
         props = torch.cuda.get_device_properties(device)
         self.sm_count = props.multi_processor_count
-        self.max_smem = int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+        optin = int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
         self.kernels = {}
+        static = 0
         for v in VARIANTS:
             for half in (False, True):
                 k = Kernel(source, v.expr(half), device, name_expressions=exprs, filename=KERNEL_SOURCE)
-                k.set_max_dynamic_shared(self.max_smem)
+                static = max(static, _static_shared_bytes(k))
                 self.kernels[(v, half)] = k
+        # dynamic + static shared memory must fit the opt-in limit
+        self.max_smem = optin - static
+        for k in self.kernels.values():
+            k.set_max_dynamic_shared(self.max_smem)
 
     def launch(self, plan: Plan, x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
                scratch: Scratch) -> None:
@@ -334,7 +346,7 @@ def dense_conv_fn(ctx: NodeContext, attrs: dict, pool: PoolGeometry | None, relu
             y = torch.relu(y)
         return pool_fn(y) if pool_fn is not None else y
 
-    return run, conv_ctx.info.get("kernel", "torch.conv")
+    return run, conv_ctx.info  # the dense conv's own report (its kernel is known after its first run)
 
 
 class EcrLayer:
@@ -399,11 +411,15 @@ class EcrOp:
         if w is None or (len(ctx.node.input) > 2 and ctx.node.input[2] and b is None):
             raise NotImplementedError("the weight and bias must be constants")
         self.layer = EcrLayer(w, b, self.attrs, self.pool, self.relu, scratch)
-        self.dense, dense_kernel = dense_conv_fn(ctx, self.attrs, self.pool, self.relu)
-        self.dense_kernel = dense_kernel + (" + relu" if self.relu else "") + (" + maxpool" if self.pool else "")
+        self.dense, self.dense_info = dense_conv_fn(ctx, self.attrs, self.pool, self.relu)
         self.mode, self.reps, self.tf32 = mode, reps, tf32
         self.choice = "dense" if mode == "dense" else None
         ctx.info.update(format="pecr" if self.pool else "ecr", buffers=[self.layer.wt, self.layer.bias])
+
+    @property
+    def dense_kernel(self) -> str:
+        return (self.dense_info.get("kernel", "torch.conv") + (" + relu" if self.relu else "")
+                + (" + maxpool" if self.pool else ""))
 
     def plan(self, cand: Candidate, x: torch.Tensor) -> Plan | None:
         return self.layer.plan(cand, x)
@@ -452,6 +468,8 @@ class EcrOp:
             info["times_ms"] = {**{k: round(v, 4) for k, v in times.items()}, "dense": round(dense_ms, 4)}
         if errors:
             info["rejected"] = errors
+        if self.dense_info.get("choices"):
+            info["dense_conv_choices"] = self.dense_info["choices"]
         if self.choice == "dense":
             info.update(format="dense", kernel=self.dense_kernel)
             if dense_ms is not None and times:
