@@ -17,6 +17,7 @@ RUNTIME_MODULES: dict[str, str] = {
     "torch": "sparsecnn.runtimes.torch_runtime",
     "cusparselt": "sparsecnn.runtimes.cusparselt_runtime",
     "tensorrt": "sparsecnn.runtimes.tensorrt_runtime",
+    "csr": "sparsecnn.runtimes.csr",
     "ecr": "sparsecnn.runtimes.ecr",
 }
 

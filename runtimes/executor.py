@@ -76,6 +76,8 @@ class Executor:
             except NotImplementedError as exc:
                 raise UserError(f"node '{node_label(node)}' ({node.op_type}) uses an unsupported form: {exc}") from None
             ins = list(node.input)
+            if ctx.inputs_used is not None:
+                ins = [ins[i] if i < len(ins) else "" for i in ctx.inputs_used]
             if all((not n) or n in self.consts for n in ins):  # constant sub-graph: fold now
                 outs = fn(*[self.consts.get(n) if n else None for n in ins])
                 outs = outs if isinstance(outs, (tuple, list)) else (outs,)

@@ -197,8 +197,8 @@ class Kernel:
 
     def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], *args, shared: int = 0) -> None:
         """Launch on PyTorch's current stream. Tensors pass as pointers; ints as int32 unless
-        wrapped in a ctypes type (e.g. ctypes.c_int64); floats as float32; a ctypes.Structure as the
-        C struct of the same layout (a parameter block)."""
+        wrapped in a ctypes type (e.g. ctypes.c_int64); floats as float32; a ctypes.Structure
+        as a struct passed by value (same field order and types as the kernel's)."""
         values = []
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -209,7 +209,7 @@ class Kernel:
                 values.append(ctypes.c_int(a))
             elif isinstance(a, float):
                 values.append(ctypes.c_float(a))
-            elif isinstance(a, (ctypes._SimpleCData, ctypes.Structure)):  # a Structure passes by value
+            elif isinstance(a, (ctypes._SimpleCData, ctypes.Structure)):  # a Structure: a by-value struct parameter
                 values.append(a)
             elif a is None:
                 values.append(ctypes.c_void_p(0))

@@ -30,6 +30,10 @@ class NodeContext:
     channels_last: bool = False
     options: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # what ran, for the per-layer report
+    # Indices of node inputs the returned function takes (None: all). A builder that keeps
+    # constants in its own form (e.g. compressed weights) lists only the rest, so the
+    # executor neither passes nor keeps the originals.
+    inputs_used: list[int] | None = None
 
     @property
     def name(self) -> str:
