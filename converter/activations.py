@@ -4,18 +4,15 @@ Feature-map-sparse kernels (ECR/PECR) skip those zeros, so this is what decides 
 they pay. `conv_input_sparsity` runs a model through the shared executor and records, per
 Conv (or fused sparsecnn conv op) and per image, the fraction of zero input values.
 
-Images come from `load_profile_images`: a Fashion-MNIST folder (the idx .gz files of
-Debian's dataset-fashion-mnist), any image folder, or random noise. The Fashion-MNIST reader
-here is deliberately minimal; converter/data.py's loader replaces it where present.
+Images come from `load_profile_images`: Fashion-MNIST or an ImageFolder through
+converter/data.py, a flat folder of images, or random noise.
 """
 from __future__ import annotations
 
-import gzip
 import textwrap
 import statistics
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -23,58 +20,32 @@ from ..common.errors import UserError
 from ..models.registry import InputSpec
 
 CONV_OPS = ("Conv", "sparsecnn::EcrConv", "sparsecnn::EcrConvPool")
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-def _read_idx_images(path: Path, limit: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        head = f.read(16)
-        if len(head) != 16 or int.from_bytes(head[:4], "big") != 0x803:
-            raise UserError(f"{path} is not an idx3 image file (bad magic number)")
-        n, rows, cols = (int.from_bytes(head[i:i + 4], "big") for i in (4, 8, 12))
-        n = min(n, limit)
-        data = f.read(n * rows * cols)
-    if len(data) != n * rows * cols:
-        raise UserError(f"{path} is truncated; reinstall dataset-fashion-mnist")
-    return np.frombuffer(data, dtype=np.uint8).reshape(n, rows, cols)
-
-
-def _fashion_mnist_file(folder: Path) -> Path | None:
-    for name in ("t10k-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def prepare_gray(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """uint8 [N, h, w] grayscale -> [N, C, H, W] the way `spec` wants (resized, replicated, normalised)."""
-    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)
-    if x.shape[-2:] != (spec.height, spec.width):
-        x = torch.nn.functional.interpolate(x, size=(spec.height, spec.width), mode="bilinear", align_corners=False)
-    x = x.expand(-1, spec.channels, -1, -1) * spec.scale
-    if spec.mean is not None:
-        x = (x - torch.tensor(spec.mean).view(1, -1, 1, 1)) / torch.tensor(spec.std).view(1, -1, 1, 1)
-    return x.contiguous()
 
 
 def load_profile_images(source: str, spec: InputSpec, limit: int = 64, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """(images [N, C, H, W], description) from 'fashion-mnist', a folder, an image file or 'random'."""
+    """(images [N, C, H, W] prepared for `spec`, description) from 'fashion-mnist' (its test split),
+    a folder converter/data.py reads (Fashion-MNIST idx files, an ImageFolder), a flat folder or
+    file of images, or 'random' (normal noise)."""
     if source == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.randn(limit, *spec.shape, generator=g), f"{limit} random normal images"
-    folder = Path(FASHION_MNIST_DIR if source == "fashion-mnist" else source)
-    idx = _fashion_mnist_file(folder) if folder.is_dir() else (folder if folder.name.endswith("idx3-ubyte.gz") else None)
-    if idx is not None:
-        raw = _read_idx_images(idx, limit)
-        split = "test" if idx.name.startswith("t10k") else "training"
-        return prepare_gray(raw, spec), f"{len(raw)} Fashion-MNIST {split} images"
-    if source == "fashion-mnist":
-        raise UserError(f"Fashion-MNIST not found under {FASHION_MNIST_DIR}; `apt-get install dataset-fashion-mnist` "
-                        "or give an image folder")
+    from .data import load_data
+
+    path = Path(source)
+    if source.lower() in ("fashion-mnist", "fashion_mnist", "fmnist") or path.is_dir():
+        try:
+            data = load_data(source, "test").subset(limit)
+        except UserError:
+            if not path.is_dir():
+                raise
+            data = None  # a flat folder of images: read below
+        if data is not None:
+            x = torch.cat([b for b, _ in data.batches(spec, max(1, limit))])[:limit]
+            return x, f"{x.shape[0]} images of {data.name}"
     from .images import image_files, load_images
 
-    files = image_files(folder)[:limit]
-    return load_images(files, spec), f"{len(files)} images from {folder}"
+    files = image_files(path)[:limit]
+    return load_images(files, spec), f"{len(files)} images from {path}"
 
 
 def conv_input_sparsity(model: onnx.ModelProto, images: torch.Tensor, device: str | torch.device = "cpu",

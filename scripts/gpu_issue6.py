@@ -343,7 +343,7 @@ def fashion_images(spec, count: int, offset: int = 0) -> tuple[torch.Tensor, str
 
     try:
         x, what = load_profile_images("fashion-mnist", spec, count + offset)
-        return x[offset:], what
+        return x[offset:], f"Fashion-MNIST test images {offset}..{offset + count - 1}"
     except Exception as exc:  # noqa: BLE001 - no dataset: say so, use noise
         x, what = load_profile_images("random", spec, count, seed=offset)
         return x, f"{what} (Fashion-MNIST unavailable: {exc})"

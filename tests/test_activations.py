@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsecnn.converter.activations import FASHION_MNIST_DIR, conv_input_sparsity, load_profile_images, prepare_gray
+from sparsecnn.converter.activations import conv_input_sparsity, load_profile_images
 from sparsecnn.converter.cli import main
 from sparsecnn.models import load_model
 
@@ -40,22 +40,11 @@ def test_profiler_agrees_with_module_hooks(exported):
     assert all(r["mean"] > 0.2 for r in rows[1:])  # after ReLUs: many
 
 
-def test_prepare_gray_resizes_replicates_and_normalises():
-    from sparsecnn.models.registry import InputSpec
-
-    spec = InputSpec(3, 8, 8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    raw = np.zeros((2, 4, 4), dtype=np.uint8)
-    raw[1] = 255
-    x = prepare_gray(raw, spec)
-    assert x.shape == (2, 3, 8, 8)
-    assert torch.allclose(x[0], torch.full((3, 8, 8), -2.0)) and torch.allclose(x[1], torch.full((3, 8, 8), 2.0))
-
-
-@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_images_load_for_a_model_spec():
     _, spec, _ = load_model("tinynet")
     x, what = load_profile_images("fashion-mnist", spec, limit=5)
-    assert x.shape == (5, 3, 32, 32) and "Fashion-MNIST" in what
+    assert x.shape == (5, 3, 32, 32) and "Fashion-MNIST test" in what
     # Fashion-MNIST has a black background: the normalised minimum, (0 - 0.5)/0.5
     assert float(x.min()) == pytest.approx(-1.0) and float(x.max()) > 0
 
@@ -74,3 +63,13 @@ def test_cli_activations_errors_are_one_line(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["inspect", "tinynet", "--activations", "random", "--samples", "0"]) == 2
     assert "--samples" in capsys.readouterr().err
+
+
+def test_flat_image_folder_loads(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (40, 30), (255 * (i % 2), 0, 0)).save(tmp_path / f"im{i}.png")
+    _, spec, _ = load_model("tinynet")
+    x, what = load_profile_images(str(tmp_path), spec, limit=2)
+    assert x.shape == (2, 3, 32, 32) and "2 images" in what
