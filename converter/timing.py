@@ -112,32 +112,34 @@ def spread(a: Timing, b: Timing) -> float:
 
 def time_calls(call: Callable[[int], object], device: torch.device | str, reps: int = 50, warmup: int = 5,
                flush_l2: bool = False, graph: bool = True, min_sample_ms: float = 0.25, max_inner: int = 64,
-               min_inner: int = 1) -> Timing:
+               min_inner: int = 1, warmup_ms: float = 30.0) -> Timing:
     """Time `call(j)` (j = call index, for rotating inputs) as CUDA-graph replays; per-call numbers.
 
     On CUDA (with `graph`) the call is captured into a graph `inner` times in a row, j = 0..inner-1,
     with `inner` chosen so one replay lasts at least `min_sample_ms` (at least `min_inner`, at most
     `max_inner`; 1 with `flush_l2`, so every call starts cold), and `time_fn` times the replays.
     Elsewhere, or if the call cannot be captured (a host synchronisation inside it), `time_fn`
-    times `call` eagerly. Tensors the call reads must stay alive until this returns.
+    times `call` eagerly. Tensors the call reads must stay alive until this returns. `warmup_ms`
+    goes to `time_fn` (a sweep of many short timings on a GPU kept busy can pass less).
     """
     device = torch.device(device)
+    wkw = {} if warmup_ms == 30.0 else {"warmup_ms": warmup_ms}  # time_fn's default unless asked
     if device.type != "cuda" or not graph:
-        return time_fn(call, device, reps=reps, warmup=warmup, flush_l2=flush_l2)
+        return time_fn(call, device, reps=reps, warmup=warmup, flush_l2=flush_l2, **wkw)
     from ..runtimes.base import GraphReplay
 
     try:
         one = GraphReplay(lambda: call(0), (), warmup=2)
     except Exception:  # not capturable: eager timing is the honest fallback
         torch.cuda.synchronize(device)
-        return time_fn(call, device, reps=reps, warmup=warmup, flush_l2=flush_l2)
+        return time_fn(call, device, reps=reps, warmup=warmup, flush_l2=flush_l2, **wkw)
     inner = 1
     if not flush_l2:
-        probe = time_fn(lambda i: one.replay(), device, reps=5, warmup=2).median_ms
+        probe = time_fn(lambda i: one.replay(), device, reps=5, warmup=2, **wkw).median_ms
         inner = int(min(max_inner, max(min_inner, math.ceil(min_sample_ms / max(probe, 1e-4)))))
     if inner > 1:
         one = GraphReplay(lambda: [call(j) for j in range(inner)], (), warmup=1)  # the single one is freed
     replay = one
-    t = time_fn(lambda i: replay.replay(), device, reps=reps, warmup=warmup, flush_l2=flush_l2)
+    t = time_fn(lambda i: replay.replay(), device, reps=reps, warmup=warmup, flush_l2=flush_l2, **wkw)
     samples = [s / inner for s in t.samples_ms]
     return Timing(t.median_ms / inner, t.p90_ms / inner, t.min_ms / inner, t.reps, samples, inner, "graph")

@@ -18,6 +18,7 @@ RUNTIME_MODULES: dict[str, str] = {
     "cusparselt": "sparsecnn.runtimes.cusparselt_runtime",
     "tensorrt": "sparsecnn.runtimes.tensorrt_runtime",
     "csr": "sparsecnn.runtimes.csr",
+    "ecr": "sparsecnn.runtimes.ecr",
 }
 
 

@@ -115,6 +115,22 @@ class Executor:
                 env[step.outputs[0]] = outs
         return tuple(env[n] for n in self.output_names)
 
+    def walk(self, *inputs: torch.Tensor, before: Callable[[Step, list], None] | None = None) -> tuple[torch.Tensor, ...]:
+        """Run like `__call__`, calling `before(step, args)` ahead of each step (for profilers and
+        compile-time calibration; the hot path stays `__call__`)."""
+        env = dict(self.consts)
+        env.update(zip(self.input_names, inputs))
+        for step in self.steps:
+            args = [env[n] if n else None for n in step.inputs]
+            if before is not None:
+                before(step, args)
+            outs = step.fn(*args)
+            if isinstance(outs, (tuple, list)):
+                env.update(zip(step.outputs, outs))
+            else:
+                env[step.outputs[0]] = outs
+        return tuple(env[n] for n in self.output_names)
+
     def weight_bytes(self) -> int:
         """Bytes of constants the engine keeps on its device (weights, compressed or not)."""
         seen, total = set(), 0

@@ -15,6 +15,7 @@ from .ops import Builder
 REFERENCE_OP_MODULES: list[str] = [
     "sparsecnn.runtimes.two_four_ops",
     "sparsecnn.runtimes.csr_ops",
+    "sparsecnn.runtimes.ecr_ops",
 ]
 
 
