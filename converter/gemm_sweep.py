@@ -29,6 +29,7 @@ METHODS: dict[str, MethodFactory] = {}
 
 # Modules that register sparse methods when imported (one line per runtime).
 SWEEP_PLUGINS: list[str] = [
+    "sparsecnn.runtimes.sparsert_sweep",
 ]
 
 

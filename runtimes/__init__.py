@@ -15,6 +15,7 @@ from ..common.errors import UserError
 
 RUNTIME_MODULES: dict[str, str] = {
     "torch": "sparsecnn.runtimes.torch_runtime",
+    "sparsert": "sparsecnn.runtimes.sparsert",
 }
 
 

@@ -13,6 +13,7 @@ import importlib
 from .ops import Builder
 
 REFERENCE_OP_MODULES: list[str] = [
+    "sparsecnn.runtimes.sparsert_ops",
 ]
 
 
