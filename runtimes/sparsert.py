@@ -199,7 +199,7 @@ class Planner:
         if unknown:
             raise UserError(f"sparsert: unknown candidate kind(s) {sorted(unknown)}; choose from {list(CANDIDATE_KINDS)}")
         self.kinds = [k for k in CANDIDATE_KINDS if k in kinds]
-        self.batch = int(self.extra.get("tune_batch", 1))
+        self.batch = int(self.extra.get("tune_batch") or 1)
         self.layers: dict[str, _Layer] = {}
         self.decisions: dict[str, dict] = {}
         self.tuning_updates: dict[str, dict] = {}
@@ -219,8 +219,8 @@ class Planner:
         shapes = _shapes(self.model)
         tuning = {} if self.retune else load_tuning()
         dtype = self.opts.dtype
-        max_configs = int(self.extra.get("max_configs", 3))
-        max_instr = int(self.extra.get("max_instructions", DEFAULT_MAX_INSTRUCTIONS))
+        max_configs = int(self.extra.get("max_configs") or 3)
+        max_instr = int(self.extra.get("max_instructions") or DEFAULT_MAX_INSTRUCTIONS)
         for node in self.model.graph.node:
             if node.domain != "sparsecnn" or node.op_type not in ("FusedCsrConv", "FusedCsrGemm"):
                 continue

@@ -372,11 +372,13 @@ def build_program(csr, geometry: LayerGeometry, config: TileConfig, bias=None, r
         kk, ss, ww = kk[idx], ss[idx], ww[idx]
         loads: list[Load] = []
         if len(kk):
-            starts = np.flatnonzero(np.r_[True, kk[1:] != kk[:-1]])
-            ends = np.r_[starts[1:], len(kk)]
-            for a, b in zip(starts.tolist(), ends.tolist()):
-                tap, off = geometry.column_of(int(kk[a]))
-                loads.append(Load(int(kk[a]), tap, off, list(zip(ss[a:b].tolist(), ww[a:b].tolist()))))
+            starts = np.flatnonzero(np.r_[True, kk[1:] != kk[:-1]]).tolist()
+            ends = starts[1:] + [len(kk)]
+            pairs = list(zip(ss.tolist(), ww.tolist()))
+            kl = kk.tolist()
+            for a, b in zip(starts, ends):
+                tap, off = geometry.column_of(kl[a])
+                loads.append(Load(kl[a], tap, off, pairs[a:b]))
         costs = [1 + len(ld.fmas) for ld in loads]
         slices = [loads[a:b] for a, b in _split_balanced(costs, config.k_split)]
         groups.append(Group(rows, [float(bias_np[r]) for r in rows], slices))
@@ -798,6 +800,16 @@ def compile_programs(sources: list[tuple[str, str]], arch: str, workers: int | N
     Threads when cuda-bindings releases the GIL around NVRTC (it does from 12.9 on; NVRTC
     itself is thread-safe), else processes. A program already cached costs a file read.
     """
+    unique: dict[str, int] = {}  # the same source twice would race on one cache file
+    for i, (src, _) in enumerate(sources):
+        unique.setdefault(src, i)
+    if len(unique) < len(sources):
+        firsts = sorted(unique.values())
+        recs = compile_programs([sources[i] for i in firsts], arch, workers, mode, progress)
+        by_src = {sources[i][0]: r for i, r in zip(firsts, recs)}
+        return [by_src[src] if i == unique[src] else CompileRecord(name, 0.0, 0.0, by_src[src].cubin_bytes, True,
+                                                                   by_src[src].error)
+                for i, (src, name) in enumerate(sources)]
     workers = workers or max(1, min(len(sources), os.cpu_count() or 1))
     if mode == "auto":
         mode = "thread" if _gil_released_by_nvrtc() else "process"

@@ -18,11 +18,30 @@ from ..converter.gemm_sweep import register
 BUILD_LOG: list[dict] = []
 
 
+def spmm_programs(weight: torch.Tensor, n: int, dtype: torch.dtype, max_configs: int = 3,
+                  max_instructions: int | None = None, use_tuning: bool = True) -> list[tuple]:
+    """[(Program, (source, kernel name))] of the candidate configurations for B [K, n]."""
+    from ..passes.csr import csr_from_dense
+    from .sparsert_codegen import (DEFAULT_MAX_INSTRUCTIONS, LayerGeometry, build_program, candidate_configs,
+                                   layer_key, render_cuda)
+
+    dt = "fp16" if dtype == torch.float16 else "fp32"
+    m, k = weight.shape
+    csr = csr_from_dense(weight.detach().float().cpu())
+    geo = LayerGeometry("spmm", m, k, n=int(n))
+    key = layer_key(csr, geo, None, False, False)
+    configs = candidate_configs(csr, geo, dt, max_configs, max_instructions or DEFAULT_MAX_INSTRUCTIONS)
+    progs = [build_program(csr, geo, cfg, dtype=dt, key=key) for cfg in configs]
+    return [(p, render_cuda(p)) for p in progs]
+
+
 def build_spmm(weight: torch.Tensor, n: int, dtype: torch.dtype, device=None, max_configs: int = 3,
-               max_instructions: int | None = None, workers: int | None = None, retune: bool = False):
+               max_instructions: int | None = None, workers: int | None = None, retune: bool = False,
+               programs: list[tuple] | None = None):
     """Generate, compile (in parallel) and time the candidate configurations for B [K, n].
 
-    Returns (run(B) -> C, log entry); run is None when no configuration fits the code-size cap.
+    `programs` (from `spmm_programs`) skips the generation. Returns (run(B) -> C, log
+    entry); run is None when no configuration fits the code-size cap.
     """
     from ..passes.csr import csr_from_dense
     from .nvrtc import device_arch
@@ -42,17 +61,21 @@ def build_spmm(weight: torch.Tensor, n: int, dtype: torch.dtype, device=None, ma
     entry = {"M": m, "K": k, "N": n, "dtype": dt, "nnz": csr.nnz}
     t0 = time.perf_counter()
     cached = None if retune else load_tuning().get(tkey)
-    if cached:
-        configs = [TileConfig.parse(cached["config"])]
+    if programs is not None:
+        progs = [p for p, _ in programs]
+        sources = [s for _, s in programs]
     else:
-        configs = candidate_configs(csr, geo, dt, max_configs, max_instructions or DEFAULT_MAX_INSTRUCTIONS)
-    if not configs:
+        if cached:
+            configs = [TileConfig.parse(cached["config"])]
+        else:
+            configs = candidate_configs(csr, geo, dt, max_configs, max_instructions or DEFAULT_MAX_INSTRUCTIONS)
+        progs = [build_program(csr, geo, cfg, dtype=dt, key=key) for cfg in configs]
+        sources = [render_cuda(p) for p in progs]
+    if not progs:
         entry.update(error=f"code size: every configuration exceeds the cap ({csr.nnz} non-zeros)",
                      gen_s=round(time.perf_counter() - t0, 3))
         BUILD_LOG.append(entry)
         return None, entry
-    progs = [build_program(csr, geo, cfg, dtype=dt, key=key) for cfg in configs]
-    sources = [render_cuda(p) for p in progs]
     entry["gen_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     records = compile_programs(sources, arch, workers)
