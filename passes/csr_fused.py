@@ -5,6 +5,7 @@
 
 CSR is passes/csr.py's format over the weight's GEMM view (values, col_idx, row_ptr,
 row_order initializers); the op schemas are in runtimes/sparsert_ops.py and docs/ops.md.
+Inputs and attributes follow issue 5's CsrConv / CsrGemm, plus an optional residual input.
 A layer is converted when its weight is at least `min_sparsity` zero (dense stems and heads
 stay standard ONNX ops). Where an Add joins two convertible convs (a ResNet block with a
 downsample shortcut), the later one absorbs the Add, so the residual is computed first.
@@ -69,14 +70,14 @@ def _conv_pads(attrs: dict, in_dims, kernel, strides, dilations) -> list[int] | 
 
 
 def csr_initializers(prefix: str, matrix: np.ndarray) -> tuple[list[onnx.TensorProto], int]:
-    """passes/csr.py's CSR of a [M, K] matrix as four initializers named prefix.{values,...}."""
+    """passes/csr.py's CSR of a [M, K] matrix as four initializers named <prefix>.csr.{values,...}."""
     import torch
 
     csr = csr_from_dense(torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)))
-    tensors = [numpy_helper.from_array(csr.values.numpy().astype(np.float32), f"{prefix}.csr_values"),
-               numpy_helper.from_array(csr.col_idx.numpy().astype(np.int32), f"{prefix}.csr_col_idx"),
-               numpy_helper.from_array(csr.row_ptr.numpy().astype(np.int32), f"{prefix}.csr_row_ptr"),
-               numpy_helper.from_array(csr.row_order.numpy().astype(np.int32), f"{prefix}.csr_row_order")]
+    tensors = [numpy_helper.from_array(csr.values.numpy().astype(np.float32), f"{prefix}.csr.values"),
+               numpy_helper.from_array(csr.col_idx.numpy().astype(np.int32), f"{prefix}.csr.col_idx"),
+               numpy_helper.from_array(csr.row_ptr.numpy().astype(np.int32), f"{prefix}.csr.row_ptr"),
+               numpy_helper.from_array(csr.row_order.numpy().astype(np.int32), f"{prefix}.csr.row_order")]
     return tensors, csr.nnz
 
 
@@ -127,7 +128,8 @@ def rewrite_fused_csr(model: onnx.ModelProto, min_sparsity: float = 0.5, fuse: b
                 counters["skipped_same_padding_unknown_shape"] += 1
                 continue
             entry.update(matrix=gemm_view(w).numpy(), op=FUSED_CONV,
-                         node_attrs=dict(weight_shape=list(w.shape), strides=strides, pads=pads, dilations=dilations))
+                         node_attrs=dict(kernel_shape=kernel, strides=strides, pads=pads, dilations=dilations,
+                                         in_channels=int(w.shape[1])))
         else:
             if w.ndim != 2 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
                 counters["skipped_gemm_form"] += 1
@@ -136,7 +138,7 @@ def rewrite_fused_csr(model: onnx.ModelProto, min_sparsity: float = 0.5, fuse: b
             if bias_name and numpy_helper.to_array(inits[bias_name]).size != mat.shape[0]:
                 counters["skipped_gemm_bias_broadcast"] += 1
                 continue
-            entry.update(matrix=np.ascontiguousarray(mat), op=FUSED_GEMM, node_attrs=dict(weight_shape=list(mat.shape)))
+            entry.update(matrix=np.ascontiguousarray(mat), op=FUSED_GEMM, node_attrs=dict(in_features=int(mat.shape[1])))
         sparsity = 1.0 - np.count_nonzero(entry["matrix"]) / max(1, entry["matrix"].size)
         if sparsity < min_sparsity:
             counters["skipped_dense"] += 1
@@ -197,8 +199,7 @@ def rewrite_fused_csr(model: onnx.ModelProto, min_sparsity: float = 0.5, fuse: b
             layer = emit_at[idx]
             entry = plan[layer]
             src = graph.node[layer]
-            prefix = src.input[1].removesuffix(".weight")
-            tensors, nnz = csr_initializers(prefix, entry["matrix"])
+            tensors, nnz = csr_initializers(src.input[1], entry["matrix"])
             new_inits += tensors
             dropped.add(src.input[1])
             inputs = [src.input[0]] + [t.name for t in tensors] + [entry["bias"]]
@@ -208,7 +209,7 @@ def rewrite_fused_csr(model: onnx.ModelProto, min_sparsity: float = 0.5, fuse: b
                 inputs.pop()
             final_out = graph.node[idx].output[0]
             fused = helper.make_node(entry["op"], inputs, [final_out], name=src.name or node_label(src),
-                                     domain=SPARSECNN_DOMAIN, activation="relu" if entry.get("relu") else "none",
+                                     domain=SPARSECNN_DOMAIN, relu=int(bool(entry.get("relu"))),
                                      **entry["node_attrs"])
             g.node.append(fused)
             if final_out in shapes and final_out not in graph_outputs:

@@ -168,6 +168,7 @@ class _Layer:
         self.bias = None
         self.relu = False
         self.residual = False
+        self.weight_shape: list[int] = []
         self.key = ""
         self.reason = ""                 # why no generated candidate
         self.kinds: list[str] = []       # candidate kinds to consider
@@ -227,12 +228,15 @@ class Planner:
             layer = _Layer(node)
             self.layers[layer.name] = layer
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            act = attrs.get("activation", b"none")
-            layer.relu = (act.decode() if isinstance(act, bytes) else act) == "relu"
+            layer.relu = bool(attrs.get("relu", 0))
             layer.residual = len(node.input) > 6 and bool(node.input[6])
             arr = [numpy_helper.to_array(inits[n]) for n in node.input[1:5]]
-            shape = [int(s) for s in attrs["weight_shape"]]
-            m = shape[0]
+            m = int(arr[2].size) - 1
+            if node.op_type == "FusedCsrConv":
+                shape = [m, int(attrs["in_channels"]), *[int(v) for v in attrs["kernel_shape"]]]
+            else:
+                shape = [m, int(attrs["in_features"])]
+            layer.weight_shape = shape
             k = int(np.prod(shape[1:]))
             layer.csr = CSR(torch.from_numpy(arr[0].astype(np.float32)), torch.from_numpy(arr[1].astype(np.int32)),
                             torch.from_numpy(arr[2].astype(np.int32)), torch.from_numpy(arr[3].astype(np.int32)), (m, k))
@@ -438,7 +442,8 @@ class Planner:
             if not ok:
                 return None, f"csr runtime not available: {why}"
             single = single_layer_model(ctx.node, self.model, layer, self.batch)
-            opts = {"dtype": self.opts.dtype, "tf32": self.opts.tf32, "cuda_graph": False}
+            # csr_decide "sparse": the CSR runtime's own kernel, not its dense fallback
+            opts = {"dtype": self.opts.dtype, "tf32": self.opts.tf32, "cuda_graph": False, "csr_decide": "sparse"}
             eng = rt.compile(rt.rewrite(single, opts), self.device, opts)
             kernels = sorted({str(s.get("kernel")) for s in eng.report() if s.get("kernel")})
             ex = eng.executor
@@ -460,7 +465,7 @@ def single_layer_model(node: onnx.NodeProto, model: onnx.ModelProto, layer: _Lay
     from onnx import TensorProto, helper
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    w = layer.csr.to_dense().numpy().reshape([int(s) for s in attrs["weight_shape"]])
+    w = layer.csr.to_dense().numpy().reshape(layer.weight_shape)
     inits = [numpy_helper.from_array(w.astype(np.float32), "w")]
     ins = ["x", "w"]
     if layer.bias is not None:

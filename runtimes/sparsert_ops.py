@@ -1,25 +1,29 @@
 """Reference implementations of the fused CSR ops (written by passes/csr_fused.py).
 
+Inputs and attributes are those of issue 5's CsrConv / CsrGemm (docs/ops.md) plus one
+optional input, the residual added before the ReLU (Conv -> Add -> Relu in a ResNet block).
+
 sparsecnn::FusedCsrConv (version 1)
     inputs   X          [N, Cin, H, W] float
              values     [nnz] float   \\
-             col_idx    [nnz] int32    |  passes/csr.py's CSR of the weight's GEMM view
-             row_ptr    [M+1] int32    |  W[M, Cin*kh*kw], column (cin*kh + r)*kw + s
-             row_order  [M]   int32   /   (rows longest first)
+             col_idx    [nnz] int32 (uint16 accepted)   passes/csr.py's CSR of the weight's
+             row_ptr    [M+1] int32                     GEMM view W[M, Cin*kh*kw], column
+             row_order  [M]   int32                     (cin*kh + r)*kw + s, rows longest first
              bias       [M] float                 optional ("" when absent)
              residual   [N, M, OH, OW] float      optional
-    attrs    weight_shape  ints [M, Cin, kh, kw]
+    attrs    kernel_shape  ints [kh, kw]
              strides       ints [2]
              pads          ints [4], ONNX order [top, left, bottom, right]
              dilations     ints [2]
-             activation    string "none" | "relu"
-    output   Y = act(conv2d(X, W) + bias + residual)   [N, M, OH, OW]
+             in_channels   int Cin
+             relu          int, 1: ReLU after the residual add
+    output   Y = relu?(conv2d(X, W) + bias + residual)   [N, M, OH, OW]
 
 sparsecnn::FusedCsrGemm (version 1)
     inputs   X [N, K] float; values, col_idx, row_ptr, row_order (CSR of W [M, K]);
              bias [M] (optional); residual [N, M] (optional)
-    attrs    weight_shape ints [M, K]; activation "none" | "relu"
-    output   Y = act(X @ W^T + bias + residual)   [N, M]
+    attrs    in_features int K; relu int
+    output   Y = relu?(X @ W^T + bias + residual)   [N, M]
 
 The builders here densify the CSR once and run PyTorch ops on any device: the reference
 every generated kernel is checked against, and what the runtime runs on the CPU.
@@ -45,7 +49,7 @@ def csr_arrays(ctx: NodeContext):
 def dense_weight(ctx: NodeContext, dtype=None) -> torch.Tensor:
     """The weight [M, K] rebuilt from the node's CSR, on the node's device."""
     values, col_idx, row_ptr, _ = csr_arrays(ctx)
-    shape = [int(s) for s in ctx.attr("weight_shape")]
+    shape = weight_shape(ctx)
     m = shape[0]
     k = 1
     for s in shape[1:]:
@@ -56,20 +60,26 @@ def dense_weight(ctx: NodeContext, dtype=None) -> torch.Tensor:
     return w.reshape(shape).to(ctx.device, dtype or ctx.dtype)
 
 
+def weight_shape(ctx: NodeContext) -> list[int]:
+    """[M, Cin, kh, kw] of a FusedCsrConv, [M, K] of a FusedCsrGemm."""
+    m = int(ctx.const(3).numel()) - 1  # row_ptr [M+1]
+    if ctx.node.op_type == "FusedCsrGemm":
+        return [m, int(ctx.attr("in_features"))]
+    return [m, int(ctx.attr("in_channels")), *[int(k) for k in ctx.attr("kernel_shape")]]
+
+
 def optional_input(ctx: NodeContext, i: int) -> bool:
     return i < len(ctx.node.input) and bool(ctx.node.input[i])
 
 
 def epilogue(ctx: NodeContext):
-    """f(y, residual) applying the node's residual add and activation."""
-    act = ctx.attr("activation", "none")
-    if act not in ("none", "relu"):
-        raise NotImplementedError(f"activation '{act}'")
+    """f(y, residual) applying the node's residual add and ReLU."""
+    relu = bool(ctx.attr("relu", 0))
 
     def run(y, residual=None):
         if residual is not None:
             y = y + residual
-        return torch.relu(y) if act == "relu" else y
+        return torch.relu(y) if relu else y
 
     return run
 

@@ -4,6 +4,7 @@ interpreting its tables against PyTorch's dense conv; `-m gpu` runs the kernels 
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -220,8 +221,8 @@ def test_rewrite_fuses_relu_and_residual_into_the_later_conv(exported):
     assert conv2.op_type == "FusedCsrConv" and len(conv2.input) == 7
     assert conv2.input[6] == nodes["/layer2/downsample/downsample.0/Conv"].output[0]
     assert ops.index("FusedCsrConv") > ops.index("Conv")
-    act = {a.name: a.s.decode() for a in conv2.attribute if a.name == "activation"}
-    assert act == {"activation": "relu"}
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv2.attribute}
+    assert attrs["relu"] == 1 and attrs["in_channels"] == 32 and list(attrs["kernel_shape"]) == [3, 3]
     assert res.model.ByteSize() < model.ByteSize()
 
 
@@ -272,8 +273,6 @@ def test_planner_with_emulated_kernels_chooses_saves_and_reloads_without_search(
 def test_sparsert_rejects_channels_last():
     from sparsecnn.common.errors import UserError
     from sparsecnn.runtimes import get_runtime
-
-    import onnx
 
     with pytest.raises(UserError, match="channels-last"):
         get_runtime("sparsert").compile(onnx.ModelProto(), "cpu", {"channels_last": True})
