@@ -728,15 +728,20 @@ def candidate_configs(csr, geometry: LayerGeometry, dtype: str = "fp32", max_con
                 waves = max(1, math.ceil(total_warps / (H100_SMS * 48)))
                 latency = per_warp * 4 * waves
                 l2 = col_warps * loads * 32 * vec * (2 if dtype == "fp16" else 4) * l1_miss / 2500
+                # straight-line code is fetched from L2 once per group of warps running the
+                # same slice in step (the WN column warps of a block): 16 B per instruction
+                fetch = col_warps * instr * 16 / warps_n / 2500
                 # each term is a lower bound; they overlap only partly
-                terms = (issue, latency, l2)
+                terms = (issue, latency, l2 + fetch)
                 est = max(terms) + 0.25 * (sum(terms) - max(terms))
                 scored.append((est, TileConfig(rows, vec, warps_n, k_split, max(4, 24 // vec))))
     scored.sort(key=lambda t: t[0])
     # The model only ranks; keep the picks diverse so the device timing has real choices:
-    # the best, the best with another R, the best with another k-split, then by rank.
+    # the best, the best with another R, the best whose warps all share one code path
+    # (k_split 1: SparseRT's original shape), then by rank.
     chosen: list[TileConfig] = []
     rules = [lambda c: True, lambda c: c.rows not in {x.rows for x in chosen},
+             lambda c: c.k_split == 1 and all(x.k_split != 1 for x in chosen),
              lambda c: c.k_split not in {x.k_split for x in chosen},
              lambda c: c.rows not in {x.rows for x in chosen}]
     for rule in rules:

@@ -239,7 +239,8 @@ def part_sweep(args, device, seed) -> dict:
     # generate every candidate program of every point, then compile them all in parallel
     t0 = time.perf_counter()
     for p in points:
-        p["programs"] = spmm_programs(p["weight"], p["N"], torch.float32, args.sweep_configs, args.max_instructions)
+        p["programs"] = spmm_programs(p["weight"], p["N"], torch.float32, args.sweep_configs,
+                                      args.sweep_max_instructions)
         p["gen_s"] = sum(pr.gen_seconds for pr, _ in p["programs"])
     gen_s = time.perf_counter() - t0
     all_src = [src for p in points for _, src in p["programs"]]
@@ -584,8 +585,11 @@ def main() -> None:
     ap.add_argument("--models", default="resnet18,vgg19,trafficcamnet")
     ap.add_argument("--reps", type=int, default=100, help="timing repetitions (default 100)")
     ap.add_argument("--sweep-configs", type=int, default=3, help="tile configurations per sweep point (default 3)")
-    ap.add_argument("--net-configs", type=int, default=2, help="tile configurations per network layer (default 2)")
-    ap.add_argument("--max-instructions", type=int, default=None, help="code-size cap per generated kernel")
+    ap.add_argument("--net-configs", type=int, default=3, help="tile configurations per network layer (default 3)")
+    ap.add_argument("--max-instructions", type=int, default=None,
+                    help="code-size cap per generated network kernel (default: the runtime's, 120000)")
+    ap.add_argument("--sweep-max-instructions", type=int, default=160_000,
+                    help="code-size cap in the sweep (default 160000: 512x4608 at 95%% is generated, at 90%% not)")
     ap.add_argument("--workers", type=int, default=None, help="NVRTC threads (default: all CPU cores)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip models not started by then (default 330)")
     ap.add_argument("--cache", help="kernel cache folder (default: a fresh temporary one: first runs are cold)")
