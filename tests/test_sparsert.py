@@ -332,9 +332,16 @@ def test_sparsert_runtime_on_gpu_matches_onnxruntime_and_reloads(exported, tmp_p
     rt = get_runtime("sparsert")
     x = np.random.default_rng(3).standard_normal(input_shape(model, 2)).astype(np.float32)
     ref = ort_run(model, x)
+    # only generated kernels: the whole network through them, in one CUDA graph
+    eng = rt.compile(rt.rewrite(model), "cuda", {"dtype": "fp32", "tf32": False, "candidates": ["generated"]})
+    assert rel_err(eng(torch.from_numpy(x))[0], ref[0]) <= 1e-4
+    fused = [r for r in eng.report() if r["op"].startswith("sparsecnn::")]
+    assert fused and all(r["choice"] == "generated" for r in fused)
+    # the full search: the choice may differ per layer, the result may not
     eng = rt.compile(rt.rewrite(model), "cuda", {"dtype": "fp32", "tf32": False})
     assert rel_err(eng(torch.from_numpy(x))[0], ref[0]) <= 1e-4
-    assert any(r.get("choice") == "generated" for r in eng.report())
+    assert all(r["choice"] in ("generated", "csr", "dense") and r["candidates_ms"]
+               for r in eng.report() if r["op"].startswith("sparsecnn::"))
     eng.save(tmp_path / "e.engine")
     again = load_engine(tmp_path / "e.engine", "cuda")
     assert all("candidates_ms" not in r for r in again.report())
