@@ -270,6 +270,21 @@ def test_planner_with_emulated_kernels_chooses_saves_and_reloads_without_search(
     assert rel_err(again(torch.from_numpy(x))[0], ref[0]) <= 1e-5
 
 
+def test_a_generated_kernel_with_a_wrong_result_is_never_chosen(exported, tmp_path, monkeypatch):
+    from sparsecnn.runtimes import get_runtime
+
+    monkeypatch.setenv("SPARSECNN_CACHE", str(tmp_path))
+    real_call = cg.EmulatedKernel.__call__
+    monkeypatch.setattr(cg.EmulatedKernel, "__call__", lambda self, x, **kw: real_call(self, x, **kw) * 1.01)
+    model = _pruned(exported, "tinynet_odd")
+    rt = get_runtime("sparsert")
+    eng = rt.compile(rt.rewrite(model), "cpu", {"emulate_kernels": True, "max_configs": 1,
+                                                "candidates": ["generated", "dense"]})
+    fused = [r for r in eng.report() if r["op"] == "sparsecnn::FusedCsrConv"]
+    assert fused and all(r["choice"] == "dense" for r in fused)
+    assert all(any(v.startswith("rejected") for v in r["notes"].values()) for r in fused)
+
+
 def test_sparsert_rejects_channels_last():
     from sparsecnn.common.errors import UserError
     from sparsecnn.runtimes import get_runtime
