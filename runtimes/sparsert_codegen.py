@@ -821,9 +821,12 @@ def compile_programs(sources: list[tuple[str, str]], arch: str, workers: int | N
     records: list[CompileRecord | None] = [None] * len(sources)
     bar = None
     if progress:
-        from tqdm import tqdm
+        try:
+            from tqdm import tqdm
 
-        bar = tqdm(total=len(sources), desc=f"NVRTC ({workers} {mode}s)", unit="kernel", leave=False)
+            bar = tqdm(total=len(sources), desc=f"NVRTC ({workers} {mode}s)", unit="kernel", leave=False)
+        except ImportError:  # the GPU machine may lack it; a bar is a nicety
+            bar = None
 
     def done(i, result=None, error=""):
         if result is None:
