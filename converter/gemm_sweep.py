@@ -43,6 +43,7 @@ METHODS: dict[str, MethodFactory] = {}
 # Modules that register sparse methods when imported (one line per runtime).
 SWEEP_PLUGINS: list[str] = [
     "sparsecnn.runtimes.csr_sweep",
+    "sparsecnn.runtimes.sparsert_sweep",
 ]
 
 

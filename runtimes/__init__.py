@@ -19,6 +19,7 @@ RUNTIME_MODULES: dict[str, str] = {
     "tensorrt": "sparsecnn.runtimes.tensorrt_runtime",
     "csr": "sparsecnn.runtimes.csr",
     "ecr": "sparsecnn.runtimes.ecr",
+    "sparsert": "sparsecnn.runtimes.sparsert",
 }
 
 

@@ -81,11 +81,13 @@ def cache_dir() -> Path:
 
 
 def compile_cubin(source: str, arch: str, name: str = "kernel.cu", options: tuple[str, ...] = (),
-                  name_expressions: tuple[str, ...] = (), use_cache: bool = True) -> tuple[bytes, dict[str, str]]:
+                  name_expressions: tuple[str, ...] = (), use_cache: bool = True,
+                  log: list | None = None) -> tuple[bytes, dict[str, str]]:
     """Compile CUDA C++ `source` for `arch` (e.g. 'sm_90') -> (cubin, {expression: lowered name}).
 
     `name_expressions` are template instantiations such as 'csr_spmm<float, 4>' whose
-    mangled names the caller needs to look the kernels up.
+    mangled names the caller needs to look the kernels up. When `log` is a list, the
+    compiler's log (e.g. ptxas -v resource usage) is appended to it if a compile ran.
     """
     _, nvrtc = _bindings()
     ver = nvrtc.nvrtcVersion()
@@ -110,9 +112,11 @@ def compile_cubin(source: str, arch: str, name: str = "kernel.cu", options: tupl
         # empty, and overwriting it corrupted unrelated code, torch.load among it.)
         log_buf = bytearray(size)
         nvrtc.nvrtcGetProgramLog(prog, log_buf)
-        log = bytes(log_buf).rstrip(b"\0")
+        log_bytes = bytes(log_buf).rstrip(b"\0")
+        if log is not None:
+            log.append(log_bytes.decode(errors="replace"))
         if int(err) != 0:
-            raise KernelCompileError(f"NVRTC could not compile {name} for {arch}:\n{log.decode(errors='replace')}")
+            raise KernelCompileError(f"NVRTC could not compile {name} for {arch}:\n{log_bytes.decode(errors='replace')}")
         size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
         cubin_buf = bytearray(size)
         _check((nvrtc.nvrtcGetCUBIN(prog, cubin_buf)[0], None), "nvrtcGetCUBIN")
