@@ -13,6 +13,10 @@ VERBS = [
     "sparsecnn.converter.cmd_run",
     "sparsecnn.converter.cmd_inspect",
     "sparsecnn.converter.cmd_doctor",
+    "sparsecnn.converter.cmd_bench",
+    "sparsecnn.converter.cmd_check_jetson",
+    "sparsecnn.converter.cmd_train",
+    "sparsecnn.converter.cmd_compare",
 ]
 
 DESCRIPTION = """\

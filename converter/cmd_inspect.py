@@ -14,13 +14,21 @@ def add_parser(sub) -> None:
                                    "2:4 along input channels, whether pruning may touch it, and the bytes its "
                                    "dense and non-zero forms take.",
                        epilog="examples:\n  sparsecnn inspect r18-2to4.onnx\n  sparsecnn inspect vgg19 --json\n"
-                              "  sparsecnn inspect --models\n  sparsecnn inspect --ops",
+                              "  sparsecnn inspect --models\n  sparsecnn inspect --ops\n"
+                              "  sparsecnn inspect fmnist_vgg19.pt --activations fashion-mnist --plot act.png",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
     p.set_defaults(source=None)
     p.add_argument("--json", action="store_true", help="print JSON (one object per layer, plus a summary)")
     p.add_argument("--models", action="store_true", help="list the model registry and exit")
     p.add_argument("--ops", action="store_true", help="list the ONNX ops the executor runs and exit")
+    p.add_argument("--activations", metavar="DATA",
+                   help="instead of weights, profile activation sparsity: run the model on DATA ('fashion-mnist', "
+                        "an image folder, or 'random') and report per Conv the fraction of zero inputs (mean and "
+                        "spread over images), which is what feature-map-sparse kernels (runtime ecr) skip")
+    p.add_argument("--samples", type=int, default=64, help="images to profile with --activations (default 64)")
+    p.add_argument("--plot", metavar="PNG", help="with --activations: save a per-layer plot of the zero fractions")
+    p.add_argument("--device", default="cpu", help="with --activations: cpu, cuda or cuda:N (default cpu)")
     p.set_defaults(func=run)
     # `source` is optional only for --models / --ops.
     p._actions[[a.dest for a in p._actions].index("source")].nargs = "?"
@@ -46,9 +54,35 @@ def run(args) -> int:
     if not args.source:
         raise UserError("give a model to inspect (an ONNX file or a registry name), or --models / --ops")
     src = load_source(args.source, args.weights, args.num_classes, args.opset, quiet=args.json)
+    if args.activations:
+        return _activations(args, src)
     rows = layer_table(src.model)
     if args.json:
         print(json.dumps({"layers": [r.to_dict() for r in rows], "summary": sparsity_summary(rows)}, indent=1))
     else:
         print(format_table(rows))
+    return 0
+
+
+def _activations(args, src) -> int:
+    from ..common.errors import UserError
+    from ..runtimes import resolve_device
+    from .activations import conv_input_sparsity, format_sparsity_table, load_profile_images, plot_sparsity
+
+    if src.spec is None:
+        raise UserError(f"{src.label} carries no input spec (size, normalisation); export it with sparsecnn "
+                        "or use a registry model / sparsecnn checkpoint")
+    if args.samples < 1:
+        raise UserError("--samples must be at least 1")
+    images, what = load_profile_images(args.activations, src.spec, args.samples)
+    rows = conv_input_sparsity(src.model, images, resolve_device(args.device))
+    if args.json:
+        print(json.dumps({"model": src.label, "data": what, "layers": rows}, indent=1))
+    else:
+        print(f"{src.label}: zero inputs per conv over {what}")
+        print(format_sparsity_table(rows))
+    if args.plot:
+        plot_sparsity(rows, args.plot, f"{src.label}: conv input sparsity ({what})")
+        if not args.json:
+            print(f"plot written to {args.plot}")
     return 0

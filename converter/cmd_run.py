@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random input")
     p.add_argument("--topk", type=int, default=5, help="classes to print per image (default 5)")
     p.add_argument("-o", "--output", help="write all outputs to this .npz file")
+    p.add_argument("--save-inputs", action="store_true", help="also store the inputs in the .npz, by input name "
+                                                                "(the reference that scripts/jetson_deploy.py checks against)")
     p.add_argument("--weights", help="weights for a registry model (see `convert --help`)")
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -100,7 +102,10 @@ def run(args) -> int:
             print(f"{n}: shape {list(o.shape)}, min {o.min():.4g}, mean {o.mean():.4g}, max {o.max():.4g}")
     if args.output:
         buf = io.BytesIO()
-        np.savez(buf, **{n: o.numpy() for n, o in zip(names, outputs)})
+        arrays = {n: o.numpy() for n, o in zip(names, outputs)}
+        if getattr(args, "save_inputs", False):
+            arrays.update({n: x.numpy() for n, x in zip(engine.input_names, [x])})
+        np.savez(buf, **arrays)
         write_bytes_atomic(args.output, buf.getvalue())
         print(f"wrote {args.output}")
     return 0

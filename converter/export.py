@@ -1,6 +1,7 @@
 """torch.nn.Module -> dense ONNX with BatchNorm folded and module names kept as weight names."""
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -34,7 +35,7 @@ def export_onnx(module: nn.Module, spec: InputSpec, exclude: tuple[str, ...] = (
     names_out = list(spec.output_names)
     dynamic = {spec.input_name: {0: "N"}, **{n: {0: "N"} for n in names_out}}
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _exportable_pools(module, x):
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=opset, input_names=[spec.input_name],
                           output_names=names_out, dynamic_axes=dynamic, do_constant_folding=False,
@@ -45,3 +46,45 @@ def export_onnx(module: nn.Module, spec: InputSpec, exclude: tuple[str, ...] = (
     weights = {w for _, w, _ in weight_nodes(model)}
     set_prune_exclusions(model, [f"{m}.weight" for m in exclude if f"{m}.weight" in weights])
     return model
+
+
+class _Replicate(nn.Module):
+    """AdaptiveAvgPool2d applied to a 1x1 map: every output cell is the input value (exports as Mul)."""
+
+    def __init__(self, size: tuple[int, int]):
+        super().__init__()
+        self.register_buffer("ones", torch.ones(1, 1, *size), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.ones
+
+
+@contextlib.contextmanager
+def _exportable_pools(module: nn.Module, x: torch.Tensor):
+    """Swap, for the export only, adaptive average pools that upsample a 1x1 map into an equivalent Mul.
+
+    torchvision's VGG pools to 7x7 before its classifier; at small inputs (32x32: a 1x1 map)
+    the ONNX exporter refuses that pool, although it only replicates the value.
+    """
+    pools = {n: m for n, m in module.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d) and n}
+    sizes: dict[str, tuple] = {}
+    if pools:
+        hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: sizes.__setitem__(
+            n, (tuple(inp[0].shape[-2:]), tuple(out.shape[-2:])))) for n, m in pools.items()]
+        try:
+            module(x[:1])
+        finally:
+            for h in hooks:
+                h.remove()
+    swapped = []
+    try:
+        for name, (size_in, size_out) in sizes.items():
+            if size_in == (1, 1) and size_out != (1, 1):
+                parent_name, _, attr = name.rpartition(".")
+                parent = module.get_submodule(parent_name) if parent_name else module
+                swapped.append((parent, attr, getattr(parent, attr)))
+                setattr(parent, attr, _Replicate(size_out))
+        yield
+    finally:
+        for parent, attr, original in swapped:
+            setattr(parent, attr, original)

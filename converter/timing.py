@@ -2,9 +2,15 @@
 
 Every benchmark in sparsecnn times through `time_fn`, so numbers from different commands
 are comparable. On CPU it falls back to a monotonic clock.
+
+`time_calls` is `time_fn` for work shorter than the host's launch cost (one layer, one
+GEMM at batch 1: 2-50 us, while a Python-level launch costs about 10 us): the call is
+captured in a CUDA graph, several times in a row when one is too short to keep the GPU
+busy, and the replays are timed; samples are per call.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -20,6 +26,8 @@ class Timing:
     min_ms: float
     reps: int
     samples_ms: list[float]
+    inner: int = 1  # calls per timed sample (time_calls); every number above is per call
+    how: str = ""   # "cuda-events", "cpu-clock" or "graph" (time_calls' CUDA-graph replays)
 
     def to_dict(self, samples: bool = False) -> dict:
         d = asdict(self)
@@ -34,8 +42,12 @@ def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
 
 
 def time_fn(fn: Callable[[int], object], device: torch.device | str, reps: int = 100, warmup: int = 10,
-            flush_l2: bool = False) -> Timing:
-    """Time `fn(i)` (i = repetition index, for rotating inputs) `reps` times after `warmup` calls.
+            flush_l2: bool = False, warmup_ms: float = 30.0) -> Timing:
+    """Time `fn(i)` (i = repetition index, for rotating inputs) `reps` times after warm-up.
+
+    Warm-up is `warmup` calls and at least `warmup_ms` of device work, so an idle GPU has
+    raised its clocks before the first timed repetition (short configurations otherwise
+    read slow in whichever pass comes first).
 
     On CUDA each repetition is bracketed by its own events, so the median excludes host
     gaps between repetitions; with `flush_l2` a buffer twice the L2 size is overwritten
@@ -44,6 +56,12 @@ def time_fn(fn: Callable[[int], object], device: torch.device | str, reps: int =
     device = torch.device(device)
     for i in range(warmup):
         fn(i)
+    if device.type == "cuda" and warmup_ms > 0:
+        torch.cuda.synchronize(device)
+        t_end = time.perf_counter() + warmup_ms / 1e3
+        while time.perf_counter() < t_end:
+            fn(0)
+            torch.cuda.synchronize(device)
     samples = []
     if device.type == "cuda":
         flush = _l2_flush_buffer(device) if flush_l2 else None
@@ -65,4 +83,63 @@ def time_fn(fn: Callable[[int], object], device: torch.device | str, reps: int =
             samples.append((time.perf_counter() - t0) * 1e3)
     ordered = sorted(samples)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-    return Timing(statistics.median(ordered), p90, ordered[0], reps, samples)
+    return Timing(statistics.median(ordered), p90, ordered[0], reps, samples,
+                  how="cuda-events" if device.type == "cuda" else "cpu-clock")
+
+
+def auto_reps(fn: Callable[[int], object], device: torch.device | str, budget_ms: float, lo: int = 10,
+              hi: int = 300, flush_l2: bool = False) -> int:
+    """Repetitions that make one `time_fn` of `fn` last about `budget_ms` (clamped to [lo, hi]).
+
+    Slow configurations (batch 32 at 30 ms a run) get fewer repetitions than fast ones
+    (batch 1 at 0.4 ms), so a sweep's length is bounded without starving the fast ones.
+    """
+    probe = time_fn(fn, device, reps=3, warmup=1, flush_l2=flush_l2)
+    return int(max(lo, min(hi, budget_ms / max(probe.median_ms, 1e-3))))
+
+
+def pooled(timings: list[Timing]) -> tuple[float, float]:
+    """(median, p90) over the samples of several timings of one configuration."""
+    ordered = sorted(x for t in timings for x in t.samples_ms)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
+def spread(a: Timing, b: Timing) -> float:
+    """Relative difference of two medians of the same configuration: |a - b| / min(a, b)."""
+    lo = min(a.median_ms, b.median_ms)
+    return abs(a.median_ms - b.median_ms) / lo if lo > 0 else 0.0
+
+
+def time_calls(call: Callable[[int], object], device: torch.device | str, reps: int = 50, warmup: int = 5,
+               flush_l2: bool = False, graph: bool = True, min_sample_ms: float = 0.25, max_inner: int = 64,
+               min_inner: int = 1, warmup_ms: float = 30.0) -> Timing:
+    """Time `call(j)` (j = call index, for rotating inputs) as CUDA-graph replays; per-call numbers.
+
+    On CUDA (with `graph`) the call is captured into a graph `inner` times in a row, j = 0..inner-1,
+    with `inner` chosen so one replay lasts at least `min_sample_ms` (at least `min_inner`, at most
+    `max_inner`; 1 with `flush_l2`, so every call starts cold), and `time_fn` times the replays.
+    Elsewhere, or if the call cannot be captured (a host synchronisation inside it), `time_fn`
+    times `call` eagerly. Tensors the call reads must stay alive until this returns. `warmup_ms`
+    goes to `time_fn` (a sweep of many short timings on a GPU kept busy can pass less).
+    """
+    device = torch.device(device)
+    wkw = {} if warmup_ms == 30.0 else {"warmup_ms": warmup_ms}  # time_fn's default unless asked
+    if device.type != "cuda" or not graph:
+        return time_fn(call, device, reps=reps, warmup=warmup, flush_l2=flush_l2, **wkw)
+    from ..runtimes.base import GraphReplay
+
+    try:
+        one = GraphReplay(lambda: call(0), (), warmup=2)
+    except Exception:  # not capturable: eager timing is the honest fallback
+        torch.cuda.synchronize(device)
+        return time_fn(call, device, reps=reps, warmup=warmup, flush_l2=flush_l2, **wkw)
+    inner = 1
+    if not flush_l2:
+        probe = time_fn(lambda i: one.replay(), device, reps=5, warmup=2, **wkw).median_ms
+        inner = int(min(max_inner, max(min_inner, math.ceil(min_sample_ms / max(probe, 1e-4)))))
+    if inner > 1:
+        one = GraphReplay(lambda: [call(j) for j in range(inner)], (), warmup=1)  # the single one is freed
+    replay = one
+    t = time_fn(lambda i: replay.replay(), device, reps=reps, warmup=warmup, flush_l2=flush_l2, **wkw)
+    samples = [s / inner for s in t.samples_ms]
+    return Timing(t.median_ms / inner, t.p90_ms / inner, t.min_ms / inner, t.reps, samples, inner, "graph")

@@ -145,7 +145,8 @@ def default_exclusions(model: onnx.ModelProto) -> list[str]:
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    weight_node_names = {id(n) for n, _, _ in weight_nodes(model)}
+    # Keyed by output name: protobuf hands out fresh wrapper objects, so id() is not stable.
+    weight_node_outputs = {n.output[0] for n, _, _ in weight_nodes(model)}
 
     def reaches_output(tensor: str, seen: set[str]) -> bool:
         if tensor in graph_outputs:
@@ -154,7 +155,7 @@ def default_exclusions(model: onnx.ModelProto) -> list[str]:
             return False
         seen.add(tensor)
         for c in consumers.get(tensor, []):
-            if id(c) in weight_node_names:
+            if c.output[0] in weight_node_outputs:
                 continue
             if any(reaches_output(o, seen) for o in c.output):
                 return True

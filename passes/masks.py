@@ -1,11 +1,16 @@
 """Which weights to zero: the pruning rules, in one place.
 
 The ONNX prune passes and masked fine-tuning both call these on torch tensors, so a model
-pruned before or after fine-tuning follows the same rule.
+pruned before or after fine-tuning follows the same rule. `masks_for` is the one entry
+point by method name; `module_masks` applies it to a torch module's Conv / Linear weights,
+ranking magnitudes as they will be after BatchNorm folding (what the ONNX passes see).
+Channel pruning, which removes whole filters instead of zeroing weights, is in channel.py.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections import Counter
 
 import torch
 
@@ -87,3 +92,109 @@ def cubic_sparsity(step: int, total_steps: int, final: float, initial: float = 0
     """Zhu & Gupta's gradual schedule: s_t = s_f + (s_i - s_f)(1 - t/T)^3, clamped at T."""
     t = min(max(step, 0), total_steps) / max(total_steps, 1)
     return final + (initial - final) * (1.0 - t) ** 3
+
+
+PRUNE_METHODS = ("2:4", "unstructured")
+
+
+def masks_for(weights: dict[str, torch.Tensor], method: str, sparsity: float | None = None, scope: str = "layer",
+              axes: dict[str, int] | None = None) -> tuple[dict[str, torch.Tensor], Counter]:
+    """Keep-masks for `weights` by `method` ('2:4' or 'unstructured'), with counters.
+
+    2:4 runs along each weight's input-channel axis (`axes`, default 1); a layer whose
+    input channels are not a multiple of 4 gets no mask and is counted as skipped.
+    """
+    counters: Counter = Counter()
+    if method == "2:4":
+        masks = {}
+        for name, w in weights.items():
+            axis = (axes or {}).get(name, 1)
+            if w.shape[axis] % 4:
+                counters["skipped_channels_not_multiple_of_4"] += 1
+                continue
+            masks[name] = mask_2to4(w, axis)
+        counters["pruned"] = len(masks)
+        return masks, counters
+    if method == "unstructured":
+        masks = masks_magnitude(weights, sparsity if sparsity is not None else 0.0, scope)
+        counters["pruned"] = len(masks)
+        return masks, counters
+    raise UserError(f"unknown pruning method '{method}'; use one of {', '.join(PRUNE_METHODS)} (or channel)")
+
+
+def is_excluded(weight: str, patterns) -> bool:
+    """Whether weight `weight` (or its module, the name without '.weight') matches a pattern (globs allowed)."""
+    module = weight.removesuffix(".weight")
+    return any(fnmatch.fnmatchcase(weight, p) or fnmatch.fnmatchcase(module, p) for p in patterns)
+
+
+def module_weights(module: torch.nn.Module, exclude=()) -> dict[str, tuple[torch.nn.Parameter, int]]:
+    """Prunable weights of a torch module: {'layer1.0.conv1.weight': (parameter, input-channel axis)}.
+
+    Conv and Linear weights, named as export names them in the ONNX file, minus `exclude`
+    (module or weight names, globs allowed).
+    """
+    from torch import nn
+
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and isinstance(m.weight, nn.Parameter):
+            wname = f"{name}.weight"
+            if not is_excluded(wname, exclude):
+                out[wname] = (m.weight, 1)
+    return out
+
+
+def conv_bn_pairs(module: torch.nn.Module) -> dict[str, str]:
+    """{conv module name: batch-norm module name} for every Conv whose only consumer is a BatchNorm.
+
+    The same rule as the ONNX fold_bn pass; found by tracing with torch.fx. A model that
+    does not trace gets no pairs (plain magnitudes are ranked then).
+    """
+    from torch import nn
+
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception:  # data-dependent control flow and the like: fall back to raw magnitudes
+        return {}
+    mods = dict(module.named_modules())
+    pairs = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(mods.get(src.target), nn.modules.conv._ConvNd) and len(src.users) == 1):
+            pairs[src.target] = node.target
+    return pairs
+
+
+def folded_magnitudes(module: torch.nn.Module, names, pairs: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """|weight| as it will be after BatchNorm folding: scaled per output channel by |gamma| / sqrt(var + eps)."""
+    pairs = conv_bn_pairs(module) if pairs is None else pairs
+    mods = dict(module.named_modules())
+    params = dict(module.named_parameters())
+    out = {}
+    for name in names:
+        w = params[name].detach().abs().float()
+        bn_name = pairs.get(name.removesuffix(".weight"))
+        bn = mods.get(bn_name) if bn_name else None
+        if bn is not None and bn.running_var is not None:
+            gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(bn.running_var)
+            scale = (gamma / torch.sqrt(bn.running_var.float() + bn.eps)).abs()
+            w = w * scale.view(-1, *([1] * (w.dim() - 1)))
+        out[name] = w
+    return out
+
+
+def module_masks(module: torch.nn.Module, method: str, sparsity: float | None = None, scope: str = "layer",
+                 exclude=(), fold_bn: bool = True, pairs: dict[str, str] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], Counter]:
+    """`masks_for` over a torch module's prunable weights (see `module_weights`).
+
+    With `fold_bn`, magnitudes are ranked as the ONNX passes rank them after BatchNorm is
+    folded into the Conv, so pruning before or after export picks the same weights.
+    """
+    weights = module_weights(module, exclude)
+    mags = folded_magnitudes(module, weights, pairs) if fold_bn else {k: p.detach() for k, (p, _) in weights.items()}
+    return masks_for(mags, method, sparsity, scope, {k: a for k, (_, a) in weights.items()})

@@ -6,7 +6,6 @@ never touched.
 """
 from __future__ import annotations
 
-import fnmatch
 from collections import Counter
 
 import numpy as np
@@ -15,12 +14,8 @@ import torch
 from onnx import numpy_helper
 
 from .graph import PassResult, initializer_map, prune_exclusions, replace_initializer, weight_nodes
-from .masks import mask_2to4, masks_magnitude
-
-
-def _is_excluded(weight: str, patterns: list[str]) -> bool:
-    module = weight.removesuffix(".weight")
-    return any(fnmatch.fnmatchcase(weight, p) or fnmatch.fnmatchcase(module, p) for p in patterns)
+from .masks import is_excluded as _is_excluded
+from .masks import masks_for
 
 
 def prunable_weights(model: onnx.ModelProto, exclude: list[str] | None = None) -> list[tuple[onnx.NodeProto, str, int]]:
@@ -51,13 +46,9 @@ def prune_2to4(model: onnx.ModelProto, exclude: list[str] | None = None) -> Pass
     layers = prunable_weights(model, exclude)
     counters["excluded"] = len(weight_nodes(model)) - len(layers)
     arrays = _weights(model, [w for _, w, _ in layers])
-    masks = {}
-    for node, name, axis in layers:
-        if arrays[name].shape[axis] % 4:
-            counters["skipped_channels_not_multiple_of_4"] += 1
-            continue
-        masks[name] = mask_2to4(torch.from_numpy(arrays[name]), axis)
-        counters["pruned"] += 1
+    masks, found = masks_for({k: torch.from_numpy(v) for k, v in arrays.items()}, "2:4",
+                             axes={name: axis for _, name, axis in layers})
+    counters.update(found)
     return PassResult(_apply(model, masks, arrays), counters, "prune_2to4")
 
 
@@ -68,8 +59,8 @@ def prune_unstructured(model: onnx.ModelProto, sparsity: float, scope: str = "la
     layers = prunable_weights(model, exclude)
     counters["excluded"] = len(weight_nodes(model)) - len(layers)
     arrays = _weights(model, [w for _, w, _ in layers])
-    masks = masks_magnitude({k: torch.from_numpy(v) for k, v in arrays.items()}, sparsity, scope)
-    counters["pruned"] = len(masks)
+    masks, found = masks_for({k: torch.from_numpy(v) for k, v in arrays.items()}, "unstructured", sparsity, scope)
+    counters.update(found)
     return PassResult(_apply(model, masks, arrays), counters, f"prune_unstructured({sparsity:g},{scope})")
 
 

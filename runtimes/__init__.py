@@ -15,6 +15,11 @@ from ..common.errors import UserError
 
 RUNTIME_MODULES: dict[str, str] = {
     "torch": "sparsecnn.runtimes.torch_runtime",
+    "cusparselt": "sparsecnn.runtimes.cusparselt_runtime",
+    "tensorrt": "sparsecnn.runtimes.tensorrt_runtime",
+    "csr": "sparsecnn.runtimes.csr",
+    "ecr": "sparsecnn.runtimes.ecr",
+    "sparsert": "sparsecnn.runtimes.sparsert",
     "minkowski": "sparsecnn.runtimes.minkowski",
 }
 
@@ -61,10 +66,14 @@ def resolve_device(device: str | None) -> torch.device:
 
 def load_engine(path: str | Path, device: str | None = None):
     """Rebuild a saved engine on `device` (default: the one it was compiled for, if present)."""
-    from .base import CompileOptions, read_engine_file
+    from .base import CompileOptions, read_engine_file, read_engine_files
 
     manifest, model = read_engine_file(path)
     rt = require_runtime(manifest["runtime"])
     options = CompileOptions.from_dict(manifest["options"])
     dev = resolve_device(device or manifest["options"].get("device"))
-    return rt.compile(model, dev, options, state=manifest.get("state") or {})
+    state = dict(manifest.get("state") or {})
+    files = read_engine_files(path)
+    if files:
+        state["files"] = files
+    return rt.compile(model, dev, options, state=state)

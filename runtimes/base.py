@@ -118,6 +118,12 @@ class Engine:
             outs = self.runner(*prepared)(*prepared)
         return tuple(o.float().clone() for o in outs)
 
+    def profile(self, *inputs: torch.Tensor, reps: int = 20, warmup: int = 3, flush_l2: bool = False) -> list[dict]:
+        """Per-step times on `inputs` (any device/dtype) in this engine's precision (Executor.profile)."""
+        prepared = self.prepare(*inputs)
+        with torch.no_grad(), self._precision_context():
+            return self.executor.profile(*prepared, reps=reps, warmup=warmup, flush_l2=flush_l2)
+
     def report(self) -> list[dict]:
         """Per layer (step): name, op and what the runtime ran for it.
 
@@ -140,10 +146,17 @@ class Engine:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
                 z.writestr("engine.json", json.dumps(manifest, indent=2))
                 z.writestr("model.onnx", self.model.SerializeToString())
+                for name, data in self.saved_files().items():
+                    z.writestr(f"files/{name}", data)
         return Path(path)
 
     def saved_state(self) -> dict:
         """Runtime decisions worth keeping across a reload (e.g. per-layer kernel choices)."""
+        return {}
+
+    def saved_files(self) -> dict[str, bytes]:
+        """Binary artefacts to keep in the engine file (e.g. a TensorRT plan); on load they
+        come back to `compile` as `state["files"]`."""
         return {}
 
 
@@ -163,6 +176,12 @@ class _MatmulPrecision:
     def __exit__(self, *exc):
         if self.active:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def read_engine_files(path: str | Path) -> dict[str, bytes]:
+    """The `saved_files` of an engine file ({} for engines that saved none)."""
+    with zipfile.ZipFile(path) as z:
+        return {n[len("files/"):]: z.read(n) for n in z.namelist() if n.startswith("files/")}
 
 
 def read_engine_file(path: str | Path) -> tuple[dict, onnx.ModelProto]:

@@ -6,7 +6,6 @@ sub-graphs (shape arithmetic, Constant nodes) are evaluated once at compile time
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -15,7 +14,7 @@ import torch
 from onnx import numpy_helper
 
 from ..common.errors import UserError
-from ..passes.graph import node_label
+from ..passes.graph import node_label, skeleton
 from .ops import STANDARD_OPS, Builder, NodeContext, attributes
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -32,8 +31,8 @@ class Step:
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+    try:  # on the skeleton: weights as typed inputs, so hundreds of MB are not serialised
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
     except Exception:  # shapes are a help to builders, never required
         inferred = model
     out = {}
@@ -77,6 +76,8 @@ class Executor:
             except NotImplementedError as exc:
                 raise UserError(f"node '{node_label(node)}' ({node.op_type}) uses an unsupported form: {exc}") from None
             ins = list(node.input)
+            if ctx.inputs_used is not None:
+                ins = [ins[i] if i < len(ins) else "" for i in ctx.inputs_used]
             if all((not n) or n in self.consts for n in ins):  # constant sub-graph: fold now
                 outs = fn(*[self.consts.get(n) if n else None for n in ins])
                 outs = outs if isinstance(outs, (tuple, list)) else (outs,)
@@ -114,6 +115,22 @@ class Executor:
                 env[step.outputs[0]] = outs
         return tuple(env[n] for n in self.output_names)
 
+    def walk(self, *inputs: torch.Tensor, before: Callable[[Step, list], None] | None = None) -> tuple[torch.Tensor, ...]:
+        """Run like `__call__`, calling `before(step, args)` ahead of each step (for profilers and
+        compile-time calibration; the hot path stays `__call__`)."""
+        env = dict(self.consts)
+        env.update(zip(self.input_names, inputs))
+        for step in self.steps:
+            args = [env[n] if n else None for n in step.inputs]
+            if before is not None:
+                before(step, args)
+            outs = step.fn(*args)
+            if isinstance(outs, (tuple, list)):
+                env.update(zip(step.outputs, outs))
+            else:
+                env[step.outputs[0]] = outs
+        return tuple(env[n] for n in self.output_names)
+
     def weight_bytes(self) -> int:
         """Bytes of constants the engine keeps on its device (weights, compressed or not)."""
         seen, total = set(), 0
@@ -123,34 +140,34 @@ class Executor:
                 total += v.numel() * v.element_size()
         return total
 
-    def profile(self, *inputs: torch.Tensor, reps: int = 20, warmup: int = 3) -> list[dict]:
-        """Median time of each step run alone, in eager mode (not graph-replayed)."""
+    def profile(self, *inputs: torch.Tensor, reps: int = 20, warmup: int = 3, flush_l2: bool = False,
+                graph: bool = True) -> list[dict]:
+        """Median (and p90) time of each step run alone, through `time_calls`.
+
+        On CUDA each step is captured in a CUDA graph of its own (several times over when it
+        is shorter than a launch) and the replays are timed, so a layer's time is its
+        kernels' time, not the Python launch overhead of eager mode (which at batch 1 can
+        exceed the kernels); a step that cannot be captured is timed eagerly and says so
+        (`timed`). The steps' times add up to about the whole network's graph-replay time;
+        they are somewhat optimistic where a layer's weights fit in L2 when run alone (use
+        `flush_l2` for the cold-cache bound).
+        """
+        from ..converter.timing import time_calls
+
         env = dict(self.consts)
         env.update(zip(self.input_names, inputs))
         rows = []
-        cuda = self.device.type == "cuda"
         for step in self.steps:
             args = [env[n] if n else None for n in step.inputs]
-            for _ in range(warmup):
-                outs = step.fn(*args)
-            times = []
-            for _ in range(reps):
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    outs = step.fn(*args)
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                else:
-                    t0 = time.perf_counter()
-                    outs = step.fn(*args)
-                    times.append((time.perf_counter() - t0) * 1e3)
+            outs = step.fn(*args)  # first run: lazy per-layer decisions happen here, untimed
+            t = time_calls(lambda j, step=step, args=args: step.fn(*args), self.device, reps=reps, warmup=warmup,
+                           flush_l2=flush_l2, graph=graph)
             if isinstance(outs, (tuple, list)):
                 env.update(zip(step.outputs, outs))
             else:
                 env[step.outputs[0]] = outs
-            times.sort()
-            rows.append({"name": step.name, "op": step.op_type, "ms": times[len(times) // 2], **{
-                k: v for k, v in step.info.items() if k != "buffers"}})
+            timed = "graph" if t.how == "graph" else "eager"
+            rows.append({"name": step.name, "op": step.op_type, "ms": t.median_ms, "p90_ms": t.p90_ms,
+                         "timed": timed, "inputs": list(step.inputs), "outputs": list(step.outputs),
+                         **{k: v for k, v in step.info.items() if k != "buffers"}})
         return rows

@@ -81,11 +81,13 @@ def cache_dir() -> Path:
 
 
 def compile_cubin(source: str, arch: str, name: str = "kernel.cu", options: tuple[str, ...] = (),
-                  name_expressions: tuple[str, ...] = (), use_cache: bool = True) -> tuple[bytes, dict[str, str]]:
+                  name_expressions: tuple[str, ...] = (), use_cache: bool = True,
+                  log: list | None = None) -> tuple[bytes, dict[str, str]]:
     """Compile CUDA C++ `source` for `arch` (e.g. 'sm_90') -> (cubin, {expression: lowered name}).
 
     `name_expressions` are template instantiations such as 'csr_spmm<float, 4>' whose
-    mangled names the caller needs to look the kernels up.
+    mangled names the caller needs to look the kernels up. When `log` is a list, the
+    compiler's log (e.g. ptxas -v resource usage) is appended to it if a compile ran.
     """
     _, nvrtc = _bindings()
     ver = nvrtc.nvrtcVersion()
@@ -105,13 +107,20 @@ def compile_cubin(source: str, arch: str, name: str = "kernel.cu", options: tupl
         bopts = [o.encode() for o in opts]
         err = nvrtc.nvrtcCompileProgram(prog, len(bopts), bopts)[0]
         size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * size
-        nvrtc.nvrtcGetProgramLog(prog, log)
+        # NVRTC writes into the buffers it is given: they must be mutable. (`b" " * size`,
+        # as NVIDIA's samples write it, is CPython's shared one-byte object when the log is
+        # empty, and overwriting it corrupted unrelated code, torch.load among it.)
+        log_buf = bytearray(size)
+        nvrtc.nvrtcGetProgramLog(prog, log_buf)
+        log_bytes = bytes(log_buf).rstrip(b"\0")
+        if log is not None:
+            log.append(log_bytes.decode(errors="replace"))
         if int(err) != 0:
-            raise KernelCompileError(f"NVRTC could not compile {name} for {arch}:\n{log.decode(errors='replace')}")
+            raise KernelCompileError(f"NVRTC could not compile {name} for {arch}:\n{log_bytes.decode(errors='replace')}")
         size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-        cubin = b" " * size
-        _check((nvrtc.nvrtcGetCUBIN(prog, cubin)[0], None), "nvrtcGetCUBIN")
+        cubin_buf = bytearray(size)
+        _check((nvrtc.nvrtcGetCUBIN(prog, cubin_buf)[0], None), "nvrtcGetCUBIN")
+        cubin = bytes(cubin_buf)
         lowered = {}
         for expr in name_expressions:
             mangled = _check(nvrtc.nvrtcGetLoweredName(prog, expr.encode()), "nvrtcGetLoweredName")
@@ -197,7 +206,8 @@ class Kernel:
 
     def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], *args, shared: int = 0) -> None:
         """Launch on PyTorch's current stream. Tensors pass as pointers; ints as int32 unless
-        wrapped in a ctypes type (e.g. ctypes.c_int64); floats as float32."""
+        wrapped in a ctypes type (e.g. ctypes.c_int64); floats as float32; a ctypes.Structure
+        as a struct passed by value (same field order and types as the kernel's)."""
         values = []
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -208,7 +218,7 @@ class Kernel:
                 values.append(ctypes.c_int(a))
             elif isinstance(a, float):
                 values.append(ctypes.c_float(a))
-            elif isinstance(a, ctypes._SimpleCData):
+            elif isinstance(a, (ctypes._SimpleCData, ctypes.Structure)):  # a Structure: a by-value struct parameter
                 values.append(a)
             elif a is None:
                 values.append(ctypes.c_void_p(0))

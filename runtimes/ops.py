@@ -30,6 +30,10 @@ class NodeContext:
     channels_last: bool = False
     options: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # what ran, for the per-layer report
+    # Indices of node inputs the returned function takes (None: all). A builder that keeps
+    # constants in its own form (e.g. compressed weights) lists only the rest, so the
+    # executor neither passes nor keeps the originals.
+    inputs_used: list[int] | None = None
 
     @property
     def name(self) -> str:
@@ -153,6 +157,14 @@ def _conv(ctx):
     dilation = ctx.attr("dilations", [1] * spatial)
     groups = ctx.attr("group", 1)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    mode = ctx.options.get("dense_conv", "cudnn")
+    if mode != "cudnn":  # another dense engine, or the per-layer choice (runtimes/dense_conv.py)
+        from .dense_conv import build_dense_conv
+
+        layer = build_dense_conv(ctx, w, kernel, stride, dilation, groups, mode,
+                                 lambda x: resolve_pads(ctx, x, kernel, stride, dilation))
+        if layer is not None:
+            return layer
     if w is not None and ctx.channels_last and w.dim() == 4:
         w = w.contiguous(memory_format=torch.channels_last)
 

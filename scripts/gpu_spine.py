@@ -64,7 +64,7 @@ def main() -> None:
             torch.backends.cuda.matmul.allow_tf32 = False
             eng = rt.compile(model, "cuda", {"dtype": dtype, "tf32": False})
             outs = eng(x)
-            err = max(float(np.abs(o.numpy() - r).max() / np.abs(r).max()) for o, r in zip(outs, ref))
+            err = max(float(np.abs(o.cpu().numpy() - r).max() / np.abs(r).max()) for o, r in zip(outs, ref))
             xs = eng.prepare(x)
             replay = eng.runner(*xs)
             graph_t = time_fn(lambda i: replay.replay(), "cuda", reps=args.reps)

@@ -12,8 +12,8 @@ def ort_run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
 
 def rel_err(a, b) -> float:
     """max |a - b| / max |b|: the error measure of the project's tolerances."""
-    a = torch.as_tensor(np.asarray(a), dtype=torch.float64)
-    b = torch.as_tensor(np.asarray(b), dtype=torch.float64)
+    a, b = (x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x)) for x in (a, b))
+    a, b = a.to(torch.float64), b.to(torch.float64)
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 

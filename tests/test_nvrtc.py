@@ -42,3 +42,14 @@ def test_smoke_kernel_runs_on_torch_stream_and_in_a_cuda_graph(dtype):
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, torch.full_like(y, 3.0))
+
+
+def test_compiling_leaves_python_objects_intact(tmp_path, monkeypatch):
+    """An empty NVRTC log is one byte; writing it into an immutable bytes object corrupted
+    CPython's shared b" " and, through it, torch.load of any later checkpoint."""
+    monkeypatch.setenv("SPARSECNN_CACHE", str(tmp_path))
+    compile_cubin(load_source("smoke.cu"), "sm_90", "smoke.cu", name_expressions=("axpb<float>",), use_cache=False)
+    assert b" " == bytes([32])
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    assert torch.load(path, weights_only=True)["w"].sum() == 2

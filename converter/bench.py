@@ -1,0 +1,579 @@
+"""The benchmark harness behind `sparsecnn bench`: whole networks, per layer, and the bounds.
+
+For each model x precision regime x batch size it builds, on one device in one run:
+
+- **eager**: PyTorch eager on the dense nn.Module (what users have; the ONNX executor run
+  eagerly for an ONNX-file source);
+- **dense engines**: the torch runtime (whole network in one CUDA graph) with each
+  requested `dense_conv` mode -- "cudnn" is cuDNN as PyTorch calls it, "best" is the best
+  dense engine (per layer the fastest of cuDNN NCHW / NHWC and im2col + cuBLAS, see
+  runtimes/dense_conv.py);
+- **runtimes x prune settings**: each requested runtime's rewrite + compile of the model
+  pruned each way, its dense fallback layers compiled with `dense_conv` (default "best").
+
+Every engine is timed twice, in two passes over all engines (so the two runs of one
+configuration are separated by the others), through `time_fn` on CUDA-graph replays; the
+spread between the two medians is reported, and the median over both runs' samples is the
+number used. Whole-network replays read one static input: it is read once per inference,
+so rotating it would change nothing measurable (weights and activations are the traffic);
+`flush_l2` gives the cold-cache case. Speedups are reported against eager and against the
+best dense time, which is the fastest of the dense engines measured in the same run (the
+claim is always against it).
+
+Per layer (`Engine.profile`: each step captured and timed alone) every engine's steps are
+matched to the best dense engine's steps that compute the same tensors (a fused op is
+matched to the chain it replaces), giving a per-layer speedup; the "why no speedup" bound
+is the share of the dense network time spent in the layers a runtime accelerates and the
+whole-network speedup that share allows (Amdahl: 1 / (1 - share) with infinitely fast
+accelerated layers; and the speedup the measured per-layer times predict).
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import gc
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import onnx
+import torch
+
+from ..common.errors import UserError
+from .regimes import Regime, regime_flags
+from .timing import auto_reps, pooled, spread, time_fn
+
+SCHEMA = "sparsecnn-bench"
+SCHEMA_VERSION = 1
+
+DENSE_LABEL = {"cudnn": "torch cuDNN", "cudnn_nhwc": "torch cuDNN NHWC", "im2col": "torch im2col+cuBLAS",
+               "im2col_nhwc": "torch im2col NHWC+cuBLAS", "best": "best dense"}
+
+
+@dataclass
+class BenchConfig:
+    models: list[str]
+    runtimes: list[str]
+    prunes: list[str]
+    regimes: list[Regime]
+    batches: list[int]
+    device: torch.device
+    dense_modes: list[str] = field(default_factory=lambda: ["cudnn", "best"])
+    runtime_dense_conv: str = "best"
+    scope: str = "layer"
+    weights: str | None = None
+    per_layer: bool = True
+    flush_l2: bool = False
+    budget_ms: float = 300.0
+    min_reps: int = 10
+    max_reps: int = 300
+    layer_reps: int = 20
+    repeats: int = 2
+    seed: int = 0
+    progress: bool = True
+    quick: bool = False
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["regimes"] = [r.name for r in self.regimes]
+        d["device"] = str(self.device)
+        return d
+
+
+# --- environment ---------------------------------------------------------------------------
+
+def environment(device: torch.device) -> dict:
+    """Card, driver and versions: what a number needs beside it to mean anything."""
+    import importlib.metadata as md
+
+    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                           "torch": torch.__version__, "cuda": torch.version.cuda,
+                           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                           "device": str(device), "cpu": platform.processor() or platform.machine(),
+                           "torch_threads": torch.get_num_threads(),
+                           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for pkg in ("sparsecnn", "onnx", "onnxruntime", "numpy", "matplotlib"):
+        try:
+            env[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            env[pkg] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(card=props.name, capability=f"sm_{props.major}{props.minor}", sms=props.multi_processor_count,
+                   memory_gib=round(props.total_memory / 2**30, 1), l2_bytes=getattr(props, "L2_cache_size", None))
+        try:
+            q = subprocess.run(["nvidia-smi", f"--id={device.index or 0}",
+                                "--query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu",
+                                "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            fields = [f.strip() for f in q.stdout.strip().split(",")]
+            if q.returncode == 0 and len(fields) == 5:
+                env.update(driver=fields[0], sm_clock=fields[1], sm_clock_max=fields[2], power_limit=fields[3],
+                           temperature_c=fields[4])
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    else:
+        env["card"] = f"CPU ({env['cpu']})"
+        env["driver"] = None
+    return env
+
+
+# --- models --------------------------------------------------------------------------------
+
+def onnx_bytes(model: onnx.ModelProto) -> int:
+    """The serialised size of `model` (to a few bytes per tensor), without serialising the weights.
+
+    protobuf's ByteSize() on a 550 MB VGG-19 takes seconds; raw tensors are dims x itemsize.
+    """
+    from ..passes.graph import skeleton
+
+    light = skeleton(model)
+    kept = {t.name for t in light.graph.initializer}
+    total = light.ByteSize()
+    for t in model.graph.initializer:
+        if t.name in kept:
+            continue
+        n = 1
+        for d in t.dims:
+            n *= d
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize + len(t.name) + 16
+    return total
+
+
+@dataclass
+class Prepared:
+    name: str
+    module: torch.nn.Module | None  # the dense nn.Module (None for an ONNX-file source)
+    dense: onnx.ModelProto
+    input_shape: tuple[int, ...]     # without the batch axis
+    pruned: dict[str, onnx.ModelProto]
+    info: dict
+
+
+def prepare_model(name: str, prunes: list[str], scope: str = "layer", weights: str | None = None,
+                  quiet: bool = True) -> Prepared:
+    """The dense nn.Module, its dense ONNX export (BN folded) and each pruned version."""
+    from ..models.registry import MODELS
+    from ..passes.graph import run_pipeline
+    from ..passes.inspect import layer_table, sparsity_summary
+    from ..passes.prune import prune_pipeline
+    from .export import export_onnx
+    from .source import load_source
+
+    if name in MODELS:
+        from ..models.registry import load_model
+
+        module, spec, entry = load_model(name, weights)
+        dense = export_onnx(module, spec, entry.exclude)
+        shape = tuple(spec.shape)
+    else:
+        src = load_source(name, weights, quiet=quiet)
+        module, dense = None, src.model
+        dims = [d.dim_value for d in dense.graph.input[0].type.tensor_type.shape.dim][1:]
+        if src.spec is None and not all(dims):
+            raise UserError(f"{name}: the input size is not fixed in the ONNX file; export it with a fixed size")
+        shape = tuple(src.spec.shape) if src.spec else tuple(dims)
+    pruned = {}
+    info = {"dense_onnx_bytes": onnx_bytes(dense), "prune": {}}
+    for p in prunes:
+        pipeline = prune_pipeline(p, scope)
+        model = run_pipeline(dense, pipeline)[0] if pipeline else dense
+        pruned[p] = model
+        summary = sparsity_summary(layer_table(model))
+        info["prune"][p] = {"prunable_sparsity": summary["prunable_sparsity"], "dense_bytes": summary["dense_bytes"],
+                            "nonzero_bytes": summary["nonzero_bytes"], "onnx_bytes": onnx_bytes(model),
+                            "prunable_layers": summary["prunable_layers"], "two_four_layers": summary["two_four_layers"]}
+    return Prepared(name, module, dense, shape, pruned, info)
+
+
+# --- engines -------------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    """One engine of one (model, regime, batch): how to run it once, and what it is."""
+
+    label: str
+    kind: str                 # eager | dense | runtime
+    runtime: str | None
+    prune: str | None
+    dense_conv: str | None
+    run: Any = None           # fn(i) -> outputs: one inference (a graph replay on GPU)
+    engine: Any = None        # the Engine (for profile / report), None for eager
+    inputs: tuple = ()
+    reps: int = 0
+    timings: list = field(default_factory=list)
+    row: dict = field(default_factory=dict)
+
+
+def _first_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _eager_candidate(prep: Prepared, regime: Regime, x: torch.Tensor, device: torch.device) -> Candidate:
+    if prep.module is None:
+        from ..runtimes import get_runtime
+
+        eng = get_runtime("torch").compile(prep.dense, device, regime.compile_options(cuda_graph=False))
+        xs = eng.prepare(x)
+        return Candidate("eager (ONNX executor)", "eager", None, None, None,
+                         run=lambda i: eng.executor(*xs), engine=None, inputs=xs)
+    module = copy.deepcopy(prep.module).to(device, regime.torch_dtype).eval()
+    xe = x.to(device, regime.torch_dtype)
+    return Candidate("eager", "eager", None, None, None, run=lambda i: module(xe), inputs=(xe,))
+
+
+def _engine_candidate(label, kind, runtime_name, prune, dense_conv, model, regime, x, device) -> Candidate:
+    from ..runtimes import require_runtime
+
+    rt = require_runtime(runtime_name)
+    opts = regime.compile_options(extra={"dense_conv": dense_conv})
+    sparse = rt.rewrite(model, opts)
+    eng = rt.compile(sparse, device, opts)
+    xs = eng.prepare(x)
+    with torch.no_grad(), eng._precision_context():
+        runner = eng.runner(*xs)  # on GPU: captures the graph (and, for best, decides per layer)
+    run = (lambda i: runner.replay()) if hasattr(runner, "replay") else (lambda i: runner(*xs))
+    c = Candidate(label, kind, runtime_name, prune, dense_conv, run=run, engine=eng, inputs=xs)
+    if sparse is not model:  # a rewritten (compressed) model; otherwise the prune setting's size
+        c.row["model_onnx_bytes"] = onnx_bytes(sparse)
+    c.row["weight_bytes"] = eng.weight_bytes()
+    c.row["cuda_graph"] = hasattr(runner, "replay")
+    return c
+
+
+def _timed(c: Candidate, regime: Regime, device: torch.device, cfg: BenchConfig):
+    engine_ctx = c.engine._precision_context() if c.engine is not None else regime_flags(regime)
+    with torch.no_grad(), engine_ctx:
+        if not c.reps:
+            c.reps = auto_reps(c.run, device, cfg.budget_ms, cfg.min_reps, cfg.max_reps, cfg.flush_l2)
+        return time_fn(c.run, device, reps=c.reps, warmup=max(3, c.reps // 20), flush_l2=cfg.flush_l2)
+
+
+def _outputs(c: Candidate, regime: Regime):
+    engine_ctx = c.engine._precision_context() if c.engine is not None else regime_flags(regime)
+    with torch.no_grad(), engine_ctx:
+        out = _first_output(c.run(0))
+        return out.float().clone()
+
+
+# --- per-layer matching and the bound ----------------------------------------------------
+
+def is_accelerated(row: dict) -> bool:
+    """A step the runtime runs with its own (sparse) kernel rather than a dense fallback."""
+    fmt = row.get("format")
+    return row["op"].startswith("sparsecnn::") or (fmt is not None and fmt != "dense")
+
+
+def match_layers(reference: list[dict], rows: list[dict]) -> list[list[int]]:
+    """For each row, the reference steps computing the same outputs from the same inputs.
+
+    A fused op (Conv+ReLU as one step) is matched to the chain of reference steps it
+    replaces; identical graphs match one to one. An output the reference does not compute
+    matches nothing.
+    """
+    producer = {}
+    for i, r in enumerate(reference):
+        for o in r["outputs"]:
+            if o:
+                producer[o] = i
+    out = []
+    for r in rows:
+        stop = {n for n in r["inputs"] if n}
+        seen, stack, found = set(), [o for o in r["outputs"] if o], []
+        ok = all(o in producer for o in stack)
+        while ok and stack:
+            t = stack.pop()
+            if t in stop or t in seen or t not in producer:
+                continue
+            seen.add(t)
+            i = producer[t]
+            if i not in found:
+                found.append(i)
+                stack.extend(n for n in reference[i]["inputs"] if n)
+        out.append(sorted(found) if ok else [])
+    return out
+
+
+def layer_comparison(reference: list[dict], rows: list[dict]) -> tuple[list[dict], dict]:
+    """Per-row dense time and speedup vs `reference`, and the whole-network bound."""
+    matches = match_layers(reference, rows)
+    total_ref = sum(r["ms"] for r in reference)
+    total = sum(r["ms"] for r in rows)
+    accel_ref = accel = 0.0
+    out = []
+    for r, m in zip(rows, matches):
+        dense_ms = sum(reference[i]["ms"] for i in m) if m else None
+        acc = is_accelerated(r) and bool(m)  # a sparse step that replaces dense work (not a layout shuffle)
+        if acc:
+            accel_ref += dense_ms
+            accel += r["ms"]
+        keep = {k: v for k, v in r.items() if k not in ("inputs", "outputs")}
+        out.append({**keep, "dense_ms": dense_ms, "matched": [reference[i]["name"] for i in m],
+                    "speedup": (dense_ms / r["ms"]) if dense_ms and r["ms"] > 0 else None, "accelerated": acc})
+    share = accel_ref / total_ref if total_ref > 0 else 0.0
+    rest = total_ref - accel_ref
+    bound = {"dense_sum_ms": total_ref, "sum_ms": total, "accelerated_layers": sum(1 for o in out if o["accelerated"]),
+             "accelerated_dense_ms": accel_ref, "accelerated_ms": accel, "share": share,
+             "accelerated_speedup": accel_ref / accel if accel > 0 else None,
+             # Amdahl: accelerated layers infinitely fast, everything else as dense
+             "amdahl_max_speedup": (total_ref / rest) if rest > 0 else None,
+             # what the per-layer times add up to (overheads such as layout conversions included)
+             "predicted_speedup": total_ref / total if total > 0 else None}
+    return out, bound
+
+
+# --- the sweep -----------------------------------------------------------------------------
+
+def run_networks(cfg: BenchConfig, errors: list[dict], cache: dict | None = None) -> tuple[list[dict], list[dict], dict]:
+    """Whole-network rows, per-layer entries, and per-model info; failures go to `errors`.
+
+    `cache` (name -> Prepared), when given, keeps exported and pruned models across calls.
+    """
+    from tqdm import tqdm
+
+    device = cfg.device
+    network_rows: list[dict] = []
+    layer_entries: list[dict] = []
+    models_info: dict[str, dict] = {}
+    n_dense = len(cfg.dense_modes)
+    n_rt = len(cfg.runtimes) * len(cfg.prunes)
+    total = len(cfg.models) * len(cfg.regimes) * len(cfg.batches)
+    bar = tqdm(total=total * (1 + n_dense + n_rt), desc="bench", unit="engine", disable=not cfg.progress)
+    for model_name in cfg.models:
+        bar.set_postfix_str(f"{model_name}: export and prune")
+        try:
+            prep = cache.get(model_name) if cache is not None else None
+            if prep is None or any(p not in prep.pruned for p in cfg.prunes):
+                prep = prepare_model(model_name, cfg.prunes, cfg.scope, cfg.weights)
+            if cache is not None:
+                cache[model_name] = prep
+        except UserError:
+            raise
+        except Exception as exc:
+            errors.append({"where": f"model {model_name}", "error": f"{type(exc).__name__}: {exc}"})
+            bar.update(len(cfg.regimes) * len(cfg.batches) * (1 + n_dense + n_rt))
+            continue
+        models_info[model_name] = {**prep.info, "input_shape": list(prep.input_shape),
+                                   "eager": "nn.Module" if prep.module is not None else "ONNX executor"}
+        for regime in cfg.regimes:
+            for batch in cfg.batches:
+                where = f"{model_name} {regime.name} batch {batch}"
+                x = torch.randn(batch, *prep.input_shape, generator=torch.Generator().manual_seed(cfg.seed))
+                cands = _build_candidates(cfg, prep, regime, batch, x, where, errors, bar)
+                _time_candidates(cfg, cands, regime, where, errors)
+                rows = _network_rows(cfg, cands, model_name, regime, batch)
+                network_rows.extend(rows)
+                if cfg.per_layer:
+                    layer_entries.extend(_layers(cfg, cands, model_name, regime, batch, x, rows, where, errors))
+                del cands
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        del prep
+        gc.collect()
+    bar.close()
+    return network_rows, layer_entries, models_info
+
+
+def _build_candidates(cfg, prep, regime, batch, x, where, errors, bar) -> list[Candidate]:
+    device = cfg.device
+    cands: list[Candidate] = []
+
+    def attempt(what: str, make):
+        bar.set_postfix_str(f"{where}: {what}")
+        try:
+            c = make()
+            cands.append(c)
+        except UserError as exc:
+            errors.append({"where": f"{where} {what}", "error": str(exc)})
+        except Exception as exc:
+            errors.append({"where": f"{where} {what}", "error": f"{type(exc).__name__}: {exc}"})
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        bar.update(1)
+
+    attempt("eager", lambda: _eager_candidate(prep, regime, x, device))
+    for mode in cfg.dense_modes:
+        attempt(DENSE_LABEL[mode], lambda mode=mode: _engine_candidate(
+            DENSE_LABEL[mode], "dense", "torch", "none", mode, prep.dense, regime, x, device))
+    for rt in cfg.runtimes:
+        for p in cfg.prunes:
+            attempt(f"{rt} @ {p}", lambda rt=rt, p=p: _engine_candidate(
+                f"{rt} @ {p}", "runtime", rt, p, cfg.runtime_dense_conv, prep.pruned[p], regime, x, device))
+    # correctness: dense engines against eager, each runtime against the torch runtime on its pruned model
+    ref_out = None
+    for c in cands:
+        if c.kind == "eager":
+            ref_out = _outputs(c, regime)
+    pruned_refs: dict[str, torch.Tensor] = {}
+    for c in cands:
+        try:
+            out = _outputs(c, regime)
+            if c.kind == "dense" and ref_out is not None:
+                c.row["rel_err"], c.row["rel_err_vs"] = _rel_err(out, ref_out), "eager"
+            elif c.kind == "runtime":
+                if c.prune not in pruned_refs:
+                    from ..runtimes import get_runtime
+
+                    ref_eng = get_runtime("torch").compile(prep.pruned[c.prune], device,
+                                                           regime.compile_options(cuda_graph=False))
+                    pruned_refs[c.prune] = ref_eng(x)[0]
+                    del ref_eng
+                c.row["rel_err"], c.row["rel_err_vs"] = _rel_err(out, pruned_refs[c.prune]), "torch runtime (cuDNN)"
+        except Exception as exc:
+            errors.append({"where": f"{where} {c.label} check", "error": f"{type(exc).__name__}: {exc}"})
+    return cands
+
+
+def _time_candidates(cfg, cands, regime, where, errors) -> None:
+    for _ in range(cfg.repeats):  # pass after pass: runs of one engine are separated by the others
+        for c in cands:
+            if c.timings is None:
+                continue
+            try:
+                c.timings.append(_timed(c, regime, cfg.device, cfg))
+            except Exception as exc:
+                errors.append({"where": f"{where} {c.label} timing", "error": f"{type(exc).__name__}: {exc}"})
+                c.timings = None
+
+
+def _network_rows(cfg, cands, model, regime, batch) -> list[dict]:
+    rows = []
+    for c in cands:
+        row = {"model": model, "regime": regime.name, "batch": batch, "engine": c.label, "kind": c.kind,
+               "runtime": c.runtime, "prune": c.prune, "dense_conv": c.dense_conv, **c.row}
+        if c.timings:
+            row["timings"] = [t.to_dict(samples=True) for t in c.timings]
+            row["median_ms"], row["p90_ms"] = pooled(c.timings)  # over both runs' samples
+            row["spread"] = spread(c.timings[0], c.timings[-1]) if len(c.timings) > 1 else None
+        if c.engine is not None and hasattr(c.engine, "plans") and c.engine.plans:
+            row["plans"] = c.engine.plans
+        rows.append(row)
+    timed = [r for r in rows if r.get("median_ms")]
+    eager = next((r["median_ms"] for r in timed if r["kind"] == "eager"), None)
+    dense = [r for r in timed if r["kind"] == "dense"]
+    best = min(dense, key=lambda r: r["median_ms"]) if dense else None
+    for r in timed:
+        r["speedup_vs_eager"] = eager / r["median_ms"] if eager else None
+        r["speedup_vs_best_dense"] = best["median_ms"] / r["median_ms"] if best else None
+        r["best_dense_engine"] = best["engine"] if best else None
+        r["best_dense_ms"] = best["median_ms"] if best else None
+    return rows
+
+
+def _layers(cfg, cands, model, regime, batch, x, net_rows, where, errors) -> list[dict]:
+    profiles: dict[str, list[dict]] = {}
+    for c in cands:
+        if c.engine is None:
+            continue
+        try:
+            profiles[c.label] = c.engine.profile(x, reps=cfg.layer_reps, warmup=3, flush_l2=cfg.flush_l2)
+        except Exception as exc:
+            errors.append({"where": f"{where} {c.label} per-layer", "error": f"{type(exc).__name__}: {exc}"})
+    ref_label = DENSE_LABEL["best"] if DENSE_LABEL["best"] in profiles else next(
+        (c.label for c in cands if c.kind == "dense" and c.label in profiles), None)
+    if ref_label is None:
+        return []
+    net = {r["engine"]: r.get("median_ms") for r in net_rows}
+    entries = []
+    for label, prof in profiles.items():
+        c = next(c for c in cands if c.label == label)
+        rows, bound = layer_comparison(profiles[ref_label], prof)
+        bound["network_ms"] = net.get(label)
+        bound["reference_network_ms"] = net.get(ref_label)
+        if net.get(label) and net.get(ref_label):
+            bound["measured_speedup"] = net[ref_label] / net[label]
+        entries.append({"model": model, "regime": regime.name, "batch": batch, "engine": label, "kind": c.kind,
+                        "runtime": c.runtime, "prune": c.prune, "reference": ref_label, "rows": rows, "bound": bound})
+    return entries
+
+
+# --- accuracy from another command -----------------------------------------------------
+
+ACCURACY_KEYS = ("top1", "accuracy", "acc", "top1_acc", "top1_accuracy")
+
+
+def _norm_prune(value) -> str:
+    if value is None:
+        return "none"
+    v = str(value).strip().lower()
+    if v in ("none", "dense", "0", "0.0", ""):
+        return "none"
+    try:
+        return f"{float(v):g}"
+    except ValueError:
+        return v
+
+
+def load_accuracy(path) -> dict[tuple[str, str], dict]:
+    """(model, prune) -> {"top1": ..., "label": ...} from another command's JSON.
+
+    Accepted: a list of rows, or a dict holding one under "rows" / "results"; a row needs
+    "model", a prune setting ("prune", or "sparsity"/"method"; missing = dense) and an
+    accuracy under one of ACCURACY_KEYS (a fraction or a percentage). Where several rows
+    match, a fine-tuned one ("fine_tuned"/"finetuned" true or "stage" naming fine-tuning)
+    wins over one-shot ones.
+    """
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"accuracy file not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{p} is not JSON ({exc}); give the JSON written by `sparsecnn compare`") from None
+    rows = data.get("rows", data.get("results")) if isinstance(data, dict) else data
+    if not isinstance(rows, list):
+        raise UserError(f"{p}: expected a list of rows (or a dict with 'rows'); see `sparsecnn bench --help`")
+    out: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        if not isinstance(r, dict) or "model" not in r:
+            continue
+        key = next((k for k in ACCURACY_KEYS if isinstance(r.get(k), (int, float))), None)
+        if key is None:
+            continue
+        prune = _norm_prune(r.get("prune", r.get("sparsity", r.get("method"))))
+        fine = bool(r.get("fine_tuned") or r.get("finetuned") or "fine" in str(r.get("stage", "")).lower())
+        acc = float(r[key])
+        entry = {"top1": acc / 100.0 if acc > 1.0 else acc, "fine_tuned": fine, "source_key": key,
+                 "label": r.get("label") or r.get("stage") or ""}
+        k = (str(r["model"]), prune)
+        if k not in out or (fine and not out[k]["fine_tuned"]):
+            out[k] = entry
+    if not out:
+        raise UserError(f"{p} holds no row with a model and an accuracy ({', '.join(ACCURACY_KEYS)})")
+    return out
+
+
+def summary_rows(network_rows: list[dict], models_info: dict, accuracy: dict | None) -> list[dict]:
+    """Table 1: per model, prune setting and engine -- size, latency, speedups, accuracy."""
+    out = []
+    for r in network_rows:
+        if not r.get("median_ms"):
+            continue
+        info = models_info.get(r["model"], {})
+        prune = r.get("prune") or "none"
+        pinfo = info.get("prune", {}).get(prune, {})
+        size = r.get("model_onnx_bytes") or pinfo.get("onnx_bytes") or info.get("dense_onnx_bytes")
+        acc = (accuracy or {}).get((r["model"], _norm_prune(prune)))
+        out.append({"model": r["model"], "prune": prune, "engine": r["engine"], "regime": r["regime"],
+                    "batch": r["batch"], "model_mb": size / 2**20 if size else None,
+                    "nonzero_mb": pinfo.get("nonzero_bytes", 0) / 2**20 if pinfo else None,
+                    "sparsity": pinfo.get("prunable_sparsity"), "median_ms": r["median_ms"],
+                    "speedup_vs_best_dense": r.get("speedup_vs_best_dense"),
+                    "speedup_vs_eager": r.get("speedup_vs_eager"),
+                    "top1": acc["top1"] if acc else None})
+    return out
+
+
+def new_result(cfg: BenchConfig | None, env: dict) -> dict:
+    return {"schema": SCHEMA, "version": SCHEMA_VERSION, "env": env,
+            "settings": cfg.to_dict() if cfg else {}, "networks": [], "layers": [], "models": {},
+            "gemm": None, "summary": [], "errors": [], "files": []}

@@ -1,0 +1,393 @@
+"""What `sparsecnn bench` writes: the JSON of every raw number, a Markdown report, PNG plots.
+
+Plots (matplotlib, Agg):
+- gemm_speedup.png -- speedup over cuBLAS vs weight sparsity per conv-GEMM shape (the seed
+  poster's Figure 10), one panel per sparse method and precision regime;
+- layers_<model>.png -- per-layer time of the best dense engine and every other engine's
+  per-layer speedup over it (Figure 8; VGG-19 when benchmarked);
+- summary.png -- Table-1 style: whole-network speedup over the best dense engine per model
+  and engine, with model size and accuracy (when an accuracy file was given).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..common.fileio import atomic_path, write_text_atomic
+
+MODE_SHORT = {"cudnn": "cuDNN", "cudnn_nhwc": "cuDNN NHWC", "im2col": "im2col", "im2col_nhwc": "im2col NHWC"}
+
+
+def write_json(result: dict, path: Path) -> Path:
+    write_text_atomic(path, json.dumps(result, indent=1, default=_jsonable))
+    return path
+
+
+def _jsonable(o):
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def _f(v, fmt=".3f", none="–"):
+    return none if v is None else format(v, fmt)
+
+
+def _x(v):
+    return "–" if v is None else f"{v:.2f}×"
+
+
+def _pct(v):
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+# --- Markdown --------------------------------------------------------------------------------
+
+def markdown(result: dict) -> str:
+    env, st = result.get("env", {}), result.get("settings", {})
+    lines = [f"# sparsecnn bench on {env.get('card', '?')}", ""]
+    lines.append(f"Card **{env.get('card')}** ({env.get('capability', '')}), driver {env.get('driver')}, "
+                 f"torch {env.get('torch')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, "
+                 f"Python {env.get('python')}; {env.get('time')}.")
+    if st:
+        lines.append(f"Regimes {', '.join(st.get('regimes', []))}; batch {', '.join(map(str, st.get('batches', [])))}; "
+                     f"L2 flushed before each run: {'yes' if st.get('flush_l2') else 'no'}; each configuration "
+                     f"timed {st.get('repeats')} times (spread = |run1 - run2| / min); "
+                     + ("times are medians of CUDA-graph replays (eager: of eager calls)."
+                        if str(st.get("device", "")).startswith("cuda") else
+                        "on CPU, times are medians of eager calls and say little (no GPU)."))
+    lines += ["", "Speedups are against eager PyTorch and against the *best dense* time: the fastest dense "
+              "engine measured in the same run (claims are made against the latter).", ""]
+    nets = result.get("networks") or []
+    if nets:
+        lines += ["## Whole network", "",
+                  "| model | prune | engine | regime | batch | median ms | p90 ms | spread | vs eager | vs best dense | rel. err |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in nets:
+            lines.append(f"| {r['model']} | {r.get('prune') or '–'} | {r['engine']} | {r['regime']} | {r['batch']} | "
+                         f"{_f(r.get('median_ms'))} | {_f(r.get('p90_ms'))} | {_pct(r.get('spread'))} | "
+                         f"{_x(r.get('speedup_vs_eager'))} | {_x(r.get('speedup_vs_best_dense'))} | "
+                         f"{_f(r.get('rel_err'), '.1e')} |")
+        spreads = [r["spread"] for r in nets if r.get("spread") is not None and r["kind"] != "eager"]
+        if spreads:
+            lines += ["", f"Largest run-to-run spread of a graph-replayed network: {_pct(max(spreads))} "
+                          f"(median {_pct(sorted(spreads)[len(spreads) // 2])})."]
+        plans = [r for r in nets if r.get("plans")]
+        if plans:
+            lines += ["", "### Best dense engine: what it chose", "",
+                      "| model | regime | batch | whole-network plans (ms) | kept | convs per engine |", "|---|---|---|---|---|---|"]
+            counts = _choice_counts(result)
+            for r in plans:
+                for shape, p in r["plans"].items():
+                    ms = ", ".join(f"{k} {v:.3f}" for k, v in p["ms"].items())
+                    c = counts.get((r["model"], r["regime"], r["batch"]), {})
+                    lines.append(f"| {r['model']} | {r['regime']} | {r['batch']} | {ms} | {p['chosen']} | "
+                                 f"{', '.join(f'{MODE_SHORT.get(k, k)} {v}' for k, v in sorted(c.items())) or '–'} |")
+    layers = result.get("layers") or []
+    if layers:
+        lines += ["", "## Why (no) speedup: the share of time a runtime can accelerate", "",
+                  "The share of the best dense engine's per-layer time spent in layers the runtime runs with its "
+                  "own kernels; Amdahl bound = the whole-network speedup if those layers took no time at all; "
+                  "predicted = what the runtime's per-layer times add up to; measured = whole-network graph replays.",
+                  "",
+                  "| model | engine | regime | batch | accelerated layers | their speedup | share of dense time | "
+                  "Amdahl bound | predicted from layers | measured |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for e in layers:
+            if e["kind"] == "dense":
+                continue
+            b = e["bound"]
+            lines.append(f"| {e['model']} | {e['engine']} | {e['regime']} | {e['batch']} | {b['accelerated_layers']} | "
+                         f"{_x(b.get('accelerated_speedup'))} | {_pct(b['share'])} | {_x(b['amdahl_max_speedup'])} | {_x(b['predicted_speedup'])} | "
+                         f"{_x(b.get('measured_speedup'))} |")
+        lines += ["", "## Per layer (weight layers; dense = the best dense engine's same layer)", ""]
+        for e in layers:
+            if e["engine"] == e["reference"]:
+                continue
+            lines += [f"### {e['model']} · {e['engine']} · {e['regime']} · batch {e['batch']}", "",
+                      "| layer | op | dense ms | ms | speedup | kernel |", "|---|---|---|---|---|---|"]
+            for r in e["rows"]:
+                if r["op"] in ("Conv", "Gemm", "MatMul") or r["op"].startswith("sparsecnn::"):
+                    lines.append(f"| {r['name']} | {r['op']} | {_f(r.get('dense_ms'), '.4f')} | {_f(r['ms'], '.4f')} | "
+                                 f"{_x(r.get('speedup'))} | {r.get('kernel', '')} |")
+            lines.append("")
+        best = [e for e in layers if e["engine"] == e["reference"]]
+        if best:
+            lines += ["## Best dense engine per layer (measured candidates, ms)", ""]
+            for e in best:
+                lines += [f"### {e['model']} · {e['regime']} · batch {e['batch']}", "",
+                          "| layer | chosen | cuDNN | cuDNN NHWC | im2col | im2col NHWC | layer ms |", "|---|---|---|---|---|---|---|"]
+                for r in e["rows"]:
+                    for shape, ch in (r.get("choices") or {}).items():
+                        ms = ch.get("ms", {})
+                        lines.append(f"| {r['name']} | {MODE_SHORT.get(ch.get('chosen'), ch.get('chosen'))} | "
+                                     + " | ".join(_f(ms.get(m), '.4f') for m in MODE_SHORT) + f" | {_f(r['ms'], '.4f')} |")
+                lines.append("")
+    gemm = result.get("gemm")
+    if gemm and gemm.get("rows"):
+        lines += _gemm_markdown(gemm)
+    summ = result.get("summary") or []
+    if summ:
+        lines += ["", "## Summary (Table 1 style)", "",
+                  "| model | prune | engine | regime | batch | size MB | non-zero MB | ms | vs best dense | vs eager | top-1 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in summ:
+            lines.append(f"| {r['model']} | {r['prune']} | {r['engine']} | {r['regime']} | {r['batch']} | "
+                         f"{_f(r.get('model_mb'), '.1f')} | {_f(r.get('nonzero_mb'), '.1f')} | {_f(r['median_ms'])} | "
+                         f"{_x(r.get('speedup_vs_best_dense'))} | {_x(r.get('speedup_vs_eager'))} | "
+                         f"{_pct(r.get('top1'))} |")
+    if result.get("errors"):
+        lines += ["", "## Errors (the rest of the run went on)", ""]
+        lines += [f"- {e['where']}: {e['error']}" for e in result["errors"]]
+    if result.get("files"):
+        lines += ["", "Files: " + ", ".join(f"`{f}`" for f in result["files"])]
+    return "\n".join(lines) + "\n"
+
+
+def _choice_counts(result: dict) -> dict:
+    out: dict = {}
+    for e in result.get("layers") or []:
+        if e["engine"] != e["reference"]:
+            continue
+        c = out.setdefault((e["model"], e["regime"], e["batch"]), {})
+        for r in e["rows"]:
+            for ch in (r.get("choices") or {}).values():
+                c[ch["chosen"]] = c.get(ch["chosen"], 0) + 1
+    return out
+
+
+def _gemm_markdown(gemm: dict) -> list[str]:
+    rows = gemm["rows"]
+    lines = ["", "## GEMM sweep (conv layers as GEMMs, batch 1)", "",
+             "C[M,N] = W[M,K] @ B[K,N]; time in µs (median of CUDA-graph replays), speedup over cuBLAS in the "
+             "same regime; every result checked against the fp64 product.", "",
+             "| M | K | N | sparsity | method | regime | µs | spread | vs cuBLAS | rel. err | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("dense_method") and r.get("timed_at_sparsity") is not None:
+            continue  # the dense number is the same at every sparsity; listed once
+        us = r.get("median_ms")
+        lines.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['sparsity']:g} | {r['method']} | {r['regime']} | "
+                     f"{_f(us * 1e3 if us else None, '.1f')} | {_pct(r.get('spread'))} | {_x(r.get('speedup_vs_cublas'))} | "
+                     f"{_f(r.get('rel_err'), '.1e')} | {'yes' if r.get('ok') else ('ERROR' if r.get('error') else 'NO')} |")
+    bad = [r for r in rows if r.get("ok") is False]
+    if bad:
+        lines += ["", f"{len(bad)} result(s) outside tolerance: " + "; ".join(
+            f"{r['method']} {r['regime']} {r['M']}x{r['K']}x{r['N']} s={r['sparsity']:g} err {r['rel_err']:.1e}" for r in bad[:10])]
+    return lines
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def _geomean(xs):
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def plot_gemm_speedup(gemm: dict, card: str = ""):
+    """Figure 10: speedup over cuBLAS (same regime) vs sparsity, a line per shape, geomean bold."""
+    plt = _plt()
+    from matplotlib.ticker import FuncFormatter
+
+    rows = [r for r in gemm["rows"] if not r.get("dense_method") and r.get("speedup_vs_cublas")]
+    # geomean over shapes of cuBLAS fp32-cuda-core time / cuBLAS time in another regime
+    base = {(r["M"], r["K"], r["N"]): r["median_ms"] for r in gemm["rows"]
+            if r["method"] == "cublas" and r["regime"] == "fp32-cuda-core" and r.get("median_ms")}
+    dense_vs = {}
+    for other in ("fp32", "fp16"):
+        ratios = [base[(r["M"], r["K"], r["N"])] / r["median_ms"] for r in gemm["rows"]
+                  if r["method"] == "cublas" and r["regime"] == other and r.get("median_ms")
+                  and (r["M"], r["K"], r["N"]) in base and r.get("timed_at_sparsity") is None]
+        if ratios:
+            dense_vs[other] = _geomean(ratios)
+    panels = sorted({(r["method"], r["regime"]) for r in rows})
+    if not panels:
+        return None
+    ncol = min(3, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.9 * nrow), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, (method, regime) in zip(axes.flat, panels):
+        sel = [r for r in rows if (r["method"], r["regime"]) == (method, regime)]
+        shapes = sorted({(r["M"], r["K"], r["N"]) for r in sel})
+        for i, shp in enumerate(shapes):
+            pts = sorted((r["sparsity"], r["speedup_vs_cublas"]) for r in sel if (r["M"], r["K"], r["N"]) == shp)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1,
+                    color=cmap(i / max(1, len(shapes) - 1)), label=f"{shp[0]}×{shp[1]}×{shp[2]}")
+        sps = sorted({r["sparsity"] for r in sel})
+        gm = [_geomean([r["speedup_vs_cublas"] for r in sel if r["sparsity"] == s]) for s in sps]
+        ax.plot(sps, gm, color="black", lw=2.5, label="geomean")
+        ax.axhline(1.0, color="red", ls="--", lw=1, label="cuBLAS")
+        for other, style in (("fp32", ":"), ("fp16", "-.")):  # what tensor cores give a dense GEMM, for scale
+            if regime == "fp32-cuda-core" and other in dense_vs:
+                ax.axhline(dense_vs[other], color="gray", ls=style, lw=1.2,
+                           label=f"cuBLAS {'TF32' if other == 'fp32' else other} (geomean)")
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_xlabel("weight sparsity (fraction of zeros)")
+        ax.set_ylabel(f"speedup over cuBLAS {regime} (×)")
+        ax.set_title(f"{method}, {regime}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, title="M×K×N", title_fontsize=6, ncol=2)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.remove()
+    fig.suptitle(f"Sparse GEMM vs cuBLAS, conv-layer shapes at batch 1{' — ' + card if card else ''}")
+    fig.tight_layout()
+    return fig
+
+
+def _pick_layers(result: dict, model: str | None):
+    entries = result.get("layers") or []
+    if not entries:
+        return None, []
+    models = [e["model"] for e in entries]
+    model = model if model in models else ("vgg19" if "vgg19" in models else models[0])
+    regimes = result.get("settings", {}).get("regimes") or [entries[0]["regime"]]
+    regime = "fp32-cuda-core" if any(e["regime"] == "fp32-cuda-core" and e["model"] == model for e in entries) \
+        else next(r for r in regimes if any(e["regime"] == r and e["model"] == model for e in entries))
+    batch = min(e["batch"] for e in entries if e["model"] == model and e["regime"] == regime)
+    sel = [e for e in entries if (e["model"], e["regime"], e["batch"]) == (model, regime, batch)]
+    return (model, regime, batch), sel
+
+
+def plot_layers(result: dict, model: str | None = None):
+    """Figure 8: per weight layer, the best dense engine's time and each engine's speedup over it."""
+    plt = _plt()
+    key, sel = _pick_layers(result, model)
+    if not sel:
+        return None
+    model, regime, batch = key
+    ref = next((e for e in sel if e["engine"] == e["reference"]), None)
+    others = [e for e in sel if e["engine"] != e["reference"]][:6]
+    weight = lambda r: r["op"] in ("Conv", "Gemm", "MatMul") or r["op"].startswith("sparsecnn::")  # noqa: E731
+    base_rows = [r for r in (ref or others[0])["rows"] if weight(r)]
+    names = [r["name"] for r in base_rows]
+    short = [_short(n) for n in names]
+    fig, (ax_t, ax_s) = plt.subplots(2, 1, figsize=(max(8, 0.45 * len(names) + 2), 7.5), sharex=True)
+    colors = {"cudnn": "#4c72b0", "cudnn_nhwc": "#55a868", "im2col": "#c44e52", "im2col_nhwc": "#dd8452"}
+    if ref:
+        chosen = [next(iter((r.get("choices") or {}).values()), {}).get("chosen") for r in base_rows]
+        ax_t.bar(range(len(names)), [r["ms"] for r in base_rows],
+                 color=[colors.get(c, "#8c8c8c") for c in chosen])
+        for mode, col in colors.items():
+            if mode in chosen:
+                ax_t.bar([0], [0], color=col, label=f"chosen: {MODE_SHORT[mode]}")
+        ax_t.set_title(f"{model}, {regime}, batch {batch}: {ref['engine']} per layer")
+        if any(chosen):
+            ax_t.legend(fontsize=7)
+    ax_t.set_ylabel("layer time (ms)")
+    ax_t.grid(True, axis="y", alpha=0.3)
+    width = 0.8 / max(1, len(others))
+    for k, e in enumerate(others):
+        by_name = {}
+        for r in e["rows"]:
+            for m in r.get("matched") or []:
+                if r.get("speedup") is not None:
+                    by_name[m] = r["speedup"]
+        vals = [by_name.get(n, 0.0) for n in names]
+        ax_s.bar([i - 0.4 + width * (k + 0.5) for i in range(len(names))], vals, width, label=e["engine"])
+    ax_s.axhline(1.0, color="black", lw=1, ls="--")
+    ax_s.set_ylabel(f"speedup over {ref['engine'] if ref else 'dense'} layer (×)")
+    ax_s.set_xlabel("layer (weight layers in network order)")
+    ax_s.set_xticks(range(len(names)))
+    ax_s.set_xticklabels(short, rotation=70, fontsize=7)
+    ax_s.grid(True, axis="y", alpha=0.3)
+    if others:
+        ax_s.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _short(name: str) -> str:
+    """'/layer1/layer1.0/conv1/Conv' -> 'layer1.0/conv1'; '/features/features.0/Conv' -> 'features.0'."""
+    parts = [p for p in name.replace("::", "/").split("/") if p]
+    if len(parts) >= 4:
+        return f"{parts[-3]}/{parts[-2]}"
+    return parts[-2] if len(parts) >= 2 else name[-18:]
+
+
+def plot_summary(result: dict):
+    """Table 1 style: speedup over the best dense engine per model and engine, size and accuracy."""
+    plt = _plt()
+    summ = [r for r in result.get("summary") or [] if r.get("speedup_vs_best_dense")]
+    if not summ:
+        return None
+    batch = min(r["batch"] for r in summ)
+    regimes = list(dict.fromkeys(r["regime"] for r in summ))
+    fig, axes = plt.subplots(len(regimes), 1, figsize=(11, 3.8 * len(regimes)), squeeze=False)
+    for ax, regime in zip(axes[:, 0], regimes):
+        sel = [r for r in summ if r["regime"] == regime and r["batch"] == batch]
+        models = list(dict.fromkeys(r["model"] for r in sel))
+        engines = list(dict.fromkeys(f"{r['engine']}" for r in sel))
+        width = 0.8 / max(1, len(engines))
+        for k, eng in enumerate(engines):
+            xs, ys, notes = [], [], []
+            for i, m in enumerate(models):
+                r = next((r for r in sel if r["model"] == m and r["engine"] == eng), None)
+                if r is None:
+                    continue
+                xs.append(i - 0.4 + width * (k + 0.5))
+                ys.append(r["speedup_vs_best_dense"])
+                note = f"{r['median_ms']:.3g} ms"
+                if r.get("model_mb"):
+                    note += f"\n{r['model_mb']:.3g} MB"
+                if r.get("top1") is not None:
+                    note += f"\ntop-1 {100 * r['top1']:.1f}%"
+                notes.append(note)
+            bars = ax.bar(xs, ys, width, label=eng)
+            for b, note in zip(bars, notes):
+                ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                            fontsize=5.5, xytext=(0, 1), textcoords="offset points")
+        ax.axhline(1.0, color="black", lw=1, ls="--")
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models)
+        ax.set_xlabel("model")
+        ax.set_ylabel("speedup over best dense (×)")
+        ax.set_title(f"{regime}, batch {batch}: whole network (labels: latency, model size, accuracy)")
+        ax.set_ylim(0, max(r["speedup_vs_best_dense"] for r in sel) * 1.35)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    return fig
+
+
+def write_reports(result: dict, out: Path, json_name: str = "bench.json") -> list[str]:
+    """Markdown and plots from a result dict (also used to re-render a saved JSON)."""
+    plt = _plt()
+    written = []
+    card = result.get("env", {}).get("card", "")
+    figs = []
+    if result.get("gemm") and result["gemm"].get("rows"):
+        figs.append(("gemm_speedup.png", plot_gemm_speedup(result["gemm"], card)))
+    key, _ = _pick_layers(result, None)
+    if key:
+        figs.append((f"layers_{Path(key[0]).stem}.png", plot_layers(result)))
+    if result.get("summary"):
+        figs.append(("summary.png", plot_summary(result)))
+    for name, fig in figs:
+        if fig is None:
+            continue
+        _save(fig, out / name)
+        plt.close(fig)
+        written.append(name)
+    result["files"] = sorted(set(result.get("files", [])) | set(written) | {json_name, "bench.md"})
+    write_text_atomic(out / "bench.md", markdown(result))
+    return written

@@ -1,0 +1,228 @@
+"""`sparsecnn bench`: honest speed numbers -- whole network, per layer, GEMM sweep -- with plots."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..common.errors import UserError
+
+HELP = """\
+Time models x runtimes x prune settings x precision regimes x batch sizes on one device in
+one run, against two dense baselines measured in the same run:
+
+  eager        PyTorch eager on the dense nn.Module (what users have)
+  best dense   the torch runtime, whole network in one CUDA graph, each conv on whichever
+               is fastest for that layer on this device: cuDNN NCHW, cuDNN NHWC or
+               im2col + cuBLAS (compile option extra={"dense_conv": "best"})
+
+Speedups are reported against both; claims are against the best dense engine (the fastest
+dense engine of the run). Regimes: fp16 (tensor cores), fp32-cuda-core (fp32 with TF32 off
+in cuDNN and cuBLAS: the seed libraries' regime and that of GPUs without tensor cores),
+fp32 (TF32 allowed). Each configuration is timed twice and the spread reported; each
+engine is also timed per layer, with the share of time the runtime accelerates and the
+whole-network speedup that share allows.
+
+The word `spmm` among the models (or --gemm) runs the GEMM-level sweep: conv layers of
+VGG-19 / ResNet-18 as GEMMs at batch 1, sparsity 0.5-0.98, cuBLAS (fp32, TF32, fp16) vs
+cuSPARSE (torch CSR) vs every registered sparse method, each checked against fp64.
+
+Writes to --out: bench.json (every raw number, card, driver, versions), bench.md (tables)
+and PNG plots: gemm_speedup.png (speedup vs sparsity), layers_<model>.png (per-layer
+speedup; VGG-19 when benchmarked), summary.png (Table-1 style: size, speedup, accuracy).
+"""
+
+EXAMPLES = """\
+examples:
+  sparsecnn bench --quick                                   whole harness on tiny nets (CPU is fine)
+  sparsecnn bench resnet18 vgg19 --batch 1,32 --regimes fp16,fp32-cuda-core
+  sparsecnn bench vgg19 --runtimes csr --prune 0.9,0.95 --accuracy compare.json
+  sparsecnn bench spmm --gemm-methods cublas,cusparse       GEMM sweep only
+  sparsecnn bench trafficcamnet --dense cudnn,cudnn_nhwc,im2col,best --flush-l2
+  sparsecnn bench --report-only out/bench.json --accuracy acc.json   re-render tables and plots
+
+accuracy file (--accuracy): JSON, a list of rows (or {"rows": [...]}) such as
+  {"model": "vgg19", "prune": "0.9", "top1": 0.921, "fine_tuned": true}
+prune may also be given as "sparsity" or "method" ("2:4"); accuracy as top1 / accuracy / acc
+(fraction or percent); a fine-tuned row wins over a one-shot row of the same setting.
+"""
+
+QUICK_MODELS = ["tinynet", "tinyresnet"]
+QUICK_GEMM_SHAPES = [(8, 36, 64), (16, 72, 49), (12, 27, 30)]
+QUICK_GEMM_SPARSITIES = [0.5, 0.9]
+
+
+def _csv(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark runtimes vs eager and the best dense engine, with plots",
+                       description=HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="registry names or ONNX files (default resnet18); the word 'spmm' runs the GEMM sweep")
+    p.add_argument("--quick", action="store_true",
+                   help="the whole harness in seconds on tiny nets and tiny GEMMs (CI; works on CPU)")
+    p.add_argument("--runtimes", help="comma-separated runtimes to benchmark on the pruned models (default: every "
+                                      "available runtime except the torch baseline)")
+    p.add_argument("--prune", default="0.9", help="comma-separated prune settings for the runtimes: none, 2:4 or a "
+                                                  "sparsity (default 0.9)")
+    p.add_argument("--scope", choices=["layer", "global"], default="layer", help="unstructured pruning scope")
+    p.add_argument("--regimes", default="fp16,fp32-cuda-core",
+                   help="comma-separated: fp16, fp32-cuda-core (TF32 off), fp32 (TF32 on) (default fp16,fp32-cuda-core)")
+    p.add_argument("--batch", help="comma-separated batch sizes (default 1; --quick: 1,2)")
+    p.add_argument("--dense", default="cudnn,best",
+                   help="dense torch-runtime engines to time: cudnn, cudnn_nhwc, im2col, im2col_nhwc, best "
+                        "(default cudnn,best; best is always included)")
+    p.add_argument("--runtime-dense-conv", default="best",
+                   help="dense_conv setting for the layers a runtime leaves dense (default best)")
+    p.add_argument("--weights", help="weights for registry models (state dict or torchvision name; default random)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer timing")
+    p.add_argument("--flush-l2", action="store_true",
+                   help="overwrite L2 before every timed run (cold weights: the edge-device situation)")
+    p.add_argument("--budget-ms", type=float, default=300.0,
+                   help="about how long one timing of one configuration lasts; sets the repetitions (default 300)")
+    p.add_argument("--repeats", type=int, default=2, help="timings per configuration, for the spread (default 2)")
+    p.add_argument("--gemm", action="store_true", help="also run the GEMM sweep (as the word spmm does)")
+    p.add_argument("--gemm-methods", help="comma-separated GEMM methods (default: all registered)")
+    p.add_argument("--gemm-regimes", default="fp32-cuda-core,fp32,fp16",
+                   help="regimes of the GEMM sweep (default fp32-cuda-core,fp32,fp16)")
+    p.add_argument("--gemm-sparsities", help="comma-separated sparsities (default 0.5,0.7,0.8,0.9,0.95,0.98)")
+    p.add_argument("--accuracy", help="JSON of accuracies from another command, shown in the summary (see below)")
+    p.add_argument("--report-only", metavar="JSON", help="re-render bench.md and the plots from a bench.json")
+    p.add_argument("-o", "--out", default="bench-out", help="output folder (default bench-out)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in _csv(text)]
+    except ValueError:
+        raise UserError(f"{what} takes comma-separated integers, got '{text}'") from None
+    if not vals or any(v < 1 for v in vals):
+        raise UserError(f"{what} needs positive integers, got '{text}'")
+    return vals
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(v) for v in _csv(text)]
+    except ValueError:
+        raise UserError(f"{what} takes comma-separated numbers, got '{text}'") from None
+    if not vals or any(not 0.0 <= v < 1.0 for v in vals):
+        raise UserError(f"{what} needs sparsities in [0, 1), got '{text}'")
+    return vals
+
+
+def run(args) -> int:
+    import json
+
+    import torch
+
+    from ..runtimes import availability, resolve_device, runtime_names
+    from ..runtimes.dense_conv import CHOICES
+    from .bench import BenchConfig, environment, load_accuracy, new_result, run_networks, summary_rows
+    from .bench_report import write_json, write_reports
+    from .regimes import parse_regimes
+
+    out = Path(args.out)
+    accuracy = load_accuracy(args.accuracy) if args.accuracy else None
+    if args.report_only:
+        src = Path(args.report_only)
+        if not src.is_file():
+            raise UserError(f"bench result not found: {src}")
+        try:
+            result = json.loads(src.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{src} is not a bench JSON ({exc})") from None
+        if result.get("schema") != "sparsecnn-bench":
+            raise UserError(f"{src} is not a `sparsecnn bench` result (no schema 'sparsecnn-bench')")
+        out.mkdir(parents=True, exist_ok=True)
+        if accuracy is not None:
+            result["summary"] = summary_rows(result["networks"], result["models"], accuracy)
+        files = write_reports(result, out)
+        write_json(result, out / "bench.json")
+        print(f"wrote {out / 'bench.md'} and {', '.join(files) or 'no plots'}")
+        return 0
+
+    models = list(args.models)
+    gemm = args.gemm or "spmm" in models
+    models = [m for m in models if m != "spmm"]
+    if args.quick and not models:
+        models = list(QUICK_MODELS)
+    elif not models and not gemm:
+        models = ["resnet18"]
+    regimes = parse_regimes(args.regimes)
+    batches = _ints(args.batch or ("1,2" if args.quick else "1"), "--batch")
+    prunes = _csv(args.prune) or ["none"]
+    from ..passes.prune import parse_prune
+
+    for p_ in prunes:
+        parse_prune(p_)  # a bad prune setting fails before any work
+    dense = _csv(args.dense)
+    for d in dense + [args.runtime_dense_conv]:
+        if d not in CHOICES:
+            raise UserError(f"unknown dense engine '{d}'; choose from {', '.join(CHOICES)}")
+    if "best" not in dense:
+        dense.append("best")
+    avail = availability()
+    if args.runtimes is None:
+        runtimes = [n for n, (ok, _) in avail.items() if ok and n != "torch"]
+        if args.quick:
+            runtimes = ["torch"] + runtimes
+    else:
+        runtimes = _csv(args.runtimes)
+        for r in runtimes:
+            if r not in runtime_names():
+                raise UserError(f"unknown runtime '{r}'; known runtimes: {', '.join(runtime_names())}")
+            if not avail[r][0]:
+                raise UserError(f"runtime '{r}' is not available here: {avail[r][1]}")
+    device = resolve_device(args.device)
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    quick = args.quick
+    if quick and device.type == "cpu":
+        torch.set_num_threads(1)  # tiny nets on a shared CPU: threads only add scheduling noise
+    cfg = BenchConfig(models=models, runtimes=runtimes, prunes=prunes, regimes=regimes, batches=batches,
+                      device=device, dense_modes=dense, runtime_dense_conv=args.runtime_dense_conv,
+                      scope=args.scope, weights=args.weights, per_layer=not args.no_per_layer,
+                      flush_l2=args.flush_l2, budget_ms=(20.0 if quick else args.budget_ms),
+                      min_reps=3 if quick else 10, max_reps=20 if quick else 300, layer_reps=3 if quick else 20,
+                      repeats=args.repeats, progress=not args.no_progress, quick=quick)
+    out.mkdir(parents=True, exist_ok=True)
+    result = new_result(cfg, environment(device))
+    errors = result["errors"]
+    if models:
+        nets, layers, info = run_networks(cfg, errors)
+        result.update(networks=nets, layers=layers, models=info)
+        result["summary"] = summary_rows(nets, info, accuracy)
+    if gemm:
+        from .gemm_sweep import run_sweep
+
+        result["gemm"] = run_sweep(
+            device, shapes=QUICK_GEMM_SHAPES if quick else None,
+            sparsities=_floats(args.gemm_sparsities, "--gemm-sparsities") if args.gemm_sparsities else (
+                QUICK_GEMM_SPARSITIES if quick else None),
+            methods=_csv(args.gemm_methods) or None, regimes=[r.name for r in parse_regimes(args.gemm_regimes)],
+            reps=5 if quick else 50, flush_l2=args.flush_l2, repeats=args.repeats,
+            progress=not args.no_progress, errors=errors)
+    files = write_reports(result, out)
+    write_json(result, out / "bench.json")
+    _print_short(result)
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + (f" and {', '.join(files)}" if files else ""))
+    if errors:
+        print(f"{len(errors)} part(s) failed and were skipped; see 'Errors' in {out / 'bench.md'}", file=sys.stderr)
+    return 0
+
+
+def _print_short(result: dict) -> None:
+    nets = [r for r in result.get("networks") or [] if r.get("median_ms")]
+    if nets:
+        print(f"{'model':<14}{'regime':<16}{'b':>3}  {'engine':<24}{'ms':>9}{'spread':>8}{'vs eager':>9}{'vs best':>9}")
+        for r in nets:
+            sp = f"{100 * r['spread']:.1f}%" if r.get("spread") is not None else "–"
+            x = lambda v: f"{v:8.2f}x" if v is not None else f"{'–':>9}"  # noqa: E731
+            print(f"{r['model']:<14}{r['regime']:<16}{r['batch']:>3}  {r['engine'][:23]:<24}{r['median_ms']:>9.3f}"
+                  f"{sp:>8}{x(r.get('speedup_vs_eager'))}{x(r.get('speedup_vs_best_dense'))}")

@@ -1,0 +1,311 @@
+"""The `csr` runtime: unstructured weight sparsity on Sputnik-style CSR kernels (issue 5).
+
+rewrite: `csr_rewrite` turns each pruned Conv (group 1) and Gemm into `sparsecnn::CsrConv` /
+`CsrGemm` with the weight stored as CSR initializers; layers too dense or excluded stay
+standard ONNX ops.
+
+compile: on CUDA each CSR op is prepared for a few kernel configurations (runtimes/
+csr_kernels.py) which are timed on the device; the fastest runs, unless the layer's dense
+form (the torch runtime's Conv / linear on the decompressed weight, cuDNN / cuBLAS) is
+faster still, in which case the layer runs dense and the report says so. The whole
+network replays as one CUDA graph. On CPU the reference implementations run.
+
+Options (CompileOptions.extra):
+  csr_decide       "measure" (default): time sparse and dense per layer, keep the faster;
+                   "threshold": sparse when density <= csr_max_density; "sparse": always sparse
+  csr_max_density  density above which a layer stays dense (rewrite and "threshold"; default 0.3)
+  csr_autotune     time every candidate config (default True) or take the first
+  csr_tune_reps    timed repetitions per candidate (default 15)
+  csr_exclude      extra layers to leave dense in the rewrite (globs of weight/module names)
+  dense_conv ...   passed through to the torch runtime's Conv builder for dense layers
+"""
+from __future__ import annotations
+
+import onnx
+import torch
+
+from ..common.errors import UserError
+from ..passes.csr import CSR
+from ..passes.csr_rewrite import DEFAULT_MAX_DENSITY, csr_rewrite
+from ..passes.graph import SPARSECNN_DOMAIN, PassResult, run_pipeline
+from .base import CompileOptions, Engine, _MatmulPrecision
+from .csr_ops import OPS as REFERENCE_OPS
+from .csr_ops import bias_tensor, conv_geometry, csr_tensors
+from .executor import Executor
+from .ops import STANDARD_OPS, NodeContext, attributes
+
+name = "csr"
+
+
+def available() -> tuple[bool, str]:
+    try:
+        if not torch.cuda.is_available():
+            return True, "CPU: reference CSR ops (the CUDA kernels need a GPU)"
+        from .nvrtc import nvrtc_available
+
+        ok, why = nvrtc_available()
+        if not ok:
+            return False, f"CUDA GPU present but NVRTC is not usable ({why}); `pip install 'sparsecnn[gpu]'`"
+        return True, f"CSR kernels via {why} on {torch.cuda.get_device_name(0)}"
+    except Exception as exc:  # never raise from available()
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def _extra(options) -> dict:
+    if options is None:
+        return {}
+    if isinstance(options, CompileOptions):
+        return dict(options.extra)
+    opts = CompileOptions.from_dict(options)
+    return dict(opts.extra)
+
+
+def passes(options=None) -> list:
+    """The runtime's explicit rewrite pipeline."""
+    extra = _extra(options)
+    return [(csr_rewrite, {"max_density": float(extra.get("csr_max_density", DEFAULT_MAX_DENSITY)),
+                           "exclude": list(extra.get("csr_exclude", []))})]
+
+
+def rewrite_with_report(model: onnx.ModelProto, options=None) -> tuple[onnx.ModelProto, list[PassResult]]:
+    return run_pipeline(model, passes(options))
+
+
+def rewrite(model: onnx.ModelProto, options=None) -> onnx.ModelProto:
+    return rewrite_with_report(model, options)[0]
+
+
+class CsrEngine(Engine):
+    runtime = name
+
+    def __init__(self, *args, session=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.session = session
+
+    def saved_state(self) -> dict:
+        return {"layers": dict(self.session.decisions)} if self.session is not None else {}
+
+
+def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options: CompileOptions | dict | None = None,
+            state: dict | None = None) -> CsrEngine:
+    device = torch.device(device)
+    backend = None
+    if device.type == "cuda":
+        ok, why = available()
+        if not ok:
+            raise UserError(f"runtime 'csr' cannot run on {device}: {why}")
+        from .csr_kernels import NvrtcBackend
+
+        backend = NvrtcBackend(device)
+    return compile_with_backend(model, device, options, state, backend)
+
+
+def compile_with_backend(model: onnx.ModelProto, device, options=None, state: dict | None = None,
+                         backend=None) -> CsrEngine:
+    """compile() with an explicit kernel backend (None: the reference ops). The CPU tests pass
+    the emulator (tests/cuda_emu.py) to run the GPU code path on CPU tensors."""
+    opts = options if isinstance(options, CompileOptions) else CompileOptions.from_dict(options)
+    device = torch.device(device)
+    session = None
+    if backend is not None:
+        session = _KernelSession(device, opts, state or {}, backend)
+        ops = {(SPARSECNN_DOMAIN, "CsrConv"): session.build_conv, (SPARSECNN_DOMAIN, "CsrGemm"): session.build_gemm}
+    else:
+        ops = dict(REFERENCE_OPS)
+    with torch.no_grad(), _MatmulPrecision(device, opts.tf32):
+        ex = Executor(model, device, opts.dtype, ops=ops, channels_last=opts.channels_last, options=opts.extra)
+    return CsrEngine(model, device, opts, ex, session=session)
+
+
+# --- kernel builders ------------------------------------------------------------------------
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _KernelSession:
+    """Shared state of one compile with kernels: backend, tuning settings, per-layer decisions."""
+
+    def __init__(self, device: torch.device, opts: CompileOptions, state: dict, backend):
+        extra = opts.extra
+        self.device, self.opts = device, opts
+        self.backend = backend
+        self.decide = str(extra.get("csr_decide", "measure"))
+        if self.decide not in ("measure", "threshold", "sparse"):
+            raise UserError(f"csr_decide must be measure, threshold or sparse, got '{self.decide}'")
+        self.max_density = float(extra.get("csr_max_density", DEFAULT_MAX_DENSITY))
+        self.autotune = bool(extra.get("csr_autotune", True))
+        self.reps = int(extra.get("csr_tune_reps", 15))
+        self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        self.saved = dict((state or {}).get("layers", {}))
+        self.decisions: dict[str, dict] = {}
+
+    def time_us(self, fn, x: torch.Tensor) -> float:
+        from .csr_kernels import time_in_graph_us
+
+        return time_in_graph_us(fn, x, self.device, self.reps)
+
+    def _choose(self, ctx: NodeContext, density: float, candidates: list, make_plan, run_plan, make_dense, x):
+        """Sparse (the fastest candidate config) or dense for one layer.
+
+        Returns (fn, report info, device buffers, decision to save). A reloaded engine takes
+        its saved decision (the caller puts the saved config first) without timing anything.
+        """
+        saved = self.saved.get(ctx.name)
+        info: dict = {}
+
+        def dense(reason: str, us: float | None = None):
+            fn, bufs, kernel = make_dense()
+            info.update(format="dense", kernel=kernel, reason=reason, dense_bytes=_nbytes(bufs))
+            if us is not None:
+                info["time_us"] = round(us, 3)
+            return fn, info, bufs, {"format": "dense", "reason": reason}
+
+        if saved is not None and saved.get("format") == "dense":
+            return dense(saved.get("reason", "saved decision"))
+        if saved is None and self.decide == "threshold" and density > self.max_density:
+            return dense(f"density {density:.3f} > csr_max_density {self.max_density}")
+        if saved is not None or not self.autotune:
+            candidates = candidates[:1]
+        measure = saved is None and (len(candidates) > 1 or self.decide == "measure")
+        best = None
+        timed = []
+        for cfg in candidates:
+            plan = make_plan(cfg)
+            us = self.time_us(lambda t, p=plan: run_plan(p, t), x) if measure else None
+            if us is not None:
+                timed.append({"config": cfg.label(), "us": round(us, 3)})
+            if best is None or (us is not None and us < best[2]):
+                best = (cfg, plan, us)
+        cfg, plan, sparse_us = best
+        info["csr_bytes"] = _nbytes(plan.buffers())
+        if timed:
+            info["candidates"] = timed
+        if saved is None and self.decide == "measure":
+            dense_fn, dense_bufs, kernel = make_dense()
+            dense_us = self.time_us(dense_fn, x)
+            info["dense_us"] = round(dense_us, 3)
+            info["dense_bytes"] = _nbytes(dense_bufs)
+            if dense_us < sparse_us:
+                info["sparse_us"] = round(sparse_us, 3)
+                del plan, best
+                info.update(format="dense", kernel=kernel, reason="dense measured faster", time_us=round(dense_us, 3))
+                return dense_fn, info, dense_bufs, {"format": "dense", "reason": "dense measured faster"}
+            del dense_fn, dense_bufs
+        if sparse_us is not None:
+            info["time_us"] = round(sparse_us, 3)
+        info.update(format="csr", config=cfg.to_dict(), config_label=cfg.label())
+        return (lambda t, p=plan: run_plan(p, t)), info, plan.buffers(), {"format": "csr", "config": cfg.to_dict()}
+
+    def build_conv(self, ctx: NodeContext):
+        from .csr_kernels import ConvConfig, ConvGeometry, ConvPlan, candidate_configs, conv_expression
+
+        g = conv_geometry(ctx)
+        values, cols, row_ptr, order = csr_tensors(ctx)
+        bias = bias_tensor(ctx)
+        m = row_ptr.numel() - 1
+        shape = ctx.shape(ctx.node.input[0])
+        if not shape or len(shape) != 4 or shape[2] is None or shape[3] is None:
+            ref = REFERENCE_OPS[(SPARSECNN_DOMAIN, "CsrConv")](ctx)
+            ctx.info.update(reason="input size unknown at compile time: reference op (torch sparse)")
+            return ref
+        ctx.inputs_used = [0]
+        (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = g["kernel"], g["stride"], g["pads"], g["dilation"]
+        geom = ConvGeometry(m, g["in_channels"], shape[2], shape[3], kh, kw, sh, sw, pt, pl, pb, pr, dh, dw)
+        csr = CSR(values, cols.to(torch.int32), row_ptr.to(torch.int32), order.to(torch.int32), (m, geom.k))
+        relu = g["relu"]
+        x = torch.randn(1, geom.c, geom.h, geom.w, device=self.device).to(ctx.dtype)
+        if ctx.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def make_dense():
+            w = csr.to_dense().reshape(m, geom.c, kh, kw)
+            return self._dense_conv(ctx, w, bias, relu)
+
+        candidates = candidate_configs(geom, self.sms)
+        saved = self.saved.get(ctx.name)
+        if saved is not None and saved.get("format") == "csr":
+            candidates = [ConvConfig(**saved["config"])]
+        fn, info, bufs, decision = self._choose(
+            ctx, csr.density, candidates,
+            lambda cfg: ConvPlan(csr, geom, cfg, ctx.dtype, self.device, self.backend, bias, relu),
+            lambda plan, t: plan.conv(t), make_dense, x)
+        if info["format"] == "csr":
+            c = info["config"]
+            info["kernel"] = conv_expression(ctx.dtype, c["p"], c["rpt"], c["threads"], c["vec"])
+        ctx.info.update(nnz=csr.nnz, sparsity=1.0 - csr.density, relu_fused=relu, buffers=bufs, **info)
+        self.decisions[ctx.name] = decision
+        return fn
+
+    def _dense_conv(self, ctx: NodeContext, w: torch.Tensor, bias, relu: bool):
+        """The torch runtime's Conv builder on the decompressed weight (its options apply)."""
+        kh, kw = w.shape[2:]
+        g = conv_geometry(ctx)
+        node = onnx.helper.make_node("Conv", [ctx.node.input[0], "__csr_dense_w", "__csr_dense_b"], list(ctx.node.output),
+                                     name=ctx.name, kernel_shape=[kh, kw], strides=list(g["stride"]),
+                                     pads=list(g["pads"]), dilations=list(g["dilation"]))
+        consts = {"__csr_dense_w": w.to(self.device, ctx.dtype)}
+        b = bias.to(self.device, ctx.dtype) if bias is not None else None
+        if b is not None:
+            consts["__csr_dense_b"] = b
+        dctx = NodeContext(node, attributes(node), consts, ctx.shapes, ctx.device, ctx.dtype, ctx.channels_last,
+                           ctx.options)
+        run = STANDARD_OPS[("", "Conv")](dctx)
+        kernel = dctx.info.get("kernel", "torch.conv")
+
+        def fn(t):
+            y = run(t, None, b)
+            return torch.relu(y) if relu else y
+
+        return fn, [consts["__csr_dense_w"]] + ([b] if b is not None else []), kernel
+
+    def build_gemm(self, ctx: NodeContext):
+        from .csr_kernels import GEMV_MAX_BATCH, ConvPlan, GemvPlan, gemm_as_conv_geometry, gemm_conv_plan_call, spmm_config
+
+        values, cols, row_ptr, order = csr_tensors(ctx)
+        bias = bias_tensor(ctx)
+        m, k = row_ptr.numel() - 1, int(ctx.attr("in_features"))
+        relu = bool(ctx.attr("relu", 0))
+        csr = CSR(values, cols.to(torch.int32), row_ptr.to(torch.int32), order.to(torch.int32), (m, k))
+        if k > 65536:
+            ref = REFERENCE_OPS[(SPARSECNN_DOMAIN, "CsrGemm")](ctx)
+            ctx.info.update(reason="K > 65536: reference op (torch sparse)")
+            return ref
+        ctx.inputs_used = [0]
+        x = torch.randn(1, k, device=self.device).to(ctx.dtype)
+        wide_plans: dict[int, ConvPlan] = {}
+
+        def run_plan(plan, t):
+            n = t.shape[0]
+            if n <= GEMV_MAX_BATCH:
+                return plan(t)
+            if n not in wide_plans:  # built outside capture: GraphReplay warms up first
+                g = gemm_as_conv_geometry(m, k, n)
+                wide_plans[n] = ConvPlan(csr, g, spmm_config(g, 1, 4), ctx.dtype, self.device, self.backend, bias, relu)
+            return gemm_conv_plan_call(wide_plans[n], t)
+
+        def make_dense():
+            w = csr.to_dense().to(self.device, ctx.dtype)
+            b = bias.to(self.device, ctx.dtype) if bias is not None else None
+
+            def fn(t):
+                y = torch.nn.functional.linear(t, w, b)
+                return torch.relu(y) if relu else y
+
+            return fn, [w] + ([b] if b is not None else []), "torch.linear (cuBLAS)"
+
+        class _Gemv:  # one "config": the SpMV kernel
+            def to_dict(self):
+                return {"kernel": "spmv"}
+
+            def label(self):
+                return "spmv warp-per-row"
+
+        fn, info, bufs, decision = self._choose(
+            ctx, csr.density, [_Gemv()],
+            lambda cfg: GemvPlan(csr, ctx.dtype, self.device, self.backend, bias, relu), run_plan, make_dense, x)
+        if info["format"] == "csr":
+            info["kernel"] = f"csr::csr_spmv (batch <= {GEMV_MAX_BATCH}), csr::csr_conv spmm above"
+        ctx.info.update(nnz=csr.nnz, sparsity=1.0 - csr.density, relu_fused=relu, buffers=bufs, **info)
+        self.decisions[ctx.name] = decision
+        return fn

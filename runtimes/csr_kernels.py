@@ -1,0 +1,508 @@
+"""Host side of the CSR kernels (runtimes/kernels/csr_*.cu): configs, compile-time data, launches.
+
+A *plan* is one layer prepared for one kernel configuration: the non-zeros in the device
+precision, column indices pre-scaled to the offsets that configuration reads (uint16), the
+per-chunk row pointers, the row swizzle and the bias, all on the device; calling it runs the
+layer on PyTorch's current stream (so it is captured by CUDA graphs).
+
+Kernels are launched through a *backend*: `NvrtcBackend` compiles with NVRTC and launches on
+the GPU; the CPU tests pass an emulating backend (tests/cuda_emu.py) that runs the same
+kernel source as host threads on CPU tensors.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..passes.csr import CSR
+from .nvrtc import load_source
+
+THREADS = 256  # the SpMV kernel's block; conv/SpMM configs choose 256 or 512
+STAGE_FLOATS = 8192  # one staged chunk: 32 KiB of fp32; double-buffered, 64 KiB a block (3 blocks an SM)
+GEMV_MAX_BATCH = 8   # CsrGemm runs the warp-per-row SpMV kernel up to this batch
+
+
+class CsrParams(ctypes.Structure):
+    """Mirror of csr::Params in kernels/csr_common.cuh (same order, same C types)."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in ("values", "offsets", "chunk_ptr", "row_order", "bias", "k_used", "x",
+                                               "y")] + [
+        ("x_batch", ctypes.c_longlong), ("y_batch", ctypes.c_longlong)] + [
+        (n, ctypes.c_int) for n in ("M", "C", "H", "W", "Ho", "Wo", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
+                                    "x_cs", "x_hs", "x_ws", "y_cs", "y_hs", "y_ws", "tile_h", "tile_w", "tiles_w",
+                                    "win_h", "win_w", "chunk_c", "nchunks", "chunks_per_split", "nsplit", "batch",
+                                    "relu", "accumulate", "vec_stage")]
+
+
+def _ctype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float", torch.float16: "__half"}[dtype]
+
+
+# Every instantiation a source is compiled with (one NVRTC program per source and dtype).
+# (pixels per lane, rows per warp, threads, vec)
+CONV_VARIANTS = [(p, rpt, nt, False) for p in (2, 4) for rpt in (2, 4) for nt in (256, 512)] + \
+                [(p, rpt, nt, True) for p in (1, 2, 4) for rpt in (2, 4, 8) for nt in (256, 512)]
+SPMV_BATCH = (1, 4)
+
+
+def conv_expression(dtype: torch.dtype, p: int, rpt: int, threads: int, vec: bool) -> str:
+    return f"csr::csr_conv<{_ctype_name(dtype)}, {p}, {rpt}, {threads}, {'true' if vec else 'false'}>"
+
+
+def spmv_expression(dtype: torch.dtype, nb: int) -> str:
+    return f"csr::csr_spmv<{_ctype_name(dtype)}, {nb}>"
+
+
+def all_expressions(filename: str, dtype: torch.dtype) -> tuple[str, ...]:
+    if filename == "csr_conv.cu":
+        return tuple(conv_expression(dtype, *v) for v in CONV_VARIANTS)
+    if filename == "csr_spmv.cu":
+        return tuple(spmv_expression(dtype, nb) for nb in SPMV_BATCH)
+    raise KeyError(filename)
+
+
+KERNEL_FILES = ("csr_conv.cu", "csr_spmv.cu")
+
+
+class NvrtcBackend:
+    """Compiles each kernel source once per dtype (all its instantiations) and launches on the GPU."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self._kernels: dict[str, object] = {}
+        self._smem_set: dict[str, int] = {}
+
+    def _kernel(self, filename: str, expr: str, dtype: torch.dtype):
+        if expr not in self._kernels:
+            from .nvrtc import Kernel
+
+            self._kernels[expr] = Kernel(load_source(filename), expr, self.device,
+                                         name_expressions=all_expressions(filename, dtype), filename=filename)
+        return self._kernels[expr]
+
+    def launch(self, filename: str, expr: str, dtype: torch.dtype, grid, block, smem: int, params: CsrParams) -> None:
+        k = self._kernel(filename, expr, dtype)
+        if smem > 48 * 1024 and self._smem_set.get(expr, 0) < smem:
+            k.set_max_dynamic_shared(smem)
+            self._smem_set[expr] = smem
+        k(grid, block, params, shared=smem)
+
+
+# --- geometry and configurations -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A conv over one image [C, H, W] -> [M, Ho, Wo]; a GEMM B[K, N] is C=K, H=1, W=N, 1x1."""
+
+    m: int
+    c: int
+    h: int
+    w: int
+    kh: int = 1
+    kw: int = 1
+    sh: int = 1
+    sw: int = 1
+    pt: int = 0
+    pl: int = 0
+    pb: int = 0
+    pr: int = 0
+    dh: int = 1
+    dw: int = 1
+
+    @property
+    def ho(self) -> int:
+        return (self.h + self.pt + self.pb - self.dh * (self.kh - 1) - 1) // self.sh + 1
+
+    @property
+    def wo(self) -> int:
+        return (self.w + self.pl + self.pr - self.dw * (self.kw - 1) - 1) // self.sw + 1
+
+    @property
+    def k(self) -> int:
+        return self.c * self.kh * self.kw
+
+    @property
+    def pointwise(self) -> bool:
+        """1x1, stride 1, no padding: a plain SpMM over the flattened pixels."""
+        return (self.kh, self.kw, self.sh, self.sw, self.pt, self.pl, self.pb, self.pr) == (1, 1, 1, 1, 0, 0, 0, 0)
+
+    def flat(self) -> "ConvGeometry":
+        """The pointwise conv as a 1 x (H*W) image, the layout of the VEC kernels."""
+        return ConvGeometry(self.m, self.c, 1, self.h * self.w)
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    vec: bool      # SpMM layout (pointwise / GEMM) instead of the conv window
+    p: int         # output pixels (columns) per lane: tile of 32*p
+    rpt: int       # output rows per warp: threads/32*rpt rows a block
+    chunk_c: int   # input channels (K rows) staged per chunk
+    tile_h: int
+    tile_w: int
+    nsplit: int = 1  # blocks along K (fp32 atomic accumulation) when the grid is too small
+    threads: int = 256
+
+    @property
+    def rows_per_block(self) -> int:
+        return self.threads // 32 * self.rpt
+
+    def label(self) -> str:
+        kind = "spmm" if self.vec else "window"
+        split = f" splitk{self.nsplit}" if self.nsplit > 1 else ""
+        return (f"{kind} p{self.p} rows{self.rows_per_block}(t{self.threads}) tile{self.tile_h}x{self.tile_w} "
+                f"chunk{self.chunk_c}{split}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def window_dims(g: ConvGeometry, tile_h: int, tile_w: int) -> tuple[int, int]:
+    return (tile_h - 1) * g.sh + (g.kh - 1) * g.dh + 1, (tile_w - 1) * g.sw + (g.kw - 1) * g.dw + 1
+
+
+def _balanced(size: int, most: int) -> int:
+    """A tile length <= most that splits `size` into equal-ish tiles."""
+    n = -(-size // max(1, most))
+    return -(-size // n)
+
+
+def window_config(g: ConvGeometry, p: int, rpt: int, nsplit: int = 1, budget: int = STAGE_FLOATS,
+                  threads: int = 256) -> ConvConfig:
+    pixels = 32 * p
+    tile_w = _balanced(g.wo, pixels)
+    tile_h = _balanced(g.ho, max(1, pixels // tile_w))
+    win_h, win_w = window_dims(g, tile_h, tile_w)
+    chunk_c = max(1, min(g.c, budget // (win_h * win_w)))
+    return ConvConfig(False, p, rpt, chunk_c, tile_h, tile_w, nsplit, threads)
+
+
+def spmm_config(g: ConvGeometry, p: int, rpt: int, nsplit: int = 1, budget: int = STAGE_FLOATS,
+                threads: int = 256) -> ConvConfig:
+    return ConvConfig(True, p, rpt, max(1, min(g.c, budget // (32 * p))), 1, 32 * p, nsplit, threads)
+
+
+def grid_blocks(g: ConvGeometry, cfg: ConvConfig, batch: int = 1) -> int:
+    gg = g.flat() if cfg.vec else g
+    tiles = -(-gg.ho // cfg.tile_h) * -(-gg.wo // cfg.tile_w)
+    return -(-g.m // cfg.rows_per_block) * tiles * batch * cfg.nsplit
+
+
+def with_split(g: ConvGeometry, cfg: ConvConfig, sms: int, batch: int = 1, min_chunk_k: int = 64) -> ConvConfig | None:
+    """The config split along K so the grid covers about two waves, or None if it does already.
+
+    Chunks shrink (down to `min_chunk_k` K rows, so row segments stay long enough for the
+    vector groups to pay) when there are fewer chunks than splits wanted.
+    """
+    blocks = grid_blocks(g, cfg, batch)
+    if blocks >= sms:
+        return None
+    want = -(-2 * sms // blocks)
+    rs = g.kh * g.kw
+    chunk_c = cfg.chunk_c
+    if -(-g.c // chunk_c) < want:
+        chunk_c = min(chunk_c, max(-(-min_chunk_k // rs), -(-g.c // want)))
+    nchunks = -(-g.c // chunk_c)
+    if nchunks < 2:
+        return None
+    cps = -(-nchunks // min(nchunks, want))
+    nsplit = -(-nchunks // cps)
+    return ConvConfig(**{**cfg.to_dict(), "chunk_c": chunk_c, "nsplit": nsplit}) if nsplit > 1 else None
+
+
+ROW_SHAPES = ((2, 256), (4, 256), (8, 256), (4, 512), (8, 512))  # (rows per warp, threads)
+
+
+def candidate_configs(g: ConvGeometry, sms: int = 132, batch: int = 1) -> list[ConvConfig]:
+    """The configurations worth timing for a layer (up to a dozen), most promising first.
+
+    Rows per block trade staging traffic (each block stages its tile's operand once for all
+    its rows) against parallelism; pixels per lane trade sparse-load reuse against tile
+    waste; a K split (fp32 atomics) fills the GPU when rows x tiles make too few blocks.
+    """
+    if g.pointwise:
+        n = g.h * g.w
+        ps = [p for p in (4, 2, 1) if 32 * p <= max(32, 2 * n)][:2] or [1]
+        shapes = [(r, t) for r, t in ROW_SHAPES if t // 32 * r <= max(32, g.m) and r >= 4]
+        base = [spmm_config(g, p, r, threads=t) for p in ps for r, t in shapes]
+        if ps[0] == 4 and g.c > STAGE_FLOATS // 128:  # long K: twice the chunk (longer row segments), 1 block an SM
+            base.append(spmm_config(g, 4, 4, threads=512, budget=2 * STAGE_FLOATS))
+    else:
+        shapes = [(r, t) for r, t in ROW_SHAPES if t // 32 * r <= max(16, g.m) and r <= 4]
+        base = [window_config(g, p, r, threads=t) for p in (4, 2) for r, t in shapes]
+    out: list[ConvConfig] = []
+    for cfg in base:
+        out.append(cfg)
+        split = with_split(g, cfg, sms, batch)
+        if split is not None:
+            out.append(split)
+    return list(dict.fromkeys(out))
+
+
+# --- compile-time data ----------------------------------------------------------------------
+
+def chunk_pointers(csr: CSR, chunk_k: int) -> torch.Tensor:
+    """[M, nchunks + 1] int32: where row m's entries with column >= q*chunk_k begin."""
+    m, k = csr.shape
+    nchunks = max(1, -(-k // chunk_k))
+    rows = torch.repeat_interleave(torch.arange(m, dtype=torch.int64), csr.row_lengths())
+    keys = rows * k + csr.col_idx.to(torch.int64)  # ascending: rows in order, columns ascending in a row
+    bounds = torch.clamp(torch.arange(nchunks + 1, dtype=torch.int64) * chunk_k, max=k)
+    queries = torch.arange(m, dtype=torch.int64)[:, None] * k + bounds[None, :]
+    return torch.searchsorted(keys, queries.reshape(-1)).reshape(m, nchunks + 1).to(torch.int32)
+
+
+def entry_offsets(csr: CSR, g: ConvGeometry, cfg: ConvConfig) -> torch.Tensor:
+    """Each entry's column pre-scaled to its offset inside the staged chunk (uint16)."""
+    col = csr.col_idx.to(torch.int64)
+    if cfg.vec:
+        off = (col % cfg.chunk_c) * (32 * cfg.p)
+    else:
+        rs = g.kh * g.kw
+        c, r, s = col // rs, (col % rs) // g.kw, col % g.kw
+        win_h, win_w = window_dims(g, cfg.tile_h, cfg.tile_w)
+        off = (c % cfg.chunk_c) * (win_h * win_w) + r * g.dh * win_w + s * g.dw
+    if off.numel() and int(off.max()) > 65535:
+        raise ValueError(f"offsets do not fit uint16 for config {cfg.label()}")
+    return off.to(torch.int32)
+
+
+def rows_block_column_use(csr: CSR, rows_per_block: int) -> torch.Tensor:
+    """[row blocks, K] uint8: 1 where a row of the block (in swizzled order) has an entry in column k."""
+    m, k = csr.shape
+    nblocks = -(-m // rows_per_block)
+    block_of_row = torch.empty(m, dtype=torch.int64)
+    block_of_row[csr.row_order.long()] = torch.arange(m) // rows_per_block
+    rows = torch.repeat_interleave(torch.arange(m), csr.row_lengths())
+    used = torch.zeros(nblocks * k, dtype=torch.uint8)
+    used[block_of_row[rows] * k + csr.col_idx.long()] = 1
+    return used
+
+
+def _padded(t: torch.Tensor, dtype: torch.dtype, device, pad: int = 4) -> torch.Tensor:
+    """`t` followed by `pad` zeros (ROMA's last group may read up to three entries past a row)."""
+    out = torch.zeros(t.numel() + pad, dtype=dtype, device=device)
+    out[:t.numel()] = t.to(device=device, dtype=dtype)
+    return out
+
+
+def _uint16(t: torch.Tensor, device) -> torch.Tensor:
+    """Values in [0, 65535] as 16-bit device words (+4 zeros of ROMA padding). Kept in an int16
+    tensor (torch's uint16 is barely supported on CUDA); the kernels read unsigned shorts."""
+    import numpy as np
+
+    out = np.zeros(t.numel() + 4, dtype=np.uint16)
+    out[:t.numel()] = t.cpu().numpy()
+    return torch.from_numpy(out.view(np.int16)).to(device)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+# --- plans ---------------------------------------------------------------------------------
+
+class ConvPlan:
+    """One conv (or SpMM) layer prepared for one config; call it on x [N, C, H, W] (or B [K, N])."""
+
+    def __init__(self, csr: CSR, g: ConvGeometry, cfg: ConvConfig, dtype: torch.dtype, device, backend,
+                 bias: torch.Tensor | None = None, relu: bool = False):
+        if csr.shape != (g.m, g.k):
+            raise ValueError(f"CSR shape {csr.shape} does not match the layer's GEMM view {(g.m, g.k)}")
+        self.g, self.cfg, self.dtype, self.device, self.backend, self.relu = g, cfg, dtype, torch.device(device), backend, relu
+        self.kg = g.flat() if cfg.vec else g  # the geometry the kernel sees
+        self.nchunks = -(-g.c // cfg.chunk_c)
+        self.values = _padded(csr.values, dtype, self.device)
+        self.offsets = _uint16(entry_offsets(csr, g, cfg), self.device)
+        self.chunk_ptr = chunk_pointers(csr, cfg.chunk_c * g.kh * g.kw).to(self.device)
+        self.row_order = csr.row_order.to(self.device, torch.int32)
+        self.bias = None if bias is None else bias.reshape(-1).to(self.device, torch.float32).contiguous()
+        self.expr = conv_expression(dtype, cfg.p, cfg.rpt, cfg.threads, cfg.vec)
+        self.k_used = rows_block_column_use(csr, cfg.rows_per_block).to(self.device) if cfg.vec else None
+        self._param_cache: dict[tuple, CsrParams] = {}
+        if cfg.vec:
+            self.win_h, self.win_w = 1, 32 * cfg.p
+            self.smem = 2 * cfg.chunk_c * 32 * cfg.p * 4
+        else:
+            self.win_h, self.win_w = window_dims(g, cfg.tile_h, cfg.tile_w)
+            self.smem = 2 * cfg.chunk_c * self.win_h * self.win_w * 4
+        self.cps = -(-self.nchunks // cfg.nsplit)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [t for t in (self.values, self.offsets, self.chunk_ptr, self.row_order, self.bias, self.k_used)
+                if t is not None]
+
+    def _params(self, x: torch.Tensor, y: torch.Tensor, n: int, strides_x, strides_y, accumulate: bool) -> CsrParams:
+        key = (n, tuple(strides_x), tuple(strides_y), accumulate, x.data_ptr() % 16 == 0)
+        base = self._param_cache.get(key)
+        if base is None:
+            base = self._param_cache[key] = self._base_params(x, n, strides_x, strides_y, accumulate)
+        p = CsrParams.from_buffer_copy(base)  # per call only the pointers change
+        p.x, p.y = x.data_ptr(), y.data_ptr()
+        return p
+
+    def _base_params(self, x: torch.Tensor, n: int, strides_x, strides_y, accumulate: bool) -> CsrParams:
+        g, kg, cfg = self.g, self.kg, self.cfg
+        p = CsrParams()
+        p.values, p.offsets, p.chunk_ptr, p.row_order = (self.values.data_ptr(), self.offsets.data_ptr(),
+                                                        self.chunk_ptr.data_ptr(), self.row_order.data_ptr())
+        p.bias, p.k_used = _ptr(self.bias), _ptr(self.k_used)
+        (p.x_batch, p.x_cs, p.x_hs, p.x_ws), (p.y_batch, p.y_cs, p.y_hs, p.y_ws) = strides_x, strides_y
+        p.M, p.C, p.H, p.W, p.Ho, p.Wo = g.m, kg.c, kg.h, kg.w, kg.ho, kg.wo
+        p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw = kg.kh, kg.kw, kg.sh, kg.sw, kg.pt, kg.pl, kg.dh, kg.dw
+        p.tile_h, p.tile_w, p.tiles_w = cfg.tile_h, cfg.tile_w, -(-kg.wo // cfg.tile_w)
+        p.win_h, p.win_w, p.chunk_c, p.nchunks = self.win_h, self.win_w, cfg.chunk_c, self.nchunks
+        p.chunks_per_split, p.nsplit, p.batch = self.cps, cfg.nsplit, n
+        p.relu, p.accumulate = int(self.relu), int(accumulate)
+        p.vec_stage = int(cfg.vec and p.x_ws == 1 and p.x_cs % 4 == 0 and (n == 1 or p.x_batch % 4 == 0)
+                          and x.data_ptr() % 16 == 0)
+        return p
+
+    def _launch(self, x, y, n, sx, sy, accumulate: bool) -> None:
+        tiles = -(-self.kg.ho // self.cfg.tile_h) * -(-self.kg.wo // self.cfg.tile_w)
+        grid = (-(-self.g.m // self.cfg.rows_per_block), tiles, n * self.cfg.nsplit)
+        self.backend.launch("csr_conv.cu", self.expr, self.dtype, grid, (self.cfg.threads,), self.smem,
+                            self._params(x, y, n, sx, sy, accumulate))
+
+    def _run(self, x: torch.Tensor, out_shape, n: int, sx, sy_of, y_view) -> torch.Tensor:
+        """Allocate, launch over `n` images (with the split-K epilogue if needed), return the output."""
+        if self.cfg.nsplit == 1:
+            y = torch.empty(out_shape, dtype=self.dtype, device=x.device)
+            self._launch(x, y, n, sx, sy_of(y), False)
+            return y_view(y)
+        acc = torch.zeros(out_shape, dtype=torch.float32, device=x.device)
+        self._launch(x, acc, n, sx, sy_of(acc), True)
+        if self.relu:
+            acc.relu_()
+        return y_view(acc if self.dtype == torch.float32 else acc.to(self.dtype))
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W] (any strides for windows) -> y [N, M, Ho, Wo] contiguous."""
+        g = self.g
+        x = x.to(self.dtype)
+        n = x.shape[0]
+        if self.cfg.vec and not (x.stride(3) == 1 and x.stride(2) == g.w):
+            x = x.contiguous()  # pointwise as SpMM needs rows of H*W contiguous pixels
+        if self.cfg.vec:
+            sx = (x.stride(0), x.stride(1), 0, 1)
+        else:
+            sx = (x.stride(0), x.stride(1), x.stride(2), x.stride(3))
+        shape = (n, g.m, g.ho, g.wo)
+        sy = lambda y: (y.stride(0), y.stride(1), 0 if self.cfg.vec else y.stride(2), 1)  # noqa: E731
+        return self._run(x, shape, n, sx, sy, lambda y: y)
+
+    def spmm(self, b: torch.Tensor) -> torch.Tensor:
+        """B [K, N] -> A @ B [M, N] (the GEMM sweep's operation; vec configs)."""
+        b = b.to(self.dtype)
+        if b.stride(1) != 1:
+            b = b.contiguous()
+        sx = (0, b.stride(0), 0, 1)
+        sy = lambda y: (0, y.stride(1), 0, 1)  # noqa: E731
+        return self._run(b, (1, self.g.m, self.g.w), 1, sx, sy, lambda y: y[0])
+
+    __call__ = conv
+
+
+class GemvPlan:
+    """A CsrGemm layer at batch <= GEMV_MAX_BATCH: warp-per-row SpMV (csr_spmv.cu)."""
+
+    def __init__(self, csr: CSR, dtype: torch.dtype, device, backend, bias: torch.Tensor | None = None,
+                 relu: bool = False):
+        m, k = csr.shape
+        if k > 65536:
+            raise ValueError("SpMV keeps column indices in uint16; K must be <= 65536")
+        self.m, self.k, self.dtype, self.device, self.backend, self.relu = m, k, dtype, torch.device(device), backend, relu
+        self.values = _padded(csr.values, dtype, self.device)
+        self.offsets = _uint16(csr.col_idx.to(torch.int64), self.device)
+        self.row_ptr = csr.row_ptr.to(self.device, torch.int32)
+        self.row_order = csr.row_order.to(self.device, torch.int32)
+        self.bias = None if bias is None else bias.reshape(-1).to(self.device, torch.float32).contiguous()
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [t for t in (self.values, self.offsets, self.row_ptr, self.row_order, self.bias) if t is not None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        n = x.shape[0]
+        nb = 1 if n == 1 else 4
+        y = torch.empty(n, self.m, dtype=self.dtype, device=x.device)
+        p = CsrParams()
+        p.values, p.offsets, p.chunk_ptr, p.row_order = (self.values.data_ptr(), self.offsets.data_ptr(),
+                                                        self.row_ptr.data_ptr(), self.row_order.data_ptr())
+        p.bias, p.x, p.y = _ptr(self.bias), x.data_ptr(), y.data_ptr()
+        p.x_batch, p.y_batch, p.y_cs = x.stride(0), y.stride(0), 1
+        p.M, p.C, p.batch, p.relu, p.nchunks, p.nsplit = self.m, self.k, n, int(self.relu), 1, 1
+        self.backend.launch("csr_spmv.cu", spmv_expression(self.dtype, nb), self.dtype,
+                            (-(-self.m // (THREADS // 32)), -(-n // nb), 1), (THREADS,), 0, p)
+        return y
+
+
+def gemm_as_conv_geometry(m: int, k: int, batch: int) -> ConvGeometry:
+    """Y[b, m] = W x[b] as the SpMM W @ X^T: X^T [K, batch] is the 1 x batch 'image' of K channels."""
+    return ConvGeometry(m, k, 1, batch)
+
+
+def gemm_conv_plan_call(plan: ConvPlan, x: torch.Tensor) -> torch.Tensor:
+    """A CsrGemm above the SpMV batch limit through the SpMM kernel: reads X^T by strides."""
+    x = x.to(plan.dtype)
+    n = x.shape[0]
+    if n != plan.g.w:
+        raise ValueError(f"plan prepared for batch {plan.g.w}, got {n}")
+    sx = (0, x.stride(1), 0, x.stride(0))
+    sy = lambda y: (0, y.stride(1), 0, y.stride(0))  # noqa: E731
+    return plan._run(x, (n, plan.g.m), 1, sx, sy, lambda y: y)
+
+
+def time_in_graph_us(fn, arg, device, reps: int = 15, inner: int = 10) -> float:
+    """Median microseconds of one `fn(arg)`: `inner` calls captured in one CUDA graph and
+    replayed through converter.timing.time_fn, so Python/launch overhead is excluded as it is
+    in an engine's whole-network graph. On CPU: time_fn on plain calls."""
+    from ..converter.timing import time_fn
+
+    device = torch.device(device)
+    with torch.no_grad():
+        if device.type != "cuda":
+            return time_fn(lambda i: fn(arg), device, reps=max(1, reps // 5), warmup=1).median_ms * 1e3
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside capture: kernel loading, cuDNN plans
+            for _ in range(2):
+                fn(arg)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                fn(arg)
+        t = time_fn(lambda i: graph.replay(), device, reps=reps, warmup=2)
+        del graph
+    return t.median_ms * 1e3 / inner
+
+
+def tune(candidates: list[ConvConfig], make_plan, run, arg, device, reps: int = 15) -> tuple:
+    """Time each candidate's plan on `arg`; returns (best config, its plan, its us, [{config, us}])."""
+    best, timed = None, []
+    for cfg in candidates:
+        plan = make_plan(cfg)
+        us = time_in_graph_us(lambda a, p=plan: run(p, a), arg, device, reps)
+        timed.append({"config": cfg.label(), "us": round(us, 3)})
+        if best is None or us < best[2]:
+            best = (cfg, plan, us)
+        else:
+            del plan
+    return best[0], best[1], best[2], timed
+
+
+def expected_floor_us(nnz: int, n: int, dense_bytes: int, sms: int = 132, clock_ghz: float = 1.755,
+                      dram_gbs: float = 3000.0) -> float:
+    """Lower bound in microseconds: nnz*N FMAs fed from shared memory (32 floats/clk/SM) or
+    the dense operand read once from DRAM, whichever is slower."""
+    fma_us = nnz * n / (32 * sms * clock_ghz * 1e3)
+    mem_us = dense_bytes / (dram_gbs * 1e3)
+    return max(fma_us, mem_us)
+
+
+__all__ = ["ConvGeometry", "ConvConfig", "ConvPlan", "GemvPlan", "NvrtcBackend", "candidate_configs",
+           "chunk_pointers", "entry_offsets", "window_config", "spmm_config", "with_split"]

@@ -1,0 +1,153 @@
+"""Reference implementations (plain PyTorch) of the CSR ops, `sparsecnn::CsrConv` and `CsrGemm`.
+
+These run on any device (CPU in CI); the CUDA kernels of the `csr` runtime are tested
+against them. The weight never becomes dense here: the conv is a CSR x im2col product.
+
+Schemas (domain `sparsecnn`, version 1; also in docs/ops.md)
+-----------------------------------------------------------
+
+The weight is CSR over its GEMM view A[M, K] (passes/csr.py): M = output channels (or
+features), K = Cin*kh*kw with column k = (cin*kh + r)*kw + s (or K = in_features).
+
+`CsrConv(X, values, col_idx, row_ptr, row_order[, B]) -> Y`
+    X          float [N, Cin, H, W]
+    values     float [nnz]            the non-zeros, row by row, columns ascending in a row
+    col_idx    uint16 or int32 [nnz]  column of each value (uint16 when K <= 65536)
+    row_ptr    int32 [M + 1]          row i holds values[row_ptr[i]:row_ptr[i+1]]; empty rows allowed
+    row_order  int32 [M]              rows by non-zero count, longest first (Sputnik's row swizzle)
+    B          float [M]              optional bias
+    Y          float [N, M, Ho, Wo]   as ONNX Conv with group = 1
+    attributes: kernel_shape [kh, kw], strides [sh, sw], pads [top, left, bottom, right],
+                dilations [dh, dw], in_channels (Cin), relu (int, 1: ReLU applied to the output)
+
+`CsrGemm(A, values, col_idx, row_ptr, row_order[, C]) -> Y`
+    A [N, K] float; Y [N, M] = A @ W^T + C, then ReLU when relu = 1. The CSR holds W [M, K]
+    (ONNX Gemm's B with transB = 1, or B^T with transB = 0). C: optional bias [M] or [1, M].
+    attributes: in_features (K), relu (int)
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ..passes.graph import SPARSECNN_DOMAIN
+from .ops import Builder, NodeContext
+
+CSR_INPUTS = 5  # X, values, col_idx, row_ptr, row_order
+
+
+def csr_tensors(ctx: NodeContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values fp32 CPU, col_idx int64, row_ptr int64, row_order int64) of a CSR op node."""
+    missing = [ctx.node.input[i] for i in range(1, CSR_INPUTS) if ctx.const(i) is None]
+    if missing:
+        raise NotImplementedError(f"CSR arrays must be initializers; {', '.join(missing)} is not")
+    values = ctx.const(1).detach().to("cpu", torch.float32)
+    return values, ctx.const(2).to(torch.int64).cpu(), ctx.const(3).to(torch.int64).cpu(), ctx.const(4).to(torch.int64).cpu()
+
+
+def bias_tensor(ctx: NodeContext, index: int = CSR_INPUTS) -> torch.Tensor | None:
+    if index < len(ctx.node.input) and ctx.node.input[index]:
+        b = ctx.const(index)
+        if b is None:
+            raise NotImplementedError("the bias must be an initializer")
+        return b.detach().reshape(-1).to("cpu", torch.float32)
+    return None
+
+
+def conv_geometry(ctx: NodeContext) -> dict:
+    kh, kw = ctx.attr("kernel_shape")
+    sh, sw = ctx.attr("strides", [1, 1])
+    pt, pl, pb, pr = ctx.attr("pads", [0, 0, 0, 0])
+    dh, dw = ctx.attr("dilations", [1, 1])
+    return {"kernel": (kh, kw), "stride": (sh, sw), "pads": (pt, pl, pb, pr), "dilation": (dh, dw),
+            "in_channels": ctx.attr("in_channels"), "relu": bool(ctx.attr("relu", 0))}
+
+
+def reference_csr_conv(x: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
+                       m: int, in_channels: int, kernel, stride, pads, dilation, bias: torch.Tensor | None = None,
+                       relu: bool = False) -> torch.Tensor:
+    """CSR(W) @ im2col(X) in fp32, reshaped to [N, M, Ho, Wo]; bias and ReLU after."""
+    n, c, h, w = x.shape
+    if c != in_channels:
+        raise ValueError(f"input has {c} channels, the CSR weight expects {in_channels}")
+    pt, pl, pb, pr = pads
+    xf = F.pad(x.float(), (pl, pr, pt, pb))
+    ho = (h + pt + pb - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (w + pl + pr - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    cols = F.unfold(xf, kernel, dilation=dilation, stride=stride)  # [N, K, Ho*Wo]
+    k = cols.shape[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "sparse CSR is beta" notice
+        a = torch.sparse_csr_tensor(row_ptr.to(x.device), col_idx.to(x.device), values.to(x.device, torch.float32),
+                                    size=(m, k))
+        y = torch.stack([a @ cols[i] for i in range(n)]) if n else cols.new_zeros(0, m, ho * wo)
+    y = y.reshape(n, m, ho, wo)
+    if bias is not None:
+        y = y + bias.to(y.device).view(1, -1, 1, 1)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype)
+
+
+def reference_csr_gemm(a: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor, m: int,
+                       in_features: int, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w = torch.sparse_csr_tensor(row_ptr.to(a.device), col_idx.to(a.device), values.to(a.device, torch.float32),
+                                    size=(m, in_features))
+        y = (w @ a.float().t()).t()
+    if bias is not None:
+        y = y + bias.to(y.device)
+    if relu:
+        y = torch.relu(y)
+    return y.to(a.dtype)
+
+
+def _info(ctx: NodeContext, values: torch.Tensor, m: int, k: int, kernel: str) -> None:
+    ctx.info.update(format="csr", nnz=int(values.numel()), sparsity=1.0 - values.numel() / max(1, m * k),
+                    kernel=kernel)
+
+
+def build_reference_conv(ctx: NodeContext):
+    g = conv_geometry(ctx)
+    values, cols, row_ptr, _ = csr_tensors(ctx)
+    bias = bias_tensor(ctx)
+    m = row_ptr.numel() - 1
+    ctx.inputs_used = [0]  # the CSR arrays live in this closure; the executor may drop its copies
+    dev = ctx.device
+    values, cols, row_ptr = values.to(dev), cols.to(dev), row_ptr.to(dev)
+    bias = bias.to(dev) if bias is not None else None
+    _info(ctx, values, m, g["in_channels"] * g["kernel"][0] * g["kernel"][1], "reference (torch sparse CSR x im2col)")
+    ctx.info["buffers"] = [t for t in (values, cols, row_ptr, bias) if t is not None]
+
+    def run(x):
+        return reference_csr_conv(x, values, cols, row_ptr, m, g["in_channels"], g["kernel"], g["stride"], g["pads"],
+                                  g["dilation"], bias, g["relu"])
+
+    return run
+
+
+def build_reference_gemm(ctx: NodeContext):
+    values, cols, row_ptr, _ = csr_tensors(ctx)
+    bias = bias_tensor(ctx)
+    m, k = row_ptr.numel() - 1, ctx.attr("in_features")
+    relu = bool(ctx.attr("relu", 0))
+    ctx.inputs_used = [0]
+    dev = ctx.device
+    values, cols, row_ptr = values.to(dev), cols.to(dev), row_ptr.to(dev)
+    bias = bias.to(dev) if bias is not None else None
+    _info(ctx, values, m, k, "reference (torch sparse CSR)")
+    ctx.info["buffers"] = [t for t in (values, cols, row_ptr, bias) if t is not None]
+
+    def run(a):
+        return reference_csr_gemm(a, values, cols, row_ptr, m, k, bias, relu)
+
+    return run
+
+
+OPS: dict[tuple[str, str], Builder] = {
+    (SPARSECNN_DOMAIN, "CsrConv"): build_reference_conv,
+    (SPARSECNN_DOMAIN, "CsrGemm"): build_reference_gemm,
+}

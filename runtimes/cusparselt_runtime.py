@@ -1,0 +1,467 @@
+"""The `cusparselt` runtime: 2:4 Conv/Gemm layers on sparse tensor cores through PyTorch's cuSPARSELt.
+
+Rewrite: `rewrite_2to4` (2:4 layers become sparsecnn::Conv2to4 / Gemm2to4, portable layout).
+Compile: every 2:4 weight is decompressed once and re-compressed into cuSPARSELt's own
+layout (`torch._cslt_compress`). Activations run channels-last (NHWC) so that
+
+    Gemm / 1x1 stride-1 conv:  Y^T[N*H*W, Cout] = X[N*H*W, Cin] @ A^T  (no copy of X)
+    other convs:               im2col in tap-major order (one copy), then the same GEMM
+
+with `torch._cslt_sparse_mm(A_compressed, B, bias, transpose_result=True)`: the sparse
+operand first (cuSPARSELt's rule), B = X^T as a transposed view, the result written straight
+in NHWC. cuSPARSELt needs 16-bit operands with the sparse matrix's rows and columns
+multiples of 16 and the dense matrix's multiples of 8 (PyTorch's table for fp16/bf16 in
+torch/sparse/semi_structured.py); where a layer's Cout, K or N*Ho*Wo is not, it is padded
+with zeros and the report says so.
+
+Each layer picks sparse or dense (cuDNN channels-last conv / cuBLAS linear) by measurement,
+per input shape, the first time it sees that shape (in the warm-up that precedes the CUDA
+graph capture): both candidates are timed inside small CUDA graphs, because an eager
+cuSPARSELt call costs 0.4-1.2 ms of host set-up that a graph replay removes. The whole
+network then replays as one CUDA graph. A whole-network check (extra
+`whole_network_check`, on by default) also times the dense engine in NCHW and NHWC and
+keeps the fastest of the three, so the engine is never slower than dense by more than
+noise; `report()` and `whole_network` say which ran and why.
+
+Options (CompileOptions.extra): `force` = "sparse" | "dense" (skip the measurement),
+`margin` (sparse must win by this fraction, default 0.02), `whole_network_check` (bool),
+`tune_reps` (timed graph replays per candidate, default 20).
+"""
+from __future__ import annotations
+
+import warnings
+
+import onnx
+import torch
+import torch.nn.functional as F
+
+from ..common.errors import UserError
+from ..passes.graph import SPARSECNN_DOMAIN, run_pipeline
+from ..passes.two_four import CONV_OP, GEMM_OP, rewrite_2to4, unpack_2to4
+from .base import CompileOptions, Engine, GraphReplay
+from .executor import Executor
+from .ops import STANDARD_OPS, NodeContext, resolve_pads
+from .two_four_ops import dense_context, dense_weight
+
+name = "cusparselt"
+
+# cuSPARSELt shape rules for fp16/bf16 as PyTorch states them
+# (torch/sparse/semi_structured.py, SparseSemiStructuredTensorCUSPARSELT._DTYPE_SHAPE_CONSTRAINTS).
+SPARSE_ALIGN = 16  # rows and columns of the sparse operand A[M, K]
+DENSE_ALIGN = 8    # rows and columns of the dense operand B^T[N, K]
+SUPPORTED_DTYPES = ("fp16", "bf16")
+
+
+def available() -> tuple[bool, str]:
+    try:
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU visible to PyTorch"
+        if not (hasattr(torch, "_cslt_compress") and hasattr(torch, "_cslt_sparse_mm")):
+            return False, f"PyTorch {torch.__version__} has no torch._cslt_sparse_mm"
+        backend = getattr(torch.backends, "cusparselt", None)
+        if backend is None or not backend.is_available():
+            return False, f"PyTorch {torch.__version__} was built without cuSPARSELt"
+        major, minor = torch.cuda.get_device_capability(0)
+        gpu = torch.cuda.get_device_name(0)
+        if (major, minor) < (8, 0):
+            return False, (f"{gpu} is sm_{major}{minor}; 2:4 sparse tensor cores need compute capability "
+                           "8.0 or newer")
+        version = backend.version()
+        return True, f"cuSPARSELt {version} via PyTorch {torch.__version__} on {gpu} (sm_{major}{minor}); fp16/bf16"
+    except Exception as exc:  # available() never raises
+        return False, f"check failed: {type(exc).__name__}: {exc}"
+
+
+def rewrite(model: onnx.ModelProto, options: dict | None = None) -> onnx.ModelProto:
+    model, _ = run_pipeline(model, [(rewrite_2to4, {})])
+    return model
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+# --- the sparse GEMM ---------------------------------------------------------------------
+
+class SparseGemm:
+    """Y^T[Np, Mp] = B^T[Np, Kp] @ A^T for a 2:4 A[M, K] padded to [Mp, Kp].
+
+    backend "cslt": cuSPARSELt. backend "dense": the same padded GEMM with F.linear, a
+    stand-in that lets CPU tests check every index of the lowering.
+    """
+
+    def __init__(self, a: torch.Tensor, bias: torch.Tensor | None, backend: str = "cslt"):
+        self.m, self.k = a.shape
+        self.mp, self.kp = _round_up(self.m, SPARSE_ALIGN), _round_up(self.k, SPARSE_ALIGN)
+        padded = a.new_zeros(self.mp, self.kp)
+        padded[:self.m, :self.k] = a
+        self.bias = None
+        if bias is not None:
+            self.bias = bias.new_zeros(self.mp)
+            self.bias[:self.m] = bias
+        self.backend = backend
+        self.alg: dict[int, dict] = {}  # per padded row count N: cuSPARSELt algorithm settings
+        if backend == "cslt":
+            self.packed = torch._cslt_compress(padded.contiguous())
+            self.buffers = [self.packed]
+        else:
+            self.weight = padded
+            self.buffers = [padded]
+
+    @property
+    def padding(self) -> dict:
+        return {d: [n, p] for d, n, p in (("M", self.m, self.mp), ("K", self.k, self.kp)) if n != p}
+
+    def __call__(self, bt: torch.Tensor) -> torch.Tensor:
+        if self.backend != "cslt":
+            return F.linear(bt, self.weight, self.bias)
+        return _cslt_mm(self.packed, bt.t(), self.bias, self.alg.get(bt.shape[0], {}))
+
+    def search(self, bt: torch.Tensor) -> dict:
+        """cuSPARSELt's own algorithm search for this N (empty if this PyTorch lacks it)."""
+        search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
+        if search is None or self.backend != "cslt":
+            return {}
+        try:
+            alg_id = search(self.packed, bt.t(), self.bias, None, None, True)[0]
+        except Exception:
+            return {}
+        # Only the algorithm id is passed back: on the H100 (torch 2.11, cuSPARSELt 0.8)
+        # the search reported split_k = -1, and calls given that split-k setting died with
+        # an illegal-instruction fault that poisoned the CUDA context.
+        return {"alg_id": int(alg_id)}
+
+
+def _cslt_mm(packed, b, bias, alg: dict):
+    try:
+        return torch._cslt_sparse_mm(packed, b, bias, transpose_result=True, **alg)
+    except TypeError:  # an older signature (split_k_one_kernel): keep the algorithm id only
+        return torch._cslt_sparse_mm(packed, b, bias, transpose_result=True,
+                                     **({"alg_id": alg["alg_id"]} if "alg_id" in alg else {}))
+
+
+# --- lowering a layer to the GEMM --------------------------------------------------------
+
+class ConvLowering:
+    """Conv2to4 on an NCHW-shaped tensor (any memory format) as im2col + SparseGemm."""
+
+    def __init__(self, ctx: NodeContext, gemm: SparseGemm, kernel: list[int]):
+        self.ctx, self.gemm = ctx, gemm
+        self.kernel = kernel
+        self.stride = ctx.attr("strides", [1, 1])
+        self.dilation = ctx.attr("dilations", [1, 1])
+        self.cin = gemm.k // (kernel[0] * kernel[1])
+        self.pointwise = kernel == [1, 1] and self.stride == [1, 1]
+
+    def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """B^T[Np, Kp] in tap-major order, and (N, Ho, Wo)."""
+        kh, kw = self.kernel
+        sh, sw = self.stride
+        dh, dw = self.dilation
+        pads = resolve_pads(self.ctx, x, self.kernel, self.stride, self.dilation)  # [h0, w0, h1, w1]
+        xh = x.permute(0, 2, 3, 1)  # NHWC view: contiguous when x is channels-last
+        if any(pads):
+            xh = F.pad(xh, (0, 0, pads[1], pads[3], pads[0], pads[2]))
+        n, hp, wp, c = xh.shape
+        ho = (hp - dh * (kh - 1) - 1) // sh + 1
+        wo = (wp - dw * (kw - 1) - 1) // sw + 1
+        rows = n * ho * wo
+        rows_p = _round_up(rows, DENSE_ALIGN)
+        kp = self.gemm.kp
+        if self.pointwise and not any(pads) and rows_p == rows and kp == c and xh.is_contiguous():
+            return xh.reshape(rows, c), (n, ho, wo)  # a view: no copy at all
+        bt = xh.new_empty(rows_p, kp)
+        if rows_p > rows:
+            bt[rows:].zero_()
+        if kp > self.gemm.k:
+            bt[:, self.gemm.k:].zero_()
+        s_n, s_h, s_w, s_c = xh.stride()
+        patches = xh.as_strided((n, ho, wo, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
+        bt[:rows, :self.gemm.k].view(n, ho, wo, kh, kw, c).copy_(patches)
+        return bt, (n, ho, wo)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        bt, (n, ho, wo) = self.columns(x)
+        y = self.gemm(bt)[:n * ho * wo, :self.gemm.m]
+        return y.reshape(n, ho, wo, self.gemm.m).permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
+
+    def describe(self, x: torch.Tensor) -> dict:
+        n, c, h, w = x.shape
+        pads = resolve_pads(self.ctx, x, self.kernel, self.stride, self.dilation)
+        ho = (h + pads[0] + pads[2] - self.dilation[0] * (self.kernel[0] - 1) - 1) // self.stride[0] + 1
+        wo = (w + pads[1] + pads[3] - self.dilation[1] * (self.kernel[1] - 1) - 1) // self.stride[1] + 1
+        rows = n * ho * wo
+        pad = dict(self.gemm.padding)
+        if rows % DENSE_ALIGN:
+            pad["N"] = [rows, _round_up(rows, DENSE_ALIGN)]
+        direct = self.pointwise and not any(pads) and not pad
+        return {"gemm": [self.gemm.m, self.gemm.k, rows], "im2col": not direct, "padded": pad}
+
+
+class GemmLowering:
+    """Gemm2to4: Y = alpha * A_in @ W^T + beta * C with a SparseGemm."""
+
+    def __init__(self, ctx: NodeContext, gemm: SparseGemm, alpha: float, beta: float, bias):
+        self.gemm, self.alpha, self.beta, self.bias = gemm, alpha, beta, bias
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        rows = a.shape[0]
+        rows_p = _round_up(rows, DENSE_ALIGN)
+        if rows_p == rows and self.gemm.kp == self.gemm.k:
+            bt = a.contiguous()
+        else:
+            bt = a.new_zeros(rows_p, self.gemm.kp)
+            bt[:rows, :self.gemm.k] = a
+        y = self.gemm(bt)[:rows, :self.gemm.m]
+        if self.alpha != 1.0 or self.beta != 1.0:  # bias not fused in this case
+            y = self.alpha * y
+            if self.bias is not None:
+                y = y + self.beta * self.bias
+        return y
+
+    def describe(self, x: torch.Tensor) -> dict:
+        rows = x.shape[0]
+        pad = dict(self.gemm.padding)
+        if rows % DENSE_ALIGN:
+            pad["N"] = [rows, _round_up(rows, DENSE_ALIGN)]
+        return {"gemm": [self.gemm.m, self.gemm.k, rows], "im2col": False, "padded": pad}
+
+
+# --- choosing sparse or dense per layer --------------------------------------------------
+
+def graph_time_ms(fn, x: torch.Tensor, calls: int = 4, reps: int = 20) -> float:
+    """Median time of one `fn(x)`, measured as a CUDA graph of `calls` calls (no host set-up)."""
+    from ..converter.timing import time_fn
+
+    if x.device.type != "cuda":  # CPU (the dense stand-in in dry runs): plain wall-clock timing
+        return time_fn(lambda i: fn(x), x.device, reps=reps, warmup=1).median_ms
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn(x)
+    t = time_fn(lambda i: graph.replay(), x.device, reps=reps, warmup=3)
+    del graph
+    return t.median_ms / calls
+
+
+class TwoFourLayer:
+    """The op function of one 2:4 layer: sparse or dense per input shape, chosen by measurement."""
+
+    def __init__(self, ctx: NodeContext, sparse, dense, gemm: SparseGemm, bias, kind: str):
+        self.name, self.sparse, self.dense, self.gemm, self.bias, self.kind = ctx.name, sparse, dense, gemm, bias, kind
+        self.info = ctx.info
+        self.force = ctx.options.get("force")
+        self.margin = float(ctx.options.get("margin", 0.02))
+        self.tune_reps = int(ctx.options.get("tune_reps", 20))
+        self.choices: dict[str, dict] = ctx.options.get("_saved_choices", {}).get(self.name, {})
+        self.info.setdefault("choices", self.choices)
+        self.info.update(format="2:4")
+
+    @staticmethod
+    def shape_key(x: torch.Tensor) -> str:
+        return "x".join(map(str, x.shape))
+
+    def __call__(self, x, values=None, positions=None, bias=None):
+        key = self.shape_key(x)
+        entry = self.choices.get(key)
+        if entry is None:
+            entry = self.choices[key] = self.decide(x)
+            self._summarise()
+        if entry["choice"] == "sparse":
+            return self.sparse(x)
+        return self.dense(x, bias)
+
+    def decide(self, x: torch.Tensor) -> dict:
+        entry = self.sparse.describe(x)
+        if entry["padded"]:
+            entry["padding_note"] = "padded with zeros to cuSPARSELt's multiples (" + ", ".join(
+                f"{d} {a}->{b}" for d, (a, b) in entry["padded"].items()) + ")"
+        if self.force in ("sparse", "dense"):
+            entry.update(choice=self.force, reason=f"forced {self.force} (extra force={self.force})")
+            return entry
+        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            entry.update(choice="dense", reason="not measured (first seen inside a graph capture): dense by default")
+            return entry
+        dense_t = graph_time_ms(lambda t: self.dense(t, self.bias), x, reps=self.tune_reps)
+        try:
+            sparse_t = graph_time_ms(self.sparse, x, reps=self.tune_reps)
+        except Exception as exc:  # cuSPARSELt refused this shape: the layer stays dense, and says why
+            entry.update(choice="dense", dense_us=round(dense_t * 1e3, 2),
+                         reason=f"cuSPARSELt failed on this shape ({type(exc).__name__}: {str(exc)[:160]})")
+            return entry
+        if self.gemm.backend == "cslt":
+            rows_p = _round_up(entry["gemm"][2], DENSE_ALIGN)
+            found = self.gemm.search(x.new_zeros(rows_p, self.gemm.kp))
+            if found:
+                self.gemm.alg[rows_p] = found
+                try:
+                    searched_t = graph_time_ms(self.sparse, x, reps=self.tune_reps)
+                except Exception:
+                    searched_t = float("inf")
+                if searched_t < sparse_t:
+                    entry["cslt_alg"] = found
+                    sparse_t = searched_t
+                else:
+                    del self.gemm.alg[rows_p]
+        entry.update(sparse_us=round(sparse_t * 1e3, 2), dense_us=round(dense_t * 1e3, 2))
+        dense_name = "cuDNN channels-last conv" if self.kind == "conv" else "cuBLAS linear"
+        how = ("im2col + " if entry["im2col"] else "") + "cuSPARSELt"
+        if sparse_t < dense_t * (1.0 - self.margin):
+            entry.update(choice="sparse", reason=f"{how} {sparse_t * 1e3:.1f} us beats {dense_name} "
+                                                 f"{dense_t * 1e3:.1f} us ({dense_t / sparse_t:.2f}x)")
+        else:
+            entry.update(choice="dense", reason=f"{dense_name} {dense_t * 1e3:.1f} us vs {how} {sparse_t * 1e3:.1f} us: "
+                                                "sparse does not win by the margin "
+                                                f"{self.margin:.0%}")
+        return entry
+
+    def _summarise(self):
+        picks = {k: v["choice"] for k, v in self.choices.items()}
+        self.info["kernel"] = ", ".join(f"{k}: {'cuSPARSELt 2:4' if c == 'sparse' else 'dense'}" for k, c in picks.items())
+
+
+def _bias(ctx: NodeContext):
+    b = ctx.const(3)
+    return None if b is None else b.to(ctx.device, ctx.dtype)
+
+
+def _layer_builder(kind: str, backend: str):
+    def build(ctx: NodeContext):
+        if ctx.dtype not in (torch.float16, torch.bfloat16) and backend == "cslt":
+            raise NotImplementedError("cuSPARSELt runs fp16/bf16 only")
+        weight = dense_weight(ctx)  # ONNX layout, engine dtype
+        bias = _bias(ctx)
+        a = unpack_2to4(ctx.const(1).to(ctx.device, ctx.dtype), ctx.const(2))
+        if kind == "conv":
+            dense_ctx = dense_context(ctx, "Conv", weight)
+            dense_run = STANDARD_OPS[("", "Conv")](dense_ctx)
+            alpha = beta = 1.0
+        else:
+            dense_ctx = dense_context(ctx, "Gemm", weight, {"transB": 1, "transA": 0})
+            std = STANDARD_OPS[("", "Gemm")](dense_ctx)
+            dense_run = lambda t, c=None: std(t, weight, c)  # noqa: E731
+            alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
+        fused_bias = bias if (alpha == 1.0 and beta == 1.0) else None
+        gemm = SparseGemm(a, fused_bias, backend)
+        if kind == "conv":
+            lowering = ConvLowering(ctx, gemm, list(ctx.attr("kernel_shape")))
+        else:
+            lowering = GemmLowering(ctx, gemm, alpha, beta, bias)
+        layer = TwoFourLayer(ctx, lowering, lambda t, b=None: dense_run(t, None, b) if kind == "conv" else dense_run(t, b),
+                             gemm, bias, kind)
+        ctx.info["buffers"] = list(gemm.buffers) + [weight]
+        return layer
+
+    return build
+
+
+def op_table(backend: str = "cslt") -> dict:
+    """Builders for the 2:4 ops; backend "dense" is the CPU-testable stand-in for cuSPARSELt."""
+    return {(SPARSECNN_DOMAIN, CONV_OP): _layer_builder("conv", backend),
+            (SPARSECNN_DOMAIN, GEMM_OP): _layer_builder("gemm", backend)}
+
+
+# --- the engine --------------------------------------------------------------------------
+
+class CuSparseLtEngine(Engine):
+    runtime = name
+
+    def __init__(self, model, device, options, executor):
+        super().__init__(model, device, options, executor)
+        self.whole_network: dict[str, dict] = {}
+        self._dense_executors: dict[bool, Executor] = {}
+
+    def _dense_executor(self, channels_last: bool) -> Executor:
+        if channels_last not in self._dense_executors:
+            from .reference_ops import reference_ops
+
+            self._dense_executors[channels_last] = Executor(self.model, self.device, self.options.dtype,
+                                                            ops=reference_ops(), channels_last=channels_last,
+                                                            options=self.options.extra)
+        return self._dense_executors[channels_last]
+
+    def runner(self, *inputs: torch.Tensor):
+        if self.device.type != "cuda" or not self.options.cuda_graph:
+            return self.executor
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        if key in self._graphs:
+            return self._graphs[key]
+        from ..converter.timing import time_fn
+
+        with self._precision_context():
+            mixed = GraphReplay(self.executor, inputs)  # its warm-up makes the per-layer choices
+            label = "x".join(map(str, inputs[0].shape))
+            record = {"sparse_layers": self.sparse_layers(inputs[0].shape)}
+            chosen = mixed
+            if self.options.extra.get("whole_network_check", True):
+                reps = int(self.options.extra.get("tune_reps", 20)) * 2
+                candidates = {"mixed (per-layer choice, NHWC)": mixed}
+                candidates["dense NCHW"] = GraphReplay(self._dense_executor(False), tuple(x.contiguous() for x in inputs))
+                candidates["dense NHWC"] = GraphReplay(self._dense_executor(True), inputs)
+                times = {k: time_fn(lambda i, g=g: g.replay(), self.device, reps=reps).median_ms
+                         for k, g in candidates.items()}
+                best = min(times, key=times.get)
+                record.update(times_ms={k: round(v, 4) for k, v in times.items()}, chosen=best)
+                chosen = candidates[best]
+                record["reason"] = (f"{best} is fastest" if best.startswith("mixed") else
+                                    f"{best} {times[best]:.3f} ms beats the mixed sparse engine "
+                                    f"{times['mixed (per-layer choice, NHWC)']:.3f} ms: whole-network dense fallback")
+                del candidates
+                if best.startswith("mixed"):
+                    self._dense_executors.clear()  # free the dense copies of the weights
+            else:
+                record.update(chosen="mixed (per-layer choice, NHWC)", reason="whole-network check off")
+            self.whole_network[label] = record
+            self._graphs[key] = chosen
+        return chosen
+
+    def sparse_layers(self, input_shape=None) -> list[str]:
+        out = []
+        for step in self.executor.steps:
+            for entry in step.info.get("choices", {}).values():
+                if entry.get("choice") == "sparse":
+                    out.append(step.name)
+                    break
+        return out
+
+    def saved_state(self) -> dict:
+        choices = {}
+        for step in self.executor.steps:
+            if step.info.get("choices"):
+                choices[step.name] = {k: {kk: vv for kk, vv in v.items()} for k, v in step.info["choices"].items()}
+        return {"choices": choices}
+
+
+def compile(model: onnx.ModelProto, device: str | torch.device = "cuda", options: CompileOptions | dict | None = None,
+            state: dict | None = None) -> CuSparseLtEngine:
+    opts = options if isinstance(options, CompileOptions) else CompileOptions.from_dict(options)
+    dev = torch.device(device)
+    if opts.dtype not in SUPPORTED_DTYPES:
+        raise UserError(f"runtime cusparselt runs fp16 or bf16, not {opts.dtype} (cuSPARSELt's fp32 mode wants "
+                        "1:2 sparsity, not 2:4); use --dtype fp16")
+    if dev.type != "cuda":
+        raise UserError("runtime cusparselt needs a CUDA GPU (sm_80 or newer); use --runtime torch on the CPU")
+    ok, reason = available()
+    if not ok:
+        raise UserError(f"runtime cusparselt is not available here: {reason}")
+    return build_engine(model, dev, opts, "cslt", state)
+
+
+def build_engine(model: onnx.ModelProto, device: torch.device, opts: CompileOptions, backend: str = "cslt",
+                 state: dict | None = None) -> CuSparseLtEngine:
+    """The engine without the environment checks; backend "dense" runs anywhere (dry runs, CPU tests)."""
+    if not any(n.domain == SPARSECNN_DOMAIN for n in model.graph.node):
+        model = rewrite(model)
+    extra = dict(opts.extra)
+    extra["_saved_choices"] = (state or {}).get("choices", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation notice of older search APIs
+        ex = Executor(model, device, opts.dtype, ops=op_table(backend), channels_last=True, options=extra)
+    engine_opts = CompileOptions.from_dict({**opts.to_dict(), "channels_last": True})
+    return CuSparseLtEngine(model, device, engine_opts, ex)

@@ -1,0 +1,637 @@
+"""The conv-pool runtime `ecr`: convolutions that skip the zeros of their input feature map.
+
+Conv_Pool (Xu, Fan, Yu, Fu, arXiv:1909.09927): after a ReLU most inputs of a deep conv layer
+are zero. ECR compresses each output position's im2col row to its non-zeros; PECR does the
+same per pooling window and fuses the max-pool, so the conv output never reaches memory.
+
+- `rewrite`: the `fuse_ecr` pass (Conv -> Relu -> MaxPool => sparsecnn::EcrConvPool,
+  Conv -> Relu => sparsecnn::EcrConv; schemas in runtimes/ecr_ops.py and docs/ops.md).
+- `compile`: on CUDA the ops run the NVRTC kernels of kernels/ecr_conv.cu, which build the
+  compressed rows on the fly from the dense NCHW feature map (fp32, or fp16 with fp32
+  accumulation). Each layer has several kernel variants (tile shape, output channels per
+  block, K chunk, split-K) and a dense path (the torch runtime's op table with the same
+  options, so `extra={"dense_conv": ...}` applies to it); at compile time every one is
+  timed, as a CUDA-graph replay, on that layer's real input from calibration images, and
+  the fastest runs. Input sparsity decides the winner, so calibrate on data like the data
+  you will run (`calibration=` tensor); without it a random input is used and the report
+  says so. On CPU the plain-PyTorch reference ops run (slow, for checking only).
+
+On GPU the first run at an input shape also captures the whole network twice, with the
+per-layer choices and with every ECR layer dense, and keeps the faster graph
+(`engine.whole_network` records both times): layer-by-layer timings miss what happens
+between layers.
+
+extra options: `ecr_layers` = "auto" (measure, default) | "sparse" (fastest sparse variant,
+even if dense is faster; no whole-network check) | "dense"; `ecr_reps` timing repetitions per
+candidate (default 30); `whole_network_check` (default True); `batch` calibration batch when
+no calibration input is given (default 1); `dense_conv` for the dense path (default "best" on
+GPU: per layer the fastest of cuDNN NCHW/NHWC and im2col + cuBLAS, see runtimes/dense_conv.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+
+from ..common.errors import UserError
+from ..passes.fuse_ecr import fuse_ecr
+from ..passes.graph import SPARSECNN_DOMAIN, run_pipeline
+from .base import CompileOptions, Engine, GraphReplay
+from .ecr_ops import ECR_CONV, ECR_CONV_POOL, ConvGeometry, PoolGeometry, conv_geometry, pool_geometry
+from .executor import Executor
+from .ops import STANDARD_OPS, NodeContext, attributes
+
+name = "ecr"
+KERNEL_SOURCE = "ecr_conv.cu"
+
+
+def available() -> tuple[bool, str]:
+    try:
+        from .nvrtc import nvrtc_available
+
+        ok, why = nvrtc_available()
+    except Exception as exc:  # never raises
+        ok, why = False, f"{type(exc).__name__}: {exc}"
+    if torch.cuda.is_available() and ok:
+        return True, f"ECR/PECR kernels on {torch.cuda.get_device_name(0)} ({why})"
+    if torch.cuda.is_available():
+        return False, f"CUDA GPU present but NVRTC unusable ({why}); `pip install 'sparsecnn[gpu]'`"
+    return True, "CPU only: the reference ECR/PECR ops (slow; for checking results)"
+
+
+def rewrite(model: onnx.ModelProto, options: dict | None = None) -> onnx.ModelProto:
+    opts = dict(options or {})
+    model, _ = run_pipeline(model, [(fuse_ecr, {"plain_conv": bool(opts.get("ecr_plain_conv", True))})])
+    return model
+
+
+# --- kernel variants and per-layer plans ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    """A template instantiation: VEC output channels per lane (CT = 32*VEC per block), PPW
+    conv positions per warp (RMAX = PPW*WARPS per block), GROUP positions whose compressed
+    rows a warp walks together (1, or 4: the union, each weight row read once for four)."""
+
+    vec: int
+    ppw: int
+    group: int = 1
+    warps: int = 8
+
+    @property
+    def ct(self) -> int:
+        return 32 * self.vec
+
+    @property
+    def rmax(self) -> int:
+        return self.ppw * self.warps
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    def expr(self, half: bool) -> str:
+        return f"ecr_conv_pool<{'__half' if half else 'float'}, {self.vec}, {self.ppw}, {self.warps}, {self.group}>"
+
+    def smem_floats(self, kc: int, patch: int) -> int:
+        main = 2 * kc * self.ct + patch + kc + self.rmax
+        if self.group == 4:
+            main = ((main + 3) & ~3) + self.warps * 32 * 4
+        return max(main, self.ct * (self.rmax + 1))
+
+
+VARIANTS = (Variant(4, 8), Variant(4, 4), Variant(2, 8),
+            Variant(4, 8, 4), Variant(4, 4, 4), Variant(4, 16, 4), Variant(2, 8, 4), Variant(2, 16, 4))
+KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
+SPLIT_SCALES = (1.0, 2.0)    # x the split count that gives ~2 blocks per SM
+MAX_CC = 64                  # largest channel chunk; the transposed weight is padded for it
+
+
+@dataclass(frozen=True)
+class Candidate:
+    variant: Variant
+    kc_target: int
+    split_scale: float
+
+    @property
+    def name(self) -> str:
+        v = self.variant
+        return f"ecr{v.vec * 32}x{v.rmax}{'u' if v.group == 4 else ''}-k{self.kc_target}-s{self.split_scale:g}"
+
+
+CANDIDATES = tuple(Candidate(v, k, s) for v in VARIANTS for k in KC_TARGETS for s in SPLIT_SCALES)
+CANDIDATE_BY_NAME = {c.name: c for c in CANDIDATES}
+
+PARAM_FIELDS = ("n_img cin h w cout cout_pad kh kw sh sw pad_t pad_l oh ow pkh pkw psh psw ppad_t ppad_l "
+                "qh qw tqy tqx cry crx patch_h patch_w tiles_y tiles_x cc kc chunks chunks_per_split "
+                "splits relu pool").split()
+
+
+class EcrParams(ctypes.Structure):
+    """The kernel's `EcrParams`, field for field (all int32)."""
+
+    _fields_ = [(f, ctypes.c_int) for f in PARAM_FIELDS]
+
+
+@dataclass
+class Plan:
+    candidate: Candidate
+    params: dict
+    grid: tuple[int, int, int]
+    smem: int
+    ws_floats: int
+    tickets: int
+    cparams: EcrParams = field(repr=False, default=None)
+
+    def describe(self) -> dict:
+        p = self.params
+        return {"variant": self.candidate.name, "tile": [p["tqy"], p["tqx"]], "conv_region": [p["cry"], p["crx"]],
+                "cc": p["cc"], "splits": p["splits"], "grid": list(self.grid), "smem": self.smem}
+
+
+def _tile(qh: int, qw: int, pool: PoolGeometry | None, g: ConvGeometry, rmax: int) -> tuple[int, int]:
+    """Outputs per tile (tqy, tqx) whose conv region fits `rmax`: fewest tiles, then least
+    recomputed/idle work, then the smallest input patch."""
+    pkh, pkw, psh, psw = (pool.kh, pool.kw, pool.sh, pool.sw) if pool else (1, 1, 1, 1)
+    best, best_key = (1, 1), None
+    for tqy in range(1, qh + 1):
+        cry = (tqy - 1) * psh + pkh
+        if cry > rmax:
+            break
+        for tqx in range(1, qw + 1):
+            crx = (tqx - 1) * psw + pkw
+            if cry * crx > rmax:
+                break
+            tiles = -(-qh // tqy) * -(-qw // tqx)
+            patch = ((cry - 1) * g.sh + g.kh) * ((crx - 1) * g.sw + g.kw)
+            key = (tiles, tiles * cry * crx, patch, -tqx)
+            if best_key is None or key < best_key:
+                best, best_key = (tqy, tqx), key
+    return best
+
+
+def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout: int, relu: bool,
+              sm_count: int, max_smem: int) -> Plan | None:
+    """The launch of `cand` for this layer, or None if it does not fit (shared memory)."""
+    v = cand.variant
+    if pool is not None:
+        qh, qw = pool.out_size(g.oh, g.ow)
+        pk = (pool.kh, pool.kw, pool.sh, pool.sw, pool.pads[0], pool.pads[1])
+    else:
+        qh, qw = g.oh, g.ow
+        pk = (1, 1, 1, 1, 0, 0)
+    if qh <= 0 or qw <= 0 or pk[0] * pk[1] > v.rmax:
+        return None
+    tqy, tqx = _tile(qh, qw, pool, g, v.rmax)
+    cry, crx = (tqy - 1) * pk[2] + pk[0], (tqx - 1) * pk[3] + pk[1]
+    patch_h, patch_w = (cry - 1) * g.sh + g.kh, (crx - 1) * g.sw + g.kw
+    khw = g.kh * g.kw
+    cc = max(1, min(g.cin, MAX_CC, round(cand.kc_target / khw)))
+    kc = cc * khw
+    smem = 4 * v.smem_floats(kc, cc * patch_h * patch_w)
+    if smem > max_smem:
+        return None
+    tiles_y, tiles_x = -(-qh // tqy), -(-qw // tqx)
+    cout_pad = -(-cout // 128) * 128
+    n_ct = -(-cout // v.ct)  # blocks of CT output channels (the weight rows are padded to 128)
+    chunks = -(-g.cin // cc)
+    base = g.n * tiles_y * tiles_x * n_ct
+    want = max(1, round(2 * sm_count * cand.split_scale / base)) if base < 2 * sm_count * cand.split_scale else 1
+    splits = min(chunks, want)
+    per_split = -(-chunks // splits)
+    splits = -(-chunks // per_split)
+    grid = (g.n * tiles_y * tiles_x, n_ct, splits)
+    params = dict(n_img=g.n, cin=g.cin, h=g.h, w=g.w, cout=cout, cout_pad=cout_pad, kh=g.kh, kw=g.kw, sh=g.sh,
+                  sw=g.sw, pad_t=g.pads[0], pad_l=g.pads[1], oh=g.oh, ow=g.ow, pkh=pk[0], pkw=pk[1], psh=pk[2],
+                  psw=pk[3], ppad_t=pk[4], ppad_l=pk[5], qh=qh, qw=qw, tqy=tqy, tqx=tqx, cry=cry, crx=crx,
+                  patch_h=patch_h, patch_w=patch_w, tiles_y=tiles_y, tiles_x=tiles_x, cc=cc, kc=kc, chunks=chunks,
+                  chunks_per_split=per_split, splits=splits, relu=int(relu), pool=int(pool is not None))
+    ws = grid[0] * n_ct * v.rmax * v.ct if splits > 1 else 0  # one fp32 slot per tile, zero at rest
+    plan = Plan(cand, params, grid, smem, ws, grid[0] * n_ct if splits > 1 else 0)
+    plan.cparams = EcrParams(**params)
+    return plan
+
+
+def layer_cost(g: ConvGeometry, pool: PoolGeometry | None, cout: int, density: float) -> dict:
+    """Work of one layer: dense and skipped-zero multiply-adds, and the bytes the kernels must move."""
+    positions = g.positions
+    dense_macs = positions * g.k * cout
+    return {"positions": positions, "k": g.k, "cout": cout, "dense_macs": dense_macs,
+            "sparse_macs": int(dense_macs * density), "input_bytes_fp32": 4 * g.n * g.cin * g.h * g.w,
+            "weight_bytes_fp32": 4 * g.k * cout,
+            "output_bytes_fp32": 4 * g.n * cout * (math.prod(pool.out_size(g.oh, g.ow)) if pool else g.oh * g.ow),
+            "conv_output_bytes_fp32": 4 * positions * cout}
+
+
+def pack_weights(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [Cout, Cin, kh, kw] -> fp32 W^T [(Cin + MAX_CC)*kh*kw, Cout_pad] (rows of Cout weights read
+    coalesced; zero rows past K so any chunk size reads inside it) and the fp32 bias [Cout_pad]."""
+    cout, cin, kh, kw = (int(s) for s in w.shape)
+    cout_pad = -(-cout // 128) * 128
+    wt = torch.zeros((cin + MAX_CC) * kh * kw, cout_pad, device=w.device)
+    wt[: cin * kh * kw, :cout] = w.float().reshape(cout, -1).t()
+    bias = torch.zeros(cout_pad, device=w.device)
+    if b is not None:
+        bias[:cout] = b.float()
+    return wt, bias
+
+
+# --- device-side state -------------------------------------------------------------------
+
+class Scratch:
+    """Split-K workspace and tickets shared by an engine's layers (they run one after another).
+
+    Both are zero at rest: every launch leaves its slots and tickets as it found them. They
+    grow at compile time only; a buffer a captured graph uses is never freed while the
+    engine lives."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.ws = torch.zeros(1, device=device)
+        self.tickets = torch.zeros(1, dtype=torch.int32, device=device)
+        self._retired: list[torch.Tensor] = []
+
+    def reserve(self, ws_floats: int, tickets: int) -> None:
+        if ws_floats > self.ws.numel():
+            self._retired.append(self.ws)
+            self.ws = torch.zeros(ws_floats, device=self.device)
+        if tickets > self.tickets.numel():
+            self._retired.append(self.tickets)
+            self.tickets = torch.zeros(tickets, dtype=torch.int32, device=self.device)
+
+
+def _static_shared_bytes(kernel) -> int:
+    driver = kernel._driver
+    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
+    err, value = driver.cuFuncGetAttribute(attr, kernel.function)
+    return int(value) if int(err) == 0 else 1024
+
+
+class KernelSet:
+    """All variants, compiled in one NVRTC call (cached on disk) and loaded once per device."""
+
+    _cache: dict = {}
+
+    @classmethod
+    def get(cls, device: torch.device) -> "KernelSet":
+        key = (device.type, device.index or 0)
+        if key not in cls._cache:
+            cls._cache[key] = cls(device)
+        return cls._cache[key]
+
+    def __init__(self, device: torch.device):
+        from .nvrtc import Kernel, load_source
+
+        self.device = device
+        source = load_source(KERNEL_SOURCE)
+        exprs = tuple(v.expr(h) for v in VARIANTS for h in (False, True))
+        props = torch.cuda.get_device_properties(device)
+        self.sm_count = props.multi_processor_count
+        optin = int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+        self.kernels = {}
+        static = 0
+        for v in VARIANTS:
+            for half in (False, True):
+                k = Kernel(source, v.expr(half), device, name_expressions=exprs, filename=KERNEL_SOURCE)
+                static = max(static, _static_shared_bytes(k))
+                self.kernels[(v, half)] = k
+        # dynamic + static shared memory must fit the opt-in limit
+        self.max_smem = optin - static
+        for k in self.kernels.values():
+            k.set_max_dynamic_shared(self.max_smem)
+
+    def launch(self, plan: Plan, x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
+               scratch: Scratch) -> None:
+        v = plan.candidate.variant
+        k = self.kernels[(v, x.dtype == torch.float16)]
+        k(plan.grid, (v.threads,), x, wt, bias, y, scratch.ws, scratch.tickets, plan.cparams, shared=plan.smem)
+
+
+def time_ms(fn, x: torch.Tensor, reps: int = 30, warmup_ms: float = 5.0) -> float:
+    """Median ms of `fn(x)` alone: CUDA-graph replays through `time_calls` (kernels only, no launch
+    overhead on either side of a comparison). Candidates are timed back to back, so the GPU is
+    already at speed: a short warm-up each (the first of a series is preceded by a long one)."""
+    from ..converter.timing import time_calls
+
+    return time_calls(lambda j: fn(x), x.device, reps=reps, warmup_ms=warmup_ms).median_ms
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+
+
+def dense_conv_fn(ctx: NodeContext, attrs: dict, pool: PoolGeometry | None, relu: bool):
+    """The layer run dense through the standard op table (cuDNN; whatever `dense_conv` option
+    the table honours applies), as Conv [-> Relu [-> MaxPool]] nodes."""
+    inputs = list(ctx.node.input)
+    conv = onnx.helper.make_node("Conv", inputs, ["y"], name=ctx.name, kernel_shape=attrs["kernel_shape"],
+                                 strides=attrs.get("strides", [1, 1]), pads=attrs.get("pads", [0, 0, 0, 0]))
+    conv_ctx = NodeContext(conv, attributes(conv), ctx.consts, ctx.shapes, ctx.device, ctx.dtype,
+                           ctx.channels_last, ctx.options)
+    conv_fn = STANDARD_OPS[("", "Conv")](conv_ctx)
+    pool_fn = None
+    if pool is not None:
+        mp = onnx.helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[pool.kh, pool.kw], strides=[pool.sh, pool.sw],
+                                   pads=list(pool.pads), ceil_mode=int(pool.ceil_mode))
+        pool_fn = STANDARD_OPS[("", "MaxPool")](NodeContext(mp, attributes(mp), ctx.consts, ctx.shapes, ctx.device,
+                                                             ctx.dtype, ctx.channels_last, ctx.options))
+
+    def run(x, w=None, b=None):
+        y = conv_fn(x, w, b)
+        if relu:
+            y = torch.relu(y)
+        return pool_fn(y) if pool_fn is not None else y
+
+    return run, conv_ctx.info  # the dense conv's own report (its kernel is known after its first run)
+
+
+class EcrLayer:
+    """One conv (+ max-pool) layer's kernels: packed weights, per-shape plans, launches."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, attrs: dict, pool: PoolGeometry | None,
+                 relu: bool, scratch: Scratch):
+        self.attrs = dict(attrs)
+        self.pool = pool
+        self.relu = pool is not None or relu
+        self.cout, self.cin = int(weight.shape[0]), int(weight.shape[1])
+        self.wt, self.bias = pack_weights(weight, bias)
+        self.scratch = scratch
+        self.kernels = KernelSet.get(weight.device)
+        self._plans: dict[tuple, Plan | None] = {}
+
+    def geometry(self, x: torch.Tensor) -> ConvGeometry:
+        return conv_geometry(self.attrs, x.shape)
+
+    def plan(self, cand: Candidate, x: torch.Tensor) -> Plan | None:
+        key = (tuple(x.shape), cand.name)
+        if key not in self._plans:
+            g = self.geometry(x)
+            plan = make_plan(cand, g, self.pool, self.cout, self.relu, self.kernels.sm_count, self.kernels.max_smem)
+            if plan is not None:
+                self.scratch.reserve(plan.ws_floats, plan.tickets)
+            self._plans[key] = plan
+        return self._plans[key]
+
+    def out_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        g = self.geometry(x)
+        oh, ow = self.pool.out_size(g.oh, g.ow) if self.pool else (g.oh, g.ow)
+        return (g.n, self.cout, oh, ow)
+
+    def run_candidate(self, cand: Candidate, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"the ECR kernels take fp32 or fp16 feature maps, not {x.dtype}")
+        plan = self.plan(cand, x)
+        if plan is None:
+            raise ValueError(f"{cand.name} does not fit this layer")
+        x = x.contiguous()
+        y = torch.empty(self.out_shape(x), device=x.device, dtype=x.dtype)
+        self.kernels.launch(plan, x, self.wt, self.bias, y, self.scratch)
+        return y
+
+    def candidates(self, x: torch.Tensor) -> list[Candidate]:
+        if x.dtype not in (torch.float32, torch.float16):  # the kernels read fp32 or fp16 feature maps
+            return []
+        return [c for c in CANDIDATES if self.plan(c, x) is not None]
+
+
+class EcrOp:
+    """One EcrConv / EcrConvPool node on CUDA: its kernel variants and the dense path, one chosen."""
+
+    def __init__(self, ctx: NodeContext, scratch: Scratch, mode: str = "auto", reps: int = 30, tf32: bool = False):
+        self.ctx = ctx
+        self.name = ctx.name
+        self.attrs = dict(ctx.attrs)
+        self.pool = pool_geometry(self.attrs) if ctx.node.op_type == ECR_CONV_POOL else None
+        self.relu = self.pool is not None or bool(self.attrs.get("relu", 1))
+        w, b = ctx.const(1), ctx.const(2)
+        if w is None or (len(ctx.node.input) > 2 and ctx.node.input[2] and b is None):
+            raise NotImplementedError("the weight and bias must be constants")
+        self.layer = EcrLayer(w, b, self.attrs, self.pool, self.relu, scratch)
+        self.dense, self.dense_info = dense_conv_fn(ctx, self.attrs, self.pool, self.relu)
+        self.mode, self.reps, self.tf32 = mode, reps, tf32
+        self.choice = "dense" if mode == "dense" else None
+        ctx.info.update(format="pecr" if self.pool else "ecr", buffers=[self.layer.wt, self.layer.bias])
+
+    @property
+    def dense_kernel(self) -> str:
+        return (self.dense_info.get("kernel", "torch.conv") + (" + relu" if self.relu else "")
+                + (" + maxpool" if self.pool else ""))
+
+    def plan(self, cand: Candidate, x: torch.Tensor) -> Plan | None:
+        return self.layer.plan(cand, x)
+
+    def run_candidate(self, cand: Candidate, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.run_candidate(cand, x)
+
+    def __call__(self, x, w=None, b=None):
+        if self.choice is None or self.choice == "dense":
+            return self.dense(x, w, b)
+        return self.layer.run_candidate(CANDIDATE_BY_NAME[self.choice], x)
+
+    def candidates(self, x: torch.Tensor) -> list[Candidate]:
+        return self.layer.candidates(x)
+
+    def calibrate(self, x: torch.Tensor, w=None, b=None) -> dict:
+        """Time every variant and the dense path on this input; keep the fastest correct one."""
+        ref = self.dense(x, w, b)  # also makes the dense path's own per-layer decision (dense_conv=best)
+        time_ms(lambda xx: self.dense(xx, w, b), x, 3, warmup_ms=30.0)  # clocks up before the series
+        tol = 2e-2 if x.dtype == torch.float16 or self.tf32 else 1e-4
+        times, errors = {}, {}
+        screen = max(3, self.reps // 4)
+        for cand in self.candidates(x):  # every variant: checked, then timed briefly
+            try:
+                err = rel_err(self.run_candidate(cand, x), ref)
+                if err > tol:  # a wrong kernel is never chosen, whatever its speed
+                    errors[cand.name] = f"rel err {err:.2e} > {tol:g}"
+                    continue
+                times[cand.name] = time_ms(lambda xx, c=cand: self.run_candidate(c, xx), x, screen)
+            except Exception as exc:  # recorded in the report; the layer falls back to dense
+                errors[cand.name] = f"{type(exc).__name__}: {exc}"
+        for name_ in sorted(times, key=times.get)[:4]:  # the fastest few: timed again, fully
+            times[name_] = time_ms(lambda xx, c=CANDIDATE_BY_NAME[name_]: self.run_candidate(c, xx), x, self.reps)
+        dense_ms = time_ms(lambda xx: self.dense(xx, w, b), x, self.reps)
+        best = min(times, key=times.get) if times else None
+        if self.mode == "sparse" and best is not None:
+            self.choice = best
+        elif best is not None and times[best] < dense_ms and self.mode != "dense":
+            self.choice = best
+        else:
+            self.choice = "dense"
+        self._report(x, times, errors, dense_ms)
+        return {"choice": self.choice, "times_ms": times, "dense_ms": dense_ms, "errors": errors}
+
+    def _report(self, x: torch.Tensor, times: dict, errors: dict, dense_ms: float | None) -> None:
+        info = self.ctx.info
+        sparsity = float((x == 0).float().mean())
+        info.update(sparsity=round(sparsity, 4), input_sparsity=round(sparsity, 4))
+        if dense_ms is not None:
+            info["times_ms"] = {**{k: round(v, 4) for k, v in times.items()}, "dense": round(dense_ms, 4)}
+        if errors:
+            info["rejected"] = errors
+        if self.dense_info.get("choices"):
+            info["dense_conv_choices"] = self.dense_info["choices"]
+        if self.choice == "dense":
+            info.update(format="dense", kernel=self.dense_kernel)
+            if dense_ms is not None and times:
+                best = min(times, key=times.get)
+                info["reason"] = (f"dense measured faster at input sparsity {sparsity:.2f} "
+                                  f"({dense_ms:.4f} ms vs {best} {times[best]:.4f} ms)")
+            elif self.mode == "dense":
+                info["reason"] = "ecr_layers=dense"
+            else:
+                info["reason"] = "no kernel variant fits or passed the check"
+        else:
+            plan = self.plan(CANDIDATE_BY_NAME[self.choice], x)
+            info.update(format="pecr" if self.pool else "ecr", kernel=f"{KERNEL_SOURCE}:{self.choice}",
+                        config=plan.describe())
+            info.pop("reason", None)
+
+    def set_choice(self, choice: str, reason: str | None = None) -> None:
+        if choice != "dense" and choice not in CANDIDATE_BY_NAME:
+            raise UserError(f"saved engine names kernel variant '{choice}' that this sparsecnn does not have; "
+                            "rebuild the engine")
+        self.choice = choice
+        self.ctx.info.update(format="dense" if choice == "dense" else ("pecr" if self.pool else "ecr"),
+                             kernel=self.dense_kernel if choice == "dense" else f"{KERNEL_SOURCE}:{choice}")
+        if reason:
+            self.ctx.info["reason"] = reason
+
+
+# --- engine --------------------------------------------------------------------------------
+
+class EcrEngine(Engine):
+    runtime = name
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.whole_network: dict[str, dict] = {}  # input shape -> graph times (mixed vs all dense), kept
+
+    def runner(self, *inputs: torch.Tensor):
+        """On GPU, the network with the per-layer choices as one CUDA graph, unless the same network
+        with every ECR layer dense replays faster (extra whole_network_check, default on): the
+        per-layer timings miss effects between layers (caches, layouts), so the whole is checked."""
+        if self.device.type != "cuda" or not self.options.cuda_graph:
+            return self.executor
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        if key in self._graphs:
+            return self._graphs[key]
+        from ..converter.timing import time_fn
+
+        ops = self.ecr_ops()
+        label = "x".join(map(str, inputs[0].shape))
+        sparse_layers = [op.name for op in ops if op.choice not in (None, "dense")]
+        record = {"sparse_layers": sparse_layers}
+        with self._precision_context():
+            mixed = GraphReplay(self.executor, inputs)
+            chosen = mixed
+            check = self.options.extra.get("whole_network_check", True) and self.options.extra.get("ecr_layers", "auto") == "auto"
+            if sparse_layers and check:
+                saved = {id(op): op.choice for op in ops}
+                for op in ops:
+                    op.choice = "dense"
+                try:
+                    dense = GraphReplay(self.executor, inputs)
+                finally:
+                    for op in ops:
+                        op.choice = saved[id(op)]
+                reps = int(self.options.extra.get("ecr_reps", 30)) * 2
+                graphs = {"mixed": mixed, "dense": dense}
+                times = {k: [] for k in graphs}
+                for _ in range(2):  # alternate, so clock drift does not favour either
+                    for k, g in graphs.items():
+                        times[k].append(time_fn(lambda i, g=g: g.replay(), self.device, reps=reps).median_ms)
+                t = {k: min(v) for k, v in times.items()}
+                record.update(times_ms={k: round(v, 4) for k, v in t.items()}, chosen="mixed")
+                if t["dense"] < t["mixed"]:
+                    why = (f"whole-network check: all-dense graph {t['dense']:.4f} ms beat the graph with "
+                           f"ECR/PECR layers {t['mixed']:.4f} ms")
+                    for op in ops:
+                        op.set_choice("dense", why)
+                    record.update(chosen="dense", reason=why)
+                    chosen = dense
+                del graphs
+            else:
+                record.update(chosen="mixed" if sparse_layers else "dense",
+                              reason="no layer chose a sparse kernel" if not sparse_layers else "check off")
+            self.whole_network[label] = record
+            self._graphs[key] = chosen
+        return chosen
+
+    def ecr_ops(self) -> list[EcrOp]:
+        return [s.fn for s in self.executor.steps if isinstance(s.fn, EcrOp)]
+
+    def saved_state(self) -> dict:
+        return {"choices": {op.name: op.choice for op in self.ecr_ops() if op.choice is not None},
+                "whole_network": self.whole_network}
+
+    def calibrate(self, *inputs: torch.Tensor) -> list[dict]:
+        """Choose every layer's kernel by timing on `inputs` (run through the network)."""
+        prepared = self.prepare(*inputs)
+        rows = []
+
+        def before(step, args):
+            if isinstance(step.fn, EcrOp):
+                rows.append({"name": step.name, **step.fn.calibrate(*args)})
+
+        with torch.no_grad(), self._precision_context():
+            self.executor.walk(*prepared, before=before)
+        self._graphs.clear()  # graphs captured before the choices are stale
+        self.whole_network.clear()
+        return rows
+
+
+def _calibration_input(model: onnx.ModelProto, batch: int) -> torch.Tensor:
+    from ..common.onnxio import get_input_spec
+
+    spec = get_input_spec(model)
+    if spec:
+        shape = (spec["channels"], spec["height"], spec["width"])
+    else:
+        dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
+        if not dims or any(d <= 0 for d in dims):
+            raise UserError("the model's input size is unknown; pass calibration images to compile")
+        shape = tuple(dims)
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+
+
+def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options: CompileOptions | dict | None = None,
+            state: dict | None = None, calibration: torch.Tensor | None = None) -> EcrEngine:
+    """An engine for a model rewritten by `rewrite` (other models run, with no ECR layer)."""
+    from .reference_ops import reference_ops
+
+    opts = options if isinstance(options, CompileOptions) else CompileOptions.from_dict(options)
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        ex = Executor(model, dev, opts.dtype, ops=reference_ops(), channels_last=opts.channels_last, options=opts.extra)
+        return EcrEngine(model, dev, opts, ex)
+    opts.extra.setdefault("dense_conv", "best")  # the dense path is the best dense engine's per-layer choice
+    mode = str(opts.extra.get("ecr_layers", "auto"))
+    if mode not in ("auto", "sparse", "dense"):
+        raise UserError(f"ecr_layers must be auto, sparse or dense, not '{mode}'")
+    reps = int(opts.extra.get("ecr_reps", 30))
+    scratch = Scratch(dev)
+
+    def builder(ctx: NodeContext):
+        return EcrOp(ctx, scratch, mode, reps, opts.tf32)
+
+    table = {**reference_ops(), (SPARSECNN_DOMAIN, ECR_CONV): builder, (SPARSECNN_DOMAIN, ECR_CONV_POOL): builder}
+    ex = Executor(model, dev, opts.dtype, ops=table, channels_last=opts.channels_last, options=opts.extra)
+    engine = EcrEngine(model, dev, opts, ex)
+    ops = engine.ecr_ops()
+    saved = (state or {}).get("choices") or {}
+    if ops and all(op.name in saved for op in ops) and calibration is None:
+        for op in ops:
+            op.set_choice(saved[op.name])
+    elif ops:
+        if calibration is None:
+            calibration = _calibration_input(model, int(opts.extra.get("batch", 1)))
+            for op in ops:
+                op.ctx.info["calibration"] = "random input (no calibration images given)"
+            warnings.warn("ecr: kernels chosen on a random input; pass calibration images for real activation sparsity")
+        engine.calibrate(calibration)
+    return engine

@@ -1,0 +1,159 @@
+// Shared pieces of the CSR kernels (after Sputnik, Gale et al., SC'20): the parameter block,
+// fp16/fp32 conversions, the ROMA walk over a CSR row segment, and cp.async staging.
+//
+// The kernels also compile as host C++ against tests/cuda_emu.h (SPARSECNN_EMU), which runs
+// each CUDA thread as a host thread: the CPU tests execute the very same kernel code.
+#pragma once
+#ifdef SPARSECNN_EMU
+#include "cuda_emu.h"
+#define CSR_DYNAMIC_SMEM(name) float* name = emu::dynamic_smem<float>()
+#else
+#include <cuda_fp16.h>
+#define CSR_DYNAMIC_SMEM(name) extern __shared__ __align__(16) float name[]
+#endif
+
+namespace csr {
+
+// One parameter block for every CSR kernel (passed by value; mirrored by CsrParams in
+// runtimes/csr_kernels.py - keep the two in the same order).
+struct Params {
+  const void* values;             // [nnz + 4] T, zero-padded: a ROMA group never reads past the end
+  const unsigned short* offsets;  // [nnz + 4] per entry: operand offset, pre-scaled for the kernel's layout
+  const int* chunk_ptr;           // [M][nchunks + 1]: where each K chunk starts in row m (row_ptr when 1 chunk)
+  const int* row_order;           // [M] rows by length, longest first (row swizzle)
+  const float* bias;              // [M] or null
+  const unsigned char* k_used;    // [row blocks][C]: 1 if a row of the block has an entry in K row c (or null)
+  const void* x;                  // input activation / dense operand
+  void* y;                        // output (float when accumulate)
+  long long x_batch, y_batch;     // element strides between images (batch rows for GEMM)
+  int M;                          // rows of the sparse matrix (output channels / features)
+  int C, H, W;                    // input channels (K rows of the dense operand), height, width
+  int Ho, Wo;                     // output height, width
+  int kh, kw, sh, sw, ph, pw, dh, dw;
+  int x_cs, x_hs, x_ws;           // input strides in elements
+  int y_cs, y_hs, y_ws;           // output strides in elements
+  int tile_h, tile_w, tiles_w;    // output tile of one block, tiles per row of tiles
+  int win_h, win_w;               // staged input window per channel (row pitch for the GEMM layout)
+  int chunk_c;                    // input channels per K chunk
+  int nchunks;                    // chunks over all input channels
+  int chunks_per_split, nsplit;   // split-K: each blockIdx.z slice takes chunks_per_split chunks
+  int batch;                      // images (GEMM: rows of the activation)
+  int relu;                       // ReLU in the epilogue
+  int accumulate;                 // split-K: atomically add fp32 partial sums (bias from slice 0, no ReLU)
+  int vec_stage;                  // dense operand rows are 16-byte aligned: stage with vector copies
+};
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+__device__ __forceinline__ float half_bits(unsigned bits) { return __half2float(__ushort_as_half((unsigned short)bits)); }
+
+// Four sparse entries starting at a 4-aligned index: one vector load for the values and one
+// for the offsets (the arrays' base pointers are 16-byte aligned).
+__device__ __forceinline__ void load_values4(const float* p, float v[4]) {
+  const float4 t = __ldg(reinterpret_cast<const float4*>(p));
+  v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+}
+__device__ __forceinline__ void load_values4(const __half* p, float v[4]) {
+  const uint2 t = __ldg(reinterpret_cast<const uint2*>(p));
+  v[0] = half_bits(t.x & 0xffffu); v[1] = half_bits(t.x >> 16);
+  v[2] = half_bits(t.y & 0xffffu); v[3] = half_bits(t.y >> 16);
+}
+__device__ __forceinline__ void load_offsets4(const unsigned short* p, int o[4]) {
+  const uint2 t = __ldg(reinterpret_cast<const uint2*>(p));
+  o[0] = (int)(t.x & 0xffffu); o[1] = (int)(t.x >> 16); o[2] = (int)(t.y & 0xffffu); o[3] = (int)(t.y >> 16);
+}
+
+// Visit the CSR entries [begin, end) of one row (segment) in aligned groups of four.
+// Reverse-offset memory alignment (ROMA): the walk starts at begin rounded down to a multiple
+// of 4 so every load is an aligned vector load, and masks the entries before `begin` (and
+// from `end` on, the residue) instead of padding rows. One group is loaded ahead.
+template <typename T, typename Fn>
+__device__ __forceinline__ void roma_segment(const T* __restrict__ values, const unsigned short* __restrict__ offsets,
+                                             int begin, int end, Fn&& fn) {
+  int q = begin & ~3;
+  if (q >= end) return;
+  float v[4];
+  int o[4];
+  load_values4(values + q, v);
+  load_offsets4(offsets + q, o);
+  for (;;) {
+    const int next = q + 4;
+    const bool more = next < end;
+    float vn[4] = {0.f, 0.f, 0.f, 0.f};
+    int on[4] = {0, 0, 0, 0};
+    if (more) {
+      load_values4(values + next, vn);
+      load_offsets4(offsets + next, on);
+    }
+    if (q >= begin && next <= end) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) fn(v[i], o[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (q + i >= begin && q + i < end) fn(v[i], o[i]);
+    }
+    if (!more) break;
+    q = next;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[i] = vn[i];
+      o[i] = on[i];
+    }
+  }
+}
+
+// ---- staging into shared memory -------------------------------------------------------
+// fp32 uses cp.async (sm_80+): copies run in the background while the block computes on the
+// other buffer; `valid = false` zero-fills (padding). fp16 converts through registers.
+__device__ __forceinline__ void stage1(float* dst, const float* src, bool valid) {
+#ifdef SPARSECNN_EMU
+  *dst = valid ? *src : 0.f;
+#else
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0) : "memory");
+#endif
+}
+__device__ __forceinline__ void stage1(float* dst, const __half* src, bool valid) {
+  *dst = valid ? __half2float(*src) : 0.f;
+}
+// Four consecutive elements, 16-byte aligned source; the first `n` (0..4) are real, the rest zero.
+__device__ __forceinline__ void stage4(float* dst, const float* src, int n) {
+#ifdef SPARSECNN_EMU
+  for (int i = 0; i < 4; ++i) dst[i] = i < n ? src[i] : 0.f;
+#else
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(4 * n) : "memory");
+#endif
+}
+__device__ __forceinline__ void stage4(float* dst, const __half* src, int n) {
+  float4 out;
+  if (n == 4) {
+    const uint2 t = *reinterpret_cast<const uint2*>(src);
+    out.x = half_bits(t.x & 0xffffu); out.y = half_bits(t.x >> 16);
+    out.z = half_bits(t.y & 0xffffu); out.w = half_bits(t.y >> 16);
+  } else {
+    out.x = n > 0 ? __half2float(src[0]) : 0.f;
+    out.y = n > 1 ? __half2float(src[1]) : 0.f;
+    out.z = n > 2 ? __half2float(src[2]) : 0.f;
+    out.w = 0.f;
+  }
+  *reinterpret_cast<float4*>(dst) = out;
+}
+__device__ __forceinline__ void stage_commit() {
+#ifndef SPARSECNN_EMU
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Wait until at most one group (the newest) is still in flight.
+__device__ __forceinline__ void stage_wait_all_but_newest() {
+#ifndef SPARSECNN_EMU
+  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#endif
+}
+
+}  // namespace csr

@@ -1,0 +1,360 @@
+// ECR convolution and PECR convolution + max-pooling on the dense feature map (Conv_Pool,
+// Xu et al., arXiv:1909.09927), generalised to real layers: all input channels, all filters,
+// batch, strides, asymmetric pads, any max-pool (kernel, stride, pads, ceil mode).
+//
+// One block owns a tile of (pooled) outputs of one image and CT = 32*VEC output channels;
+// gridDim.z splits the K = Cin*kh*kw reduction (split-K) when the layer has too few tiles to
+// fill the GPU. The block walks K in chunks of `cc` input channels (kc = cc*kh*kw entries):
+//   1. cp.async brings the chunk's weights W^T[k][c0..c0+CT) into shared memory (double
+//      buffered: the next chunk streams in while this one is used), plain loads bring the
+//      chunk's input patch (the receptive fields of the tile, zero-padded at the borders);
+//   2. for each conv position of the tile, its warp builds the chunk's compressed im2col row
+//      (ECR) on the fly: each lane reads one window entry, a ballot keeps the non-zeros,
+//      their kernel index is k = (c*kh + i)*kw + j (never the harness's i*j+i);
+//   3. the warp applies all CT filters to that compressed row: every non-zero is broadcast
+//      to the 32 lanes, each lane multiplies it with VEC consecutive weights of row k
+//      (coalesced, W was transposed to [K, Cout] at compile time) and accumulates in fp32
+//      registers. Empty windows cost no multiply; their output is the bias alone.
+// Accumulators live in registers, owned by exactly one thread each (no shared counters to
+// race on); the output is written, never accumulated into. The one buffer that is
+// accumulated into, the split-K workspace, starts zeroed and every launch leaves it zeroed.
+// Epilogue: bias, then for ECR the optional ReLU and the conv output; for PECR every pooled
+// output is the max over its conv window starting at 0 (which is the ReLU), and only the
+// pooled value reaches global memory. With split-K each block adds its partial sums into the
+// tile's fp32 workspace slot (atomics: the sum order, and so the last bits, vary run to run);
+// the last block of a tile (atomic ticket) reads the total, zeroes the slot, runs the
+// epilogue and resets the ticket, so workspace and tickets are zero again for the next launch.
+#include <cuda_fp16.h>
+
+struct EcrParams {
+  int n_img, cin, h, w;
+  int cout, cout_pad;             // cout_pad: row length of wt and bias (multiple of CT)
+  int kh, kw, sh, sw, pad_t, pad_l;
+  int oh, ow;                     // conv output size
+  int pkh, pkw, psh, psw, ppad_t, ppad_l;  // max-pool (1,1,1,1,0,0 without a pool)
+  int qh, qw;                     // output size (pooled, or = oh, ow)
+  int tqy, tqx;                   // outputs per tile
+  int cry, crx;                   // conv positions per tile: (tqy-1)*psh + pkh, ...
+  int patch_h, patch_w;           // input rows/cols per tile: (cry-1)*sh + kh, ...
+  int tiles_y, tiles_x;
+  int cc, kc, chunks;             // channels per chunk, kc = cc*kh*kw, chunks = ceil(cin/cc)
+  int chunks_per_split, splits;
+  int relu, pool;
+};
+
+template <typename T> __device__ __forceinline__ float load_act(const T* p);
+template <> __device__ __forceinline__ float load_act<float>(const float* p) { return __ldg(p); }
+template <> __device__ __forceinline__ float load_act<__half>(const __half* p) { return __half2float(__ldg(p)); }
+template <typename T> __device__ __forceinline__ void store_act(T* p, float v);
+template <> __device__ __forceinline__ void store_act<float>(float* p, float v) { *p = v; }
+template <> __device__ __forceinline__ void store_act<__half>(__half* p, float v) { *p = __float2half_rn(v); }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <int VEC> struct Row;
+template <> struct Row<2> {
+  float v[2];
+  __device__ __forceinline__ void load(const float* p) { float2 t = *reinterpret_cast<const float2*>(p); v[0] = t.x; v[1] = t.y; }
+};
+template <> struct Row<4> {
+  float v[4];
+  __device__ __forceinline__ void load(const float* p) {
+    float4 t = *reinterpret_cast<const float4*>(p); v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+  }
+};
+
+// split-K: vector atomics (one RED per 2 or 4 floats) where the GPU has them (sm_90)
+template <int VEC> __device__ __forceinline__ void red_add_vec(float* p, const float* v) {
+#if __CUDA_ARCH__ >= 900
+  if (VEC == 4) atomicAdd(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+  else atomicAdd(reinterpret_cast<float2*>(p), make_float2(v[0], v[1]));
+#else
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) atomicAdd(p + j, v[j]);
+#endif
+}
+template <int VEC> __device__ __forceinline__ void load_vec_cg(float* acc, const float* p) {
+  if (VEC == 4) { float4 t = __ldcg(reinterpret_cast<const float4*>(p)); acc[0] = t.x; acc[1] = t.y; acc[2] = t.z; acc[3] = t.w; }
+  else { float2 t = __ldcg(reinterpret_cast<const float2*>(p)); acc[0] = t.x; acc[1] = t.y; }
+}
+template <int VEC> __device__ __forceinline__ void store_vec_cg(float* p, const float* v) {
+  if (VEC == 4) __stcg(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+  else __stcg(reinterpret_cast<float2*>(p), make_float2(v[0], v[1]));
+}
+
+// Shared memory (floats): W chunk buffers 2 x [kc][CT], patch [cc][patch_h][patch_w], entry
+// offsets [kc] and window bases [RMAX] (ints), then (GROUP = 4, 16-byte aligned) WARPS x 32
+// float4 segment buffers; the epilogue reuses the front as a [CT][RMAX+1] staging tile.
+// The conv position (index in the tile's region) of slot s of a warp. GROUP = 1: slots of a
+// warp are WARPS positions apart; GROUP = 4: four consecutive positions form a group.
+template <int WARPS, int GROUP>
+__device__ __forceinline__ int slot_pos(int s, int warp) {
+  return GROUP == 1 ? s * WARPS + warp : ((s / GROUP) * WARPS + warp) * GROUP + (s % GROUP);
+}
+
+// GROUP = 1: a warp applies the filters to one position's compressed row at a time.
+// GROUP = 4: a warp walks the union of the compressed rows of four positions: each weight
+// row read from shared memory then serves all four (the entries of the positions where that
+// input is zero multiply a zero), which cuts shared-memory traffic per useful multiply when
+// the rows overlap, i.e. at moderate sparsity.
+template <typename T, int VEC, int PPW, int WARPS, int GROUP>
+__global__ void __launch_bounds__(WARPS * 32)
+ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,
+              T* __restrict__ y, float* __restrict__ ws, int* __restrict__ tickets, const EcrParams p) {
+  constexpr int CT = 32 * VEC;
+  constexpr int RMAX = PPW * WARPS;
+  constexpr int THREADS = WARPS * 32;
+  constexpr unsigned FULL = 0xffffffffu;
+  static_assert(GROUP == 1 || (GROUP == 4 && PPW % 4 == 0), "GROUP is 1 or 4 (and divides PPW)");
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int kc = p.kc;
+  float* wbuf0 = smem;
+  float* wbuf1 = smem + kc * CT;
+  float* patch = smem + 2 * kc * CT;
+  const int patch_size = p.cc * p.patch_h * p.patch_w;
+  int* offs = reinterpret_cast<int*>(patch + patch_size);
+
+  // which tile, which output channels, which part of K
+  const int tiles = p.tiles_y * p.tiles_x;
+  const int img = blockIdx.x / tiles;
+  const int t_in = blockIdx.x - img * tiles;
+  const int ty = t_in / p.tiles_x, tx = t_in - ty * p.tiles_x;
+  const int qy0 = ty * p.tqy, qx0 = tx * p.tqx;
+  const int ry0 = qy0 * p.psh - p.ppad_t, rx0 = qx0 * p.psw - p.ppad_l;  // first conv row/col
+  const int iy0 = ry0 * p.sh - p.pad_t, ix0 = rx0 * p.sw - p.pad_l;        // first input row/col
+  const int c0 = blockIdx.y * CT;
+  const int ch_begin = blockIdx.z * p.chunks_per_split;
+  const int ch_end = min(p.chunks, ch_begin + p.chunks_per_split);
+  const int R = p.cry * p.crx;
+
+  for (int e = tid; e < kc; e += THREADS) {  // window entry e -> offset in the patch
+    const int khw = p.kh * p.kw;
+    const int cl = e / khw, rest = e - cl * khw, i = rest / p.kw, j = rest - i * p.kw;
+    offs[e] = (cl * p.patch_h + i) * p.patch_w + j;
+  }
+
+  // conv position r of the tile starts its window at patch offset bases[r]
+  int* bases = offs + kc;
+  // GROUP = 4: per warp, the 32 entries of a segment for the group's four positions
+  float4* ubufs = reinterpret_cast<float4*>(smem + ((2 * kc * CT + patch_size + kc + RMAX + 3) & ~3));
+  for (int r = tid; r < RMAX; r += THREADS) {
+    const int ry = r / p.crx, rx = r - ry * p.crx;
+    bases[r] = ry * p.sh * p.patch_w + rx * p.sw;
+  }
+  // the conv positions this warp owns
+  unsigned valid = 0;
+#pragma unroll
+  for (int s = 0; s < PPW; ++s) {
+    const int r = slot_pos<WARPS, GROUP>(s, warp);
+    const int ry = r / p.crx, rx = r - ry * p.crx;
+    const int cy = ry0 + ry, cx = rx0 + rx;
+    if (r < R && cy >= 0 && cy < p.oh && cx >= 0 && cx < p.ow) valid |= 1u << s;
+  }
+  float acc[PPW][VEC];
+#pragma unroll
+  for (int s = 0; s < PPW; ++s)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[s][j] = 0.f;
+
+  auto load_weights = [&](int ch, float* dst) {
+    const float* src = wt + static_cast<size_t>(ch) * kc * p.cout_pad + c0;
+    constexpr int PIECES = CT / 4;
+    for (int i = tid; i < kc * PIECES; i += THREADS) {
+      const int row = i / PIECES, col = i - row * PIECES;
+      cp_async16(dst + row * CT + col * 4, src + static_cast<size_t>(row) * p.cout_pad + col * 4);
+    }
+  };
+
+  if (ch_begin < ch_end) load_weights(ch_begin, wbuf0);
+  cp_async_commit();
+  for (int ch = ch_begin; ch < ch_end; ++ch) {
+    const int stage = (ch - ch_begin) & 1;
+    if (ch + 1 < ch_end) load_weights(ch + 1, stage ? wbuf0 : wbuf1);
+    cp_async_commit();
+    // this chunk's input patch, zero outside the image (the conv's zero padding)
+    const int plane = p.patch_h * p.patch_w;
+    for (int i = tid; i < patch_size; i += THREADS) {
+      const int cl = i / plane, rest = i - cl * plane;
+      const int py = rest / p.patch_w, px = rest - py * p.patch_w;
+      const int c = ch * p.cc + cl, iy = iy0 + py, ix = ix0 + px;
+      float v = 0.f;
+      if (c < p.cin && iy >= 0 && iy < p.h && ix >= 0 && ix < p.w)
+        v = load_act(x + ((static_cast<size_t>(img) * p.cin + c) * p.h + iy) * p.w + ix);
+      patch[i] = v;
+    }
+    cp_async_wait<1>();  // this chunk's weights have landed (the next chunk's may still fly)
+    __syncthreads();
+    const float* wc = stage ? wbuf1 : wbuf0;
+    if (GROUP == 1) {
+#pragma unroll
+      for (int s = 0; s < PPW; ++s) {
+        if (!((valid >> s) & 1u)) continue;  // warp-uniform
+        const float* pb = patch + bases[slot_pos<WARPS, GROUP>(s, warp)];
+        for (int e0 = 0; e0 < kc; e0 += 32) {
+          const int e = e0 + lane;
+          const float v = e < kc ? pb[offs[e]] : 0.f;
+          unsigned m = __ballot_sync(FULL, v != 0.f);  // the compressed row of these 32 entries
+          const float* wrow = wc + e0 * CT + lane * VEC;
+          while (m) {
+            const int s0 = __ffs(m) - 1;
+            m &= m - 1;
+            const float a0 = __shfl_sync(FULL, v, s0);
+            Row<VEC> w0;
+            w0.load(wrow + s0 * CT);
+            if (m) {
+              const int s1 = __ffs(m) - 1;
+              m &= m - 1;
+              const float a1 = __shfl_sync(FULL, v, s1);
+              Row<VEC> w1;
+              w1.load(wrow + s1 * CT);
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) acc[s][j] = fmaf(a1, w1.v[j], fmaf(a0, w0.v[j], acc[s][j]));
+            } else {
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) acc[s][j] = fmaf(a0, w0.v[j], acc[s][j]);
+            }
+          }
+        }
+      }
+    } else {
+      float4* ubuf = ubufs + warp * 32;
+#pragma unroll
+      for (int g = 0; g < PPW / 4; ++g) {
+        const unsigned gv = (valid >> (4 * g)) & 0xfu;
+        if (!gv) continue;  // warp-uniform
+        const float* pb0 = patch + bases[slot_pos<WARPS, GROUP>(4 * g + 0, warp)];
+        const float* pb1 = patch + bases[slot_pos<WARPS, GROUP>(4 * g + 1, warp)];
+        const float* pb2 = patch + bases[slot_pos<WARPS, GROUP>(4 * g + 2, warp)];
+        const float* pb3 = patch + bases[slot_pos<WARPS, GROUP>(4 * g + 3, warp)];
+        for (int e0 = 0; e0 < kc; e0 += 32) {
+          const int e = e0 + lane;
+          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (e < kc) {
+            const int o = offs[e];
+            if (gv & 1u) v.x = pb0[o];
+            if (gv & 2u) v.y = pb1[o];
+            if (gv & 4u) v.z = pb2[o];
+            if (gv & 8u) v.w = pb3[o];
+          }
+          const bool nz = v.x != 0.f || v.y != 0.f || v.z != 0.f || v.w != 0.f;
+          unsigned m = __ballot_sync(FULL, nz);  // the union of the four compressed rows
+          if (!m) continue;
+          __syncwarp();  // the previous segment's reads of ubuf are done
+          if (nz) ubuf[lane] = v;
+          __syncwarp();
+          const float* wrow = wc + e0 * CT + lane * VEC;
+          while (m) {
+            const int s0 = __ffs(m) - 1;
+            m &= m - 1;
+            const float4 a0 = ubuf[s0];
+            Row<VEC> w0;
+            w0.load(wrow + s0 * CT);
+            if (m) {
+              const int s1 = __ffs(m) - 1;
+              m &= m - 1;
+              const float4 a1 = ubuf[s1];
+              Row<VEC> w1;
+              w1.load(wrow + s1 * CT);
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) {
+                acc[4 * g + 0][j] = fmaf(a1.x, w1.v[j], fmaf(a0.x, w0.v[j], acc[4 * g + 0][j]));
+                acc[4 * g + 1][j] = fmaf(a1.y, w1.v[j], fmaf(a0.y, w0.v[j], acc[4 * g + 1][j]));
+                acc[4 * g + 2][j] = fmaf(a1.z, w1.v[j], fmaf(a0.z, w0.v[j], acc[4 * g + 2][j]));
+                acc[4 * g + 3][j] = fmaf(a1.w, w1.v[j], fmaf(a0.w, w0.v[j], acc[4 * g + 3][j]));
+              }
+            } else {
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) {
+                acc[4 * g + 0][j] = fmaf(a0.x, w0.v[j], acc[4 * g + 0][j]);
+                acc[4 * g + 1][j] = fmaf(a0.y, w0.v[j], acc[4 * g + 1][j]);
+                acc[4 * g + 2][j] = fmaf(a0.z, w0.v[j], acc[4 * g + 2][j]);
+                acc[4 * g + 3][j] = fmaf(a0.w, w0.v[j], acc[4 * g + 3][j]);
+              }
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next chunk overwrites the patch and this weight buffer
+  }
+  cp_async_wait<0>();
+
+  if (p.splits > 1) {
+    // every split adds its partial sums into the tile's fp32 slot; the last one to arrive
+    // (atomic ticket) reads the total, puts the slot back to zero and runs the epilogue
+    float* slot = ws + (static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y) * (RMAX * CT);
+#pragma unroll
+    for (int s = 0; s < PPW; ++s)
+      if ((valid >> s) & 1u) red_add_vec<VEC>(slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC, acc[s]);
+    __threadfence();
+    __syncthreads();
+    int* ticket = tickets + blockIdx.x * gridDim.y + blockIdx.y;
+    if (tid == 0) s_last = atomicAdd(ticket, 1) == p.splits - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+#pragma unroll
+    for (int s = 0; s < PPW; ++s) {
+      if (!((valid >> s) & 1u)) continue;
+      float* q = slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC;
+      load_vec_cg<VEC>(acc[s], q);
+      const float zero[VEC] = {};
+      store_vec_cg<VEC>(q, zero);
+    }
+    if (tid == 0) *ticket = 0;  // ready for the next launch (and the next CUDA-graph replay)
+  }
+
+  // epilogue: [CT][RMAX+1] staging tile, then coalesced NCHW stores
+  constexpr int RS = RMAX + 1;
+  float* st = smem;
+  float b[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) b[j] = bias[c0 + lane * VEC + j];
+#pragma unroll
+  for (int s = 0; s < PPW; ++s) {
+    if (!((valid >> s) & 1u)) continue;
+    const int r = slot_pos<WARPS, GROUP>(s, warp);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float v = acc[s][j] + b[j];
+      if (!p.pool && p.relu) v = fmaxf(v, 0.f);
+      st[(lane * VEC + j) * RS + r] = v;
+    }
+  }
+  __syncthreads();
+  if (!p.pool) {
+    for (int i = tid; i < CT * R; i += THREADS) {
+      const int cl = i / R, r = i - cl * R, co = c0 + cl;
+      const int ry = r / p.crx, rx = r - ry * p.crx, cy = ry0 + ry, cx = rx0 + rx;
+      if (co < p.cout && cy < p.oh && cx < p.ow)
+        store_act(y + ((static_cast<size_t>(img) * p.cout + co) * p.oh + cy) * p.ow + cx, st[cl * RS + r]);
+    }
+  } else {
+    const int tq = p.tqy * p.tqx;
+    for (int i = tid; i < CT * tq; i += THREADS) {
+      const int cl = i / tq, q = i - cl * tq, co = c0 + cl;
+      const int qy = qy0 + q / p.tqx, qx = qx0 + (q - (q / p.tqx) * p.tqx);
+      if (co >= p.cout || qy >= p.qh || qx >= p.qw) continue;
+      float m = 0.f;  // the max starts at 0: the ReLU before the pool
+      for (int a = 0; a < p.pkh; ++a) {
+        const int cy = qy * p.psh - p.ppad_t + a;
+        if (cy < 0 || cy >= p.oh) continue;
+        for (int c = 0; c < p.pkw; ++c) {
+          const int cx = qx * p.psw - p.ppad_l + c;
+          if (cx < 0 || cx >= p.ow) continue;
+          m = fmaxf(m, st[cl * RS + (cy - ry0) * p.crx + (cx - rx0)]);
+        }
+      }
+      store_act(y + ((static_cast<size_t>(img) * p.cout + co) * p.qh + qy) * p.qw + qx, m);
+    }
+  }
+}

@@ -1,0 +1,494 @@
+"""The `sparsert` runtime: a kernel generated per pruned layer with its sparsity pattern compiled in.
+
+rewrite: passes/csr_fused.py turns sparse Conv/Gemm layers (with the Add/Relu after them)
+into sparsecnn::FusedCsrConv / FusedCsrGemm. compile: for every such layer, a few tile
+configurations are generated (runtimes/sparsert_codegen.py) and compiled with NVRTC in
+parallel, then timed on the device against the CSR runtime's kernel (when a runtime named
+'csr' is registered) and dense cuDNN/cuBLAS; the fastest runs, and the per-layer report
+says what ran, the configuration and every candidate's time. The whole network replays as
+one CUDA graph. Winners are kept in the engine's saved state and in a tuning cache beside
+the kernel cache (keyed by layer hash, GPU architecture, precision and batch), so a reload
+or a second compile of the same weights skips the search and the compiles.
+
+Options (CompileOptions.extra):
+    min_sparsity      rewrite layers at least this sparse (default 0.5)
+    candidates        subset of ["generated", "csr", "dense"] to consider (default all)
+    max_configs       tile configurations generated per layer (default 3)
+    max_instructions  code-size cap per generated kernel (default 120000; see CODE_SIZE_RULE)
+    tune_batch        batch size the candidates are timed at (default 1)
+    compile_workers   NVRTC threads/processes (default: CPU count)
+    retune            ignore the tuning cache and saved state (default False)
+
+On the CPU the fused ops run their PyTorch reference (runtimes/sparsert_ops.py).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from ..common.errors import UserError
+from ..passes.graph import node_label, run_pipeline
+from .base import CompileOptions, Engine, _MatmulPrecision
+from .executor import Executor, _shapes
+from .ops import NodeContext
+from .sparsert_codegen import DEFAULT_MAX_INSTRUCTIONS
+
+name = "sparsert"
+
+CANDIDATE_KINDS = ("generated", "csr", "dense")
+STATE_VERSION = 1
+
+
+def available() -> tuple[bool, str]:
+    from .nvrtc import nvrtc_available
+
+    ok, why = nvrtc_available()
+    if not ok:
+        return False, f"NVRTC cannot be loaded ({why}); `pip install 'sparsecnn[gpu]'`"
+    if not torch.cuda.is_available():
+        return True, f"{why}; no CUDA GPU: runs the CPU reference of its ops"
+    return True, f"{why}, CUDA on {torch.cuda.get_device_name(0)}"
+
+
+def _options(options) -> CompileOptions:
+    return options if isinstance(options, CompileOptions) else CompileOptions.from_dict(options)
+
+
+def rewrite(model: onnx.ModelProto, options: dict | CompileOptions | None = None) -> onnx.ModelProto:
+    """The runtime's pass list: one CSR rewrite with fused epilogues (see passes/csr_fused.py).
+
+    SEAM: when issue 5's CSR rewrite lands, the lead unifies the two into ONE pass; only this
+    function's pipeline changes.
+    """
+    from ..passes.csr_fused import rewrite_fused_csr
+
+    opts = _options(options)
+    min_sparsity = float(opts.extra.get("min_sparsity", 0.5))
+    out, _ = run_pipeline(model, [(rewrite_fused_csr, {"min_sparsity": min_sparsity})])
+    return out
+
+
+def reference_ops() -> dict:
+    from .sparsert_ops import OPS
+
+    return dict(OPS)
+
+
+class SparseRTEngine(Engine):
+    runtime = name
+
+    def __init__(self, model, device, options, executor, decisions: dict | None = None, costs: dict | None = None,
+                 arch: str | None = None):
+        super().__init__(model, device, options, executor)
+        self.decisions = decisions or {}
+        self.compile_costs = costs or {}
+        self.arch = arch
+
+    def saved_state(self) -> dict:
+        """Per-layer winners (and the layer hash they were chosen for): a reload skips the search."""
+        if not self.decisions:
+            return {}
+        return {"version": STATE_VERSION, "arch": self.arch, "dtype": self.options.dtype, "layers": self.decisions}
+
+
+def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options: CompileOptions | dict | None = None,
+            state: dict | None = None) -> SparseRTEngine:
+    opts = _options(options)
+    dev = torch.device(device)
+    if opts.channels_last:
+        raise UserError("the sparsert runtime runs NCHW activations; drop --channels-last")
+    if dev.type != "cuda" and not opts.extra.get("emulate_kernels"):
+        from .reference_ops import reference_ops as all_reference
+
+        ops = dict(all_reference())
+        ops.update(reference_ops())
+        ex = Executor(model, dev, opts.dtype, ops=ops, options=opts.extra)
+        return SparseRTEngine(model, dev, opts, ex)
+    planner = Planner(model, dev, opts, state or {})
+    t0 = time.perf_counter()
+    planner.prepare()
+    ops = {key: planner.builder for key in reference_ops()}
+    with _MatmulPrecision(dev, opts.tf32), torch.no_grad():
+        ex = Executor(model, dev, opts.dtype, ops=ops, options=opts.extra)
+    planner.finish()
+    costs = dict(planner.costs, total_s=round(time.perf_counter() - t0, 3))
+    return SparseRTEngine(model, dev, opts, ex, planner.decisions, costs, planner.arch)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing candidates
+# --------------------------------------------------------------------------------------------
+
+def time_candidate(fn: Callable, args: tuple, device: torch.device, launches: int = 10, reps: int = 20) -> float:
+    """Median ms of one call of `fn(*args)`, from a CUDA graph of `launches` back-to-back calls.
+
+    A graph keeps the host's launch cost out of the measurement (these kernels take
+    microseconds), and is how the engine runs them.
+    """
+    from ..converter.timing import time_fn
+
+    if device.type != "cuda":  # emulated kernels in CI: order of magnitude only
+        return time_fn(lambda i: fn(*args), device, reps=2, warmup=1).median_ms
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn(*args)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn(*args)
+    t = time_fn(lambda i: graph.replay(), device, reps=reps, warmup=3)
+    del graph
+    return t.median_ms / launches
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------------------------
+# The planner: generate and compile every candidate first (in parallel), then time per layer
+# --------------------------------------------------------------------------------------------
+
+class _Layer:
+    def __init__(self, node: onnx.NodeProto):
+        self.node = node
+        self.name = node_label(node)
+        self.geometry = None
+        self.csr = None
+        self.bias = None
+        self.relu = False
+        self.residual = False
+        self.weight_shape: list[int] = []
+        self.key = ""
+        self.reason = ""                 # why no generated candidate
+        self.kinds: list[str] = []       # candidate kinds to consider
+        self.programs: list = []         # generated candidates (Program)
+        self.sources: list[tuple[str, str]] = []
+        self.records: list = []          # CompileRecord per program
+        self.fixed: dict | None = None   # a decision from saved state / tuning cache
+        self.gen_s = 0.0
+
+
+class Planner:
+    def __init__(self, model: onnx.ModelProto, device: torch.device, opts: CompileOptions, state: dict):
+        from .nvrtc import device_arch
+
+        self.model = model
+        self.device = device
+        self.opts = opts
+        self.extra = opts.extra
+        # emulate_kernels (tests): plan, choose and save on the CPU with interpreted kernels
+        self.emulate = device.type != "cuda"
+        self.arch = device_arch(device) if not self.emulate else str(self.extra.get("arch", "sm_90"))
+        self.retune = bool(self.extra.get("retune", False))
+        saved = state.get("layers", {}) if state and state.get("version") == STATE_VERSION else {}
+        if state and (state.get("arch") not in (None, self.arch) or state.get("dtype") not in (None, opts.dtype)):
+            saved = {}
+        self.saved = {} if self.retune else saved
+        kinds = self.extra.get("candidates", list(CANDIDATE_KINDS))
+        unknown = set(kinds) - set(CANDIDATE_KINDS)
+        if unknown:
+            raise UserError(f"sparsert: unknown candidate kind(s) {sorted(unknown)}; choose from {list(CANDIDATE_KINDS)}")
+        self.kinds = [k for k in CANDIDATE_KINDS if k in kinds]
+        self.batch = int(self.extra.get("tune_batch") or 1)
+        self.layers: dict[str, _Layer] = {}
+        self.decisions: dict[str, dict] = {}
+        self.tuning_updates: dict[str, dict] = {}
+        self.costs = {"gen_s": 0.0, "compile_wall_s": 0.0, "compile_cpu_s": 0.0, "tune_s": 0.0,
+                      "programs": 0, "programs_compiled": 0, "instructions": 0}
+        self._zeros: torch.Tensor | None = None
+        self._csr_rt = None
+
+    # -- preparation ------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        from .sparsert_codegen import (LayerGeometry, build_program, candidate_configs, compile_programs, layer_key,
+                                       load_tuning, render_cuda, TileConfig, tuning_key)
+        from ..passes.csr import CSR
+
+        inits = {t.name: t for t in self.model.graph.initializer}
+        shapes = _shapes(self.model)
+        tuning = {} if self.retune else load_tuning()
+        dtype = self.opts.dtype
+        max_configs = int(self.extra.get("max_configs") or 3)
+        max_instr = int(self.extra.get("max_instructions") or DEFAULT_MAX_INSTRUCTIONS)
+        for node in self.model.graph.node:
+            if node.domain != "sparsecnn" or node.op_type not in ("FusedCsrConv", "FusedCsrGemm"):
+                continue
+            layer = _Layer(node)
+            self.layers[layer.name] = layer
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            layer.relu = bool(attrs.get("relu", 0))
+            layer.residual = len(node.input) > 6 and bool(node.input[6])
+            arr = [numpy_helper.to_array(inits[n]) for n in node.input[1:5]]
+            m = int(arr[2].size) - 1
+            if node.op_type == "FusedCsrConv":
+                shape = [m, int(attrs["in_channels"]), *[int(v) for v in attrs["kernel_shape"]]]
+            else:
+                shape = [m, int(attrs["in_features"])]
+            layer.weight_shape = shape
+            k = int(np.prod(shape[1:]))
+            layer.csr = CSR(torch.from_numpy(arr[0].astype(np.float32)), torch.from_numpy(arr[1].astype(np.int32)),
+                            torch.from_numpy(arr[2].astype(np.int32)), torch.from_numpy(arr[3].astype(np.int32)), (m, k))
+            if len(node.input) > 5 and node.input[5]:
+                layer.bias = torch.from_numpy(numpy_helper.to_array(inits[node.input[5]]).astype(np.float32))
+            in_dims = shapes.get(node.input[0])
+            if node.op_type == "FusedCsrConv":
+                if in_dims is None or len(in_dims) != 4 or any(d is None for d in in_dims[1:]):
+                    layer.reason = "input spatial shape unknown at compile time"
+                else:
+                    layer.geometry = LayerGeometry.conv(m, shape[1], in_dims[2], in_dims[3], shape[2], shape[3],
+                                                        attrs.get("strides", [1, 1]), attrs.get("pads", [0, 0, 0, 0]),
+                                                        attrs.get("dilations", [1, 1]))
+            else:
+                layer.geometry = LayerGeometry("gemm", m, k, n=self.batch)
+            kinds = list(self.kinds)
+            if layer.geometry is None:
+                kinds = [x for x in kinds if x != "generated"]
+            else:
+                layer.key = layer_key(layer.csr, layer.geometry, layer.bias, layer.relu, layer.residual)
+            tkey = tuning_key(layer.key, self.arch, dtype, self.batch) if layer.key else ""
+            fixed = self.saved.get(layer.name)
+            if fixed and fixed.get("key") != layer.key[:32]:
+                fixed = None
+            if fixed is None and tkey in tuning:
+                fixed = tuning[tkey]
+            if fixed is not None and fixed.get("choice") in kinds:
+                layer.fixed = fixed
+                kinds = [fixed["choice"]]
+            layer.kinds = kinds
+            if "generated" in kinds:
+                t0 = time.perf_counter()
+                if layer.fixed and layer.fixed.get("config"):
+                    configs = [TileConfig.parse(layer.fixed["config"])]
+                else:
+                    configs = candidate_configs(layer.csr, layer.geometry, dtype, max_configs, max_instr, self.batch)
+                if not configs:
+                    layer.reason = (f"code size: every configuration exceeds {max_instr} instructions "
+                                    f"({layer.csr.nnz} non-zeros)")
+                    layer.kinds = [x for x in kinds if x != "generated"] or ["dense"]
+                for cfg in configs:
+                    prog = build_program(layer.csr, layer.geometry, cfg, layer.bias, layer.relu, layer.residual,
+                                         dtype, key=layer.key)
+                    layer.programs.append(prog)
+                    layer.sources.append(render_cuda(prog))
+                layer.gen_s = time.perf_counter() - t0
+                self.costs["gen_s"] += layer.gen_s
+        jobs = [src for layer in self.layers.values() for src in layer.sources]
+        if jobs and self.emulate:
+            from .sparsert_codegen import CompileRecord
+
+            for layer in self.layers.values():
+                layer.records = [CompileRecord(n, 0.0, 0.0, 0, False) for _, n in layer.sources]
+        elif jobs:
+            t0 = time.perf_counter()
+            records = compile_programs(jobs, self.arch, self.extra.get("compile_workers"), progress=len(jobs) > 4)
+            self.costs["compile_wall_s"] = time.perf_counter() - t0
+            it = iter(records)
+            for layer in self.layers.values():
+                layer.records = [next(it) for _ in layer.sources]
+            self.costs["compile_cpu_s"] = sum(r.cpu_seconds for r in records)
+            self.costs["programs"] = len(records)
+            self.costs["programs_compiled"] = sum(not r.cached for r in records)
+            self.costs["instructions"] = sum(p.instructions() for layer in self.layers.values() for p in layer.programs)
+        self.costs = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.costs.items()}
+
+    # -- per-layer build (called by the Executor) -------------------------------------------
+
+    def zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        if self._zeros is None or self._zeros.numel() < numel or self._zeros.dtype != dtype:
+            self._zeros = torch.zeros(max(numel, 1), device=self.device, dtype=dtype)
+        return self._zeros
+
+    def builder(self, ctx: NodeContext):
+        from .sparsert_codegen import EmulatedKernel, GeneratedKernel
+        from .sparsert_ops import OPS
+
+        layer = self.layers[ctx.name]
+        dense_fn = OPS[("sparsecnn", ctx.node.op_type)](ctx)
+        ctx.info.clear()
+        has_bias = len(ctx.node.input) > 5 and bool(ctx.node.input[5])
+        nnz, (m, k) = layer.csr.nnz, layer.csr.shape
+        info = {"format": "csr", "nnz": nnz, "sparsity": round(1 - nnz / max(1, m * k), 4),
+                "fused": "+".join(x for x, on in (("bias", has_bias), ("residual", layer.residual),
+                                                   ("relu", layer.relu)) if on) or "none"}
+        candidates: dict[str, Callable] = {}
+        notes: dict[str, str] = {}
+        code: dict[str, dict] = {}
+        if "dense" in layer.kinds:
+            candidates["dense"] = lambda x, r: dense_fn(x, None, None, None, None, None, r)
+        for prog, (src, _), rec in zip(layer.programs, layer.sources, layer.records):
+            label = f"generated:{prog.config.name}"
+            if rec.error:
+                notes[label] = rec.error.splitlines()[0][:300]
+                continue
+            try:
+                kern = EmulatedKernel(prog) if self.emulate else GeneratedKernel(prog, self.device, source=src)
+            except Exception as exc:  # a kernel that does not load is a bug worth seeing in the report
+                notes[label] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            zeros = self.zeros(kern.zeros_needed(), kern.torch_dtype) if kern.zeros_needed() else None
+            candidates[label] = (lambda kern, zeros: lambda x, r: kern(x, residual=r, zeros=zeros))(kern, zeros)
+            code[label] = {**prog.stats(), "compile_s": round(rec.seconds, 3), "cubin_bytes": rec.cubin_bytes,
+                           "cached": rec.cached}
+        if "csr" in layer.kinds:
+            fn, why = self._csr_candidate(ctx, layer)
+            if fn is not None:
+                candidates["csr"] = fn
+            else:
+                notes["csr"] = why
+        if layer.reason:
+            info["reason"] = layer.reason
+        reference = lambda x, r: dense_fn(x, None, None, None, None, None, r)  # noqa: E731
+        if not candidates:
+            candidates["dense"] = reference
+        choice, timings = self._choose(ctx, layer, candidates, notes, reference)
+        run_fn = candidates[choice]
+        kind = choice.split(":")[0]
+        info.update(kernel={"generated": "sparsert generated", "csr": "csr runtime", "dense": ctx.node.op_type
+                            .replace("FusedCsr", "torch ") + " (cuDNN/cuBLAS)"}[kind], choice=kind)
+        if kind == "generated":
+            info["config"] = choice.split(":", 1)[1]
+            info["code"] = code[choice]
+        if timings:
+            info["candidates_ms"] = timings
+        if notes:
+            info["notes"] = notes
+        if layer.programs:
+            info["gen_s"] = round(layer.gen_s, 3)
+            info["compile_s"] = round(sum(r.seconds for r in layer.records), 3)
+        ctx.info.update(info)
+        self.decisions[layer.name] = {"key": layer.key[:32], "choice": kind,
+                                      "config": info.get("config"), "ms": timings or None}
+        if len(candidates) > 1 and layer.key:
+            from .sparsert_codegen import tuning_key
+
+            self.tuning_updates[tuning_key(layer.key, self.arch, self.opts.dtype, self.batch)] = self.decisions[layer.name]
+
+        def run(x, *rest):
+            residual = rest[5] if len(rest) > 5 else None
+            return run_fn(x, residual)
+
+        return run
+
+    def _example_inputs(self, ctx: NodeContext, layer: _Layer):
+        geo = layer.geometry
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        if ctx.node.op_type == "FusedCsrConv":
+            if geo is None:
+                return None
+            x = torch.randn(self.batch, geo.cin, geo.h, geo.w, generator=gen)
+            r = torch.randn(self.batch, geo.M, geo.oh, geo.ow, generator=gen) if layer.residual else None
+        else:
+            x = torch.randn(self.batch, layer.csr.shape[1], generator=gen)
+            r = torch.randn(self.batch, layer.csr.shape[0], generator=gen) if layer.residual else None
+        dt = ctx.dtype
+        return x.to(self.device, dt), (r.to(self.device, dt) if r is not None else None)
+
+    def _choose(self, ctx, layer: _Layer, candidates: dict, notes: dict, reference: Callable) -> tuple[str, dict]:
+        """Time the candidates on the device; one whose result differs from the dense
+        reference, or that fails, is not chosen (the report says why)."""
+        if len(candidates) == 1:
+            return next(iter(candidates)), {}
+        example = self._example_inputs(ctx, layer)
+        if example is None:
+            candidates.setdefault("dense", reference)
+            return "dense", {}
+        x, r = example
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        ref = reference(x, r).float()
+        tol = 1e-4 if self.opts.dtype == "fp32" else 1e-2
+        for label, fn in list(candidates.items()):
+            try:
+                out = fn(x, r)
+                if not self.emulate:
+                    torch.cuda.synchronize(self.device)
+                err = _rel_err(out.float(), ref)
+                if not err <= tol:
+                    notes[label] = f"rejected: differs from dense by {err:.2e}"
+                    continue
+                timings[label] = round(time_candidate(fn, (x, r), self.device), 5)
+            except Exception as exc:
+                notes[label] = f"{type(exc).__name__}: {exc}"[:300]
+        self.costs["tune_s"] = round(self.costs["tune_s"] + time.perf_counter() - t0, 3)
+        if not timings:
+            candidates.setdefault("dense", reference)
+            return "dense", timings
+        return min(timings, key=timings.get), timings
+
+    def _csr_candidate(self, ctx: NodeContext, layer: _Layer):
+        """The CSR runtime's kernel for this one layer, through its runtime contract."""
+        from . import RUNTIME_MODULES, get_runtime
+
+        if "csr" not in RUNTIME_MODULES:
+            return None, "no runtime named 'csr' is registered"
+        try:
+            rt = get_runtime("csr")
+            ok, why = rt.available()
+            if not ok:
+                return None, f"csr runtime not available: {why}"
+            single = single_layer_model(ctx.node, self.model, layer, self.batch)
+            # csr_decide "sparse": the CSR runtime's own kernel, not its dense fallback
+            opts = {"dtype": self.opts.dtype, "tf32": self.opts.tf32, "cuda_graph": False, "csr_decide": "sparse"}
+            eng = rt.compile(rt.rewrite(single, opts), self.device, opts)
+            kernels = sorted({str(s.get("kernel")) for s in eng.report() if s.get("kernel")})
+            ex = eng.executor
+
+            if layer.residual:
+                return (lambda x, r: ex(x, r)[0]), ", ".join(kernels)
+            return (lambda x, r: ex(x)[0]), ", ".join(kernels)
+        except Exception as exc:
+            return None, f"csr candidate failed: {type(exc).__name__}: {exc}"[:300]
+
+    def finish(self) -> None:
+        from .sparsert_codegen import store_tuning
+
+        store_tuning(self.tuning_updates)
+
+
+def single_layer_model(node: onnx.NodeProto, model: onnx.ModelProto, layer: _Layer, batch: int = 1) -> onnx.ModelProto:
+    """One fused layer as a plain ONNX Conv/Gemm (+Add)(+Relu) model: dense-with-zeros weights."""
+    from onnx import TensorProto, helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    w = layer.csr.to_dense().numpy().reshape(layer.weight_shape)
+    inits = [numpy_helper.from_array(w.astype(np.float32), "w")]
+    ins = ["x", "w"]
+    if layer.bias is not None:
+        inits.append(numpy_helper.from_array(layer.bias.numpy().astype(np.float32), "b"))
+        ins.append("b")
+    geo = layer.geometry
+    if node.op_type == "FusedCsrConv":
+        x_shape = [batch, geo.cin, geo.h, geo.w]
+        y_shape = [batch, geo.M, geo.oh, geo.ow]
+        core = helper.make_node("Conv", ins, ["y0"], strides=list(attrs["strides"]), pads=list(attrs["pads"]),
+                                dilations=list(attrs["dilations"]), kernel_shape=list(w.shape[2:]))
+    else:
+        x_shape = [batch, w.shape[1]]
+        y_shape = [batch, w.shape[0]]
+        core = helper.make_node("Gemm", ins, ["y0"], transB=1)
+    nodes, inputs, last = [core], [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], "y0"
+    if layer.residual:
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, y_shape))
+        nodes.append(helper.make_node("Add", [last, "r"], ["y1"]))
+        last = "y1"
+    if layer.relu:
+        nodes.append(helper.make_node("Relu", [last], ["y2"]))
+        last = "y2"
+    nodes[-1].output[0] = "y"
+    graph = helper.make_graph(nodes, "single_layer", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                              inits)
+    out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out.ir_version = model.ir_version
+    return out

@@ -1,0 +1,105 @@
+// A minimal CUDA emulator for tests: compiles kernel sources as host C++ (g++ -std=c++20)
+// and runs every CUDA thread of a block as a host thread, blocks one after another.
+// Supports what sparsecnn's kernels use: threadIdx/blockIdx/blockDim/gridDim, __syncthreads,
+// dynamic shared memory, __shfl_xor_sync with a full mask, __ldg, atomicAdd(float), fp16
+// conversions and the CUDA vector types. Kernels must not return early before a barrier.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+struct uint3 { unsigned x = 0, y = 0, z = 0; };
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) int4 { int x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+
+struct __half { unsigned short bits; };
+inline float __half2float(__half h) { _Float16 f; std::memcpy(&f, &h.bits, 2); return (float)f; }
+inline __half __float2half_rn(float v) { _Float16 f = (_Float16)v; __half h; std::memcpy(&h.bits, &f, 2); return h; }
+inline __half __ushort_as_half(unsigned short b) { return __half{b}; }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+
+inline thread_local uint3 threadIdx, blockIdx;
+inline thread_local dim3 blockDim, gridDim;
+
+using std::max;
+using std::min;
+
+template <typename T> inline T __ldg(const T* p) { return *p; }
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+
+namespace emu {
+struct BlockState {
+  std::barrier<>* block_barrier;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  std::vector<float> exchange;
+  void* smem;
+};
+inline thread_local BlockState* tl_state = nullptr;
+template <typename T> inline T* dynamic_smem() { return static_cast<T*>(tl_state->smem); }
+
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
+  const unsigned nt = block.x * block.y * block.z;
+  std::barrier<> bar(nt);
+  BlockState state;
+  state.block_barrier = &bar;
+  for (unsigned w = 0; w < (nt + 31) / 32; ++w)
+    state.warp_barriers.emplace_back(std::make_unique<std::barrier<>>(std::min(32u, nt - 32 * w)));
+  state.exchange.assign(nt, 0.f);
+  std::vector<float4> smem((smem_bytes + 15) / 16 + 1);
+  state.smem = smem.data();
+  std::vector<std::thread> threads;
+  threads.reserve(nt);
+  for (unsigned t = 0; t < nt; ++t) {
+    threads.emplace_back([&, t] {
+      tl_state = &state;
+      threadIdx = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+      blockDim = block;
+      gridDim = grid;
+      for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+          for (unsigned bx = 0; bx < grid.x; ++bx) {
+            blockIdx = uint3{bx, by, bz};
+            kernel(args...);
+            bar.arrive_and_wait();
+          }
+    });
+  }
+  for (auto& th : threads) th.join();
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::tl_state->block_barrier->arrive_and_wait(); }
+
+inline float __shfl_xor_sync(unsigned /*full mask only*/, float v, int lane_mask) {
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const unsigned warp = t / 32, lane = t % 32;
+  auto& bar = *emu::tl_state->warp_barriers[warp];
+  emu::tl_state->exchange[t] = v;
+  bar.arrive_and_wait();
+  const float r = emu::tl_state->exchange[warp * 32 + (lane ^ (unsigned)lane_mask)];
+  bar.arrive_and_wait();
+  return r;
+}

@@ -1,0 +1,68 @@
+"""Run sparsecnn's CUDA kernels on the CPU: the same source compiled by g++ against cuda_emu.h.
+
+`EmuBackend` has the launch interface of runtimes.csr_kernels.NvrtcBackend; the plans run
+unchanged on CPU tensors (their data pointers are host pointers here). Each CUDA thread is
+a host thread, so keep the problems small.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sparsecnn.runtimes.csr_kernels import all_expressions
+from sparsecnn.runtimes.nvrtc import KERNEL_DIR
+
+HERE = Path(__file__).parent
+
+
+def available() -> bool:
+    return shutil.which("g++") is not None
+
+
+def _library(filename: str, dtypes=(torch.float32, torch.float16)) -> tuple[ctypes.CDLL, dict[str, str]]:
+    exprs = [e for d in dtypes for e in all_expressions(filename, d)]
+    lines = ["#define SPARSECNN_EMU 1", f'#include "{filename}"']
+    symbols = {}
+    for i, expr in enumerate(exprs):
+        sym = f"emu_launch_{i}"
+        symbols[expr] = sym
+        lines.append(f'extern "C" void {sym}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem, '
+                     f'const void* params) {{ emu::launch(&{expr}, dim3(gx, gy, gz), dim3(bx), smem, '
+                     f'*static_cast<const csr::Params*>(params)); }}')
+    source = "\n".join(lines) + "\n"
+    deps = b"".join(p.read_bytes() for p in sorted(KERNEL_DIR.glob("*.cu*"))) + (HERE / "cuda_emu.h").read_bytes()
+    key = hashlib.sha256(source.encode() + deps).hexdigest()[:16]
+    cache = Path(os.environ.get("SPARSECNN_EMU_CACHE", Path(tempfile.gettempdir()) / "sparsecnn-emu"))
+    cache.mkdir(parents=True, exist_ok=True)
+    lib = cache / f"{Path(filename).stem}-{key}.so"
+    if not lib.is_file():
+        src = cache / f"{Path(filename).stem}-{key}.cpp"
+        src.write_text(source)
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-w", f"-I{KERNEL_DIR}", f"-I{HERE}",
+                        str(src), "-o", str(tmp)], check=True)
+        os.replace(tmp, lib)
+    return ctypes.CDLL(str(lib)), symbols
+
+
+class EmuBackend:
+    def __init__(self):
+        self._libs: dict[str, tuple[ctypes.CDLL, dict[str, str]]] = {}
+        self.launches: list[tuple[str, tuple, int]] = []
+
+    def launch(self, filename: str, expr: str, dtype: torch.dtype, grid, block, smem: int, params) -> None:
+        if filename not in self._libs:
+            self._libs[filename] = _library(filename)
+        lib, symbols = self._libs[filename]
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        fn = getattr(lib, symbols[expr])
+        fn.argtypes = [ctypes.c_uint] * 5 + [ctypes.c_void_p]
+        self.launches.append((expr, g, smem))
+        fn(*g, block[0], smem, ctypes.addressof(params))

@@ -1,0 +1,112 @@
+"""A CPU model of kernels/ecr_conv.cu's index arithmetic, block by block (tests only).
+
+It follows the kernel's steps with the kernel's integers (tiles, conv regions, patches,
+window-entry offsets, K chunks, split-K slots, the pooled epilogue), so a plan that would
+read outside its patch, miss a window or pool over the wrong positions fails here without a
+GPU. Arithmetic is float64; the GPU tests compare the real kernels with the reference ops.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def emulate(plan, x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    p = plan.params
+    v = plan.candidate.variant
+    ct, rmax, warps = v.ct, v.rmax, v.warps
+    gx, gy, gz = plan.grid
+    x = x.double()
+    wt = wt.double()
+    bias = bias.double()
+    out_h, out_w = (p["qh"], p["qw"])
+    y = torch.full((p["n_img"], p["cout"], out_h, out_w), float("nan"), dtype=torch.float64)
+    kc, cc, ph, pw = p["kc"], p["cc"], p["patch_h"], p["patch_w"]
+    khw = p["kh"] * p["kw"]
+    offs = []
+    for e in range(kc):
+        cl, rest = divmod(e, khw)
+        i, j = divmod(rest, p["kw"])
+        offs.append((cl * ph + i) * pw + j)
+    offs = torch.tensor(offs)
+    tiles = p["tiles_y"] * p["tiles_x"]
+    R = p["cry"] * p["crx"]
+    assert R <= rmax, "the conv region must fit the block's slots"
+    assert gy == -(-p["cout"] // ct) and gy * ct <= p["cout_pad"] and gz == p["splits"] and gx == p["n_img"] * tiles
+    for bx in range(gx):
+        img, t_in = divmod(bx, tiles)
+        ty, tx = divmod(t_in, p["tiles_x"])
+        qy0, qx0 = ty * p["tqy"], tx * p["tqx"]
+        ry0, rx0 = qy0 * p["psh"] - p["ppad_t"], qx0 * p["psw"] - p["ppad_l"]
+        iy0, ix0 = ry0 * p["sh"] - p["pad_t"], rx0 * p["sw"] - p["pad_l"]
+        # the slots of all warps: r = s*WARPS + warp for s < PPW, i.e. r in [0, RMAX)
+        slots = []
+        for r in range(rmax):
+            ry, rx = divmod(r, p["crx"])
+            cy, cx = ry0 + ry, rx0 + rx
+            if r < R and 0 <= cy < p["oh"] and 0 <= cx < p["ow"]:
+                slots.append((r, ry * p["sh"] * pw + rx * p["sw"]))
+        for by in range(gy):
+            c0 = by * ct
+            parts = []
+            for bz in range(gz):
+                ch_begin = bz * p["chunks_per_split"]
+                ch_end = min(p["chunks"], ch_begin + p["chunks_per_split"])
+                assert ch_begin < ch_end, "every split must own at least one chunk"
+                acc = torch.zeros(rmax, ct, dtype=torch.float64)
+                for ch in range(ch_begin, ch_end):
+                    patch = torch.zeros(cc, ph, pw, dtype=torch.float64)
+                    for cl in range(cc):
+                        c = ch * cc + cl
+                        if c >= p["cin"]:
+                            continue
+                        for py in range(ph):
+                            iy = iy0 + py
+                            if not 0 <= iy < p["h"]:
+                                continue
+                            for px in range(pw):
+                                ix = ix0 + px
+                                if 0 <= ix < p["w"]:
+                                    patch[cl, py, px] = x[img, c, iy, ix]
+                    flat = patch.reshape(-1)
+                    wc = wt[ch * kc:(ch + 1) * kc, c0:c0 + ct]
+                    assert wc.shape == (kc, ct), "the transposed weight must be padded for every chunk"
+                    for r, base in slots:
+                        idx = base + offs
+                        assert int(idx.max()) < flat.numel(), "window entry outside the patch"
+                        row = flat[idx]
+                        nz = row != 0  # the compressed row: only non-zeros meet the weights
+                        acc[r] += (row[nz, None] * wc[nz]).sum(0)
+                parts.append(acc)
+            acc = sum(parts)  # split order
+            stage = acc + bias[c0:c0 + ct]
+            if not p["pool"]:
+                if p["relu"]:
+                    stage = stage.clamp_min(0)
+                for r, _ in slots:
+                    ry, rx = divmod(r, p["crx"])
+                    for cl in range(ct):
+                        co = c0 + cl
+                        if co < p["cout"]:
+                            y[img, co, ry0 + ry, rx0 + rx] = stage[r, cl]
+            else:
+                valid_r = {r for r, _ in slots}
+                for q in range(p["tqy"] * p["tqx"]):
+                    qy, qx = qy0 + q // p["tqx"], qx0 + q % p["tqx"]
+                    if qy >= p["qh"] or qx >= p["qw"]:
+                        continue
+                    m = torch.zeros(ct, dtype=torch.float64)
+                    for a in range(p["pkh"]):
+                        cy = qy * p["psh"] - p["ppad_t"] + a
+                        if not 0 <= cy < p["oh"]:
+                            continue
+                        for b in range(p["pkw"]):
+                            cx = qx * p["psw"] - p["ppad_l"] + b
+                            if not 0 <= cx < p["ow"]:
+                                continue
+                            r = (cy - ry0) * p["crx"] + (cx - rx0)
+                            assert r in valid_r, "pooling reads a conv position the block did not compute"
+                            m = torch.maximum(m, stage[r])
+                    n_real = min(ct, p["cout"] - c0)  # > 0: no block is all padding
+                    y[img, c0:c0 + n_real, qy, qx] = m[:n_real]
+    assert not torch.isnan(y).any(), "some outputs were never written"
+    return y

@@ -1,0 +1,199 @@
+"""The CSR CUDA kernels: NVRTC compiles them for the CI archs; the CPU emulator runs the very
+same source against F.conv2d / matmul on the masked dense weight (odd sizes, strides,
+padding, dilation, empty rows, several K chunks, split-K, fp16). The GPU tests at the end
+run them on the device against the same references."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cuda_emu
+from helpers import rel_err
+from sparsecnn.passes.csr import csr_from_dense, gemm_view
+from sparsecnn.runtimes.csr_kernels import (KERNEL_FILES, ConvGeometry, ConvPlan, GemvPlan, all_expressions,
+                                            candidate_configs, chunk_pointers, gemm_as_conv_geometry,
+                                            gemm_conv_plan_call, rows_block_column_use, spmm_config, window_config,
+                                            with_split)
+from sparsecnn.runtimes.nvrtc import CI_ARCHS, compile_cubin, load_source, nvrtc_available
+
+emu = pytest.mark.skipif(not cuda_emu.available(), reason="g++ not installed (the CPU kernel emulator needs it)")
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return cuda_emu.EmuBackend()
+
+
+def pruned_conv_weight(m, c, kh, kw, density, seed=0, empty_rows=(0,), full_row=None):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, c, kh, kw, generator=g) * (torch.rand(m, c, kh, kw, generator=g) < density)
+    for r in empty_rows:
+        w[r] = 0
+    if full_row is not None:
+        w[full_row] = torch.randn(c, kh, kw, generator=g)
+    return w
+
+
+def conv_case(backend, dtype, g: ConvGeometry, cfg, batch=2, density=0.3, bias=True, relu=False, channels_last=False,
+              seed=0):
+    w = pruned_conv_weight(g.m, g.c, g.kh, g.kw, density, seed, empty_rows=(0, g.m // 2), full_row=1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, g.c, g.h, g.w, generator=gen).to(dtype)
+    b = torch.randn(g.m, generator=gen) if bias else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    plan = ConvPlan(csr_from_dense(gemm_view(w)), g, cfg, dtype, "cpu", backend, b, relu)
+    y = plan(x)
+    xf = F.pad(x.float(), (g.pl, g.pr, g.pt, g.pb))
+    ref = F.conv2d(xf, w.to(dtype).float(), b, (g.sh, g.sw), 0, (g.dh, g.dw))
+    if relu:
+        ref = torch.relu(ref)
+    assert y.dtype == dtype and tuple(y.shape) == tuple(ref.shape)
+    return rel_err(y.float(), ref)
+
+
+@pytest.mark.parametrize("arch", CI_ARCHS)
+@pytest.mark.parametrize("filename", KERNEL_FILES)
+@pytest.mark.skipif(not nvrtc_available()[0], reason="NVRTC not installed")
+def test_every_csr_kernel_compiles_with_nvrtc(arch, filename, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSECNN_CACHE", str(tmp_path))
+    for dtype in (torch.float32, torch.float16):
+        exprs = all_expressions(filename, dtype)
+        cubin, names = compile_cubin(load_source(filename), arch, filename, name_expressions=exprs)
+        assert cubin[:4] == b"\x7fELF" and set(names) == set(exprs)
+
+
+def test_column_use_per_row_block_follows_the_swizzled_rows():
+    a = torch.zeros(4, 6)
+    a[0, [1, 2]] = 1
+    a[1, [0, 1, 2, 3]] = 1  # longest row: first in the swizzle
+    a[3, [5]] = 1
+    used = rows_block_column_use(csr_from_dense(a), 2).reshape(2, 6)
+    # swizzled order 1, 0, 3, 2: block 0 = rows {1, 0}, block 1 = rows {3, 2}
+    assert used.tolist() == [[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1]]
+
+
+def test_chunk_pointers_split_each_row_at_chunk_boundaries():
+    a = torch.zeros(3, 10)
+    a[0, [0, 3, 4, 9]] = 1
+    a[2, [5, 6]] = 2
+    cp = chunk_pointers(csr_from_dense(a), 4)  # chunks [0,4) [4,8) [8,10)
+    assert cp.tolist() == [[0, 2, 3, 4], [4, 4, 4, 4], [4, 4, 6, 6]]
+
+
+@emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("geom", [
+    ConvGeometry(20, 7, 9, 11, 3, 3, 1, 1, 1, 1, 1, 1),            # 3x3 same, odd sizes
+    ConvGeometry(13, 5, 10, 9, 3, 3, 2, 2, 0, 1, 1, 0),            # stride 2, asymmetric pads
+    ConvGeometry(9, 6, 11, 12, 3, 3, 1, 1, 2, 2, 2, 2, 2, 2),      # dilation 2
+    ConvGeometry(17, 3, 13, 7, 5, 3, 1, 2, 2, 1, 2, 1),            # 5x3 kernel, mixed strides
+    ConvGeometry(11, 9, 5, 6, 1, 1, 2, 2),                         # 1x1 stride 2 (a downsample)
+])
+def test_window_kernel_matches_conv2d(backend, dtype, geom):
+    cfg = window_config(geom, 2, 2, budget=3 * 40)  # a tiny stage budget forces several K chunks
+    assert -(-geom.c // cfg.chunk_c) >= 2
+    assert conv_case(backend, dtype, geom, cfg) <= TOL[dtype]
+
+
+@emu
+@pytest.mark.parametrize("p,rpt,threads", [(4, 4, 256), (2, 2, 256), (4, 2, 512)])
+def test_window_kernel_tiles_rows_and_split_k(backend, p, rpt, threads):
+    g = ConvGeometry(37, 6, 15, 21, 3, 3, 1, 1, 1, 1, 1, 1)  # several tiles, M not a multiple of a block's rows
+    cfg = window_config(g, p, rpt, budget=240, threads=threads)
+    split = with_split(g, cfg, sms=64)
+    assert split is not None and split.nsplit >= 2
+    assert conv_case(backend, torch.float32, g, cfg, relu=True) <= 1e-5
+    assert conv_case(backend, torch.float32, g, split, relu=True) <= 1e-5
+    assert conv_case(backend, torch.float16, g, split, relu=True) <= 2e-3
+
+
+@emu
+def test_window_kernel_reads_channels_last_input(backend):
+    g = ConvGeometry(10, 8, 7, 9, 3, 3, 1, 1, 1, 1, 1, 1)
+    cfg = window_config(g, 2, 2, budget=2 * 9 * 11)
+    assert conv_case(backend, torch.float32, g, cfg, channels_last=True, batch=3) <= 1e-5
+
+
+@emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hw,p,rpt,threads,aligned", [((7, 9), 2, 2, 256, False), ((8, 12), 1, 4, 256, True),
+                                                       ((11, 13), 4, 8, 256, False), ((16, 16), 4, 2, 512, True)])
+def test_pointwise_spmm_kernel_matches_conv2d(backend, dtype, hw, p, rpt, threads, aligned):
+    g = ConvGeometry(29, 21, *hw)
+    assert ((hw[0] * hw[1]) % 4 == 0) == aligned  # vector staging runs only on aligned rows
+    cfg = spmm_config(g, p, rpt, budget=5 * 32 * p, threads=threads)
+    assert conv_case(backend, dtype, g, cfg, relu=True) <= TOL[dtype]
+    split = with_split(g, cfg, sms=200)
+    assert split is not None
+    assert conv_case(backend, dtype, g, split) <= TOL[dtype]
+
+
+@emu
+@pytest.mark.parametrize("k,n,density", [(40, 50, 0.1), (33, 96, 0.3), (7, 5, 0.5)])
+def test_spmm_of_the_gemm_sweep_matches_matmul(backend, k, n, density):
+    gen = torch.Generator().manual_seed(k)
+    a = torch.randn(19, k, generator=gen) * (torch.rand(19, k, generator=gen) < density)
+    a[4] = 0
+    b = torch.randn(k, n, generator=gen)
+    g = ConvGeometry(19, k, 1, n)
+    for cfg in candidate_configs(g, sms=8)[:3]:
+        plan = ConvPlan(csr_from_dense(a), g, cfg, torch.float32, "cpu", backend)
+        assert rel_err(plan.spmm(b), a @ b) <= 1e-5, cfg.label()
+
+
+@emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_spmv_kernel_matches_linear(backend, dtype, batch):
+    gen = torch.Generator().manual_seed(batch)
+    w = torch.randn(45, 301, generator=gen) * (torch.rand(45, 301, generator=gen) < 0.15)
+    w[0] = 0
+    w[7, :3] = 1.0  # a 3-entry row: ROMA prefix and residue in one group
+    w[9] = torch.randn(301, generator=gen)
+    bias = torch.randn(45, generator=gen)
+    x = torch.randn(batch, 301, generator=gen).to(dtype)
+    plan = GemvPlan(csr_from_dense(w), dtype, "cpu", backend, bias, relu=True)
+    ref = torch.relu(F.linear(x.float(), w.to(dtype).float(), bias))
+    assert rel_err(plan(x).float(), ref) <= TOL[dtype]
+
+
+@emu
+def test_gemm_above_the_spmv_batch_runs_through_the_spmm_kernel(backend):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(23, 70, generator=gen) * (torch.rand(23, 70, generator=gen) < 0.2)
+    x = torch.randn(11, 70, generator=gen)
+    g = gemm_as_conv_geometry(23, 70, 11)
+    cfg = spmm_config(g, 1, 2, budget=32 * 16)
+    plan = ConvPlan(csr_from_dense(w), g, cfg, torch.float32, "cpu", backend, torch.ones(23), relu=False)
+    assert rel_err(gemm_conv_plan_call(plan, x), F.linear(x, w, torch.ones(23))) <= 1e-5
+
+
+# --- on the GPU (run with -m gpu on the H100) ------------------------------------------------
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("geom", [
+    ConvGeometry(64, 64, 56, 56, 3, 3, 1, 1, 1, 1, 1, 1),
+    ConvGeometry(128, 64, 56, 56, 3, 3, 2, 2, 1, 1, 1, 1),
+    ConvGeometry(33, 17, 13, 29, 3, 3, 1, 1, 2, 2, 2, 2, 2, 2),
+    ConvGeometry(512, 512, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1),
+    ConvGeometry(256, 128, 28, 28, 1, 1, 2, 2),
+    ConvGeometry(77, 45, 9, 7),
+])
+def test_gpu_conv_kernels_match_conv2d(dtype, geom):
+    from sparsecnn.runtimes.csr_kernels import NvrtcBackend
+
+    backend = NvrtcBackend("cuda")
+    for cfg in candidate_configs(geom):
+        w = pruned_conv_weight(geom.m, geom.c, geom.kh, geom.kw, 0.1, seed=torch.seed() % 1000)
+        x = torch.randn(1, geom.c, geom.h, geom.w, device="cuda").to(dtype)
+        b = torch.randn(geom.m, device="cuda")
+        plan = ConvPlan(csr_from_dense(gemm_view(w)), geom, cfg, dtype, "cuda", backend, b, relu=True)
+        y = plan(x)
+        xf = F.pad(x.float().cpu(), (geom.pl, geom.pr, geom.pt, geom.pb))  # reference on the CPU: no TF32
+        ref = torch.relu(F.conv2d(xf, w.to(dtype).float(), b.cpu(), (geom.sh, geom.sw), 0, (geom.dh, geom.dw)))
+        assert rel_err(y.float().cpu(), ref) <= TOL[dtype], cfg.label()

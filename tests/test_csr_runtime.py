@@ -1,0 +1,211 @@
+"""The CSR rewrite pass, the reference CsrConv / CsrGemm ops and the `csr` runtime on CPU
+(reference ops, and the kernel path through the CPU emulator); GPU tests at the end."""
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+import cuda_emu
+from helpers import input_shape, ort_run, rel_err
+from sparsecnn.passes.csr_rewrite import csr_rewrite
+from sparsecnn.passes.graph import SPARSECNN_DOMAIN, check_model, run_pipeline, set_prune_exclusions
+from sparsecnn.passes.prune import prune_unstructured
+from sparsecnn.runtimes import get_runtime
+
+emu = pytest.mark.skipif(not cuda_emu.available(), reason="g++ not installed (the CPU kernel emulator needs it)")
+
+
+def conv_model(w: np.ndarray, x_shape, bias=None, relu=False, **attrs):
+    inits = [numpy_helper.from_array(w.astype(np.float32), "conv.weight")]
+    ins = ["x", "conv.weight"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias.astype(np.float32), "conv.bias"))
+        ins.append("conv.bias")
+    nodes = [helper.make_node("Conv", ins, ["c"], name="conv", **attrs)]
+    out = "c"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["r"], name="relu"))
+        out = "r"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    set_prune_exclusions(model, [])  # a one-layer model: its conv is not a stem to leave dense
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def masked_weight(shape, density, seed, empty_rows=(0,)):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape) * (rng.random(shape) < density)
+    for r in empty_rows:
+        w[r] = 0
+    return w.astype(np.float32)
+
+
+@pytest.mark.parametrize("kshape,attrs", [
+    ((3, 3), dict(pads=[1, 1, 1, 1])),
+    ((3, 3), dict(strides=[2, 2], pads=[0, 1, 1, 0])),
+    ((3, 3), dict(dilations=[2, 2], pads=[2, 2, 2, 2])),
+    ((1, 1), dict()),
+    ((1, 1), dict(strides=[2, 2])),
+    ((5, 3), dict(strides=[1, 2], pads=[2, 1, 2, 1])),
+])
+@pytest.mark.parametrize("relu,bias", [(False, False), (True, True)])
+def test_reference_csr_conv_matches_conv2d_on_the_masked_weight(kshape, attrs, relu, bias):
+    w = masked_weight((11, 5, *kshape), 0.2, seed=sum(kshape), empty_rows=(0, 7))
+    b = np.random.default_rng(1).standard_normal(11).astype(np.float32) if bias else None
+    model = conv_model(w, (2, 5, 13, 9), b, relu, kernel_shape=list(kshape), **attrs)
+    sparse, results = run_pipeline(model, [(csr_rewrite, {})])
+    assert results[0].counters["conv_csr"] == 1 and results[0].counters["relu_fused"] == int(relu)
+    assert [n.op_type for n in sparse.graph.node] == ["CsrConv"]
+    x = torch.randn(2, 5, 13, 9)
+    y = get_runtime("torch").compile(sparse, "cpu", {})(x)[0]
+    pads = attrs.get("pads", [0, 0, 0, 0])
+    ref = F.conv2d(F.pad(x, (pads[1], pads[3], pads[0], pads[2])), torch.from_numpy(w),
+                   None if b is None else torch.from_numpy(b), attrs.get("strides", 1), 0, attrs.get("dilations", 1))
+    if relu:
+        ref = torch.relu(ref)
+    assert y.shape == ref.shape and rel_err(y, ref) <= 1e-5
+
+
+def test_csr_initializers_hold_the_weight_compressed_and_swizzled():
+    w = masked_weight((6, 4, 3, 3), 0.3, seed=3, empty_rows=(2,))
+    model = conv_model(w, (1, 4, 8, 8), pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    sparse = csr_rewrite(model).model
+    t = {i.name: numpy_helper.to_array(i) for i in sparse.graph.initializer}
+    assert "conv.weight" not in t
+    values, cols, rp, order = (t[f"conv.weight.csr.{k}"] for k in ("values", "col_idx", "row_ptr", "row_order"))
+    assert cols.dtype == np.uint16 and rp.dtype == np.int32 and values.dtype == np.float32
+    dense = np.zeros((6, 36), np.float32)
+    for r in range(6):
+        dense[r, cols[rp[r]:rp[r + 1]]] = values[rp[r]:rp[r + 1]]
+    np.testing.assert_array_equal(dense, w.reshape(6, 36))
+    lengths = np.diff(rp)
+    assert list(lengths[order]) == sorted(lengths, reverse=True) and order[-1] == 2
+    node = sparse.graph.node[0]
+    assert node.domain == SPARSECNN_DOMAIN and {o.domain for o in sparse.opset_import} >= {"", SPARSECNN_DOMAIN}
+    assert csr_rewrite(model, index_dtype="int32").model.graph.initializer[1].data_type == TensorProto.INT32
+
+
+def test_layers_that_do_not_pay_or_cannot_be_expressed_stay_dense_with_reasons():
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])
+    inits = [numpy_helper.from_array(masked_weight((4, 4, 3, 3), 0.1, 1), "sparse.weight"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "full.weight"),
+             numpy_helper.from_array(masked_weight((4, 2, 3, 3), 0.1, 2), "grouped.weight")]
+    nodes = [helper.make_node("Conv", ["x", "sparse.weight"], ["a"], pads=[1] * 4),
+             helper.make_node("Conv", ["a", "full.weight"], ["b"], pads=[1] * 4),
+             helper.make_node("Conv", ["b", "grouped.weight"], ["c"], pads=[1] * 4, group=2),
+             helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    set_prune_exclusions(model, [])
+    res = csr_rewrite(model, max_density=0.3, exclude=[])
+    assert dict(res.counters) == {"conv_csr": 1, "dense_too_dense": 1, "dense_grouped": 1}
+    assert [n.op_type for n in res.model.graph.node] == ["CsrConv", "Conv", "Conv", "Relu"]
+    assert csr_rewrite(model, exclude=["sparse"]).counters["dense_excluded"] == 1
+
+
+@pytest.mark.parametrize("trans_b,bias_shape,relu", [(1, [7], True), (0, [1, 7], False)])
+def test_reference_csr_gemm_matches_linear(trans_b, bias_shape, relu):
+    w = masked_weight((7, 20), 0.2, 5)  # [out, in]
+    b = np.random.default_rng(2).standard_normal(bias_shape).astype(np.float32)
+    inits = [numpy_helper.from_array(w if trans_b else np.ascontiguousarray(w.T), "fc.weight"),
+             numpy_helper.from_array(b, "fc.bias")]
+    nodes = [helper.make_node("Gemm", ["a", "fc.weight", "fc.bias"], ["g"], transB=trans_b)]
+    out = "g"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["g"], ["y"]))
+        out = "y"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, 20])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, [3, 7])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    set_prune_exclusions(model, [])
+    sparse, res = run_pipeline(model, [(csr_rewrite, {})])
+    assert res[0].counters["gemm_csr"] == 1 and res[0].counters["relu_fused"] == int(relu)
+    a = torch.randn(3, 20)
+    ref = F.linear(a, torch.from_numpy(w), torch.from_numpy(b).reshape(-1))
+    y = get_runtime("torch").compile(sparse, "cpu", {})(a)[0]
+    assert rel_err(y, torch.relu(ref) if relu else ref) <= 1e-5
+
+
+def test_resnet18_at_90_percent_sparse_onnx_is_under_a_quarter_of_dense(exported):
+    dense = exported("resnet18")
+    sparse, res = run_pipeline(prune_unstructured(dense, 0.9).model, [(csr_rewrite, {})])
+    check_model(sparse)
+    assert dict(res[0].counters) == {"conv_csr": 19, "dense_excluded": 2, "relu_fused": 8}
+    assert len(sparse.SerializeToString()) <= 0.25 * len(dense.SerializeToString())
+
+
+@pytest.mark.parametrize("name", ["tinyresnet", "tinynet_odd"])
+def test_csr_runtime_on_cpu_reproduces_onnxruntime(exported, name):
+    rt = get_runtime("csr")
+    pruned = prune_unstructured(exported(name), 0.9).model
+    sparse = rt.rewrite(pruned, {})
+    assert any(n.op_type == "CsrConv" for n in sparse.graph.node)
+    x = np.random.default_rng(0).standard_normal(input_shape(pruned, 2)).astype(np.float32)
+    engine = rt.compile(sparse, "cpu", {})
+    assert rel_err(engine(torch.from_numpy(x))[0], ort_run(pruned, x)[0]) <= 1e-4
+    rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
+    assert rows and all(r["format"] == "csr" and 0.85 < r["sparsity"] < 0.95 for r in rows)
+
+
+@emu
+def test_kernel_path_of_the_runtime_through_the_emulator_reproduces_onnxruntime(exported):
+    from sparsecnn.runtimes.csr import compile_with_backend
+
+    pruned = prune_unstructured(exported("tinyresnet"), 0.9).model
+    sparse = get_runtime("csr").rewrite(pruned, {})
+    x = np.random.default_rng(1).standard_normal(input_shape(pruned, 2)).astype(np.float32)
+    ref = ort_run(pruned, x)[0]
+    backend = cuda_emu.EmuBackend()
+    engine = compile_with_backend(sparse, "cpu", {"csr_decide": "sparse", "csr_autotune": False}, backend=backend)
+    assert rel_err(engine(torch.from_numpy(x))[0], ref) <= 1e-4
+    rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
+    assert len(rows) == 8 and all(r["format"] == "csr" and r["kernel"].startswith("csr::csr_conv") for r in rows)
+    # a reloaded engine takes its saved per-layer configs instead of tuning again
+    state = engine.saved_state()
+    assert set(state["layers"]) == {r["name"] for r in rows}
+    again = compile_with_backend(sparse, "cpu", {"csr_decide": "measure"}, state=state, backend=backend)
+    assert [r.get("config") for r in again.report()] == [r.get("config") for r in engine.report()]
+    assert all("candidates" not in r for r in again.report())
+    # fp32 weights: the CSR buffers of 90 %-sparse layers instead of their dense weights
+    assert engine.weight_bytes() < 0.5 * get_runtime("torch").compile(pruned, "cpu", {}).weight_bytes()
+
+
+@emu
+def test_threshold_decision_keeps_denser_layers_dense(exported):
+    from sparsecnn.runtimes.csr import compile_with_backend
+
+    pruned = prune_unstructured(exported("tinynet"), 0.6).model
+    sparse = get_runtime("csr").rewrite(pruned, {"csr_max_density": 0.5})
+    engine = compile_with_backend(sparse, "cpu", {"csr_decide": "threshold", "csr_max_density": 0.3},
+                                  backend=cuda_emu.EmuBackend())
+    rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
+    assert rows and all(r["format"] == "dense" and "csr_max_density" in r["reason"] for r in rows)
+
+
+def test_convert_cli_writes_the_sparse_onnx_for_the_csr_runtime(tmp_path, capsys):
+    from sparsecnn.converter.cli import main
+
+    out, sparse = tmp_path / "t.onnx", tmp_path / "t.csr.onnx"
+    assert main(["convert", "tinyresnet", "--prune", "0.9", "-o", str(out), "--runtime", "csr",
+                 "--sparse-onnx", str(sparse), "--engine", str(tmp_path / "t.engine"), "--device", "cpu"]) == 0
+    model = onnx.load(str(sparse))
+    assert sum(n.op_type == "CsrConv" for n in model.graph.node) == 8
+    assert sparse.stat().st_size < out.stat().st_size
+
+
+# --- GPU ------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("fp16", 3e-2)])
+def test_gpu_csr_engine_reproduces_onnxruntime_on_pruned_resnet18(exported, dtype, tol):
+    pruned = prune_unstructured(exported("resnet18"), 0.9).model
+    rt = get_runtime("csr")
+    engine = rt.compile(rt.rewrite(pruned, {}), "cuda", {"dtype": dtype, "tf32": False, "csr_decide": "sparse"})
+    x = np.random.default_rng(int(torch.seed() % 2**31)).standard_normal(input_shape(pruned)).astype(np.float32)
+    assert rel_err(engine(torch.from_numpy(x))[0], ort_run(pruned, x)[0]) <= tol
+    rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
+    assert len(rows) == 19 and all(r["format"] == "csr" for r in rows)
