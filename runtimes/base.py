@@ -51,6 +51,12 @@ class GraphReplay:
 
     def __init__(self, fn: Callable, example_inputs: tuple[torch.Tensor, ...], warmup: int = 3):
         self.static_inputs = tuple(x.clone() for x in example_inputs)
+        # One call on the current stream first: runtimes that choose kernels per layer by
+        # timing them (dense_conv=best, cusparselt, csr, ecr, sparsert) do it on their first
+        # call, and their own timing graphs must not be nested in a side stream or a capture
+        # (cuDNN then failed with STREAM_MISMATCH on the H100).
+        fn(*self.static_inputs)
+        torch.cuda.synchronize()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up loads kernels and picks cuDNN algorithms

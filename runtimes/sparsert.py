@@ -257,7 +257,8 @@ class Planner:
                 kinds = [x for x in kinds if x != "generated"]
             else:
                 layer.key = layer_key(layer.csr, layer.geometry, layer.bias, layer.relu, layer.residual)
-            tkey = tuning_key(layer.key, self.arch, dtype, self.batch) if layer.key else ""
+            # the candidate set is part of the key: a winner among fewer candidates is no winner
+            tkey = tuning_key(layer.key, self.arch, dtype, self.batch, ",".join(sorted(kinds))) if layer.key else ""
             fixed = self.saved.get(layer.name)
             if fixed and fixed.get("key") != layer.key[:32]:
                 fixed = None
@@ -373,7 +374,8 @@ class Planner:
         if len(candidates) > 1 and layer.key:
             from .sparsert_codegen import tuning_key
 
-            self.tuning_updates[tuning_key(layer.key, self.arch, self.opts.dtype, self.batch)] = self.decisions[layer.name]
+            self.tuning_updates[tuning_key(layer.key, self.arch, self.opts.dtype, self.batch,
+                                           ",".join(sorted(layer.kinds)))] = self.decisions[layer.name]
 
         def run(x, *rest):
             residual = rest[5] if len(rest) > 5 else None

@@ -359,7 +359,7 @@ def part_nets(run: Run) -> dict:
                     eng = csr_rt.compile(sparse, run.device, base)
                 d["compile_s"] = time.time() - t1
                 outs = eng(x)
-                d["rel_err_vs_ort"] = max(float(np.abs(o.numpy() - r).max() / max(np.abs(r).max(), 1e-30))
+                d["rel_err_vs_ort"] = max(float(np.abs(o.cpu().numpy() - r).max() / max(np.abs(r).max(), 1e-30))
                                           for o, r in zip(outs, ref))
                 d["csr"] = _time_engine(eng, x, reps)
                 d["layers"] = eng.report()

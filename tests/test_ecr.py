@@ -400,5 +400,7 @@ def test_gpu_runtime_end_to_end_in_a_cuda_graph(exported, dtype, tmp_path):
         assert rel_err(outs[0], ref[0]) <= tol
     eng.save(tmp_path / "e.engine")
     again = load_engine(tmp_path / "e.engine")
-    assert [r.get("kernel") for r in again.report()] == [r.get("kernel") for r in eng.report()]
+    # the ECR/PECR kernel choices come back from the file (dense layers re-decide their conv algorithm)
+    sparse_kernels = lambda e: [(r["name"], r.get("kernel")) for r in e.report() if r.get("format") in ("ecr", "pecr")]  # noqa: E731
+    assert sparse_kernels(again) == sparse_kernels(eng)
     assert rel_err(again(x)[0], ref[0]) <= tol
