@@ -90,7 +90,7 @@ class SparseGemm:
     stand-in that lets CPU tests check every index of the lowering.
     """
 
-    def __init__(self, a: torch.Tensor, bias: torch.Tensor | None, backend: str = "cslt"):
+    def __init__(self, a: torch.Tensor, bias: torch.Tensor | None, backend: str = "cslt", allow_search: bool = False):
         self.m, self.k = a.shape
         self.mp, self.kp = _round_up(self.m, SPARSE_ALIGN), _round_up(self.k, SPARSE_ALIGN)
         padded = a.new_zeros(self.mp, self.kp)
@@ -100,6 +100,10 @@ class SparseGemm:
             self.bias = bias.new_zeros(self.mp)
             self.bias[:self.m] = bias
         self.backend = backend
+        # cuSPARSELt's own algorithm search is off unless asked for (extra cslt_search=True):
+        # on the H100 (torch 2.11, cuSPARSELt 0.8.0) it faulted with an illegal instruction at
+        # 4096^3, which kills the process's CUDA context; the default algorithm never did.
+        self.allow_search = allow_search
         self.alg: dict[int, dict] = {}  # per padded row count N: cuSPARSELt algorithm settings
         if backend == "cslt":
             self.packed = torch._cslt_compress(padded.contiguous())
@@ -120,7 +124,7 @@ class SparseGemm:
     def search(self, bt: torch.Tensor) -> dict:
         """cuSPARSELt's own algorithm search for this N (empty if this PyTorch lacks it)."""
         search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
-        if search is None or self.backend != "cslt":
+        if search is None or self.backend != "cslt" or not self.allow_search:
             return {}
         try:
             alg_id = search(self.packed, bt.t(), self.bias, None, None, True)[0]
@@ -235,6 +239,8 @@ def graph_time_ms(fn, x: torch.Tensor, calls: int = 4, reps: int = 20) -> float:
 
     if x.device.type != "cuda":  # CPU (the dense stand-in in dry runs): plain wall-clock timing
         return time_fn(lambda i: fn(x), x.device, reps=reps, warmup=1).median_ms
+    fn(x)  # first call on the current stream: a dense layer's own per-layer choice happens here
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -348,7 +354,7 @@ def _layer_builder(kind: str, backend: str):
             dense_run = lambda t, c=None: std(t, weight, c)  # noqa: E731
             alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
         fused_bias = bias if (alpha == 1.0 and beta == 1.0) else None
-        gemm = SparseGemm(a, fused_bias, backend)
+        gemm = SparseGemm(a, fused_bias, backend, allow_search=bool(ctx.options.get("cslt_search", False)))
         if kind == "conv":
             lowering = ConvLowering(ctx, gemm, list(ctx.attr("kernel_shape")))
         else:

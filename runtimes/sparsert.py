@@ -491,6 +491,6 @@ def single_layer_model(node: onnx.NodeProto, model: onnx.ModelProto, layer: _Lay
     nodes[-1].output[0] = "y"
     graph = helper.make_graph(nodes, "single_layer", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
                               inits)
-    out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     out.ir_version = model.ir_version
     return out

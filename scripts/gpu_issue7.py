@@ -217,7 +217,7 @@ def sweep(dry: bool, device: torch.device, reps: int) -> list[dict]:
         graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, h, w])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                                   [onnx.numpy_helper.from_array(wt.numpy(), "w")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
         wd = wt.to(device)
         dense_ms = None
         for sp in sparsities:

@@ -30,7 +30,7 @@ def conv_model(w: np.ndarray, x_shape, bias=None, relu=False, **attrs):
         out = "r"
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     set_prune_exclusions(model, [])  # a one-layer model: its conv is not a stem to leave dense
     return onnx.shape_inference.infer_shapes(model)
 
@@ -99,7 +99,7 @@ def test_layers_that_do_not_pay_or_cannot_be_expressed_stay_dense_with_reasons()
              helper.make_node("Conv", ["b", "grouped.weight"], ["c"], pads=[1] * 4, group=2),
              helper.make_node("Relu", ["c"], ["y"])]
     graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     set_prune_exclusions(model, [])
     res = csr_rewrite(model, max_density=0.3, exclude=[])
     assert dict(res.counters) == {"conv_csr": 1, "dense_too_dense": 1, "dense_grouped": 1}
@@ -120,7 +120,7 @@ def test_reference_csr_gemm_matches_linear(trans_b, bias_shape, relu):
         out = "y"
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, 20])],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, [3, 7])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     set_prune_exclusions(model, [])
     sparse, res = run_pipeline(model, [(csr_rewrite, {})])
     assert res[0].counters["gemm_csr"] == 1 and res[0].counters["relu_fused"] == int(relu)

@@ -42,7 +42,7 @@ def conv_model(cout, cin, kernel, stride, pads, dilation, auto_pad, seed, bias=T
     graph = helper.make_graph([helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)], "c",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, "H", "W"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, "Ho", "Wo"])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 def gemm_model(out_f, in_f, alpha, beta, seed):
@@ -54,7 +54,7 @@ def gemm_model(out_f, in_f, alpha, beta, seed):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", in_f])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_f])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(torch.randn(out_f, generator=g).numpy(), "b")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 def lowered(model, device="cpu", dtype="fp32", backend="dense"):

@@ -24,7 +24,7 @@ def _conv_model(cin, cout, hw, bias=True, **attrs):
     node = helper.make_node("Conv", ins, ["y"], name="conv", **attrs)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, cin, *hw])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     onnx.checker.check_model(model)
     return model
 

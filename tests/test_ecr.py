@@ -166,7 +166,7 @@ def _graph(nodes, inits, outputs, in_shape=(1, 4, 8, 8)):
                           [helper.make_tensor_value_info(o, TensorProto.INT64 if o == "idx" else TensorProto.FLOAT,
                                                          ["n", "c", "h", "w"]) for o in outputs],
                           [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 def _w(cout, cin, k=3, seed=0):

@@ -27,7 +27,7 @@ def test_torch_runtime_reproduces_onnxruntime_on_pruned_models(exported, name, p
 
 def _single_node_model(node, inputs, outputs, initializers=()):
     graph = helper.make_graph([node], "g", inputs, outputs, list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     onnx.checker.check_model(model)
     return model
 

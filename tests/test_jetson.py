@@ -63,7 +63,7 @@ def test_check_flags_custom_ops_unknown_ops_and_maxpool_indices():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 3, 3]),
          helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 1, 3, 3]),
          helper.make_tensor_value_info("nz", TensorProto.INT64, [4, None])])
-    report = check_trt82(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    report = check_trt82(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10))
     whats = " | ".join(f.what for f in report.findings if f.level == "error")
     assert "NonZero" in whats and "Indices" in whats
 
@@ -91,7 +91,7 @@ def _one_conv(cout=64, cin=64, hw=28, sparse=True):
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, hw, hw])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, hw, hw])],
                               [numpy_helper.from_array(w, "w")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
 
 
 def test_roofline_of_one_conv_by_hand():

@@ -103,7 +103,7 @@ def test_fp16_pass_clips_values_beyond_the_fp16_range():
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
                               [numpy_helper.from_array(np.array([1e6, -2.0], dtype=np.float32), "k")])
-    res = to_fp16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    res = to_fp16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10))
     assert res.counters["values_clipped_to_fp16_range"] == 1
     k = numpy_helper.to_array(res.model.graph.initializer[0])
     assert k.dtype == np.float16 and k[0] == np.float16(65504) and k[1] == -2

@@ -114,7 +114,7 @@ def _gemm_model(trans_b: int) -> tuple[onnx.ModelProto, np.ndarray]:
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12])],
         [numpy_helper.from_array(stored, "w"), numpy_helper.from_array(rng.standard_normal(12).astype(np.float32), "b")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), w
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), w
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
