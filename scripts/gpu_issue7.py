@@ -170,7 +170,7 @@ def site_modes(dry: bool, device: torch.device, reps: int) -> list[dict]:
         if kind != "dense image":  # zero a background region: inactive input sites that propagate
             h, w = chw[1:]
             x[:, :, : int(0.7 * h)] = 0
-        ref = get_runtime("torch").compile(model, device, {"dtype": "fp32", "tf32": False})(x)[0]
+        ref = get_runtime("torch").compile(model, device, {"dtype": "fp32", "tf32": False})(x)[0].cpu()
         for mode in ("relu", "generative", "submanifold"):
             row = {"batch": batch, "input": kind, "sites": mode}
             rows.append(row)

@@ -185,6 +185,8 @@ def synthetic_models():
 
 # --- part 3: whole networks --------------------------------------------------------------
 
+TUNE_REPS = 20  # repetitions per sparse/dense timing of a layer (set by --tune-reps)
+
 def bench_net(label: str, dense_model, sparse_model, shape, batch: int, device: str, backend: str, reps: int) -> dict:
     torch_rt = get_runtime("torch")
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
@@ -204,7 +206,7 @@ def bench_net(label: str, dense_model, sparse_model, shape, batch: int, device: 
     res.update(dense_ms=dense_ms, best_dense=f"torch {dtype} {best_layout} (cuDNN{', CUDA graph' if device == 'cuda' else ''})", best_dense_ms=dense_ms[best_layout])
     t0 = time.perf_counter()
     engine = cs.build_engine(sparse_model, torch.device(device),
-                             CompileOptions(dtype=dtype, extra={"dense_conv": "best"}), backend)
+                             CompileOptions(dtype=dtype, extra={"dense_conv": "best", "tune_reps": TUNE_REPS}), backend)
     xs = engine.prepare(x)
     run = engine.runner(*xs)  # per-layer measurement and the whole-network check happen here
     res["tune_s"] = time.perf_counter() - t0
@@ -302,7 +304,12 @@ def main() -> None:
     ap.add_argument("--models", default=None, help="comma-separated registry models (default resnet18,vgg19,trafficcamnet)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--parts", default="gemm,ops,nets", help="comma list of gemm, ops, nets (default all)")
+    ap.add_argument("--tune-reps", type=int, default=20, help="repetitions when a layer times sparse vs dense")
     args = ap.parse_args()
+    wanted = set(args.parts.split(","))
+    global TUNE_REPS
+    TUNE_REPS = args.tune_reps
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dry = args.dry_run or not torch.cuda.is_available()
@@ -317,6 +324,8 @@ def main() -> None:
     print(json.dumps(results["env"], indent=1, default=str), flush=True)
 
     def part(name, fn):
+        if name not in wanted:
+            return
         t0 = time.perf_counter()
         try:
             results["parts"][name] = {"rows": fn()}
