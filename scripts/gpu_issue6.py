@@ -308,10 +308,11 @@ def part_correct(args, dev, res):
                        "max_rel_err": worst, "tol": tol, "pass": worst <= tol,
                        "failing": sorted(k for k, v in errs.items() if not v <= tol)}
                 if layer["name"].startswith("odd") and dname == "fp32":  # the PyTorch reference ops too
-                    xr = x.double()
-                    yr = (pecr_conv_pool(pecr_encode(xr, g, pool), w.double(), b.double()) if pool
-                          else ecr_conv(ecr_encode(xr, g), w.double(), b.double(), True))
-                    row["reference_op_rel_err"] = rel_err(yr, ref)
+                    # the reference ops are CPU code (DESIGN contract 2): run them there
+                    xr, wr, br = x.double().cpu(), w.double().cpu(), b.double().cpu()
+                    yr = (pecr_conv_pool(pecr_encode(xr, g, pool), wr, br) if pool
+                          else ecr_conv(ecr_encode(xr, g), wr, br, True))
+                    row["reference_op_rel_err"] = rel_err(yr, ref.cpu())
                 rows.append(row)
             log(f"correct {layer['name']:<22} {dname}: worst {max(r['max_rel_err'] for r in rows[-len(zero_fractions):]):.2e}"
                 f" over {rows[-1]['candidates']} variants x {len(zero_fractions)} zero fractions")
