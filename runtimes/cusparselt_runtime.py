@@ -233,27 +233,13 @@ class GemmLowering:
 
 # --- choosing sparse or dense per layer --------------------------------------------------
 
-def graph_time_ms(fn, x: torch.Tensor, calls: int = 4, reps: int = 20) -> float:
-    """Median time of one `fn(x)`, measured as a CUDA graph of `calls` calls (no host set-up)."""
-    from ..converter.timing import time_fn
+def graph_time_ms(fn, x: torch.Tensor, reps: int = 20) -> float:
+    """Median time of one `fn(x)` without host set-up: the shared CUDA-graph timer (`time_calls`,
+    which also makes the first call on the current stream, so a dense layer's own per-layer
+    choice is not timed inside a capture)."""
+    from ..converter.timing import time_calls
 
-    if x.device.type != "cuda":  # CPU (the dense stand-in in dry runs): plain wall-clock timing
-        return time_fn(lambda i: fn(x), x.device, reps=reps, warmup=1).median_ms
-    fn(x)  # first call on the current stream: a dense layer's own per-layer choice happens here
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn(x)
-    t = time_fn(lambda i: graph.replay(), x.device, reps=reps, warmup=3)
-    del graph
-    return t.median_ms / calls
+    return time_calls(lambda j: fn(x), x.device, reps=reps).median_ms
 
 
 class TwoFourLayer:
