@@ -39,9 +39,10 @@ class CsrParams(ctypes.Structure):
 class SpmmParams(ctypes.Structure):
     """Mirror of csr::SpmmParams in kernels/csr_sputnik.cu (same order, same C types)."""
 
-    _fields_ = [(n, ctypes.c_void_p) for n in ("values", "col_idx", "row_ptr", "row_order", "bias", "x", "y")] + [
+    _fields_ = [(n, ctypes.c_void_p) for n in ("values", "col_idx", "row_ptr", "row_order", "k_offsets", "bias", "x",
+                                               "y")] + [
         ("x_batch", ctypes.c_longlong), ("y_batch", ctypes.c_longlong)] + [
-        (n, ctypes.c_int) for n in ("M", "K", "N", "n_load", "ldb", "ldy", "relu", "vec_store")]
+        (n, ctypes.c_int) for n in ("M", "K", "N", "n_load", "ldb", "ldy", "relu", "vec_store", "out_pitch", "out_w")]
 
 
 def _ctype_name(dtype: torch.dtype) -> str:
@@ -69,7 +70,8 @@ def all_expressions(filename: str, dtype: torch.dtype) -> tuple[str, ...]:
     if filename == "csr_spmv.cu":
         return tuple(spmv_expression(dtype, nb) for nb in SPMV_BATCH)
     if filename == "csr_sputnik.cu":
-        return tuple(sputnik_expression(dtype, v) for v in SPUTNIK_VARIANTS[dtype]) + (im2col_expression(dtype),)
+        return tuple(sputnik_expression(dtype, v) for v in SPUTNIK_VARIANTS[dtype]) + (
+            im2col_expression(dtype), shift_expression(dtype))
     raise KeyError(filename)
 
 
@@ -242,6 +244,8 @@ def candidate_configs(g: ConvGeometry, sms: int = 132, batch: int = 1, dtype: to
         else:
             npix = g.ho * g.wo
             out += sputnik_candidates(npix, dtype, n_align=-(-npix // IM2COL_ALIGN) * IM2COL_ALIGN, im2col=True)
+            if (g.sh, g.sw) == (1, 1):
+                out += sputnik_candidates(g.ho * (g.w + g.pl + g.pr), dtype, shifted=True)
     return out
 
 
@@ -472,8 +476,9 @@ class SputnikConfig:
     """Sputnik's SpmmConfig: y rows a block (one subwarp of `width` threads each), bk non-zeros
     staged a step, bx output columns a block, sv sparse values and dv dense columns a vector
     load, minb blocks an SM in the launch bounds. im2col: a k x k conv as an explicit im2col
-    (csr::im2col4) followed by the SpMM; otherwise the SpMM reads B (or a pointwise conv's
-    input) directly."""
+    (csr::im2col4) followed by the SpMM; shifted: a stride-1 conv as four shifted copies of the
+    padded input (csr::shift4) read through per-k row offsets (dv <= 4); otherwise the SpMM
+    reads B (or a pointwise conv's input) directly."""
 
     y: int
     bk: int
@@ -483,6 +488,7 @@ class SputnikConfig:
     dv: int
     minb: int = 1
     im2col: bool = False
+    shifted: bool = False
 
     family = "sputnik"
 
@@ -495,7 +501,8 @@ class SputnikConfig:
 
     def label(self) -> str:
         minb = f" minb{self.minb}" if self.minb > 1 else ""
-        return (f"sputnik {'im2col+' if self.im2col else ''}spmm y{self.y} k{self.bk} x{self.bx} w{self.width} "
+        prep = "im2col+" if self.im2col else "shifted+" if self.shifted else ""
+        return (f"sputnik {prep}spmm y{self.y} k{self.bk} x{self.bx} w{self.width} "
                 f"sv{self.sv} dv{self.dv}{minb}")
 
     def to_dict(self) -> dict:
@@ -542,6 +549,10 @@ def im2col_expression(dtype: torch.dtype) -> str:
     return f"csr::im2col4<{_ctype_name(dtype)}>"
 
 
+def shift_expression(dtype: torch.dtype) -> str:
+    return f"csr::shift4<{_ctype_name(dtype)}>"
+
+
 def sputnik_heuristic(n: int, dtype: torch.dtype = torch.float32) -> tuple:
     """Sputnik's own choice for an SpMM with n output columns (CudaSpmmBiasRelu)."""
     t = SPUTNIK_F32 if dtype == torch.float32 else SPUTNIK_F16
@@ -563,10 +574,14 @@ def sputnik_heuristic(n: int, dtype: torch.dtype = torch.float32) -> tuple:
 
 
 def sputnik_candidates(n: int, dtype: torch.dtype = torch.float32, n_align: int | None = None,
-                       im2col: bool = False) -> list[SputnikConfig]:
+                       im2col: bool = False, shifted: bool = False) -> list[SputnikConfig]:
     """Sputnik's heuristic config for n columns first, then its neighbours whose dense vector
     width divides `n_align` (the columns B's rows may be read in: n itself, or the padded
-    im2col rows) - the tuner times them all."""
+    im2col rows) - the tuner times them all. Shifted convs: the three first with dv <= 4 (the
+    copies align vectors of four)."""
+    if shifted:
+        cands = sputnik_candidates(n, dtype, n_align=-(-n // IM2COL_ALIGN) * IM2COL_ALIGN, im2col=True)
+        return [SputnikConfig(*c.kernel(), shifted=True) for c in cands if c.dv <= 4][:3]
     n_align = n if n_align is None else n_align
     t = SPUTNIK_F32 if dtype == torch.float32 else SPUTNIK_F16
     if dtype == torch.float32:
@@ -593,8 +608,10 @@ class SputnikPlan:
             raise ValueError(f"CSR shape {csr.shape} does not match the layer's GEMM view {(g.m, g.k)}")
         if g.k > 65536:
             raise ValueError("Sputnik plans keep column indices in uint16; K must be <= 65536")
-        if not cfg.im2col and not g.pointwise:
-            raise ValueError(f"{cfg.label()}: a {g.kh}x{g.kw} conv needs the im2col variant")
+        if not (cfg.im2col or cfg.shifted) and not g.pointwise:
+            raise ValueError(f"{cfg.label()}: a {g.kh}x{g.kw} conv needs the im2col or shifted variant")
+        if cfg.shifted and ((g.sh, g.sw) != (1, 1) or cfg.dv > 4):
+            raise ValueError(f"{cfg.label()}: shifted copies serve stride-1 convs with dense vectors of <= 4")
         self.g, self.cfg, self.dtype, self.device, self.backend, self.relu = g, cfg, dtype, torch.device(device), backend, relu
         self.values = _padded(csr.values, dtype, self.device, pad=8)
         self.col_idx = _uint16(csr.col_idx.to(torch.int64), self.device)
@@ -604,23 +621,38 @@ class SputnikPlan:
         self.expr = sputnik_expression(dtype, cfg.kernel())
         self.npix = g.ho * g.wo
         self.ldb_im2col = -(-self.npix // IM2COL_ALIGN) * IM2COL_ALIGN
+        self.k_offsets = None
+        if cfg.shifted:
+            # padded input [C][Hp][Wp]; B's row k = (c, r, s) starts at o_k in it, read from copy o_k % 4
+            self.hp, self.wp = g.h + g.pt + g.pb, g.w + g.pl + g.pr
+            k = torch.arange(g.k, dtype=torch.int64)
+            c, r, s_ = k // (g.kh * g.kw), (k % (g.kh * g.kw)) // g.kw, k % g.kw
+            o = c * self.hp * self.wp + r * g.dh * self.wp + s_ * g.dw
+            # every read, o_k + n (+ a vector, + a tile of columns past Ho*Wp), stays inside a copy
+            self.copy_len = -(-(g.c * self.hp * self.wp + (g.kw - 1) * g.dw + 128 + 8 + 4) // 8) * 8
+            if 4 * self.copy_len >= 2**31:
+                raise ValueError("input too large for 32-bit offsets into the shifted copies")
+            self.k_offsets = ((o % 4) * self.copy_len + (o - o % 4)).to(self.device, torch.int32)
 
     def buffers(self) -> list[torch.Tensor]:
-        return [t for t in (self.values, self.col_idx, self.row_ptr, self.row_order, self.bias) if t is not None]
+        return [t for t in (self.values, self.col_idx, self.row_ptr, self.row_order, self.k_offsets, self.bias)
+                if t is not None]
 
     def _spmm(self, b: torch.Tensor, n_cols: int, n_load: int, ldb: int, x_batch: int, y: torch.Tensor, ldy: int,
-              y_batch: int, images: int) -> None:
+              y_batch: int, images: int, out_pitch: int = 0, out_w: int = 0) -> None:
         cfg, esize = self.cfg, b.element_size()
         if n_load % cfg.dv or ldb % cfg.dv or x_batch % cfg.dv or b.data_ptr() % (cfg.dv * esize):
             raise ValueError(f"{cfg.label()}: B rows are not aligned for {cfg.dv}-wide loads")
-        if (self.g.k - 1) * ldb + n_load >= 2**31:
+        if self.k_offsets is None and (self.g.k - 1) * ldb + n_load >= 2**31:
             raise ValueError("B too large for 32-bit element offsets")
         p = SpmmParams()
         p.values, p.col_idx, p.row_ptr, p.row_order = (self.values.data_ptr(), self.col_idx.data_ptr(),
                                                        self.row_ptr.data_ptr(), self.row_order.data_ptr())
+        p.k_offsets = _ptr(self.k_offsets)
         p.bias, p.x, p.y = _ptr(self.bias), b.data_ptr(), y.data_ptr()
         p.x_batch, p.y_batch = x_batch, y_batch
         p.M, p.K, p.N, p.n_load, p.ldb, p.ldy, p.relu = self.g.m, self.g.k, n_cols, n_load, ldb, ldy, int(self.relu)
+        p.out_pitch, p.out_w = out_pitch, out_w
         p.vec_store = int(ldy % cfg.dv == 0 and y_batch % cfg.dv == 0 and y.data_ptr() % (cfg.dv * esize) == 0)
         grid = (-(-self.g.m // cfg.y), -(-n_cols // cfg.bx), images)
         self.backend.launch("csr_sputnik.cu", self.expr, self.dtype, grid, (cfg.threads,), 0, p)
@@ -642,12 +674,33 @@ class SputnikPlan:
                             (-(-ldb // (4 * 256)), g.k, n), (256,), 0, p)
         return b
 
+    def shifted_copies(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W] (any strides) -> [N, 4, copy_len]: the padded input, shifted by 0..3."""
+        g = self.g
+        n = x.shape[0]
+        buf = torch.empty(n, 4, self.copy_len, dtype=self.dtype, device=x.device)
+        p = CsrParams()
+        p.x, p.y = x.data_ptr(), buf.data_ptr()
+        p.x_batch, p.x_cs, p.x_hs, p.x_ws = x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+        p.y_batch, p.y_cs = 4 * self.copy_len, self.copy_len
+        p.C, p.H, p.W, p.ph, p.pw, p.win_h, p.win_w, p.batch = g.c, g.h, g.w, g.pt, g.pl, self.hp, self.wp, n
+        self.backend.launch("csr_sputnik.cu", shift_expression(self.dtype), self.dtype,
+                            (-(-self.copy_len // 256), 4, n), (256,), 0, p)
+        return buf
+
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, C, H, W] -> y [N, M, Ho, Wo] contiguous."""
         g = self.g
         x = x.to(self.dtype)
         n = x.shape[0]
         y = torch.empty(n, g.m, g.ho, g.wo, dtype=self.dtype, device=x.device)
+        if self.cfg.shifted:
+            b = self.shifted_copies(x)
+            grid_cols = g.ho * self.wp  # outputs on the padded width; columns ox >= Wo dropped at the store
+            n_load = -(-grid_cols // self.cfg.bx) * self.cfg.bx
+            self._spmm(b, grid_cols, n_load, 4, 4 * self.copy_len, y, self.npix, g.m * self.npix, n,
+                       out_pitch=self.wp, out_w=g.wo)
+            return y
         if self.cfg.im2col:
             b = self.im2col(x)
             self._spmm(b, self.npix, self.ldb_im2col, self.ldb_im2col, g.k * self.ldb_im2col, y, self.npix,
@@ -688,7 +741,9 @@ def config_from_dict(d: dict):
 def kernel_name(cfg, dtype: torch.dtype) -> str:
     if isinstance(cfg, SputnikConfig):
         spmm = sputnik_expression(dtype, cfg.kernel())
-        return f"{im2col_expression(dtype)} + {spmm}" if cfg.im2col else spmm
+        if cfg.im2col:
+            return f"{im2col_expression(dtype)} + {spmm}"
+        return f"{shift_expression(dtype)} + {spmm}" if cfg.shifted else spmm
     return conv_expression(dtype, cfg.p, cfg.rpt, cfg.threads, cfg.vec)
 
 

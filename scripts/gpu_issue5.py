@@ -4,8 +4,9 @@
   python scripts/gpu_issue5.py --dry-run --out /tmp/i5   # CPU: tiny sizes, kernels emulated, no timing claims
 
 Parts (--parts, default all):
-  correctness  every kernel instantiation (staged csr_conv, SpMV, the Sputnik port directly
-               and as im2col + SpMM) vs a float64 CPU reference on the masked dense weight;
+  correctness  every kernel instantiation (staged csr_conv, SpMV, the Sputnik port directly,
+               as im2col + SpMM and on shifted input copies) vs a float64 CPU reference on the
+               masked dense weight;
                fresh random inputs (seed recorded); odd sizes, small K, empty rows, several
                K chunks, split-K; tolerance 1e-5 (fp32), 2e-3 (fp16)
   sweep        the issue's (M, K, N) x sparsity grid, fp32 TF32 off: cuBLAS time / CSR SpMM
@@ -13,9 +14,9 @@ Parts (--parts, default all):
                kernel families (staged csr_conv SpMM and the Sputnik port) and its family,
                every candidate, the port with Sputnik's own heuristic config alone ("port"),
                the floor; geomean at 90 % and 98 % vs Sputnik's 1.25x / 2.28x
-  conv         the same shapes as 3x3 convs: the tuner's best of the implicit-im2col conv
-               and im2col + Sputnik SpMM (im2col timed in) vs cuDNN (best of NCHW,
-               channels_last; cudnn.benchmark on)
+  conv         the same shapes as 3x3 convs: the tuner's best of the implicit-im2col conv,
+               im2col + Sputnik SpMM and shifted copies + Sputnik SpMM (the preparation timed
+               in) vs cuDNN (best of NCHW, channels_last; cudnn.benchmark on)
   nets         resnet18, vgg19, trafficcamnet at batch 1, 90 % unstructured: csr engine vs the
                best dense engine (torch runtime NCHW / channels_last, dense_conv=best passed
                through), whole network in one CUDA graph, fp32 TF32 off and fp16; per-layer
@@ -174,10 +175,15 @@ def part_correctness(run: Run) -> dict:
         # the vector width; K from 3 to several tiles, empty rows, ROMA prefixes) and, as im2col + SpMM,
         # on the conv cases
         for variant in SPUTNIK_VARIANTS[dtype]:
-            for im2col in (False, True):
-                cfg = SputnikConfig(*variant, im2col=im2col)
-                cases = window_cases if im2col else [ConvGeometry(45, k, 1, cfg.dv * (2 * cfg.bx // cfg.dv + 3))
-                                                     for k in ((3, 301) if not run.dry else (3,))]
+            for mode in ("direct", "im2col", "shifted"):
+                cfg = SputnikConfig(*variant, im2col=mode == "im2col", shifted=mode == "shifted")
+                if mode == "direct":
+                    cases = [ConvGeometry(45, k, 1, cfg.dv * (2 * cfg.bx // cfg.dv + 3))
+                             for k in ((3, 301) if not run.dry else (3,))]
+                elif mode == "im2col":
+                    cases = window_cases
+                else:  # stride-1 convs, dense vectors of <= 4
+                    cases = [g for g in window_cases if (g.sh, g.sw) == (1, 1)] if cfg.dv <= 4 else []
                 for gi, g in enumerate(cases):
                     w = pruned_weight((g.m, g.c, g.kh, g.kw), 0.2, gen, empty_rows=(0, g.m // 2))
                     x = torch.randn(2, g.c, g.h, g.w, generator=gen).to(dtype)

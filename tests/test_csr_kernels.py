@@ -214,16 +214,34 @@ def test_every_sputnik_variant_matches_matmul(backend, dtype):
 ])
 def test_sputnik_candidates_of_a_conv_match_conv2d(backend, dtype, geom):
     cands = [c for c in candidate_configs(geom, dtype=dtype) if isinstance(c, SputnikConfig)]
-    assert cands and all(c.im2col != geom.pointwise for c in cands)
+    assert cands and all((c.im2col or c.shifted) != geom.pointwise for c in cands)
+    # stride-1 convs also get the shifted copies (no im2col), strided ones only im2col
+    assert any(c.shifted for c in cands) == (not geom.pointwise and (geom.sh, geom.sw) == (1, 1))
     for cfg in cands:
         assert conv_case(backend, dtype, geom, cfg, relu=True, seed=cfg.bx + cfg.dv) <= TOL[dtype], cfg.label()
 
 
 @emu
-def test_sputnik_im2col_reads_channels_last_input(backend):
+def test_sputnik_im2col_and_shifted_copies_read_channels_last_input(backend):
     g = ConvGeometry(10, 8, 7, 9, 3, 3, 1, 1, 1, 1, 1, 1)
-    cfg = SputnikConfig(4, 32, 32, 8, 4, 4, im2col=True)
-    assert conv_case(backend, torch.float32, g, cfg, channels_last=True, batch=3) <= 1e-5
+    for cfg in (SputnikConfig(4, 32, 32, 8, 4, 4, im2col=True), SputnikConfig(4, 32, 32, 8, 4, 4, shifted=True)):
+        assert conv_case(backend, torch.float32, g, cfg, channels_last=True, batch=3) <= 1e-5
+
+
+@emu
+def test_shifted_copies_hold_the_padded_input_shifted_by_0_to_3(backend):
+    g = ConvGeometry(4, 3, 5, 6, 3, 3, 1, 1, 1, 2, 1, 0)  # asymmetric pads: Hp = 7, Wp = 8
+    plan = SputnikPlan(csr_from_dense(torch.ones(4, 27)), g, SputnikConfig(4, 32, 32, 8, 4, 4, shifted=True),
+                       torch.float32, "cpu", backend)
+    x = torch.randn(2, 3, 5, 6)
+    copies = plan.shifted_copies(x)
+    xpad = F.pad(x, (2, 0, 1, 1)).reshape(2, -1)
+    flat = torch.cat([xpad, torch.zeros(2, plan.copy_len + 4 - xpad.shape[1])], 1)
+    for j in range(4):
+        assert torch.equal(copies[:, j], flat[:, j:j + plan.copy_len])
+    # B's row k = (c, r, s) starts at c*Hp*Wp + r*Wp + s of the padded input: copy o % 4, offset o - o % 4
+    o = 2 * 56 + 1 * 8 + 2  # k = (2, 1, 2)
+    assert plan.k_offsets[2 * 9 + 1 * 3 + 2].item() == (o % 4) * plan.copy_len + o - o % 4
 
 
 def test_sputnik_heuristic_is_sputniks_choice_by_n():
@@ -245,7 +263,8 @@ def test_sputnik_candidates_use_only_vectors_that_divide_the_rows():
 
 
 def test_configs_of_both_families_round_trip_through_their_dicts():
-    for cfg in (SputnikConfig(4, 32, 64, 8, 4, 4, 8, im2col=True), spmm_config(ConvGeometry(8, 16, 4, 4), 2, 4)):
+    for cfg in (SputnikConfig(4, 32, 64, 8, 4, 4, 8, im2col=True), SputnikConfig(1, 32, 32, 32, 1, 1, shifted=True),
+                spmm_config(ConvGeometry(8, 16, 4, 4), 2, 4)):
         assert config_from_dict(cfg.to_dict()) == cfg
 
 

@@ -30,8 +30,10 @@
 // im2col below pads its rows) and the store predicate on N, so B needs no padding when N is
 // a multiple of DV. blockIdx.z walks the images of a batch.
 //
-// Also here: an explicit im2col (one thread per four output columns) that feeds this SpMM
-// for k x k convolutions: B[(c*kh + r)*kw + s][oy*Wo + ox], rows padded to ldb with zeros.
+// Also here, to feed this SpMM for k x k convolutions: an explicit im2col (one thread per four
+// output columns), B[(c*kh + r)*kw + s][oy*Wo + ox] with rows padded to ldb with zeros; and,
+// for stride-1 convs, four shifted copies of the padded input (shift4) whose rows the
+// kernel addresses through per-k offsets (k_offsets) instead of materialising im2col.
 #include "csr_common.cuh"
 
 namespace csr {
@@ -41,6 +43,7 @@ struct SpmmParams {
   const unsigned short* col_idx;    // [nnz + pad] column of each non-zero
   const int* row_ptr;               // [M + 1]
   const int* row_order;             // [M] rows by length, longest first
+  const int* k_offsets;             // [K] element offset of B's row k (shifted conv), or null: k * ldb
   const float* bias;                // [M] or null
   const void* x;                    // B: [K][ldb] per image (T)
   void* y;                          // Y: [M][ldy] per image (T)
@@ -50,6 +53,8 @@ struct SpmmParams {
   int ldb, ldy;                     // row strides of B and Y in elements
   int relu;
   int vec_store;                    // Y rows (ldy, y_batch, base) aligned for DV-wide stores
+  int out_pitch, out_w;             // out_pitch > 0: column n is pixel (n / out_pitch, n % out_pitch),
+                                    // stored at row * out_w + col when col < out_w (shifted conv)
 };
 
 // A vector of BYTES bytes moved as one load/store.
@@ -149,6 +154,9 @@ __global__ void __launch_bounds__(W * Y, MINB) sputnik_spmm(const SpmmParams p) 
   const T* values_ptr = values + row_offset + tx * SV;
   const unsigned short* col_ptr = p.col_idx + row_offset + tx * SV;
   const int ldb = p.ldb;
+  const int* __restrict__ k_offsets = p.k_offsets;
+  // Column index -> element offset of that row of B (Sputnik scales by the row length).
+  auto row_offset_of = [&](int c) { return k_offsets != nullptr ? __ldg(k_offsets + c) : c * ldb; };
 
   // SparseTile::Load: BK values and pre-scaled offsets of this row into shared memory.
   auto load_sparse = [&]() {
@@ -161,7 +169,7 @@ __global__ void __launch_bounds__(W * Y, MINB) sputnik_spmm(const SpmmParams p) 
 #pragma unroll
       for (int j = 0; j < SV; ++j) {
         values_tile[tx * SV + i * W * SV + j] = v.get(j);
-        offsets_tile[tx * SV + i * W * SV + j] = c.get(j) * ldb;
+        offsets_tile[tx * SV + i * W * SV + j] = row_offset_of(c.get(j));
       }
     }
     values_ptr += BK;
@@ -224,7 +232,7 @@ __global__ void __launch_bounds__(W * Y, MINB) sputnik_spmm(const SpmmParams p) 
     for (int i = 0; i < kScalarItemsK; ++i) {
       if (tx + i * W < nonzeros) {
         values_tile[tx + i * W] = to_float(vr[i * W]);
-        offsets_tile[tx + i * W] = (int)cr[i * W] * ldb;
+        offsets_tile[tx + i * W] = row_offset_of((int)cr[i * W]);
       }
     }
   }
@@ -263,7 +271,14 @@ __global__ void __launch_bounds__(W * Y, MINB) sputnik_spmm(const SpmmParams p) 
       if (p.relu) r = fmaxf(r, 0.f);
       v[j] = from_float<T>(r);
     }
-    if (p.vec_store && col + DV <= p.N) {
+    if (p.out_pitch > 0) {  // shifted conv: drop the columns past the image's width
+#pragma unroll
+      for (int j = 0; j < DV; ++j) {
+        const int n = col + j;
+        const int oy = n / p.out_pitch, ox = n - (n / p.out_pitch) * p.out_pitch;
+        if (n < p.N && ox < p.out_w) out[oy * p.out_w + ox] = v[j];
+      }
+    } else if (p.vec_store && col + DV <= p.N) {
       typedef typename VecBits<sizeof(T) * DV>::type Bits;
       *reinterpret_cast<Bits*>(out + col) = *reinterpret_cast<const Bits*>(v);
     } else {
@@ -299,6 +314,30 @@ __global__ void __launch_bounds__(256) im2col4(const Params p) {
   T* dst = static_cast<T*>(p.y) + (long long)blockIdx.z * p.y_batch + (long long)k * p.y_cs + n0;
   typedef typename VecBits<4 * sizeof(T)>::type Bits;
   *reinterpret_cast<Bits*>(dst) = *reinterpret_cast<const Bits*>(v);
+}
+
+// Shifted copies for a stride-1 conv without im2col: the zero-padded input xpad [C][Hp][Wp]
+// (flattened) written four times, copy j shifted by j elements: copy_j[i] = xpad[i + j]. On
+// the output grid n = oy*Wp + ox (ox < Wp; columns ox >= Wo are computed and dropped), B's
+// row k = (c, r, s) is xpad[o_k + n] with o_k = c*Hp*Wp + r*dh*Wp + s*dw, i.e. copy
+// (o_k % 4) at the 4-aligned offset o_k - o_k % 4: every dense load is an aligned vector
+// of up to four elements. Params: x strides as the conv kernels', C, H, W, ph/pw (top/left
+// padding), win_h/win_w = Hp/Wp, y_cs = elements per copy, y_batch = 4 * y_cs.
+template <typename T>
+__global__ void __launch_bounds__(256) shift4(const Params p) {
+  const int i = (int)blockIdx.x * 256 + (int)threadIdx.x;
+  if (i >= p.y_cs) return;
+  const int j = (int)blockIdx.y;
+  const int q = i + j;
+  const int plane = p.win_h * p.win_w;
+  const int c = q / plane;
+  const int rem = q - c * plane;
+  const int hp = rem / p.win_w, wp = rem - (rem / p.win_w) * p.win_w;
+  const int iy = hp - p.ph, ix = wp - p.pw;
+  const bool ok = c < p.C && (unsigned)iy < (unsigned)p.H && (unsigned)ix < (unsigned)p.W;
+  const T* x = static_cast<const T*>(p.x) + (long long)blockIdx.z * p.x_batch;
+  T* dst = static_cast<T*>(p.y) + (long long)blockIdx.z * p.y_batch + (long long)j * p.y_cs + i;
+  *dst = ok ? x[(long long)c * p.x_cs + (long long)iy * p.x_hs + (long long)ix * p.x_ws] : from_float<T>(0.f);
 }
 
 }  // namespace csr
