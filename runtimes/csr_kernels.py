@@ -610,6 +610,8 @@ class SputnikPlan:
             raise ValueError("Sputnik plans keep column indices in uint16; K must be <= 65536")
         if not (cfg.im2col or cfg.shifted) and not g.pointwise:
             raise ValueError(f"{cfg.label()}: a {g.kh}x{g.kw} conv needs the im2col or shifted variant")
+        if cfg.im2col and g.k > 65535:
+            raise ValueError("im2col launches a grid row per K row: K must be < 65536")
         if cfg.shifted and ((g.sh, g.sw) != (1, 1) or cfg.dv > 4):
             raise ValueError(f"{cfg.label()}: shifted copies serve stride-1 convs with dense vectors of <= 4")
         self.g, self.cfg, self.dtype, self.device, self.backend, self.relu = g, cfg, dtype, torch.device(device), backend, relu
@@ -706,16 +708,20 @@ class SputnikPlan:
             self._spmm(b, self.npix, self.ldb_im2col, self.ldb_im2col, g.k * self.ldb_im2col, y, self.npix,
                        g.m * self.npix, n)
             return y
-        if not x.is_contiguous() or x.data_ptr() % 16:
+        if not x.is_contiguous():
             x = x.contiguous()
+        if x.data_ptr() % 16:  # a view at an odd offset: vector loads need an aligned copy
+            x = x.clone()
         self._spmm(x, self.npix, self.npix, self.npix, x.stride(0), y, self.npix, g.m * self.npix, n)
         return y
 
     def spmm(self, b: torch.Tensor) -> torch.Tensor:
         """B [K, N] -> A @ B [M, N]."""
         b = b.to(self.dtype)
-        if b.stride(1) != 1 or b.data_ptr() % 16:
+        if b.stride(1) != 1:
             b = b.contiguous()
+        if b.data_ptr() % 16:
+            b = b.clone()
         n = b.shape[1]
         y = torch.empty(self.g.m, n, dtype=self.dtype, device=b.device)
         self._spmm(b, n, n, b.stride(0), 0, y, n, 0, 1)

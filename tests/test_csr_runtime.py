@@ -187,6 +187,31 @@ def test_threshold_decision_keeps_denser_layers_dense(exported):
 
 
 @emu
+def test_runtime_runs_layers_on_sputniks_spmm_from_saved_configs(exported):
+    from sparsecnn.runtimes.csr import compile_with_backend
+    from sparsecnn.runtimes.csr_kernels import SputnikConfig
+
+    pruned = prune_unstructured(exported("tinyresnet"), 0.9).model
+    sparse = get_runtime("csr").rewrite(pruned, {})
+    x = np.random.default_rng(3).standard_normal(input_shape(pruned, 2)).astype(np.float32)
+    backend = cuda_emu.EmuBackend()
+    first = compile_with_backend(sparse, "cpu", {"csr_decide": "sparse", "csr_autotune": False}, backend=backend)
+    layers = {}
+    nodes = [n for n in sparse.graph.node if n.op_type == "CsrConv"]
+    rows = [r for r in first.report() if r["op"] == "sparsecnn::CsrConv"]
+    for i, (node, row) in enumerate(zip(nodes, rows)):
+        strides = next((list(a.ints) for a in node.attribute if a.name == "strides"), [1, 1])
+        shifted = strides == [1, 1] and i % 2 == 0  # the others through the explicit im2col
+        cfg = SputnikConfig(4, 32, 32, 8, 4, 4, im2col=not shifted, shifted=shifted)
+        layers[row["name"]] = {"format": "csr", "config": cfg.to_dict()}
+    engine = compile_with_backend(sparse, "cpu", {"csr_decide": "measure"}, state={"layers": layers}, backend=backend)
+    rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
+    assert {r["kernel"].split("<")[0] for r in rows} == {"csr::shift4", "csr::im2col4"}
+    assert all("csr::sputnik_spmm<float, 4, 32, 32, 8, 4, 4, 1>" in r["kernel"] for r in rows)
+    assert rel_err(engine(torch.from_numpy(x))[0], ort_run(pruned, x)[0]) <= 1e-4
+
+
+@emu
 def test_weight_budget_keeps_layers_sparse_until_the_engine_fits(exported, monkeypatch):
     from sparsecnn.runtimes import csr as csr_rt
 
