@@ -1,6 +1,9 @@
 // Sputnik's SpMM kernel (Gale et al., SC'20; google-research/sputnik, Apache-2.0:
 // sputnik/spmm/cuda_spmm.cu.cc with sparse_tile.h, dense_tile.h, compute_utils.h,
 // output_tile.h, predicate_utils.h, memory_aligner.h, barrier.h), ported to one NVRTC source.
+// Ported from cuda_spmm.cu.cc and sparse_tile.h as published; the other headers' roles
+// (DenseTile, ComputeUtils, OutputTile, PredicatesN, MemoryAligner, Barrier) are rebuilt
+// from how cuda_spmm.cu.cc uses them.
 //
 //   Y[m, n] = sum over the non-zeros (m, k) of A: A[m, k] * B[k, n]     (+ bias[m], ReLU)
 //
@@ -28,7 +31,8 @@
 // memory bar) and scaled to int offsets when staged; ReLU is a flag (Sputnik applies it
 // whenever a bias is given); the predicate is on B's readable columns `n_load` (the explicit
 // im2col below pads its rows) and the store predicate on N, so B needs no padding when N is
-// a multiple of DV. blockIdx.z walks the images of a batch.
+// a multiple of DV; a tile whose dense rows exceed 128 registers a thread (the 64-wide fp32
+// tile) loads them in parts, which NVRTC otherwise spills. blockIdx.z walks a batch.
 //
 // Also here, to feed this SpMM for k x k convolutions: an explicit im2col (one thread per four
 // output columns), B[(c*kh + r)*kw + s][oy*Wo + ox] with rows padded to ldb with zeros; and,
