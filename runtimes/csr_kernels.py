@@ -181,9 +181,9 @@ def _balanced(size: int, most: int) -> int:
 
 
 def window_config(g: ConvGeometry, p: int, rpt: int, nsplit: int = 1, budget: int = STAGE_FLOATS,
-                  threads: int = 256) -> ConvConfig:
+                  threads: int = 256, tile_w: int | None = None) -> ConvConfig:
     pixels = 32 * p
-    tile_w = _balanced(g.wo, pixels)
+    tile_w = _balanced(g.wo, tile_w or pixels)
     tile_h = _balanced(g.ho, max(1, pixels // tile_w))
     win_h, win_w = window_dims(g, tile_h, tile_w)
     chunk_c = max(1, min(g.c, budget // (win_h * win_w)))
@@ -260,6 +260,8 @@ def _staged_configs(g: ConvGeometry, sms: int, batch: int) -> list[ConvConfig]:
     else:
         shapes = [(r, t) for r, t in ROW_SHAPES if t // 32 * r <= max(16, g.m) and r <= 4]
         base = [window_config(g, p, r, threads=t) for p in (4, 2) for r, t in shapes]
+        if g.wo >= 64 and g.ho >= 8:  # wide maps: also 2-D tiles (4 x 32), whose halo re-stages less input
+            base += [window_config(g, 4, r, threads=t, tile_w=32) for r, t in shapes if t == 256]
     out: list[ConvConfig] = []
     for cfg in base:
         out.append(cfg)

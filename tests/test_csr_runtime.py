@@ -227,7 +227,8 @@ def test_weight_budget_keeps_layers_sparse_until_the_engine_fits(exported, monke
     unbounded = csr_rt.compile_with_backend(sparse, "cpu", {**opts, "csr_weight_budget": 0}, backend=backend)
     rows = [r for r in unbounded.report() if r["op"] == "sparsecnn::CsrConv"]
     assert all(r["format"] == "dense" for r in rows) and unbounded.weight_bytes() == dense_bytes
-    engine = csr_rt.compile_with_backend(sparse, "cpu", opts, backend=backend)  # default cap: 25 % of dense fp32
+    opts = {**opts, "csr_weight_budget": 0.25}
+    engine = csr_rt.compile_with_backend(sparse, "cpu", opts, backend=backend)
     assert engine.weight_bytes() <= 0.25 * dense_bytes
     rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
     kept = [r for r in rows if r["format"] == "csr"]
