@@ -380,9 +380,12 @@ def test_time_calls_graph_path_batches_short_calls_and_reports_per_call(monkeypa
     from sparsecnn.converter import timing
     from sparsecnn.runtimes import base
 
+    eager_calls = []
+
     class FakeReplay:
-        def __init__(self, fn, example_inputs, warmup=3):
+        def __init__(self, fn, example_inputs, warmup=3, first_call=True):
             self.fn = fn
+            eager_calls.append(int(first_call) + warmup)
 
         def replay(self):
             return self.fn()
@@ -400,6 +403,8 @@ def test_time_calls_graph_path_batches_short_calls_and_reports_per_call(monkeypa
     t = timing.time_calls(lambda j: seen.append(j), "cuda", reps=7)
     assert t.how == "graph" and t.inner == 25  # 0.25 ms per replay / 10 us per call
     assert seen == list(range(25))             # j runs 0..inner-1 inside one replay: inputs rotate
+    # the 25-call capture runs nothing eagerly (an eager cuSPARSELt call cost 0.3 s on the H100)
+    assert eager_calls[-1] == 0
     assert t.median_ms == pytest.approx(0.01) and t.reps == 7 and len(t.samples_ms) == 7
     t = timing.time_calls(lambda j: seen.append(j), "cuda", reps=7, flush_l2=True)
     assert t.inner == 1  # cold L2 for every call: no batching
