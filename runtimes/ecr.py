@@ -75,12 +75,19 @@ def rewrite(model: onnx.ModelProto, options: dict | None = None) -> onnx.ModelPr
 class Variant:
     """A template instantiation: VEC output channels per lane (CT = 32*VEC per block), PPW
     conv positions per warp (RMAX = PPW*WARPS per block), GROUP positions whose compressed
-    rows a warp walks together (1, or 4: the union, each weight row read once for four)."""
+    rows are walked together (1, or the union of 2 or 4: each weight row read once for all).
+
+    kind "warp" (`ecr_conv_pool`): each warp builds its positions' rows with ballots while it
+    multiplies. kind "list" (`ecr_list_conv_pool`): the block first writes every compressed row
+    of a K chunk to shared memory, then the multiply loop reads {values, k} entries (no ballots
+    or shuffles); the next chunk's patch is prefetched through PREFETCH registers per thread."""
 
     vec: int
     ppw: int
     group: int = 1
     warps: int = 8
+    kind: str = "warp"
+    prefetch: int = 4
 
     @property
     def ct(self) -> int:
@@ -95,17 +102,31 @@ class Variant:
         return 32 * self.warps
 
     def expr(self, half: bool) -> str:
-        return f"ecr_conv_pool<{'__half' if half else 'float'}, {self.vec}, {self.ppw}, {self.warps}, {self.group}>"
+        t = "__half" if half else "float"
+        if self.kind == "list":
+            return f"ecr_list_conv_pool<{t}, {self.vec}, {self.ppw}, {self.warps}, {self.group}, {self.prefetch}>"
+        return f"ecr_conv_pool<{t}, {self.vec}, {self.ppw}, {self.warps}, {self.group}>"
 
     def smem_floats(self, kc: int, patch: int) -> int:
         main = 2 * kc * self.ct + patch + kc + self.rmax
-        if self.group == 4:
+        if self.kind == "list":  # offsets, counts, then kc x RMAX/G entries of 2*G (G=1) or 4*G floats
+            main = ((2 * kc * self.ct + patch + kc + self.threads + 3) & ~3) + 2 * kc * self.rmax
+        elif self.group == 4:
             main = ((main + 3) & ~3) + self.warps * 32 * 4
         return max(main, self.ct * (self.rmax + 1))
 
+    def fits(self, patch: int) -> bool:
+        """The list kernel fetches a chunk's patch through `prefetch` registers per thread."""
+        return self.kind != "list" or patch <= self.prefetch * self.threads
 
-VARIANTS = (Variant(4, 8), Variant(4, 4), Variant(2, 8),
-            Variant(4, 8, 4), Variant(4, 4, 4), Variant(4, 16, 4), Variant(2, 8, 4), Variant(2, 16, 4))
+
+# "warp" variants: the ones that won a layer on the H100 (results/issue6-ecr); "list" variants:
+# VEC x positions per warp x union group, those that fit 128 registers (2 blocks per SM) unspilled
+VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4), Variant(2, 8, 4),
+            *(Variant(v, ppw, g, kind="list") for v, ppw, g in
+              ((2, 8, 1), (2, 16, 1), (2, 8, 4), (2, 16, 4),
+               (4, 8, 1), (4, 8, 4),
+               (8, 4, 1), (8, 4, 2), (8, 4, 4), (8, 8, 4))))
 KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
 SPLIT_SCALES = (1.0, 2.0)    # x the split count that gives ~2 blocks per SM
 MAX_CC = 64                  # largest channel chunk; the transposed weight is padded for it
@@ -120,6 +141,8 @@ class Candidate:
     @property
     def name(self) -> str:
         v = self.variant
+        if v.kind == "list":
+            return f"list{v.ct}x{v.rmax}g{v.group}-k{self.kc_target}-s{self.split_scale:g}"
         return f"ecr{v.vec * 32}x{v.rmax}{'u' if v.group == 4 else ''}-k{self.kc_target}-s{self.split_scale:g}"
 
 
@@ -186,6 +209,8 @@ def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout:
         pk = (1, 1, 1, 1, 0, 0)
     if qh <= 0 or qw <= 0 or pk[0] * pk[1] > v.rmax:
         return None
+    if v.ct > 64 and v.ct >= 2 * cout:  # half the lanes or more would multiply padding
+        return None
     tqy, tqx = _tile(qh, qw, pool, g, v.rmax)
     cry, crx = (tqy - 1) * pk[2] + pk[0], (tqx - 1) * pk[3] + pk[1]
     patch_h, patch_w = (cry - 1) * g.sh + g.kh, (crx - 1) * g.sw + g.kw
@@ -193,7 +218,7 @@ def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout:
     cc = max(1, min(g.cin, MAX_CC, round(cand.kc_target / khw)))
     kc = cc * khw
     smem = 4 * v.smem_floats(kc, cc * patch_h * patch_w)
-    if smem > max_smem:
+    if smem > max_smem or not v.fits(cc * patch_h * patch_w):
         return None
     tiles_y, tiles_x = -(-qh // tqy), -(-qw // tqx)
     cout_pad = -(-cout // 128) * 128
@@ -396,7 +421,16 @@ class EcrLayer:
     def candidates(self, x: torch.Tensor) -> list[Candidate]:
         if x.dtype not in (torch.float32, torch.float16):  # the kernels read fp32 or fp16 feature maps
             return []
-        return [c for c in CANDIDATES if self.plan(c, x) is not None]
+        out, seen = [], set()
+        for c in CANDIDATES:  # candidates whose launches would be identical are timed once
+            plan = self.plan(c, x)
+            if plan is None:
+                continue
+            key = (c.variant, tuple(sorted(plan.params.items())), plan.grid)
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+        return out
 
 
 class EcrOp:

@@ -70,6 +70,9 @@ def emulate(plan, x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor) -> torc
                     flat = patch.reshape(-1)
                     wc = wt[ch * kc:(ch + 1) * kc, c0:c0 + ct]
                     assert wc.shape == (kc, ct), "the transposed weight must be padded for every chunk"
+                    if v.kind == "list":
+                        _list_chunk(v, p, kc, flat, offs, slots, wc, acc)
+                        continue
                     for r, base in slots:
                         idx = base + offs
                         assert int(idx.max()) < flat.numel(), "window entry outside the patch"
@@ -110,3 +113,48 @@ def emulate(plan, x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor) -> torc
                     y[img, c0:c0 + n_real, qy, qx] = m[:n_real]
     assert not torch.isnan(y).any(), "some outputs were never written"
     return y
+
+
+def _list_chunk(v, p, kc, flat, offs, slots, wc, acc) -> None:
+    """One K chunk of `ecr_list_conv_pool`: phase 1 writes each group's (union) ECR row into its
+    builders' list slots, with the kernel's integers (group, part, per_part, slot n*NGRP + g,
+    k*CT); phase 2 walks the lists of every group and multiplies."""
+    G, threads, ct = v.group, v.threads, v.ct
+    ngrp = v.rmax // G
+    parts = threads // ngrp
+    assert ngrp * parts == threads, "groups must tile the block's threads"
+    per_part = -(-kc // parts)
+    bases = dict(slots)  # conv position r -> patch offset of its window (valid positions only)
+    lists: dict[int, tuple] = {}
+    cnt = [0] * threads
+    for tid in range(threads):  # phase 1
+        grp, part = tid % ngrp, tid // ngrp
+        e_begin, e_end = part * per_part, min(kc, part * per_part + per_part)
+        n = 0
+        for e in range(e_begin, e_end):
+            vals = []
+            for q in range(G):
+                r = grp * G + q
+                if r in bases:
+                    i = bases[r] + int(offs[e])
+                    assert i < flat.numel(), "window entry outside the patch"
+                    vals.append(float(flat[i]))
+                else:
+                    vals.append(0.0)
+            if any(x != 0 for x in vals):
+                slot = (e_begin + n) * ngrp + grp
+                assert slot < kc * ngrp and slot not in lists, "list slot out of range or written twice"
+                lists[slot] = (vals, e * ct)
+                n += 1
+        cnt[tid] = n
+    w_flat = wc.reshape(-1)
+    for grp in range(ngrp):  # phase 2
+        for part in range(parts):
+            for j in range(cnt[part * ngrp + grp]):
+                vals, k = lists[part * per_part * ngrp + grp + j * ngrp]
+                assert k % ct == 0
+                w = w_flat[k:k + ct]
+                for q in range(G):
+                    r = grp * G + q
+                    if r in bases:
+                        acc[r] += vals[q] * w

@@ -68,33 +68,144 @@ template <> struct Row<4> {
   }
 };
 
+template <> struct Row<8> {
+  float v[8];
+  __device__ __forceinline__ void load(const float* p) {
+    float4 t = *reinterpret_cast<const float4*>(p), u = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w; v[4] = u.x; v[5] = u.y; v[6] = u.z; v[7] = u.w;
+  }
+};
+
 // split-K: vector atomics (one RED per 2 or 4 floats) where the GPU has them (sm_90)
 template <int VEC> __device__ __forceinline__ void red_add_vec(float* p, const float* v) {
 #if __CUDA_ARCH__ >= 900
-  if (VEC == 4) atomicAdd(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
-  else atomicAdd(reinterpret_cast<float2*>(p), make_float2(v[0], v[1]));
+  if (VEC == 2) {
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(v[0], v[1]));
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; j += 4)
+      atomicAdd(reinterpret_cast<float4*>(p + j), make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]));
+  }
 #else
 #pragma unroll
   for (int j = 0; j < VEC; ++j) atomicAdd(p + j, v[j]);
 #endif
 }
 template <int VEC> __device__ __forceinline__ void load_vec_cg(float* acc, const float* p) {
-  if (VEC == 4) { float4 t = __ldcg(reinterpret_cast<const float4*>(p)); acc[0] = t.x; acc[1] = t.y; acc[2] = t.z; acc[3] = t.w; }
-  else { float2 t = __ldcg(reinterpret_cast<const float2*>(p)); acc[0] = t.x; acc[1] = t.y; }
+  if (VEC == 2) {
+    float2 t = __ldcg(reinterpret_cast<const float2*>(p)); acc[0] = t.x; acc[1] = t.y;
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; j += 4) {
+      float4 t = __ldcg(reinterpret_cast<const float4*>(p + j));
+      acc[j] = t.x; acc[j + 1] = t.y; acc[j + 2] = t.z; acc[j + 3] = t.w;
+    }
+  }
 }
 template <int VEC> __device__ __forceinline__ void store_vec_cg(float* p, const float* v) {
-  if (VEC == 4) __stcg(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
-  else __stcg(reinterpret_cast<float2*>(p), make_float2(v[0], v[1]));
+  if (VEC == 2) {
+    __stcg(reinterpret_cast<float2*>(p), make_float2(v[0], v[1]));
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; j += 4) __stcg(reinterpret_cast<float4*>(p + j), make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]));
+  }
 }
 
 // Shared memory (floats): W chunk buffers 2 x [kc][CT], patch [cc][patch_h][patch_w], entry
 // offsets [kc] and window bases [RMAX] (ints), then (GROUP = 4, 16-byte aligned) WARPS x 32
 // float4 segment buffers; the epilogue reuses the front as a [CT][RMAX+1] staging tile.
-// The conv position (index in the tile's region) of slot s of a warp. GROUP = 1: slots of a
-// warp are WARPS positions apart; GROUP = 4: four consecutive positions form a group.
+// The conv position (index in the tile's region) of slot s of a warp: groups of GROUP
+// consecutive positions, group g of the block owned by warp g % WARPS (GROUP = 1: the slots
+// of a warp are WARPS positions apart).
 template <int WARPS, int GROUP>
 __device__ __forceinline__ int slot_pos(int s, int warp) {
-  return GROUP == 1 ? s * WARPS + warp : ((s / GROUP) * WARPS + warp) * GROUP + (s % GROUP);
+  return ((s / GROUP) * WARPS + warp) * GROUP + (s % GROUP);
+}
+
+// The end of a block, shared by the kernels: split-K reduction (if any), bias, ReLU/max-pool,
+// stores. acc[s] holds the sums of slot s (conv position slot_pos(s, warp)), valid bit s says
+// the position is a real conv output. Callers have synchronised the block after their last
+// use of shared memory, which the epilogue reuses as its staging tile.
+template <typename T, int VEC, int PPW, int WARPS, int GROUP>
+__device__ __forceinline__ void ecr_finish(float (&acc)[PPW][VEC], const unsigned valid, float* smem,
+                                           const float* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
+                                           int* __restrict__ tickets, const EcrParams& p, int* s_last, const int img,
+                                           const int c0, const int ry0, const int rx0, const int qy0, const int qx0,
+                                           const int R) {
+  constexpr int CT = 32 * VEC;
+  constexpr int RMAX = PPW * WARPS;
+  constexpr int THREADS = WARPS * 32;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  if (p.splits > 1) {
+    // every split adds its partial sums into the tile's fp32 slot; the last one to arrive
+    // (atomic ticket) reads the total, puts the slot back to zero and runs the epilogue
+    float* slot = ws + (static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y) * (RMAX * CT);
+#pragma unroll
+    for (int s = 0; s < PPW; ++s)
+      if ((valid >> s) & 1u) red_add_vec<VEC>(slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC, acc[s]);
+    __threadfence();
+    __syncthreads();
+    int* ticket = tickets + blockIdx.x * gridDim.y + blockIdx.y;
+    if (tid == 0) *s_last = atomicAdd(ticket, 1) == p.splits - 1;
+    __syncthreads();
+    if (!*s_last) return;
+    __threadfence();
+#pragma unroll
+    for (int s = 0; s < PPW; ++s) {
+      if (!((valid >> s) & 1u)) continue;
+      float* q = slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC;
+      load_vec_cg<VEC>(acc[s], q);
+      const float zero[VEC] = {};
+      store_vec_cg<VEC>(q, zero);
+    }
+    if (tid == 0) *ticket = 0;  // ready for the next launch (and the next CUDA-graph replay)
+  }
+
+  // epilogue: [CT][RMAX+1] staging tile, then coalesced NCHW stores
+  constexpr int RS = RMAX + 1;
+  float* st = smem;
+  float b[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) b[j] = bias[c0 + lane * VEC + j];
+#pragma unroll
+  for (int s = 0; s < PPW; ++s) {
+    if (!((valid >> s) & 1u)) continue;
+    const int r = slot_pos<WARPS, GROUP>(s, warp);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float v = acc[s][j] + b[j];
+      if (!p.pool && p.relu) v = fmaxf(v, 0.f);
+      st[(lane * VEC + j) * RS + r] = v;
+    }
+  }
+  __syncthreads();
+  if (!p.pool) {
+    for (int i = tid; i < CT * R; i += THREADS) {
+      const int cl = i / R, r = i - cl * R, co = c0 + cl;
+      const int ry = r / p.crx, rx = r - ry * p.crx, cy = ry0 + ry, cx = rx0 + rx;
+      if (co < p.cout && cy < p.oh && cx < p.ow)
+        store_act(y + ((static_cast<size_t>(img) * p.cout + co) * p.oh + cy) * p.ow + cx, st[cl * RS + r]);
+    }
+  } else {
+    const int tq = p.tqy * p.tqx;
+    for (int i = tid; i < CT * tq; i += THREADS) {
+      const int cl = i / tq, q = i - cl * tq, co = c0 + cl;
+      const int qy = qy0 + q / p.tqx, qx = qx0 + (q - (q / p.tqx) * p.tqx);
+      if (co >= p.cout || qy >= p.qh || qx >= p.qw) continue;
+      float m = 0.f;  // the max starts at 0: the ReLU before the pool
+      for (int a = 0; a < p.pkh; ++a) {
+        const int cy = qy * p.psh - p.ppad_t + a;
+        if (cy < 0 || cy >= p.oh) continue;
+        for (int c = 0; c < p.pkw; ++c) {
+          const int cx = qx * p.psw - p.ppad_l + c;
+          if (cx < 0 || cx >= p.ow) continue;
+          m = fmaxf(m, st[cl * RS + (cy - ry0) * p.crx + (cx - rx0)]);
+        }
+      }
+      store_act(y + ((static_cast<size_t>(img) * p.cout + co) * p.qh + qy) * p.qw + qx, m);
+    }
+  }
 }
 
 // GROUP = 1: a warp applies the filters to one position's compressed row at a time.
@@ -103,7 +214,7 @@ __device__ __forceinline__ int slot_pos(int s, int warp) {
 // input is zero multiply a zero), which cuts shared-memory traffic per useful multiply when
 // the rows overlap, i.e. at moderate sparsity.
 template <typename T, int VEC, int PPW, int WARPS, int GROUP>
-__global__ void __launch_bounds__(WARPS * 32)
+__global__ void __launch_bounds__(WARPS * 32, PPW >= 16 ? 1 : 2)
 ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,
               T* __restrict__ y, float* __restrict__ ws, int* __restrict__ tickets, const EcrParams p) {
   constexpr int CT = 32 * VEC;
@@ -287,74 +398,220 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
     __syncthreads();  // the next chunk overwrites the patch and this weight buffer
   }
   cp_async_wait<0>();
+  ecr_finish<T, VEC, PPW, WARPS, GROUP>(acc, valid, smem, bias, y, ws, tickets, p, &s_last, img, c0, ry0, rx0, qy0, qx0, R);
+}
 
-  if (p.splits > 1) {
-    // every split adds its partial sums into the tile's fp32 slot; the last one to arrive
-    // (atomic ticket) reads the total, puts the slot back to zero and runs the epilogue
-    float* slot = ws + (static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y) * (RMAX * CT);
-#pragma unroll
-    for (int s = 0; s < PPW; ++s)
-      if ((valid >> s) & 1u) red_add_vec<VEC>(slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC, acc[s]);
-    __threadfence();
-    __syncthreads();
-    int* ticket = tickets + blockIdx.x * gridDim.y + blockIdx.y;
-    if (tid == 0) s_last = atomicAdd(ticket, 1) == p.splits - 1;
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-#pragma unroll
-    for (int s = 0; s < PPW; ++s) {
-      if (!((valid >> s) & 1u)) continue;
-      float* q = slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC;
-      load_vec_cg<VEC>(acc[s], q);
-      const float zero[VEC] = {};
-      store_vec_cg<VEC>(q, zero);
-    }
-    if (tid == 0) *ticket = 0;  // ready for the next launch (and the next CUDA-graph replay)
-  }
+// --- list kernel: the compressed rows of a K chunk built once per block, then consumed --------
+//
+// ecr_list_conv_pool walks K in the same chunks, tiles and split-K slots as ecr_conv_pool, but
+// splits each chunk into two phases so the multiply loop does nothing but multiply:
+//   1. (all threads) the ECR rows of the chunk go to shared memory. The block's RMAX conv
+//      positions form NGRP = RMAX/G groups of G consecutive positions; thread t builds, for
+//      group t % NGRP, part t / NGRP of the chunk's kc window entries: for every entry where
+//      any position of the group has a non-zero input it appends {the G input values, k*CT}
+//      (k = (c*kh + i)*kw + j, the kernel index; G = 1 is exactly the ECR row, G > 1 the union
+//      of the group's rows, the positions where the input is zero multiplying a zero) to its
+//      own list; its count goes to cnt[t]. Each list has one writer, so no counter races.
+//   2. (each warp, its groups) for every list entry, each lane reads VEC consecutive weights of
+//      row k from shared memory and multiplies them with the G values: a weight read feeds
+//      G*VEC FMAs, the entry read is a broadcast, and there are no ballots or shuffles in the loop.
+// The next chunk's patch is fetched into registers before phase 2 (stored after it) and its
+// weights by cp.async, so global latency hides behind the multiplies. Empty windows have
+// empty lists: no multiply, bias alone.
+template <int G> struct ListEntry;
+template <> struct __align__(8) ListEntry<1> { float v[1]; int k; };
+template <> struct __align__(16) ListEntry<2> { float v[2]; int k; int pad; };
+template <> struct __align__(16) ListEntry<4> { float v[4]; int k; int pad[3]; };
 
-  // epilogue: [CT][RMAX+1] staging tile, then coalesced NCHW stores
-  constexpr int RS = RMAX + 1;
-  float* st = smem;
-  float b[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) b[j] = bias[c0 + lane * VEC + j];
-#pragma unroll
-  for (int s = 0; s < PPW; ++s) {
-    if (!((valid >> s) & 1u)) continue;
-    const int r = slot_pos<WARPS, GROUP>(s, warp);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      float v = acc[s][j] + b[j];
-      if (!p.pool && p.relu) v = fmaxf(v, 0.f);
-      st[(lane * VEC + j) * RS + r] = v;
-    }
+template <int G> __device__ __forceinline__ void load_entry(const ListEntry<G>* e, float (&v)[G], int& k);
+template <> __device__ __forceinline__ void load_entry<1>(const ListEntry<1>* e, float (&v)[1], int& k) {
+  const float2 t = *reinterpret_cast<const float2*>(e);
+  v[0] = t.x; k = __float_as_int(t.y);
+}
+template <> __device__ __forceinline__ void load_entry<2>(const ListEntry<2>* e, float (&v)[2], int& k) {
+  const float4 t = *reinterpret_cast<const float4*>(e);
+  v[0] = t.x; v[1] = t.y; k = __float_as_int(t.z);
+}
+template <> __device__ __forceinline__ void load_entry<4>(const ListEntry<4>* e, float (&v)[4], int& k) {
+  const float4 t = *reinterpret_cast<const float4*>(e);
+  v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w; k = e->k;
+}
+
+// Shared memory (floats): W chunk buffers 2 x [kc][CT], patch [cc][patch_h][patch_w], entry
+// offsets [kc] and counts [THREADS] (ints), then (16-byte aligned) the lists, kc x NGRP entries
+// (entry slot n of group g at n*NGRP + g: one bank sweep per warp); the epilogue reuses the
+// front as a [CT][RMAX+1] staging tile.
+template <typename T, int VEC, int PPW, int WARPS, int G, int PREFETCH>
+__global__ void __launch_bounds__(WARPS * 32, 2)
+ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,
+                   T* __restrict__ y, float* __restrict__ ws, int* __restrict__ tickets, const EcrParams p) {
+  constexpr int CT = 32 * VEC;
+  constexpr int RMAX = PPW * WARPS;
+  constexpr int THREADS = WARPS * 32;
+  constexpr int NGRP = RMAX / G;          // groups in the block
+  constexpr int GPW = PPW / G;            // groups per warp
+  constexpr int PARTS = THREADS / NGRP;   // builders per group
+  static_assert(G == 1 || G == 2 || G == 4, "G is 1, 2 or 4");
+  static_assert(PPW % G == 0 && THREADS % NGRP == 0 && PPW <= 32, "groups must tile the warps and the block");
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int kc = p.kc;
+  float* wbuf0 = smem;
+  float* wbuf1 = smem + kc * CT;
+  float* patch = smem + 2 * kc * CT;
+  const int patch_size = p.cc * p.patch_h * p.patch_w;
+  int* offs = reinterpret_cast<int*>(patch + patch_size);
+  int* cnt = offs + kc;
+  ListEntry<G>* lists = reinterpret_cast<ListEntry<G>*>(smem + ((2 * kc * CT + patch_size + kc + THREADS + 3) & ~3));
+
+  const int tiles = p.tiles_y * p.tiles_x;
+  const int img = blockIdx.x / tiles;
+  const int t_in = blockIdx.x - img * tiles;
+  const int ty = t_in / p.tiles_x, tx = t_in - ty * p.tiles_x;
+  const int qy0 = ty * p.tqy, qx0 = tx * p.tqx;
+  const int ry0 = qy0 * p.psh - p.ppad_t, rx0 = qx0 * p.psw - p.ppad_l;
+  const int iy0 = ry0 * p.sh - p.pad_t, ix0 = rx0 * p.sw - p.pad_l;
+  const int c0 = blockIdx.y * CT;
+  const int ch_begin = blockIdx.z * p.chunks_per_split;
+  const int ch_end = min(p.chunks, ch_begin + p.chunks_per_split);
+  const int R = p.cry * p.crx;
+
+  for (int e = tid; e < kc; e += THREADS) {  // window entry e -> offset in the patch
+    const int khw = p.kh * p.kw;
+    const int cl = e / khw, rest = e - cl * khw, i = rest / p.kw, j = rest - i * p.kw;
+    offs[e] = (cl * p.patch_h + i) * p.patch_w + j;
   }
-  __syncthreads();
-  if (!p.pool) {
-    for (int i = tid; i < CT * R; i += THREADS) {
-      const int cl = i / R, r = i - cl * R, co = c0 + cl;
-      const int ry = r / p.crx, rx = r - ry * p.crx, cy = ry0 + ry, cx = rx0 + rx;
-      if (co < p.cout && cy < p.oh && cx < p.ow)
-        store_act(y + ((static_cast<size_t>(img) * p.cout + co) * p.oh + cy) * p.ow + cx, st[cl * RS + r]);
+  auto is_conv = [&](int r) {  // position r of the region is a conv output this block computes
+    const int ry = r / p.crx, rx = r - ry * p.crx;
+    const int cy = ry0 + ry, cx = rx0 + rx;
+    return r < R && cy >= 0 && cy < p.oh && cx >= 0 && cx < p.ow;
+  };
+  // phase 1 role: group b_grp, part b_part of the chunk's entries
+  const int b_grp = tid % NGRP, b_part = tid / NGRP;
+  unsigned b_mask = 0;
+  int b_base[G];
+#pragma unroll
+  for (int q = 0; q < G; ++q) {
+    const int r = b_grp * G + q;
+    const int ry = r / p.crx, rx = r - ry * p.crx;
+    b_base[q] = ry * p.sh * p.patch_w + rx * p.sw;
+    if (is_conv(r)) b_mask |= 1u << q;
+  }
+  const int per_part = (kc + PARTS - 1) / PARTS;
+  const int e_begin = b_part * per_part, e_end = min(kc, e_begin + per_part);
+  // phase 2 role: this warp's slots s = gi*G + q, position slot_pos(s, warp)
+  unsigned valid = 0;
+#pragma unroll
+  for (int s = 0; s < PPW; ++s)
+    if (is_conv(slot_pos<WARPS, G>(s, warp))) valid |= 1u << s;
+  float acc[PPW][VEC];
+#pragma unroll
+  for (int s = 0; s < PPW; ++s)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[s][j] = 0.f;
+
+  auto load_weights = [&](int ch, float* dst) {
+    const float* src = wt + static_cast<size_t>(ch) * kc * p.cout_pad + c0;
+    constexpr int PIECES = CT / 4;
+    for (int i = tid; i < kc * PIECES; i += THREADS) {
+      const int row = i / PIECES, col = i - row * PIECES;
+      cp_async16(dst + row * CT + col * 4, src + static_cast<size_t>(row) * p.cout_pad + col * 4);
     }
-  } else {
-    const int tq = p.tqy * p.tqx;
-    for (int i = tid; i < CT * tq; i += THREADS) {
-      const int cl = i / tq, q = i - cl * tq, co = c0 + cl;
-      const int qy = qy0 + q / p.tqx, qx = qx0 + (q - (q / p.tqx) * p.tqx);
-      if (co >= p.cout || qy >= p.qh || qx >= p.qw) continue;
-      float m = 0.f;  // the max starts at 0: the ReLU before the pool
-      for (int a = 0; a < p.pkh; ++a) {
-        const int cy = qy * p.psh - p.ppad_t + a;
-        if (cy < 0 || cy >= p.oh) continue;
-        for (int c = 0; c < p.pkw; ++c) {
-          const int cx = qx * p.psw - p.ppad_l + c;
-          if (cx < 0 || cx >= p.ow) continue;
-          m = fmaxf(m, st[cl * RS + (cy - ry0) * p.crx + (cx - rx0)]);
+  };
+  // the chunk's input patch, zero outside the image (the conv's zero padding); the plan keeps
+  // patch_size <= PREFETCH * THREADS
+  const int plane = p.patch_h * p.patch_w;
+  auto fetch_patch = [&](int ch, float (&v)[PREFETCH]) {
+#pragma unroll
+    for (int u = 0; u < PREFETCH; ++u) {
+      const int i = tid + u * THREADS;
+      v[u] = 0.f;
+      if (i < patch_size) {
+        const int cl = i / plane, rest = i - cl * plane;
+        const int py = rest / p.patch_w, px = rest - py * p.patch_w;
+        const int c = ch * p.cc + cl, iy = iy0 + py, ix = ix0 + px;
+        if (c < p.cin && iy >= 0 && iy < p.h && ix >= 0 && ix < p.w)
+          v[u] = load_act(x + ((static_cast<size_t>(img) * p.cin + c) * p.h + iy) * p.w + ix);
+      }
+    }
+  };
+  auto store_patch = [&](const float (&v)[PREFETCH]) {
+#pragma unroll
+    for (int u = 0; u < PREFETCH; ++u) {
+      const int i = tid + u * THREADS;
+      if (i < patch_size) patch[i] = v[u];
+    }
+  };
+
+  load_weights(ch_begin, wbuf0);
+  cp_async_commit();
+  {
+    float v[PREFETCH];
+    fetch_patch(ch_begin, v);
+    store_patch(v);
+  }
+  __syncthreads();  // offsets and the first patch are in shared memory
+  for (int ch = ch_begin; ch < ch_end; ++ch) {
+    const int stage = (ch - ch_begin) & 1;
+    const bool more = ch + 1 < ch_end;
+    if (more) load_weights(ch + 1, stage ? wbuf0 : wbuf1);
+    cp_async_commit();
+    // phase 1: this thread's part of its group's (union) ECR row
+    {
+      int n = 0;
+      ListEntry<G>* dst = lists + e_begin * NGRP + b_grp;
+      if (b_mask) {
+        for (int e = e_begin; e < e_end; ++e) {
+          const int o = offs[e];
+          ListEntry<G> ent;
+          bool nz = false;
+#pragma unroll
+          for (int q = 0; q < G; ++q) {
+            ent.v[q] = ((b_mask >> q) & 1u) ? patch[b_base[q] + o] : 0.f;
+            nz |= ent.v[q] != 0.f;
+          }
+          if (nz) {
+            ent.k = e * CT;
+            dst[n * NGRP] = ent;
+            ++n;
+          }
         }
       }
-      store_act(y + ((static_cast<size_t>(img) * p.cout + co) * p.qh + qy) * p.qw + qx, m);
+      cnt[tid] = n;
     }
+    float next[PREFETCH];
+    if (more) fetch_patch(ch + 1, next);  // in flight during phase 2
+    cp_async_wait<1>();  // this chunk's weights have landed (the next chunk's may still fly)
+    __syncthreads();     // lists and weights visible to every warp; the patch is free
+    const float* wl = (stage ? wbuf1 : wbuf0) + lane * VEC;
+    // phase 2: every entry of this warp's groups meets CT filters
+#pragma unroll
+    for (int gi = 0; gi < GPW; ++gi) {
+      if (!((valid >> (gi * G)) & ((1u << G) - 1u))) continue;  // warp-uniform: no conv output here
+      const int grp = gi * WARPS + warp;
+      for (int part = 0; part < PARTS; ++part) {
+        const int n = cnt[part * NGRP + grp];
+        const ListEntry<G>* src = lists + part * per_part * NGRP + grp;
+#pragma unroll 2
+        for (int j = 0; j < n; ++j) {
+          float a[G];
+          int k;
+          load_entry<G>(src + j * NGRP, a, k);
+          Row<VEC> w;
+          w.load(wl + k);
+#pragma unroll
+          for (int q = 0; q < G; ++q)
+#pragma unroll
+            for (int jj = 0; jj < VEC; ++jj) acc[gi * G + q][jj] = fmaf(a[q], w.v[jj], acc[gi * G + q][jj]);
+        }
+      }
+    }
+    if (more) store_patch(next);  // the patch was last read in phase 1, before the barrier
+    __syncthreads();  // the next chunk rewrites the lists and this weight buffer
   }
+  cp_async_wait<0>();
+  ecr_finish<T, VEC, PPW, WARPS, G>(acc, valid, smem, bias, y, ws, tickets, p, &s_last, img, c0, ry0, rx0, qy0, qx0, R);
 }
