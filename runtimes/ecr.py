@@ -77,10 +77,11 @@ class Variant:
     conv positions per warp (RMAX = PPW*WARPS per block), GROUP positions whose compressed
     rows are walked together (1, or the union of 2 or 4: each weight row read once for all).
 
-    kind "warp" (`ecr_conv_pool`): each warp builds its positions' rows with ballots while it
-    multiplies. kind "list" (`ecr_list_conv_pool`): the block first writes every compressed row
-    of a K chunk to shared memory, then the multiply loop reads {values, k} entries (no ballots
-    or shuffles); the next chunk's patch is prefetched through PREFETCH registers per thread."""
+    kind "warp" (`ecr_conv_pool`): each warp builds its positions' rows with ballots and
+    broadcasts every non-zero by shuffle while it multiplies. kind "list" (`ecr_list_conv_pool`):
+    the warp writes a group's compressed row of the K chunk to shared memory first, then a
+    multiply-only loop reads its {values, k} entries; the next chunk's patch is prefetched
+    through PREFETCH registers per thread while the current one is multiplied."""
 
     vec: int
     ppw: int
@@ -109,8 +110,8 @@ class Variant:
 
     def smem_floats(self, kc: int, patch: int) -> int:
         main = 2 * kc * self.ct + patch + kc + self.rmax
-        if self.kind == "list":  # offsets, counts, then kc x RMAX/G entries of 2*G (G=1) or 4*G floats
-            main = ((2 * kc * self.ct + patch + kc + self.threads + 3) & ~3) + 2 * kc * self.rmax
+        if self.kind == "list":  # then one list of kc entries (2 floats for G=1, 4 for G=2, 8 for G=4) per warp
+            main = ((main + 3) & ~3) + self.warps * kc * {1: 2, 2: 4, 4: 8}[self.group]
         elif self.group == 4:
             main = ((main + 3) & ~3) + self.warps * 32 * 4
         return max(main, self.ct * (self.rmax + 1))
@@ -130,6 +131,7 @@ VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4)
 KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
 SPLIT_SCALES = (1.0, 2.0)    # x the split count that gives ~2 blocks per SM
 MAX_CC = 64                  # largest channel chunk; the transposed weight is padded for it
+MAX_CT = max(v.ct for v in VARIANTS)  # output channels of the widest block; W^T rows and bias padded to it
 
 
 @dataclass(frozen=True)
@@ -221,8 +223,8 @@ def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout:
     if smem > max_smem or not v.fits(cc * patch_h * patch_w):
         return None
     tiles_y, tiles_x = -(-qh // tqy), -(-qw // tqx)
-    cout_pad = -(-cout // 128) * 128
-    n_ct = -(-cout // v.ct)  # blocks of CT output channels (the weight rows are padded to 128)
+    cout_pad = -(-cout // MAX_CT) * MAX_CT
+    n_ct = -(-cout // v.ct)  # blocks of CT output channels (the weight rows are padded to MAX_CT)
     chunks = -(-g.cin // cc)
     base = g.n * tiles_y * tiles_x * n_ct
     want = max(1, round(2 * sm_count * cand.split_scale / base)) if base < 2 * sm_count * cand.split_scale else 1
@@ -253,10 +255,10 @@ def layer_cost(g: ConvGeometry, pool: PoolGeometry | None, cout: int, density: f
 
 
 def pack_weights(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [Cout, Cin, kh, kw] -> fp32 W^T [(Cin + MAX_CC)*kh*kw, Cout_pad] (rows of Cout weights read
+    """W [Cout, Cin, kh, kw] -> fp32 W^T [(Cin + MAX_CC)*kh*kw, Cout_pad = Cout rounded up to MAX_CT] (rows read
     coalesced; zero rows past K so any chunk size reads inside it) and the fp32 bias [Cout_pad]."""
     cout, cin, kh, kw = (int(s) for s in w.shape)
-    cout_pad = -(-cout // 128) * 128
+    cout_pad = -(-cout // MAX_CT) * MAX_CT
     wt = torch.zeros((cin + MAX_CC) * kh * kw, cout_pad, device=w.device)
     wt[: cin * kh * kw, :cout] = w.float().reshape(cout, -1).t()
     bias = torch.zeros(cout_pad, device=w.device)

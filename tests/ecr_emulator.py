@@ -116,45 +116,38 @@ def emulate(plan, x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor) -> torc
 
 
 def _list_chunk(v, p, kc, flat, offs, slots, wc, acc) -> None:
-    """One K chunk of `ecr_list_conv_pool`: phase 1 writes each group's (union) ECR row into its
-    builders' list slots, with the kernel's integers (group, part, per_part, slot n*NGRP + g,
-    k*CT); phase 2 walks the lists of every group and multiplies."""
-    G, threads, ct = v.group, v.threads, v.ct
-    ngrp = v.rmax // G
-    parts = threads // ngrp
-    assert ngrp * parts == threads, "groups must tile the block's threads"
-    per_part = -(-kc // parts)
+    """One K chunk of `ecr_list_conv_pool`: each warp's groups of G consecutive positions (group
+    gi*WARPS + warp), each group's (union) compressed row written 32 window entries at a time
+    (ballot rank order, i.e. ascending k) into the warp's list of at most kc entries, then
+    walked: entry {values, k*CT} meets the weights of row k."""
+    G, ct = v.group, v.ct
     bases = dict(slots)  # conv position r -> patch offset of its window (valid positions only)
-    lists: dict[int, tuple] = {}
-    cnt = [0] * threads
-    for tid in range(threads):  # phase 1
-        grp, part = tid % ngrp, tid // ngrp
-        e_begin, e_end = part * per_part, min(kc, part * per_part + per_part)
-        n = 0
-        for e in range(e_begin, e_end):
-            vals = []
-            for q in range(G):
-                r = grp * G + q
-                if r in bases:
-                    i = bases[r] + int(offs[e])
-                    assert i < flat.numel(), "window entry outside the patch"
-                    vals.append(float(flat[i]))
-                else:
-                    vals.append(0.0)
-            if any(x != 0 for x in vals):
-                slot = (e_begin + n) * ngrp + grp
-                assert slot < kc * ngrp and slot not in lists, "list slot out of range or written twice"
-                lists[slot] = (vals, e * ct)
-                n += 1
-        cnt[tid] = n
     w_flat = wc.reshape(-1)
-    for grp in range(ngrp):  # phase 2
-        for part in range(parts):
-            for j in range(cnt[part * ngrp + grp]):
-                vals, k = lists[part * per_part * ngrp + grp + j * ngrp]
-                assert k % ct == 0
+    for warp in range(v.warps):
+        for gi in range(v.ppw // G):
+            grp = gi * v.warps + warp
+            members = [grp * G + q for q in range(G)]
+            if not any(r in bases for r in members):
+                continue
+            lst = []
+            for e0 in range(0, kc, 32):
+                for lane in range(32):
+                    e = e0 + lane
+                    if e >= kc:
+                        continue
+                    vals = []
+                    for r in members:
+                        if r in bases:
+                            i = bases[r] + int(offs[e])
+                            assert i < flat.numel(), "window entry outside the patch"
+                            vals.append(float(flat[i]))
+                        else:
+                            vals.append(0.0)
+                    if any(x != 0 for x in vals):
+                        lst.append((vals, e * ct))
+            assert len(lst) <= kc, "a list holds at most kc entries"
+            for vals, k in lst:
                 w = w_flat[k:k + ct]
-                for q in range(G):
-                    r = grp * G + q
+                for q, r in enumerate(members):
                     if r in bases:
                         acc[r] += vals[q] * w

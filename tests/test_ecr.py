@@ -348,9 +348,14 @@ def test_kernels_compile_for_ci_archs(arch):
     if not nvrtc_available()[0]:
         pytest.skip("NVRTC not installed")
     exprs = tuple(v.expr(h) for v in VARIANTS for h in (False, True))
-    cubin, names = compile_cubin(load_source(KERNEL_SOURCE), arch, KERNEL_SOURCE, name_expressions=exprs)
+    log: list[str] = []
+    cubin, names = compile_cubin(load_source(KERNEL_SOURCE), arch, KERNEL_SOURCE, options=("--ptxas-options=-v",),
+                                 name_expressions=exprs, use_cache=False, log=log)
     assert cubin[:4] == b"\x7fELF" and set(names) == set(exprs)
     assert all(names[e].encode() in cubin for e in exprs)
+    # ptxas reports every kernel; none may spill registers to local memory
+    spills = [line for line in log[0].splitlines() if "spill" in line]
+    assert len(spills) == len(exprs) and all("0 bytes spill stores, 0 bytes spill loads" in line for line in spills)
 
 
 def test_engine_params_match_the_kernel_struct():
@@ -374,6 +379,7 @@ GPU_LAYERS = [  # real-shaped (VGG-19) and odd layers
     (ConvGeometry(1, 512, 14, 14, 3, 3, 1, 1, (1, 1, 1, 1)), PoolGeometry(2, 2, 2, 2), 512),
     (ConvGeometry(1, 96, 17, 19, 1, 1, 2, 2, (0, 0, 0, 0)), None, 130),
     (ConvGeometry(1, 40, 11, 11, 3, 3, 1, 1, (1, 1, 1, 1)), PoolGeometry(3, 3, 2, 2, (1, 1, 1, 1), True), 72),
+    (ConvGeometry(1, 72, 9, 13, 3, 3, 1, 1, (1, 1, 1, 1)), PoolGeometry(2, 2, 2, 2), 384),  # CT 256 blocks past 256
 ]
 
 
@@ -397,10 +403,12 @@ def test_gpu_kernels_match_reference(layer, dtype, zeros):
     wt, bias = pack_weights(w.to(dev), b.to(dev))
     xd = x.to(dev)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
+    kinds = set()
     for cand in CANDIDATES:
         plan = make_plan(cand, g, pool, cout, True, ks.sm_count, ks.max_smem)
         if plan is None:
             continue
+        kinds.add(cand.variant)
         scratch.reserve(plan.ws_floats, plan.tickets)
         qh, qw = (pool.out_size(g.oh, g.ow) if pool else (g.oh, g.ow))
         y = torch.full((g.n, cout, qh, qw), float("nan"), device=dev, dtype=dtype)
@@ -410,6 +418,16 @@ def test_gpu_kernels_match_reference(layer, dtype, zeros):
         err = rel_err(y.cpu(), ref) if float(ref.abs().max()) > 0 else float(y.abs().max())
         assert err <= tol, (cand.name, plan.describe(), seed, err)
     assert int(scratch.tickets.abs().sum()) == 0 and float(scratch.ws.abs().sum()) == 0
+    assert kinds, "no kernel variant fits the layer"
+
+
+def test_gpu_layers_exercise_every_kernel_variant():
+    """The GPU correctness layers plan every variant (kind, VEC, positions, union group) somewhere."""
+    from sparsecnn.runtimes.ecr import CANDIDATES, VARIANTS, make_plan
+
+    planned = {c.variant for g, pool, cout in GPU_LAYERS for c in CANDIDATES
+               if make_plan(c, g, pool, cout, True, 132, 227 * 1024) is not None}
+    assert planned == set(VARIANTS)
 
 
 @pytest.mark.gpu

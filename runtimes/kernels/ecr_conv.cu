@@ -42,6 +42,14 @@ struct EcrParams {
   int relu, pool;
 };
 
+// Blocks per SM asked of ptxas (register budget) for ecr_conv_pool: 3 (<= 85 registers), and for
+// 16 positions per warp 2 (<= 128) where that compiles without spills (sm_90), else 1.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define ECR_WIDE_MIN_BLOCKS 2
+#else
+#define ECR_WIDE_MIN_BLOCKS 1
+#endif
+
 template <typename T> __device__ __forceinline__ float load_act(const T* p);
 template <> __device__ __forceinline__ float load_act<float>(const float* p) { return __ldg(p); }
 template <> __device__ __forceinline__ float load_act<__half>(const __half* p) { return __half2float(__ldg(p)); }
@@ -214,7 +222,7 @@ __device__ __forceinline__ void ecr_finish(float (&acc)[PPW][VEC], const unsigne
 // input is zero multiply a zero), which cuts shared-memory traffic per useful multiply when
 // the rows overlap, i.e. at moderate sparsity.
 template <typename T, int VEC, int PPW, int WARPS, int GROUP>
-__global__ void __launch_bounds__(WARPS * 32, PPW >= 16 ? 1 : 2)
+__global__ void __launch_bounds__(WARPS * 32, PPW >= 16 ? ECR_WIDE_MIN_BLOCKS : 3)
 ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,
               T* __restrict__ y, float* __restrict__ ws, int* __restrict__ tickets, const EcrParams p) {
   constexpr int CT = 32 * VEC;
@@ -401,23 +409,23 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
   ecr_finish<T, VEC, PPW, WARPS, GROUP>(acc, valid, smem, bias, y, ws, tickets, p, &s_last, img, c0, ry0, rx0, qy0, qx0, R);
 }
 
-// --- list kernel: the compressed rows of a K chunk built once per block, then consumed --------
+// --- list kernel: each compressed row written to shared memory, then a multiply-only loop ---
 //
-// ecr_list_conv_pool walks K in the same chunks, tiles and split-K slots as ecr_conv_pool, but
-// splits each chunk into two phases so the multiply loop does nothing but multiply:
-//   1. (all threads) the ECR rows of the chunk go to shared memory. The block's RMAX conv
-//      positions form NGRP = RMAX/G groups of G consecutive positions; thread t builds, for
-//      group t % NGRP, part t / NGRP of the chunk's kc window entries: for every entry where
-//      any position of the group has a non-zero input it appends {the G input values, k*CT}
-//      (k = (c*kh + i)*kw + j, the kernel index; G = 1 is exactly the ECR row, G > 1 the union
-//      of the group's rows, the positions where the input is zero multiplying a zero) to its
-//      own list; its count goes to cnt[t]. Each list has one writer, so no counter races.
-//   2. (each warp, its groups) for every list entry, each lane reads VEC consecutive weights of
-//      row k from shared memory and multiplies them with the G values: a weight read feeds
-//      G*VEC FMAs, the entry read is a broadcast, and there are no ballots or shuffles in the loop.
-// The next chunk's patch is fetched into registers before phase 2 (stored after it) and its
-// weights by cp.async, so global latency hides behind the multiplies. Empty windows have
-// empty lists: no multiply, bias alone.
+// ecr_list_conv_pool walks K in the same chunks, tiles and split-K slots as ecr_conv_pool. The
+// block's RMAX conv positions form groups of G consecutive positions; warp w owns groups
+// w, w + WARPS, ... For each of its groups and each K chunk the warp
+//   1. writes the group's compressed row to its own list in shared memory: 32 window entries at
+//      a time, a ballot keeps those where any of the G positions has a non-zero input, and
+//      each kept lane stores {its G input values, k*CT} at the list's end plus its rank among
+//      the kept lanes (k = (c*kh + i)*kw + j, the kernel index; G = 1 is exactly the ECR row,
+//      G > 1 the union of the group's rows, where a zero input multiplies a zero). One warp
+//      writes each list and the count is a warp-uniform register: nothing to race on;
+//   2. walks the list: per entry, a broadcast read of the entry, VEC consecutive weights of
+//      row k per lane, G*VEC FMAs; no ballots or shuffles in this loop, and its loads do not
+//      depend on the previous entry, so they issue ahead.
+// The next chunk's patch comes through PREFETCH registers per thread, loaded before and
+// stored after the multiplies; its weights come by cp.async (double buffered): global latency
+// hides behind the work. Empty windows have empty lists: no multiply, bias alone.
 template <int G> struct ListEntry;
 template <> struct __align__(8) ListEntry<1> { float v[1]; int k; };
 template <> struct __align__(16) ListEntry<2> { float v[2]; int k; int pad; };
@@ -436,23 +444,34 @@ template <> __device__ __forceinline__ void load_entry<4>(const ListEntry<4>* e,
   const float4 t = *reinterpret_cast<const float4*>(e);
   v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w; k = e->k;
 }
+template <int G> __device__ __forceinline__ void store_entry(ListEntry<G>* e, const float (&v)[G], int k);
+template <> __device__ __forceinline__ void store_entry<1>(ListEntry<1>* e, const float (&v)[1], int k) {
+  *reinterpret_cast<float2*>(e) = make_float2(v[0], __int_as_float(k));
+}
+template <> __device__ __forceinline__ void store_entry<2>(ListEntry<2>* e, const float (&v)[2], int k) {
+  *reinterpret_cast<float4*>(e) = make_float4(v[0], v[1], __int_as_float(k), 0.f);
+}
+template <> __device__ __forceinline__ void store_entry<4>(ListEntry<4>* e, const float (&v)[4], int k) {
+  *reinterpret_cast<float4*>(e) = make_float4(v[0], v[1], v[2], v[3]);
+  e->k = k;
+}
 
 // Shared memory (floats): W chunk buffers 2 x [kc][CT], patch [cc][patch_h][patch_w], entry
-// offsets [kc] and counts [THREADS] (ints), then (16-byte aligned) the lists, kc x NGRP entries
-// (entry slot n of group g at n*NGRP + g: one bank sweep per warp); the epilogue reuses the
-// front as a [CT][RMAX+1] staging tile.
+// offsets [kc] and window bases [RMAX] (ints), then (16-byte aligned) one list of kc entries
+// per warp; the epilogue reuses the front as a [CT][RMAX+1] staging tile.
+// Registers: the accumulators (PPW*VEC) set how many blocks an SM is asked to hold.
+template <int ACC> constexpr int list_min_blocks() { return ACC <= 16 ? 3 : 2; }
+
 template <typename T, int VEC, int PPW, int WARPS, int G, int PREFETCH>
-__global__ void __launch_bounds__(WARPS * 32, 2)
+__global__ void __launch_bounds__(WARPS * 32, list_min_blocks<PPW * VEC>())
 ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,
                    T* __restrict__ y, float* __restrict__ ws, int* __restrict__ tickets, const EcrParams p) {
   constexpr int CT = 32 * VEC;
-  constexpr int RMAX = PPW * WARPS;
   constexpr int THREADS = WARPS * 32;
-  constexpr int NGRP = RMAX / G;          // groups in the block
-  constexpr int GPW = PPW / G;            // groups per warp
-  constexpr int PARTS = THREADS / NGRP;   // builders per group
+  constexpr int GPW = PPW / G;  // groups per warp
+  constexpr unsigned FULL = 0xffffffffu;
   static_assert(G == 1 || G == 2 || G == 4, "G is 1, 2 or 4");
-  static_assert(PPW % G == 0 && THREADS % NGRP == 0 && PPW <= 32, "groups must tile the warps and the block");
+  static_assert(PPW % G == 0 && PPW <= 32, "a warp owns whole groups (and at most 32 positions)");
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   __shared__ int s_last;
@@ -464,8 +483,10 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
   float* patch = smem + 2 * kc * CT;
   const int patch_size = p.cc * p.patch_h * p.patch_w;
   int* offs = reinterpret_cast<int*>(patch + patch_size);
-  int* cnt = offs + kc;
-  ListEntry<G>* lists = reinterpret_cast<ListEntry<G>*>(smem + ((2 * kc * CT + patch_size + kc + THREADS + 3) & ~3));
+  int* bases = offs + kc;
+  constexpr int RMAX = PPW * WARPS;
+  ListEntry<G>* list = reinterpret_cast<ListEntry<G>*>(smem + ((2 * kc * CT + patch_size + kc + RMAX + 3) & ~3)) +
+                       warp * kc;
 
   const int tiles = p.tiles_y * p.tiles_x;
   const int img = blockIdx.x / tiles;
@@ -484,29 +505,18 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
     const int cl = e / khw, rest = e - cl * khw, i = rest / p.kw, j = rest - i * p.kw;
     offs[e] = (cl * p.patch_h + i) * p.patch_w + j;
   }
-  auto is_conv = [&](int r) {  // position r of the region is a conv output this block computes
+  for (int r = tid; r < RMAX; r += THREADS) {  // conv position r of the tile starts its window here
+    const int ry = r / p.crx, rx = r - ry * p.crx;
+    bases[r] = ry * p.sh * p.patch_w + rx * p.sw;
+  }
+  unsigned valid = 0;  // slot s = gi*G + q of this warp: position slot_pos(s, warp), a conv output?
+#pragma unroll
+  for (int s = 0; s < PPW; ++s) {
+    const int r = slot_pos<WARPS, G>(s, warp);
     const int ry = r / p.crx, rx = r - ry * p.crx;
     const int cy = ry0 + ry, cx = rx0 + rx;
-    return r < R && cy >= 0 && cy < p.oh && cx >= 0 && cx < p.ow;
-  };
-  // phase 1 role: group b_grp, part b_part of the chunk's entries
-  const int b_grp = tid % NGRP, b_part = tid / NGRP;
-  unsigned b_mask = 0;
-  int b_base[G];
-#pragma unroll
-  for (int q = 0; q < G; ++q) {
-    const int r = b_grp * G + q;
-    const int ry = r / p.crx, rx = r - ry * p.crx;
-    b_base[q] = ry * p.sh * p.patch_w + rx * p.sw;
-    if (is_conv(r)) b_mask |= 1u << q;
+    if (r < R && cy >= 0 && cy < p.oh && cx >= 0 && cx < p.ow) valid |= 1u << s;
   }
-  const int per_part = (kc + PARTS - 1) / PARTS;
-  const int e_begin = b_part * per_part, e_end = min(kc, e_begin + per_part);
-  // phase 2 role: this warp's slots s = gi*G + q, position slot_pos(s, warp)
-  unsigned valid = 0;
-#pragma unroll
-  for (int s = 0; s < PPW; ++s)
-    if (is_conv(slot_pos<WARPS, G>(s, warp))) valid |= 1u << s;
   float acc[PPW][VEC];
 #pragma unroll
   for (int s = 0; s < PPW; ++s)
@@ -553,65 +563,62 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
     fetch_patch(ch_begin, v);
     store_patch(v);
   }
-  __syncthreads();  // offsets and the first patch are in shared memory
+  const unsigned lanes_below = (1u << lane) - 1u;
   for (int ch = ch_begin; ch < ch_end; ++ch) {
     const int stage = (ch - ch_begin) & 1;
     const bool more = ch + 1 < ch_end;
     if (more) load_weights(ch + 1, stage ? wbuf0 : wbuf1);
     cp_async_commit();
-    // phase 1: this thread's part of its group's (union) ECR row
-    {
-      int n = 0;
-      ListEntry<G>* dst = lists + e_begin * NGRP + b_grp;
-      if (b_mask) {
-        for (int e = e_begin; e < e_end; ++e) {
-          const int o = offs[e];
-          ListEntry<G> ent;
-          bool nz = false;
-#pragma unroll
-          for (int q = 0; q < G; ++q) {
-            ent.v[q] = ((b_mask >> q) & 1u) ? patch[b_base[q] + o] : 0.f;
-            nz |= ent.v[q] != 0.f;
-          }
-          if (nz) {
-            ent.k = e * CT;
-            dst[n * NGRP] = ent;
-            ++n;
-          }
-        }
-      }
-      cnt[tid] = n;
-    }
     float next[PREFETCH];
-    if (more) fetch_patch(ch + 1, next);  // in flight during phase 2
+    if (more) fetch_patch(ch + 1, next);  // in flight during the multiplies
     cp_async_wait<1>();  // this chunk's weights have landed (the next chunk's may still fly)
-    __syncthreads();     // lists and weights visible to every warp; the patch is free
+    __syncthreads();     // ... for every thread, as have this chunk's patch, offsets and bases
     const float* wl = (stage ? wbuf1 : wbuf0) + lane * VEC;
-    // phase 2: every entry of this warp's groups meets CT filters
 #pragma unroll
     for (int gi = 0; gi < GPW; ++gi) {
-      if (!((valid >> (gi * G)) & ((1u << G) - 1u))) continue;  // warp-uniform: no conv output here
-      const int grp = gi * WARPS + warp;
-      for (int part = 0; part < PARTS; ++part) {
-        const int n = cnt[part * NGRP + grp];
-        const ListEntry<G>* src = lists + part * per_part * NGRP + grp;
-#pragma unroll 2
-        for (int j = 0; j < n; ++j) {
-          float a[G];
-          int k;
-          load_entry<G>(src + j * NGRP, a, k);
-          Row<VEC> w;
-          w.load(wl + k);
+      const unsigned gv = (valid >> (gi * G)) & ((1u << G) - 1u);
+      if (!gv) continue;  // warp-uniform: no conv output in this group
+      const float* pb[G];
 #pragma unroll
-          for (int q = 0; q < G; ++q)
+      for (int q = 0; q < G; ++q) pb[q] = patch + bases[slot_pos<WARPS, G>(gi * G + q, warp)];
+      // 1. the group's (union) compressed row of this chunk -> this warp's list
+      int n = 0;
+      for (int e0 = 0; e0 < kc; e0 += 32) {
+        const int e = e0 + lane;
+        float v[G];
+        bool nz = false;
+        if (e < kc) {
+          const int o = offs[e];
 #pragma unroll
-            for (int jj = 0; jj < VEC; ++jj) acc[gi * G + q][jj] = fmaf(a[q], w.v[jj], acc[gi * G + q][jj]);
+          for (int q = 0; q < G; ++q) {
+            v[q] = ((gv >> q) & 1u) ? pb[q][o] : 0.f;
+            nz |= v[q] != 0.f;
+          }
         }
+        const unsigned m = __ballot_sync(FULL, nz);
+        if (nz) store_entry<G>(list + n + __popc(m & lanes_below), v, e * CT);
+        n += __popc(m);
       }
+      __syncwarp();  // the list is written
+      // 2. every entry meets CT filters (two entries in flight, unless 64 accumulators leave no room)
+#pragma unroll(PPW * VEC >= 64 ? 1 : 2)
+      for (int j = 0; j < n; ++j) {
+        float a[G];
+        int k;
+        load_entry<G>(list + j, a, k);
+        Row<VEC> w;
+        w.load(wl + k);
+#pragma unroll
+        for (int q = 0; q < G; ++q)
+#pragma unroll
+          for (int jj = 0; jj < VEC; ++jj) acc[gi * G + q][jj] = fmaf(a[q], w.v[jj], acc[gi * G + q][jj]);
+      }
+      __syncwarp();  // the list is read before the next group rewrites it
     }
-    if (more) store_patch(next);  // the patch was last read in phase 1, before the barrier
-    __syncthreads();  // the next chunk rewrites the lists and this weight buffer
+    __syncthreads();  // every warp is done with this patch and weight buffer
+    if (more) store_patch(next);
   }
   cp_async_wait<0>();
+  __syncthreads();  // the last patch stores (none) and reads are over: the epilogue reuses shared memory
   ecr_finish<T, VEC, PPW, WARPS, G>(acc, valid, smem, bias, y, ws, tickets, p, &s_last, img, c0, ry0, rx0, qy0, qx0, R);
 }
