@@ -329,7 +329,7 @@ def test_plans_split_k_when_tiles_are_few_and_fit_shared_memory():
     plans = [p for p in plans.values() if p is not None]
     for p in plans:
         if p.candidate.variant.kind == "list":
-            assert p.params["cc"] * p.params["patch_h"] * p.params["patch_w"] <= p.candidate.variant.prefetch * 256
+            assert p.params["cc"] * p.params["patch_h"] * p.params["patch_w"] <= p.candidate.variant.prefetch * p.candidate.variant.threads
     for p in plans:
         assert p.params["splits"] > 1 and p.smem <= 227 * 1024
         assert p.params["splits"] * p.params["chunks_per_split"] >= p.params["chunks"]

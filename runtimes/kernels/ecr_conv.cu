@@ -459,11 +459,12 @@ template <> __device__ __forceinline__ void store_entry<4>(ListEntry<4>* e, cons
 // Shared memory (floats): W chunk buffers 2 x [kc][CT], patch [cc][patch_h][patch_w], entry
 // offsets [kc] and window bases [RMAX] (ints), then (16-byte aligned) one list of kc entries
 // per warp; the epilogue reuses the front as a [CT][RMAX+1] staging tile.
-// Registers: the accumulators (PPW*VEC) set how many blocks an SM is asked to hold.
-template <int ACC> constexpr int list_min_blocks() { return ACC <= 16 ? 3 : 2; }
+// Registers: the accumulators (PPW*VEC) set how many 8-warp blocks an SM is asked to hold
+// (3: <= 85 registers, 2: <= 128); a 16-warp block gets 128 registers.
+template <int ACC, int WARPS> constexpr int list_min_blocks() { return WARPS >= 16 ? 1 : (ACC <= 16 ? 3 : 2); }
 
 template <typename T, int VEC, int PPW, int WARPS, int G, int PREFETCH>
-__global__ void __launch_bounds__(WARPS * 32, list_min_blocks<PPW * VEC>())
+__global__ void __launch_bounds__(WARPS * 32, list_min_blocks<PPW * VEC, WARPS>())
 ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,
                    T* __restrict__ y, float* __restrict__ ws, int* __restrict__ tickets, const EcrParams p) {
   constexpr int CT = 32 * VEC;
