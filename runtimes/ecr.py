@@ -128,9 +128,11 @@ VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4)
               ((2, 8, 1), (2, 16, 1), (2, 8, 4), (2, 16, 4),
                (4, 8, 1), (4, 8, 4),
                (8, 4, 1), (8, 4, 2), (8, 4, 4), (8, 8, 4))),
-            # 16 warps, 256 positions per block: every weight byte brought from L2 serves 2-8x more
-            # positions (weight traffic, not multiplies, bounds the deep layers at high sparsity)
-            *(Variant(2, 16, g, warps=16, kind="list") for g in (1, 4)))
+            # 16 warps, 2x the positions per block at the same registers per thread: every weight byte
+            # brought from L2 serves more positions (weight traffic, not multiplies, bounds the deep
+            # layers at high sparsity)
+            *(Variant(v, ppw, g, warps=16, kind="list") for v, ppw, g in
+              ((2, 16, 1), (2, 16, 4), (4, 8, 4), (8, 8, 4))))
 KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
 SPLIT_SCALES = (1.0, 2.0)    # x the split count that gives ~2 blocks per SM
 MAX_CC = 64                  # largest channel chunk; the transposed weight is padded for it
