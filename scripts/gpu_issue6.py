@@ -403,75 +403,92 @@ def part_fig8(args, dev, res, real_means, real_tensors, real_label):
     reps = 3 if dry else args.reps
     rows, fig8_meta = [], []
     res["fig8_meta"] = fig8_meta
+    # bar-critical measurements first (fp32 PECR), then fp32 ECR, then fp16: what the time budget
+    # cuts is the least needed
+    jobs = []
     for li, layer in enumerate(layers):
+        pool = layer_spec(layer)[1]
+        for dname in DTYPES:
+            if dry and dname == "fp16":
+                continue
+            for target in ("ecr", "pecr") if pool else ("ecr",):
+                jobs.append(((dname != "fp32", target != "pecr"), li, dname, target))
+    jobs.sort(key=lambda j: j[0])  # stable: layer order within a priority
+    t_start = time.perf_counter()
+    skipped = []
+    res["fig8_skipped"] = skipped
+    for _, li, dname, target in jobs:
+        layer = layers[li]
+        if time.perf_counter() - t_start > args.fig8_budget_s:
+            skipped.append(f"{layer['name']} {dname} {target}")
+            continue
         g, pool = layer_spec(layer)
+        tpool = pool if target == "pecr" else None
         gen = torch.Generator().manual_seed(7 + li)
         w32 = torch.randn(layer["cout"], g.cin, 3, 3, generator=gen) * math.sqrt(2.0 / g.k)
         b32 = torch.randn(layer["cout"], generator=gen) * 0.1
-        targets = [("ecr", None)] + ([("pecr", pool)] if pool else [])
-        for dname, dtype in DTYPES.items():
-            if dry and dname == "fp16":
-                continue
-            w, b = w32.to(dev, dtype), b32.to(dev, dtype)
-            x0 = sparse_input((1, g.cin, g.h, g.w), 0.8, dtype, dev, seed=li)
-            for target, tpool in targets:
-                kl = make_layer(w, b, attrs_of(g, tpool), tpool, True, scratch, dry)
-                dense = time_dense(w, b, g, tpool, x0, reps, dry)
-                dname_best, dense_best = best(dense)
-                # all variants at 80% zeros (each checked against the oracle, timed briefly), then the two
-                # fastest and the fastest of the other kernel family (warp / list), timed fully everywhere
-                rejected = {}
-                screen = time_sparse(kl, x0, max(3, reps // 3), dry, ref=oracle(x0, w, b, g, tpool), rejected=rejected)
-                keep = keep_variants(screen)
-                first = time_sparse(kl, x0, reps, dry, names=set(keep))
-                cost80 = layer_cost(g, tpool, layer["cout"], 0.2)
-                for name_ in sorted(first, key=first.get):
-                    plan = kl.plan(CANDIDATE_BY_NAME[name_], x0)
-                    log(f"   {layer['name']} {dname} {target} @80%: {name_:<22} {first[name_]:.4f} ms "
-                        f"{2 * cost80['sparse_macs'] / first[name_] / 1e6:8.0f} useful GFLOP/s  "
-                        f"{plan.describe() if plan else ''}")
-                log(f"   dense: " + ", ".join(f"{k} {v:.4f}" for k, v in dense.items() if v) +
-                    f"  ({2 * cost80['dense_macs'] / dense_best / 1e6:.0f} GFLOP/s best)" if dense_best else "")
-                fig8_meta.append({"layer": layer["name"], "dtype": dname, "target": target, "rejected": rejected,
-                                  "at80_all_ms": screen, "at80_screen_reps": max(3, reps // 3), "kept": keep,
-                                  "cost": layer_cost(g, tpool, layer["cout"], 1.0)})
-                points = [(s, "iid") for s in SWEEP]
-                rm = real_means.get(layer["name"])
-                if rm is not None:
-                    points.append((round(rm, 4), "real-mean-iid"))
-                for s, kind in points:
-                    x = x0 if (s == 0.8 and kind == "iid") else sparse_input((1, g.cin, g.h, g.w), s, dtype, dev, seed=li)
-                    t = first if x is x0 else time_sparse(kl, x, reps, dry, names=set(keep))
-                    sname, sms = best(t)
-                    cost = layer_cost(g, tpool, layer["cout"], 1 - s)
-                    rows.append({"layer": layer["name"], "dtype": dname, "target": target, "sparsity": s, "kind": kind,
-                                 "sparse_ms": sms, "sparse_variant": sname, "sparse_all_ms": t,
-                                 "dense_ms": dense_best, "dense_method": dname_best, "dense_all_ms": dense,
-                                 "speedup": (dense_best / sms) if sms and dense_best else None,
-                                 "useful_gflops": 2 * cost["sparse_macs"] / sms / 1e6 if sms else None,
-                                 "dense_gflops": 2 * cost["dense_macs"] / dense_best / 1e6 if dense_best else None,
-                                 "cost": cost, "shape": [g.cin, g.h, g.w, layer["cout"]]})
-                xr = real_tensors.get(layer["name"])
-                if dry and xr is not None and xr.shape[2] > 28:
-                    xr = None  # the CPU reference ops are slow on large maps
-                if xr is not None and xr.shape[1] == g.cin:  # the real activation tensor (its own spatial size)
-                    xr = xr.to(dev, dtype)
-                    gr = layer_spec({**layer, "h": xr.shape[2], "w": xr.shape[3]})[0]
-                    d_r = time_dense(w, b, gr, tpool, xr, reps, dry)
-                    t_r = time_sparse(kl, xr, reps, dry, names=set(keep))
-                    sname, sms = best(t_r)
-                    dn, db = best(d_r)
-                    s_r = float((xr == 0).float().mean())
-                    rows.append({"layer": layer["name"], "dtype": dname, "target": target, "sparsity": round(s_r, 4),
-                                 "kind": f"real-activation {xr.shape[2]}x{xr.shape[3]}", "sparse_ms": sms,
-                                 "sparse_variant": sname, "sparse_all_ms": t_r, "dense_ms": db, "dense_method": dn,
-                                 "dense_all_ms": d_r, "speedup": (db / sms) if sms and db else None,
-                                 "shape": [g.cin, int(xr.shape[2]), int(xr.shape[3]), layer["cout"]]})
-                sp = {r["sparsity"]: r["speedup"] for r in rows if r["kind"] == "iid" and
-                      (r["layer"], r["dtype"], r["target"]) == (layer["name"], dname, target)}
-                log(f"fig8 {layer['name']:<12} {dname} {target:<4} dense {dense_best and round(dense_best, 4)} ms "
-                    f"({dname_best}); speedup @0/.5/.7/.8/.9/.95: "
-                    + " ".join(f"{sp.get(s) or float('nan'):.2f}" for s in (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)))
+        dtype = DTYPES[dname]
+        w, b = w32.to(dev, dtype), b32.to(dev, dtype)
+        x0 = sparse_input((1, g.cin, g.h, g.w), 0.8, dtype, dev, seed=li)
+        kl = make_layer(w, b, attrs_of(g, tpool), tpool, True, scratch, dry)
+        dense = time_dense(w, b, g, tpool, x0, reps, dry)
+        dname_best, dense_best = best(dense)
+        # all variants at 80% zeros (each checked against the oracle, timed briefly), then the two
+        # fastest and the fastest of the other kernel family (warp / list), timed fully everywhere
+        rejected = {}
+        screen = time_sparse(kl, x0, max(3, reps // 3), dry, ref=oracle(x0, w, b, g, tpool), rejected=rejected)
+        keep = keep_variants(screen)
+        first = time_sparse(kl, x0, reps, dry, names=set(keep))
+        cost80 = layer_cost(g, tpool, layer["cout"], 0.2)
+        for name_ in sorted(first, key=first.get):
+            plan = kl.plan(CANDIDATE_BY_NAME[name_], x0)
+            log(f"   {layer['name']} {dname} {target} @80%: {name_:<22} {first[name_]:.4f} ms "
+                f"{2 * cost80['sparse_macs'] / first[name_] / 1e6:8.0f} useful GFLOP/s  "
+                f"{plan.describe() if plan else ''}")
+        log(f"   dense: " + ", ".join(f"{k} {v:.4f}" for k, v in dense.items() if v) +
+            f"  ({2 * cost80['dense_macs'] / dense_best / 1e6:.0f} GFLOP/s best)" if dense_best else "")
+        fig8_meta.append({"layer": layer["name"], "dtype": dname, "target": target, "rejected": rejected,
+                          "at80_all_ms": screen, "at80_screen_reps": max(3, reps // 3), "kept": keep,
+                          "cost": layer_cost(g, tpool, layer["cout"], 1.0)})
+        points = [(s, "iid") for s in SWEEP]
+        rm = real_means.get(layer["name"])
+        if rm is not None:
+            points.append((round(rm, 4), "real-mean-iid"))
+        for s, kind in points:
+            x = x0 if (s == 0.8 and kind == "iid") else sparse_input((1, g.cin, g.h, g.w), s, dtype, dev, seed=li)
+            t = first if x is x0 else time_sparse(kl, x, reps, dry, names=set(keep))
+            sname, sms = best(t)
+            cost = layer_cost(g, tpool, layer["cout"], 1 - s)
+            rows.append({"layer": layer["name"], "dtype": dname, "target": target, "sparsity": s, "kind": kind,
+                         "sparse_ms": sms, "sparse_variant": sname, "sparse_all_ms": t,
+                         "dense_ms": dense_best, "dense_method": dname_best, "dense_all_ms": dense,
+                         "speedup": (dense_best / sms) if sms and dense_best else None,
+                         "useful_gflops": 2 * cost["sparse_macs"] / sms / 1e6 if sms else None,
+                         "dense_gflops": 2 * cost["dense_macs"] / dense_best / 1e6 if dense_best else None,
+                         "cost": cost, "shape": [g.cin, g.h, g.w, layer["cout"]]})
+        xr = real_tensors.get(layer["name"])
+        if dry and xr is not None and xr.shape[2] > 28:
+            xr = None  # the CPU reference ops are slow on large maps
+        if xr is not None and xr.shape[1] == g.cin:  # the real activation tensor (its own spatial size)
+            xr = xr.to(dev, dtype)
+            gr = layer_spec({**layer, "h": xr.shape[2], "w": xr.shape[3]})[0]
+            d_r = time_dense(w, b, gr, tpool, xr, reps, dry)
+            t_r = time_sparse(kl, xr, reps, dry, names=set(keep))
+            sname, sms = best(t_r)
+            dn, db = best(d_r)
+            s_r = float((xr == 0).float().mean())
+            rows.append({"layer": layer["name"], "dtype": dname, "target": target, "sparsity": round(s_r, 4),
+                         "kind": f"real-activation {xr.shape[2]}x{xr.shape[3]}", "sparse_ms": sms,
+                         "sparse_variant": sname, "sparse_all_ms": t_r, "dense_ms": db, "dense_method": dn,
+                         "dense_all_ms": d_r, "speedup": (db / sms) if sms and db else None,
+                         "shape": [g.cin, int(xr.shape[2]), int(xr.shape[3]), layer["cout"]]})
+        sp = {r["sparsity"]: r["speedup"] for r in rows if r["kind"] == "iid" and
+              (r["layer"], r["dtype"], r["target"]) == (layer["name"], dname, target)}
+        log(f"fig8 {layer['name']:<12} {dname} {target:<4} dense {dense_best and round(dense_best, 4)} ms "
+            f"({dname_best}); speedup @0/.5/.7/.8/.9/.95: "
+            + " ".join(f"{sp.get(s) or float('nan'):.2f}" for s in (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)))
+    if skipped:
+        log(f"fig8: {args.fig8_budget_s:.0f} s budget spent; skipped {len(skipped)}: {', '.join(skipped)}")
     res["fig8"] = rows
     res["fig8_real_model"] = real_label
     summarize_fig8(res)
@@ -506,6 +523,15 @@ def summarize_fig8(res):
         res["bar"] = {"pecr_fp32_geomean_speedup": gm, "points": len(bar), "target": 1.5, "met": gm >= 1.5,
                       "per_point": [{k: r[k] for k in ("layer", "sparsity", "sparse_ms", "dense_ms", "dense_method",
                                                         "speedup", "sparse_variant")} for r in bar]}
+        # the same geomean with one kernel family only (ecr* warp kernels, list* list kernels)
+        for family in ("ecr", "list"):
+            sp = []
+            for r in bar:
+                t = [v for k, v in (r.get("sparse_all_ms") or {}).items() if k.startswith(family) and v]
+                if t:
+                    sp.append(r["dense_ms"] / min(t))
+            res["bar"][f"geomean_{family}_only"] = (math.exp(sum(map(math.log, sp)) / len(sp))
+                                                    if len(sp) == len(bar) else None)
 
 
 def plot_fig8(res, out: Path):
@@ -680,6 +706,10 @@ def env_info(dev) -> dict:
     return out
 
 
+def fmt_x(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
 def write_markdown(res, out: Path):
     L = [f"# Issue 6: ECR / PECR on {res['env'].get('gpu')}", "",
          f"torch {res['env'].get('torch')}, CUDA {res['env'].get('cuda')}, cuDNN {res['env'].get('cudnn')}; "
@@ -695,12 +725,17 @@ def write_markdown(res, out: Path):
         b = res["bar"]
         L += ["## Figure 8 bar (fp32, TF32 off)", "",
               f"PECR geomean speedup over the best dense conv+ReLU+max-pool on the five conv-then-pool layers at "
-              f"70/80/90% zeros: **{b['pecr_fp32_geomean_speedup']:.2f}x** (bar 1.5x: {'met' if b['met'] else 'NOT met'}).",
+              f"70/80/90% zeros: **{b['pecr_fp32_geomean_speedup']:.2f}x** (bar 1.5x: {'met' if b['met'] else 'NOT met'}); "
+              f"warp kernels (ecr*) alone {fmt_x(b.get('geomean_ecr_only'))}, list kernels (list*) alone "
+              f"{fmt_x(b.get('geomean_list_only'))}.",
               "", "| layer | zeros | PECR ms | variant | dense ms | dense method | speedup |", "|---|---|---|---|---|---|---|"]
         for p in b["per_point"]:
             L.append(f"| {p['layer']} | {p['sparsity']:.0%} | {p['sparse_ms']:.4f} | {p['sparse_variant']} | "
                      f"{p['dense_ms']:.4f} | {p['dense_method']} | {p['speedup']:.2f}x |")
         L.append("")
+    if res.get("fig8_skipped"):
+        L += [f"Figure 8 jobs skipped (--fig8-budget-s {res['args'].get('fig8_budget_s')} spent): "
+              + ", ".join(res["fig8_skipped"]), ""]
     if res.get("break_even"):
         L += ["## Break-even input sparsity", "", f"Real activations from: {res.get('fig8_real_model')}", "",
               "| layer | dtype | target | break-even zeros |", "|---|---|---|---|"]
@@ -752,7 +787,8 @@ def short_table(res):
     if "bar" in res:
         b = res["bar"]
         log(f"BAR PECR fp32 geomean @70/80/90% over {b['points']} points: {b['pecr_fp32_geomean_speedup']:.2f}x "
-            f"(target 1.5x: {'MET' if b['met'] else 'NOT MET'})")
+            f"(target 1.5x: {'MET' if b['met'] else 'NOT MET'}; warp kernels alone {fmt_x(b.get('geomean_ecr_only'))}, "
+            f"list kernels alone {fmt_x(b.get('geomean_list_only'))})")
     for r in (res.get("vgg", {}).get("rows") or []) + (res.get("nets") or []):
         if "error" in r:
             log(f"{r.get('model', '?')} {r.get('dtype', '')}: ERROR {r['error']}")
@@ -772,6 +808,9 @@ def main() -> None:
                                                                  "nets runs ResNet-18 and TrafficCamNet too)")
     ap.add_argument("--budget-s", type=float, help="start no new part after this many seconds (default 330 on "
                                                    "the GPU, none on the CPU dry run)")
+    ap.add_argument("--fig8-budget-s", type=float, default=200.0,
+                    help="fig8 starts no new (layer, dtype, target) after this many seconds of its own (default "
+                         "200); the bar's fp32 PECR layers run first, fp16 last")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, reference ops: checks the plumbing")
     args = ap.parse_args()
     if args.budget_s is None:
