@@ -134,6 +134,8 @@ VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4)
             *(Variant(v, ppw, g, warps=16, kind="list") for v, ppw, g in
               ((2, 16, 1), (2, 16, 4), (4, 8, 4), (8, 8, 4))))
 KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
+# list kernels write rows 32 entries at a time: 63 = 7 channels of a 3x3 kernel fills 2 ballots
+LIST_KC_TARGETS = (36, 63)
 SPLIT_SCALES = (1.0, 2.0)    # x the split count that gives ~2 blocks per SM
 MAX_CC = 64                  # largest channel chunk; the transposed weight is padded for it
 MAX_CT = max(v.ct for v in VARIANTS)  # output channels of the widest block; W^T rows and bias padded to it
@@ -153,7 +155,8 @@ class Candidate:
         return f"ecr{v.vec * 32}x{v.rmax}{'u' if v.group == 4 else ''}-k{self.kc_target}-s{self.split_scale:g}"
 
 
-CANDIDATES = tuple(Candidate(v, k, s) for v in VARIANTS for k in KC_TARGETS for s in SPLIT_SCALES)
+CANDIDATES = tuple(Candidate(v, k, s) for v in VARIANTS
+                   for k in (LIST_KC_TARGETS if v.kind == "list" else KC_TARGETS) for s in SPLIT_SCALES)
 CANDIDATE_BY_NAME = {c.name: c for c in CANDIDATES}
 
 PARAM_FIELDS = ("n_img cin h w cout cout_pad kh kw sh sw pad_t pad_l oh ow pkh pkw psh psw ppad_t ppad_l "

@@ -323,10 +323,10 @@ def test_plans_split_k_when_tiles_are_few_and_fit_shared_memory():
 
     g = ConvGeometry(1, 512, 14, 14, 3, 3, 1, 1, (1, 1, 1, 1))  # VGG-19 features.34 at batch 1
     plans = {c.name: make_plan(c, g, PoolGeometry(2, 2, 2, 2), 512, True, 132, 227 * 1024) for c in CANDIDATES}
-    # every candidate plans, except 8-warp list kernels with 128 positions and 8-channel chunks: their
-    # patch, 8 x 10 x 18 = 1440 values, outgrows 4 prefetch registers x 256 threads
+    # every candidate plans, except 8-warp list kernels with 128 positions (8 x 14 conv region) and
+    # 7-channel chunks: their patch, 7 x 10 x 16 = 1120 values, outgrows 4 prefetch registers x 256 threads
     missing = {n for n, p in plans.items() if p is None}
-    assert missing == {c.name for c in CANDIDATES if c.variant.kind == "list" and c.kc_target == 72
+    assert missing == {c.name for c in CANDIDATES if c.variant.kind == "list" and c.kc_target == 63
                        and c.variant.rmax == 128 and c.variant.warps == 8}
     plans = [p for p in plans.values() if p is not None]
     for p in plans:
