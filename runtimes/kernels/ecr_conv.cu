@@ -2,6 +2,12 @@
 // Xu et al., arXiv:1909.09927), generalised to real layers: all input channels, all filters,
 // batch, strides, asymmetric pads, any max-pool (kernel, stride, pads, ceil mode).
 //
+// Two kernels share the tiling, the K chunks, split-K and the epilogue (ecr_finish):
+// ecr_conv_pool (below: "warp" variants) and ecr_list_conv_pool (end of the file: "list"
+// variants, which write each compressed row to shared memory and then multiply without
+// ballots or shuffles, prefetching the next chunk's input). The compile-time timing of the
+// runtime picks, per layer, whichever variant is fastest on the layer's real input.
+//
 // One block owns a tile of (pooled) outputs of one image and CT = 32*VEC output channels;
 // gridDim.z splits the K = Cin*kh*kw reduction (split-K) when the layer has too few tiles to
 // fill the GPU. The block walks K in chunks of `cc` input channels (kc = cc*kh*kw entries):
