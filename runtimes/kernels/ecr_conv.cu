@@ -539,21 +539,27 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
     }
   };
   // the chunk's input patch, zero outside the image (the conv's zero padding); the plan keeps
-  // patch_size <= PREFETCH * THREADS
-  const int plane = p.patch_h * p.patch_w;
-  auto fetch_patch = [&](int ch, float (&v)[PREFETCH]) {
+  // patch_size <= PREFETCH * THREADS. Patch element tid + u*THREADS reads input element
+  // src[u] = (cl*h + iy)*w + ix past the chunk's first channel, the same for every chunk
+  // (-1: outside the image or the patch); channel cl exists iff src[u] < (cin - ch*cc)*h*w.
+  int src[PREFETCH];
+  {
+    const int plane = p.patch_h * p.patch_w;
 #pragma unroll
     for (int u = 0; u < PREFETCH; ++u) {
       const int i = tid + u * THREADS;
-      v[u] = 0.f;
-      if (i < patch_size) {
-        const int cl = i / plane, rest = i - cl * plane;
-        const int py = rest / p.patch_w, px = rest - py * p.patch_w;
-        const int c = ch * p.cc + cl, iy = iy0 + py, ix = ix0 + px;
-        if (c < p.cin && iy >= 0 && iy < p.h && ix >= 0 && ix < p.w)
-          v[u] = load_act(x + ((static_cast<size_t>(img) * p.cin + c) * p.h + iy) * p.w + ix);
-      }
+      const int cl = i / plane, rest = i - cl * plane;
+      const int py = rest / p.patch_w, px = rest - py * p.patch_w;
+      const int iy = iy0 + py, ix = ix0 + px;
+      src[u] = (i < patch_size && iy >= 0 && iy < p.h && ix >= 0 && ix < p.w) ? (cl * p.h + iy) * p.w + ix : -1;
     }
+  }
+  const int hw = p.h * p.w;
+  auto fetch_patch = [&](int ch, float (&v)[PREFETCH]) {
+    const T* xc = x + (static_cast<size_t>(img) * p.cin + ch * p.cc) * hw;
+    const int limit = (p.cin - ch * p.cc) * hw;
+#pragma unroll
+    for (int u = 0; u < PREFETCH; ++u) v[u] = (src[u] >= 0 && src[u] < limit) ? load_act(xc + src[u]) : 0.f;
   };
   auto store_patch = [&](const float (&v)[PREFETCH]) {
 #pragma unroll
