@@ -613,8 +613,9 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
         n += __popc(m);
       }
       __syncwarp();  // the list is written
-      // 2. every entry meets CT filters (two entries in flight, unless 64 accumulators leave no room)
-#pragma unroll(PPW * VEC >= 64 ? 1 : 2)
+      // 2. every entry meets CT filters (entries in flight hide the entry -> weight load latency:
+      // 4 with few accumulators, 2, or 1 when 64 accumulators leave no registers)
+#pragma unroll(PPW * VEC >= 64 ? 1 : (PPW * VEC <= 32 ? 4 : 2))
       for (int j = 0; j < n; ++j) {
         float a[G];
         int k;
