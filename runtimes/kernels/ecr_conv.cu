@@ -540,9 +540,9 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
   };
   // the chunk's input patch, zero outside the image (the conv's zero padding); the plan keeps
   // patch_size <= PREFETCH * THREADS. Patch element tid + u*THREADS reads input element
-  // src[u] = (cl*h + iy)*w + ix past the chunk's first channel, the same for every chunk
-  // (-1: outside the image or the patch); channel cl exists iff src[u] < (cin - ch*cc)*h*w.
-  int src[PREFETCH];
+  // xoff[u] = (cl*h + iy)*w + ix past the chunk's first channel, the same for every chunk
+  // (-1: outside the image or the patch); channel cl exists iff xoff[u] < (cin - ch*cc)*h*w.
+  int xoff[PREFETCH];
   {
     const int plane = p.patch_h * p.patch_w;
 #pragma unroll
@@ -551,7 +551,7 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
       const int cl = i / plane, rest = i - cl * plane;
       const int py = rest / p.patch_w, px = rest - py * p.patch_w;
       const int iy = iy0 + py, ix = ix0 + px;
-      src[u] = (i < patch_size && iy >= 0 && iy < p.h && ix >= 0 && ix < p.w) ? (cl * p.h + iy) * p.w + ix : -1;
+      xoff[u] = (i < patch_size && iy >= 0 && iy < p.h && ix >= 0 && ix < p.w) ? (cl * p.h + iy) * p.w + ix : -1;
     }
   }
   const int hw = p.h * p.w;
@@ -559,7 +559,7 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
     const T* xc = x + (static_cast<size_t>(img) * p.cin + ch * p.cc) * hw;
     const int limit = (p.cin - ch * p.cc) * hw;
 #pragma unroll
-    for (int u = 0; u < PREFETCH; ++u) v[u] = (src[u] >= 0 && src[u] < limit) ? load_act(xc + src[u]) : 0.f;
+    for (int u = 0; u < PREFETCH; ++u) v[u] = (xoff[u] >= 0 && xoff[u] < limit) ? load_act(xc + xoff[u]) : 0.f;
   };
   auto store_patch = [&](const float (&v)[PREFETCH]) {
 #pragma unroll
