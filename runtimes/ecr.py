@@ -136,7 +136,11 @@ VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4)
 KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
 # list kernels write rows 32 entries at a time: 63 = 7 channels of a 3x3 kernel fills 2 ballots
 LIST_KC_TARGETS = (36, 63)
-SPLIT_SCALES = (1.0, 2.0)    # x the split count that gives ~2 blocks per SM
+# x the split count that gives ~2 blocks per SM; 0: the split count that fills whole waves of
+# resident blocks (occupancy from the kernel's registers and the plan's shared memory)
+SPLIT_SCALES = (1.0, 2.0, 0.0)
+SM_SHARED_BYTES = 228 * 1024  # shared memory per SM (H100, A100-class and Orin: the most a plan counts on)
+SM_REGISTERS = 64 * 1024
 MAX_CC = 64                  # largest channel chunk; the transposed weight is padded for it
 MAX_CT = max(v.ct for v in VARIANTS)  # output channels of the widest block; W^T rows and bias padded to it
 
@@ -150,9 +154,10 @@ class Candidate:
     @property
     def name(self) -> str:
         v = self.variant
+        split = f"s{self.split_scale:g}" if self.split_scale else "sw"
         if v.kind == "list":
-            return f"list{v.ct}x{v.rmax}g{v.group}-k{self.kc_target}-s{self.split_scale:g}"
-        return f"ecr{v.vec * 32}x{v.rmax}{'u' if v.group == 4 else ''}-k{self.kc_target}-s{self.split_scale:g}"
+            return f"list{v.ct}x{v.rmax}g{v.group}-k{self.kc_target}-{split}"
+        return f"ecr{v.vec * 32}x{v.rmax}{'u' if v.group == 4 else ''}-k{self.kc_target}-{split}"
 
 
 CANDIDATES = tuple(Candidate(v, k, s) for v in VARIANTS
@@ -207,9 +212,32 @@ def _tile(qh: int, qw: int, pool: PoolGeometry | None, g: ConvGeometry, rmax: in
     return best
 
 
+def blocks_per_sm(v: Variant, smem: int, registers: int | None = None) -> int:
+    """Resident blocks of `v` per SM with `smem` bytes of dynamic shared memory (1 KB reserved per
+    block) and, if known, `registers` per thread (allocated per warp in units of 256)."""
+    n = min(64 // v.warps, 32, SM_SHARED_BYTES // (smem + 1024))
+    if registers:
+        n = min(n, SM_REGISTERS // (-(-registers * 32 // 256) * 256 * v.warps))
+    return max(1, n)
+
+
+def wave_splits(base: int, chunks: int, slots: int) -> int:
+    """Split count whose grid fills whole waves of `slots` resident blocks best: time ~ waves x
+    (chunks per block + 1, the +1 for a block's fixed work: prologue, epilogue, split-K adds)."""
+    best = None
+    for s in range(1, min(chunks, 64) + 1):
+        per = -(-chunks // s)
+        s_eff = -(-chunks // per)
+        cost = -(-base * s_eff // slots) * (per + 1)
+        if best is None or cost < best[0]:
+            best = (cost, s_eff)
+    return best[1]
+
+
 def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout: int, relu: bool,
-              sm_count: int, max_smem: int) -> Plan | None:
-    """The launch of `cand` for this layer, or None if it does not fit (shared memory)."""
+              sm_count: int, max_smem: int, registers: int | None = None) -> Plan | None:
+    """The launch of `cand` for this layer, or None if it does not fit (shared memory).
+    `registers`: the kernel's registers per thread, for the occupancy the whole-wave split uses."""
     v = cand.variant
     if pool is not None:
         qh, qw = pool.out_size(g.oh, g.ow)
@@ -235,8 +263,11 @@ def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout:
     n_ct = -(-cout // v.ct)  # blocks of CT output channels (the weight rows are padded to MAX_CT)
     chunks = -(-g.cin // cc)
     base = g.n * tiles_y * tiles_x * n_ct
-    want = max(1, round(2 * sm_count * cand.split_scale / base)) if base < 2 * sm_count * cand.split_scale else 1
-    splits = min(chunks, want)
+    if cand.split_scale:
+        want = max(1, round(2 * sm_count * cand.split_scale / base)) if base < 2 * sm_count * cand.split_scale else 1
+        splits = min(chunks, want)
+    else:
+        splits = wave_splits(base, chunks, sm_count * blocks_per_sm(v, smem, registers))
     per_split = -(-chunks // splits)
     splits = -(-chunks // per_split)
     grid = (g.n * tiles_y * tiles_x, n_ct, splits)
@@ -299,11 +330,14 @@ class Scratch:
             self.tickets = torch.zeros(tickets, dtype=torch.int32, device=self.device)
 
 
-def _static_shared_bytes(kernel) -> int:
+def _func_attribute(kernel, name: str, default: int) -> int:
     driver = kernel._driver
-    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
-    err, value = driver.cuFuncGetAttribute(attr, kernel.function)
-    return int(value) if int(err) == 0 else 1024
+    err, value = driver.cuFuncGetAttribute(getattr(driver.CUfunction_attribute, name), kernel.function)
+    return int(value) if int(err) == 0 else default
+
+
+def _static_shared_bytes(kernel) -> int:
+    return _func_attribute(kernel, "CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES", 1024)
 
 
 class KernelSet:
@@ -336,6 +370,9 @@ class KernelSet:
                 self.kernels[(v, half)] = k
         # dynamic + static shared memory must fit the opt-in limit
         self.max_smem = optin - static
+        # registers per thread of each variant (the larger of fp32 / fp16), for occupancy
+        self.registers = {v: max(_func_attribute(self.kernels[(v, h)], "CU_FUNC_ATTRIBUTE_NUM_REGS", 0)
+                                 for h in (False, True)) or None for v in VARIANTS}
         for k in self.kernels.values():
             k.set_max_dynamic_shared(self.max_smem)
 
@@ -406,7 +443,8 @@ class EcrLayer:
         key = (tuple(x.shape), cand.name)
         if key not in self._plans:
             g = self.geometry(x)
-            plan = make_plan(cand, g, self.pool, self.cout, self.relu, self.kernels.sm_count, self.kernels.max_smem)
+            plan = make_plan(cand, g, self.pool, self.cout, self.relu, self.kernels.sm_count, self.kernels.max_smem,
+                             self.kernels.registers.get(cand.variant))
             if plan is not None:
                 self.scratch.reserve(plan.ws_floats, plan.tickets)
             self._plans[key] = plan
