@@ -138,7 +138,8 @@ KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 
 LIST_KC_TARGETS = (36, 63)
 # x the split count that gives ~2 blocks per SM; 0: the split count that fills whole waves of
 # resident blocks (occupancy from the kernel's registers and the plan's shared memory)
-SPLIT_SCALES = (1.0, 2.0, 0.0)
+SPLIT_SCALES = (1.0, 2.0)       # warp kernels (as measured on the H100)
+LIST_SPLIT_SCALES = (1.0, 0.0)  # list kernels
 SM_SHARED_BYTES = 228 * 1024  # shared memory per SM (H100, A100-class and Orin: the most a plan counts on)
 SM_REGISTERS = 64 * 1024
 MAX_CC = 64                  # largest channel chunk; the transposed weight is padded for it
@@ -161,7 +162,8 @@ class Candidate:
 
 
 CANDIDATES = tuple(Candidate(v, k, s) for v in VARIANTS
-                   for k in (LIST_KC_TARGETS if v.kind == "list" else KC_TARGETS) for s in SPLIT_SCALES)
+                   for k in (LIST_KC_TARGETS if v.kind == "list" else KC_TARGETS)
+                   for s in (LIST_SPLIT_SCALES if v.kind == "list" else SPLIT_SCALES))
 CANDIDATE_BY_NAME = {c.name: c for c in CANDIDATES}
 
 PARAM_FIELDS = ("n_img cin h w cout cout_pad kh kw sh sw pad_t pad_l oh ow pkh pkw psh psw ppad_t ppad_l "

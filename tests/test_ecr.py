@@ -306,12 +306,14 @@ def test_list_kernel_plans_compute_the_layer(case):
     seen = set()
     for cand in CANDIDATES:
         v = cand.variant
-        if v.kind != "list" or (v, cand.kc_target) in seen or cand.split_scale != (2.0 if case == 4 else 1.0):
+        if v.kind != "list" or (v, cand.kc_target) in seen or cand.split_scale != (0.0 if case == 4 else 1.0):
             continue
         plan = make_plan(cand, g, pool, cout, relu, sm_count=8, max_smem=227 * 1024)
         if plan is None:
             continue
         seen.add((v, cand.kc_target))
+        if case == 4:  # whole-wave split of 8 SMs: split-K with its workspace slots
+            assert plan.params["splits"] > 1
         y = emulate(plan, x, wt, bias)
         assert rel_err(y, ref) <= 1e-6, (cand.name, plan.describe())
     # G = 2 variants have CT = 256, planned only for more than 128 output channels
