@@ -75,7 +75,8 @@ def rewrite(model: onnx.ModelProto, options: dict | None = None) -> onnx.ModelPr
 class Variant:
     """A template instantiation: VEC output channels per lane (CT = 32*VEC per block), PPW
     conv positions per warp (RMAX = PPW*WARPS per block), GROUP positions whose compressed
-    rows are walked together (1, or the union of 2 or 4: each weight row read once for all).
+    rows are walked together (1, or the union of 2-4: each weight row read once for all; G = 3
+    packs 3 values and k in one 16-byte entry).
 
     kind "warp" (`ecr_conv_pool`): each warp builds its positions' rows with ballots and
     broadcasts every non-zero by shuffle while it multiplies. kind "list" (`ecr_list_conv_pool`):
@@ -111,7 +112,7 @@ class Variant:
     def smem_floats(self, kc: int, patch: int) -> int:
         main = 2 * kc * self.ct + patch + kc + self.rmax
         if self.kind == "list":  # then one list of kc entries (2 floats for G=1, 4 for G=2, 8 for G=4) per warp
-            main = ((main + 3) & ~3) + self.warps * kc * {1: 2, 2: 4, 4: 8}[self.group]
+            main = ((main + 3) & ~3) + self.warps * kc * {1: 2, 2: 4, 3: 4, 4: 8}[self.group]
         elif self.group == 4:
             main = ((main + 3) & ~3) + self.warps * 32 * 4
         return max(main, self.ct * (self.rmax + 1))
@@ -125,14 +126,14 @@ class Variant:
 # VEC x positions per warp x union group, those that fit 128 registers (2 blocks per SM) unspilled
 VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4), Variant(2, 8, 4),
             *(Variant(v, ppw, g, kind="list") for v, ppw, g in
-              ((2, 8, 1), (2, 16, 1), (2, 8, 4), (2, 16, 4),
+              ((2, 8, 1), (2, 16, 1), (2, 8, 4), (2, 16, 4), (2, 12, 3), (4, 12, 3),
                (4, 8, 1), (4, 8, 4),
                (8, 4, 1), (8, 4, 2), (8, 4, 4), (8, 8, 4))),
             # 16 warps, 2x the positions per block at the same registers per thread: every weight byte
             # brought from L2 serves more positions (weight traffic, not multiplies, bounds the deep
             # layers at high sparsity)
             *(Variant(v, ppw, g, warps=16, kind="list") for v, ppw, g in
-              ((2, 16, 1), (2, 16, 4), (4, 8, 4), (8, 8, 4))))
+              ((2, 16, 1), (2, 16, 4), (2, 12, 3), (4, 8, 4), (8, 8, 4))))
 KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
 # list kernels write rows 32 entries at a time: 63 = 7 channels of a 3x3 kernel fills 2 ballots
 LIST_KC_TARGETS = (36, 63)

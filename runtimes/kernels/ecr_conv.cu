@@ -424,6 +424,7 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
 //      a time, a ballot keeps those where any of the G positions has a non-zero input, and
 //      each kept lane stores {its G input values, k*CT} at the list's end plus its rank among
 //      the kept lanes (k = (c*kh + i)*kw + j, the kernel index; G = 1 is exactly the ECR row,
+//      entries are one 8-byte (G = 1) or 16-byte (G = 2, 3: one broadcast read) or 32-byte load;
 //      G > 1 the union of the group's rows, where a zero input multiplies a zero). One warp
 //      writes each list and the count is a warp-uniform register: nothing to race on;
 //   2. walks the list: per entry, a broadcast read of the entry, VEC consecutive weights of
@@ -435,6 +436,7 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
 template <int G> struct ListEntry;
 template <> struct __align__(8) ListEntry<1> { float v[1]; int k; };
 template <> struct __align__(16) ListEntry<2> { float v[2]; int k; int pad; };
+template <> struct __align__(16) ListEntry<3> { float v[3]; int k; };
 template <> struct __align__(16) ListEntry<4> { float v[4]; int k; int pad[3]; };
 
 template <int G> __device__ __forceinline__ void load_entry(const ListEntry<G>* e, float (&v)[G], int& k);
@@ -446,6 +448,10 @@ template <> __device__ __forceinline__ void load_entry<2>(const ListEntry<2>* e,
   const float4 t = *reinterpret_cast<const float4*>(e);
   v[0] = t.x; v[1] = t.y; k = __float_as_int(t.z);
 }
+template <> __device__ __forceinline__ void load_entry<3>(const ListEntry<3>* e, float (&v)[3], int& k) {
+  const float4 t = *reinterpret_cast<const float4*>(e);
+  v[0] = t.x; v[1] = t.y; v[2] = t.z; k = __float_as_int(t.w);
+}
 template <> __device__ __forceinline__ void load_entry<4>(const ListEntry<4>* e, float (&v)[4], int& k) {
   const float4 t = *reinterpret_cast<const float4*>(e);
   v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w; k = e->k;
@@ -456,6 +462,9 @@ template <> __device__ __forceinline__ void store_entry<1>(ListEntry<1>* e, cons
 }
 template <> __device__ __forceinline__ void store_entry<2>(ListEntry<2>* e, const float (&v)[2], int k) {
   *reinterpret_cast<float4*>(e) = make_float4(v[0], v[1], __int_as_float(k), 0.f);
+}
+template <> __device__ __forceinline__ void store_entry<3>(ListEntry<3>* e, const float (&v)[3], int k) {
+  *reinterpret_cast<float4*>(e) = make_float4(v[0], v[1], v[2], __int_as_float(k));
 }
 template <> __device__ __forceinline__ void store_entry<4>(ListEntry<4>* e, const float (&v)[4], int k) {
   *reinterpret_cast<float4*>(e) = make_float4(v[0], v[1], v[2], v[3]);
@@ -477,7 +486,7 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
   constexpr int THREADS = WARPS * 32;
   constexpr int GPW = PPW / G;  // groups per warp
   constexpr unsigned FULL = 0xffffffffu;
-  static_assert(G == 1 || G == 2 || G == 4, "G is 1, 2 or 4");
+  static_assert(G >= 1 && G <= 4, "G is 1 to 4");
   static_assert(PPW % G == 0 && PPW <= 32, "a warp owns whole groups (and at most 32 positions)");
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
