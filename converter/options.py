@@ -31,8 +31,37 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tf32", action="store_true", help="let fp32 convolutions and GEMMs use TF32 tensor cores")
     p.add_argument("--channels-last", action="store_true", help="NHWC activations for cuDNN")
     p.add_argument("--no-cuda-graph", action="store_true", help="run eagerly instead of replaying a CUDA graph")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="options",
+                   help="a runtime-specific setting, repeatable; the runtime's docs list them (e.g. "
+                        "csr_weight_budget=0.25 caps the csr engine's weights at 25%% of dense fp32, "
+                        "dense_conv=best picks each dense conv's fastest kernel)")
+
+
+def parse_value(text: str):
+    """'0.25' -> 0.25, '15' -> 15, 'true'/'false' -> bool, anything else stays a string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def runtime_extra(pairs: list[str]) -> dict:
+    from ..common.errors import UserError
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--option '{pair}' is not KEY=VALUE (e.g. --option csr_weight_budget=0.25)")
+        out[key.strip()] = parse_value(value)
+    return out
 
 
 def compile_options(args) -> dict:
     return {"dtype": args.dtype, "tf32": args.tf32, "channels_last": args.channels_last,
-            "cuda_graph": not args.no_cuda_graph}
+            "cuda_graph": not args.no_cuda_graph, "extra": runtime_extra(getattr(args, "options", []))}

@@ -143,3 +143,26 @@ def time_calls(call: Callable[[int], object], device: torch.device | str, reps: 
     t = time_fn(lambda i: replay.replay(), device, reps=reps, warmup=warmup, flush_l2=flush_l2, **wkw)
     samples = [s / inner for s in t.samples_ms]
     return Timing(t.median_ms / inner, t.p90_ms / inner, t.min_ms / inner, t.reps, samples, inner, "graph")
+
+
+def time_interleaved(fns: dict[str, Callable[[int], object]], device: torch.device | str, reps: int = 100,
+                     rounds: int = 5, warmup: int = 5) -> dict[str, Timing]:
+    """Time several callables against each other: `rounds` rounds, each timing every callable
+    for reps/rounds repetitions (the order rotating per round), samples pooled per callable.
+
+    Used where two configurations are compared to decide or to claim "not slower": clock and
+    thermal drift over the run then hits every candidate alike instead of whichever ran last.
+    """
+    names = list(fns)
+    per = max(1, reps // rounds)
+    runs: dict[str, list[Timing]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            runs[n].append(time_fn(fns[n], device, reps=per, warmup=warmup, warmup_ms=30.0 if r == 0 else 5.0))
+    out = {}
+    for n, ts in runs.items():
+        median, p90 = pooled(ts)
+        samples = [x for t in ts for x in t.samples_ms]
+        out[n] = Timing(median, p90, min(samples), len(samples), samples, how=ts[0].how + ", interleaved")
+    return out

@@ -17,6 +17,11 @@ Options (CompileOptions.extra):
   csr_autotune     time every candidate config (default True) or take the first
   csr_tune_reps    timed repetitions per candidate (default 15)
   csr_exclude      extra layers to leave dense in the rewrite (globs of weight/module names)
+  csr_weight_budget  engine weight memory cap, as a fraction of the model's dense fp32 weights
+                   (default 0: off, the fastest engine; 0.25 is the issue's bar): a layer measured faster
+                   dense runs dense only while the engine's weights stay under the cap - the
+                   layers saving the most time per extra byte first; the others stay sparse and
+                   their report says so ("budget")
   dense_conv ...   passed through to the torch runtime's Conv builder for dense layers
 """
 from __future__ import annotations
@@ -114,6 +119,8 @@ def compile_with_backend(model: onnx.ModelProto, device, options=None, state: di
         ops = dict(REFERENCE_OPS)
     with torch.no_grad(), _MatmulPrecision(device, opts.tf32):
         ex = Executor(model, device, opts.dtype, ops=ops, channels_last=opts.channels_last, options=opts.extra)
+    if session is not None:
+        session.apply_weight_budget(ex)
     return CsrEngine(model, device, opts, ex, session=session)
 
 
@@ -121,6 +128,17 @@ def compile_with_backend(model: onnx.ModelProto, device, options=None, state: di
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _Switch:
+    """A layer's callable whose implementation the weight budget may still change after the
+    layer is built (dense measured faster, sparse kept if the memory cap needs it)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, t):
+        return self.fn(t)
 
 
 class _KernelSession:
@@ -139,13 +157,18 @@ class _KernelSession:
         self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         self.saved = dict((state or {}).get("layers", {}))
         self.decisions: dict[str, dict] = {}
+        budget = extra.get("csr_weight_budget", 0.0)
+        self.weight_budget = float(budget) if budget not in (None, False, "off") else 0.0
+        self.dense_fp32_bytes: dict[str, int] = {}  # per CSR layer: its weight (+ bias) as dense fp32
+        self.pending: list[dict] = []  # layers running dense that the budget may send back to sparse
 
     def time_us(self, fn, x: torch.Tensor) -> float:
         from .csr_kernels import time_in_graph_us
 
         return time_in_graph_us(fn, x, self.device, self.reps)
 
-    def _choose(self, ctx: NodeContext, density: float, candidates: list, make_plan, run_plan, make_dense, x):
+    def _choose(self, ctx: NodeContext, density: float, candidates: list, make_plan, run_plan, make_dense, x,
+                kernel_of):
         """Sparse (the fastest candidate config) or dense for one layer.
 
         Returns (fn, report info, device buffers, decision to save). A reloaded engine takes
@@ -188,17 +211,54 @@ class _KernelSession:
             info["dense_bytes"] = _nbytes(dense_bufs)
             if dense_us < sparse_us:
                 info["sparse_us"] = round(sparse_us, 3)
-                del plan, best
                 info.update(format="dense", kernel=kernel, reason="dense measured faster", time_us=round(dense_us, 3))
-                return dense_fn, info, dense_bufs, {"format": "dense", "reason": "dense measured faster"}
+                if self.weight_budget <= 0:
+                    del plan, best
+                    return dense_fn, info, dense_bufs, {"format": "dense", "reason": "dense measured faster"}
+                # dense for now; apply_weight_budget may switch back to this sparse plan
+                switch = _Switch(dense_fn)
+                self.pending.append({"name": ctx.name, "switch": switch, "info": ctx.info, "kernel": kernel_of(cfg),
+                                     "saving_us": sparse_us - dense_us,
+                                     "sparse": ((lambda t, p=plan: run_plan(p, t)), plan.buffers(), cfg, sparse_us),
+                                     "extra_bytes": _nbytes(dense_bufs) - _nbytes(plan.buffers())})
+                return switch, info, dense_bufs, {"format": "dense", "reason": "dense measured faster"}
             del dense_fn, dense_bufs
         if sparse_us is not None:
             info["time_us"] = round(sparse_us, 3)
-        info.update(format="csr", config=cfg.to_dict(), config_label=cfg.label())
+        info.update(format="csr", config=cfg.to_dict(), config_label=cfg.label(), kernel=kernel_of(cfg))
         return (lambda t, p=plan: run_plan(p, t)), info, plan.buffers(), {"format": "csr", "config": cfg.to_dict()}
 
+    def apply_weight_budget(self, executor) -> None:
+        """Send dense-by-measure layers back to their sparse plans until the engine's weights fit
+        `weight_budget` x the model's dense fp32 weights (the layers saving least time per extra
+        byte go back first). Reference: every constant the engine keeps for other ops, at 4
+        bytes an element, plus each CSR layer's weight and bias as dense fp32."""
+        pending, self.pending = self.pending, []
+        if not pending or self.weight_budget <= 0:
+            return
+        ref = sum(v.numel() * 4 for v in executor.consts.values()
+                  if isinstance(v, torch.Tensor) and v.is_floating_point()) + sum(self.dense_fp32_bytes.values())
+        cap = self.weight_budget * ref
+        total = executor.weight_bytes()
+        pending.sort(key=lambda e: e["saving_us"] / max(1, e["extra_bytes"]))  # least saving per byte first
+        for e in pending:
+            if total <= cap:
+                break
+            fn, bufs, cfg, sparse_us = e["sparse"]
+            info = e["info"]
+            e["switch"].fn = fn
+            dense_us = info.get("time_us")
+            total -= e["extra_bytes"]
+            info.update(format="csr", config=cfg.to_dict(), config_label=cfg.label(), time_us=round(sparse_us, 3),
+                        buffers=bufs, csr_bytes=_nbytes(bufs),
+                        budget=f"kept sparse by csr_weight_budget {self.weight_budget}: dense was "
+                               f"{e['saving_us']:.1f} us faster but needs {e['extra_bytes'] / 2**20:.1f} MiB more",
+                        reason=f"weight budget (dense measured {dense_us} us)")
+            info["kernel"] = e["kernel"]
+            self.decisions[e["name"]] = {"format": "csr", "config": cfg.to_dict()}
+
     def build_conv(self, ctx: NodeContext):
-        from .csr_kernels import ConvConfig, ConvGeometry, ConvPlan, candidate_configs, conv_expression
+        from .csr_kernels import ConvGeometry, candidate_configs, config_from_dict, kernel_name, make_plan
 
         g = conv_geometry(ctx)
         values, cols, row_ptr, order = csr_tensors(ctx)
@@ -222,17 +282,15 @@ class _KernelSession:
             w = csr.to_dense().reshape(m, geom.c, kh, kw)
             return self._dense_conv(ctx, w, bias, relu)
 
-        candidates = candidate_configs(geom, self.sms)
+        candidates = candidate_configs(geom, self.sms, dtype=ctx.dtype)
         saved = self.saved.get(ctx.name)
         if saved is not None and saved.get("format") == "csr":
-            candidates = [ConvConfig(**saved["config"])]
+            candidates = [config_from_dict(saved["config"])]
+        self.dense_fp32_bytes[ctx.name] = m * geom.k * 4 + (m * 4 if bias is not None else 0)
         fn, info, bufs, decision = self._choose(
             ctx, csr.density, candidates,
-            lambda cfg: ConvPlan(csr, geom, cfg, ctx.dtype, self.device, self.backend, bias, relu),
-            lambda plan, t: plan.conv(t), make_dense, x)
-        if info["format"] == "csr":
-            c = info["config"]
-            info["kernel"] = conv_expression(ctx.dtype, c["p"], c["rpt"], c["threads"], c["vec"])
+            lambda cfg: make_plan(csr, geom, cfg, ctx.dtype, self.device, self.backend, bias, relu),
+            lambda plan, t: plan.conv(t), make_dense, x, lambda cfg: kernel_name(cfg, ctx.dtype))
         ctx.info.update(nnz=csr.nnz, sparsity=1.0 - csr.density, relu_fused=relu, buffers=bufs, **info)
         self.decisions[ctx.name] = decision
         return fn
@@ -301,11 +359,11 @@ class _KernelSession:
             def label(self):
                 return "spmv warp-per-row"
 
+        self.dense_fp32_bytes[ctx.name] = m * k * 4 + (m * 4 if bias is not None else 0)
         fn, info, bufs, decision = self._choose(
             ctx, csr.density, [_Gemv()],
-            lambda cfg: GemvPlan(csr, ctx.dtype, self.device, self.backend, bias, relu), run_plan, make_dense, x)
-        if info["format"] == "csr":
-            info["kernel"] = f"csr::csr_spmv (batch <= {GEMV_MAX_BATCH}), csr::csr_conv spmm above"
+            lambda cfg: GemvPlan(csr, ctx.dtype, self.device, self.backend, bias, relu), run_plan, make_dense, x,
+            lambda cfg: f"csr::csr_spmv (batch <= {GEMV_MAX_BATCH}), csr::csr_conv spmm above")
         ctx.info.update(nnz=csr.nnz, sparsity=1.0 - csr.density, relu_fused=relu, buffers=bufs, **info)
         self.decisions[ctx.name] = decision
         return fn

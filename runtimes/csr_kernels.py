@@ -36,6 +36,15 @@ class CsrParams(ctypes.Structure):
                                     "relu", "accumulate", "vec_stage")]
 
 
+class SpmmParams(ctypes.Structure):
+    """Mirror of csr::SpmmParams in kernels/csr_sputnik.cu (same order, same C types)."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in ("values", "col_idx", "row_ptr", "row_order", "k_offsets", "bias", "x",
+                                               "y")] + [
+        ("x_batch", ctypes.c_longlong), ("y_batch", ctypes.c_longlong)] + [
+        (n, ctypes.c_int) for n in ("M", "K", "N", "n_load", "ldb", "ldy", "relu", "vec_store", "out_pitch", "out_w")]
+
+
 def _ctype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "float", torch.float16: "__half"}[dtype]
 
@@ -60,10 +69,13 @@ def all_expressions(filename: str, dtype: torch.dtype) -> tuple[str, ...]:
         return tuple(conv_expression(dtype, *v) for v in CONV_VARIANTS)
     if filename == "csr_spmv.cu":
         return tuple(spmv_expression(dtype, nb) for nb in SPMV_BATCH)
+    if filename == "csr_sputnik.cu":
+        return tuple(sputnik_expression(dtype, v) for v in SPUTNIK_VARIANTS[dtype]) + (
+            im2col_expression(dtype), shift_expression(dtype))
     raise KeyError(filename)
 
 
-KERNEL_FILES = ("csr_conv.cu", "csr_spmv.cu")
+KERNEL_FILES = ("csr_conv.cu", "csr_spmv.cu", "csr_sputnik.cu")
 
 
 class NvrtcBackend:
@@ -169,9 +181,9 @@ def _balanced(size: int, most: int) -> int:
 
 
 def window_config(g: ConvGeometry, p: int, rpt: int, nsplit: int = 1, budget: int = STAGE_FLOATS,
-                  threads: int = 256) -> ConvConfig:
+                  threads: int = 256, tile_w: int | None = None) -> ConvConfig:
     pixels = 32 * p
-    tile_w = _balanced(g.wo, pixels)
+    tile_w = _balanced(g.wo, tile_w or pixels)
     tile_h = _balanced(g.ho, max(1, pixels // tile_w))
     win_h, win_w = window_dims(g, tile_h, tile_w)
     chunk_c = max(1, min(g.c, budget // (win_h * win_w)))
@@ -214,13 +226,30 @@ def with_split(g: ConvGeometry, cfg: ConvConfig, sms: int, batch: int = 1, min_c
 ROW_SHAPES = ((2, 256), (4, 256), (8, 256), (4, 512), (8, 512))  # (rows per warp, threads)
 
 
-def candidate_configs(g: ConvGeometry, sms: int = 132, batch: int = 1) -> list[ConvConfig]:
-    """The configurations worth timing for a layer (up to a dozen), most promising first.
+def candidate_configs(g: ConvGeometry, sms: int = 132, batch: int = 1, dtype: torch.dtype = torch.float32,
+                      sputnik: bool = True) -> list:
+    """The configurations worth timing for a layer (up to about 17), most promising first.
 
     Rows per block trade staging traffic (each block stages its tile's operand once for all
     its rows) against parallelism; pixels per lane trade sparse-load reuse against tile
     waste; a K split (fp32 atomics) fills the GPU when rows x tiles make too few blocks.
+    After them (sputnik=True) Sputnik's SpMM (csr_sputnik.cu): its heuristic config and
+    neighbours, on the layer's input directly for a pointwise conv / GEMM, after an explicit
+    im2col (timed with it) for other convs.
     """
+    out = _staged_configs(g, sms, batch)
+    if sputnik and g.k <= 65536:
+        if g.pointwise:
+            out += sputnik_candidates(g.h * g.w, dtype)
+        else:
+            npix = g.ho * g.wo
+            out += sputnik_candidates(npix, dtype, n_align=-(-npix // IM2COL_ALIGN) * IM2COL_ALIGN, im2col=True)
+            if (g.sh, g.sw) == (1, 1):
+                out += sputnik_candidates(g.ho * (g.w + g.pl + g.pr), dtype, shifted=True)
+    return out
+
+
+def _staged_configs(g: ConvGeometry, sms: int, batch: int) -> list[ConvConfig]:
     if g.pointwise:
         n = g.h * g.w
         ps = [p for p in (4, 2, 1) if 32 * p <= max(32, 2 * n)][:2] or [1]
@@ -231,6 +260,8 @@ def candidate_configs(g: ConvGeometry, sms: int = 132, batch: int = 1) -> list[C
     else:
         shapes = [(r, t) for r, t in ROW_SHAPES if t // 32 * r <= max(16, g.m) and r <= 4]
         base = [window_config(g, p, r, threads=t) for p in (4, 2) for r, t in shapes]
+        if g.wo >= 64 and g.ho >= 8:  # wide maps: also 2-D tiles (4 x 32), whose halo re-stages less input
+            base += [window_config(g, 4, r, threads=t, tile_w=32) for r, t in shapes if t == 256]
     out: list[ConvConfig] = []
     for cfg in base:
         out.append(cfg)
@@ -440,6 +471,290 @@ class GemvPlan:
         return y
 
 
+# --- Sputnik's SpMM (kernels/csr_sputnik.cu) -------------------------------------------------
+
+@dataclass(frozen=True)
+class SputnikConfig:
+    """Sputnik's SpmmConfig: y rows a block (one subwarp of `width` threads each), bk non-zeros
+    staged a step, bx output columns a block, sv sparse values and dv dense columns a vector
+    load, minb blocks an SM in the launch bounds. im2col: a k x k conv as an explicit im2col
+    (csr::im2col4) followed by the SpMM; shifted: a stride-1 conv as four shifted copies of the
+    padded input (csr::shift4) read through per-k row offsets (dv <= 4); otherwise the SpMM
+    reads B (or a pointwise conv's input) directly."""
+
+    y: int
+    bk: int
+    bx: int
+    width: int
+    sv: int
+    dv: int
+    minb: int = 1
+    im2col: bool = False
+    shifted: bool = False
+
+    family = "sputnik"
+
+    @property
+    def threads(self) -> int:
+        return self.width * self.y
+
+    def kernel(self) -> tuple:
+        return (self.y, self.bk, self.bx, self.width, self.sv, self.dv, self.minb)
+
+    def label(self) -> str:
+        minb = f" minb{self.minb}" if self.minb > 1 else ""
+        prep = "im2col+" if self.im2col else "shifted+" if self.shifted else ""
+        return (f"sputnik {prep}spmm y{self.y} k{self.bk} x{self.bx} w{self.width} "
+                f"sv{self.sv} dv{self.dv}{minb}")
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, **asdict(self)}
+
+
+def _sv(y, bk, bx, w, sv, dv, minb=1) -> tuple:
+    return (y, bk, bx, w, sv, dv, minb)
+
+
+# Every instantiation compiled, per dtype: Sputnik's heuristic picks (CudaSpmmBiasRelu) and the
+# kernels of its table / test instantiations next to them. fp32 columns are floats; fp16 ones
+# halves (Sputnik's half2 configs with their widths counted in halves).
+SPUTNIK_F32 = {
+    "large": _sv(4, 32, 64, 8, 4, 4, 8),     # n % 64 == 0: float4/float4, 64-wide tile, min occupancy 8
+    "default": _sv(4, 32, 32, 8, 4, 4),      # n % 4 == 0: float4/float4, 4-way subwarp tiling
+    "wide": _sv(1, 32, 128, 32, 1, 4),       # table (MBV1, n = 196): float/float4, a warp a row
+    "hybrid": _sv(4, 16, 32, 8, 2, 4),       # table (MBV1, n = 3136): float2/float4
+    "novsubwarp": _sv(2, 32, 64, 16, 2, 4),  # test instantiation: float2/float4 without subwarp tiling
+    "n16": _sv(4, 32, 16, 8, 4, 2),          # n <= 16
+    "n8": _sv(4, 32, 8, 8, 4, 1),            # n <= 8
+    "even": _sv(2, 32, 32, 16, 2, 2),        # n % 2 == 0: float2/float2
+    "scalar": _sv(1, 32, 32, 32, 1, 1),      # odd n: float/float
+    "scalar4": _sv(4, 32, 32, 8, 4, 1),      # odd n, float4 sparse loads (neighbour)
+}
+SPUTNIK_F16 = {  # Sputnik's half configs; sparse loads capped at bk/width values (its half8 loads need 64-entry tiles)
+    "large": _sv(4, 32, 64, 8, 4, 8),        # n % 64 == 0: half8 dense loads
+    "default": _sv(2, 32, 64, 16, 2, 4),     # otherwise: half4 dense loads, 16 threads a row
+    "mid": _sv(4, 32, 32, 8, 4, 4),          # n < 32: half4
+    "n16": _sv(4, 32, 16, 8, 4, 2),          # n < 16: half2
+    "even": _sv(2, 32, 32, 16, 2, 2),        # n % 2 == 0 (neighbour of the fp32 float2 kernel)
+    "scalar": _sv(1, 32, 32, 32, 1, 1),      # odd n
+}
+SPUTNIK_VARIANTS = {torch.float32: tuple(dict.fromkeys(SPUTNIK_F32.values())),
+                    torch.float16: tuple(dict.fromkeys(SPUTNIK_F16.values()))}
+IM2COL_ALIGN = 8  # im2col rows padded to a multiple of this: any dense vector width can read them
+
+
+def sputnik_expression(dtype: torch.dtype, variant: tuple) -> str:
+    return f"csr::sputnik_spmm<{_ctype_name(dtype)}, {', '.join(str(v) for v in variant)}>"
+
+
+def im2col_expression(dtype: torch.dtype) -> str:
+    return f"csr::im2col4<{_ctype_name(dtype)}>"
+
+
+def shift_expression(dtype: torch.dtype) -> str:
+    return f"csr::shift4<{_ctype_name(dtype)}>"
+
+
+def sputnik_heuristic(n: int, dtype: torch.dtype = torch.float32) -> tuple:
+    """Sputnik's own choice for an SpMM with n output columns (CudaSpmmBiasRelu)."""
+    t = SPUTNIK_F32 if dtype == torch.float32 else SPUTNIK_F16
+    if dtype == torch.float32:
+        if n % 4 == 0:
+            if n <= 8:
+                return t["n8"]
+            if n <= 16:
+                return t["n16"]
+            return t["large"] if n % 64 == 0 else t["default"]
+        return t["even"] if n % 2 == 0 else t["scalar"]
+    if n % 8 == 0 or n % 4 == 0:
+        if n <= 16:
+            return t["n16"]
+        if n < 32:
+            return t["mid"]
+        return t["large"] if n % 64 == 0 else t["default"]
+    return t["even"] if n % 2 == 0 else t["scalar"]
+
+
+def sputnik_candidates(n: int, dtype: torch.dtype = torch.float32, n_align: int | None = None,
+                       im2col: bool = False, shifted: bool = False) -> list[SputnikConfig]:
+    """Sputnik's heuristic config for n columns first, then its neighbours whose dense vector
+    width divides `n_align` (the columns B's rows may be read in: n itself, or the padded
+    im2col rows) - the tuner times them all. Shifted convs: the three first with dv <= 4 (the
+    copies align vectors of four)."""
+    if shifted:
+        cands = sputnik_candidates(n, dtype, n_align=-(-n // IM2COL_ALIGN) * IM2COL_ALIGN, im2col=True)
+        return [SputnikConfig(*c.kernel(), shifted=True) for c in cands if c.dv <= 4][:3]
+    n_align = n if n_align is None else n_align
+    t = SPUTNIK_F32 if dtype == torch.float32 else SPUTNIK_F16
+    if dtype == torch.float32:
+        order = ["large", "default", "wide", "novsubwarp", "hybrid"] if n > 16 else ["n16", "n8", "default"]
+        order += ["even", "scalar4", "scalar"]
+    else:
+        order = ["large", "default", "mid", "n16", "even", "scalar"]
+    first = sputnik_heuristic(n_align if im2col else n, dtype)
+    out = [first] + [t[k] for k in order]
+    out = [v for v in dict.fromkeys(out) if n_align % v[5] == 0]
+    # the widest vector widths that fit; a few configs, not every fallback
+    best_dv = max(v[5] for v in out)
+    out = [v for v in out if v[5] >= min(best_dv, 2)][:5] or out[:2]
+    return [SputnikConfig(*v, im2col=im2col) for v in out]
+
+
+class SputnikPlan:
+    """One layer prepared for Sputnik's SpMM; `spmm(B)` for B [K, N], `conv(x)` for x [N, C, H, W]
+    (pointwise convs read x directly; others go through the explicit im2col when cfg.im2col)."""
+
+    def __init__(self, csr: CSR, g: ConvGeometry, cfg: SputnikConfig, dtype: torch.dtype, device, backend,
+                 bias: torch.Tensor | None = None, relu: bool = False):
+        if csr.shape != (g.m, g.k):
+            raise ValueError(f"CSR shape {csr.shape} does not match the layer's GEMM view {(g.m, g.k)}")
+        if g.k > 65536:
+            raise ValueError("Sputnik plans keep column indices in uint16; K must be <= 65536")
+        if not (cfg.im2col or cfg.shifted) and not g.pointwise:
+            raise ValueError(f"{cfg.label()}: a {g.kh}x{g.kw} conv needs the im2col or shifted variant")
+        if cfg.im2col and g.k > 65535:
+            raise ValueError("im2col launches a grid row per K row: K must be < 65536")
+        if cfg.shifted and ((g.sh, g.sw) != (1, 1) or cfg.dv > 4):
+            raise ValueError(f"{cfg.label()}: shifted copies serve stride-1 convs with dense vectors of <= 4")
+        self.g, self.cfg, self.dtype, self.device, self.backend, self.relu = g, cfg, dtype, torch.device(device), backend, relu
+        self.values = _padded(csr.values, dtype, self.device, pad=8)
+        self.col_idx = _uint16(csr.col_idx.to(torch.int64), self.device)
+        self.row_ptr = csr.row_ptr.to(self.device, torch.int32)
+        self.row_order = csr.row_order.to(self.device, torch.int32)
+        self.bias = None if bias is None else bias.reshape(-1).to(self.device, torch.float32).contiguous()
+        self.expr = sputnik_expression(dtype, cfg.kernel())
+        self.npix = g.ho * g.wo
+        self.ldb_im2col = -(-self.npix // IM2COL_ALIGN) * IM2COL_ALIGN
+        self.k_offsets = None
+        if cfg.shifted:
+            # padded input [C][Hp][Wp]; B's row k = (c, r, s) starts at o_k in it, read from copy o_k % 4
+            self.hp, self.wp = g.h + g.pt + g.pb, g.w + g.pl + g.pr
+            k = torch.arange(g.k, dtype=torch.int64)
+            c, r, s_ = k // (g.kh * g.kw), (k % (g.kh * g.kw)) // g.kw, k % g.kw
+            o = c * self.hp * self.wp + r * g.dh * self.wp + s_ * g.dw
+            # every read, o_k + n (+ a vector, + a tile of columns past Ho*Wp), stays inside a copy
+            self.copy_len = -(-(g.c * self.hp * self.wp + (g.kw - 1) * g.dw + 128 + 8 + 4) // 8) * 8
+            if 4 * self.copy_len >= 2**31:
+                raise ValueError("input too large for 32-bit offsets into the shifted copies")
+            self.k_offsets = ((o % 4) * self.copy_len + (o - o % 4)).to(self.device, torch.int32)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [t for t in (self.values, self.col_idx, self.row_ptr, self.row_order, self.k_offsets, self.bias)
+                if t is not None]
+
+    def _spmm(self, b: torch.Tensor, n_cols: int, n_load: int, ldb: int, x_batch: int, y: torch.Tensor, ldy: int,
+              y_batch: int, images: int, out_pitch: int = 0, out_w: int = 0) -> None:
+        cfg, esize = self.cfg, b.element_size()
+        if n_load % cfg.dv or ldb % cfg.dv or x_batch % cfg.dv or b.data_ptr() % (cfg.dv * esize):
+            raise ValueError(f"{cfg.label()}: B rows are not aligned for {cfg.dv}-wide loads")
+        if self.k_offsets is None and (self.g.k - 1) * ldb + n_load >= 2**31:
+            raise ValueError("B too large for 32-bit element offsets")
+        p = SpmmParams()
+        p.values, p.col_idx, p.row_ptr, p.row_order = (self.values.data_ptr(), self.col_idx.data_ptr(),
+                                                       self.row_ptr.data_ptr(), self.row_order.data_ptr())
+        p.k_offsets = _ptr(self.k_offsets)
+        p.bias, p.x, p.y = _ptr(self.bias), b.data_ptr(), y.data_ptr()
+        p.x_batch, p.y_batch = x_batch, y_batch
+        p.M, p.K, p.N, p.n_load, p.ldb, p.ldy, p.relu = self.g.m, self.g.k, n_cols, n_load, ldb, ldy, int(self.relu)
+        p.out_pitch, p.out_w = out_pitch, out_w
+        p.vec_store = int(ldy % cfg.dv == 0 and y_batch % cfg.dv == 0 and y.data_ptr() % (cfg.dv * esize) == 0)
+        grid = (-(-self.g.m // cfg.y), -(-n_cols // cfg.bx), images)
+        self.backend.launch("csr_sputnik.cu", self.expr, self.dtype, grid, (cfg.threads,), 0, p)
+
+    def im2col(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W] (any strides) -> B [N, K, ldb] (rows padded with zeros to ldb)."""
+        g = self.g
+        n = x.shape[0]
+        ldb = self.ldb_im2col
+        b = torch.empty(n, g.k, ldb, dtype=self.dtype, device=x.device)
+        p = CsrParams()
+        p.x, p.y = x.data_ptr(), b.data_ptr()
+        p.x_batch, p.x_cs, p.x_hs, p.x_ws = x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+        p.y_batch, p.y_cs = g.k * ldb, ldb
+        p.C, p.H, p.W, p.Ho, p.Wo = g.c, g.h, g.w, g.ho, g.wo
+        p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw = g.kh, g.kw, g.sh, g.sw, g.pt, g.pl, g.dh, g.dw
+        p.batch = n
+        self.backend.launch("csr_sputnik.cu", im2col_expression(self.dtype), self.dtype,
+                            (-(-ldb // (4 * 256)), g.k, n), (256,), 0, p)
+        return b
+
+    def shifted_copies(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W] (any strides) -> [N, 4, copy_len]: the padded input, shifted by 0..3."""
+        g = self.g
+        n = x.shape[0]
+        buf = torch.empty(n, 4, self.copy_len, dtype=self.dtype, device=x.device)
+        p = CsrParams()
+        p.x, p.y = x.data_ptr(), buf.data_ptr()
+        p.x_batch, p.x_cs, p.x_hs, p.x_ws = x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+        p.y_batch, p.y_cs = 4 * self.copy_len, self.copy_len
+        p.C, p.H, p.W, p.ph, p.pw, p.win_h, p.win_w, p.batch = g.c, g.h, g.w, g.pt, g.pl, self.hp, self.wp, n
+        self.backend.launch("csr_sputnik.cu", shift_expression(self.dtype), self.dtype,
+                            (-(-self.copy_len // 256), 4, n), (256,), 0, p)
+        return buf
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W] -> y [N, M, Ho, Wo] contiguous."""
+        g = self.g
+        x = x.to(self.dtype)
+        n = x.shape[0]
+        y = torch.empty(n, g.m, g.ho, g.wo, dtype=self.dtype, device=x.device)
+        if self.cfg.shifted:
+            b = self.shifted_copies(x)
+            grid_cols = g.ho * self.wp  # outputs on the padded width; columns ox >= Wo dropped at the store
+            n_load = -(-grid_cols // self.cfg.bx) * self.cfg.bx
+            self._spmm(b, grid_cols, n_load, 4, 4 * self.copy_len, y, self.npix, g.m * self.npix, n,
+                       out_pitch=self.wp, out_w=g.wo)
+            return y
+        if self.cfg.im2col:
+            b = self.im2col(x)
+            self._spmm(b, self.npix, self.ldb_im2col, self.ldb_im2col, g.k * self.ldb_im2col, y, self.npix,
+                       g.m * self.npix, n)
+            return y
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if x.data_ptr() % 16:  # a view at an odd offset: vector loads need an aligned copy
+            x = x.clone()
+        self._spmm(x, self.npix, self.npix, self.npix, x.stride(0), y, self.npix, g.m * self.npix, n)
+        return y
+
+    def spmm(self, b: torch.Tensor) -> torch.Tensor:
+        """B [K, N] -> A @ B [M, N]."""
+        b = b.to(self.dtype)
+        if b.stride(1) != 1:
+            b = b.contiguous()
+        if b.data_ptr() % 16:
+            b = b.clone()
+        n = b.shape[1]
+        y = torch.empty(self.g.m, n, dtype=self.dtype, device=b.device)
+        self._spmm(b, n, n, b.stride(0), 0, y, n, 0, 1)
+        return y
+
+    __call__ = conv
+
+
+def make_plan(csr: CSR, g: ConvGeometry, cfg, dtype: torch.dtype, device, backend, bias=None, relu: bool = False):
+    """The plan of a config of either family (ConvConfig: csr_conv.cu; SputnikConfig: csr_sputnik.cu)."""
+    cls = SputnikPlan if isinstance(cfg, SputnikConfig) else ConvPlan
+    return cls(csr, g, cfg, dtype, device, backend, bias, relu)
+
+
+def config_from_dict(d: dict):
+    """Inverse of cfg.to_dict() for both families (a saved engine's per-layer decision)."""
+    d = dict(d)
+    if d.pop("family", None) == SputnikConfig.family:
+        return SputnikConfig(**d)
+    return ConvConfig(**d)
+
+
+def kernel_name(cfg, dtype: torch.dtype) -> str:
+    if isinstance(cfg, SputnikConfig):
+        spmm = sputnik_expression(dtype, cfg.kernel())
+        if cfg.im2col:
+            return f"{im2col_expression(dtype)} + {spmm}"
+        return f"{shift_expression(dtype)} + {spmm}" if cfg.shifted else spmm
+    return conv_expression(dtype, cfg.p, cfg.rpt, cfg.threads, cfg.vec)
+
+
 def gemm_as_conv_geometry(m: int, k: int, batch: int) -> ConvGeometry:
     """Y[b, m] = W x[b] as the SpMM W @ X^T: X^T [K, batch] is the 1 x batch 'image' of K channels."""
     return ConvGeometry(m, k, 1, batch)
@@ -481,7 +796,7 @@ def time_in_graph_us(fn, arg, device, reps: int = 15, inner: int = 10) -> float:
     return t.median_ms * 1e3 / inner
 
 
-def tune(candidates: list[ConvConfig], make_plan, run, arg, device, reps: int = 15) -> tuple:
+def tune(candidates: list, make_plan, run, arg, device, reps: int = 15) -> tuple:
     """Time each candidate's plan on `arg`; returns (best config, its plan, its us, [{config, us}])."""
     best, timed = None, []
     for cfg in candidates:
@@ -504,5 +819,6 @@ def expected_floor_us(nnz: int, n: int, dense_bytes: int, sms: int = 132, clock_
     return max(fma_us, mem_us)
 
 
-__all__ = ["ConvGeometry", "ConvConfig", "ConvPlan", "GemvPlan", "NvrtcBackend", "candidate_configs",
-           "chunk_pointers", "entry_offsets", "window_config", "spmm_config", "with_split"]
+__all__ = ["ConvGeometry", "ConvConfig", "ConvPlan", "GemvPlan", "NvrtcBackend", "SputnikConfig", "SputnikPlan",
+           "candidate_configs", "chunk_pointers", "config_from_dict", "entry_offsets", "make_plan", "window_config",
+           "spmm_config", "sputnik_candidates", "with_split"]

@@ -1,4 +1,5 @@
-"""GEMM-sweep method "csr": sparsecnn's CSR SpMM kernel (runtimes/kernels/csr_conv.cu, SpMM layout).
+"""GEMM-sweep method "csr": sparsecnn's CSR SpMM kernels (runtimes/kernels/csr_conv.cu, SpMM layout, and
+the Sputnik port csr_sputnik.cu).
 
 Registered in converter/gemm_sweep.py through SWEEP_PLUGINS. The first call for a given N
 times every candidate configuration (csr_kernels.candidate_configs) on the device and keeps
@@ -15,7 +16,7 @@ from ..converter.gemm_sweep import register
 def csr_spmm_method(weight: torch.Tensor, dtype: torch.dtype, backend=None):
     """`backend`: the kernel launcher (default NVRTC on the weight's GPU; tests pass the emulator)."""
     from ..passes.csr import csr_from_dense
-    from .csr_kernels import ConvGeometry, ConvPlan, NvrtcBackend, candidate_configs, tune
+    from .csr_kernels import ConvGeometry, NvrtcBackend, candidate_configs, make_plan, tune
 
     csr = csr_from_dense(weight.detach().float().cpu())
     m, k = csr.shape
@@ -28,9 +29,11 @@ def csr_spmm_method(weight: torch.Tensor, dtype: torch.dtype, backend=None):
         n = b.shape[1]
         if n not in tuned:  # one-time: pick the config for this N (outside any graph capture)
             g = ConvGeometry(m, k, 1, n)
-            cfg, plan, us, timed = tune(candidate_configs(g, sms), lambda c: ConvPlan(csr, g, c, dtype, device, backend),
-                                        lambda p, a: p.spmm(a), b, device)
-            tuned[n] = {"plan": plan, "config": cfg.label(), "us": us, "candidates": timed}
+            cfg, plan, us, timed = tune(candidate_configs(g, sms, dtype=dtype),
+                                        lambda c: make_plan(csr, g, c, dtype, device, backend), lambda p, a: p.spmm(a), b,
+                                        device)
+            tuned[n] = {"plan": plan, "config": cfg.label(), "family": getattr(cfg, "family", "staged"), "us": us,
+                        "candidates": timed}
         return tuned[n]["plan"].spmm(b)
 
     run.tuned = tuned

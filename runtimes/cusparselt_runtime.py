@@ -384,7 +384,7 @@ class CuSparseLtEngine(Engine):
         key = tuple((tuple(x.shape), x.dtype) for x in inputs)
         if key in self._graphs:
             return self._graphs[key]
-        from ..converter.timing import time_fn
+        from ..converter.timing import time_interleaved
 
         with self._precision_context():
             mixed = GraphReplay(self.executor, inputs)  # its warm-up makes the per-layer choices
@@ -396,8 +396,9 @@ class CuSparseLtEngine(Engine):
                 candidates = {"mixed (per-layer choice, NHWC)": mixed}
                 candidates["dense NCHW"] = GraphReplay(self._dense_executor(False), tuple(x.contiguous() for x in inputs))
                 candidates["dense NHWC"] = GraphReplay(self._dense_executor(True), inputs)
-                times = {k: time_fn(lambda i, g=g: g.replay(), self.device, reps=reps).median_ms
-                         for k, g in candidates.items()}
+                timed = time_interleaved({k: (lambda i, g=g: g.replay()) for k, g in candidates.items()},
+                                         self.device, reps=reps * 3)
+                times = {k: t.median_ms for k, t in timed.items()}
                 best = min(times, key=times.get)
                 record.update(times_ms={k: round(v, 4) for k, v in times.items()}, chosen=best)
                 chosen = candidates[best]

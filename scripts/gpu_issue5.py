@@ -4,20 +4,29 @@
   python scripts/gpu_issue5.py --dry-run --out /tmp/i5   # CPU: tiny sizes, kernels emulated, no timing claims
 
 Parts (--parts, default all):
-  correctness  every kernel instantiation vs a float64 CPU reference on the masked dense
-               weight; fresh random inputs (seed recorded); odd sizes, small K, empty rows,
-               several K chunks, split-K; tolerance 1e-5 (fp32), 2e-3 (fp16)
+  correctness  every kernel instantiation (staged csr_conv, SpMV, the Sputnik port directly,
+               as im2col + SpMM and on shifted input copies) vs a float64 CPU reference on the
+               masked dense weight;
+               fresh random inputs (seed recorded); odd sizes, small K, empty rows, several
+               K chunks, split-K; tolerance 1e-5 (fp32), 2e-3 (fp16)
   sweep        the issue's (M, K, N) x sparsity grid, fp32 TF32 off: cuBLAS time / CSR SpMM
-               time (both as CUDA-graph replays, same run), chosen config, every candidate,
+               time (both as CUDA-graph replays, same run), the tuner's choice over both
+               kernel families (staged csr_conv SpMM and the Sputnik port) and its family,
+               every candidate, the port with Sputnik's own heuristic config alone ("port"),
                the floor; geomean at 90 % and 98 % vs Sputnik's 1.25x / 2.28x
-  conv         the same shapes as 3x3 convs: CSR implicit-im2col conv vs cuDNN (best of NCHW,
-               channels_last; cudnn.benchmark on)
+  conv         the same shapes as 3x3 convs: the tuner's best of the implicit-im2col conv,
+               im2col + Sputnik SpMM and shifted copies + Sputnik SpMM (the preparation timed
+               in) vs cuDNN (best of NCHW, channels_last; cudnn.benchmark on)
   nets         resnet18, vgg19, trafficcamnet at batch 1, 90 % unstructured: csr engine vs the
                best dense engine (torch runtime NCHW / channels_last, dense_conv=best passed
                through), whole network in one CUDA graph, fp32 TF32 off and fp16; per-layer
                report; errors vs ONNX Runtime; ONNX sizes and engine weight memory
 Writes <out>/issue5.json (every number, after each part) and <out>/issue5.md; prints a
 short table last. A failing part is recorded and the others still run.
+
+Expected on the H100: correctness ~5 s, sweep + conv ~1.5-2 min, nets ~4-5 min (three
+models, fp32 + fp16, every layer tuned over ~17-22 candidates). If one call must stay
+short, split it:  --parts correctness,sweep   and   --parts nets  (or --models per call).
 """
 from __future__ import annotations
 
@@ -113,9 +122,10 @@ def pruned_weight(shape, density, gen, empty_rows=(0,), full_row=1):
 
 def part_correctness(run: Run) -> dict:
     from sparsecnn.passes.csr import csr_from_dense, gemm_view
-    from sparsecnn.runtimes.csr_kernels import (CONV_VARIANTS, SPMV_BATCH, ConvGeometry, ConvPlan, GemvPlan,
-                                                conv_expression, gemm_as_conv_geometry, gemm_conv_plan_call,
-                                                spmm_config, spmv_expression, window_config, with_split)
+    from sparsecnn.runtimes.csr_kernels import (CONV_VARIANTS, SPMV_BATCH, SPUTNIK_VARIANTS, ConvGeometry, ConvPlan,
+                                                GemvPlan, SputnikConfig, SputnikPlan, conv_expression,
+                                                gemm_as_conv_geometry, gemm_conv_plan_call, kernel_name, spmm_config,
+                                                spmv_expression, window_config, with_split)
 
     seed = int(time.time() * 1e6) % (2**31)
     gen = torch.Generator().manual_seed(seed)
@@ -161,6 +171,30 @@ def part_correctness(run: Run) -> dict:
                 err = rel_err(y.float(), ref)
                 rows.append({"kernel": spmv_expression(dtype, nb), "case": batch, "dtype": dtype_name, "rel_err": err,
                              "pass": err <= TOL[dtype_name]})
+        # Sputnik's SpMM: every variant on B read directly (N odd / not a multiple of the tile, but of
+        # the vector width; K from 3 to several tiles, empty rows, ROMA prefixes) and, as im2col + SpMM,
+        # on the conv cases
+        for variant in SPUTNIK_VARIANTS[dtype]:
+            for mode in ("direct", "im2col", "shifted"):
+                cfg = SputnikConfig(*variant, im2col=mode == "im2col", shifted=mode == "shifted")
+                if mode == "direct":
+                    cases = [ConvGeometry(45, k, 1, cfg.dv * (2 * cfg.bx // cfg.dv + 3))
+                             for k in ((3, 301) if not run.dry else (3,))]
+                elif mode == "im2col":
+                    cases = window_cases
+                else:  # stride-1 convs, dense vectors of <= 4
+                    cases = [g for g in window_cases if (g.sh, g.sw) == (1, 1)] if cfg.dv <= 4 else []
+                for gi, g in enumerate(cases):
+                    w = pruned_weight((g.m, g.c, g.kh, g.kw), 0.2, gen, empty_rows=(0, g.m // 2))
+                    x = torch.randn(2, g.c, g.h, g.w, generator=gen).to(dtype)
+                    b = torch.randn(g.m, generator=gen)
+                    plan = SputnikPlan(csr_from_dense(gemm_view(w)), g, cfg, dtype, dev, backend, b, relu=True)
+                    y = plan(x.to(dev))
+                    xf = F.pad(x.double(), (g.pl, g.pr, g.pt, g.pb))
+                    ref = torch.relu(F.conv2d(xf, w.to(dtype).double(), b.double(), (g.sh, g.sw), 0, (g.dh, g.dw)))
+                    err = rel_err(y.float(), ref)
+                    rows.append({"kernel": kernel_name(cfg, dtype), "case": gi, "config": cfg.label(),
+                                 "dtype": dtype_name, "rel_err": err, "pass": err <= TOL[dtype_name]})
         w = pruned_weight((23, 70), 0.2, gen)
         x = torch.randn(11, 70, generator=gen).to(dtype)
         g = gemm_as_conv_geometry(23, 70, 11)
@@ -193,8 +227,8 @@ def part_sweep(run: Run, conv_view: bool) -> dict:
     import sparsecnn.runtimes.csr_sweep  # noqa: F401  (registers "csr")
     from sparsecnn.converter.gemm_sweep import METHODS
     from sparsecnn.passes.csr import csr_from_dense, gemm_view
-    from sparsecnn.runtimes.csr_kernels import (ConvGeometry, ConvPlan, candidate_configs, expected_floor_us,
-                                                time_in_graph_us, tune)
+    from sparsecnn.runtimes.csr_kernels import (ConvGeometry, candidate_configs, expected_floor_us, make_plan,
+                                                sputnik_candidates, time_in_graph_us, tune)
 
     dev = run.device
     shapes = list(SPUTNIK) if not run.dry else [(16, 36, 49), (8, 18, 9)]
@@ -223,7 +257,17 @@ def part_sweep(run: Run, conv_view: bool) -> dict:
                 row["csr_err"] = rel_err(y, ref)
                 row["csr_us"] = time_in_graph_us(method, b, dev)
                 row["csr_config"], row["csr_candidates"] = tuned["config"], tuned["candidates"]
+                row["csr_family"] = tuned["family"]
                 row["speedup_vs_cublas"] = row["cublas_us"] / row["csr_us"]
+                # the port with Sputnik's own heuristic config alone (its time as a candidate of the tuner)
+                port = sputnik_candidates(n)[0].label()
+                port_us = next((c["us"] for c in tuned["candidates"] if c["config"] == port), None)
+                if port_us:
+                    row["sputnik_port_config"], row["sputnik_port_us"] = port, port_us
+                    row["sputnik_port_vs_cublas"] = row["cublas_us"] / port_us
+                best_staged = [c["us"] for c in tuned["candidates"] if not c["config"].startswith("sputnik")]
+                if best_staged:
+                    row["staged_best_us"] = min(best_staged)
                 row["csr_useful_tflops"] = 2 * nnz * n / row["csr_us"] / 1e6
                 row["cublas_tflops"] = 2 * m * k * n / row["cublas_us"] / 1e6
                 row["floor_fraction"] = row["floor_us"] / row["csr_us"]
@@ -242,8 +286,9 @@ def part_sweep(run: Run, conv_view: bool) -> dict:
                     g = ConvGeometry(m, c, hw, hw, 3, 3, 1, 1, 1, 1, 1, 1)
                     csr = csr_from_dense(gemm_view(wc.cpu()))
                     cfg, plan, us, timed = tune(candidate_configs(g, run.sms()),
-                                                lambda cf: ConvPlan(csr, g, cf, torch.float32, dev, run.kernel_backend()),
+                                                lambda cf: make_plan(csr, g, cf, torch.float32, dev, run.kernel_backend()),
                                                 lambda p, a: p.conv(a), x, dev)
+                    row["csr_conv_family"] = getattr(cfg, "family", "staged")
                     row["conv_err"] = rel_err(plan.conv(x), F.conv2d(x.double().cpu(), wc.double().cpu(), padding=1))
                     row["csr_conv_us"], row["csr_conv_config"], row["csr_conv_candidates"] = us, cfg.label(), timed
                     row["conv_speedup_vs_cudnn"] = row["cudnn_us"] / us
@@ -258,8 +303,14 @@ def part_sweep(run: Run, conv_view: bool) -> dict:
         sp = [r["speedup_vs_cublas"] for r in rows if r["sparsity"] == s and "speedup_vs_cublas" in r]
         cv = [r["conv_speedup_vs_cudnn"] for r in rows if r["sparsity"] == s and "conv_speedup_vs_cudnn" in r]
         ref = [r["sputnik_vs_cublas"] for r in rows if r["sparsity"] == s and "sputnik_vs_cublas" in r]
+        port = [r["sputnik_port_vs_cublas"] for r in rows if r["sparsity"] == s and "sputnik_port_vs_cublas" in r]
         summary[str(s)] = {"geomean_vs_cublas": _geomean(sp), "geomean_conv_vs_cudnn": _geomean(cv),
-                           "sputnik_geomean_vs_cublas": _geomean(ref), "shapes": len(sp)}
+                           "sputnik_geomean_vs_cublas": _geomean(ref), "port_heuristic_geomean_vs_cublas": _geomean(port),
+                           "shapes": len(sp),
+                           "winners": {f: sum(r.get("csr_family") == f for r in rows if r["sparsity"] == s)
+                                       for f in ("staged", "sputnik")},
+                           "conv_winners": {f: sum(r.get("csr_conv_family") == f for r in rows if r["sparsity"] == s)
+                                            for f in ("staged", "sputnik")}}
     return {"rows": rows, "summary": summary}
 
 
@@ -273,7 +324,8 @@ def _sweep_line(r: dict) -> str:
         return f"  ({r['M']},{r['K']},{r['N']}) s={r['sparsity']}: ERROR {r['error']}"
     line = (f"  ({r['M']},{r['K']},{r['N']}) s={r['sparsity']}: cuBLAS {r['cublas_us']:.1f}us ({r['cublas_tflops']:.1f} TF/s)  "
             f"csr {r['csr_us']:.1f}us (floor {r['floor_us']:.1f}, {r['csr_useful_tflops']:.1f} useful TF/s)  "
-            f"x{r['speedup_vs_cublas']:.2f} [sputnik x{r.get('sputnik_vs_cublas', float('nan')):.2f}] "
+            f"x{r['speedup_vs_cublas']:.2f} [sputnik x{r.get('sputnik_vs_cublas', float('nan')):.2f}, "
+            f"port x{r.get('sputnik_port_vs_cublas', float('nan')):.2f}] "
             f"err {r['csr_err']:.1e}  {r['csr_config']}\n      candidates: "
             + ", ".join(f"{c['config']}={c['us']:.1f}" for c in r["csr_candidates"]))
     if "csr_conv_us" in r:
@@ -365,6 +417,8 @@ def part_nets(run: Run) -> dict:
                 d["layers"] = eng.report()
                 d["csr_layers"] = sum(1 for r in d["layers"] if r.get("format") == "csr")
                 d["dense_fallback_layers"] = sum(1 for r in d["layers"] if r.get("format") == "dense")
+                d["sputnik_layers"] = sum(1 for r in d["layers"] if str(r.get("config_label", "")).startswith("sputnik"))
+                d["kept_sparse_by_budget"] = [r["name"] for r in d["layers"] if r.get("budget")]
                 d["csr_weight_bytes"] = eng.weight_bytes()
                 # the same engine with every CSR layer kept sparse (where measuring chose dense)
                 fell_back = [r for r in d["layers"] if r.get("format") == "dense" and "csr_bytes" in r]
@@ -374,14 +428,17 @@ def part_nets(run: Run) -> dict:
                     d["speedup"] = d["best_dense_ms"] / d["csr"]["median_ms"]
                 print(f"  {dtype}: csr {d['csr']['median_ms']:.3f} ms vs best dense {d.get('best_dense_ms', float('nan')):.3f} ms "
                       f"({d.get('best_dense')}) -> x{d.get('speedup', float('nan')):.2f}; err vs ORT {d['rel_err_vs_ort']:.1e}; "
-                      f"{d['csr_layers']} csr / {d['dense_fallback_layers']} dense-by-measure; compile {d['compile_s']:.1f}s",
+                      f"{d['csr_layers']} csr ({d['sputnik_layers']} on Sputnik's SpMM, "
+                      f"{len(d['kept_sparse_by_budget'])} kept sparse by the weight budget) / "
+                      f"{d['dense_fallback_layers']} dense-by-measure; compile {d['compile_s']:.1f}s",
                       flush=True)
                 for r in d["layers"]:
                     if r.get("op", "").startswith("sparsecnn::"):
                         csr_us = r.get("sparse_us", r.get("time_us")) if r.get("format") == "dense" else r.get("time_us")
                         print(f"    {r['name'][:38]:<38} {r.get('format', '?'):<5} nnz {r.get('nnz', 0):>8} "
                               f"csr {csr_us or float('nan'):>8.1f}us dense {r.get('dense_us', float('nan')):>8.1f}us "
-                              f"{r.get('config_label', r.get('reason', ''))}", flush=True)
+                              f"{r.get('config_label', r.get('reason', ''))}"
+                              + (f"  [{r['budget']}]" if r.get("budget") else ""), flush=True)
                 del eng
                 torch.cuda.empty_cache() if not run.dry else None
             res["memory"] = {"dense_fp32_weight_bytes": res.get("dense_weight_bytes"),
@@ -422,10 +479,16 @@ def markdown(results: dict) -> str:
                 r = next((r for r in sweep["rows"] if (r["M"], r["K"], r["N"]) == shape and r["sparsity"] == s), None)
                 cells.append(f"{r['conv_speedup_vs_cudnn']:.2f}" if r and "conv_speedup_vs_cudnn" in r else "-")
             lines.append(f"| {shape} | " + " | ".join(cells) + " |")
-        lines += ["", "| sparsity | geomean vs cuBLAS | Sputnik | geomean conv vs cuDNN |", "|---|---|---|---|"]
+        lines += ["", "Winning kernel family per shape (GEMM / conv): " + "; ".join(
+            f"({r['M']},{r['K']},{r['N']}) s={r['sparsity']}: {r.get('csr_family', '-')}/{r.get('csr_conv_family', '-')}"
+            for r in sweep["rows"]), ""]
+        lines += ["", "| sparsity | geomean vs cuBLAS | Sputnik | port, Sputnik's heuristic config | geomean conv vs cuDNN "
+                  "| winners GEMM staged/sputnik | winners conv staged/sputnik |", "|---|---|---|---|---|---|---|"]
         for s, v in sweep["summary"].items():
+            w, cw = v.get("winners", {}), v.get("conv_winners", {})
             lines.append(f"| {s} | {_f(v['geomean_vs_cublas'])} | {_f(v['sputnik_geomean_vs_cublas'])} | "
-                         f"{_f(v['geomean_conv_vs_cudnn'])} |")
+                         f"{_f(v.get('port_heuristic_geomean_vs_cublas'))} | {_f(v['geomean_conv_vs_cudnn'])} | "
+                         f"{w.get('staged', 0)}/{w.get('sputnik', 0)} | {cw.get('staged', 0)}/{cw.get('sputnik', 0)} |")
     nets = results["parts"].get("nets")
     if nets:
         lines += ["", "## Whole networks, batch 1, one CUDA graph, 90 % unstructured", "",
@@ -458,6 +521,10 @@ def short_table(results: dict) -> str:
             v = sweep["summary"].get(s)
             if v:
                 rows.append((f"sweep geomean vs cuBLAS @{s}", _f(v["geomean_vs_cublas"]), f">= {tgt}"))
+                rows.append((f"  port (Sputnik's config) @{s}", _f(v.get("port_heuristic_geomean_vs_cublas")),
+                             f"report (Sputnik {tgt})"))
+                w = v.get("winners", {})
+                rows.append((f"  winners staged/sputnik @{s}", f"{w.get('staged', 0)}/{w.get('sputnik', 0)}", "report"))
                 rows.append((f"conv geomean vs cuDNN @{s}", _f(v["geomean_conv_vs_cudnn"]), "report"))
     for name, res in (results["parts"].get("nets") or {}).items():
         for dtype in ("fp32", "fp16"):

@@ -10,7 +10,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <bit>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <type_traits>
 #include <thread>
 #include <vector>
 
@@ -20,6 +24,8 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+// Static shared arrays: one copy for all host threads, which run one block at a time.
+#define __shared__ static
 
 struct uint3 { unsigned x = 0, y = 0, z = 0; };
 struct dim3 {
@@ -55,6 +61,9 @@ struct BlockState {
   std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
   std::vector<float> exchange;
   void* smem;
+  std::mutex subwarp_mutex;  // __syncwarp(mask): one barrier per (warp, mask), made on first use
+  std::map<unsigned long long, std::unique_ptr<std::barrier<>>> subwarp_barriers;
+  unsigned nthreads = 0;
 };
 inline thread_local BlockState* tl_state = nullptr;
 template <typename T> inline T* dynamic_smem() { return static_cast<T*>(tl_state->smem); }
@@ -68,6 +77,7 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
   for (unsigned w = 0; w < (nt + 31) / 32; ++w)
     state.warp_barriers.emplace_back(std::make_unique<std::barrier<>>(std::min(32u, nt - 32 * w)));
   state.exchange.assign(nt, 0.f);
+  state.nthreads = nt;
   std::vector<float4> smem((smem_bytes + 15) / 16 + 1);
   state.smem = smem.data();
   std::vector<std::thread> threads;
@@ -89,6 +99,11 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
   }
   for (auto& th : threads) th.join();
 }
+// Launch with the parameter block behind `params` (its type: the kernel's parameter type).
+template <typename P>
+void launch_params(void (*kernel)(P), dim3 grid, dim3 block, size_t smem_bytes, const void* params) {
+  launch(kernel, grid, block, smem_bytes, *static_cast<const std::remove_cv_t<std::remove_reference_t<P>>*>(params));
+}
 }  // namespace emu
 
 inline void __syncthreads() { emu::tl_state->block_barrier->arrive_and_wait(); }
@@ -102,4 +117,21 @@ inline float __shfl_xor_sync(unsigned /*full mask only*/, float v, int lane_mask
   const float r = emu::tl_state->exchange[warp * 32 + (lane ^ (unsigned)lane_mask)];
   bar.arrive_and_wait();
   return r;
+}
+
+// Barrier of the threads of this warp named in `mask` (all of them must call it with that mask).
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const unsigned warp = t / 32;
+  auto& st = *emu::tl_state;
+  const unsigned live = std::min(32u, st.nthreads - 32 * warp);
+  const unsigned lanes = live == 32 ? 0xffffffffu : ((1u << live) - 1u);
+  std::barrier<>* bar;
+  {
+    std::lock_guard<std::mutex> lock(st.subwarp_mutex);
+    auto& slot = st.subwarp_barriers[(static_cast<unsigned long long>(warp) << 32) | mask];
+    if (!slot) slot = std::make_unique<std::barrier<>>(std::popcount(mask & lanes));
+    bar = slot.get();
+  }
+  bar->arrive_and_wait();
 }

@@ -34,8 +34,7 @@ def _library(filename: str, dtypes=(torch.float32, torch.float16)) -> tuple[ctyp
         sym = f"emu_launch_{i}"
         symbols[expr] = sym
         lines.append(f'extern "C" void {sym}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem, '
-                     f'const void* params) {{ emu::launch(&{expr}, dim3(gx, gy, gz), dim3(bx), smem, '
-                     f'*static_cast<const csr::Params*>(params)); }}')
+                     f'const void* params) {{ emu::launch_params(&{expr}, dim3(gx, gy, gz), dim3(bx), smem, params); }}')
     source = "\n".join(lines) + "\n"
     deps = b"".join(p.read_bytes() for p in sorted(KERNEL_DIR.glob("*.cu*"))) + (HERE / "cuda_emu.h").read_bytes()
     key = hashlib.sha256(source.encode() + deps).hexdigest()[:16]

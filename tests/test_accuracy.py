@@ -13,7 +13,7 @@ from sparsecnn.common.errors import UserError
 from sparsecnn.converter import data as data_mod
 from sparsecnn.converter.data import TensorImages, augment_uint8, fashion_mnist_spec, load_data
 from sparsecnn.converter.export import export_onnx
-from sparsecnn.converter.finetune import FitConfig, GradualPruning, Masker, fit, make_optimizer
+from sparsecnn.converter.finetune import BatchNormScaffold, FitConfig, GradualPruning, Masker, fit, make_optimizer
 from sparsecnn.models import load_model
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -118,6 +118,50 @@ def test_gradual_pruning_reaches_the_target_per_layer_along_a_rising_schedule():
         if name.endswith(".weight") and p.dim() == 4 and not name.startswith("features.0"):
             assert int((p == 0).sum()) == round(0.8 * p.numel()), name
     assert torch.count_nonzero(model.features[0].weight == 0) == 0  # the stem is excluded
+
+
+def plain_vgg_like(seed: int = 0) -> nn.Module:
+    """A BatchNorm-free conv net (the form VGG-19 has after its BatchNorms are folded)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def test_batchnorm_scaffold_starts_as_the_identity_and_folds_back_to_the_same_function():
+    model = plain_vgg_like()
+    names = sorted(model.state_dict())
+    x = torch.randn(16, 3, 12, 12)
+    before = model.eval()(x).detach()
+    scaffold = BatchNormScaffold(model, torch.randn(32, 3, 12, 12))
+    assert torch.allclose(model.eval()(x), before, rtol=1e-4, atol=1e-5)
+    # train a few steps: the scaffold's statistics and affine parameters move
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(16, 3, 12, 12)).square().mean().backward()
+        opt.step()
+    trained = model.eval()(x).detach()
+    assert not torch.allclose(trained, before, atol=1e-3)
+    scaffold.fold()
+    assert sorted(model.state_dict()) == names
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert torch.allclose(model.eval()(x), trained, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_with_the_scaffold_prunes_gradually_and_returns_the_plain_net_with_exact_zeros():
+    model = plain_vgg_like()
+    names = sorted(model.state_dict())
+    spec = fashion_mnist_spec(16)
+    cfg = FitConfig(epochs=2, batch_size=32, lr=0.05, batchnorm_scaffold=True)
+    fit(model, random_images(96), random_images(32, seed=1), spec, "cpu", cfg,
+        gradual=GradualPruning(0.75, end_epoch=1, exclude=("0", "9")), progress=False, log=lambda s: None)
+    assert sorted(model.state_dict()) == names
+    for i in (2, 5):
+        w = model[i].weight
+        assert int((w == 0).sum()) == round(0.75 * w.numel()), i
+    assert torch.count_nonzero(model[0].weight == 0) == 0  # excluded
 
 
 # --- one rule for torch and ONNX ---------------------------------------------------------------

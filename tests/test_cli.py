@@ -55,6 +55,13 @@ def test_convert_writes_an_engine_that_run_loads(capsys, tmp_path):
     assert code == 0 and "ran torch on cpu" in out
 
 
+def test_runtime_options_reach_the_engine_with_their_types():
+    from sparsecnn.converter.options import runtime_extra
+
+    assert runtime_extra(["csr_weight_budget=0.25", "csr_tune_reps=5", "csr_autotune=false", "dense_conv=best"]) == \
+        {"csr_weight_budget": 0.25, "csr_tune_reps": 5, "csr_autotune": False, "dense_conv": "best"}
+
+
 def test_run_classifies_an_image_file(capsys, tmp_path):
     from PIL import Image
 
@@ -97,12 +104,14 @@ def _bad_inputs(tmp_path):
         "missing input file": (["run", "tinynet", "--input", str(tmp_path / "nope.png")], "input not found"),
         "missing onnx": (["inspect", str(tmp_path / "nope.onnx")], "not found"),
         "missing checkpoint": (["convert", "resnet18", "--weights", str(tmp_path / "nope.pt")], "not found"),
+        "option not key=value": (["run", "tinynet", "--device", "cpu", "--option", "csr_weight_budget"],
+                                 "not KEY=VALUE"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "unknown model", "truncated checkpoint", "pickle not a state dict", "unsupported op", "sparsity 1.0",
-    "sparsity negative", "missing input file", "missing onnx", "missing checkpoint"])
+    "sparsity negative", "missing input file", "missing onnx", "missing checkpoint", "option not key=value"])
 def test_bad_input_gets_one_line_nonzero_exit_no_output(capsys, tmp_path, case):
     argv, expected = _bad_inputs(tmp_path)[case]
     out_file = tmp_path / "out.onnx"

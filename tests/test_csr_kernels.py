@@ -9,10 +9,11 @@ import torch.nn.functional as F
 import cuda_emu
 from helpers import rel_err
 from sparsecnn.passes.csr import csr_from_dense, gemm_view
-from sparsecnn.runtimes.csr_kernels import (KERNEL_FILES, ConvGeometry, ConvPlan, GemvPlan, all_expressions,
-                                            candidate_configs, chunk_pointers, gemm_as_conv_geometry,
-                                            gemm_conv_plan_call, rows_block_column_use, spmm_config, window_config,
-                                            with_split)
+from sparsecnn.runtimes.csr_kernels import (KERNEL_FILES, SPUTNIK_VARIANTS, ConvConfig, ConvGeometry, ConvPlan,
+                                            GemvPlan, SputnikConfig, SputnikPlan, all_expressions, candidate_configs,
+                                            chunk_pointers, config_from_dict, gemm_as_conv_geometry,
+                                            gemm_conv_plan_call, make_plan, rows_block_column_use, spmm_config,
+                                            sputnik_candidates, sputnik_heuristic, window_config, with_split)
 from sparsecnn.runtimes.nvrtc import CI_ARCHS, compile_cubin, load_source, nvrtc_available
 
 emu = pytest.mark.skipif(not cuda_emu.available(), reason="g++ not installed (the CPU kernel emulator needs it)")
@@ -42,7 +43,7 @@ def conv_case(backend, dtype, g: ConvGeometry, cfg, batch=2, density=0.3, bias=T
     b = torch.randn(g.m, generator=gen) if bias else None
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    plan = ConvPlan(csr_from_dense(gemm_view(w)), g, cfg, dtype, "cpu", backend, b, relu)
+    plan = make_plan(csr_from_dense(gemm_view(w)), g, cfg, dtype, "cpu", backend, b, relu)
     y = plan(x)
     xf = F.pad(x.float(), (g.pl, g.pr, g.pt, g.pb))
     ref = F.conv2d(xf, w.to(dtype).float(), b, (g.sh, g.sw), 0, (g.dh, g.dw))
@@ -137,8 +138,12 @@ def test_spmm_of_the_gemm_sweep_matches_matmul(backend, k, n, density):
     a[4] = 0
     b = torch.randn(k, n, generator=gen)
     g = ConvGeometry(19, k, 1, n)
-    for cfg in candidate_configs(g, sms=8)[:3]:
-        plan = ConvPlan(csr_from_dense(a), g, cfg, torch.float32, "cpu", backend)
+    cands = candidate_configs(g, sms=8)
+    staged = [c for c in cands if isinstance(c, ConvConfig)][:3]
+    sputnik = [c for c in cands if isinstance(c, SputnikConfig)]
+    assert sputnik and all(n % c.dv == 0 for c in sputnik)  # Sputnik's vectors must divide N
+    for cfg in staged + sputnik:
+        plan = make_plan(csr_from_dense(a), g, cfg, torch.float32, "cpu", backend)
         assert rel_err(plan.spmm(b), a @ b) <= 1e-5, cfg.label()
 
 
@@ -169,6 +174,109 @@ def test_gemm_above_the_spmv_batch_runs_through_the_spmm_kernel(backend):
     assert rel_err(gemm_conv_plan_call(plan, x), F.linear(x, w, torch.ones(23))) <= 1e-5
 
 
+# --- Sputnik's SpMM (csr_sputnik.cu) -----------------------------------------------------------
+
+def sputnik_case_weight(m, k, density, gen):
+    """Empty rows, one full row (several BK tiles), rows whose starts are not 4-aligned (ROMA)."""
+    a = torch.randn(m, k, generator=gen) * (torch.rand(m, k, generator=gen) < density)
+    a[0] = 0
+    a[m // 2] = 0
+    a[1] = torch.randn(k, generator=gen)
+    a[2, :3] = 1.0  # a 3-entry row: residue only
+    return a
+
+
+@emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_sputnik_variant_matches_matmul(backend, dtype):
+    gen = torch.Generator().manual_seed(11)
+    for variant in SPUTNIK_VARIANTS[dtype]:
+        cfg = SputnikConfig(*variant)
+        # N not a multiple of the tile (but of the vector width), K from tiny to several tiles
+        n = cfg.dv * (2 * cfg.bx // cfg.dv + 3)
+        for k in (3, 77):
+            a = sputnik_case_weight(21, k, 0.5, gen)
+            b = torch.randn(k, n, generator=gen).to(dtype)
+            bias = torch.randn(21, generator=gen)
+            plan = SputnikPlan(csr_from_dense(a), ConvGeometry(21, k, 1, n), cfg, dtype, "cpu", backend, bias, True)
+            ref = torch.relu(a.to(dtype).double() @ b.double() + bias.double()[:, None])
+            assert rel_err(plan.spmm(b).double(), ref) <= TOL[dtype], (cfg.label(), k)
+
+
+@emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("geom", [
+    ConvGeometry(20, 7, 9, 11, 3, 3, 1, 1, 1, 1, 1, 1),            # 3x3 same, odd sizes
+    ConvGeometry(13, 5, 10, 9, 3, 3, 2, 2, 0, 1, 1, 0),            # stride 2, asymmetric pads
+    ConvGeometry(9, 6, 11, 12, 3, 3, 1, 1, 2, 2, 2, 2, 2, 2),      # dilation 2
+    ConvGeometry(11, 9, 5, 6, 1, 1, 2, 2),                         # 1x1 stride 2: im2col too
+    ConvGeometry(29, 21, 8, 12),                                   # pointwise: B is the input itself
+])
+def test_sputnik_candidates_of_a_conv_match_conv2d(backend, dtype, geom):
+    cands = [c for c in candidate_configs(geom, dtype=dtype) if isinstance(c, SputnikConfig)]
+    assert cands and all((c.im2col or c.shifted) != geom.pointwise for c in cands)
+    # stride-1 convs also get the shifted copies (no im2col), strided ones only im2col
+    assert any(c.shifted for c in cands) == (not geom.pointwise and (geom.sh, geom.sw) == (1, 1))
+    for cfg in cands:
+        assert conv_case(backend, dtype, geom, cfg, relu=True, seed=cfg.bx + cfg.dv) <= TOL[dtype], cfg.label()
+
+
+@emu
+def test_sputnik_im2col_and_shifted_copies_read_channels_last_input(backend):
+    g = ConvGeometry(10, 8, 7, 9, 3, 3, 1, 1, 1, 1, 1, 1)
+    for cfg in (SputnikConfig(4, 32, 32, 8, 4, 4, im2col=True), SputnikConfig(4, 32, 32, 8, 4, 4, shifted=True)):
+        assert conv_case(backend, torch.float32, g, cfg, channels_last=True, batch=3) <= 1e-5
+
+
+@emu
+def test_shifted_copies_hold_the_padded_input_shifted_by_0_to_3(backend):
+    g = ConvGeometry(4, 3, 5, 6, 3, 3, 1, 1, 1, 2, 1, 0)  # asymmetric pads: Hp = 7, Wp = 8
+    plan = SputnikPlan(csr_from_dense(torch.ones(4, 27)), g, SputnikConfig(4, 32, 32, 8, 4, 4, shifted=True),
+                       torch.float32, "cpu", backend)
+    x = torch.randn(2, 3, 5, 6)
+    copies = plan.shifted_copies(x)
+    xpad = F.pad(x, (2, 0, 1, 1)).reshape(2, -1)
+    flat = torch.cat([xpad, torch.zeros(2, plan.copy_len + 4 - xpad.shape[1])], 1)
+    for j in range(4):
+        assert torch.equal(copies[:, j], flat[:, j:j + plan.copy_len])
+    # B's row k = (c, r, s) starts at c*Hp*Wp + r*Wp + s of the padded input: copy o % 4, offset o - o % 4
+    o = 2 * 56 + 1 * 8 + 2  # k = (2, 1, 2)
+    assert plan.k_offsets[2 * 9 + 1 * 3 + 2].item() == (o % 4) * plan.copy_len + o - o % 4
+
+
+def test_sputnik_heuristic_is_sputniks_choice_by_n():
+    f32, f16 = torch.float32, torch.float16
+    assert sputnik_heuristic(50176) == (4, 32, 64, 8, 4, 4, 8)   # n % 64 == 0: the 64-wide tile
+    assert sputnik_heuristic(784) == (4, 32, 32, 8, 4, 4, 1)     # n % 4 == 0
+    assert sputnik_heuristic(98) == (2, 32, 32, 16, 2, 2, 1)     # even
+    assert sputnik_heuristic(49) == (1, 32, 32, 32, 1, 1, 1)     # odd: scalar
+    assert sputnik_heuristic(16) == (4, 32, 16, 8, 4, 2, 1)
+    assert sputnik_heuristic(3136, f16)[5] == 8 and sputnik_heuristic(196, f16)[5] == 4
+
+
+def test_sputnik_candidates_use_only_vectors_that_divide_the_rows():
+    assert all(c.dv == 1 for c in sputnik_candidates(49))
+    assert {c.dv for c in sputnik_candidates(98)} == {2}
+    im2col = sputnik_candidates(49, n_align=56, im2col=True)  # padded im2col rows: float4 loads allowed
+    assert im2col[0].dv == 4 and all(c.im2col for c in im2col)
+    assert sputnik_candidates(784)[0] == SputnikConfig(4, 32, 32, 8, 4, 4)
+
+
+def test_configs_of_both_families_round_trip_through_their_dicts():
+    for cfg in (SputnikConfig(4, 32, 64, 8, 4, 4, 8, im2col=True), SputnikConfig(1, 32, 32, 32, 1, 1, shifted=True),
+                spmm_config(ConvGeometry(8, 16, 4, 4), 2, 4)):
+        assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@emu
+def test_sputnik_plan_refuses_b_rows_its_vectors_cannot_read(backend):
+    a = torch.eye(8, 12)
+    plan = SputnikPlan(csr_from_dense(a), ConvGeometry(8, 12, 1, 50), SputnikConfig(4, 32, 32, 8, 4, 4), torch.float32,
+                       "cpu", backend)
+    with pytest.raises(ValueError, match="aligned"):
+        plan.spmm(torch.randn(12, 50))
+
+
 # --- on the GPU (run with -m gpu on the H100) ------------------------------------------------
 
 gpu = pytest.mark.gpu
@@ -192,8 +300,30 @@ def test_gpu_conv_kernels_match_conv2d(dtype, geom):
         w = pruned_conv_weight(geom.m, geom.c, geom.kh, geom.kw, 0.1, seed=torch.seed() % 1000)
         x = torch.randn(1, geom.c, geom.h, geom.w, device="cuda").to(dtype)
         b = torch.randn(geom.m, device="cuda")
-        plan = ConvPlan(csr_from_dense(gemm_view(w)), geom, cfg, dtype, "cuda", backend, b, relu=True)
+        plan = make_plan(csr_from_dense(gemm_view(w)), geom, cfg, dtype, "cuda", backend, b, relu=True)
         y = plan(x)
         xf = F.pad(x.float().cpu(), (geom.pl, geom.pr, geom.pt, geom.pb))  # reference on the CPU: no TF32
         ref = torch.relu(F.conv2d(xf, w.to(dtype).float(), b.cpu(), (geom.sh, geom.sw), 0, (geom.dh, geom.dw)))
         assert rel_err(y.float().cpu(), ref) <= TOL[dtype], cfg.label()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,k,n", [(64, 576, 3136), (37, 3, 100), (256, 2304, 196), (45, 301, 49), (128, 1152, 784)])
+def test_gpu_sputnik_kernels_match_matmul(dtype, m, k, n):
+    """Every Sputnik variant whose vectors fit N: fresh random inputs, odd N, tiny K, empty rows."""
+    from sparsecnn.runtimes.csr_kernels import NvrtcBackend
+
+    backend = NvrtcBackend("cuda")
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for variant in SPUTNIK_VARIANTS[dtype]:
+        cfg = SputnikConfig(*variant)
+        if n % cfg.dv:
+            continue
+        a = sputnik_case_weight(m, k, 0.1, gen)
+        b = torch.randn(k, n, generator=gen).to(dtype)
+        bias = torch.randn(m, generator=gen)
+        plan = SputnikPlan(csr_from_dense(a), ConvGeometry(m, k, 1, n), cfg, dtype, "cuda", backend, bias, True)
+        y = plan.spmm(b.cuda()).double().cpu()
+        ref = torch.relu(a.to(dtype).double() @ b.double() + bias.double()[:, None])
+        assert rel_err(y, ref) <= TOL[dtype], cfg.label()

@@ -186,6 +186,60 @@ def test_threshold_decision_keeps_denser_layers_dense(exported):
     assert rows and all(r["format"] == "dense" and "csr_max_density" in r["reason"] for r in rows)
 
 
+@emu
+def test_runtime_runs_layers_on_sputniks_spmm_from_saved_configs(exported):
+    from sparsecnn.runtimes.csr import compile_with_backend
+    from sparsecnn.runtimes.csr_kernels import SputnikConfig
+
+    pruned = prune_unstructured(exported("tinyresnet"), 0.9).model
+    sparse = get_runtime("csr").rewrite(pruned, {})
+    x = np.random.default_rng(3).standard_normal(input_shape(pruned, 2)).astype(np.float32)
+    backend = cuda_emu.EmuBackend()
+    first = compile_with_backend(sparse, "cpu", {"csr_decide": "sparse", "csr_autotune": False}, backend=backend)
+    layers = {}
+    nodes = [n for n in sparse.graph.node if n.op_type == "CsrConv"]
+    rows = [r for r in first.report() if r["op"] == "sparsecnn::CsrConv"]
+    for i, (node, row) in enumerate(zip(nodes, rows)):
+        strides = next((list(a.ints) for a in node.attribute if a.name == "strides"), [1, 1])
+        shifted = strides == [1, 1] and i % 2 == 0  # the others through the explicit im2col
+        cfg = SputnikConfig(4, 32, 32, 8, 4, 4, im2col=not shifted, shifted=shifted)
+        layers[row["name"]] = {"format": "csr", "config": cfg.to_dict()}
+    engine = compile_with_backend(sparse, "cpu", {"csr_decide": "measure"}, state={"layers": layers}, backend=backend)
+    rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
+    assert {r["kernel"].split("<")[0] for r in rows} == {"csr::shift4", "csr::im2col4"}
+    assert all("csr::sputnik_spmm<float, 4, 32, 32, 8, 4, 4, 1>" in r["kernel"] for r in rows)
+    assert rel_err(engine(torch.from_numpy(x))[0], ort_run(pruned, x)[0]) <= 1e-4
+
+
+@emu
+def test_weight_budget_keeps_layers_sparse_until_the_engine_fits(exported, monkeypatch):
+    from sparsecnn.runtimes import csr as csr_rt
+
+    # every dense layer "measures" 10 us, every sparse plan 100 us: measuring alone picks dense everywhere
+    monkeypatch.setattr(csr_rt._KernelSession, "time_us",
+                        lambda self, fn, x: 100.0 if getattr(fn, "__name__", "") == "<lambda>" else 10.0)
+    pruned = prune_unstructured(exported("tinyresnet"), 0.9).model
+    sparse = get_runtime("csr").rewrite(pruned, {})
+    x = np.random.default_rng(2).standard_normal(input_shape(pruned, 1)).astype(np.float32)
+    dense_bytes = get_runtime("torch").compile(pruned, "cpu", {}).weight_bytes()
+    backend = cuda_emu.EmuBackend()
+    opts = {"csr_autotune": False}
+    unbounded = csr_rt.compile_with_backend(sparse, "cpu", {**opts, "csr_weight_budget": 0}, backend=backend)
+    rows = [r for r in unbounded.report() if r["op"] == "sparsecnn::CsrConv"]
+    assert all(r["format"] == "dense" for r in rows) and unbounded.weight_bytes() == dense_bytes
+    opts = {**opts, "csr_weight_budget": 0.25}
+    engine = csr_rt.compile_with_backend(sparse, "cpu", opts, backend=backend)
+    assert engine.weight_bytes() <= 0.25 * dense_bytes
+    rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
+    kept = [r for r in rows if r["format"] == "csr"]
+    assert kept and all("csr_weight_budget" in r["budget"] for r in kept)
+    assert any(r["format"] == "dense" for r in rows)  # the cap leaves room for some dense layers
+    # the budget's decisions are saved: a reload runs the same formats without measuring
+    again = csr_rt.compile_with_backend(sparse, "cpu", opts, state=engine.saved_state(), backend=backend)
+    assert [r.get("format") for r in again.report()] == [r.get("format") for r in engine.report()]
+    assert rel_err(engine(torch.from_numpy(x))[0], ort_run(pruned, x)[0]) <= 1e-4
+
+
 def test_convert_cli_writes_the_sparse_onnx_for_the_csr_runtime(tmp_path, capsys):
     from sparsecnn.converter.cli import main
 
