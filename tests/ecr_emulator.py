@@ -151,3 +151,40 @@ def _list_chunk(v, p, kc, flat, offs, slots, wc, acc) -> None:
                 for q, r in enumerate(members):
                     if r in bases:
                         acc[r] += vals[q] * w
+
+
+class EmuEcrKernels:
+    """kernels/ecr_conv.cu itself, compiled as host C++ against tests/cuda_emu.h and launched like
+    `runtimes.ecr.KernelSet.launch` on CPU tensors: every CUDA thread a host thread (small layers)."""
+
+    def __init__(self, variants):
+        import ctypes
+
+        from cuda_emu import compile_library
+        from sparsecnn.runtimes.ecr import KERNEL_SOURCE
+
+        self.variants = tuple(variants)
+        lines = ["#define SPARSECNN_EMU 1", f'#include "{KERNEL_SOURCE}"']
+        self.symbols = {}
+        for i, v in enumerate(self.variants):
+            for half in (False, True):
+                t = "__half" if half else "float"
+                sym = f"emu_ecr_{i}_{int(half)}"
+                self.symbols[(v, half)] = sym
+                lines.append(
+                    f'extern "C" void {sym}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem, '
+                    f'const void* x, const float* wt, const float* bias, void* y, float* ws, int* tickets, '
+                    f'const void* p) {{ emu::launch(&{v.expr(half)}, dim3(gx, gy, gz), dim3(bx), smem, '
+                    f'static_cast<const {t}*>(x), wt, bias, static_cast<{t}*>(y), ws, tickets, '
+                    f'*static_cast<const EcrParams*>(p)); }}')
+        self.lib = compile_library(KERNEL_SOURCE, "\n".join(lines) + "\n")
+        self._c = ctypes
+
+    def launch(self, plan, x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
+               ws: torch.Tensor, tickets: torch.Tensor) -> None:
+        c = self._c
+        v = plan.candidate.variant
+        fn = getattr(self.lib, self.symbols[(v, x.dtype == torch.float16)])
+        fn.argtypes = [c.c_uint] * 5 + [c.c_void_p] * 7
+        fn(*plan.grid, v.threads, plan.smem, x.data_ptr(), wt.data_ptr(), bias.data_ptr(), y.data_ptr(),
+           ws.data_ptr(), tickets.data_ptr(), c.addressof(plan.cparams))

@@ -333,6 +333,54 @@ def test_whole_wave_split_and_occupancy():
     assert blocks_per_sm(Variant(2, 16, 1, warps=16, kind="list"), 20 * 1024, registers=126) == 1
 
 
+# --- the kernel source itself on the CPU (tests/cuda_emu.h: every CUDA thread a host thread) ----
+
+EMU_LAYERS = [  # odd sizes; 2x2 pool; stride 2 with asymmetric pads, batch 2; 3x3/2 ceil pool, 300 filters
+    (ConvGeometry(1, 6, 9, 11, 3, 3, 1, 1, (1, 1, 1, 1)), PoolGeometry(2, 2, 2, 2), 70),
+    (ConvGeometry(2, 5, 7, 9, 3, 3, 1, 2, (1, 0, 2, 1)), None, 40),
+    (ConvGeometry(1, 9, 11, 11, 3, 3, 1, 1, (1, 1, 1, 1)), PoolGeometry(3, 3, 2, 2, (1, 1, 1, 1), True), 300),
+]
+
+
+@pytest.mark.parametrize("layer", range(len(EMU_LAYERS)))
+def test_kernel_source_on_cpu_emulator_matches_reference(layer):
+    """Every kernel variant (warp and list kernels, fp32 and fp16, split-K or not) runs from
+    kernels/ecr_conv.cu on the CPU emulator; two launches each, the workspace back to zero."""
+    import cuda_emu
+    from ecr_emulator import EmuEcrKernels
+    from sparsecnn.runtimes.ecr import CANDIDATES, VARIANTS, make_plan, pack_weights
+
+    if not cuda_emu.available():
+        pytest.skip("g++ not installed")
+    g, pool, cout = EMU_LAYERS[layer]
+    kernels = EmuEcrKernels(VARIANTS)
+    w = torch.randn(cout, g.cin, g.kh, g.kw) / g.k ** 0.5
+    b = torch.randn(cout)
+    wt, bias = pack_weights(w, b)
+    qh, qw = pool.out_size(g.oh, g.ow) if pool else (g.oh, g.ow)
+    tried = set()
+    for i, v in enumerate(VARIANTS):
+        cands = [c for c in CANDIDATES if c.variant == v]
+        cand = cands[(i + layer) % len(cands)]
+        plan = make_plan(cand, g, pool, cout, True, sm_count=3, max_smem=227 * 1024)  # few SMs: split-K
+        if plan is None:
+            continue
+        tried.add(v)
+        zeros = (0.0, 0.5, 0.9, 1.0)[(i + layer) % 4]
+        dtype = (torch.float32, torch.float16)[(i + layer) % 2]
+        x = sparse_input((g.n, g.cin, g.h, g.w), zeros, seed=100 * layer + i, dtype=torch.float32).to(dtype)
+        ref = dense_reference(x.double(), w.double(), b.double(), g, True, pool)
+        ws = torch.zeros(max(1, plan.ws_floats))
+        tickets = torch.zeros(max(1, plan.tickets), dtype=torch.int32)
+        y = torch.full((g.n, cout, qh, qw), float("nan"), dtype=dtype)
+        for _ in range(2):
+            kernels.launch(plan, x, wt, bias, y, ws, tickets)
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        assert rel_err(y.double(), ref) <= tol, (cand.name, zeros, dtype, plan.describe())
+        assert float(ws.abs().sum()) == 0 and int(tickets.abs().sum()) == 0, cand.name
+    assert {v.kind for v in tried} == {"warp", "list"}
+
+
 def test_plans_split_k_when_tiles_are_few_and_fit_shared_memory():
     from sparsecnn.runtimes.ecr import CANDIDATES, make_plan
 

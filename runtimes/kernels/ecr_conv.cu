@@ -30,7 +30,15 @@
 // tile's fp32 workspace slot (atomics: the sum order, and so the last bits, vary run to run);
 // the last block of a tile (atomic ticket) reads the total, zeroes the slot, runs the
 // epilogue and resets the ticket, so workspace and tickets are zero again for the next launch.
+// The kernels also compile as host C++ against tests/cuda_emu.h (SPARSECNN_EMU): the tests run
+// them on the CPU, thread by thread (cp.async becomes a plain copy there).
+#ifdef SPARSECNN_EMU
+#include "cuda_emu.h"
+#define ECR_DYNAMIC_SMEM(name) float4* name = emu::dynamic_smem<float4>()
+#else
 #include <cuda_fp16.h>
+#define ECR_DYNAMIC_SMEM(name) extern __shared__ float4 name[]
+#endif
 
 struct EcrParams {
   int n_img, cin, h, w;
@@ -63,12 +71,18 @@ template <typename T> __device__ __forceinline__ void store_act(T* p, float v);
 template <> __device__ __forceinline__ void store_act<float>(float* p, float v) { *p = v; }
 template <> __device__ __forceinline__ void store_act<__half>(__half* p, float v) { *p = __float2half_rn(v); }
 
+#ifdef SPARSECNN_EMU
+inline void cp_async16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }
+inline void cp_async_commit() {}
+template <int N> inline void cp_async_wait() {}
+#else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+#endif
 
 template <int VEC> struct Row;
 template <> struct Row<2> {
@@ -236,7 +250,7 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
   constexpr int THREADS = WARPS * 32;
   constexpr unsigned FULL = 0xffffffffu;
   static_assert(GROUP == 1 || (GROUP == 4 && PPW % 4 == 0), "GROUP is 1 or 4 (and divides PPW)");
-  extern __shared__ float4 smem4[];
+  ECR_DYNAMIC_SMEM(smem4);
   float* smem = reinterpret_cast<float*>(smem4);
   __shared__ int s_last;
 
@@ -488,7 +502,7 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
   constexpr unsigned FULL = 0xffffffffu;
   static_assert(G >= 1 && G <= 4, "G is 1 to 4");
   static_assert(PPW % G == 0 && PPW <= 32, "a warp owns whole groups (and at most 32 positions)");
-  extern __shared__ float4 smem4[];
+  ECR_DYNAMIC_SMEM(smem4);
   float* smem = reinterpret_cast<float*>(smem4);
   __shared__ int s_last;
 
