@@ -438,7 +438,7 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
 //      a time, a ballot keeps those where any of the G positions has a non-zero input, and
 //      each kept lane stores {its G input values, k*CT} at the list's end plus its rank among
 //      the kept lanes (k = (c*kh + i)*kw + j, the kernel index; G = 1 is exactly the ECR row,
-//      entries are one 8-byte (G = 1) or 16-byte (G = 2, 3: one broadcast read) or 32-byte load;
+//      an entry is one 8-byte (G = 1) or 16-byte (G = 2, 3) broadcast read, G = 4 adds a 4-byte one;
 //      G > 1 the union of the group's rows, where a zero input multiplies a zero). One warp
 //      writes each list and the count is a warp-uniform register: nothing to race on;
 //   2. walks the list: per entry, a broadcast read of the entry, VEC consecutive weights of
@@ -447,42 +447,36 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
 // The next chunk's patch comes through PREFETCH registers per thread, loaded before and
 // stored after the multiplies; its weights come by cp.async (double buffered): global latency
 // hides behind the work. Empty windows have empty lists: no multiply, bias alone.
-template <int G> struct ListEntry;
-template <> struct __align__(8) ListEntry<1> { float v[1]; int k; };
-template <> struct __align__(16) ListEntry<2> { float v[2]; int k; int pad; };
-template <> struct __align__(16) ListEntry<3> { float v[3]; int k; };
-template <> struct __align__(16) ListEntry<4> { float v[4]; int k; int pad[3]; };
+// A warp's list of kc entries in shared memory, EF floats per entry: G = 1 {v, k} 8 bytes;
+// G = 2, 3 {v..., k} one 16-byte vector; G = 4 the values as kc float4, then the kc k's
+// (structure of arrays: a warp's stores hit every bank once, not a 32-byte stride).
+template <int G> struct ListLayout { static constexpr int EF = G == 1 ? 2 : (G <= 3 ? 4 : 8); };
 
-template <int G> __device__ __forceinline__ void load_entry(const ListEntry<G>* e, float (&v)[G], int& k);
-template <> __device__ __forceinline__ void load_entry<1>(const ListEntry<1>* e, float (&v)[1], int& k) {
-  const float2 t = *reinterpret_cast<const float2*>(e);
-  v[0] = t.x; k = __float_as_int(t.y);
+template <int G> __device__ __forceinline__ void store_entry(float* list, int kc, int i, const float (&v)[G], int k) {
+  if constexpr (G == 1) {
+    *reinterpret_cast<float2*>(list + 2 * i) = make_float2(v[0], __int_as_float(k));
+  } else if constexpr (G == 2) {
+    *reinterpret_cast<float4*>(list + 4 * i) = make_float4(v[0], v[1], __int_as_float(k), 0.f);
+  } else if constexpr (G == 3) {
+    *reinterpret_cast<float4*>(list + 4 * i) = make_float4(v[0], v[1], v[2], __int_as_float(k));
+  } else {
+    *reinterpret_cast<float4*>(list + 4 * i) = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<int*>(list + 4 * kc)[i] = k;
+  }
 }
-template <> __device__ __forceinline__ void load_entry<2>(const ListEntry<2>* e, float (&v)[2], int& k) {
-  const float4 t = *reinterpret_cast<const float4*>(e);
-  v[0] = t.x; v[1] = t.y; k = __float_as_int(t.z);
-}
-template <> __device__ __forceinline__ void load_entry<3>(const ListEntry<3>* e, float (&v)[3], int& k) {
-  const float4 t = *reinterpret_cast<const float4*>(e);
-  v[0] = t.x; v[1] = t.y; v[2] = t.z; k = __float_as_int(t.w);
-}
-template <> __device__ __forceinline__ void load_entry<4>(const ListEntry<4>* e, float (&v)[4], int& k) {
-  const float4 t = *reinterpret_cast<const float4*>(e);
-  v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w; k = e->k;
-}
-template <int G> __device__ __forceinline__ void store_entry(ListEntry<G>* e, const float (&v)[G], int k);
-template <> __device__ __forceinline__ void store_entry<1>(ListEntry<1>* e, const float (&v)[1], int k) {
-  *reinterpret_cast<float2*>(e) = make_float2(v[0], __int_as_float(k));
-}
-template <> __device__ __forceinline__ void store_entry<2>(ListEntry<2>* e, const float (&v)[2], int k) {
-  *reinterpret_cast<float4*>(e) = make_float4(v[0], v[1], __int_as_float(k), 0.f);
-}
-template <> __device__ __forceinline__ void store_entry<3>(ListEntry<3>* e, const float (&v)[3], int k) {
-  *reinterpret_cast<float4*>(e) = make_float4(v[0], v[1], v[2], __int_as_float(k));
-}
-template <> __device__ __forceinline__ void store_entry<4>(ListEntry<4>* e, const float (&v)[4], int k) {
-  *reinterpret_cast<float4*>(e) = make_float4(v[0], v[1], v[2], v[3]);
-  e->k = k;
+template <int G> __device__ __forceinline__ void load_entry(const float* list, int kc, int i, float (&v)[G], int& k) {
+  if constexpr (G == 1) {
+    const float2 t = *reinterpret_cast<const float2*>(list + 2 * i);
+    v[0] = t.x; k = __float_as_int(t.y);
+  } else {
+    const float4 t = *reinterpret_cast<const float4*>(list + 4 * i);
+    v[0] = t.x;
+    if constexpr (G >= 2) v[1] = t.y;
+    if constexpr (G == 2) k = __float_as_int(t.z);
+    if constexpr (G >= 3) v[2] = t.z;
+    if constexpr (G == 3) k = __float_as_int(t.w);
+    if constexpr (G == 4) { v[3] = t.w; k = reinterpret_cast<const int*>(list + 4 * kc)[i]; }
+  }
 }
 
 // Shared memory (floats): W chunk buffers 2 x [kc][CT], patch [cc][patch_h][patch_w], entry
@@ -515,8 +509,7 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
   int* offs = reinterpret_cast<int*>(patch + patch_size);
   int* bases = offs + kc;
   constexpr int RMAX = PPW * WARPS;
-  ListEntry<G>* list = reinterpret_cast<ListEntry<G>*>(smem + ((2 * kc * CT + patch_size + kc + RMAX + 3) & ~3)) +
-                       warp * kc;
+  float* list = smem + ((2 * kc * CT + patch_size + kc + RMAX + 3) & ~3) + warp * kc * ListLayout<G>::EF;
 
   const int tiles = p.tiles_y * p.tiles_x;
   const int img = blockIdx.x / tiles;
@@ -632,7 +625,7 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
           }
         }
         const unsigned m = __ballot_sync(FULL, nz);
-        if (nz) store_entry<G>(list + n + __popc(m & lanes_below), v, e * CT);
+        if (nz) store_entry<G>(list, kc, n + __popc(m & lanes_below), v, e * CT);
         n += __popc(m);
       }
       __syncwarp();  // the list is written
@@ -642,7 +635,7 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
       for (int j = 0; j < n; ++j) {
         float a[G];
         int k;
-        load_entry<G>(list + j, a, k);
+        load_entry<G>(list, kc, j, a, k);
         Row<VEC> w;
         w.load(wl + k);
 #pragma unroll
