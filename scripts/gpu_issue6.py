@@ -263,14 +263,19 @@ def time_sparse(layer, x, reps, dry, names=None, ref=None, rejected=None) -> dic
     return out
 
 
-def keep_variants(times: dict, n: int = 2) -> list[str]:
+def keep_variants(times: dict, n: int = 2, groups: bool = False) -> list[str]:
     """The `n` fastest candidates, plus the fastest of a kernel family (name prefix: `ecr` warp
-    kernels, `list` list kernels) that is not among them, so both stay measured everywhere."""
+    kernels, `list` list kernels) that is not among them, so both stay measured everywhere; with
+    `groups`, also the fastest list kernel of each union group size (g1, g3, g4: which wins moves
+    with sparsity, and only kept candidates are timed away from 80%)."""
     order = sorted(times, key=times.get)
     keep = order[:n]
-    for family in ("ecr", "list"):
-        if not any(k.startswith(family) for k in keep):
-            keep += [k for k in order if k.startswith(family)][:1]
+    tags = ["ecr", "list"] + (["list*g1-", "list*g3-", "list*g4-"] if groups else [])
+    for tag in tags:
+        head, _, part = tag.partition("*")
+        match = [k for k in order if k.startswith(head) and part in k]
+        if match and not any(k in keep for k in match):
+            keep.append(match[0])
     return keep
 
 
@@ -440,7 +445,7 @@ def part_fig8(args, dev, res, real_means, real_tensors, real_label):
         # fastest and the fastest of the other kernel family (warp / list), timed fully everywhere
         rejected = {}
         screen = time_sparse(kl, x0, max(3, reps // 3), dry, ref=oracle(x0, w, b, g, tpool), rejected=rejected)
-        keep = keep_variants(screen)
+        keep = keep_variants(screen, groups=(dname, target) == ("fp32", "pecr"))  # the bar's jobs: wider
         first = time_sparse(kl, x0, reps, dry, names=set(keep))
         cost80 = layer_cost(g, tpool, layer["cout"], 0.2)
         for name_ in sorted(first, key=first.get):
