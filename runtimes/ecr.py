@@ -75,12 +75,21 @@ def rewrite(model: onnx.ModelProto, options: dict | None = None) -> onnx.ModelPr
 class Variant:
     """A template instantiation: VEC output channels per lane (CT = 32*VEC per block), PPW
     conv positions per warp (RMAX = PPW*WARPS per block), GROUP positions whose compressed
-    rows a warp walks together (1, or 4: the union, each weight row read once for four)."""
+    rows are walked together (1, or the union of 2-4: each weight row read once for all; G = 3
+    packs 3 values and k in one 16-byte entry).
+
+    kind "warp" (`ecr_conv_pool`): each warp builds its positions' rows with ballots and
+    broadcasts every non-zero by shuffle while it multiplies. kind "list" (`ecr_list_conv_pool`):
+    the warp writes a group's compressed row of the K chunk to shared memory first, then a
+    multiply-only loop reads its {values, k} entries; the next chunk's patch is prefetched
+    through PREFETCH registers per thread while the current one is multiplied."""
 
     vec: int
     ppw: int
     group: int = 1
     warps: int = 8
+    kind: str = "warp"
+    prefetch: int = 4
 
     @property
     def ct(self) -> int:
@@ -95,20 +104,47 @@ class Variant:
         return 32 * self.warps
 
     def expr(self, half: bool) -> str:
-        return f"ecr_conv_pool<{'__half' if half else 'float'}, {self.vec}, {self.ppw}, {self.warps}, {self.group}>"
+        t = "__half" if half else "float"
+        if self.kind == "list":
+            return f"ecr_list_conv_pool<{t}, {self.vec}, {self.ppw}, {self.warps}, {self.group}, {self.prefetch}>"
+        return f"ecr_conv_pool<{t}, {self.vec}, {self.ppw}, {self.warps}, {self.group}>"
 
     def smem_floats(self, kc: int, patch: int) -> int:
         main = 2 * kc * self.ct + patch + kc + self.rmax
-        if self.group == 4:
+        if self.kind == "list":  # then one list of kc entries (2 floats for G=1, 4 for G=2, 8 for G=4) per warp
+            main = ((main + 3) & ~3) + self.warps * kc * {1: 2, 2: 4, 3: 4, 4: 8}[self.group]
+        elif self.group == 4:
             main = ((main + 3) & ~3) + self.warps * 32 * 4
         return max(main, self.ct * (self.rmax + 1))
 
+    def fits(self, patch: int) -> bool:
+        """The list kernel fetches a chunk's patch through `prefetch` registers per thread."""
+        return self.kind != "list" or patch <= self.prefetch * self.threads
 
-VARIANTS = (Variant(4, 8), Variant(4, 4), Variant(2, 8),
-            Variant(4, 8, 4), Variant(4, 4, 4), Variant(4, 16, 4), Variant(2, 8, 4), Variant(2, 16, 4))
+
+# "warp" variants: the ones that won a layer on the H100 (results/issue6-ecr); "list" variants:
+# VEC x positions per warp x union group, those that fit 128 registers (2 blocks per SM) unspilled
+VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4), Variant(2, 8, 4),
+            *(Variant(v, ppw, g, kind="list") for v, ppw, g in
+              ((2, 8, 1), (2, 16, 1), (2, 8, 4), (2, 16, 4), (2, 12, 3), (4, 12, 3),
+               (4, 8, 1), (4, 8, 4),
+               (8, 4, 1), (8, 4, 2), (8, 4, 4), (8, 8, 4))),
+            # 16 warps, 2x the positions per block at the same registers per thread: every weight byte
+            # brought from L2 serves more positions (weight traffic, not multiplies, bounds the deep
+            # layers at high sparsity)
+            *(Variant(v, ppw, g, warps=16, kind="list") for v, ppw, g in
+              ((2, 16, 1), (2, 16, 4), (2, 12, 3), (4, 8, 4), (8, 8, 4))))
 KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
-SPLIT_SCALES = (1.0, 2.0)    # x the split count that gives ~2 blocks per SM
+# list kernels write rows 32 entries at a time: 63 = 7 channels of a 3x3 kernel fills 2 ballots
+LIST_KC_TARGETS = (36, 63)
+# x the split count that gives ~2 blocks per SM; 0: the split count that fills whole waves of
+# resident blocks (occupancy from the kernel's registers and the plan's shared memory)
+SPLIT_SCALES = (1.0, 2.0)       # warp kernels (as measured on the H100)
+LIST_SPLIT_SCALES = (1.0, 0.0)  # list kernels
+SM_SHARED_BYTES = 228 * 1024  # shared memory per SM (H100, A100-class and Orin: the most a plan counts on)
+SM_REGISTERS = 64 * 1024
 MAX_CC = 64                  # largest channel chunk; the transposed weight is padded for it
+MAX_CT = max(v.ct for v in VARIANTS)  # output channels of the widest block; W^T rows and bias padded to it
 
 
 @dataclass(frozen=True)
@@ -120,10 +156,15 @@ class Candidate:
     @property
     def name(self) -> str:
         v = self.variant
-        return f"ecr{v.vec * 32}x{v.rmax}{'u' if v.group == 4 else ''}-k{self.kc_target}-s{self.split_scale:g}"
+        split = f"s{self.split_scale:g}" if self.split_scale else "sw"
+        if v.kind == "list":
+            return f"list{v.ct}x{v.rmax}g{v.group}-k{self.kc_target}-{split}"
+        return f"ecr{v.vec * 32}x{v.rmax}{'u' if v.group == 4 else ''}-k{self.kc_target}-{split}"
 
 
-CANDIDATES = tuple(Candidate(v, k, s) for v in VARIANTS for k in KC_TARGETS for s in SPLIT_SCALES)
+CANDIDATES = tuple(Candidate(v, k, s) for v in VARIANTS
+                   for k in (LIST_KC_TARGETS if v.kind == "list" else KC_TARGETS)
+                   for s in (LIST_SPLIT_SCALES if v.kind == "list" else SPLIT_SCALES))
 CANDIDATE_BY_NAME = {c.name: c for c in CANDIDATES}
 
 PARAM_FIELDS = ("n_img cin h w cout cout_pad kh kw sh sw pad_t pad_l oh ow pkh pkw psh psw ppad_t ppad_l "
@@ -174,9 +215,32 @@ def _tile(qh: int, qw: int, pool: PoolGeometry | None, g: ConvGeometry, rmax: in
     return best
 
 
+def blocks_per_sm(v: Variant, smem: int, registers: int | None = None) -> int:
+    """Resident blocks of `v` per SM with `smem` bytes of dynamic shared memory (1 KB reserved per
+    block) and, if known, `registers` per thread (allocated per warp in units of 256)."""
+    n = min(64 // v.warps, 32, SM_SHARED_BYTES // (smem + 1024))
+    if registers:
+        n = min(n, SM_REGISTERS // (-(-registers * 32 // 256) * 256 * v.warps))
+    return max(1, n)
+
+
+def wave_splits(base: int, chunks: int, slots: int) -> int:
+    """Split count whose grid fills whole waves of `slots` resident blocks best: time ~ waves x
+    (chunks per block + 1, the +1 for a block's fixed work: prologue, epilogue, split-K adds)."""
+    best = None
+    for s in range(1, min(chunks, 64) + 1):
+        per = -(-chunks // s)
+        s_eff = -(-chunks // per)
+        cost = -(-base * s_eff // slots) * (per + 1)
+        if best is None or cost < best[0]:
+            best = (cost, s_eff)
+    return best[1]
+
+
 def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout: int, relu: bool,
-              sm_count: int, max_smem: int) -> Plan | None:
-    """The launch of `cand` for this layer, or None if it does not fit (shared memory)."""
+              sm_count: int, max_smem: int, registers: int | None = None) -> Plan | None:
+    """The launch of `cand` for this layer, or None if it does not fit (shared memory).
+    `registers`: the kernel's registers per thread, for the occupancy the whole-wave split uses."""
     v = cand.variant
     if pool is not None:
         qh, qw = pool.out_size(g.oh, g.ow)
@@ -186,6 +250,8 @@ def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout:
         pk = (1, 1, 1, 1, 0, 0)
     if qh <= 0 or qw <= 0 or pk[0] * pk[1] > v.rmax:
         return None
+    if v.ct > 64 and v.ct >= 2 * cout:  # half the lanes or more would multiply padding
+        return None
     tqy, tqx = _tile(qh, qw, pool, g, v.rmax)
     cry, crx = (tqy - 1) * pk[2] + pk[0], (tqx - 1) * pk[3] + pk[1]
     patch_h, patch_w = (cry - 1) * g.sh + g.kh, (crx - 1) * g.sw + g.kw
@@ -193,15 +259,18 @@ def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout:
     cc = max(1, min(g.cin, MAX_CC, round(cand.kc_target / khw)))
     kc = cc * khw
     smem = 4 * v.smem_floats(kc, cc * patch_h * patch_w)
-    if smem > max_smem:
+    if smem > max_smem or not v.fits(cc * patch_h * patch_w):
         return None
     tiles_y, tiles_x = -(-qh // tqy), -(-qw // tqx)
-    cout_pad = -(-cout // 128) * 128
-    n_ct = -(-cout // v.ct)  # blocks of CT output channels (the weight rows are padded to 128)
+    cout_pad = -(-cout // MAX_CT) * MAX_CT
+    n_ct = -(-cout // v.ct)  # blocks of CT output channels (the weight rows are padded to MAX_CT)
     chunks = -(-g.cin // cc)
     base = g.n * tiles_y * tiles_x * n_ct
-    want = max(1, round(2 * sm_count * cand.split_scale / base)) if base < 2 * sm_count * cand.split_scale else 1
-    splits = min(chunks, want)
+    if cand.split_scale:
+        want = max(1, round(2 * sm_count * cand.split_scale / base)) if base < 2 * sm_count * cand.split_scale else 1
+        splits = min(chunks, want)
+    else:
+        splits = wave_splits(base, chunks, sm_count * blocks_per_sm(v, smem, registers))
     per_split = -(-chunks // splits)
     splits = -(-chunks // per_split)
     grid = (g.n * tiles_y * tiles_x, n_ct, splits)
@@ -228,10 +297,10 @@ def layer_cost(g: ConvGeometry, pool: PoolGeometry | None, cout: int, density: f
 
 
 def pack_weights(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [Cout, Cin, kh, kw] -> fp32 W^T [(Cin + MAX_CC)*kh*kw, Cout_pad] (rows of Cout weights read
+    """W [Cout, Cin, kh, kw] -> fp32 W^T [(Cin + MAX_CC)*kh*kw, Cout_pad = Cout rounded up to MAX_CT] (rows read
     coalesced; zero rows past K so any chunk size reads inside it) and the fp32 bias [Cout_pad]."""
     cout, cin, kh, kw = (int(s) for s in w.shape)
-    cout_pad = -(-cout // 128) * 128
+    cout_pad = -(-cout // MAX_CT) * MAX_CT
     wt = torch.zeros((cin + MAX_CC) * kh * kw, cout_pad, device=w.device)
     wt[: cin * kh * kw, :cout] = w.float().reshape(cout, -1).t()
     bias = torch.zeros(cout_pad, device=w.device)
@@ -264,11 +333,14 @@ class Scratch:
             self.tickets = torch.zeros(tickets, dtype=torch.int32, device=self.device)
 
 
-def _static_shared_bytes(kernel) -> int:
+def _func_attribute(kernel, name: str, default: int) -> int:
     driver = kernel._driver
-    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
-    err, value = driver.cuFuncGetAttribute(attr, kernel.function)
-    return int(value) if int(err) == 0 else 1024
+    err, value = driver.cuFuncGetAttribute(getattr(driver.CUfunction_attribute, name), kernel.function)
+    return int(value) if int(err) == 0 else default
+
+
+def _static_shared_bytes(kernel) -> int:
+    return _func_attribute(kernel, "CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES", 1024)
 
 
 class KernelSet:
@@ -301,6 +373,9 @@ class KernelSet:
                 self.kernels[(v, half)] = k
         # dynamic + static shared memory must fit the opt-in limit
         self.max_smem = optin - static
+        # registers per thread of each variant (the larger of fp32 / fp16), for occupancy
+        self.registers = {v: max(_func_attribute(self.kernels[(v, h)], "CU_FUNC_ATTRIBUTE_NUM_REGS", 0)
+                                 for h in (False, True)) or None for v in VARIANTS}
         for k in self.kernels.values():
             k.set_max_dynamic_shared(self.max_smem)
 
@@ -371,7 +446,8 @@ class EcrLayer:
         key = (tuple(x.shape), cand.name)
         if key not in self._plans:
             g = self.geometry(x)
-            plan = make_plan(cand, g, self.pool, self.cout, self.relu, self.kernels.sm_count, self.kernels.max_smem)
+            plan = make_plan(cand, g, self.pool, self.cout, self.relu, self.kernels.sm_count, self.kernels.max_smem,
+                             self.kernels.registers.get(cand.variant))
             if plan is not None:
                 self.scratch.reserve(plan.ws_floats, plan.tickets)
             self._plans[key] = plan
@@ -396,7 +472,16 @@ class EcrLayer:
     def candidates(self, x: torch.Tensor) -> list[Candidate]:
         if x.dtype not in (torch.float32, torch.float16):  # the kernels read fp32 or fp16 feature maps
             return []
-        return [c for c in CANDIDATES if self.plan(c, x) is not None]
+        out, seen = [], set()
+        for c in CANDIDATES:  # candidates whose launches would be identical are timed once
+            plan = self.plan(c, x)
+            if plan is None:
+                continue
+            key = (c.variant, tuple(sorted(plan.params.items())), plan.grid)
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+        return out
 
 
 class EcrOp:

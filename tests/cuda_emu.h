@@ -135,3 +135,38 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
   }
   bar->arrive_and_wait();
 }
+
+// Warp votes, shuffles by lane, bit tricks, cache-hinted loads/stores, fences and integer atomics
+// (the ECR kernels). Every lane of the warp must take part (full mask).
+inline unsigned __ballot_sync(unsigned /*full mask only*/, int pred) {
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const unsigned warp = t / 32;
+  auto& st = *emu::tl_state;
+  auto& bar = *st.warp_barriers[warp];
+  st.exchange[t] = pred ? 1.f : 0.f;
+  bar.arrive_and_wait();
+  unsigned m = 0;
+  const unsigned live = std::min(32u, st.nthreads - 32 * warp);
+  for (unsigned l = 0; l < live; ++l)
+    if (st.exchange[warp * 32 + l] != 0.f) m |= 1u << l;
+  bar.arrive_and_wait();
+  return m;
+}
+inline float __shfl_sync(unsigned /*full mask only*/, float v, int src_lane) {
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const unsigned warp = t / 32;
+  auto& bar = *emu::tl_state->warp_barriers[warp];
+  emu::tl_state->exchange[t] = v;
+  bar.arrive_and_wait();
+  const float r = emu::tl_state->exchange[warp * 32 + ((unsigned)src_lane & 31u)];
+  bar.arrive_and_wait();
+  return r;
+}
+inline int __popc(unsigned x) { return std::popcount(x); }
+inline int __ffs(int x) { return x ? std::countr_zero((unsigned)x) + 1 : 0; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
+template <typename T> inline void __stcg(T* p, T v) { *p = v; }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }

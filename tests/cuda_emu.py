@@ -35,7 +35,12 @@ def _library(filename: str, dtypes=(torch.float32, torch.float16)) -> tuple[ctyp
         symbols[expr] = sym
         lines.append(f'extern "C" void {sym}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem, '
                      f'const void* params) {{ emu::launch_params(&{expr}, dim3(gx, gy, gz), dim3(bx), smem, params); }}')
-    source = "\n".join(lines) + "\n"
+    return compile_library(filename, "\n".join(lines) + "\n"), symbols
+
+
+def compile_library(filename: str, source: str) -> ctypes.CDLL:
+    """g++ `source` (host C++ that includes kernel `filename` with SPARSECNN_EMU defined) into a
+    shared library, cached by the source, the kernel sources and this emulator."""
     deps = b"".join(p.read_bytes() for p in sorted(KERNEL_DIR.glob("*.cu*"))) + (HERE / "cuda_emu.h").read_bytes()
     key = hashlib.sha256(source.encode() + deps).hexdigest()[:16]
     cache = Path(os.environ.get("SPARSECNN_EMU_CACHE", Path(tempfile.gettempdir()) / "sparsecnn-emu"))
@@ -48,7 +53,7 @@ def _library(filename: str, dtypes=(torch.float32, torch.float16)) -> tuple[ctyp
         subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-w", f"-I{KERNEL_DIR}", f"-I{HERE}",
                         str(src), "-o", str(tmp)], check=True)
         os.replace(tmp, lib)
-    return ctypes.CDLL(str(lib)), symbols
+    return ctypes.CDLL(str(lib))
 
 
 class EmuBackend:

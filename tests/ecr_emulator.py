@@ -70,6 +70,9 @@ def emulate(plan, x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor) -> torc
                     flat = patch.reshape(-1)
                     wc = wt[ch * kc:(ch + 1) * kc, c0:c0 + ct]
                     assert wc.shape == (kc, ct), "the transposed weight must be padded for every chunk"
+                    if v.kind == "list":
+                        _list_chunk(v, p, kc, flat, offs, slots, wc, acc)
+                        continue
                     for r, base in slots:
                         idx = base + offs
                         assert int(idx.max()) < flat.numel(), "window entry outside the patch"
@@ -110,3 +113,78 @@ def emulate(plan, x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor) -> torc
                     y[img, c0:c0 + n_real, qy, qx] = m[:n_real]
     assert not torch.isnan(y).any(), "some outputs were never written"
     return y
+
+
+def _list_chunk(v, p, kc, flat, offs, slots, wc, acc) -> None:
+    """One K chunk of `ecr_list_conv_pool`: each warp's groups of G consecutive positions (group
+    gi*WARPS + warp), each group's (union) compressed row written 32 window entries at a time
+    (ballot rank order, i.e. ascending k) into the warp's list of at most kc entries, then
+    walked: entry {values, k*CT} meets the weights of row k."""
+    G, ct = v.group, v.ct
+    bases = dict(slots)  # conv position r -> patch offset of its window (valid positions only)
+    w_flat = wc.reshape(-1)
+    for warp in range(v.warps):
+        for gi in range(v.ppw // G):
+            grp = gi * v.warps + warp
+            members = [grp * G + q for q in range(G)]
+            if not any(r in bases for r in members):
+                continue
+            lst = []
+            for e0 in range(0, kc, 32):
+                for lane in range(32):
+                    e = e0 + lane
+                    if e >= kc:
+                        continue
+                    vals = []
+                    for r in members:
+                        if r in bases:
+                            i = bases[r] + int(offs[e])
+                            assert i < flat.numel(), "window entry outside the patch"
+                            vals.append(float(flat[i]))
+                        else:
+                            vals.append(0.0)
+                    if any(x != 0 for x in vals):
+                        lst.append((vals, e * ct))
+            assert len(lst) <= kc, "a list holds at most kc entries"
+            for vals, k in lst:
+                w = w_flat[k:k + ct]
+                for q, r in enumerate(members):
+                    if r in bases:
+                        acc[r] += vals[q] * w
+
+
+class EmuEcrKernels:
+    """kernels/ecr_conv.cu itself, compiled as host C++ against tests/cuda_emu.h and launched like
+    `runtimes.ecr.KernelSet.launch` on CPU tensors: every CUDA thread a host thread (small layers)."""
+
+    def __init__(self, variants):
+        import ctypes
+
+        from cuda_emu import compile_library
+        from sparsecnn.runtimes.ecr import KERNEL_SOURCE
+
+        self.variants = tuple(variants)
+        lines = ["#define SPARSECNN_EMU 1", f'#include "{KERNEL_SOURCE}"']
+        self.symbols = {}
+        for i, v in enumerate(self.variants):
+            for half in (False, True):
+                t = "__half" if half else "float"
+                sym = f"emu_ecr_{i}_{int(half)}"
+                self.symbols[(v, half)] = sym
+                lines.append(
+                    f'extern "C" void {sym}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem, '
+                    f'const void* x, const float* wt, const float* bias, void* y, float* ws, int* tickets, '
+                    f'const void* p) {{ emu::launch(&{v.expr(half)}, dim3(gx, gy, gz), dim3(bx), smem, '
+                    f'static_cast<const {t}*>(x), wt, bias, static_cast<{t}*>(y), ws, tickets, '
+                    f'*static_cast<const EcrParams*>(p)); }}')
+        self.lib = compile_library(KERNEL_SOURCE, "\n".join(lines) + "\n")
+        self._c = ctypes
+
+    def launch(self, plan, x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
+               ws: torch.Tensor, tickets: torch.Tensor) -> None:
+        c = self._c
+        v = plan.candidate.variant
+        fn = getattr(self.lib, self.symbols[(v, x.dtype == torch.float16)])
+        fn.argtypes = [c.c_uint] * 5 + [c.c_void_p] * 7
+        fn(*plan.grid, v.threads, plan.smem, x.data_ptr(), wt.data_ptr(), bias.data_ptr(), y.data_ptr(),
+           ws.data_ptr(), tickets.data_ptr(), c.addressof(plan.cparams))

@@ -291,18 +291,116 @@ def test_every_kernel_plan_computes_the_layer(case):
     assert planned > 0
 
 
+@pytest.mark.parametrize("case", range(len(PLAN_CASES)))
+def test_list_kernel_plans_compute_the_layer(case):
+    """Every list-kernel variant (union groups G = 1, 2, 4) through the emulation of its two phases."""
+    from sparsecnn.runtimes.ecr import CANDIDATES, make_plan, pack_weights
+
+    g, pool, cout, relu = PLAN_CASES[case]
+    x = sparse_input((g.n, g.cin, g.h, g.w), 0.7, seed=10 + case)
+    x[..., : g.h // 3, :] = 0  # some all-zero windows: empty lists, the bias alone
+    w = torch.randn(cout, g.cin, g.kh, g.kw, dtype=torch.float64)
+    b = torch.randn(cout, dtype=torch.float64)
+    ref = dense_reference(x, w, b, g, relu, pool)
+    wt, bias = pack_weights(w.float(), b.float())
+    seen = set()
+    for cand in CANDIDATES:
+        v = cand.variant
+        if v.kind != "list" or (v, cand.kc_target) in seen or cand.split_scale != (0.0 if case == 4 else 1.0):
+            continue
+        plan = make_plan(cand, g, pool, cout, relu, sm_count=8, max_smem=227 * 1024)
+        if plan is None:
+            continue
+        seen.add((v, cand.kc_target))
+        if case == 4:  # whole-wave split of 8 SMs: split-K with its workspace slots
+            assert plan.params["splits"] > 1
+        y = emulate(plan, x, wt, bias)
+        assert rel_err(y, ref) <= 1e-6, (cand.name, plan.describe())
+    # G = 2 variants have CT = 256, planned only for more than 128 output channels
+    assert {v.group for v, _ in seen} == ({1, 2, 3, 4} if cout > 128 else {1, 3, 4})
+
+
+def test_whole_wave_split_and_occupancy():
+    from sparsecnn.runtimes.ecr import Variant, blocks_per_sm, wave_splits
+
+    # 392 tiles, 16 chunks, 264 resident blocks: 1 split = 2 waves x 16 chunks, 2 splits = 3 waves x 8
+    assert wave_splits(392, 16, 264) == 2
+    assert wave_splits(1000, 8, 264) == 1  # already ~4 full waves: splitting only adds waves
+    assert wave_splits(8, 128, 264) == 32  # few tiles: split until one wave is full
+    v = Variant(2, 8, 1, kind="list")  # 8 warps
+    assert blocks_per_sm(v, 20 * 1024, registers=80) == 3  # 80 regs x 256 threads: 3 blocks of 64 K registers
+    assert blocks_per_sm(v, 100 * 1024) == 2  # shared memory: 228 KB per SM
+    assert blocks_per_sm(Variant(2, 16, 1, warps=16, kind="list"), 20 * 1024, registers=126) == 1
+
+
+# --- the kernel source itself on the CPU (tests/cuda_emu.h: every CUDA thread a host thread) ----
+
+EMU_LAYERS = [  # odd sizes; 2x2 pool; stride 2 with asymmetric pads, batch 2; 3x3/2 ceil pool, 300 filters
+    (ConvGeometry(1, 6, 9, 11, 3, 3, 1, 1, (1, 1, 1, 1)), PoolGeometry(2, 2, 2, 2), 70),
+    (ConvGeometry(2, 5, 7, 9, 3, 3, 1, 2, (1, 0, 2, 1)), None, 40),
+    (ConvGeometry(1, 9, 11, 11, 3, 3, 1, 1, (1, 1, 1, 1)), PoolGeometry(3, 3, 2, 2, (1, 1, 1, 1), True), 300),
+]
+
+
+@pytest.mark.parametrize("layer", range(len(EMU_LAYERS)))
+def test_kernel_source_on_cpu_emulator_matches_reference(layer):
+    """Every kernel variant (warp and list kernels, fp32 and fp16, split-K or not) runs from
+    kernels/ecr_conv.cu on the CPU emulator; two launches each, the workspace back to zero."""
+    import cuda_emu
+    from ecr_emulator import EmuEcrKernels
+    from sparsecnn.runtimes.ecr import CANDIDATES, VARIANTS, make_plan, pack_weights
+
+    if not cuda_emu.available():
+        pytest.skip("g++ not installed")
+    g, pool, cout = EMU_LAYERS[layer]
+    kernels = EmuEcrKernels(VARIANTS)
+    w = torch.randn(cout, g.cin, g.kh, g.kw) / g.k ** 0.5
+    b = torch.randn(cout)
+    wt, bias = pack_weights(w, b)
+    qh, qw = pool.out_size(g.oh, g.ow) if pool else (g.oh, g.ow)
+    tried = set()
+    for i, v in enumerate(VARIANTS):
+        cands = [c for c in CANDIDATES if c.variant == v]
+        cand = cands[(i + layer) % len(cands)]
+        plan = make_plan(cand, g, pool, cout, True, sm_count=3, max_smem=227 * 1024)  # few SMs: split-K
+        if plan is None:
+            continue
+        tried.add(v)
+        zeros = (0.0, 0.5, 0.9, 1.0)[(i + layer) % 4]
+        dtype = (torch.float32, torch.float16)[(i + layer) % 2]
+        x = sparse_input((g.n, g.cin, g.h, g.w), zeros, seed=100 * layer + i, dtype=torch.float32).to(dtype)
+        ref = dense_reference(x.double(), w.double(), b.double(), g, True, pool)
+        ws = torch.zeros(max(1, plan.ws_floats))
+        tickets = torch.zeros(max(1, plan.tickets), dtype=torch.int32)
+        y = torch.full((g.n, cout, qh, qw), float("nan"), dtype=dtype)
+        for _ in range(2):
+            kernels.launch(plan, x, wt, bias, y, ws, tickets)
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        assert rel_err(y.double(), ref) <= tol, (cand.name, zeros, dtype, plan.describe())
+        assert float(ws.abs().sum()) == 0 and int(tickets.abs().sum()) == 0, cand.name
+    assert {v.kind for v in tried} == {"warp", "list"}
+
+
 def test_plans_split_k_when_tiles_are_few_and_fit_shared_memory():
     from sparsecnn.runtimes.ecr import CANDIDATES, make_plan
 
     g = ConvGeometry(1, 512, 14, 14, 3, 3, 1, 1, (1, 1, 1, 1))  # VGG-19 features.34 at batch 1
-    plans = [make_plan(c, g, PoolGeometry(2, 2, 2, 2), 512, True, 132, 227 * 1024) for c in CANDIDATES]
-    plans = [p for p in plans if p is not None]
-    assert len(plans) == len(CANDIDATES)
+    plans = {c.name: make_plan(c, g, PoolGeometry(2, 2, 2, 2), 512, True, 132, 227 * 1024) for c in CANDIDATES}
+    # every candidate plans, except 8-warp list kernels with 128 positions (8 x 14 conv region) and
+    # 7-channel chunks: their patch, 7 x 10 x 16 = 1120 values, outgrows 4 prefetch registers x 256 threads
+    missing = {n for n, p in plans.items() if p is None}
+    assert missing == {c.name for c in CANDIDATES if c.variant.kind == "list" and c.kc_target == 63
+                       and c.variant.rmax == 128 and c.variant.warps == 8}
+    plans = [p for p in plans.values() if p is not None]
+    for p in plans:
+        if p.candidate.variant.kind == "list":
+            assert p.params["cc"] * p.params["patch_h"] * p.params["patch_w"] <= p.candidate.variant.prefetch * p.candidate.variant.threads
     for p in plans:
         assert p.params["splits"] > 1 and p.smem <= 227 * 1024
         assert p.params["splits"] * p.params["chunks_per_split"] >= p.params["chunks"]
         assert (p.params["splits"] - 1) * p.params["chunks_per_split"] < p.params["chunks"]
-        assert p.grid[0] * p.grid[1] * p.grid[2] >= 132
+        if p.candidate.split_scale >= 1:  # ~2 blocks per SM or more (whole-wave plans: tested above)
+            assert p.grid[0] * p.grid[1] * p.grid[2] >= 132
     assert make_plan(CANDIDATES[0], g, None, 512, True, 132, 4096) is None  # too little shared memory
 
 
@@ -316,9 +414,14 @@ def test_kernels_compile_for_ci_archs(arch):
     if not nvrtc_available()[0]:
         pytest.skip("NVRTC not installed")
     exprs = tuple(v.expr(h) for v in VARIANTS for h in (False, True))
-    cubin, names = compile_cubin(load_source(KERNEL_SOURCE), arch, KERNEL_SOURCE, name_expressions=exprs)
+    log: list[str] = []
+    cubin, names = compile_cubin(load_source(KERNEL_SOURCE), arch, KERNEL_SOURCE, options=("--ptxas-options=-v",),
+                                 name_expressions=exprs, use_cache=False, log=log)
     assert cubin[:4] == b"\x7fELF" and set(names) == set(exprs)
     assert all(names[e].encode() in cubin for e in exprs)
+    # ptxas reports every kernel; none may spill registers to local memory
+    spills = [line for line in log[0].splitlines() if "spill" in line]
+    assert len(spills) == len(exprs) and all("0 bytes spill stores, 0 bytes spill loads" in line for line in spills)
 
 
 def test_engine_params_match_the_kernel_struct():
@@ -342,6 +445,7 @@ GPU_LAYERS = [  # real-shaped (VGG-19) and odd layers
     (ConvGeometry(1, 512, 14, 14, 3, 3, 1, 1, (1, 1, 1, 1)), PoolGeometry(2, 2, 2, 2), 512),
     (ConvGeometry(1, 96, 17, 19, 1, 1, 2, 2, (0, 0, 0, 0)), None, 130),
     (ConvGeometry(1, 40, 11, 11, 3, 3, 1, 1, (1, 1, 1, 1)), PoolGeometry(3, 3, 2, 2, (1, 1, 1, 1), True), 72),
+    (ConvGeometry(1, 72, 9, 13, 3, 3, 1, 1, (1, 1, 1, 1)), PoolGeometry(2, 2, 2, 2), 384),  # CT 256 blocks past 256
 ]
 
 
@@ -365,10 +469,12 @@ def test_gpu_kernels_match_reference(layer, dtype, zeros):
     wt, bias = pack_weights(w.to(dev), b.to(dev))
     xd = x.to(dev)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
+    kinds = set()
     for cand in CANDIDATES:
-        plan = make_plan(cand, g, pool, cout, True, ks.sm_count, ks.max_smem)
+        plan = make_plan(cand, g, pool, cout, True, ks.sm_count, ks.max_smem, ks.registers.get(cand.variant))
         if plan is None:
             continue
+        kinds.add(cand.variant)
         scratch.reserve(plan.ws_floats, plan.tickets)
         qh, qw = (pool.out_size(g.oh, g.ow) if pool else (g.oh, g.ow))
         y = torch.full((g.n, cout, qh, qw), float("nan"), device=dev, dtype=dtype)
@@ -378,6 +484,16 @@ def test_gpu_kernels_match_reference(layer, dtype, zeros):
         err = rel_err(y.cpu(), ref) if float(ref.abs().max()) > 0 else float(y.abs().max())
         assert err <= tol, (cand.name, plan.describe(), seed, err)
     assert int(scratch.tickets.abs().sum()) == 0 and float(scratch.ws.abs().sum()) == 0
+    assert kinds, "no kernel variant fits the layer"
+
+
+def test_gpu_layers_exercise_every_kernel_variant():
+    """The GPU correctness layers plan every variant (kind, VEC, positions, union group) somewhere."""
+    from sparsecnn.runtimes.ecr import CANDIDATES, VARIANTS, make_plan
+
+    planned = {c.variant for g, pool, cout in GPU_LAYERS for c in CANDIDATES
+               if make_plan(c, g, pool, cout, True, 132, 227 * 1024) is not None}
+    assert planned == set(VARIANTS)
 
 
 @pytest.mark.gpu

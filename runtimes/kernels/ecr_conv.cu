@@ -2,6 +2,12 @@
 // Xu et al., arXiv:1909.09927), generalised to real layers: all input channels, all filters,
 // batch, strides, asymmetric pads, any max-pool (kernel, stride, pads, ceil mode).
 //
+// Two kernels share the tiling, the K chunks, split-K and the epilogue (ecr_finish):
+// ecr_conv_pool (below: "warp" variants) and ecr_list_conv_pool (end of the file: "list"
+// variants, which write each compressed row to shared memory and then multiply without
+// ballots or shuffles, prefetching the next chunk's input). The compile-time timing of the
+// runtime picks, per layer, whichever variant is fastest on the layer's real input.
+//
 // One block owns a tile of (pooled) outputs of one image and CT = 32*VEC output channels;
 // gridDim.z splits the K = Cin*kh*kw reduction (split-K) when the layer has too few tiles to
 // fill the GPU. The block walks K in chunks of `cc` input channels (kc = cc*kh*kw entries):
@@ -24,7 +30,15 @@
 // tile's fp32 workspace slot (atomics: the sum order, and so the last bits, vary run to run);
 // the last block of a tile (atomic ticket) reads the total, zeroes the slot, runs the
 // epilogue and resets the ticket, so workspace and tickets are zero again for the next launch.
+// The kernels also compile as host C++ against tests/cuda_emu.h (SPARSECNN_EMU): the tests run
+// them on the CPU, thread by thread (cp.async becomes a plain copy there).
+#ifdef SPARSECNN_EMU
+#include "cuda_emu.h"
+#define ECR_DYNAMIC_SMEM(name) float4* name = emu::dynamic_smem<float4>()
+#else
 #include <cuda_fp16.h>
+#define ECR_DYNAMIC_SMEM(name) extern __shared__ float4 name[]
+#endif
 
 struct EcrParams {
   int n_img, cin, h, w;
@@ -42,6 +56,14 @@ struct EcrParams {
   int relu, pool;
 };
 
+// Blocks per SM asked of ptxas (register budget) for ecr_conv_pool: 3 (<= 85 registers), and for
+// 16 positions per warp 2 (<= 128) where that compiles without spills (sm_90), else 1.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define ECR_WIDE_MIN_BLOCKS 2
+#else
+#define ECR_WIDE_MIN_BLOCKS 1
+#endif
+
 template <typename T> __device__ __forceinline__ float load_act(const T* p);
 template <> __device__ __forceinline__ float load_act<float>(const float* p) { return __ldg(p); }
 template <> __device__ __forceinline__ float load_act<__half>(const __half* p) { return __half2float(__ldg(p)); }
@@ -49,12 +71,18 @@ template <typename T> __device__ __forceinline__ void store_act(T* p, float v);
 template <> __device__ __forceinline__ void store_act<float>(float* p, float v) { *p = v; }
 template <> __device__ __forceinline__ void store_act<__half>(__half* p, float v) { *p = __float2half_rn(v); }
 
+#ifdef SPARSECNN_EMU
+inline void cp_async16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }
+inline void cp_async_commit() {}
+template <int N> inline void cp_async_wait() {}
+#else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+#endif
 
 template <int VEC> struct Row;
 template <> struct Row<2> {
@@ -68,33 +96,144 @@ template <> struct Row<4> {
   }
 };
 
+template <> struct Row<8> {
+  float v[8];
+  __device__ __forceinline__ void load(const float* p) {
+    float4 t = *reinterpret_cast<const float4*>(p), u = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w; v[4] = u.x; v[5] = u.y; v[6] = u.z; v[7] = u.w;
+  }
+};
+
 // split-K: vector atomics (one RED per 2 or 4 floats) where the GPU has them (sm_90)
 template <int VEC> __device__ __forceinline__ void red_add_vec(float* p, const float* v) {
 #if __CUDA_ARCH__ >= 900
-  if (VEC == 4) atomicAdd(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
-  else atomicAdd(reinterpret_cast<float2*>(p), make_float2(v[0], v[1]));
+  if (VEC == 2) {
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(v[0], v[1]));
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; j += 4)
+      atomicAdd(reinterpret_cast<float4*>(p + j), make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]));
+  }
 #else
 #pragma unroll
   for (int j = 0; j < VEC; ++j) atomicAdd(p + j, v[j]);
 #endif
 }
 template <int VEC> __device__ __forceinline__ void load_vec_cg(float* acc, const float* p) {
-  if (VEC == 4) { float4 t = __ldcg(reinterpret_cast<const float4*>(p)); acc[0] = t.x; acc[1] = t.y; acc[2] = t.z; acc[3] = t.w; }
-  else { float2 t = __ldcg(reinterpret_cast<const float2*>(p)); acc[0] = t.x; acc[1] = t.y; }
+  if (VEC == 2) {
+    float2 t = __ldcg(reinterpret_cast<const float2*>(p)); acc[0] = t.x; acc[1] = t.y;
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; j += 4) {
+      float4 t = __ldcg(reinterpret_cast<const float4*>(p + j));
+      acc[j] = t.x; acc[j + 1] = t.y; acc[j + 2] = t.z; acc[j + 3] = t.w;
+    }
+  }
 }
 template <int VEC> __device__ __forceinline__ void store_vec_cg(float* p, const float* v) {
-  if (VEC == 4) __stcg(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
-  else __stcg(reinterpret_cast<float2*>(p), make_float2(v[0], v[1]));
+  if (VEC == 2) {
+    __stcg(reinterpret_cast<float2*>(p), make_float2(v[0], v[1]));
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; j += 4) __stcg(reinterpret_cast<float4*>(p + j), make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]));
+  }
 }
 
 // Shared memory (floats): W chunk buffers 2 x [kc][CT], patch [cc][patch_h][patch_w], entry
 // offsets [kc] and window bases [RMAX] (ints), then (GROUP = 4, 16-byte aligned) WARPS x 32
 // float4 segment buffers; the epilogue reuses the front as a [CT][RMAX+1] staging tile.
-// The conv position (index in the tile's region) of slot s of a warp. GROUP = 1: slots of a
-// warp are WARPS positions apart; GROUP = 4: four consecutive positions form a group.
+// The conv position (index in the tile's region) of slot s of a warp: groups of GROUP
+// consecutive positions, group g of the block owned by warp g % WARPS (GROUP = 1: the slots
+// of a warp are WARPS positions apart).
 template <int WARPS, int GROUP>
 __device__ __forceinline__ int slot_pos(int s, int warp) {
-  return GROUP == 1 ? s * WARPS + warp : ((s / GROUP) * WARPS + warp) * GROUP + (s % GROUP);
+  return ((s / GROUP) * WARPS + warp) * GROUP + (s % GROUP);
+}
+
+// The end of a block, shared by the kernels: split-K reduction (if any), bias, ReLU/max-pool,
+// stores. acc[s] holds the sums of slot s (conv position slot_pos(s, warp)), valid bit s says
+// the position is a real conv output. Callers have synchronised the block after their last
+// use of shared memory, which the epilogue reuses as its staging tile.
+template <typename T, int VEC, int PPW, int WARPS, int GROUP>
+__device__ __forceinline__ void ecr_finish(float (&acc)[PPW][VEC], const unsigned valid, float* smem,
+                                           const float* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
+                                           int* __restrict__ tickets, const EcrParams& p, int* s_last, const int img,
+                                           const int c0, const int ry0, const int rx0, const int qy0, const int qx0,
+                                           const int R) {
+  constexpr int CT = 32 * VEC;
+  constexpr int RMAX = PPW * WARPS;
+  constexpr int THREADS = WARPS * 32;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  if (p.splits > 1) {
+    // every split adds its partial sums into the tile's fp32 slot; the last one to arrive
+    // (atomic ticket) reads the total, puts the slot back to zero and runs the epilogue
+    float* slot = ws + (static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y) * (RMAX * CT);
+#pragma unroll
+    for (int s = 0; s < PPW; ++s)
+      if ((valid >> s) & 1u) red_add_vec<VEC>(slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC, acc[s]);
+    __threadfence();
+    __syncthreads();
+    int* ticket = tickets + blockIdx.x * gridDim.y + blockIdx.y;
+    if (tid == 0) *s_last = atomicAdd(ticket, 1) == p.splits - 1;
+    __syncthreads();
+    if (!*s_last) return;
+    __threadfence();
+#pragma unroll
+    for (int s = 0; s < PPW; ++s) {
+      if (!((valid >> s) & 1u)) continue;
+      float* q = slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC;
+      load_vec_cg<VEC>(acc[s], q);
+      const float zero[VEC] = {};
+      store_vec_cg<VEC>(q, zero);
+    }
+    if (tid == 0) *ticket = 0;  // ready for the next launch (and the next CUDA-graph replay)
+  }
+
+  // epilogue: [CT][RMAX+1] staging tile, then coalesced NCHW stores
+  constexpr int RS = RMAX + 1;
+  float* st = smem;
+  float b[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) b[j] = bias[c0 + lane * VEC + j];
+#pragma unroll
+  for (int s = 0; s < PPW; ++s) {
+    if (!((valid >> s) & 1u)) continue;
+    const int r = slot_pos<WARPS, GROUP>(s, warp);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float v = acc[s][j] + b[j];
+      if (!p.pool && p.relu) v = fmaxf(v, 0.f);
+      st[(lane * VEC + j) * RS + r] = v;
+    }
+  }
+  __syncthreads();
+  if (!p.pool) {
+    for (int i = tid; i < CT * R; i += THREADS) {
+      const int cl = i / R, r = i - cl * R, co = c0 + cl;
+      const int ry = r / p.crx, rx = r - ry * p.crx, cy = ry0 + ry, cx = rx0 + rx;
+      if (co < p.cout && cy < p.oh && cx < p.ow)
+        store_act(y + ((static_cast<size_t>(img) * p.cout + co) * p.oh + cy) * p.ow + cx, st[cl * RS + r]);
+    }
+  } else {
+    const int tq = p.tqy * p.tqx;
+    for (int i = tid; i < CT * tq; i += THREADS) {
+      const int cl = i / tq, q = i - cl * tq, co = c0 + cl;
+      const int qy = qy0 + q / p.tqx, qx = qx0 + (q - (q / p.tqx) * p.tqx);
+      if (co >= p.cout || qy >= p.qh || qx >= p.qw) continue;
+      float m = 0.f;  // the max starts at 0: the ReLU before the pool
+      for (int a = 0; a < p.pkh; ++a) {
+        const int cy = qy * p.psh - p.ppad_t + a;
+        if (cy < 0 || cy >= p.oh) continue;
+        for (int c = 0; c < p.pkw; ++c) {
+          const int cx = qx * p.psw - p.ppad_l + c;
+          if (cx < 0 || cx >= p.ow) continue;
+          m = fmaxf(m, st[cl * RS + (cy - ry0) * p.crx + (cx - rx0)]);
+        }
+      }
+      store_act(y + ((static_cast<size_t>(img) * p.cout + co) * p.qh + qy) * p.qw + qx, m);
+    }
+  }
 }
 
 // GROUP = 1: a warp applies the filters to one position's compressed row at a time.
@@ -103,7 +242,7 @@ __device__ __forceinline__ int slot_pos(int s, int warp) {
 // input is zero multiply a zero), which cuts shared-memory traffic per useful multiply when
 // the rows overlap, i.e. at moderate sparsity.
 template <typename T, int VEC, int PPW, int WARPS, int GROUP>
-__global__ void __launch_bounds__(WARPS * 32)
+__global__ void __launch_bounds__(WARPS * 32, PPW >= 16 ? ECR_WIDE_MIN_BLOCKS : 3)
 ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,
               T* __restrict__ y, float* __restrict__ ws, int* __restrict__ tickets, const EcrParams p) {
   constexpr int CT = 32 * VEC;
@@ -111,7 +250,7 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
   constexpr int THREADS = WARPS * 32;
   constexpr unsigned FULL = 0xffffffffu;
   static_assert(GROUP == 1 || (GROUP == 4 && PPW % 4 == 0), "GROUP is 1 or 4 (and divides PPW)");
-  extern __shared__ float4 smem4[];
+  ECR_DYNAMIC_SMEM(smem4);
   float* smem = reinterpret_cast<float*>(smem4);
   __shared__ int s_last;
 
@@ -287,74 +426,229 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
     __syncthreads();  // the next chunk overwrites the patch and this weight buffer
   }
   cp_async_wait<0>();
+  ecr_finish<T, VEC, PPW, WARPS, GROUP>(acc, valid, smem, bias, y, ws, tickets, p, &s_last, img, c0, ry0, rx0, qy0, qx0, R);
+}
 
-  if (p.splits > 1) {
-    // every split adds its partial sums into the tile's fp32 slot; the last one to arrive
-    // (atomic ticket) reads the total, puts the slot back to zero and runs the epilogue
-    float* slot = ws + (static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y) * (RMAX * CT);
-#pragma unroll
-    for (int s = 0; s < PPW; ++s)
-      if ((valid >> s) & 1u) red_add_vec<VEC>(slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC, acc[s]);
-    __threadfence();
-    __syncthreads();
-    int* ticket = tickets + blockIdx.x * gridDim.y + blockIdx.y;
-    if (tid == 0) s_last = atomicAdd(ticket, 1) == p.splits - 1;
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-#pragma unroll
-    for (int s = 0; s < PPW; ++s) {
-      if (!((valid >> s) & 1u)) continue;
-      float* q = slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC;
-      load_vec_cg<VEC>(acc[s], q);
-      const float zero[VEC] = {};
-      store_vec_cg<VEC>(q, zero);
-    }
-    if (tid == 0) *ticket = 0;  // ready for the next launch (and the next CUDA-graph replay)
+// --- list kernel: each compressed row written to shared memory, then a multiply-only loop ---
+//
+// ecr_list_conv_pool walks K in the same chunks, tiles and split-K slots as ecr_conv_pool. The
+// block's RMAX conv positions form groups of G consecutive positions; warp w owns groups
+// w, w + WARPS, ... For each of its groups and each K chunk the warp
+//   1. writes the group's compressed row to its own list in shared memory: 32 window entries at
+//      a time, a ballot keeps those where any of the G positions has a non-zero input, and
+//      each kept lane stores {its G input values, k*CT} at the list's end plus its rank among
+//      the kept lanes (k = (c*kh + i)*kw + j, the kernel index; G = 1 is exactly the ECR row,
+//      an entry is one 8-byte (G = 1) or 16-byte (G = 2, 3) broadcast read, G = 4 adds a 4-byte one;
+//      G > 1 the union of the group's rows, where a zero input multiplies a zero). One warp
+//      writes each list and the count is a warp-uniform register: nothing to race on;
+//   2. walks the list: per entry, a broadcast read of the entry, VEC consecutive weights of
+//      row k per lane, G*VEC FMAs; no ballots or shuffles in this loop, and its loads do not
+//      depend on the previous entry, so they issue ahead.
+// The next chunk's patch comes through PREFETCH registers per thread, loaded before and
+// stored after the multiplies; its weights come by cp.async (double buffered): global latency
+// hides behind the work. Empty windows have empty lists: no multiply, bias alone.
+// A warp's list of kc entries in shared memory, EF floats per entry: G = 1 {v, k} 8 bytes;
+// G = 2, 3 {v..., k} one 16-byte vector; G = 4 the values as kc float4, then the kc k's
+// (structure of arrays: a warp's stores hit every bank once, not a 32-byte stride).
+template <int G> struct ListLayout { static constexpr int EF = G == 1 ? 2 : (G <= 3 ? 4 : 8); };
+
+template <int G> __device__ __forceinline__ void store_entry(float* list, int kc, int i, const float (&v)[G], int k) {
+  if constexpr (G == 1) {
+    *reinterpret_cast<float2*>(list + 2 * i) = make_float2(v[0], __int_as_float(k));
+  } else if constexpr (G == 2) {
+    *reinterpret_cast<float4*>(list + 4 * i) = make_float4(v[0], v[1], __int_as_float(k), 0.f);
+  } else if constexpr (G == 3) {
+    *reinterpret_cast<float4*>(list + 4 * i) = make_float4(v[0], v[1], v[2], __int_as_float(k));
+  } else {
+    *reinterpret_cast<float4*>(list + 4 * i) = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<int*>(list + 4 * kc)[i] = k;
   }
+}
+template <int G> __device__ __forceinline__ void load_entry(const float* list, int kc, int i, float (&v)[G], int& k) {
+  if constexpr (G == 1) {
+    const float2 t = *reinterpret_cast<const float2*>(list + 2 * i);
+    v[0] = t.x; k = __float_as_int(t.y);
+  } else {
+    const float4 t = *reinterpret_cast<const float4*>(list + 4 * i);
+    v[0] = t.x;
+    if constexpr (G >= 2) v[1] = t.y;
+    if constexpr (G == 2) k = __float_as_int(t.z);
+    if constexpr (G >= 3) v[2] = t.z;
+    if constexpr (G == 3) k = __float_as_int(t.w);
+    if constexpr (G == 4) { v[3] = t.w; k = reinterpret_cast<const int*>(list + 4 * kc)[i]; }
+  }
+}
 
-  // epilogue: [CT][RMAX+1] staging tile, then coalesced NCHW stores
-  constexpr int RS = RMAX + 1;
-  float* st = smem;
-  float b[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) b[j] = bias[c0 + lane * VEC + j];
+// Shared memory (floats): W chunk buffers 2 x [kc][CT], patch [cc][patch_h][patch_w], entry
+// offsets [kc] and window bases [RMAX] (ints), then (16-byte aligned) one list of kc entries
+// per warp; the epilogue reuses the front as a [CT][RMAX+1] staging tile.
+// Registers: the accumulators (PPW*VEC) set how many 8-warp blocks an SM is asked to hold
+// (3: <= 85 registers, 2: <= 128); a 16-warp block gets 128 registers.
+template <int ACC, int WARPS> constexpr int list_min_blocks() { return WARPS >= 16 ? 1 : (ACC <= 16 ? 3 : 2); }
+
+template <typename T, int VEC, int PPW, int WARPS, int G, int PREFETCH>
+__global__ void __launch_bounds__(WARPS * 32, list_min_blocks<PPW * VEC, WARPS>())
+ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,
+                   T* __restrict__ y, float* __restrict__ ws, int* __restrict__ tickets, const EcrParams p) {
+  constexpr int CT = 32 * VEC;
+  constexpr int THREADS = WARPS * 32;
+  constexpr int GPW = PPW / G;  // groups per warp
+  constexpr unsigned FULL = 0xffffffffu;
+  static_assert(G >= 1 && G <= 4, "G is 1 to 4");
+  static_assert(PPW % G == 0 && PPW <= 32, "a warp owns whole groups (and at most 32 positions)");
+  ECR_DYNAMIC_SMEM(smem4);
+  float* smem = reinterpret_cast<float*>(smem4);
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int kc = p.kc;
+  float* wbuf0 = smem;
+  float* wbuf1 = smem + kc * CT;
+  float* patch = smem + 2 * kc * CT;
+  const int patch_size = p.cc * p.patch_h * p.patch_w;
+  int* offs = reinterpret_cast<int*>(patch + patch_size);
+  int* bases = offs + kc;
+  constexpr int RMAX = PPW * WARPS;
+  float* list = smem + ((2 * kc * CT + patch_size + kc + RMAX + 3) & ~3) + warp * kc * ListLayout<G>::EF;
+
+  const int tiles = p.tiles_y * p.tiles_x;
+  const int img = blockIdx.x / tiles;
+  const int t_in = blockIdx.x - img * tiles;
+  const int ty = t_in / p.tiles_x, tx = t_in - ty * p.tiles_x;
+  const int qy0 = ty * p.tqy, qx0 = tx * p.tqx;
+  const int ry0 = qy0 * p.psh - p.ppad_t, rx0 = qx0 * p.psw - p.ppad_l;
+  const int iy0 = ry0 * p.sh - p.pad_t, ix0 = rx0 * p.sw - p.pad_l;
+  const int c0 = blockIdx.y * CT;
+  const int ch_begin = blockIdx.z * p.chunks_per_split;
+  const int ch_end = min(p.chunks, ch_begin + p.chunks_per_split);
+  const int R = p.cry * p.crx;
+
+  for (int e = tid; e < kc; e += THREADS) {  // window entry e -> offset in the patch
+    const int khw = p.kh * p.kw;
+    const int cl = e / khw, rest = e - cl * khw, i = rest / p.kw, j = rest - i * p.kw;
+    offs[e] = (cl * p.patch_h + i) * p.patch_w + j;
+  }
+  for (int r = tid; r < RMAX; r += THREADS) {  // conv position r of the tile starts its window here
+    const int ry = r / p.crx, rx = r - ry * p.crx;
+    bases[r] = ry * p.sh * p.patch_w + rx * p.sw;
+  }
+  unsigned valid = 0;  // slot s = gi*G + q of this warp: position slot_pos(s, warp), a conv output?
 #pragma unroll
   for (int s = 0; s < PPW; ++s) {
-    if (!((valid >> s) & 1u)) continue;
-    const int r = slot_pos<WARPS, GROUP>(s, warp);
+    const int r = slot_pos<WARPS, G>(s, warp);
+    const int ry = r / p.crx, rx = r - ry * p.crx;
+    const int cy = ry0 + ry, cx = rx0 + rx;
+    if (r < R && cy >= 0 && cy < p.oh && cx >= 0 && cx < p.ow) valid |= 1u << s;
+  }
+  float acc[PPW][VEC];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      float v = acc[s][j] + b[j];
-      if (!p.pool && p.relu) v = fmaxf(v, 0.f);
-      st[(lane * VEC + j) * RS + r] = v;
+  for (int s = 0; s < PPW; ++s)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[s][j] = 0.f;
+
+  auto load_weights = [&](int ch, float* dst) {
+    const float* src = wt + static_cast<size_t>(ch) * kc * p.cout_pad + c0;
+    constexpr int PIECES = CT / 4;
+    for (int i = tid; i < kc * PIECES; i += THREADS) {
+      const int row = i / PIECES, col = i - row * PIECES;
+      cp_async16(dst + row * CT + col * 4, src + static_cast<size_t>(row) * p.cout_pad + col * 4);
+    }
+  };
+  // the chunk's input patch, zero outside the image (the conv's zero padding); the plan keeps
+  // patch_size <= PREFETCH * THREADS. Patch element tid + u*THREADS reads input element
+  // xoff[u] = (cl*h + iy)*w + ix past the chunk's first channel, the same for every chunk
+  // (-1: outside the image or the patch); channel cl exists iff xoff[u] < (cin - ch*cc)*h*w.
+  int xoff[PREFETCH];
+  {
+    const int plane = p.patch_h * p.patch_w;
+#pragma unroll
+    for (int u = 0; u < PREFETCH; ++u) {
+      const int i = tid + u * THREADS;
+      const int cl = i / plane, rest = i - cl * plane;
+      const int py = rest / p.patch_w, px = rest - py * p.patch_w;
+      const int iy = iy0 + py, ix = ix0 + px;
+      xoff[u] = (i < patch_size && iy >= 0 && iy < p.h && ix >= 0 && ix < p.w) ? (cl * p.h + iy) * p.w + ix : -1;
     }
   }
-  __syncthreads();
-  if (!p.pool) {
-    for (int i = tid; i < CT * R; i += THREADS) {
-      const int cl = i / R, r = i - cl * R, co = c0 + cl;
-      const int ry = r / p.crx, rx = r - ry * p.crx, cy = ry0 + ry, cx = rx0 + rx;
-      if (co < p.cout && cy < p.oh && cx < p.ow)
-        store_act(y + ((static_cast<size_t>(img) * p.cout + co) * p.oh + cy) * p.ow + cx, st[cl * RS + r]);
+  const int hw = p.h * p.w;
+  auto fetch_patch = [&](int ch, float (&v)[PREFETCH]) {
+    const T* xc = x + (static_cast<size_t>(img) * p.cin + ch * p.cc) * hw;
+    const int limit = (p.cin - ch * p.cc) * hw;
+#pragma unroll
+    for (int u = 0; u < PREFETCH; ++u) v[u] = (xoff[u] >= 0 && xoff[u] < limit) ? load_act(xc + xoff[u]) : 0.f;
+  };
+  auto store_patch = [&](const float (&v)[PREFETCH]) {
+#pragma unroll
+    for (int u = 0; u < PREFETCH; ++u) {
+      const int i = tid + u * THREADS;
+      if (i < patch_size) patch[i] = v[u];
     }
-  } else {
-    const int tq = p.tqy * p.tqx;
-    for (int i = tid; i < CT * tq; i += THREADS) {
-      const int cl = i / tq, q = i - cl * tq, co = c0 + cl;
-      const int qy = qy0 + q / p.tqx, qx = qx0 + (q - (q / p.tqx) * p.tqx);
-      if (co >= p.cout || qy >= p.qh || qx >= p.qw) continue;
-      float m = 0.f;  // the max starts at 0: the ReLU before the pool
-      for (int a = 0; a < p.pkh; ++a) {
-        const int cy = qy * p.psh - p.ppad_t + a;
-        if (cy < 0 || cy >= p.oh) continue;
-        for (int c = 0; c < p.pkw; ++c) {
-          const int cx = qx * p.psw - p.ppad_l + c;
-          if (cx < 0 || cx >= p.ow) continue;
-          m = fmaxf(m, st[cl * RS + (cy - ry0) * p.crx + (cx - rx0)]);
+  };
+
+  load_weights(ch_begin, wbuf0);
+  cp_async_commit();
+  {
+    float v[PREFETCH];
+    fetch_patch(ch_begin, v);
+    store_patch(v);
+  }
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int ch = ch_begin; ch < ch_end; ++ch) {
+    const int stage = (ch - ch_begin) & 1;
+    const bool more = ch + 1 < ch_end;
+    if (more) load_weights(ch + 1, stage ? wbuf0 : wbuf1);
+    cp_async_commit();
+    float next[PREFETCH];
+    if (more) fetch_patch(ch + 1, next);  // in flight during the multiplies
+    cp_async_wait<1>();  // this chunk's weights have landed (the next chunk's may still fly)
+    __syncthreads();     // ... for every thread, as have this chunk's patch, offsets and bases
+    const float* wl = (stage ? wbuf1 : wbuf0) + lane * VEC;
+#pragma unroll
+    for (int gi = 0; gi < GPW; ++gi) {
+      const unsigned gv = (valid >> (gi * G)) & ((1u << G) - 1u);
+      if (!gv) continue;  // warp-uniform: no conv output in this group
+      const float* pb[G];
+#pragma unroll
+      for (int q = 0; q < G; ++q) pb[q] = patch + bases[slot_pos<WARPS, G>(gi * G + q, warp)];
+      // 1. the group's (union) compressed row of this chunk -> this warp's list
+      int n = 0;
+      for (int e0 = 0; e0 < kc; e0 += 32) {
+        const int e = e0 + lane;
+        float v[G];
+        bool nz = false;
+        if (e < kc) {
+          const int o = offs[e];
+#pragma unroll
+          for (int q = 0; q < G; ++q) {
+            v[q] = ((gv >> q) & 1u) ? pb[q][o] : 0.f;
+            nz |= v[q] != 0.f;
+          }
         }
+        const unsigned m = __ballot_sync(FULL, nz);
+        if (nz) store_entry<G>(list, kc, n + __popc(m & lanes_below), v, e * CT);
+        n += __popc(m);
       }
-      store_act(y + ((static_cast<size_t>(img) * p.cout + co) * p.qh + qy) * p.qw + qx, m);
+      __syncwarp();  // the list is written
+      // 2. every entry meets CT filters (entries in flight hide the entry -> weight load latency:
+      // 4 with few accumulators, 2, or 1 when 64 accumulators leave no registers)
+#pragma unroll(PPW * VEC >= 64 ? 1 : (PPW * VEC <= 32 ? 4 : 2))
+      for (int j = 0; j < n; ++j) {
+        float a[G];
+        int k;
+        load_entry<G>(list, kc, j, a, k);
+        Row<VEC> w;
+        w.load(wl + k);
+#pragma unroll
+        for (int q = 0; q < G; ++q)
+#pragma unroll
+          for (int jj = 0; jj < VEC; ++jj) acc[gi * G + q][jj] = fmaf(a[q], w.v[jj], acc[gi * G + q][jj]);
+      }
+      __syncwarp();  // the list is read before the next group rewrites it
     }
+    __syncthreads();  // every warp is done with this patch and weight buffer
+    if (more) store_patch(next);
   }
+  cp_async_wait<0>();
+  __syncthreads();  // the last patch stores (none) and reads are over: the epilogue reuses shared memory
+  ecr_finish<T, VEC, PPW, WARPS, G>(acc, valid, smem, bias, y, ws, tickets, p, &s_last, img, c0, ry0, rx0, qy0, qx0, R);
 }
