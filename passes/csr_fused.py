@@ -23,25 +23,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .csr import csr_from_dense, gemm_view
-from .graph import SPARSECNN_DOMAIN, SPARSECNN_OPSET, PassResult, initializer_map, node_label, skeleton
+from .graph import (SPARSECNN_DOMAIN, SPARSECNN_OPSET, PassResult, inferred_value_infos, initializer_map, node_attrs,
+                    node_label)
 
 FUSED_CONV = "FusedCsrConv"
 FUSED_GEMM = "FusedCsrGemm"
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _inferred(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    try:
-        inf = onnx.shape_inference.infer_shapes(skeleton(model))
-    except Exception:
-        inf = model
-    out = {}
-    for vi in list(inf.graph.value_info) + list(inf.graph.input) + list(inf.graph.output):
-        out[vi.name] = vi
-    return out
 
 
 def _dims(vi: onnx.ValueInfoProto | None) -> list[int | None] | None:
@@ -86,7 +74,7 @@ def rewrite_fused_csr(model: onnx.ModelProto, min_sparsity: float = 0.5, fuse: b
     counters: Counter = Counter()
     graph = model.graph
     inits = initializer_map(model)
-    shapes = _inferred(model)
+    shapes = inferred_value_infos(model)
     graph_outputs = {o.name for o in graph.output}
     consumers: dict[str, list[int]] = {}
     for i, node in enumerate(graph.node):
@@ -107,7 +95,7 @@ def rewrite_fused_csr(model: onnx.ModelProto, min_sparsity: float = 0.5, fuse: b
             counters["skipped_weight_not_constant"] += 1
             continue
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        attrs = _attrs(node)
+        attrs = node_attrs(node)
         bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
         if bias_name and bias_name not in inits:
             counters["skipped_bias_not_constant"] += 1

@@ -16,27 +16,15 @@ from collections import Counter
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from .csr import csr_from_dense, gemm_view
 from .prune import _is_excluded
-from .graph import SPARSECNN_DOMAIN, SPARSECNN_OPSET, PassResult, initializer_map, prune_exclusions, skeleton
+from .graph import (SPARSECNN_DOMAIN, SPARSECNN_OPSET, PassResult, inferred_value_infos, initializer_map, node_attr,
+                    prune_exclusions)
 
 CSR_SUFFIXES = ("values", "col_idx", "row_ptr", "row_order")
 DEFAULT_MAX_DENSITY = 0.3  # at 70 % zeros and more a layer goes CSR (the low end of unstructured pruning)
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    light = onnx.shape_inference.infer_shapes(skeleton(model))
-    g = light.graph
-    return {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
 
 
 def _dims(vi: onnx.ValueInfoProto | None) -> list[int | None] | None:
@@ -85,7 +73,7 @@ def csr_rewrite(model: onnx.ModelProto, max_density: float = DEFAULT_MAX_DENSITY
     out.CopyFrom(model)
     graph = out.graph
     inits = initializer_map(out)
-    types = _inferred_types(model)
+    types = inferred_value_infos(model)
     patterns = prune_exclusions(model) + list(exclude or [])
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -180,15 +168,15 @@ def _convertible(node: onnx.NodeProto, w: np.ndarray, inits: dict, types: dict) 
     if node.op_type == "Conv":
         if w.ndim != 4:
             return "not_2d", {}
-        if _attr(node, "group", 1) != 1:
+        if node_attr(node, "group", 1) != 1:
             return "grouped", {}
-        kernel = list(_attr(node, "kernel_shape", None) or w.shape[2:])
-        strides = list(_attr(node, "strides", None) or [1, 1])
-        dilations = list(_attr(node, "dilations", None) or [1, 1])
-        auto = _attr(node, "auto_pad", b"NOTSET")
+        kernel = list(node_attr(node, "kernel_shape", None) or w.shape[2:])
+        strides = list(node_attr(node, "strides", None) or [1, 1])
+        dilations = list(node_attr(node, "dilations", None) or [1, 1])
+        auto = node_attr(node, "auto_pad", b"NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else auto
         if auto == "NOTSET":
-            pads = list(_attr(node, "pads", None) or [0, 0, 0, 0])
+            pads = list(node_attr(node, "pads", None) or [0, 0, 0, 0])
         elif auto == "VALID":
             pads = [0, 0, 0, 0]
         else:
@@ -199,9 +187,9 @@ def _convertible(node: onnx.NodeProto, w: np.ndarray, inits: dict, types: dict) 
         return None, {"kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
                       "in_channels": int(w.shape[1]), "bias": bias}
     # Gemm: Y = A @ op(B) + C with A [N, in]; only the plain linear-layer form.
-    if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0 or w.ndim != 2:
+    if node_attr(node, "transA", 0) or node_attr(node, "alpha", 1.0) != 1.0 or node_attr(node, "beta", 1.0) != 1.0 or w.ndim != 2:
         return "gemm_form", {}
-    matrix = w if _attr(node, "transB", 0) else w.T
+    matrix = w if node_attr(node, "transB", 0) else w.T
     if bias:
         b = inits[bias]
         if list(b.dims) not in ([matrix.shape[0]], [1, matrix.shape[0]]):

@@ -14,24 +14,12 @@ from collections import Counter
 import numpy as np
 import onnx
 
-from .graph import SPARSECNN_DOMAIN, PassResult, export_graph, import_graph, skeleton
+from .graph import SPARSECNN_DOMAIN, PassResult, export_graph, import_graph, static_shapes
 
 ECR_CONV = "EcrConv"
 ECR_CONV_POOL = "EcrConvPool"
 
 
-def _known_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Static dims of every tensor shape inference can reach (-1 where a dim is symbolic)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
-    except Exception:
-        return {}
-    out = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            out[vi.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
-    return out
 
 
 def _same_pads(size: list[int], kernel: list[int], stride: list[int], upper: bool) -> list[int] | None:
@@ -136,7 +124,7 @@ def fuse_ecr(model: onnx.ModelProto, plain_conv: bool = True, require_sparse_inp
     """
     import onnx_graphsurgeon as gs
 
-    shapes = _known_shapes(model)
+    shapes = static_shapes(model, unknown=-1)  # -1 where a dim is symbolic
     graph = import_graph(model)
     graph.toposort()
     counters: Counter = Counter()

@@ -57,6 +57,40 @@ def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
     return out
 
 
+def node_attrs(node: onnx.NodeProto) -> dict:
+    """{attribute name: value} of an ONNX node (onnx.helper's decoding)."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def node_attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def inferred_value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """ValueInfo of every tensor ONNX shape inference reaches, inferred on the skeleton (weights
+    as typed inputs, so hundreds of MB are not serialised). If inference fails, the model's own
+    infos: shapes help passes and op builders, none requires them."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    return {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
+
+
+def static_shapes(model: onnx.ModelProto, unknown=None) -> dict[str, list]:
+    """Dims of every tensor with a known rank; `unknown` where a dim is symbolic."""
+    out = {}
+    for name, vi in inferred_value_infos(model).items():
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[name] = [d.dim_value if d.HasField("dim_value") else unknown for d in t.shape.dim]
+    return out
+
+
 def check_model(model: onnx.ModelProto, after: str = "") -> None:
     """onnx.checker and strict shape inference; a failure here is a bug in the pass."""
     light = skeleton(model)

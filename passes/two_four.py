@@ -29,8 +29,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from .graph import (SPARSECNN_DOMAIN, SPARSECNN_OPSET, PassResult, initializer_map, node_label, skeleton,
-                    weight_nodes)
+from .graph import (SPARSECNN_DOMAIN, SPARSECNN_OPSET, PassResult, inferred_value_infos, initializer_map, node_attr,
+                    node_label, weight_nodes)
 from .masks import is_2to4
 
 CONV_OP = "Conv2to4"
@@ -97,21 +97,6 @@ def decompress_weight(values: torch.Tensor, positions: torch.Tensor, kernel_shap
 
 # --- the rewrite pass --------------------------------------------------------------------
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _output_value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
-    except Exception:  # shapes only help the runtimes; the pass works without them
-        return {}
-    return {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
-
-
 def rewrite_2to4(model: onnx.ModelProto) -> PassResult:
     """Every Conv (2-D, group 1) and Gemm (transA=0) whose weight is 2:4 along input channels
     becomes `sparsecnn::Conv2to4` / `sparsecnn::Gemm2to4` with the portable layout; others stay.
@@ -121,7 +106,7 @@ def rewrite_2to4(model: onnx.ModelProto) -> PassResult:
     """
     counters: Counter = Counter()
     inits = initializer_map(model)
-    shapes = _output_value_infos(model)
+    shapes = inferred_value_infos(model)
     use_count = Counter(name for n in model.graph.node for name in n.input)
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -138,9 +123,9 @@ def rewrite_2to4(model: onnx.ModelProto) -> PassResult:
         reason = None
         if node.op_type == "MatMul":
             reason = "skipped_matmul"
-        elif node.op_type == "Conv" and (_attr(node, "group", 1) != 1 or w.dim() != 4):
+        elif node.op_type == "Conv" and (node_attr(node, "group", 1) != 1 or w.dim() != 4):
             reason = "skipped_grouped_or_not_2d"
-        elif node.op_type == "Gemm" and _attr(node, "transA", 0):
+        elif node.op_type == "Gemm" and node_attr(node, "transA", 0):
             reason = "skipped_gemm_transA"
         elif not is_2to4(w, axis):
             reason = "left_dense_not_2to4"

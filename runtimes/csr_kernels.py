@@ -772,28 +772,16 @@ def gemm_conv_plan_call(plan: ConvPlan, x: torch.Tensor) -> torch.Tensor:
 
 
 def time_in_graph_us(fn, arg, device, reps: int = 15, inner: int = 10) -> float:
-    """Median microseconds of one `fn(arg)`: `inner` calls captured in one CUDA graph and
-    replayed through converter.timing.time_fn, so Python/launch overhead is excluded as it is
-    in an engine's whole-network graph. On CPU: time_fn on plain calls."""
-    from ..converter.timing import time_fn
+    """Median microseconds of one `fn(arg)` through the shared graph timer (`time_calls`: at
+    least `inner` calls captured in one CUDA graph, so launch overhead is excluded as in an
+    engine's whole-network graph). On CPU (emulated kernels) fewer plain calls."""
+    from ..converter.timing import time_calls
 
     device = torch.device(device)
-    with torch.no_grad():
-        if device.type != "cuda":
-            return time_fn(lambda i: fn(arg), device, reps=max(1, reps // 5), warmup=1).median_ms * 1e3
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside capture: kernel loading, cuDNN plans
-            for _ in range(2):
-                fn(arg)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(inner):
-                fn(arg)
-        t = time_fn(lambda i: graph.replay(), device, reps=reps, warmup=2)
-        del graph
-    return t.median_ms * 1e3 / inner
+    if device.type != "cuda":
+        reps = max(1, reps // 5)
+    with torch.no_grad():  # a tuner times many short candidates back to back: little warm-up each
+        return time_calls(lambda j: fn(arg), device, reps=reps, warmup=1, min_inner=inner, warmup_ms=2.0).median_ms * 1e3
 
 
 def tune(candidates: list, make_plan, run, arg, device, reps: int = 15) -> tuple:

@@ -14,7 +14,7 @@ import torch
 from onnx import numpy_helper
 
 from ..common.errors import UserError
-from ..passes.graph import node_label, skeleton
+from ..passes.graph import node_label, static_shapes
 from .ops import STANDARD_OPS, Builder, NodeContext, attributes
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,17 +30,6 @@ class Step:
     info: dict
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    try:  # on the skeleton: weights as typed inputs, so hundreds of MB are not serialised
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
-    except Exception:  # shapes are a help to builders, never required
-        inferred = model
-    out = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    return out
 
 
 class Executor:
@@ -61,7 +50,7 @@ class Executor:
         self.input_names = [i.name for i in graph.input if i.name not in init_names]
         self.output_names = [o.name for o in graph.output]
         self.consts: dict[str, torch.Tensor] = {t.name: self._to_device(numpy_helper.to_array(t)) for t in graph.initializer}
-        shapes = _shapes(model)
+        shapes = static_shapes(model)
         for node in graph.node:  # unknown ops fail before any work is done
             if (node.domain, node.op_type) not in table:
                 dom = f"{node.domain}::" if node.domain else ""

@@ -23,7 +23,6 @@ On the CPU the fused ops run their PyTorch reference (runtimes/sparsert_ops.py).
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 
@@ -33,9 +32,9 @@ import torch
 from onnx import numpy_helper
 
 from ..common.errors import UserError
-from ..passes.graph import node_label, run_pipeline
+from ..passes.graph import node_attrs, node_label, run_pipeline, static_shapes
 from .base import CompileOptions, Engine, _MatmulPrecision
-from .executor import Executor, _shapes
+from .executor import Executor
 from .ops import NodeContext
 from .sparsert_codegen import DEFAULT_MAX_INSTRUCTIONS
 
@@ -126,28 +125,13 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options:
 # --------------------------------------------------------------------------------------------
 
 def time_candidate(fn: Callable, args: tuple, device: torch.device, launches: int = 10, reps: int = 20) -> float:
-    """Median ms of one call of `fn(*args)`, from a CUDA graph of `launches` back-to-back calls.
-
-    A graph keeps the host's launch cost out of the measurement (these kernels take
-    microseconds), and is how the engine runs them.
-    """
-    from ..converter.timing import time_fn
+    """Median ms of one call of `fn(*args)` through the shared graph timer (`time_calls`, at
+    least `launches` calls per graph): the host's launch cost stays out, as in the engine."""
+    from ..converter.timing import time_calls
 
     if device.type != "cuda":  # emulated kernels in CI: order of magnitude only
-        return time_fn(lambda i: fn(*args), device, reps=2, warmup=1).median_ms
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn(*args)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn(*args)
-    t = time_fn(lambda i: graph.replay(), device, reps=reps, warmup=3)
-    del graph
-    return t.median_ms / launches
+        reps = 2
+    return time_calls(lambda j: fn(*args), device, reps=reps, warmup=1, min_inner=launches, warmup_ms=2.0).median_ms
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -217,7 +201,7 @@ class Planner:
         from ..passes.csr import CSR
 
         inits = {t.name: t for t in self.model.graph.initializer}
-        shapes = _shapes(self.model)
+        shapes = static_shapes(self.model)
         tuning = {} if self.retune else load_tuning()
         dtype = self.opts.dtype
         max_configs = int(self.extra.get("max_configs") or 3)
@@ -227,7 +211,7 @@ class Planner:
                 continue
             layer = _Layer(node)
             self.layers[layer.name] = layer
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            attrs = node_attrs(node)
             layer.relu = bool(attrs.get("relu", 0))
             layer.residual = len(node.input) > 6 and bool(node.input[6])
             arr = [numpy_helper.to_array(inits[n]) for n in node.input[1:5]]
@@ -463,7 +447,7 @@ def single_layer_model(node: onnx.NodeProto, model: onnx.ModelProto, layer: _Lay
     """One fused layer as a plain ONNX Conv/Gemm (+Add)(+Relu) model: dense-with-zeros weights."""
     from onnx import TensorProto, helper
 
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attrs(node)
     w = layer.csr.to_dense().numpy().reshape(layer.weight_shape)
     inits = [numpy_helper.from_array(w.astype(np.float32), "w")]
     ins = ["x", "w"]
