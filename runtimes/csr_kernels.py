@@ -18,6 +18,7 @@ import torch
 
 from ..passes.csr import CSR
 from .nvrtc import load_source
+from ..common.shapes import conv_out_size
 
 THREADS = 256  # the SpMV kernel's block; conv/SpMM configs choose 256 or 512
 STAGE_FLOATS = 8192  # one staged chunk: 32 KiB of fp32; double-buffered, 64 KiB a block (3 blocks an SM)
@@ -125,11 +126,11 @@ class ConvGeometry:
 
     @property
     def ho(self) -> int:
-        return (self.h + self.pt + self.pb - self.dh * (self.kh - 1) - 1) // self.sh + 1
+        return conv_out_size(self.h, self.pt + self.pb, self.kh, self.sh, self.dh)
 
     @property
     def wo(self) -> int:
-        return (self.w + self.pl + self.pr - self.dw * (self.kw - 1) - 1) // self.sw + 1
+        return conv_out_size(self.w, self.pl + self.pr, self.kw, self.sw, self.dw)
 
     @property
     def k(self) -> int:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..passes.graph import SPARSECNN_DOMAIN
+from ..common.shapes import conv_out_size
 from .ops import Builder, NodeContext
 
 CSR_INPUTS = 5  # X, values, col_idx, row_ptr, row_order
@@ -74,8 +75,8 @@ def reference_csr_conv(x: torch.Tensor, values: torch.Tensor, col_idx: torch.Ten
         raise ValueError(f"input has {c} channels, the CSR weight expects {in_channels}")
     pt, pl, pb, pr = pads
     xf = F.pad(x.float(), (pl, pr, pt, pb))
-    ho = (h + pt + pb - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    wo = (w + pl + pr - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    ho = conv_out_size(h, pt + pb, kernel[0], stride[0], dilation[0])
+    wo = conv_out_size(w, pl + pr, kernel[1], stride[1], dilation[1])
     cols = F.unfold(xf, kernel, dilation=dilation, stride=stride)  # [N, K, Ho*Wo]
     k = cols.shape[1]
     with warnings.catch_warnings():

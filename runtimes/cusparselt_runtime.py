@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import UserError
+from ..common.shapes import conv_out_size
 from ..passes.graph import SPARSECNN_DOMAIN, run_pipeline
 from ..passes.two_four import CONV_OP, GEMM_OP, rewrite_2to4, unpack_2to4
 from .base import CompileOptions, Engine, GraphReplay
@@ -167,8 +168,7 @@ class ConvLowering:
         if any(pads):
             xh = F.pad(xh, (0, 0, pads[1], pads[3], pads[0], pads[2]))
         n, hp, wp, c = xh.shape
-        ho = (hp - dh * (kh - 1) - 1) // sh + 1
-        wo = (wp - dw * (kw - 1) - 1) // sw + 1
+        ho, wo = conv_out_size(hp, 0, kh, sh, dh), conv_out_size(wp, 0, kw, sw, dw)
         rows = n * ho * wo
         rows_p = _round_up(rows, DENSE_ALIGN)
         kp = self.gemm.kp
@@ -192,8 +192,8 @@ class ConvLowering:
     def describe(self, x: torch.Tensor) -> dict:
         n, c, h, w = x.shape
         pads = resolve_pads(self.ctx, x, self.kernel, self.stride, self.dilation)
-        ho = (h + pads[0] + pads[2] - self.dilation[0] * (self.kernel[0] - 1) - 1) // self.stride[0] + 1
-        wo = (w + pads[1] + pads[3] - self.dilation[1] * (self.kernel[1] - 1) - 1) // self.stride[1] + 1
+        ho = conv_out_size(h, pads[0] + pads[2], self.kernel[0], self.stride[0], self.dilation[0])
+        wo = conv_out_size(w, pads[1] + pads[3], self.kernel[1], self.stride[1], self.dilation[1])
         rows = n * ho * wo
         pad = dict(self.gemm.padding)
         if rows % DENSE_ALIGN:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import UserError
+from ..common.shapes import conv_out_size
 
 MODES = ("cudnn", "cudnn_nhwc", "im2col", "im2col_nhwc")
 CHOICES = MODES + ("best",)
@@ -110,9 +111,8 @@ class DenseConv:
         return hb, wb, he, we
 
     def _out_hw(self, hp: int, wp: int) -> tuple[int, int]:
-        ho = (hp - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
-        wo = (wp - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
-        return ho, wo
+        return (conv_out_size(hp, 0, self.kh, self.stride[0], self.dilation[0]),
+                conv_out_size(wp, 0, self.kw, self.stride[1], self.dilation[1]))
 
     def _cudnn(self, x, bias, nhwc: bool):
         fmt = torch.channels_last if nhwc else torch.contiguous_format

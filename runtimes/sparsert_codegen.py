@@ -51,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..common.shapes import conv_out_size
+
 CODE_SIZE_RULE = ("weights as fma immediates; a program of more than max_instructions "
                   "(loads + FMAs x columns per thread) is not generated: the layer falls back to "
                   "CSR or dense (ptxas ~60-90 us per instruction, linear; __constant__ memory "
@@ -100,8 +102,7 @@ class LayerGeometry:
         pb, pr = (pads[2], pads[3]) if len(pads) == 4 else (pt, pl)
         sh, sw = (int(s) for s in strides)
         dh, dw = (int(d) for d in dilations)
-        oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-        ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        oh, ow = conv_out_size(h, pt + pb, kh, sh, dh), conv_out_size(w, pl + pr, kw, sw, dw)
         if oh <= 0 or ow <= 0:
             raise ValueError(f"conv output is empty: input {h}x{w}, kernel {kh}x{kw}, pads {pads}")
         return LayerGeometry("conv", int(M), int(cin) * kh * kw, 0, int(cin), int(h), int(w), int(kh), int(kw),
