@@ -267,6 +267,19 @@ def pecr_conv_pool(pecr: PECR, weight: torch.Tensor, bias: torch.Tensor | None =
 
 # --- geometry from an op's attributes -----------------------------------------------------
 
+def dense_conv_relu_pool(x, w, b, g: ConvGeometry, relu: bool = True, pool: PoolGeometry | None = None):
+    """F.conv2d -> relu -> max_pool2d on the dense tensors: the oracle every ECR/PECR encoder,
+    reference op and kernel is checked against (no ECR code in it)."""
+    y = F.conv2d(F.pad(x, (g.pads[1], g.pads[3], g.pads[0], g.pads[2])), w, b, stride=(g.sh, g.sw))
+    if relu or pool:
+        y = torch.relu(y)
+    if pool:
+        t, l, bo, r = pool.pads
+        y = F.max_pool2d(F.pad(y, (l, r, t, bo), value=float("-inf")), (pool.kh, pool.kw), (pool.sh, pool.sw),
+                         ceil_mode=pool.ceil_mode)
+    return y
+
+
 def conv_geometry(attrs: dict, x_shape) -> ConvGeometry:
     n, c, h, w = (int(v) for v in x_shape)
     kh, kw = attrs["kernel_shape"]

@@ -115,15 +115,9 @@ def sparse_input(shape, zeros: float, dtype, device, seed: int = 0) -> torch.Ten
 
 def oracle(x, w, b, g, pool, relu=True) -> torch.Tensor:
     """float64 conv -> relu -> max-pool (the independent reference)."""
-    y = F.conv2d(F.pad(x.double(), (g.pads[1], g.pads[3], g.pads[0], g.pads[2])), w.double(), b.double(),
-                 stride=(g.sh, g.sw))
-    if relu or pool:
-        y = torch.relu(y)
-    if pool:
-        t, l, bo, r = pool.pads
-        y = F.max_pool2d(F.pad(y, (l, r, t, bo), value=float("-inf")), (pool.kh, pool.kw), (pool.sh, pool.sw),
-                         ceil_mode=pool.ceil_mode)
-    return y
+    from sparsecnn.runtimes.ecr_ops import dense_conv_relu_pool
+
+    return dense_conv_relu_pool(x.double(), w.double(), b.double(), g, relu, pool)
 
 
 def rel_err(a, b) -> float:

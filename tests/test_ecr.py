@@ -1,10 +1,8 @@
 """ECR / PECR: formats, reference ops, the fusion pass, kernel plans (CPU emulation), kernels
 compiled for the CI architectures, the `ecr` runtime; GPU tests run the kernels."""
 import numpy as np
-import onnx
 import pytest
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from ecr_emulator import emulate
@@ -13,6 +11,7 @@ from sparsecnn.passes.fuse_ecr import fuse_ecr
 from sparsecnn.passes.graph import run_pipeline
 from sparsecnn.runtimes.ecr_ops import (ConvGeometry, PoolGeometry, ecr_conv, ecr_decode, ecr_encode, pecr_conv_pool,
                                         pecr_decode, pecr_encode)
+from sparsecnn.runtimes.ecr_ops import dense_conv_relu_pool as dense_reference
 
 
 def sparse_input(shape, zero_fraction, seed=0, dtype=torch.float64):
@@ -20,18 +19,6 @@ def sparse_input(shape, zero_fraction, seed=0, dtype=torch.float64):
     x = torch.rand(shape, generator=g, dtype=torch.float64) + 0.1
     x[torch.rand(shape, generator=g, dtype=torch.float64) < zero_fraction] = 0
     return x.to(dtype)
-
-
-def dense_reference(x, w, b, g: ConvGeometry, relu=True, pool: PoolGeometry | None = None):
-    """F.conv2d -> relu -> max_pool2d, the independent oracle."""
-    y = F.conv2d(F.pad(x, (g.pads[1], g.pads[3], g.pads[0], g.pads[2])), w, b, stride=(g.sh, g.sw))
-    if relu or pool:
-        y = torch.relu(y)
-    if pool:
-        t, l, bo, r = pool.pads
-        y = F.max_pool2d(F.pad(y, (l, r, t, bo), value=float("-inf")), (pool.kh, pool.kw), (pool.sh, pool.sw),
-                         ceil_mode=pool.ceil_mode)
-    return y
 
 
 def loop_im2col(x, g: ConvGeometry):
