@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..common.errors import UserError
+
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="registry model name (see `sparsecnn inspect --models`), a sparsecnn "
@@ -51,8 +53,6 @@ def parse_value(text: str):
 
 
 def runtime_extra(pairs: list[str]) -> dict:
-    from ..common.errors import UserError
-
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
