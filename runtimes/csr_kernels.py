@@ -12,7 +12,7 @@ kernel source as host threads on CPU tensors.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -21,6 +21,7 @@ from .nvrtc import load_source
 from ..common.shapes import conv_out_size
 
 THREADS = 256  # the SpMV kernel's block; conv/SpMM configs choose 256 or 512
+MAX_SHARED_BYTES = 227 * 1024  # one block's shared memory on sm_90 when the device does not say (sm_87: 163 KiB)
 STAGE_FLOATS = 8192  # one staged chunk: 32 KiB of fp32; double-buffered, 64 KiB a block (3 blocks an SM)
 GEMV_MAX_BATCH = 8   # CsrGemm runs the warp-per-row SpMV kernel up to this batch
 
@@ -34,7 +35,8 @@ class CsrParams(ctypes.Structure):
         (n, ctypes.c_int) for n in ("M", "C", "H", "W", "Ho", "Wo", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
                                     "x_cs", "x_hs", "x_ws", "y_cs", "y_hs", "y_ws", "tile_h", "tile_w", "tiles_w",
                                     "win_h", "win_w", "chunk_c", "nchunks", "chunks_per_split", "nsplit", "batch",
-                                    "relu", "accumulate", "vec_stage")]
+                                    "relu", "accumulate", "vec_stage")] + [
+        ("blk_ptr", ctypes.c_void_p), ("ss_cap", ctypes.c_int)]
 
 
 class SpmmParams(ctypes.Structure):
@@ -51,14 +53,15 @@ def _ctype_name(dtype: torch.dtype) -> str:
 
 
 # Every instantiation a source is compiled with (one NVRTC program per source and dtype).
-# (pixels per lane, rows per warp, threads, vec)
-CONV_VARIANTS = [(p, rpt, nt, False) for p in (2, 4) for rpt in (2, 4) for nt in (256, 512)] + \
-                [(p, rpt, nt, True) for p in (1, 2, 4) for rpt in (2, 4, 8) for nt in (256, 512)]
+# (pixels per lane, rows per warp, threads, vec, staged sparse)
+CONV_VARIANTS = [(p, rpt, nt, False, ss) for p in (2, 4) for rpt in (2, 4) for nt in (256, 512) for ss in (False, True)] + \
+                [(p, rpt, nt, True, False) for p in (1, 2, 4) for rpt in (2, 4, 8) for nt in (256, 512)]
 SPMV_BATCH = (1, 4)
 
 
-def conv_expression(dtype: torch.dtype, p: int, rpt: int, threads: int, vec: bool) -> str:
-    return f"csr::csr_conv<{_ctype_name(dtype)}, {p}, {rpt}, {threads}, {'true' if vec else 'false'}>"
+def conv_expression(dtype: torch.dtype, p: int, rpt: int, threads: int, vec: bool, ss: bool = False) -> str:
+    b = lambda v: "true" if v else "false"  # noqa: E731
+    return f"csr::csr_conv<{_ctype_name(dtype)}, {p}, {rpt}, {threads}, {b(vec)}, {b(ss)}>"
 
 
 def spmv_expression(dtype: torch.dtype, nb: int) -> str:
@@ -156,6 +159,7 @@ class ConvConfig:
     tile_w: int
     nsplit: int = 1  # blocks along K (fp32 atomic accumulation) when the grid is too small
     threads: int = 256
+    ss: bool = False  # staged sparse: the block's non-zeros of a chunk copied to shared memory with it
 
     @property
     def rows_per_block(self) -> int:
@@ -164,8 +168,8 @@ class ConvConfig:
     def label(self) -> str:
         kind = "spmm" if self.vec else "window"
         split = f" splitk{self.nsplit}" if self.nsplit > 1 else ""
-        return (f"{kind} p{self.p} rows{self.rows_per_block}(t{self.threads}) tile{self.tile_h}x{self.tile_w} "
-                f"chunk{self.chunk_c}{split}")
+        return (f"{kind}{' ss' if self.ss else ''} p{self.p} rows{self.rows_per_block}(t{self.threads}) "
+                f"tile{self.tile_h}x{self.tile_w} chunk{self.chunk_c}{split}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -263,6 +267,8 @@ def _staged_configs(g: ConvGeometry, sms: int, batch: int) -> list[ConvConfig]:
         base = [window_config(g, p, r, threads=t) for p in (4, 2) for r, t in shapes]
         if g.wo >= 64 and g.ho >= 8:  # wide maps: also 2-D tiles (4 x 32), whose halo re-stages less input
             base += [window_config(g, 4, r, threads=t, tile_w=32) for r, t in shapes if t == 256]
+        # each also with its non-zeros staged in shared memory (no L1/L2 latency per entry group)
+        base += [replace(cfg, ss=True) for cfg in base]
     out: list[ConvConfig] = []
     for cfg in base:
         out.append(cfg)
@@ -300,6 +306,46 @@ def entry_offsets(csr: CSR, g: ConvGeometry, cfg: ConvConfig) -> torch.Tensor:
     return off.to(torch.int32)
 
 
+def staged_sparse_runs(csr: CSR, chunk_ptr: torch.Tensor, rows_per_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packing of a staged-sparse plan: the entries of each (row block, K chunk) in one run,
+    row slots in swizzled order, each row's segment padded to a multiple of four.
+
+    Returns (src, blk_ptr): src[i] = the CSR entry at packed position i, or -1 for padding;
+    blk_ptr [row blocks, nchunks, rows_per_block + 1] int32 = where each slot's segment starts
+    (the last column: where the run ends). Runs are consecutive, so every run and segment
+    starts at a multiple of four (aligned vector copies and loads)."""
+    m = csr.shape[0]
+    nchunks = chunk_ptr.shape[1] - 1
+    nblocks = -(-m // rows_per_block)
+    slots = nblocks * rows_per_block
+    row_of_slot = torch.full((slots,), -1, dtype=torch.int64)
+    row_of_slot[:m] = csr.row_order.long()
+    cp = chunk_ptr.long()
+    lengths = torch.zeros(slots, nchunks, dtype=torch.int64)
+    real = row_of_slot >= 0
+    lengths[real] = cp[row_of_slot[real], 1:] - cp[row_of_slot[real], :-1]
+    padded = (lengths + 3) // 4 * 4
+    # packed order: block, chunk, slot in block
+    order = padded.reshape(nblocks, rows_per_block, nchunks).permute(0, 2, 1).reshape(-1)
+    starts = torch.zeros(order.numel() + 1, dtype=torch.int64)
+    starts[1:] = torch.cumsum(order, 0)
+    blk_ptr = torch.empty(nblocks, nchunks, rows_per_block + 1, dtype=torch.int64)
+    blk_ptr[:, :, :rows_per_block] = starts[:-1].reshape(nblocks, nchunks, rows_per_block)
+    blk_ptr[:, :, rows_per_block] = starts[1:].reshape(nblocks, nchunks, rows_per_block)[:, :, -1]
+    src = torch.full((int(starts[-1]),), -1, dtype=torch.int64)
+    if csr.nnz:
+        slot_of_row = torch.empty(m, dtype=torch.int64)
+        slot_of_row[csr.row_order.long()] = torch.arange(m)
+        rows = torch.repeat_interleave(torch.arange(m), csr.row_lengths())
+        entry = torch.arange(csr.nnz, dtype=torch.int64)
+        # the chunk of each entry: the last q with cp[row, q] <= entry
+        chunk = (cp[rows, :-1] <= entry[:, None]).sum(1) - 1
+        slot = slot_of_row[rows]
+        seg_start = blk_ptr[slot // rows_per_block, chunk, slot % rows_per_block]
+        src[seg_start + entry - cp[rows, chunk]] = entry
+    return src, blk_ptr.to(torch.int32)
+
+
 def rows_block_column_use(csr: CSR, rows_per_block: int) -> torch.Tensor:
     """[row blocks, K] uint8: 1 where a row of the block (in swizzled order) has an entry in column k."""
     m, k = csr.shape
@@ -329,6 +375,13 @@ def _uint16(t: torch.Tensor, device) -> torch.Tensor:
     return torch.from_numpy(out.view(np.int16)).to(device)
 
 
+def _max_shared_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "shared_memory_per_block_optin", MAX_SHARED_BYTES))
+    return MAX_SHARED_BYTES
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -345,12 +398,28 @@ class ConvPlan:
         self.g, self.cfg, self.dtype, self.device, self.backend, self.relu = g, cfg, dtype, torch.device(device), backend, relu
         self.kg = g.flat() if cfg.vec else g  # the geometry the kernel sees
         self.nchunks = -(-g.c // cfg.chunk_c)
-        self.values = _padded(csr.values, dtype, self.device)
-        self.offsets = _uint16(entry_offsets(csr, g, cfg), self.device)
-        self.chunk_ptr = chunk_pointers(csr, cfg.chunk_c * g.kh * g.kw).to(self.device)
+        offsets = entry_offsets(csr, g, cfg)
+        chunk_ptr = chunk_pointers(csr, cfg.chunk_c * g.kh * g.kw)
+        self.blk_ptr, self.ss_cap = None, 0
+        if cfg.ss:  # packed per (row block, chunk): padding is value 0 at offset 0
+            src, blk_ptr = staged_sparse_runs(csr, chunk_ptr, cfg.rows_per_block)
+            keep = src >= 0
+            values = torch.zeros(src.numel(), dtype=csr.values.dtype)
+            values[keep] = csr.values[src[keep]]
+            packed_offsets = torch.zeros(src.numel(), dtype=torch.int32)
+            packed_offsets[keep] = offsets[src[keep]]
+            values, offsets = values, packed_offsets
+            runs = (blk_ptr[:, :, -1] - blk_ptr[:, :, 0]).max() if blk_ptr.numel() else torch.tensor(0)
+            self.ss_cap = max(8, -(-int(runs) // 8) * 8)
+            self.blk_ptr = blk_ptr.reshape(-1).to(self.device)
+        else:
+            values = csr.values
+        self.values = _padded(values, dtype, self.device)
+        self.offsets = _uint16(offsets, self.device)
+        self.chunk_ptr = chunk_ptr.to(self.device)
         self.row_order = csr.row_order.to(self.device, torch.int32)
         self.bias = None if bias is None else bias.reshape(-1).to(self.device, torch.float32).contiguous()
-        self.expr = conv_expression(dtype, cfg.p, cfg.rpt, cfg.threads, cfg.vec)
+        self.expr = conv_expression(dtype, cfg.p, cfg.rpt, cfg.threads, cfg.vec, cfg.ss)
         self.k_used = rows_block_column_use(csr, cfg.rows_per_block).to(self.device) if cfg.vec else None
         self._param_cache: dict[tuple, CsrParams] = {}
         if cfg.vec:
@@ -359,11 +428,16 @@ class ConvPlan:
         else:
             self.win_h, self.win_w = window_dims(g, cfg.tile_h, cfg.tile_w)
             self.smem = 2 * cfg.chunk_c * self.win_h * self.win_w * 4
+        if cfg.ss:  # the sparse buffers follow the dense ones, 16-byte aligned
+            self.smem = -(-self.smem // 16) * 16 + 2 * self.ss_cap * (dtype.itemsize + 2)
+            most = _max_shared_bytes(self.device)
+            if self.smem > most:
+                raise ValueError(f"{cfg.label()}: {self.smem} bytes of shared memory (at most {most})")
         self.cps = -(-self.nchunks // cfg.nsplit)
 
     def buffers(self) -> list[torch.Tensor]:
-        return [t for t in (self.values, self.offsets, self.chunk_ptr, self.row_order, self.bias, self.k_used)
-                if t is not None]
+        return [t for t in (self.values, self.offsets, self.chunk_ptr, self.row_order, self.bias, self.k_used,
+                            self.blk_ptr) if t is not None]
 
     def _params(self, x: torch.Tensor, y: torch.Tensor, n: int, strides_x, strides_y, accumulate: bool) -> CsrParams:
         key = (n, tuple(strides_x), tuple(strides_y), accumulate, x.data_ptr() % 16 == 0)
@@ -380,6 +454,7 @@ class ConvPlan:
         p.values, p.offsets, p.chunk_ptr, p.row_order = (self.values.data_ptr(), self.offsets.data_ptr(),
                                                         self.chunk_ptr.data_ptr(), self.row_order.data_ptr())
         p.bias, p.k_used = _ptr(self.bias), _ptr(self.k_used)
+        p.blk_ptr, p.ss_cap = _ptr(self.blk_ptr), self.ss_cap
         (p.x_batch, p.x_cs, p.x_hs, p.x_ws), (p.y_batch, p.y_cs, p.y_hs, p.y_ws) = strides_x, strides_y
         p.M, p.C, p.H, p.W, p.Ho, p.Wo = g.m, kg.c, kg.h, kg.w, kg.ho, kg.wo
         p.kh, p.kw, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw = kg.kh, kg.kw, kg.sh, kg.sw, kg.pt, kg.pl, kg.dh, kg.dw
@@ -753,7 +828,7 @@ def kernel_name(cfg, dtype: torch.dtype) -> str:
         if cfg.im2col:
             return f"{im2col_expression(dtype)} + {spmm}"
         return f"{shift_expression(dtype)} + {spmm}" if cfg.shifted else spmm
-    return conv_expression(dtype, cfg.p, cfg.rpt, cfg.threads, cfg.vec)
+    return conv_expression(dtype, cfg.p, cfg.rpt, cfg.threads, cfg.vec, cfg.ss)
 
 
 def gemm_as_conv_geometry(m: int, k: int, batch: int) -> ConvGeometry:

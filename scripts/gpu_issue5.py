@@ -36,6 +36,7 @@ import math
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -139,13 +140,15 @@ def part_correctness(run: Run) -> dict:
         window_cases, vec_cases = window_cases[:2], vec_cases[:1]
     rows = []
     for dtype_name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
-        for p, rpt, threads, vec in CONV_VARIANTS:
+        for p, rpt, threads, vec, ss in CONV_VARIANTS:
             if run.dry and (threads == 512 or rpt == 8):
                 continue
             for gi, g in enumerate(vec_cases if vec else window_cases):
                 mk = spmm_config if vec else window_config
                 for budget_name, budget in (("default", 8192), ("small", (5 if vec else 2) * 32 * p * 3)):
                     cfg = mk(g, p, rpt, threads=threads, budget=budget)
+                    if ss:
+                        cfg = replace(cfg, ss=True)
                     if budget_name == "small":
                         cfg = with_split(g, cfg, sms=10_000) or cfg
                     w = pruned_weight((g.m, g.c, g.kh, g.kw), 0.2, gen, empty_rows=(0, g.m // 2))
@@ -156,7 +159,7 @@ def part_correctness(run: Run) -> dict:
                     xf = F.pad(x.double(), (g.pl, g.pr, g.pt, g.pb))
                     ref = torch.relu(F.conv2d(xf, w.to(dtype).double(), b.double(), (g.sh, g.sw), 0, (g.dh, g.dw)))
                     err = rel_err(y.float(), ref)
-                    rows.append({"kernel": conv_expression(dtype, p, rpt, threads, vec), "case": gi,
+                    rows.append({"kernel": conv_expression(dtype, p, rpt, threads, vec, ss), "case": gi,
                                  "config": cfg.label(), "dtype": dtype_name, "rel_err": err,
                                  "pass": err <= TOL[dtype_name]})
         for nb in SPMV_BATCH:

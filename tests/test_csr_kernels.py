@@ -2,6 +2,8 @@
 same source against F.conv2d / matmul on the masked dense weight (odd sizes, strides,
 padding, dilation, empty rows, several K chunks, split-K, fp16). The GPU tests at the end
 run them on the device against the same references."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,8 @@ from sparsecnn.runtimes.csr_kernels import (KERNEL_FILES, SPUTNIK_VARIANTS, Conv
                                             GemvPlan, SputnikConfig, SputnikPlan, all_expressions, candidate_configs,
                                             chunk_pointers, config_from_dict, gemm_as_conv_geometry,
                                             gemm_conv_plan_call, make_plan, rows_block_column_use, spmm_config,
-                                            sputnik_candidates, sputnik_heuristic, window_config, with_split)
+                                            sputnik_candidates, sputnik_heuristic, staged_sparse_runs, window_config,
+                                            with_split)
 from sparsecnn.runtimes.nvrtc import CI_ARCHS, compile_cubin, load_source, nvrtc_available
 
 emu = pytest.mark.skipif(not cuda_emu.available(), reason="g++ not installed (the CPU kernel emulator needs it)")
@@ -107,6 +110,48 @@ def test_window_kernel_tiles_rows_and_split_k(backend, p, rpt, threads):
     assert conv_case(backend, torch.float32, g, cfg, relu=True) <= 1e-5
     assert conv_case(backend, torch.float32, g, split, relu=True) <= 1e-5
     assert conv_case(backend, torch.float16, g, split, relu=True) <= 2e-3
+
+
+def test_staged_sparse_runs_pack_each_block_chunk_contiguously():
+    a = torch.zeros(5, 12)
+    a[0, [0, 5, 9]] = 1.0
+    a[1, [1, 2, 3, 4, 6, 7, 8]] = 2.0  # longest row: slot 0
+    a[3, [11]] = 3.0
+    csr = csr_from_dense(a)
+    cp = chunk_pointers(csr, 4)  # chunks of columns [0,4) [4,8) [8,12)
+    src, blk_ptr = staged_sparse_runs(csr, cp, 2)
+    assert blk_ptr.shape == (3, 3, 3)  # 3 row blocks of 2 slots (the last half empty), 3 chunks
+    starts = blk_ptr.long()
+    assert bool((starts % 4 == 0).all())  # every segment starts aligned
+    # runs are consecutive: each (block, chunk) run ends where the next begins
+    ends = starts[:, :, -1].reshape(-1)
+    assert ends[:-1].tolist() == starts[:, :, 0].reshape(-1)[1:].tolist() and int(ends[-1]) == src.numel()
+    # every entry appears once, inside its own row's segment of its own chunk, in column order
+    assert sorted(src[src >= 0].tolist()) == list(range(csr.nnz))
+    order = csr.row_order.tolist()
+    cols, ptr = csr.col_idx.tolist(), csr.row_ptr.tolist()
+    for slot, row in enumerate(order):
+        b, s = divmod(slot, 2)
+        for q in range(3):
+            seg = src[starts[b, q, s]:starts[b, q, s + 1]].tolist()
+            got = [e for e in seg if e >= 0]
+            want = [e for e in range(ptr[row], ptr[row + 1]) if cols[e] // 4 == q]
+            assert got == want and len(seg) == -(-len(want) // 4) * 4
+
+
+@emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("p,rpt,threads,split", [(4, 4, 256, False), (2, 2, 512, True), (4, 2, 256, True)])
+def test_staged_sparse_window_kernel_matches_conv2d(backend, dtype, p, rpt, threads, split):
+    g = ConvGeometry(37, 6, 15, 21, 3, 3, 1, 1, 1, 1, 1, 1)  # several tiles, M not a multiple of a block's rows
+    cfg = replace(window_config(g, p, rpt, budget=240, threads=threads), ss=True)
+    if split:
+        cfg = with_split(g, cfg, sms=64)
+        assert cfg is not None and cfg.nsplit >= 2 and cfg.ss
+    assert conv_case(backend, dtype, g, cfg, relu=True) <= TOL[dtype]
+    assert conv_case(backend, dtype, ConvGeometry(13, 5, 10, 9, 3, 3, 2, 2, 0, 1, 1, 0),
+                     replace(window_config(ConvGeometry(13, 5, 10, 9, 3, 3, 2, 2, 0, 1, 1, 0), p, rpt, budget=120,
+                                           threads=threads), ss=True), density=0.05) <= TOL[dtype]
 
 
 @emu

@@ -41,6 +41,8 @@ struct Params {
   int relu;                       // ReLU in the epilogue
   int accumulate;                 // split-K: atomically add fp32 partial sums (bias from slice 0, no ReLU)
   int vec_stage;                  // dense operand rows are 16-byte aligned: stage with vector copies
+  const int* blk_ptr;             // staged-sparse plans: [row blocks][nchunks][rows a block + 1] entry starts
+  int ss_cap;                     // staged-sparse plans: entries one shared-memory buffer holds (multiple of 8)
 };
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -143,6 +145,20 @@ __device__ __forceinline__ void stage4(float* dst, const __half* src, int n) {
     out.w = 0.f;
   }
   *reinterpret_cast<float4*>(dst) = out;
+}
+// N bytes (8 or 16), both addresses N-aligned: the staged-sparse copies of values and offsets.
+template <int N>
+__device__ __forceinline__ void stage_bytes(void* dst, const void* src) {
+#ifdef SPARSECNN_EMU
+  std::memcpy(dst, src, N);
+#else
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  if constexpr (N == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(d), "l"(src), "n"(N) : "memory");
+  }
+#endif
 }
 __device__ __forceinline__ void stage_commit() {
 #ifndef SPARSECNN_EMU

@@ -23,6 +23,11 @@
 // * ROMA + residue: a row segment is read in aligned vector groups of four entries
 //   (csr_common.cuh); pixels past the image edge are computed and masked at the store.
 // * Epilogue: bias and ReLU fused; or, split over K (blockIdx.z), fp32 atomic accumulation.
+// * SS (staged sparse, Sputnik's SparseTile): the block's non-zeros of the next K chunk are
+//   packed at compile time into one contiguous run per (row block, chunk), each row's segment
+//   padded to a multiple of four with zero values, and copied into shared memory with cp.async
+//   together with the dense chunk, so the multiply loop reads values and offsets there
+//   (broadcast loads, latency hidden by the double buffer) instead of from L1/L2 per group.
 //
 // fp32 and fp16 storage; shared memory and accumulators are fp32 (fp16 operands, fp32 sums).
 #include "csr_common.cuh"
@@ -131,10 +136,38 @@ __device__ __forceinline__ void stage_chunk(const Params& p, const T* __restrict
   }
 }
 
+// Staged sparse: the (row block, chunk) run of packed entries [bp[0], bp[rows]) into vb / ob.
+template <typename T, int NT>
+__device__ __forceinline__ void stage_sparse(const Params& p, const int* __restrict__ bp, int rows, T* vb,
+                                             unsigned short* ob) {
+  const int b0 = bp[0];
+  const int groups = (bp[rows] - b0) >> 2;  // segments are padded to multiples of four
+  const T* vals = static_cast<const T*>(p.values) + b0;
+  const unsigned short* offs = p.offsets + b0;
+  for (int g = threadIdx.x; g < groups; g += NT) {
+    stage_bytes<4 * sizeof(T)>(vb + 4 * g, vals + 4 * g);
+    stage_bytes<8>(ob + 4 * g, offs + 4 * g);
+  }
+}
+
+__device__ __forceinline__ void shared_values4(const float* p, float v[4]) {
+  const float4 t = *reinterpret_cast<const float4*>(p);
+  v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+}
+__device__ __forceinline__ void shared_values4(const __half* p, float v[4]) {
+  const uint2 t = *reinterpret_cast<const uint2*>(p);
+  v[0] = half_bits(t.x & 0xffffu); v[1] = half_bits(t.x >> 16);
+  v[2] = half_bits(t.y & 0xffffu); v[3] = half_bits(t.y >> 16);
+}
+__device__ __forceinline__ void shared_offsets4(const unsigned short* p, int o[4]) {
+  const uint2 t = *reinterpret_cast<const uint2*>(p);
+  o[0] = (int)(t.x & 0xffffu); o[1] = (int)(t.x >> 16); o[2] = (int)(t.y & 0xffffu); o[3] = (int)(t.y >> 16);
+}
+
 // NT threads (8 or 16 warps). The minimum of blocks per SM caps registers so that three
 // 256-thread blocks share an SM (the shared-memory budget allows three) unless the
 // accumulators (RPT x P) are many enough that the cap would spill; then two.
-template <typename T, int P, int RPT, int NT, bool VEC>
+template <typename T, int P, int RPT, int NT, bool VEC, bool SS = false>
 __global__ void __launch_bounds__(NT, NT >= 512 ? 1 : (P * RPT >= 16 ? 2 : 3)) csr_conv(const Params p) {
   constexpr int kWarps = NT / 32;
   constexpr int kRows = kWarps * RPT;
@@ -186,29 +219,60 @@ __global__ void __launch_bounds__(NT, NT >= 512 ? 1 : (P * RPT >= 16 ? 2 : 3)) c
   // Each row's segment bounds for the current chunk; the next chunk's end is loaded one chunk
   // ahead so its latency hides behind the current chunk's work.
   int seg_begin[RPT], seg_end[RPT];
+  // SS: this block's packed runs, [chunk][slot]; segments relative to the chunk's run start.
+  const int* bp = SS ? p.blk_ptr + (long long)blockIdx.x * p.nchunks * (kRows + 1) : nullptr;
+  const int ss_off = (2 * buf_floats + 3) & ~3;  // 16-byte aligned start of the sparse buffers
+  T* ss_vals = reinterpret_cast<T*>(smem + ss_off);
+  unsigned short* ss_offs = reinterpret_cast<unsigned short*>(ss_vals + 2 * p.ss_cap);
 #pragma unroll
   for (int i = 0; i < RPT; ++i) {
+    if (SS) {
+      const int* b = bp + (long long)q_begin * (kRows + 1);
+      const int slot = warp + i * kWarps;
+      seg_begin[i] = nq > 0 ? b[slot] - b[0] : 0;
+      seg_end[i] = nq > 0 ? b[slot + 1] - b[0] : 0;
+      continue;
+    }
     const int* cp = p.chunk_ptr + (long long)(rows[i] < 0 ? 0 : rows[i]) * (p.nchunks + 1);
     seg_begin[i] = (rows[i] >= 0 && nq > 0) ? cp[q_begin] : 0;
     seg_end[i] = (rows[i] >= 0 && nq > 0) ? cp[q_begin + 1] : 0;
   }
-  if (nq > 0) stage_chunk<T, P, NT, VEC>(p, x, smem, q_begin, iy0, ix0, k_used);
+  if (nq > 0) {
+    stage_chunk<T, P, NT, VEC>(p, x, smem, q_begin, iy0, ix0, k_used);
+    if (SS) stage_sparse<T, NT>(p, bp + (long long)q_begin * (kRows + 1), kRows, ss_vals, ss_offs);
+  }
   stage_commit();
   for (int t = 0; t < nq; ++t) {
     const int q = q_begin + t;
     const float* cur = smem + (t & 1) * buf_floats;
-    int seg_next[RPT];
+    int seg_next[RPT], seg_next_begin[RPT];
 #pragma unroll
-    for (int i = 0; i < RPT; ++i)
-      seg_next[i] = (rows[i] >= 0 && t + 1 < nq) ? p.chunk_ptr[(long long)rows[i] * (p.nchunks + 1) + q + 2] : 0;
-    if (t + 1 < nq) stage_chunk<T, P, NT, VEC>(p, x, smem + ((t + 1) & 1) * buf_floats, q + 1, iy0, ix0, k_used);
+    for (int i = 0; i < RPT; ++i) {
+      if (SS) {
+        const int* b = bp + (long long)(q + 1) * (kRows + 1);
+        const int slot = warp + i * kWarps;
+        seg_next_begin[i] = t + 1 < nq ? b[slot] - b[0] : 0;
+        seg_next[i] = t + 1 < nq ? b[slot + 1] - b[0] : 0;
+      } else {
+        seg_next[i] = (rows[i] >= 0 && t + 1 < nq) ? p.chunk_ptr[(long long)rows[i] * (p.nchunks + 1) + q + 2] : 0;
+        seg_next_begin[i] = seg_end[i];
+      }
+    }
+    if (t + 1 < nq) {
+      stage_chunk<T, P, NT, VEC>(p, x, smem + ((t + 1) & 1) * buf_floats, q + 1, iy0, ix0, k_used);
+      if (SS)
+        stage_sparse<T, NT>(p, bp + (long long)(q + 1) * (kRows + 1), kRows, ss_vals + ((t + 1) & 1) * p.ss_cap,
+                            ss_offs + ((t + 1) & 1) * p.ss_cap);
+    }
     stage_commit();
     stage_wait_all_but_newest();
     __syncthreads();
+    const T* vb = ss_vals + (t & 1) * p.ss_cap;
+    const unsigned short* ob = ss_offs + (t & 1) * p.ss_cap;
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
       if (rows[i] < 0) continue;
-      roma_segment(values, p.offsets, seg_begin[i], seg_end[i], [&](float v, int o) {
+      auto apply = [&](float v, int o) {
         if (VEC) {
           const float* b = cur + o + lane * P;
           if constexpr (P == 4) {
@@ -226,12 +290,24 @@ __global__ void __launch_bounds__(NT, NT >= 512 ? 1 : (P * RPT >= 16 ? 2 : 3)) c
 #pragma unroll
           for (int j = 0; j < P; ++j) acc[i][j] += v * *reinterpret_cast<const float*>(at + base[j]);
         }
-      });
+      };
+      if (SS) {
+        for (int e = seg_begin[i]; e < seg_end[i]; e += 4) {  // padded entries are (0, offset 0)
+          float v[4];
+          int o[4];
+          shared_values4(vb + e, v);
+          shared_offsets4(ob + e, o);
+#pragma unroll
+          for (int u = 0; u < 4; ++u) apply(v[u], o[u]);
+        }
+      } else {
+        roma_segment(values, p.offsets, seg_begin[i], seg_end[i], apply);
+      }
     }
-    __syncthreads();  // the buffer just read is staged into two iterations from now
+    __syncthreads();  // the buffers just read are staged into two iterations from now
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
-      seg_begin[i] = seg_end[i];
+      seg_begin[i] = seg_next_begin[i];
       seg_end[i] = seg_next[i];
     }
   }
