@@ -36,17 +36,26 @@ def pruned_conv_weight(m, c, kh, kw, density, seed=0, empty_rows=(0,), full_row=
 
 
 def conv_case(backend, dtype, g: ConvGeometry, cfg, batch=2, density=0.3, bias=True, relu=False, channels_last=False,
-              seed=0):
+              seed=0, residual=False):
+    """rel. error of the plan against F.conv2d (+ bias) (+ residual) (+ ReLU) on the masked weight.
+    residual: True (contiguous) or "channels_last"."""
     w = pruned_conv_weight(g.m, g.c, g.kh, g.kw, density, seed, empty_rows=(0, g.m // 2), full_row=1)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, g.c, g.h, g.w, generator=gen).to(dtype)
     b = torch.randn(g.m, generator=gen) if bias else None
+    r = None
+    if residual:  # of the size of the conv's output: the sum goes negative often, so the ReLU matters
+        r = (2 * torch.randn(batch, g.m, g.ho, g.wo, generator=gen)).to(dtype)
+        if residual == "channels_last":
+            r = r.contiguous(memory_format=torch.channels_last)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     plan = make_plan(csr_from_dense(gemm_view(w)), g, cfg, dtype, "cpu", backend, b, relu)
-    y = plan(x)
+    y = plan(x) if r is None else plan(x, r)
     xf = F.pad(x.float(), (g.pl, g.pr, g.pt, g.pb))
     ref = F.conv2d(xf, w.to(dtype).float(), b, (g.sh, g.sw), 0, (g.dh, g.dw))
+    if r is not None:
+        ref = ref + r.float()
     if relu:
         ref = torch.relu(ref)
     assert y.dtype == dtype and tuple(y.shape) == tuple(ref.shape)
@@ -114,6 +123,46 @@ def test_window_kernel_reads_channels_last_input(backend):
     g = ConvGeometry(10, 8, 7, 9, 3, 3, 1, 1, 1, 1, 1, 1)
     cfg = window_config(g, 2, 2, budget=2 * 9 * 11)
     assert conv_case(backend, torch.float32, g, cfg, channels_last=True, batch=3) <= 1e-5
+
+
+@emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_residual_epilogue_of_the_staged_kernels(backend, dtype):
+    """relu(conv + bias + residual): window and SpMM kernels, with and without split-K (the
+    residual added once, by split 0, as the bias), residual contiguous or channels-last."""
+    win = ConvGeometry(37, 6, 15, 21, 3, 3, 1, 1, 1, 1, 1, 1)
+    cfg = window_config(win, 2, 2, budget=240)
+    split = with_split(win, cfg, sms=64)
+    assert split is not None and split.nsplit >= 2
+    pw = ConvGeometry(29, 21, 8, 12)
+    vec = spmm_config(pw, 4, 2, budget=5 * 128)
+    vec_split = with_split(pw, vec, sms=200)
+    assert vec_split is not None and vec_split.nsplit >= 2
+    for g, c in ((win, cfg), (win, split), (pw, vec), (pw, vec_split), (pw, spmm_config(pw, 2, 4, budget=5 * 64))):
+        for residual in (True, "channels_last"):
+            err = conv_case(backend, dtype, g, c, relu=True, residual=residual)
+            assert err <= TOL[dtype], (c.label(), residual)
+    # without the ReLU too (negative sums are not clipped away)
+    assert conv_case(backend, torch.float32, win, cfg, relu=False, residual=True) <= 1e-5
+
+
+@emu
+def test_fused_residual_of_a_gemm_through_spmv_and_spmm(backend):
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(23, 70, generator=gen) * (torch.rand(23, 70, generator=gen) < 0.2)
+    bias = torch.randn(23, generator=gen)
+    for batch in (3, 11):
+        x = torch.randn(batch, 70, generator=gen)
+        r = 2 * torch.randn(batch, 23, generator=gen)
+        ref = torch.relu(F.linear(x, w, bias) + r)
+        if batch <= 8:
+            y = GemvPlan(csr_from_dense(w), torch.float32, "cpu", backend, bias, relu=True)(x, r)
+        else:
+            g = gemm_as_conv_geometry(23, 70, batch)
+            plan = ConvPlan(csr_from_dense(w), g, spmm_config(g, 1, 2, budget=32 * 16), torch.float32, "cpu", backend,
+                            bias, relu=True)
+            y = gemm_conv_plan_call(plan, x, r)
+        assert rel_err(y, ref) <= 1e-5, batch
 
 
 @emu
@@ -219,6 +268,25 @@ def test_sputnik_candidates_of_a_conv_match_conv2d(backend, dtype, geom):
     assert any(c.shifted for c in cands) == (not geom.pointwise and (geom.sh, geom.sw) == (1, 1))
     for cfg in cands:
         assert conv_case(backend, dtype, geom, cfg, relu=True, seed=cfg.bx + cfg.dv) <= TOL[dtype], cfg.label()
+
+
+@emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_residual_epilogue_of_the_sputnik_port(backend, dtype):
+    """Direct (pointwise), im2col and shifted Sputnik plans add the residual before the ReLU."""
+    conv3 = ConvGeometry(20, 7, 9, 11, 3, 3, 1, 1, 1, 1, 1, 1)
+    pointwise = ConvGeometry(29, 21, 8, 12)
+    for g, kinds in ((conv3, ("im2col", "shifted")), (pointwise, ("direct",))):
+        cands = [c for c in candidate_configs(g, dtype=dtype) if isinstance(c, SputnikConfig)]
+        for kind in kinds:
+            cfg = next(c for c in cands if {"im2col": c.im2col, "shifted": c.shifted,
+                                            "direct": not (c.im2col or c.shifted)}[kind])
+            for residual in (True, "channels_last"):
+                err = conv_case(backend, dtype, g, cfg, relu=True, residual=residual, seed=3)
+                assert err <= TOL[dtype], (cfg.label(), residual)
+    odd = ConvGeometry(13, 5, 7, 9)  # N = 63: scalar residual loads and stores
+    cfg = SputnikConfig(*sputnik_heuristic(63, dtype))
+    assert cfg.dv == 1 and conv_case(backend, dtype, odd, cfg, relu=True, residual=True) <= TOL[dtype]
 
 
 @emu
