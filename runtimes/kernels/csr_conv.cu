@@ -255,19 +255,14 @@ __global__ void __launch_bounds__(NT, NT >= 512 ? 1 : (P * RPT >= 16 ? 2 : 3)) c
     if (rows[i] < 0) continue;
     const int row = rows[i];
     const float b = (p.bias != nullptr && first) ? p.bias[row] : 0.f;
+    // Residual: P consecutive columns (VEC) as one vector load when contiguous and aligned;
+    // otherwise read per pixel at the store (fewer registers live than staging them all).
+    const T* r = residual != nullptr ? residual + img * p.r_batch + (long long)row * p.r_cs : nullptr;
+    const bool res_vec = VEC && all_live && r != nullptr;
     float add[P];
 #pragma unroll
     for (int j = 0; j < P; ++j) add[j] = b;
-    if (residual != nullptr) {
-      const T* r = residual + img * p.r_batch + (long long)row * p.r_cs;
-      if (VEC && all_live) {  // P consecutive columns: one vector load when contiguous and aligned
-        add_residual<T, P>(r + (long long)ox[0] * p.r_ws, p.r_ws, add);
-      } else {
-#pragma unroll
-        for (int j = 0; j < P; ++j)
-          if (live[j]) add[j] += to_float(__ldg(r + (long long)oy[j] * p.r_hs + (long long)ox[j] * p.r_ws));
-      }
-    }
+    if (res_vec) add_residual<T, P>(r + (long long)ox[0] * p.r_ws, p.r_ws, add);
     if (VEC && P > 1 && p.y_ws == 1 && all_live) {  // this lane's P consecutive outputs as one vector, when aligned
       const long long idx = img * p.y_batch + (long long)row * p.y_cs + ox[0];
       if (store_vector<T, P>(p, idx, acc[i], add)) continue;
@@ -277,6 +272,7 @@ __global__ void __launch_bounds__(NT, NT >= 512 ? 1 : (P * RPT >= 16 ? 2 : 3)) c
       if (!live[j]) continue;
       const long long idx = img * p.y_batch + (long long)row * p.y_cs + (long long)oy[j] * p.y_hs + (long long)ox[j] * p.y_ws;
       float val = acc[i][j] + add[j];
+      if (r != nullptr && !res_vec) val += to_float(__ldg(r + (long long)oy[j] * p.r_hs + (long long)ox[j] * p.r_ws));
       if (p.accumulate) {
         atomicAdd(static_cast<float*>(p.y) + idx, val);
       } else {
