@@ -29,11 +29,13 @@ features), K = Cin*kh*kw with column k = (cin*kh + r)*kw + s (or K = in_features
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from ..passes.csr import CSR
 from ..passes.graph import SPARSECNN_DOMAIN
 from ..common.shapes import conv_out_size
 from .ops import Builder, NodeContext
@@ -117,6 +119,45 @@ def reference_csr_gemm(a: torch.Tensor, values: torch.Tensor, col_idx: torch.Ten
                                     size=(m, in_features))
         y = (w @ a.float().t()).t()
     return epilogue(y, bias, residual, relu).to(a.dtype)
+
+
+def dense_weight(ctx: NodeContext) -> torch.Tensor:
+    """The node's weight rebuilt dense from its CSR: [M, Cin, kh, kw] (CsrConv) or [M, K] (CsrGemm),
+    on the node's device and in its precision."""
+    values, cols, row_ptr, order = csr_tensors(ctx)
+    m = row_ptr.numel() - 1
+    if ctx.node.op_type == "CsrGemm":
+        shape = [m, int(ctx.attr("in_features"))]
+    else:
+        shape = [m, int(ctx.attr("in_channels")), *[int(k) for k in ctx.attr("kernel_shape")]]
+    w = CSR(values, cols, row_ptr, order, (m, math.prod(shape[1:]))).to_dense()
+    return w.reshape(shape).to(ctx.device, ctx.dtype)
+
+
+def build_dense(ctx: NodeContext):
+    """A CSR op run dense: the weight decompressed once, then F.conv2d / F.linear (cuDNN, cuBLAS)
+    and the epilogue; fn(x, residual=None). The `sparsert` runtime's dense candidate."""
+    w = dense_weight(ctx)
+    bias = bias_tensor(ctx)
+    bias = bias.to(ctx.device, ctx.dtype) if bias is not None else None
+    relu = bool(ctx.attr("relu", 0))
+    ctx.inputs_used = used_inputs(ctx)
+    if ctx.node.op_type == "CsrGemm":
+        def run(x, residual=None):
+            return epilogue(F.linear(x, w, bias), None, residual, relu)
+    else:
+        g = conv_geometry(ctx)
+        pt, pl, pb, pr = g["pads"]
+
+        def run(x, residual=None):
+            if (pt, pl) == (pb, pr):
+                y = F.conv2d(x, w, bias, g["stride"], (pt, pl), g["dilation"])
+            else:
+                y = F.conv2d(F.pad(x, (pl, pr, pt, pb)), w, bias, g["stride"], 0, g["dilation"])
+            return epilogue(y, None, residual, relu)
+    ctx.info.update(format="csr", kernel=f"torch {'linear' if ctx.node.op_type == 'CsrGemm' else 'conv'} "
+                                         "(dense from CSR)")
+    return run
 
 
 def _info(ctx: NodeContext, values: torch.Tensor, m: int, k: int, kernel: str) -> None:
