@@ -364,15 +364,20 @@ def test_gpu_conv_kernels_match_conv2d(dtype, geom):
     from sparsecnn.runtimes.csr_kernels import NvrtcBackend
 
     backend = NvrtcBackend("cuda")
-    for cfg in candidate_configs(geom):
+    for i, cfg in enumerate(candidate_configs(geom)):
         w = pruned_conv_weight(geom.m, geom.c, geom.kh, geom.kw, 0.1, seed=torch.seed() % 1000)
         x = torch.randn(1, geom.c, geom.h, geom.w, device="cuda").to(dtype)
         b = torch.randn(geom.m, device="cuda")
         plan = make_plan(csr_from_dense(gemm_view(w)), geom, cfg, dtype, "cuda", backend, b, relu=True)
-        y = plan(x)
         xf = F.pad(x.float().cpu(), (geom.pl, geom.pr, geom.pt, geom.pb))  # reference on the CPU: no TF32
-        ref = torch.relu(F.conv2d(xf, w.to(dtype).float(), b.cpu(), (geom.sh, geom.sw), 0, (geom.dh, geom.dw)))
-        assert rel_err(y.float().cpu(), ref) <= TOL[dtype], cfg.label()
+        conv = F.conv2d(xf, w.to(dtype).float(), b.cpu(), (geom.sh, geom.sw), 0, (geom.dh, geom.dw))
+        assert rel_err(plan(x).float().cpu(), torch.relu(conv)) <= TOL[dtype], cfg.label()
+        # the fused residual (contiguous, or channels-last every other config), added before the ReLU
+        r = (2 * torch.randn(1, geom.m, geom.ho, geom.wo, device="cuda")).to(dtype)
+        if i % 2:
+            r = r.contiguous(memory_format=torch.channels_last)
+        ref = torch.relu(conv + r.float().cpu())
+        assert rel_err(plan(x, r).float().cpu(), ref) <= TOL[dtype], (cfg.label(), "residual")
 
 
 @gpu

@@ -414,3 +414,28 @@ def test_gpu_csr_engine_reproduces_onnxruntime_on_pruned_resnet18(exported, dtyp
     assert rel_err(engine(torch.from_numpy(x))[0], ort_run(pruned, x)[0]) <= tol
     rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
     assert len(rows) == 19 and all(r["format"] == "csr" for r in rows)
+    assert sum(r["residual_fused"] is True for r in rows) == 8  # every block's Add (+ Relu) in a CSR kernel
+    assert not any(r["op"] == "Add" for r in engine.report())
+
+
+@pytest.mark.gpu
+def test_gpu_tuned_engine_with_fused_residuals_replays_and_round_trips(exported, tmp_path):
+    """The tuner on the device (sparse candidates and dense, both with the residual), the CUDA
+    graph replay, save and load."""
+    from sparsecnn.runtimes import load_engine
+
+    pruned = prune_unstructured(exported("tinyresnet"), 0.9).model
+    rt = get_runtime("csr")
+    engine = rt.compile(rt.rewrite(pruned, {}), "cuda", {"dtype": "fp32", "tf32": False})
+    x = np.random.default_rng(7).standard_normal(input_shape(pruned)).astype(np.float32)
+    ref = ort_run(pruned, x)[0]
+    for _ in range(3):  # the first run tunes dense convs and captures, the next ones replay
+        assert rel_err(engine(torch.from_numpy(x))[0], ref) <= 1e-4
+    rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
+    fused = [r for r in rows if r["residual_fused"]]
+    assert len(fused) == 3 and all("dense_us" in r and r["candidates"] for r in fused)
+    engine.save(tmp_path / "e.engine")
+    again = load_engine(tmp_path / "e.engine", "cuda")
+    assert [(r.get("format"), r.get("config")) for r in again.report()] == \
+        [(r.get("format"), r.get("config")) for r in engine.report()]
+    assert rel_err(again(torch.from_numpy(x))[0], ref) <= 1e-4
