@@ -29,23 +29,25 @@ class CsrParams(ctypes.Structure):
     """Mirror of csr::Params in kernels/csr_common.cuh (same order, same C types)."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("values", "offsets", "chunk_ptr", "row_order", "bias", "k_used", "x",
-                                               "y", "residual")] + [
-        (n, ctypes.c_longlong) for n in ("x_batch", "y_batch", "r_batch")] + [
+                                               "y")] + [
+        ("x_batch", ctypes.c_longlong), ("y_batch", ctypes.c_longlong)] + [
         (n, ctypes.c_int) for n in ("M", "C", "H", "W", "Ho", "Wo", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
-                                    "x_cs", "x_hs", "x_ws", "y_cs", "y_hs", "y_ws", "r_cs", "r_hs", "r_ws",
+                                    "x_cs", "x_hs", "x_ws", "y_cs", "y_hs", "y_ws",
                                     "tile_h", "tile_w", "tiles_w",
                                     "win_h", "win_w", "chunk_c", "nchunks", "chunks_per_split", "nsplit", "batch",
-                                    "relu", "accumulate", "vec_stage")]
+                                    "relu", "accumulate", "vec_stage")] + [
+        ("residual", ctypes.c_void_p), ("r_batch", ctypes.c_longlong)] + [
+        (n, ctypes.c_int) for n in ("r_cs", "r_hs", "r_ws")]
 
 
 class SpmmParams(ctypes.Structure):
     """Mirror of csr::SpmmParams in kernels/csr_sputnik.cu (same order, same C types)."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("values", "col_idx", "row_ptr", "row_order", "k_offsets", "bias", "x",
-                                               "y", "residual")] + [
-        (n, ctypes.c_longlong) for n in ("x_batch", "y_batch", "r_batch")] + [
-        (n, ctypes.c_int) for n in ("M", "K", "N", "n_load", "ldb", "ldy", "relu", "vec_store", "out_pitch", "out_w",
-                                    "ldr", "r_ps")]
+                                               "y")] + [
+        ("x_batch", ctypes.c_longlong), ("y_batch", ctypes.c_longlong)] + [
+        (n, ctypes.c_int) for n in ("M", "K", "N", "n_load", "ldb", "ldy", "relu", "vec_store", "out_pitch", "out_w")] + [
+        ("residual", ctypes.c_void_p), ("r_batch", ctypes.c_longlong), ("ldr", ctypes.c_int), ("r_ps", ctypes.c_int)]
 
 
 def _ctype_name(dtype: torch.dtype) -> str:

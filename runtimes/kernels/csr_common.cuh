@@ -25,16 +25,13 @@ struct Params {
   const unsigned char* k_used;    // [row blocks][C]: 1 if a row of the block has an entry in K row c (or null)
   const void* x;                  // input activation / dense operand
   void* y;                        // output (float when accumulate)
-  const void* residual;           // T, the output's shape (any strides), added before the ReLU; or null
   long long x_batch, y_batch;     // element strides between images (batch rows for GEMM)
-  long long r_batch;              // residual: element stride between images
   int M;                          // rows of the sparse matrix (output channels / features)
   int C, H, W;                    // input channels (K rows of the dense operand), height, width
   int Ho, Wo;                     // output height, width
   int kh, kw, sh, sw, ph, pw, dh, dw;
   int x_cs, x_hs, x_ws;           // input strides in elements
   int y_cs, y_hs, y_ws;           // output strides in elements
-  int r_cs, r_hs, r_ws;           // residual strides in elements
   int tile_h, tile_w, tiles_w;    // output tile of one block, tiles per row of tiles
   int win_h, win_w;               // staged input window per channel (row pitch for the GEMM layout)
   int chunk_c;                    // input channels per K chunk
@@ -45,6 +42,10 @@ struct Params {
   int accumulate;                 // split-K: atomically add fp32 partial sums (bias and residual from slice 0,
                                   // no ReLU: the host applies it after)
   int vec_stage;                  // dense operand rows are 16-byte aligned: stage with vector copies
+  // Residual (Conv -> Add -> Relu): T, the output's shape (any strides), added before the ReLU; or null.
+  const void* residual;
+  long long r_batch;              // element stride between images
+  int r_cs, r_hs, r_ws;           // channel, row, column strides in elements
 };
 
 __device__ __forceinline__ float to_float(float v) { return v; }

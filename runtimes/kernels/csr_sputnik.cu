@@ -52,10 +52,7 @@ struct SpmmParams {
   const float* bias;                // [M] or null
   const void* x;                    // B: [K][ldb] per image (T)
   void* y;                          // Y: [M][ldy] per image (T)
-  const void* residual;             // R (T): Y's shape, added before the ReLU; row m, pixel q at
-                                    // m * ldr + q * r_ps (q as Y's pixel, after out_pitch); or null
   long long x_batch, y_batch;       // element strides between images
-  long long r_batch;                // residual: element stride between images
   int M, K, N;                      // N: output columns
   int n_load;                       // columns of B that may be read (>= N, a multiple of DV)
   int ldb, ldy;                     // row strides of B and Y in elements
@@ -63,7 +60,11 @@ struct SpmmParams {
   int vec_store;                    // Y rows (ldy, y_batch, base) aligned for DV-wide stores
   int out_pitch, out_w;             // out_pitch > 0: column n is pixel (n / out_pitch, n % out_pitch),
                                     // stored at row * out_w + col when col < out_w (shifted conv)
-  int ldr, r_ps;                    // residual row and pixel strides in elements
+  // Residual (Conv -> Add -> Relu): R (T), Y's shape, added before the ReLU; row m, pixel q at
+  // m * ldr + q * r_ps (q as Y's pixel, after out_pitch); or null.
+  const void* residual;
+  long long r_batch;                // element stride between images
+  int ldr, r_ps;                    // row and pixel strides in elements
 };
 
 template <int N>
