@@ -3,8 +3,10 @@
 The weight leaves the model as a dense tensor and comes back as four initializers holding
 its CSR over the GEMM view (passes/csr.py): `<weight>.csr.values`, `.col_idx`, `.row_ptr`,
 `.row_order`. Geometry (kernel, strides, pads, dilations, input channels) and a fused-ReLU
-flag are attributes; the op's output keeps its value_info so shape inference goes on
-through the custom op. Schemas: runtimes/csr_ops.py and docs/ops.md.
+flag are attributes; a residual `Add` after the layer becomes an optional trailing input
+(`Conv -> Add(., R) -> Relu` is one op: y = relu(conv(x) + bias + R)). The op's output keeps
+its value_info so shape inference goes on through the custom op. Schemas:
+runtimes/csr_ops.py and docs/ops.md. One pass for every CSR runtime (`csr`, `sparsert`).
 
 A layer stays a standard ONNX node, counted by reason, when it is excluded (stems and
 heads, or `exclude`), denser than `max_density` (CSR would not pay), grouped, not 2-D, or
@@ -31,6 +33,13 @@ def _dims(vi: onnx.ValueInfoProto | None) -> list[int | None] | None:
     if vi is None or not vi.type.tensor_type.HasField("shape"):
         return None
     return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+
+
+def _shape_key(vi: onnx.ValueInfoProto | None) -> list[int | str | None] | None:
+    """Dims as values or symbolic names (the same name: the same size), None where unknown."""
+    if vi is None or not vi.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
 
 
 def _same_pads(in_hw, kernel, strides, dilations, upper: bool) -> list[int]:
@@ -61,47 +70,56 @@ def csr_initializers(weight_name: str, matrix: np.ndarray, index_dtype: str = "a
 
 
 def csr_rewrite(model: onnx.ModelProto, max_density: float = DEFAULT_MAX_DENSITY, exclude: list[str] | None = None,
-                fuse_relu: bool = True, index_dtype: str = "auto") -> PassResult:
-    """Conv (group 1, 2-D) and Gemm with constant pruned weights -> CSR custom ops.
+                fuse_relu: bool = True, index_dtype: str = "auto", fuse_residual: bool = True) -> PassResult:
+    """Conv (group 1, 2-D) and Gemm with constant pruned weights -> CSR custom ops, with the
+    `Add(., R)` (fuse_residual) and `Relu` (fuse_relu) after them fused into the op's epilogue.
 
-    Counters: `conv_csr`, `gemm_csr`, `relu_fused`, and `dense_<reason>` for each layer
-    left as it was (excluded, too_dense, grouped, not_2d, auto_pad_unknown_shape,
-    gemm_form, weight_shared, bias_not_constant).
+    Fusion: a layer's output must have exactly one consumer and not be a graph output (the
+    same for the Add's output before a Relu); the Add must have two inputs of the same known
+    shape (no broadcast). Where an Add joins two convertible layers (a ResNet block with a
+    downsample shortcut), the later one in topological order absorbs it, so the residual is
+    computed first. The fused op sits where the last node it absorbed was.
+
+    Counters: `conv_csr`, `gemm_csr`, `relu_fused`, `residual_fused`, `residual_not_fused_broadcast`,
+    and `dense_<reason>` for each layer left as it was (excluded, too_dense, grouped, not_2d,
+    auto_pad_unknown_shape, gemm_form, weight_shared, bias_not_constant).
     """
     counters: Counter = Counter()
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    nodes = list(graph.node)
     inits = initializer_map(out)
     types = inferred_value_infos(model)
     patterns = prune_exclusions(model) + list(exclude or [])
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
         for name in node.input:
-            consumers.setdefault(name, []).append(node)
+            if name:
+                consumers.setdefault(name, []).append(i)
     graph_outputs = {o.name for o in graph.output}
+    producer = {o: i for i, node in enumerate(nodes) for o in node.output}
 
-    new_nodes: list[onnx.NodeProto] = []
-    dropped: set[int] = set()  # ids of Relu nodes fused into the op before them
-    remove_inits: set[str] = set()
-    add_inits: list[onnx.TensorProto] = []
-    value_infos: dict[str, onnx.ValueInfoProto] = {}
+    def single_consumer(tensor: str) -> int | None:
+        c = consumers.get(tensor, [])
+        return c[0] if len(c) == 1 and tensor not in graph_outputs else None
 
-    for node in graph.node:
-        if id(node) in dropped:
-            continue
+    def standard(i: int, op_type: str) -> bool:
+        return nodes[i].op_type == op_type and nodes[i].domain in ("", "ai.onnx")
+
+    # 1. the layers that become CSR ops: {node index: (weight name, matrix, op attributes + bias)}
+    plan: dict[int, dict] = {}
+    for i, node in enumerate(nodes):
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm"):
-            new_nodes.append(node)
             continue
         if len(node.input) < 2 or node.input[1] not in inits:
-            new_nodes.append(node)
             continue
         weight_name = node.input[1]
         w = np.array(numpy_helper.to_array(inits[weight_name]))
         reason, spec = _convertible(node, w, inits, types)
         if reason is None and _is_excluded(weight_name, patterns):
             reason = "excluded"
-        if reason is None and len([c for c in consumers.get(weight_name, [])]) > 1:
+        if reason is None and len(consumers.get(weight_name, [])) > 1:
             reason = "weight_shared"
         matrix = None
         if reason is None:
@@ -111,38 +129,79 @@ def csr_rewrite(model: onnx.ModelProto, max_density: float = DEFAULT_MAX_DENSITY
                 reason = "too_dense"
         if reason is not None:
             counters[f"dense_{reason}"] += 1
+            continue
+        plan[i] = {"weight": weight_name, "matrix": matrix, "spec": spec, "relu": 0, "residual": "",
+                   "output": node.output[0]}
+
+    # 2. fusion: an Add goes to the later of two convertible producers; a Relu follows the Add or the layer
+    absorbed: dict[int, int] = {}  # absorbed node index -> layer index
+    for i in sorted(plan):
+        entry = plan[i]
+        nxt = single_consumer(entry["output"])
+        if nxt is None:
+            continue
+        if fuse_residual and standard(nxt, "Add") and nxt not in absorbed and len(nodes[nxt].input) == 2:
+            add = nodes[nxt]
+            other = add.input[1] if add.input[0] == entry["output"] else add.input[0]
+            rival = producer.get(other)
+            if other == entry["output"]:
+                continue  # Add(y, y)
+            if rival in plan and rival > i and single_consumer(other) == nxt:
+                continue  # the rival, computed later, absorbs this Add with our output as its residual
+            shape = _shape_key(types.get(entry["output"]))
+            if shape is None or None in shape or _shape_key(types.get(other)) != shape or \
+                    _shape_key(types.get(add.output[0])) != shape:
+                counters["residual_not_fused_broadcast"] += 1
+                continue
+            entry["residual"], entry["output"] = other, add.output[0]
+            absorbed[nxt] = i
+            counters["residual_fused"] += 1
+            nxt = single_consumer(entry["output"])
+            if nxt is None:
+                continue
+        if fuse_relu and standard(nxt, "Relu"):
+            entry["relu"], entry["output"] = 1, nodes[nxt].output[0]
+            absorbed[nxt] = i
+            counters["relu_fused"] += 1
+
+    if not plan:
+        return PassResult(out, counters, "csr_rewrite")
+
+    # 3. emit: each CSR op where the last node it absorbed was
+    emit_at = {max([i] + [a for a, layer in absorbed.items() if layer == i]): i for i in plan}
+    new_nodes: list[onnx.NodeProto] = []
+    remove_inits: set[str] = set()
+    add_inits: list[onnx.TensorProto] = []
+    value_infos: dict[str, onnx.ValueInfoProto] = {}
+    for idx, node in enumerate(nodes):
+        if idx not in plan and idx not in absorbed:
             new_nodes.append(node)
             continue
-
-        tensors, csr = csr_initializers(weight_name, matrix, index_dtype)
+        if idx not in emit_at:
+            continue
+        i = emit_at[idx]
+        src, entry = nodes[i], plan[i]
+        spec = dict(entry["spec"])
+        tensors, _ = csr_initializers(entry["weight"], entry["matrix"], index_dtype)
         add_inits += tensors
-        remove_inits.add(weight_name)
-        inputs = [node.input[0]] + [t.name for t in tensors]
-        bias = spec.pop("bias")
-        if bias:
-            inputs.append(bias)
-        output = node.output[0]
-        relu = 0
-        follow = consumers.get(output, [])
-        if (fuse_relu and len(follow) == 1 and follow[0].op_type == "Relu" and follow[0].domain in ("", "ai.onnx")
-                and output not in graph_outputs):
-            relu, output = 1, follow[0].output[0]
-            dropped.add(id(follow[0]))
-            counters["relu_fused"] += 1
-        op_type = "CsrConv" if node.op_type == "Conv" else "CsrGemm"
-        new = helper.make_node(op_type, inputs, [output], name=node.name or f"{weight_name}.csr",
-                               domain=SPARSECNN_DOMAIN, relu=relu, **spec)
-        new_nodes.append(new)
-        counters["conv_csr" if node.op_type == "Conv" else "gemm_csr"] += 1
-        vi = types.get(output) or types.get(node.output[0])
+        remove_inits.add(entry["weight"])
+        inputs = [src.input[0]] + [t.name for t in tensors] + [spec.pop("bias")]
+        if entry["residual"]:
+            inputs.append(entry["residual"])
+        while not inputs[-1]:
+            inputs.pop()
+        output = entry["output"]
+        op_type = "CsrConv" if src.op_type == "Conv" else "CsrGemm"
+        new_nodes.append(helper.make_node(op_type, inputs, [output], name=src.name or f"{entry['weight']}.csr",
+                                          domain=SPARSECNN_DOMAIN, relu=entry["relu"], **spec))
+        counters["conv_csr" if src.op_type == "Conv" else "gemm_csr"] += 1
+        vi = types.get(output) or types.get(src.output[0])
         if vi is not None and output not in graph_outputs:
             copy = onnx.ValueInfoProto()
             copy.CopyFrom(vi)
             copy.name = output
             value_infos[output] = copy
 
-    if not (counters["conv_csr"] or counters["gemm_csr"]):
-        return PassResult(out, counters, "csr_rewrite")
     del graph.node[:]
     graph.node.extend(new_nodes)
     still_used = {n for node in new_nodes for n in node.input}

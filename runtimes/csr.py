@@ -1,13 +1,15 @@
 """The `csr` runtime: unstructured weight sparsity on Sputnik-style CSR kernels (issue 5).
 
 rewrite: `csr_rewrite` turns each pruned Conv (group 1) and Gemm into `sparsecnn::CsrConv` /
-`CsrGemm` with the weight stored as CSR initializers; layers too dense or excluded stay
-standard ONNX ops.
+`CsrGemm` with the weight stored as CSR initializers, the residual Add and the Relu after it
+fused into the op (a ResNet block's Conv -> Add -> Relu is one kernel); layers too dense or
+excluded stay standard ONNX ops.
 
 compile: on CUDA each CSR op is prepared for a few kernel configurations (runtimes/
 csr_kernels.py) which are timed on the device; the fastest runs, unless the layer's dense
-form (the torch runtime's Conv / linear on the decompressed weight, cuDNN / cuBLAS) is
-faster still, in which case the layer runs dense and the report says so. The whole
+form (the torch runtime's Conv / linear on the decompressed weight, cuDNN / cuBLAS, then the
+fused residual add and ReLU as torch ops) is faster still, in which case the layer runs dense
+and the report says so. The whole
 network replays as one CUDA graph. On CPU the reference implementations run.
 
 Options (CompileOptions.extra):
@@ -17,6 +19,8 @@ Options (CompileOptions.extra):
   csr_autotune     time every candidate config (default True) or take the first
   csr_tune_reps    timed repetitions per candidate (default 15)
   csr_exclude      extra layers to leave dense in the rewrite (globs of weight/module names)
+  csr_fuse         fuse the residual Add after a layer into its op (rewrite; default True;
+                   a Relu after the layer or the Add is always fused)
   csr_weight_budget  engine weight memory cap, as a fraction of the model's dense fp32 weights
                    (default 0: off, the fastest engine; 0.25 is the issue's bar): a layer measured faster
                    dense runs dense only while the engine's weights stay under the cap - the
@@ -35,7 +39,7 @@ from ..passes.csr_rewrite import DEFAULT_MAX_DENSITY, csr_rewrite
 from ..passes.graph import SPARSECNN_DOMAIN, PassResult, run_pipeline
 from .base import CompileOptions, Engine, _MatmulPrecision
 from .csr_ops import OPS as REFERENCE_OPS
-from .csr_ops import bias_tensor, conv_geometry, csr_tensors
+from .csr_ops import bias_tensor, conv_geometry, csr_tensors, has_residual, used_inputs
 from .executor import Executor
 from .ops import STANDARD_OPS, NodeContext, attributes
 
@@ -69,7 +73,8 @@ def passes(options=None) -> list:
     """The runtime's explicit rewrite pipeline."""
     extra = _extra(options)
     return [(csr_rewrite, {"max_density": float(extra.get("csr_max_density", DEFAULT_MAX_DENSITY)),
-                           "exclude": list(extra.get("csr_exclude", []))})]
+                           "exclude": list(extra.get("csr_exclude", [])),
+                           "fuse_residual": bool(extra.get("csr_fuse", True))})]
 
 
 def rewrite_with_report(model: onnx.ModelProto, options=None) -> tuple[onnx.ModelProto, list[PassResult]]:
@@ -126,6 +131,13 @@ def compile_with_backend(model: onnx.ModelProto, device, options=None, state: di
 
 # --- kernel builders ------------------------------------------------------------------------
 
+def _add_relu(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """The dense form's epilogue on its fresh output y: the residual added, then ReLU, in place."""
+    if residual is not None:
+        y.add_(residual)
+    return y.relu_() if relu else y
+
+
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -137,8 +149,8 @@ class _Switch:
     def __init__(self, fn):
         self.fn = fn
 
-    def __call__(self, t):
-        return self.fn(t)
+    def __call__(self, *args):
+        return self.fn(*args)
 
 
 class _KernelSession:
@@ -162,17 +174,21 @@ class _KernelSession:
         self.dense_fp32_bytes: dict[str, int] = {}  # per CSR layer: its weight (+ bias) as dense fp32
         self.pending: list[dict] = []  # layers running dense that the budget may send back to sparse
 
-    def time_us(self, fn, x: torch.Tensor) -> float:
+    def time_us(self, fn, args: tuple) -> float:
+        """Microseconds of one fn(*args) (args: the layer's input, and its residual when fused)."""
         from .csr_kernels import time_in_graph_us
 
-        return time_in_graph_us(fn, x, self.device, self.reps)
+        return time_in_graph_us(lambda a: fn(*a), args, self.device, self.reps)
 
-    def _choose(self, ctx: NodeContext, density: float, candidates: list, make_plan, run_plan, make_dense, x,
+    def _choose(self, ctx: NodeContext, density: float, candidates: list, make_plan, run_plan, make_dense, args,
                 kernel_of):
         """Sparse (the fastest candidate config) or dense for one layer.
 
-        Returns (fn, report info, device buffers, decision to save). A reloaded engine takes
-        its saved decision (the caller puts the saved config first) without timing anything.
+        `args`: example inputs of the layer's function (x, and the residual when the op has one),
+        so sparse candidates are timed with their fused epilogue and the dense form with its
+        residual add and ReLU. Returns (fn, report info, device buffers, decision to save). A
+        reloaded engine takes its saved decision (the caller puts the saved config first)
+        without timing anything.
         """
         saved = self.saved.get(ctx.name)
         info: dict = {}
@@ -195,7 +211,7 @@ class _KernelSession:
         timed = []
         for cfg in candidates:
             plan = make_plan(cfg)
-            us = self.time_us(lambda t, p=plan: run_plan(p, t), x) if measure else None
+            us = self.time_us(lambda *t, p=plan: run_plan(p, *t), args) if measure else None
             if us is not None:
                 timed.append({"config": cfg.label(), "us": round(us, 3)})
             if best is None or (us is not None and us < best[2]):
@@ -206,7 +222,7 @@ class _KernelSession:
             info["candidates"] = timed
         if saved is None and self.decide == "measure":
             dense_fn, dense_bufs, kernel = make_dense()
-            dense_us = self.time_us(dense_fn, x)
+            dense_us = self.time_us(dense_fn, args)
             info["dense_us"] = round(dense_us, 3)
             info["dense_bytes"] = _nbytes(dense_bufs)
             if dense_us < sparse_us:
@@ -219,14 +235,14 @@ class _KernelSession:
                 switch = _Switch(dense_fn)
                 self.pending.append({"name": ctx.name, "switch": switch, "info": ctx.info, "kernel": kernel_of(cfg),
                                      "saving_us": sparse_us - dense_us,
-                                     "sparse": ((lambda t, p=plan: run_plan(p, t)), plan.buffers(), cfg, sparse_us),
+                                     "sparse": ((lambda *t, p=plan: run_plan(p, *t)), plan.buffers(), cfg, sparse_us),
                                      "extra_bytes": _nbytes(dense_bufs) - _nbytes(plan.buffers())})
                 return switch, info, dense_bufs, {"format": "dense", "reason": "dense measured faster"}
             del dense_fn, dense_bufs
         if sparse_us is not None:
             info["time_us"] = round(sparse_us, 3)
         info.update(format="csr", config=cfg.to_dict(), config_label=cfg.label(), kernel=kernel_of(cfg))
-        return (lambda t, p=plan: run_plan(p, t)), info, plan.buffers(), {"format": "csr", "config": cfg.to_dict()}
+        return (lambda *t, p=plan: run_plan(p, *t)), info, plan.buffers(), {"format": "csr", "config": cfg.to_dict()}
 
     def apply_weight_budget(self, executor) -> None:
         """Send dense-by-measure layers back to their sparse plans until the engine's weights fit
@@ -269,14 +285,17 @@ class _KernelSession:
             ref = REFERENCE_OPS[(SPARSECNN_DOMAIN, "CsrConv")](ctx)
             ctx.info.update(reason="input size unknown at compile time: reference op (torch sparse)")
             return ref
-        ctx.inputs_used = [0]
+        ctx.inputs_used = used_inputs(ctx)  # x (and the residual): the CSR arrays live in the plans
         (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = g["kernel"], g["stride"], g["pads"], g["dilation"]
         geom = ConvGeometry(m, g["in_channels"], shape[2], shape[3], kh, kw, sh, sw, pt, pl, pb, pr, dh, dw)
         csr = CSR(values, cols.to(torch.int32), row_ptr.to(torch.int32), order.to(torch.int32), (m, geom.k))
-        relu = g["relu"]
+        relu, residual = g["relu"], has_residual(ctx)
         x = torch.randn(1, geom.c, geom.h, geom.w, device=self.device).to(ctx.dtype)
+        args = (x,)
+        if residual:
+            args += (torch.randn(1, m, geom.ho, geom.wo, device=self.device).to(ctx.dtype),)
         if ctx.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            args = tuple(t.contiguous(memory_format=torch.channels_last) for t in args)
 
         def make_dense():
             w = csr.to_dense().reshape(m, geom.c, kh, kw)
@@ -290,13 +309,15 @@ class _KernelSession:
         fn, info, bufs, decision = self._choose(
             ctx, csr.density, candidates,
             lambda cfg: make_plan(csr, geom, cfg, ctx.dtype, self.device, self.backend, bias, relu),
-            lambda plan, t: plan.conv(t), make_dense, x, lambda cfg: kernel_name(cfg, ctx.dtype))
-        ctx.info.update(nnz=csr.nnz, sparsity=1.0 - csr.density, relu_fused=relu, buffers=bufs, **info)
+            lambda plan, t, r=None: plan.conv(t, r), make_dense, args, lambda cfg: kernel_name(cfg, ctx.dtype))
+        ctx.info.update(nnz=csr.nnz, sparsity=1.0 - csr.density, relu_fused=relu, residual_fused=residual, buffers=bufs,
+                        **info)
         self.decisions[ctx.name] = decision
         return fn
 
     def _dense_conv(self, ctx: NodeContext, w: torch.Tensor, bias, relu: bool):
-        """The torch runtime's Conv builder on the decompressed weight (its options apply)."""
+        """The torch runtime's Conv builder on the decompressed weight (its options apply), then
+        the fused residual add and ReLU in place: fn(x, residual=None)."""
         kh, kw = w.shape[2:]
         g = conv_geometry(ctx)
         node = onnx.helper.make_node("Conv", [ctx.node.input[0], "__csr_dense_w", "__csr_dense_b"], list(ctx.node.output),
@@ -311,9 +332,8 @@ class _KernelSession:
         run = STANDARD_OPS[("", "Conv")](dctx)
         kernel = dctx.info.get("kernel", "torch.conv")
 
-        def fn(t):
-            y = run(t, None, b)
-            return torch.relu(y) if relu else y
+        def fn(t, r=None):
+            return _add_relu(run(t, None, b), r, relu)
 
         return fn, [consts["__csr_dense_w"]] + ([b] if b is not None else []), kernel
 
@@ -323,32 +343,33 @@ class _KernelSession:
         values, cols, row_ptr, order = csr_tensors(ctx)
         bias = bias_tensor(ctx)
         m, k = row_ptr.numel() - 1, int(ctx.attr("in_features"))
-        relu = bool(ctx.attr("relu", 0))
+        relu, residual = bool(ctx.attr("relu", 0)), has_residual(ctx)
         csr = CSR(values, cols.to(torch.int32), row_ptr.to(torch.int32), order.to(torch.int32), (m, k))
         if k > 65536:
             ref = REFERENCE_OPS[(SPARSECNN_DOMAIN, "CsrGemm")](ctx)
             ctx.info.update(reason="K > 65536: reference op (torch sparse)")
             return ref
-        ctx.inputs_used = [0]
-        x = torch.randn(1, k, device=self.device).to(ctx.dtype)
+        ctx.inputs_used = used_inputs(ctx)
+        args = (torch.randn(1, k, device=self.device).to(ctx.dtype),)
+        if residual:
+            args += (torch.randn(1, m, device=self.device).to(ctx.dtype),)
         wide_plans: dict[int, ConvPlan] = {}
 
-        def run_plan(plan, t):
+        def run_plan(plan, t, r=None):
             n = t.shape[0]
             if n <= GEMV_MAX_BATCH:
-                return plan(t)
+                return plan(t, r)
             if n not in wide_plans:  # built outside capture: GraphReplay warms up first
                 g = gemm_as_conv_geometry(m, k, n)
                 wide_plans[n] = ConvPlan(csr, g, spmm_config(g, 1, 4), ctx.dtype, self.device, self.backend, bias, relu)
-            return gemm_conv_plan_call(wide_plans[n], t)
+            return gemm_conv_plan_call(wide_plans[n], t, r)
 
         def make_dense():
             w = csr.to_dense().to(self.device, ctx.dtype)
             b = bias.to(self.device, ctx.dtype) if bias is not None else None
 
-            def fn(t):
-                y = torch.nn.functional.linear(t, w, b)
-                return torch.relu(y) if relu else y
+            def fn(t, r=None):
+                return _add_relu(torch.nn.functional.linear(t, w, b), r, relu)
 
             return fn, [w] + ([b] if b is not None else []), "torch.linear (cuBLAS)"
 
@@ -362,8 +383,9 @@ class _KernelSession:
         self.dense_fp32_bytes[ctx.name] = m * k * 4 + (m * 4 if bias is not None else 0)
         fn, info, bufs, decision = self._choose(
             ctx, csr.density, [_Gemv()],
-            lambda cfg: GemvPlan(csr, ctx.dtype, self.device, self.backend, bias, relu), run_plan, make_dense, x,
+            lambda cfg: GemvPlan(csr, ctx.dtype, self.device, self.backend, bias, relu), run_plan, make_dense, args,
             lambda cfg: f"csr::csr_spmv (batch <= {GEMV_MAX_BATCH}), csr::csr_conv spmm above")
-        ctx.info.update(nnz=csr.nnz, sparsity=1.0 - csr.density, relu_fused=relu, buffers=bufs, **info)
+        ctx.info.update(nnz=csr.nnz, sparsity=1.0 - csr.density, relu_fused=relu, residual_fused=residual, buffers=bufs,
+                        **info)
         self.decisions[ctx.name] = decision
         return fn

@@ -33,9 +33,12 @@ class CsrParams(ctypes.Structure):
                                                "y")] + [
         ("x_batch", ctypes.c_longlong), ("y_batch", ctypes.c_longlong)] + [
         (n, ctypes.c_int) for n in ("M", "C", "H", "W", "Ho", "Wo", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
-                                    "x_cs", "x_hs", "x_ws", "y_cs", "y_hs", "y_ws", "tile_h", "tile_w", "tiles_w",
+                                    "x_cs", "x_hs", "x_ws", "y_cs", "y_hs", "y_ws",
+                                    "tile_h", "tile_w", "tiles_w",
                                     "win_h", "win_w", "chunk_c", "nchunks", "chunks_per_split", "nsplit", "batch",
                                     "relu", "accumulate", "vec_stage")] + [
+        ("residual", ctypes.c_void_p), ("r_batch", ctypes.c_longlong)] + [
+        (n, ctypes.c_int) for n in ("r_cs", "r_hs", "r_ws")] + [
         ("blk_ptr", ctypes.c_void_p), ("ss_cap", ctypes.c_int)]
 
 
@@ -45,7 +48,8 @@ class SpmmParams(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("values", "col_idx", "row_ptr", "row_order", "k_offsets", "bias", "x",
                                                "y")] + [
         ("x_batch", ctypes.c_longlong), ("y_batch", ctypes.c_longlong)] + [
-        (n, ctypes.c_int) for n in ("M", "K", "N", "n_load", "ldb", "ldy", "relu", "vec_store", "out_pitch", "out_w")]
+        (n, ctypes.c_int) for n in ("M", "K", "N", "n_load", "ldb", "ldy", "relu", "vec_store", "out_pitch", "out_w")] + [
+        ("residual", ctypes.c_void_p), ("r_batch", ctypes.c_longlong), ("ldr", ctypes.c_int), ("r_ps", ctypes.c_int)]
 
 
 def _ctype_name(dtype: torch.dtype) -> str:
@@ -386,6 +390,20 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _residual(r: torch.Tensor | None, shape, dtype: torch.dtype, flat_pixels: bool = False) -> torch.Tensor | None:
+    """The residual input of a fused epilogue, checked against the output `shape` and in the
+    plan's precision. flat_pixels: the kernel addresses pixel q = oy*Wo + ox as q * stride(3),
+    which NCHW and channels-last tensors allow; anything else is copied."""
+    if r is None:
+        return None
+    if tuple(r.shape) != tuple(shape):
+        raise ValueError(f"residual of shape {tuple(r.shape)}, the layer's output is {tuple(shape)}")
+    r = r.to(dtype)
+    if flat_pixels and r.dim() == 4 and r.stride(2) != r.shape[3] * r.stride(3) and r.shape[2] > 1:
+        r = r.contiguous()
+    return r
+
+
 # --- plans ---------------------------------------------------------------------------------
 
 class ConvPlan:
@@ -439,13 +457,15 @@ class ConvPlan:
         return [t for t in (self.values, self.offsets, self.chunk_ptr, self.row_order, self.bias, self.k_used,
                             self.blk_ptr) if t is not None]
 
-    def _params(self, x: torch.Tensor, y: torch.Tensor, n: int, strides_x, strides_y, accumulate: bool) -> CsrParams:
-        key = (n, tuple(strides_x), tuple(strides_y), accumulate, x.data_ptr() % 16 == 0)
+    def _params(self, x: torch.Tensor, y: torch.Tensor, n: int, strides_x, strides_y, accumulate: bool,
+                residual: torch.Tensor | None = None, strides_r=(0, 0, 0, 0)) -> CsrParams:
+        key = (n, tuple(strides_x), tuple(strides_y), accumulate, x.data_ptr() % 16 == 0, tuple(strides_r))
         base = self._param_cache.get(key)
         if base is None:
             base = self._param_cache[key] = self._base_params(x, n, strides_x, strides_y, accumulate)
+            (base.r_batch, base.r_cs, base.r_hs, base.r_ws) = strides_r
         p = CsrParams.from_buffer_copy(base)  # per call only the pointers change
-        p.x, p.y = x.data_ptr(), y.data_ptr()
+        p.x, p.y, p.residual = x.data_ptr(), y.data_ptr(), _ptr(residual)
         return p
 
     def _base_params(self, x: torch.Tensor, n: int, strides_x, strides_y, accumulate: bool) -> CsrParams:
@@ -466,26 +486,28 @@ class ConvPlan:
                           and x.data_ptr() % 16 == 0)
         return p
 
-    def _launch(self, x, y, n, sx, sy, accumulate: bool) -> None:
+    def _launch(self, x, y, n, sx, sy, accumulate: bool, r=None, sr=(0, 0, 0, 0)) -> None:
         tiles = -(-self.kg.ho // self.cfg.tile_h) * -(-self.kg.wo // self.cfg.tile_w)
         grid = (-(-self.g.m // self.cfg.rows_per_block), tiles, n * self.cfg.nsplit)
         self.backend.launch("csr_conv.cu", self.expr, self.dtype, grid, (self.cfg.threads,), self.smem,
-                            self._params(x, y, n, sx, sy, accumulate))
+                            self._params(x, y, n, sx, sy, accumulate, r, sr))
 
-    def _run(self, x: torch.Tensor, out_shape, n: int, sx, sy_of, y_view) -> torch.Tensor:
-        """Allocate, launch over `n` images (with the split-K epilogue if needed), return the output."""
+    def _run(self, x: torch.Tensor, out_shape, n: int, sx, sy_of, y_view, r=None, sr=(0, 0, 0, 0)) -> torch.Tensor:
+        """Allocate, launch over `n` images (with the split-K epilogue if needed), return the output.
+        r: the residual (strides sr, as the output's) added in the epilogue, before the ReLU."""
         if self.cfg.nsplit == 1:
             y = torch.empty(out_shape, dtype=self.dtype, device=x.device)
-            self._launch(x, y, n, sx, sy_of(y), False)
+            self._launch(x, y, n, sx, sy_of(y), False, r, sr)
             return y_view(y)
         acc = torch.zeros(out_shape, dtype=torch.float32, device=x.device)
-        self._launch(x, acc, n, sx, sy_of(acc), True)
+        self._launch(x, acc, n, sx, sy_of(acc), True, r, sr)
         if self.relu:
             acc.relu_()
         return y_view(acc if self.dtype == torch.float32 else acc.to(self.dtype))
 
-    def conv(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, C, H, W] (any strides for windows) -> y [N, M, Ho, Wo] contiguous."""
+    def conv(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, C, H, W] (any strides for windows) -> y [N, M, Ho, Wo] contiguous; `residual`
+        (the output's shape, any strides) is added before the ReLU."""
         g = self.g
         x = x.to(self.dtype)
         n = x.shape[0]
@@ -497,7 +519,9 @@ class ConvPlan:
             sx = (x.stride(0), x.stride(1), x.stride(2), x.stride(3))
         shape = (n, g.m, g.ho, g.wo)
         sy = lambda y: (y.stride(0), y.stride(1), 0 if self.cfg.vec else y.stride(2), 1)  # noqa: E731
-        return self._run(x, shape, n, sx, sy, lambda y: y)
+        r = _residual(residual, shape, self.dtype, flat_pixels=self.cfg.vec)
+        sr = (0, 0, 0, 0) if r is None else (r.stride(0), r.stride(1), 0 if self.cfg.vec else r.stride(2), r.stride(3))
+        return self._run(x, shape, n, sx, sy, lambda y: y, r, sr)
 
     def spmm(self, b: torch.Tensor) -> torch.Tensor:
         """B [K, N] -> A @ B [M, N] (the GEMM sweep's operation; vec configs)."""
@@ -529,19 +553,23 @@ class GemvPlan:
     def buffers(self) -> list[torch.Tensor]:
         return [t for t in (self.values, self.offsets, self.row_ptr, self.row_order, self.bias) if t is not None]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, K] -> relu?(x W^T + bias + residual [N, M])."""
         x = x.to(self.dtype)
         if x.stride(1) != 1:
             x = x.contiguous()
         n = x.shape[0]
         nb = 1 if n == 1 else 4
         y = torch.empty(n, self.m, dtype=self.dtype, device=x.device)
+        r = _residual(residual, (n, self.m), self.dtype)
         p = CsrParams()
         p.values, p.offsets, p.chunk_ptr, p.row_order = (self.values.data_ptr(), self.offsets.data_ptr(),
                                                         self.row_ptr.data_ptr(), self.row_order.data_ptr())
         p.bias, p.x, p.y = _ptr(self.bias), x.data_ptr(), y.data_ptr()
         p.x_batch, p.y_batch, p.y_cs = x.stride(0), y.stride(0), 1
         p.M, p.C, p.batch, p.relu, p.nchunks, p.nsplit = self.m, self.k, n, int(self.relu), 1, 1
+        if r is not None:
+            p.residual, p.r_batch, p.r_cs = r.data_ptr(), r.stride(0), r.stride(1)
         self.backend.launch("csr_spmv.cu", spmv_expression(self.dtype, nb), self.dtype,
                             (-(-self.m // (THREADS // 32)), -(-n // nb), 1), (THREADS,), 0, p)
         return y
@@ -719,7 +747,8 @@ class SputnikPlan:
                 if t is not None]
 
     def _spmm(self, b: torch.Tensor, n_cols: int, n_load: int, ldb: int, x_batch: int, y: torch.Tensor, ldy: int,
-              y_batch: int, images: int, out_pitch: int = 0, out_w: int = 0) -> None:
+              y_batch: int, images: int, out_pitch: int = 0, out_w: int = 0, r: torch.Tensor | None = None) -> None:
+        """r: a residual [N, M, Ho, Wo] whose pixels flatten (oy*Wo + ox at stride(3)), added before the ReLU."""
         cfg, esize = self.cfg, b.element_size()
         if n_load % cfg.dv or ldb % cfg.dv or x_batch % cfg.dv or b.data_ptr() % (cfg.dv * esize):
             raise ValueError(f"{cfg.label()}: B rows are not aligned for {cfg.dv}-wide loads")
@@ -733,6 +762,8 @@ class SputnikPlan:
         p.x_batch, p.y_batch = x_batch, y_batch
         p.M, p.K, p.N, p.n_load, p.ldb, p.ldy, p.relu = self.g.m, self.g.k, n_cols, n_load, ldb, ldy, int(self.relu)
         p.out_pitch, p.out_w = out_pitch, out_w
+        if r is not None:
+            p.residual, p.r_batch, p.ldr, p.r_ps = r.data_ptr(), r.stride(0), r.stride(1), r.stride(3)
         p.vec_store = int(ldy % cfg.dv == 0 and y_batch % cfg.dv == 0 and y.data_ptr() % (cfg.dv * esize) == 0)
         grid = (-(-self.g.m // cfg.y), -(-n_cols // cfg.bx), images)
         self.backend.launch("csr_sputnik.cu", self.expr, self.dtype, grid, (cfg.threads,), 0, p)
@@ -768,29 +799,30 @@ class SputnikPlan:
                             (-(-self.copy_len // 256), 4, n), (256,), 0, p)
         return buf
 
-    def conv(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, C, H, W] -> y [N, M, Ho, Wo] contiguous."""
+    def conv(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, C, H, W] -> y [N, M, Ho, Wo] contiguous; `residual` (y's shape) added before the ReLU."""
         g = self.g
         x = x.to(self.dtype)
         n = x.shape[0]
         y = torch.empty(n, g.m, g.ho, g.wo, dtype=self.dtype, device=x.device)
+        r = _residual(residual, y.shape, self.dtype, flat_pixels=True)
         if self.cfg.shifted:
             b = self.shifted_copies(x)
             grid_cols = g.ho * self.wp  # outputs on the padded width; columns ox >= Wo dropped at the store
             n_load = -(-grid_cols // self.cfg.bx) * self.cfg.bx
             self._spmm(b, grid_cols, n_load, 4, 4 * self.copy_len, y, self.npix, g.m * self.npix, n,
-                       out_pitch=self.wp, out_w=g.wo)
+                       out_pitch=self.wp, out_w=g.wo, r=r)
             return y
         if self.cfg.im2col:
             b = self.im2col(x)
             self._spmm(b, self.npix, self.ldb_im2col, self.ldb_im2col, g.k * self.ldb_im2col, y, self.npix,
-                       g.m * self.npix, n)
+                       g.m * self.npix, n, r=r)
             return y
         if not x.is_contiguous():
             x = x.contiguous()
         if x.data_ptr() % 16:  # a view at an odd offset: vector loads need an aligned copy
             x = x.clone()
-        self._spmm(x, self.npix, self.npix, self.npix, x.stride(0), y, self.npix, g.m * self.npix, n)
+        self._spmm(x, self.npix, self.npix, self.npix, x.stride(0), y, self.npix, g.m * self.npix, n, r=r)
         return y
 
     def spmm(self, b: torch.Tensor) -> torch.Tensor:
@@ -836,15 +868,18 @@ def gemm_as_conv_geometry(m: int, k: int, batch: int) -> ConvGeometry:
     return ConvGeometry(m, k, 1, batch)
 
 
-def gemm_conv_plan_call(plan: ConvPlan, x: torch.Tensor) -> torch.Tensor:
-    """A CsrGemm above the SpMV batch limit through the SpMM kernel: reads X^T by strides."""
+def gemm_conv_plan_call(plan: ConvPlan, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """A CsrGemm above the SpMV batch limit through the SpMM kernel: reads X^T (and writes Y^T,
+    reads the residual [N, M]) by strides."""
     x = x.to(plan.dtype)
     n = x.shape[0]
     if n != plan.g.w:
         raise ValueError(f"plan prepared for batch {plan.g.w}, got {n}")
     sx = (0, x.stride(1), 0, x.stride(0))
     sy = lambda y: (0, y.stride(1), 0, y.stride(0))  # noqa: E731
-    return plan._run(x, (n, plan.g.m), 1, sx, sy, lambda y: y)
+    r = _residual(residual, (n, plan.g.m), plan.dtype)
+    sr = (0, 0, 0, 0) if r is None else (0, r.stride(1), 0, r.stride(0))
+    return plan._run(x, (n, plan.g.m), 1, sx, sy, lambda y: y, r, sr)
 
 
 def time_in_graph_us(fn, arg, device, reps: int = 15, inner: int = 10) -> float:

@@ -16,7 +16,6 @@ REFERENCE_OP_MODULES: list[str] = [
     "sparsecnn.runtimes.two_four_ops",
     "sparsecnn.runtimes.csr_ops",
     "sparsecnn.runtimes.ecr_ops",
-    "sparsecnn.runtimes.sparsert_ops",
 ]
 
 

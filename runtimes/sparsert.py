@@ -1,7 +1,8 @@
 """The `sparsert` runtime: a kernel generated per pruned layer with its sparsity pattern compiled in.
 
-rewrite: passes/csr_fused.py turns sparse Conv/Gemm layers (with the Add/Relu after them)
-into sparsecnn::FusedCsrConv / FusedCsrGemm. compile: for every such layer, a few tile
+rewrite: passes/csr_rewrite.py (the CSR rewrite the `csr` runtime uses too) turns sparse
+Conv/Gemm layers (with the Add/Relu after them) into sparsecnn::CsrConv / CsrGemm with the
+residual as an optional last input. compile: for every such layer, a few tile
 configurations are generated (runtimes/sparsert_codegen.py) and compiled with NVRTC in
 parallel, then timed on the device against the CSR runtime's kernel (when a runtime named
 'csr' is registered) and dense cuDNN/cuBLAS; the fastest runs, and the per-layer report
@@ -19,7 +20,7 @@ Options (CompileOptions.extra):
     compile_workers   NVRTC threads/processes (default: CPU count)
     retune            ignore the tuning cache and saved state (default False)
 
-On the CPU the fused ops run their PyTorch reference (runtimes/sparsert_ops.py).
+On the CPU the CSR ops run their PyTorch reference (runtimes/csr_ops.py).
 """
 from __future__ import annotations
 
@@ -59,22 +60,24 @@ def _options(options) -> CompileOptions:
     return options if isinstance(options, CompileOptions) else CompileOptions.from_dict(options)
 
 
+CSR_OPS = ("CsrConv", "CsrGemm")
+
+
+def passes(options=None) -> list:
+    """The runtime's explicit rewrite pipeline: the CSR rewrite with fused epilogues (bias,
+    residual Add, ReLU), for layers at least `min_sparsity` zero."""
+    from ..passes.csr_rewrite import csr_rewrite
+
+    min_sparsity = float(_options(options).extra.get("min_sparsity", 0.5))
+    return [(csr_rewrite, {"max_density": 1.0 - min_sparsity})]
+
+
 def rewrite(model: onnx.ModelProto, options: dict | CompileOptions | None = None) -> onnx.ModelProto:
-    """The runtime's pass list: one CSR rewrite with fused epilogues (see passes/csr_fused.py).
-
-    SEAM: when issue 5's CSR rewrite lands, the lead unifies the two into ONE pass; only this
-    function's pipeline changes.
-    """
-    from ..passes.csr_fused import rewrite_fused_csr
-
-    opts = _options(options)
-    min_sparsity = float(opts.extra.get("min_sparsity", 0.5))
-    out, _ = run_pipeline(model, [(rewrite_fused_csr, {"min_sparsity": min_sparsity})])
-    return out
+    return run_pipeline(model, passes(options))[0]
 
 
 def reference_ops() -> dict:
-    from .sparsert_ops import OPS
+    from .csr_ops import OPS
 
     return dict(OPS)
 
@@ -207,7 +210,7 @@ class Planner:
         max_configs = int(self.extra.get("max_configs") or 3)
         max_instr = int(self.extra.get("max_instructions") or DEFAULT_MAX_INSTRUCTIONS)
         for node in self.model.graph.node:
-            if node.domain != "sparsecnn" or node.op_type not in ("FusedCsrConv", "FusedCsrGemm"):
+            if node.domain != "sparsecnn" or node.op_type not in CSR_OPS:
                 continue
             layer = _Layer(node)
             self.layers[layer.name] = layer
@@ -216,7 +219,7 @@ class Planner:
             layer.residual = len(node.input) > 6 and bool(node.input[6])
             arr = [numpy_helper.to_array(inits[n]) for n in node.input[1:5]]
             m = int(arr[2].size) - 1
-            if node.op_type == "FusedCsrConv":
+            if node.op_type == "CsrConv":
                 shape = [m, int(attrs["in_channels"]), *[int(v) for v in attrs["kernel_shape"]]]
             else:
                 shape = [m, int(attrs["in_features"])]
@@ -227,7 +230,7 @@ class Planner:
             if len(node.input) > 5 and node.input[5]:
                 layer.bias = torch.from_numpy(numpy_helper.to_array(inits[node.input[5]]).astype(np.float32))
             in_dims = shapes.get(node.input[0])
-            if node.op_type == "FusedCsrConv":
+            if node.op_type == "CsrConv":
                 if in_dims is None or len(in_dims) != 4 or any(d is None for d in in_dims[1:]):
                     layer.reason = "input spatial shape unknown at compile time"
                 else:
@@ -296,12 +299,13 @@ class Planner:
         return self._zeros
 
     def builder(self, ctx: NodeContext):
+        from .csr_ops import build_dense, used_inputs
         from .sparsert_codegen import EmulatedKernel, GeneratedKernel
-        from .sparsert_ops import OPS
 
         layer = self.layers[ctx.name]
-        dense_fn = OPS[("sparsecnn", ctx.node.op_type)](ctx)
+        dense_fn = build_dense(ctx)
         ctx.info.clear()
+        ctx.inputs_used = used_inputs(ctx)  # x (and the residual): the weight lives in the candidates
         has_bias = len(ctx.node.input) > 5 and bool(ctx.node.input[5])
         nnz, (m, k) = layer.csr.nnz, layer.csr.shape
         info = {"format": "csr", "nnz": nnz, "sparsity": round(1 - nnz / max(1, m * k), 4),
@@ -311,7 +315,7 @@ class Planner:
         notes: dict[str, str] = {}
         code: dict[str, dict] = {}
         if "dense" in layer.kinds:
-            candidates["dense"] = lambda x, r: dense_fn(x, None, None, None, None, None, r)
+            candidates["dense"] = dense_fn
         for prog, (src, _), rec in zip(layer.programs, layer.sources, layer.records):
             label = f"generated:{prog.config.name}"
             if rec.error:
@@ -334,14 +338,14 @@ class Planner:
                 notes["csr"] = why
         if layer.reason:
             info["reason"] = layer.reason
-        reference = lambda x, r: dense_fn(x, None, None, None, None, None, r)  # noqa: E731
+        reference = dense_fn
         if not candidates:
             candidates["dense"] = reference
         choice, timings = self._choose(ctx, layer, candidates, notes, reference)
         run_fn = candidates[choice]
         kind = choice.split(":")[0]
         info.update(kernel={"generated": "sparsert generated", "csr": "csr runtime", "dense": ctx.node.op_type
-                            .replace("FusedCsr", "torch ") + " (cuDNN/cuBLAS)"}[kind], choice=kind)
+                            .replace("Csr", "torch ") + " (cuDNN/cuBLAS)"}[kind], choice=kind)
         if kind == "generated":
             info["config"] = choice.split(":", 1)[1]
             info["code"] = code[choice]
@@ -361,8 +365,7 @@ class Planner:
             self.tuning_updates[tuning_key(layer.key, self.arch, self.opts.dtype, self.batch,
                                            ",".join(sorted(layer.kinds)))] = self.decisions[layer.name]
 
-        def run(x, *rest):
-            residual = rest[5] if len(rest) > 5 else None
+        def run(x, residual=None):
             return run_fn(x, residual)
 
         return run
@@ -370,7 +373,7 @@ class Planner:
     def _example_inputs(self, ctx: NodeContext, layer: _Layer):
         geo = layer.geometry
         gen = torch.Generator(device="cpu").manual_seed(0)
-        if ctx.node.op_type == "FusedCsrConv":
+        if ctx.node.op_type == "CsrConv":
             if geo is None:
                 return None
             x = torch.randn(self.batch, geo.cin, geo.h, geo.w, generator=gen)
@@ -455,7 +458,7 @@ def single_layer_model(node: onnx.NodeProto, model: onnx.ModelProto, layer: _Lay
         inits.append(numpy_helper.from_array(layer.bias.numpy().astype(np.float32), "b"))
         ins.append("b")
     geo = layer.geometry
-    if node.op_type == "FusedCsrConv":
+    if node.op_type == "CsrConv":
         x_shape = [batch, geo.cin, geo.h, geo.w]
         y_shape = [batch, geo.M, geo.oh, geo.ow]
         core = helper.make_node("Conv", ins, ["y0"], strides=list(attrs["strides"]), pads=list(attrs["pads"]),

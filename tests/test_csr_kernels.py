@@ -39,17 +39,26 @@ def pruned_conv_weight(m, c, kh, kw, density, seed=0, empty_rows=(0,), full_row=
 
 
 def conv_case(backend, dtype, g: ConvGeometry, cfg, batch=2, density=0.3, bias=True, relu=False, channels_last=False,
-              seed=0):
+              seed=0, residual=False):
+    """rel. error of the plan against F.conv2d (+ bias) (+ residual) (+ ReLU) on the masked weight.
+    residual: True (contiguous) or "channels_last"."""
     w = pruned_conv_weight(g.m, g.c, g.kh, g.kw, density, seed, empty_rows=(0, g.m // 2), full_row=1)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, g.c, g.h, g.w, generator=gen).to(dtype)
     b = torch.randn(g.m, generator=gen) if bias else None
+    r = None
+    if residual:  # of the size of the conv's output: the sum goes negative often, so the ReLU matters
+        r = (2 * torch.randn(batch, g.m, g.ho, g.wo, generator=gen)).to(dtype)
+        if residual == "channels_last":
+            r = r.contiguous(memory_format=torch.channels_last)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     plan = make_plan(csr_from_dense(gemm_view(w)), g, cfg, dtype, "cpu", backend, b, relu)
-    y = plan(x)
+    y = plan(x) if r is None else plan(x, r)
     xf = F.pad(x.float(), (g.pl, g.pr, g.pt, g.pb))
     ref = F.conv2d(xf, w.to(dtype).float(), b, (g.sh, g.sw), 0, (g.dh, g.dw))
+    if r is not None:
+        ref = ref + r.float()
     if relu:
         ref = torch.relu(ref)
     assert y.dtype == dtype and tuple(y.shape) == tuple(ref.shape)
@@ -163,6 +172,46 @@ def test_window_kernel_reads_channels_last_input(backend):
 
 @emu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_residual_epilogue_of_the_staged_kernels(backend, dtype):
+    """relu(conv + bias + residual): window and SpMM kernels, with and without split-K (the
+    residual added once, by split 0, as the bias), residual contiguous or channels-last."""
+    win = ConvGeometry(37, 6, 15, 21, 3, 3, 1, 1, 1, 1, 1, 1)
+    cfg = window_config(win, 2, 2, budget=240)
+    split = with_split(win, cfg, sms=64)
+    assert split is not None and split.nsplit >= 2
+    pw = ConvGeometry(29, 21, 8, 12)
+    vec = spmm_config(pw, 4, 2, budget=5 * 128)
+    vec_split = with_split(pw, vec, sms=200)
+    assert vec_split is not None and vec_split.nsplit >= 2
+    for g, c in ((win, cfg), (win, split), (pw, vec), (pw, vec_split), (pw, spmm_config(pw, 2, 4, budget=5 * 64))):
+        for residual in (True, "channels_last"):
+            err = conv_case(backend, dtype, g, c, relu=True, residual=residual)
+            assert err <= TOL[dtype], (c.label(), residual)
+    # without the ReLU too (negative sums are not clipped away)
+    assert conv_case(backend, torch.float32, win, cfg, relu=False, residual=True) <= 1e-5
+
+
+@emu
+def test_fused_residual_of_a_gemm_through_spmv_and_spmm(backend):
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(23, 70, generator=gen) * (torch.rand(23, 70, generator=gen) < 0.2)
+    bias = torch.randn(23, generator=gen)
+    for batch in (3, 11):
+        x = torch.randn(batch, 70, generator=gen)
+        r = 2 * torch.randn(batch, 23, generator=gen)
+        ref = torch.relu(F.linear(x, w, bias) + r)
+        if batch <= 8:
+            y = GemvPlan(csr_from_dense(w), torch.float32, "cpu", backend, bias, relu=True)(x, r)
+        else:
+            g = gemm_as_conv_geometry(23, 70, batch)
+            plan = ConvPlan(csr_from_dense(w), g, spmm_config(g, 1, 2, budget=32 * 16), torch.float32, "cpu", backend,
+                            bias, relu=True)
+            y = gemm_conv_plan_call(plan, x, r)
+        assert rel_err(y, ref) <= 1e-5, batch
+
+
+@emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hw,p,rpt,threads,aligned", [((7, 9), 2, 2, 256, False), ((8, 12), 1, 4, 256, True),
                                                        ((11, 13), 4, 8, 256, False), ((16, 16), 4, 2, 512, True)])
 def test_pointwise_spmm_kernel_matches_conv2d(backend, dtype, hw, p, rpt, threads, aligned):
@@ -267,6 +316,25 @@ def test_sputnik_candidates_of_a_conv_match_conv2d(backend, dtype, geom):
 
 
 @emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_residual_epilogue_of_the_sputnik_port(backend, dtype):
+    """Direct (pointwise), im2col and shifted Sputnik plans add the residual before the ReLU."""
+    conv3 = ConvGeometry(20, 7, 9, 11, 3, 3, 1, 1, 1, 1, 1, 1)
+    pointwise = ConvGeometry(29, 21, 8, 12)
+    for g, kinds in ((conv3, ("im2col", "shifted")), (pointwise, ("direct",))):
+        cands = [c for c in candidate_configs(g, dtype=dtype) if isinstance(c, SputnikConfig)]
+        for kind in kinds:
+            cfg = next(c for c in cands if {"im2col": c.im2col, "shifted": c.shifted,
+                                            "direct": not (c.im2col or c.shifted)}[kind])
+            for residual in (True, "channels_last"):
+                err = conv_case(backend, dtype, g, cfg, relu=True, residual=residual, seed=3)
+                assert err <= TOL[dtype], (cfg.label(), residual)
+    odd = ConvGeometry(13, 5, 7, 9)  # N = 63: scalar residual loads and stores
+    cfg = SputnikConfig(*sputnik_heuristic(63, dtype))
+    assert cfg.dv == 1 and conv_case(backend, dtype, odd, cfg, relu=True, residual=True) <= TOL[dtype]
+
+
+@emu
 def test_sputnik_im2col_and_shifted_copies_read_channels_last_input(backend):
     g = ConvGeometry(10, 8, 7, 9, 3, 3, 1, 1, 1, 1, 1, 1)
     for cfg in (SputnikConfig(4, 32, 32, 8, 4, 4, im2col=True), SputnikConfig(4, 32, 32, 8, 4, 4, shifted=True)):
@@ -341,15 +409,20 @@ def test_gpu_conv_kernels_match_conv2d(dtype, geom):
     from sparsecnn.runtimes.csr_kernels import NvrtcBackend
 
     backend = NvrtcBackend("cuda")
-    for cfg in candidate_configs(geom):
+    for i, cfg in enumerate(candidate_configs(geom, dtype=dtype)):  # fp16 has its own Sputnik configs
         w = pruned_conv_weight(geom.m, geom.c, geom.kh, geom.kw, 0.1, seed=torch.seed() % 1000)
         x = torch.randn(1, geom.c, geom.h, geom.w, device="cuda").to(dtype)
         b = torch.randn(geom.m, device="cuda")
         plan = make_plan(csr_from_dense(gemm_view(w)), geom, cfg, dtype, "cuda", backend, b, relu=True)
-        y = plan(x)
         xf = F.pad(x.float().cpu(), (geom.pl, geom.pr, geom.pt, geom.pb))  # reference on the CPU: no TF32
-        ref = torch.relu(F.conv2d(xf, w.to(dtype).float(), b.cpu(), (geom.sh, geom.sw), 0, (geom.dh, geom.dw)))
-        assert rel_err(y.float().cpu(), ref) <= TOL[dtype], cfg.label()
+        conv = F.conv2d(xf, w.to(dtype).float(), b.cpu(), (geom.sh, geom.sw), 0, (geom.dh, geom.dw))
+        assert rel_err(plan(x).float().cpu(), torch.relu(conv)) <= TOL[dtype], cfg.label()
+        # the fused residual (contiguous, or channels-last every other config), added before the ReLU
+        r = (2 * torch.randn(1, geom.m, geom.ho, geom.wo, device="cuda")).to(dtype)
+        if i % 2:
+            r = r.contiguous(memory_format=torch.channels_last)
+        ref = torch.relu(conv + r.float().cpu())
+        assert rel_err(plan(x, r).float().cpu(), ref) <= TOL[dtype], (cfg.label(), "residual")
 
 
 @gpu

@@ -107,6 +107,110 @@ def test_layers_that_do_not_pay_or_cannot_be_expressed_stay_dense_with_reasons()
     assert csr_rewrite(model, exclude=["sparse"]).counters["dense_excluded"] == 1
 
 
+def block_model(extra_consumer=(), graph_output=(), broadcast=False, shortcut_first=False, ws=None):
+    """A ResNet block with a projection shortcut: y = relu(conv_b(relu(conv_a(x))) + conv_s(x)).
+    shortcut_first: conv_s comes before conv_b in the node list (so conv_b is the later one);
+    extra_consumer: these convs' outputs ("b", "s") also feed other nodes; graph_output: they are
+    graph outputs too; broadcast: the shortcut is [2, 6, 1, 1] (a broadcast Add)."""
+    ws = ws or [masked_weight(s, 0.25, seed=i) for i, s in enumerate([(6, 4, 3, 3), (6, 6, 3, 3), (6, 4, 1, 1)])]
+    inits = [numpy_helper.from_array(w, n) for w, n in zip(ws, ["a.weight", "b.weight", "s.weight"])]
+    inits.append(numpy_helper.from_array(np.linspace(-1, 1, 6).astype(np.float32), "b.bias"))
+    conv_a = helper.make_node("Conv", ["x", "a.weight"], ["a"], name="a", pads=[1] * 4)
+    relu_a = helper.make_node("Relu", ["a"], ["ra"], name="relu_a")
+    conv_b = helper.make_node("Conv", ["ra", "b.weight", "b.bias"], ["b"], name="b", pads=[1] * 4)
+    if broadcast:
+        conv_s = helper.make_node("Conv", ["x", "s.weight"], ["s0"], name="s")
+        shortcut = [conv_s, helper.make_node("ReduceMean", ["s0"], ["s"], axes=[2, 3], keepdims=1, name="pool")]
+    else:
+        shortcut = [helper.make_node("Conv", ["x", "s.weight"], ["s"], name="s")]
+    add = helper.make_node("Add", ["b", "s"], ["sum"], name="add")
+    relu = helper.make_node("Relu", ["sum"], ["y"], name="relu")
+    nodes = [conv_a, relu_a] + (shortcut + [conv_b] if shortcut_first else [conv_b] + shortcut) + [add, relu]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    for t in extra_consumer:
+        nodes.append(helper.make_node("Neg", [t], [f"neg_{t}"], name=f"neg_{t}"))
+        outputs.append(helper.make_tensor_value_info(f"neg_{t}", TensorProto.FLOAT, None))
+    for t in graph_output:
+        outputs.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 9])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    set_prune_exclusions(model, [])
+    return onnx.shape_inference.infer_shapes(model), ws
+
+
+@pytest.mark.parametrize("shortcut_first", [False, True])
+def test_rewrite_fuses_the_blocks_add_and_relu_into_the_later_conv(shortcut_first):
+    model, (wa, wb, ws) = block_model(shortcut_first=shortcut_first)
+    sparse, res = run_pipeline(model, [(csr_rewrite, {})])
+    assert dict(res[0].counters) == {"conv_csr": 3, "relu_fused": 2, "residual_fused": 1}
+    assert [n.op_type for n in sparse.graph.node] == ["CsrConv"] * 3
+    nodes = {n.name: n for n in sparse.graph.node}
+    later, earlier = ("b", "s") if shortcut_first else ("s", "b")
+    fused = nodes[later]
+    assert len(fused.input) == 7 and fused.input[6] == nodes[earlier].output[0] and fused.output[0] == "y"
+    assert list(sparse.graph.node).index(fused) == 2  # after the residual's producer
+    assert {a.name: a.i for a in fused.attribute}["relu"] == 1
+    if later == "s":
+        assert fused.input[5] == ""  # no bias on the shortcut conv: an empty optional input before R
+    # the reference op: conv(x) + bias + residual, ReLU; against F.conv2d + add + relu on the masked weights
+    x = torch.randn(2, 4, 7, 9)
+    bias = torch.linspace(-1, 1, 6)
+    ref = torch.relu(F.conv2d(torch.relu(F.conv2d(x, torch.from_numpy(wa), padding=1)), torch.from_numpy(wb), bias,
+                              padding=1) + F.conv2d(x, torch.from_numpy(ws)))
+    for rt in ("torch", "csr"):
+        assert rel_err(get_runtime(rt).compile(sparse, "cpu", {})(x)[0], ref) <= 1e-5, rt
+
+
+@pytest.mark.parametrize("case", [{"extra_consumer": ("b", "s")}, {"graph_output": ("b", "s")}, {"broadcast": True},
+                                  {"extra_consumer": ("b",), "shortcut_first": True}])
+def test_rewrite_never_fuses_an_add_into_a_conv_whose_output_is_needed_elsewhere(case):
+    model, _ = block_model(**case)
+    sparse, res = run_pipeline(model, [(csr_rewrite, {})])
+    c = res[0].counters
+    ops = [n.op_type for n in sparse.graph.node]
+    if case.get("shortcut_first"):
+        # conv_b is the later conv but its output is needed elsewhere: conv_s absorbs the Add,
+        # with conv_b's output as its residual
+        assert c["residual_fused"] == 1 and c["relu_fused"] == 2 and "Add" not in ops
+        fused = next(n for n in sparse.graph.node if n.name == "s")
+        assert fused.input[6] == "b" and ops.index("CsrConv", 2) > ops.index("Neg") - 2
+    else:
+        assert c["conv_csr"] == 3 and c["residual_fused"] == 0 and c["relu_fused"] == 1  # conv_a's Relu only
+        assert "Add" in ops
+        assert c["residual_not_fused_broadcast"] == int("broadcast" in case)
+    x = np.random.default_rng(4).standard_normal((2, 4, 7, 9)).astype(np.float32)
+    outs = get_runtime("csr").compile(sparse, "cpu", {})(torch.from_numpy(x))
+    for a, b in zip(outs, ort_run(model, x)):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_fuse_option_off_keeps_the_add():
+    model, _ = block_model()
+    rt = get_runtime("csr")
+    on = rt.rewrite(model, {})
+    off = rt.rewrite(model, {"csr_fuse": False})
+    assert "Add" not in [n.op_type for n in on.graph.node]
+    assert [n.op_type for n in off.graph.node] == ["CsrConv", "CsrConv", "CsrConv", "Add", "Relu"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_csr_conv_adds_the_residual_before_the_relu(dtype):
+    from sparsecnn.passes.csr import csr_from_dense, gemm_view
+    from sparsecnn.runtimes.csr_ops import reference_csr_conv
+
+    w = torch.from_numpy(masked_weight((6, 4, 3, 3), 0.3, seed=8))
+    csr = csr_from_dense(gemm_view(w))
+    x = torch.randn(2, 4, 7, 9).to(dtype)
+    r = (2 * torch.randn(2, 6, 4, 5)).to(dtype)
+    bias = torch.randn(6)
+    y = reference_csr_conv(x, csr.values, csr.col_idx.long(), csr.row_ptr.long(), 6, 4, (3, 3), (2, 2), (1, 1, 1, 1),
+                           (1, 1), bias, True, r)
+    ref = torch.relu(F.conv2d(x.float(), w.to(dtype).float(), bias, 2, 1) + r.float())
+    assert y.dtype == dtype and rel_err(y.float(), ref) <= (1e-5 if dtype == torch.float32 else 2e-3)
+    assert (ref == 0).any() and (ref > 0).any()  # the ReLU clips some sums: its place after the add matters
+
+
 @pytest.mark.parametrize("trans_b,bias_shape,relu", [(1, [7], True), (0, [1, 7], False)])
 def test_reference_csr_gemm_matches_linear(trans_b, bias_shape, relu):
     w = masked_weight((7, 20), 0.2, 5)  # [out, in]
@@ -134,7 +238,9 @@ def test_resnet18_at_90_percent_sparse_onnx_is_under_a_quarter_of_dense(exported
     dense = exported("resnet18")
     sparse, res = run_pipeline(prune_unstructured(dense, 0.9).model, [(csr_rewrite, {})])
     check_model(sparse)
-    assert dict(res[0].counters) == {"conv_csr": 19, "dense_excluded": 2, "relu_fused": 8}
+    # 8 blocks: conv1 -> Relu, and conv2 or the downsample (the later one) -> Add -> Relu
+    assert dict(res[0].counters) == {"conv_csr": 19, "dense_excluded": 2, "relu_fused": 16, "residual_fused": 8}
+    assert not any(n.op_type == "Add" for n in sparse.graph.node)
     assert len(sparse.SerializeToString()) <= 0.25 * len(dense.SerializeToString())
 
 
@@ -144,6 +250,9 @@ def test_csr_runtime_on_cpu_reproduces_onnxruntime(exported, name):
     pruned = prune_unstructured(exported(name), 0.9).model
     sparse = rt.rewrite(pruned, {})
     assert any(n.op_type == "CsrConv" for n in sparse.graph.node)
+    if name == "tinyresnet":  # every residual Add went into a CsrConv
+        assert not any(n.op_type == "Add" for n in sparse.graph.node)
+        assert sum(len(n.input) == 7 for n in sparse.graph.node if n.op_type == "CsrConv") == 3
     x = np.random.default_rng(0).standard_normal(input_shape(pruned, 2)).astype(np.float32)
     engine = rt.compile(sparse, "cpu", {})
     assert rel_err(engine(torch.from_numpy(x))[0], ort_run(pruned, x)[0]) <= 1e-4
@@ -164,6 +273,7 @@ def test_kernel_path_of_the_runtime_through_the_emulator_reproduces_onnxruntime(
     assert rel_err(engine(torch.from_numpy(x))[0], ref) <= 1e-4
     rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
     assert len(rows) == 8 and all(r["format"] == "csr" and r["kernel"].startswith("csr::csr_conv") for r in rows)
+    assert sum(r["residual_fused"] is True for r in rows) == 3 and not any(r["op"] == "Add" for r in engine.report())
     # a reloaded engine takes its saved per-layer configs instead of tuning again
     state = engine.saved_state()
     assert set(state["layers"]) == {r["name"] for r in rows}
@@ -172,6 +282,47 @@ def test_kernel_path_of_the_runtime_through_the_emulator_reproduces_onnxruntime(
     assert all("candidates" not in r for r in again.report())
     # fp32 weights: the CSR buffers of 90 %-sparse layers instead of their dense weights
     assert engine.weight_bytes() < 0.5 * get_runtime("torch").compile(pruned, "cpu", {}).weight_bytes()
+
+
+@emu
+def test_tuner_times_sparse_and_dense_with_the_fused_residual_and_engines_round_trip(exported, tmp_path, monkeypatch):
+    """Per fused layer, every sparse candidate and the dense form are timed on (x, residual);
+    the dense form adds it (and applies the ReLU) itself; the saved engine reloads its choices."""
+    from sparsecnn.runtimes import csr as csr_rt
+    from sparsecnn.runtimes.base import read_engine_file
+
+    timed: list[tuple[str, int]] = []
+
+    def spy(self, fn, args):  # sparse 5 us; dense 10 us, but 1 us for the first fused layer (it goes dense)
+        timed.append((fn.__name__, len(args)))
+        if fn.__name__ == "<lambda>":
+            return 5.0
+        return 1.0 if len(args) == 2 and sum(n == 2 and f == "fn" for f, n in timed) == 1 else 10.0
+
+    monkeypatch.setattr(csr_rt._KernelSession, "time_us", spy)
+    pruned = prune_unstructured(exported("tinyresnet"), 0.9).model
+    sparse = get_runtime("csr").rewrite(pruned, {})
+    backend = cuda_emu.EmuBackend()
+    engine = csr_rt.compile_with_backend(sparse, "cpu", {"csr_tune_reps": 1}, backend=backend)
+    rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
+    fused = [r for r in rows if r["residual_fused"]]
+    assert len(fused) == 3 and all(len(r["candidates"]) >= 2 and "dense_us" in r for r in fused)
+    assert sum(n == 2 for _, n in timed) == sum(len(r["candidates"]) + 1 for r in fused)  # candidates + dense
+    assert {"fn", "<lambda>"} <= {f for f, n in timed if n == 2}
+    assert [r["format"] for r in fused] == ["dense", "csr", "csr"]  # the dense form with its residual add too
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal(input_shape(pruned, 2)).astype(np.float32))
+    ref = ort_run(pruned, x.numpy())[0]
+    assert rel_err(engine(x)[0], ref) <= 1e-4
+    path = engine.save(tmp_path / "fused.engine")
+    manifest, model = read_engine_file(path)
+    assert sum(len(n.input) == 7 for n in model.graph.node if n.op_type == "CsrConv") == 3
+    timed.clear()
+    again = csr_rt.compile_with_backend(model, "cpu", manifest["options"], state=manifest["state"], backend=backend)
+    assert not timed  # the saved decisions, nothing measured
+    again_rows = [r for r in again.report() if r["op"] == "sparsecnn::CsrConv"]
+    assert [(r["format"], r.get("config"), r["residual_fused"]) for r in again_rows] == \
+        [(r["format"], r.get("config"), r["residual_fused"]) for r in rows]
+    assert rel_err(again(x)[0], ref) <= 1e-4
 
 
 @emu
@@ -263,3 +414,28 @@ def test_gpu_csr_engine_reproduces_onnxruntime_on_pruned_resnet18(exported, dtyp
     assert rel_err(engine(torch.from_numpy(x))[0], ort_run(pruned, x)[0]) <= tol
     rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
     assert len(rows) == 19 and all(r["format"] == "csr" for r in rows)
+    assert sum(r["residual_fused"] is True for r in rows) == 8  # every block's Add (+ Relu) in a CSR kernel
+    assert not any(r["op"] == "Add" for r in engine.report())
+
+
+@pytest.mark.gpu
+def test_gpu_tuned_engine_with_fused_residuals_replays_and_round_trips(exported, tmp_path):
+    """The tuner on the device (sparse candidates and dense, both with the residual), the CUDA
+    graph replay, save and load."""
+    from sparsecnn.runtimes import load_engine
+
+    pruned = prune_unstructured(exported("tinyresnet"), 0.9).model
+    rt = get_runtime("csr")
+    engine = rt.compile(rt.rewrite(pruned, {}), "cuda", {"dtype": "fp32", "tf32": False})
+    x = np.random.default_rng(7).standard_normal(input_shape(pruned)).astype(np.float32)
+    ref = ort_run(pruned, x)[0]
+    for _ in range(3):  # the first run tunes dense convs and captures, the next ones replay
+        assert rel_err(engine(torch.from_numpy(x))[0], ref) <= 1e-4
+    rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
+    fused = [r for r in rows if r["residual_fused"]]
+    assert len(fused) == 3 and all("dense_us" in r and r["candidates"] for r in fused)
+    engine.save(tmp_path / "e.engine")
+    again = load_engine(tmp_path / "e.engine", "cuda")
+    assert [(r.get("format"), r.get("config")) for r in again.report()] == \
+        [(r.get("format"), r.get("config")) for r in engine.report()]
+    assert rel_err(again(torch.from_numpy(x))[0], ref) <= 1e-4

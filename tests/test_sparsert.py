@@ -209,18 +209,21 @@ def _pruned(exported, name, sparsity=0.8):
 
 
 def test_rewrite_fuses_relu_and_residual_into_the_later_conv(exported):
-    from sparsecnn.passes.csr_fused import rewrite_fused_csr
+    from sparsecnn.passes.csr_rewrite import csr_rewrite
+    from sparsecnn.runtimes import sparsert
 
     model = _pruned(exported, "tinyresnet")
-    res = rewrite_fused_csr(model)
+    (fn, kwargs), = sparsert.passes({})
+    res = fn(model, **kwargs)
+    assert fn is csr_rewrite  # the one CSR rewrite, shared with the csr runtime
     ops = [n.op_type for n in res.model.graph.node]
-    assert res.counters["converted_conv"] == 8 and res.counters["skipped_dense"] == 2  # stem and fc stay dense
-    assert res.counters["fused_residual"] == 3 and "Add" not in ops
+    assert res.counters["conv_csr"] == 8 and res.counters["dense_excluded"] == 2  # stem and fc stay dense
+    assert res.counters["residual_fused"] == 3 and "Add" not in ops
     nodes = {n.name: n for n in res.model.graph.node}
     conv2 = nodes["/layer2/conv2/Conv"]
-    assert conv2.op_type == "FusedCsrConv" and len(conv2.input) == 7
+    assert conv2.op_type == "CsrConv" and len(conv2.input) == 7
     assert conv2.input[6] == nodes["/layer2/downsample/downsample.0/Conv"].output[0]
-    assert ops.index("FusedCsrConv") > ops.index("Conv")
+    assert ops.index("CsrConv") > ops.index("Conv")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv2.attribute}
     assert attrs["relu"] == 1 and attrs["in_channels"] == 32 and list(attrs["kernel_shape"]) == [3, 3]
     assert res.model.ByteSize() < model.ByteSize()
@@ -251,7 +254,7 @@ def test_planner_with_emulated_kernels_chooses_saves_and_reloads_without_search(
     x = np.random.default_rng(2).standard_normal(input_shape(model, 1)).astype(np.float32)
     ref = ort_run(model, x)
     assert rel_err(eng(torch.from_numpy(x))[0], ref[0]) <= 1e-5
-    fused = [r for r in eng.report() if r["op"] == "sparsecnn::FusedCsrConv"]
+    fused = [r for r in eng.report() if r["op"] == "sparsecnn::CsrConv"]
     assert len(fused) == 8
     for r in fused:
         assert r["choice"] in ("generated", "dense")
@@ -264,7 +267,7 @@ def test_planner_with_emulated_kernels_chooses_saves_and_reloads_without_search(
     path = tmp_path / "r.engine"
     eng.save(path)
     again = load_engine(path)
-    for r, r0 in zip([r for r in again.report() if r["op"] == "sparsecnn::FusedCsrConv"], fused):
+    for r, r0 in zip([r for r in again.report() if r["op"] == "sparsecnn::CsrConv"], fused):
         assert "candidates_ms" not in r  # the saved choice was taken, nothing was timed
         assert (r["choice"], r.get("config")) == (r0["choice"], r0.get("config"))
     assert rel_err(again(torch.from_numpy(x))[0], ref[0]) <= 1e-5
@@ -280,7 +283,7 @@ def test_a_generated_kernel_with_a_wrong_result_is_never_chosen(exported, tmp_pa
     rt = get_runtime("sparsert")
     eng = rt.compile(rt.rewrite(model), "cpu", {"emulate_kernels": True, "max_configs": 1,
                                                 "candidates": ["generated", "dense"]})
-    fused = [r for r in eng.report() if r["op"] == "sparsecnn::FusedCsrConv"]
+    fused = [r for r in eng.report() if r["op"] == "sparsecnn::CsrConv"]
     assert fused and all(r["choice"] == "dense" for r in fused)
     assert all(any(v.startswith("rejected") for v in r["notes"].values()) for r in fused)
 

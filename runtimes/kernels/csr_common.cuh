@@ -39,8 +39,13 @@ struct Params {
   int chunks_per_split, nsplit;   // split-K: each blockIdx.z slice takes chunks_per_split chunks
   int batch;                      // images (GEMM: rows of the activation)
   int relu;                       // ReLU in the epilogue
-  int accumulate;                 // split-K: atomically add fp32 partial sums (bias from slice 0, no ReLU)
+  int accumulate;                 // split-K: atomically add fp32 partial sums (bias and residual from slice 0,
+                                  // no ReLU: the host applies it after)
   int vec_stage;                  // dense operand rows are 16-byte aligned: stage with vector copies
+  // Residual (Conv -> Add -> Relu): T, the output's shape (any strides), added before the ReLU; or null.
+  const void* residual;
+  long long r_batch;              // element stride between images
+  int r_cs, r_hs, r_ws;           // channel, row, column strides in elements
   const int* blk_ptr;             // staged-sparse plans: [row blocks][nchunks][rows a block + 1] entry starts
   int ss_cap;                     // staged-sparse plans: entries one shared-memory buffer holds (multiple of 8)
 };
@@ -50,6 +55,40 @@ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// A vector of BYTES bytes moved as one load/store.
+template <int BYTES> struct VecBits;
+template <> struct VecBits<2> { typedef unsigned short type; };
+template <> struct VecBits<4> { typedef unsigned type; };
+template <> struct VecBits<8> { typedef uint2 type; };
+template <> struct VecBits<16> { typedef uint4 type; };
+
+// N consecutive elements of T as one vector, unpacked to floats.
+template <typename T, int N>
+struct Frag {
+  typedef typename VecBits<sizeof(T) * N>::type Bits;
+  Bits bits;
+  __device__ __forceinline__ void load(const T* p) { bits = __ldg(reinterpret_cast<const Bits*>(p)); }
+  __device__ __forceinline__ void zero() { bits = Bits(); }
+  __device__ __forceinline__ float get(int i) const { return to_float(reinterpret_cast<const T*>(&bits)[i]); }
+};
+
+// Add the residual's N elements r[0], r[stride], ... to `out` (fp32 sums of T values): one
+// vector load when they are consecutive and aligned for it, else scalar loads.
+template <typename T, int N>
+__device__ __forceinline__ void add_residual(const T* r, long long stride, float (&out)[N]) {
+  if constexpr (N > 1 && sizeof(T) * N <= 16) {
+    if (stride == 1 && reinterpret_cast<unsigned long long>(r) % (sizeof(T) * N) == 0) {
+      Frag<T, N> f;
+      f.load(r);
+#pragma unroll
+      for (int j = 0; j < N; ++j) out[j] += f.get(j);
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] += to_float(__ldg(r + j * stride));
+}
 
 __device__ __forceinline__ float half_bits(unsigned bits) { return __half2float(__ushort_as_half((unsigned short)bits)); }
 

@@ -22,7 +22,8 @@
 //   once at compile time, stored as uint16.
 // * ROMA + residue: a row segment is read in aligned vector groups of four entries
 //   (csr_common.cuh); pixels past the image edge are computed and masked at the store.
-// * Epilogue: bias and ReLU fused; or, split over K (blockIdx.z), fp32 atomic accumulation.
+// * Epilogue: bias, residual (Conv -> Add -> Relu) and ReLU fused; or, split over K (blockIdx.z),
+//   fp32 atomic accumulation (bias and residual from split 0).
 // * SS (staged sparse, Sputnik's SparseTile): the block's non-zeros of the next K chunk are
 //   packed at compile time into one contiguous run per (row block, chunk), each row's segment
 //   padded to a multiple of four with zero values, and copied into shared memory with cp.async
@@ -34,19 +35,21 @@
 
 namespace csr {
 
-// P consecutive outputs of one row as one vector store (or one vector atomic on sm_90 for
-// split-K); false when the address is not aligned for it (the caller stores scalars).
+// P consecutive outputs of one row (plus `add`: bias and residual) as one vector store (or one
+// vector atomic on sm_90 for split-K); false when the address is not aligned for it (the
+// caller stores scalars).
 template <typename T, int P>
-__device__ __forceinline__ bool store_vector(const Params& p, long long idx, const float (&acc)[P], float b) {
+__device__ __forceinline__ bool store_vector(const Params& p, long long idx, const float (&acc)[P], const float (&add)[P]) {
   if (p.accumulate) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     float* dst = static_cast<float*>(p.y) + idx;
     if (reinterpret_cast<unsigned long long>(dst) % (4 * P) != 0) return false;
     if constexpr (P == 4) {
-      atomicAdd(reinterpret_cast<float4*>(dst), make_float4(acc[0] + b, acc[1] + b, acc[2] + b, acc[3] + b));
+      atomicAdd(reinterpret_cast<float4*>(dst),
+                make_float4(acc[0] + add[0], acc[1] + add[1], acc[2] + add[2], acc[3] + add[3]));
       return true;
     } else if constexpr (P == 2) {
-      atomicAdd(reinterpret_cast<float2*>(dst), make_float2(acc[0] + b, acc[1] + b));
+      atomicAdd(reinterpret_cast<float2*>(dst), make_float2(acc[0] + add[0], acc[1] + add[1]));
       return true;
     }
 #endif
@@ -54,7 +57,7 @@ __device__ __forceinline__ bool store_vector(const Params& p, long long idx, con
   }
   float v[P];
 #pragma unroll
-  for (int j = 0; j < P; ++j) v[j] = p.relu ? fmaxf(acc[j] + b, 0.f) : acc[j] + b;
+  for (int j = 0; j < P; ++j) v[j] = p.relu ? fmaxf(acc[j] + add[j], 0.f) : acc[j] + add[j];
   T* dst = static_cast<T*>(p.y) + idx;
   if (reinterpret_cast<unsigned long long>(dst) % (sizeof(T) * P) != 0) return false;
   if constexpr (sizeof(T) == 4 && P == 4) {
@@ -312,28 +315,40 @@ __global__ void __launch_bounds__(NT, NT >= 512 ? 1 : (P * RPT >= 16 ? 2 : 3)) c
     }
   }
 
-  // Epilogue: bias (+ ReLU) and the store, or fp32 atomic accumulation across K splits.
+  // Epilogue: bias (+ residual) (+ ReLU) and the store, or fp32 atomic accumulation across K
+  // splits (bias and residual added once, by split 0; the host applies the ReLU after).
   int oy[P], ox[P];
   bool live[P];
 #pragma unroll
   for (int j = 0; j < P; ++j) live[j] = pixel_of<VEC, P>(p, lane, j, ty0, tx0, oy[j], ox[j]);
+  bool all_live = true;
+#pragma unroll
+  for (int j = 0; j < P; ++j) all_live = all_live && live[j];
+  const bool first = !p.accumulate || split == 0;
+  const T* residual = first ? static_cast<const T*>(p.residual) : nullptr;
 #pragma unroll
   for (int i = 0; i < RPT; ++i) {
     if (rows[i] < 0) continue;
     const int row = rows[i];
-    const float b = (p.bias != nullptr && (!p.accumulate || split == 0)) ? p.bias[row] : 0.f;
-    if (VEC && P > 1 && p.y_ws == 1) {  // this lane's P consecutive outputs as one vector, when aligned
-      const long long idx = img * p.y_batch + (long long)row * p.y_cs + ox[0];
-      bool all_live = true;
+    const float b = (p.bias != nullptr && first) ? p.bias[row] : 0.f;
+    // Residual: P consecutive columns (VEC) as one vector load when contiguous and aligned;
+    // otherwise read per pixel at the store (fewer registers live than staging them all).
+    const T* r = residual != nullptr ? residual + img * p.r_batch + (long long)row * p.r_cs : nullptr;
+    const bool res_vec = VEC && all_live && r != nullptr;
+    float add[P];
 #pragma unroll
-      for (int j = 0; j < P; ++j) all_live = all_live && live[j];
-      if (all_live && store_vector<T, P>(p, idx, acc[i], b)) continue;
+    for (int j = 0; j < P; ++j) add[j] = b;
+    if (res_vec) add_residual<T, P>(r + (long long)ox[0] * p.r_ws, p.r_ws, add);
+    if (VEC && P > 1 && p.y_ws == 1 && all_live) {  // this lane's P consecutive outputs as one vector, when aligned
+      const long long idx = img * p.y_batch + (long long)row * p.y_cs + ox[0];
+      if (store_vector<T, P>(p, idx, acc[i], add)) continue;
     }
 #pragma unroll
     for (int j = 0; j < P; ++j) {
       if (!live[j]) continue;
       const long long idx = img * p.y_batch + (long long)row * p.y_cs + (long long)oy[j] * p.y_hs + (long long)ox[j] * p.y_ws;
-      float val = acc[i][j] + b;
+      float val = acc[i][j] + add[j];
+      if (r != nullptr && !res_vec) val += to_float(__ldg(r + (long long)oy[j] * p.r_hs + (long long)ox[j] * p.r_ws));
       if (p.accumulate) {
         atomicAdd(static_cast<float*>(p.y) + idx, val);
       } else {

@@ -5,7 +5,7 @@
 // One warp per output row (row swizzle: `row_order`, longest first); the lanes stride over
 // the row's aligned groups of four entries (ROMA: the first group starts at row_ptr rounded
 // down to a multiple of 4, entries outside the row are masked), one vector load each for
-// values and column indices, a warp-shuffle reduction, bias and ReLU fused. Streams
+// values and column indices, a warp-shuffle reduction, bias, residual and ReLU fused. Streams
 // values + uint16 columns once: bound by memory bandwidth, as a batch-1 FC layer must be.
 // `chunk_ptr` is the row pointer here (one chunk); `offsets` are plain column indices.
 #include "csr_common.cuh"
@@ -48,10 +48,12 @@ __global__ void __launch_bounds__(256) csr_spmv(const Params p) {
 
   if (active && lane == 0) {
     const float bias = p.bias != nullptr ? p.bias[row] : 0.f;
+    const T* residual = static_cast<const T*>(p.residual);
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
       if (b0 + b >= p.batch) continue;
       float val = acc[b] + bias;
+      if (residual != nullptr) val += to_float(__ldg(residual + (long long)(b0 + b) * p.r_batch + (long long)row * p.r_cs));
       if (p.relu) val = fmaxf(val, 0.f);
       static_cast<T*>(p.y)[(long long)(b0 + b) * p.y_batch + (long long)row * p.y_cs] = from_float<T>(val);
     }

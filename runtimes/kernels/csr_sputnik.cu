@@ -23,7 +23,8 @@
 //   residue path handles it with scalar loads). Rows are never padded.
 // * Residue: the last < BK non-zeros are staged with scalar loads into zeroed tiles and
 //   computed in groups of four (entries past the row are value 0, offset 0).
-// * Epilogue: bias and ReLU fused; vector stores where the output row allows, else scalars.
+// * Epilogue: bias, residual (Conv -> Add -> Relu) and ReLU fused; vector stores (and residual
+//   loads) where the output row allows, else scalars.
 //
 // Differences from the original, and why: one source for fp32 and fp16 (T) instead of the
 // half2 "mixed" variants - fp16 values and B, staged values and sums in fp32; column
@@ -59,23 +60,11 @@ struct SpmmParams {
   int vec_store;                    // Y rows (ldy, y_batch, base) aligned for DV-wide stores
   int out_pitch, out_w;             // out_pitch > 0: column n is pixel (n / out_pitch, n % out_pitch),
                                     // stored at row * out_w + col when col < out_w (shifted conv)
-};
-
-// A vector of BYTES bytes moved as one load/store.
-template <int BYTES> struct VecBits;
-template <> struct VecBits<2> { typedef unsigned short type; };
-template <> struct VecBits<4> { typedef unsigned type; };
-template <> struct VecBits<8> { typedef uint2 type; };
-template <> struct VecBits<16> { typedef uint4 type; };
-
-// N consecutive elements of T as one vector, unpacked to floats.
-template <typename T, int N>
-struct Frag {
-  typedef typename VecBits<sizeof(T) * N>::type Bits;
-  Bits bits;
-  __device__ __forceinline__ void load(const T* p) { bits = __ldg(reinterpret_cast<const Bits*>(p)); }
-  __device__ __forceinline__ void zero() { bits = Bits(); }
-  __device__ __forceinline__ float get(int i) const { return to_float(reinterpret_cast<const T*>(&bits)[i]); }
+  // Residual (Conv -> Add -> Relu): R (T), Y's shape, added before the ReLU; row m, pixel q at
+  // m * ldr + q * r_ps (q as Y's pixel, after out_pitch); or null.
+  const void* residual;
+  long long r_batch;                // element stride between images
+  int ldr, r_ps;                    // row and pixel strides in elements
 };
 
 template <int N>
@@ -262,16 +251,37 @@ __global__ void __launch_bounds__(W * Y, MINB) sputnik_spmm(const SpmmParams p) 
     }
   }
 
-  // OutputTile::Store with the bias (+ ReLU) epilogue.
+  // OutputTile::Store with the bias (+ residual) (+ ReLU) epilogue.
   const float bias = p.bias != nullptr ? p.bias[row] : 0.f;
   T* out = static_cast<T*>(p.y) + (long long)blockIdx.z * p.y_batch + (long long)row * p.ldy;
+  const T* residual = p.residual != nullptr
+      ? static_cast<const T*>(p.residual) + (long long)blockIdx.z * p.r_batch + (long long)row * p.ldr : nullptr;
 #pragma unroll
   for (int x = 0; x < kThreadItemsX; ++x) {
     const int col = col0 + x * W * DV;
+    float add[DV];
+#pragma unroll
+    for (int j = 0; j < DV; ++j) add[j] = bias;
+    if (residual != nullptr) {
+      if (p.out_pitch > 0) {  // shifted conv: column n is pixel (n / out_pitch, n % out_pitch)
+#pragma unroll
+        for (int j = 0; j < DV; ++j) {
+          const int n = col + j;
+          const int oy = n / p.out_pitch, ox = n - (n / p.out_pitch) * p.out_pitch;
+          if (n < p.N && ox < p.out_w) add[j] += to_float(__ldg(residual + (long long)(oy * p.out_w + ox) * p.r_ps));
+        }
+      } else if (col + DV <= p.N) {
+        add_residual<T, DV>(residual + (long long)col * p.r_ps, p.r_ps, add);
+      } else {
+#pragma unroll
+        for (int j = 0; j < DV; ++j)
+          if (col + j < p.N) add[j] += to_float(__ldg(residual + (long long)(col + j) * p.r_ps));
+      }
+    }
     __align__(16) T v[DV];
 #pragma unroll
     for (int j = 0; j < DV; ++j) {
-      float r = acc[x * DV + j] + bias;
+      float r = acc[x * DV + j] + add[j];
       if (p.relu) r = fmaxf(r, 0.f);
       v[j] = from_float<T>(r);
     }
