@@ -190,6 +190,8 @@ class _KernelSession:
         reloaded engine takes its saved decision (the caller puts the saved config first)
         without timing anything.
         """
+        from .csr_kernels import PlanDoesNotFit
+
         saved = self.saved.get(ctx.name)
         info: dict = {}
 
@@ -210,12 +212,18 @@ class _KernelSession:
         best = None
         timed = []
         for cfg in candidates:
-            plan = make_plan(cfg)
+            try:
+                plan = make_plan(cfg)
+            except PlanDoesNotFit as exc:  # e.g. a staged-sparse config whose non-zeros overflow shared memory
+                timed.append({"config": cfg.label(), "skipped": str(exc)})
+                continue
             us = self.time_us(lambda *t, p=plan: run_plan(p, *t), args) if measure else None
             if us is not None:
                 timed.append({"config": cfg.label(), "us": round(us, 3)})
             if best is None or (us is not None and us < best[2]):
                 best = (cfg, plan, us)
+        if best is None:
+            return dense("no candidate config fits this layer")
         cfg, plan, sparse_us = best
         info["csr_bytes"] = _nbytes(plan.buffers())
         if timed:

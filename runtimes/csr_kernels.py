@@ -26,6 +26,11 @@ STAGE_FLOATS = 8192  # one staged chunk: 32 KiB of fp32; double-buffered, 64 KiB
 GEMV_MAX_BATCH = 8   # CsrGemm runs the warp-per-row SpMV kernel up to this batch
 
 
+class PlanDoesNotFit(ValueError):
+    """A config this layer cannot use (offsets past uint16, shared memory past the device's
+    limit): the tuner skips it."""
+
+
 class CsrParams(ctypes.Structure):
     """Mirror of csr::Params in kernels/csr_common.cuh (same order, same C types)."""
 
@@ -306,7 +311,7 @@ def entry_offsets(csr: CSR, g: ConvGeometry, cfg: ConvConfig) -> torch.Tensor:
         win_h, win_w = window_dims(g, cfg.tile_h, cfg.tile_w)
         off = (c % cfg.chunk_c) * (win_h * win_w) + r * g.dh * win_w + s * g.dw
     if off.numel() and int(off.max()) > 65535:
-        raise ValueError(f"offsets do not fit uint16 for config {cfg.label()}")
+        raise PlanDoesNotFit(f"offsets do not fit uint16 for config {cfg.label()}")
     return off.to(torch.int32)
 
 
@@ -450,7 +455,7 @@ class ConvPlan:
             self.smem = -(-self.smem // 16) * 16 + 2 * self.ss_cap * (dtype.itemsize + 2)
             most = _max_shared_bytes(self.device)
             if self.smem > most:
-                raise ValueError(f"{cfg.label()}: {self.smem} bytes of shared memory (at most {most})")
+                raise PlanDoesNotFit(f"{cfg.label()}: {self.smem} bytes of shared memory (at most {most})")
         self.cps = -(-self.nchunks // cfg.nsplit)
 
     def buffers(self) -> list[torch.Tensor]:
@@ -899,7 +904,11 @@ def tune(candidates: list, make_plan, run, arg, device, reps: int = 15) -> tuple
     """Time each candidate's plan on `arg`; returns (best config, its plan, its us, [{config, us}])."""
     best, timed = None, []
     for cfg in candidates:
-        plan = make_plan(cfg)
+        try:
+            plan = make_plan(cfg)
+        except PlanDoesNotFit as exc:
+            timed.append({"config": cfg.label(), "skipped": str(exc)})
+            continue
         us = time_in_graph_us(lambda a, p=plan: run(p, a), arg, device, reps)
         timed.append({"config": cfg.label(), "us": round(us, 3)})
         if best is None or us < best[2]:
@@ -918,6 +927,7 @@ def expected_floor_us(nnz: int, n: int, dense_bytes: int, sms: int = 132, clock_
     return max(fma_us, mem_us)
 
 
-__all__ = ["ConvGeometry", "ConvConfig", "ConvPlan", "GemvPlan", "NvrtcBackend", "SputnikConfig", "SputnikPlan",
+__all__ = ["ConvGeometry", "ConvConfig", "ConvPlan", "GemvPlan", "NvrtcBackend", "PlanDoesNotFit", "SputnikConfig",
+           "SputnikPlan",
            "candidate_configs", "chunk_pointers", "config_from_dict", "entry_offsets", "make_plan", "window_config",
            "spmm_config", "sputnik_candidates", "with_split"]

@@ -338,6 +338,37 @@ def test_threshold_decision_keeps_denser_layers_dense(exported):
 
 
 @emu
+def test_configs_a_layer_cannot_use_are_skipped_and_none_left_means_dense(exported, monkeypatch):
+    from sparsecnn.runtimes import csr_kernels
+    from sparsecnn.runtimes.csr import compile_with_backend
+
+    pruned = prune_unstructured(exported("tinynet"), 0.9).model
+    sparse = get_runtime("csr").rewrite(pruned, {})
+    real_make_plan = csr_kernels.make_plan
+
+    def staged_sparse_never_fits(csr, g, cfg, *a, **k):
+        if getattr(cfg, "ss", False):
+            raise csr_kernels.PlanDoesNotFit(f"{cfg.label()}: too much shared memory")
+        return real_make_plan(csr, g, cfg, *a, **k)
+
+    monkeypatch.setattr(csr_kernels, "make_plan", staged_sparse_never_fits)
+    opts = {"csr_decide": "sparse", "csr_tune_reps": 1}
+    engine = compile_with_backend(sparse, "cpu", opts, backend=cuda_emu.EmuBackend())
+    rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
+    assert rows and all(r["format"] == "csr" and " ss " not in r["config_label"] for r in rows)
+    skipped = [c for r in rows for c in r["candidates"] if "skipped" in c]
+    assert skipped and all(" ss " in c["config"] for c in skipped)
+
+    def nothing_fits(*a, **k):
+        raise csr_kernels.PlanDoesNotFit("nothing fits")
+
+    monkeypatch.setattr(csr_kernels, "make_plan", nothing_fits)
+    engine = compile_with_backend(sparse, "cpu", opts, backend=cuda_emu.EmuBackend())
+    rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
+    assert rows and all(r["format"] == "dense" and r["reason"] == "no candidate config fits this layer" for r in rows)
+
+
+@emu
 def test_runtime_runs_layers_on_sputniks_spmm_from_saved_configs(exported):
     from sparsecnn.runtimes.csr import compile_with_backend
     from sparsecnn.runtimes.csr_kernels import SputnikConfig
