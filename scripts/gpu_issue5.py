@@ -270,11 +270,11 @@ def part_sweep(run: Run, conv_view: bool) -> dict:
                 row["speedup_vs_cublas"] = row["cublas_us"] / row["csr_us"]
                 # the port with Sputnik's own heuristic config alone (its time as a candidate of the tuner)
                 port = sputnik_candidates(n)[0].label()
-                port_us = next((c["us"] for c in tuned["candidates"] if c["config"] == port), None)
+                port_us = next((c.get("us") for c in tuned["candidates"] if c["config"] == port), None)
                 if port_us:
                     row["sputnik_port_config"], row["sputnik_port_us"] = port, port_us
                     row["sputnik_port_vs_cublas"] = row["cublas_us"] / port_us
-                best_staged = [c["us"] for c in tuned["candidates"] if not c["config"].startswith("sputnik")]
+                best_staged = [c["us"] for c in tuned["candidates"] if not c["config"].startswith("sputnik") and "us" in c]
                 if best_staged:
                     row["staged_best_us"] = min(best_staged)
                 row["csr_useful_tflops"] = 2 * nnz * n / row["csr_us"] / 1e6
@@ -328,6 +328,11 @@ def _geomean(xs):
     return float(np.exp(np.mean(np.log(xs)))) if xs else None
 
 
+def _candidate(c: dict) -> str:
+    """One timed candidate, or one the tuner skipped (PlanDoesNotFit: no time)."""
+    return f"{c['config']}={c['us']:.1f}" if "us" in c else f"{c['config']}=skipped"
+
+
 def _sweep_line(r: dict) -> str:
     if "error" in r:
         return f"  ({r['M']},{r['K']},{r['N']}) s={r['sparsity']}: ERROR {r['error']}"
@@ -336,12 +341,12 @@ def _sweep_line(r: dict) -> str:
             f"x{r['speedup_vs_cublas']:.2f} [sputnik x{r.get('sputnik_vs_cublas', float('nan')):.2f}, "
             f"port x{r.get('sputnik_port_vs_cublas', float('nan')):.2f}] "
             f"err {r['csr_err']:.1e}  {r['csr_config']}\n      candidates: "
-            + ", ".join(f"{c['config']}={c['us']:.1f}" for c in r["csr_candidates"]))
+            + ", ".join(_candidate(c) for c in r["csr_candidates"]))
     if "csr_conv_us" in r:
         line += (f"\n      conv: cuDNN {r['cudnn_us']:.1f}us ({r['cudnn_layout']}; nchw {r['cudnn_nchw_us']:.1f})  "
                  f"csr {r['csr_conv_us']:.1f}us x{r['conv_speedup_vs_cudnn']:.2f} err {r['conv_err']:.1e}  "
                  f"{r['csr_conv_config']}\n      candidates: "
-                 + ", ".join(f"{c['config']}={c['us']:.1f}" for c in r["csr_conv_candidates"]))
+                 + ", ".join(_candidate(c) for c in r["csr_conv_candidates"]))
     return line
 
 
@@ -598,8 +603,9 @@ def main() -> None:
         run.save()
         print(f"[{part} done in {time.time() - t0:.1f} s]", flush=True)
     run.results["total_seconds"] = time.time() - t_start
-    for k in ("sweep_partial", "nets_partial"):
-        run.results["parts"].pop(k, None)
+    for k in ("sweep", "nets"):  # a part that failed keeps what it measured before the failure
+        if k in run.results["parts"]:
+            run.results["parts"].pop(f"{k}_partial", None)
     run.save()
     from sparsecnn.common.fileio import write_text_atomic
 
