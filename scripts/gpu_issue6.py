@@ -3,6 +3,13 @@
     source scripts/gpu_env.sh && python3 scripts/gpu_issue6.py --out $OUT [--checkpoint fmnist_vgg19.pt]
     python3 scripts/gpu_issue6.py --dry-run --out /tmp/i6     # CPU, tiny sizes: plumbing only
 
+The trained checkpoint is too large to bring back from the lent GPU machine (80 MB), so train
+it in the same command (about 40 s on an H100), with the Fashion-MNIST files carried in
+.carry/fashion-mnist (copied from /usr/share/datasets/fashion-mnist; `carry` it):
+    source scripts/gpu_env.sh && export SPARSECNN_FASHION_MNIST=$PWD/.carry/fashion-mnist &&
+    mkdir -p runs && python3 -m sparsecnn.converter.cli train vgg19 -o runs/vgg19-fmnist.pt --no-progress &&
+    python3 scripts/gpu_issue6.py --out $OUT --checkpoint runs/vgg19-fmnist.pt
+
 Parts (each recorded even if another fails; --parts picks some):
   correct  every kernel variant vs a float64 conv -> relu -> max-pool oracle on all VGG-19 conv
            layers (224x224, batch 1) and odd layers (odd sizes, strides, pads, 3x3/2 ceil pools,
