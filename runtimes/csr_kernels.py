@@ -315,9 +315,11 @@ def entry_offsets(csr: CSR, g: ConvGeometry, cfg: ConvConfig) -> torch.Tensor:
     return off.to(torch.int32)
 
 
-def staged_sparse_runs(csr: CSR, chunk_ptr: torch.Tensor, rows_per_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def staged_sparse_runs(csr: CSR, chunk_ptr: torch.Tensor, chunk_k: int,
+                       rows_per_block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Packing of a staged-sparse plan: the entries of each (row block, K chunk) in one run,
-    row slots in swizzled order, each row's segment padded to a multiple of four.
+    row slots in swizzled order, each row's segment padded to a multiple of four. chunk_ptr is
+    chunk_pointers(csr, chunk_k): an entry's chunk is its column // chunk_k.
 
     Returns (src, blk_ptr): src[i] = the CSR entry at packed position i, or -1 for padding;
     blk_ptr [row blocks, nchunks, rows_per_block + 1] int32 = where each slot's segment starts
@@ -347,8 +349,7 @@ def staged_sparse_runs(csr: CSR, chunk_ptr: torch.Tensor, rows_per_block: int) -
         slot_of_row[csr.row_order.long()] = torch.arange(m)
         rows = torch.repeat_interleave(torch.arange(m), csr.row_lengths())
         entry = torch.arange(csr.nnz, dtype=torch.int64)
-        # the chunk of each entry: the last q with cp[row, q] <= entry
-        chunk = (cp[rows, :-1] <= entry[:, None]).sum(1) - 1
+        chunk = csr.col_idx.long() // chunk_k  # chunk_ptr's chunks are column ranges of chunk_k
         slot = slot_of_row[rows]
         seg_start = blk_ptr[slot // rows_per_block, chunk, slot % rows_per_block]
         src[seg_start + entry - cp[rows, chunk]] = entry
@@ -421,22 +422,18 @@ class ConvPlan:
         self.g, self.cfg, self.dtype, self.device, self.backend, self.relu = g, cfg, dtype, torch.device(device), backend, relu
         self.kg = g.flat() if cfg.vec else g  # the geometry the kernel sees
         self.nchunks = -(-g.c // cfg.chunk_c)
-        offsets = entry_offsets(csr, g, cfg)
-        chunk_ptr = chunk_pointers(csr, cfg.chunk_c * g.kh * g.kw)
+        values, offsets = csr.values, entry_offsets(csr, g, cfg)
+        chunk_k = cfg.chunk_c * g.kh * g.kw
+        chunk_ptr = chunk_pointers(csr, chunk_k)
         self.blk_ptr, self.ss_cap = None, 0
         if cfg.ss:  # packed per (row block, chunk): padding is value 0 at offset 0
-            src, blk_ptr = staged_sparse_runs(csr, chunk_ptr, cfg.rows_per_block)
+            src, blk_ptr = staged_sparse_runs(csr, chunk_ptr, chunk_k, cfg.rows_per_block)
             keep = src >= 0
-            values = torch.zeros(src.numel(), dtype=csr.values.dtype)
-            values[keep] = csr.values[src[keep]]
-            packed_offsets = torch.zeros(src.numel(), dtype=torch.int32)
-            packed_offsets[keep] = offsets[src[keep]]
-            values, offsets = values, packed_offsets
-            runs = (blk_ptr[:, :, -1] - blk_ptr[:, :, 0]).max() if blk_ptr.numel() else torch.tensor(0)
-            self.ss_cap = max(8, -(-int(runs) // 8) * 8)
+            values = torch.zeros(src.numel(), dtype=csr.values.dtype).masked_scatter_(keep, csr.values[src[keep]])
+            offsets = torch.zeros(src.numel(), dtype=torch.int32).masked_scatter_(keep, offsets[src[keep]])
+            runs = int((blk_ptr[:, :, -1] - blk_ptr[:, :, 0]).max()) if blk_ptr.numel() else 0
+            self.ss_cap = max(8, -(-runs // 8) * 8)
             self.blk_ptr = blk_ptr.reshape(-1).to(self.device)
-        else:
-            values = csr.values
         self.values = _padded(values, dtype, self.device)
         self.offsets = _uint16(offsets, self.device)
         self.chunk_ptr = chunk_ptr.to(self.device)

@@ -128,7 +128,7 @@ def test_staged_sparse_runs_pack_each_block_chunk_contiguously():
     a[3, [11]] = 3.0
     csr = csr_from_dense(a)
     cp = chunk_pointers(csr, 4)  # chunks of columns [0,4) [4,8) [8,12)
-    src, blk_ptr = staged_sparse_runs(csr, cp, 2)
+    src, blk_ptr = staged_sparse_runs(csr, cp, 4, 2)
     assert blk_ptr.shape == (3, 3, 3)  # 3 row blocks of 2 slots (the last half empty), 3 chunks
     starts = blk_ptr.long()
     assert bool((starts % 4 == 0).all())  # every segment starts aligned
