@@ -92,19 +92,32 @@ __device__ __forceinline__ void add_residual(const T* r, long long stride, float
 
 __device__ __forceinline__ float half_bits(unsigned bits) { return __half2float(__ushort_as_half((unsigned short)bits)); }
 
+// One vector load: through the read-only cache from global memory, plain from shared memory.
+template <bool SHARED, typename V>
+__device__ __forceinline__ V vector_load(const void* p) {
+  if constexpr (SHARED) {
+    return *reinterpret_cast<const V*>(p);
+  } else {
+    return __ldg(reinterpret_cast<const V*>(p));
+  }
+}
+
 // Four sparse entries starting at a 4-aligned index: one vector load for the values and one
-// for the offsets (the arrays' base pointers are 16-byte aligned).
+// for the offsets (the arrays' base pointers are 16-byte aligned); SHARED: from a staged copy.
+template <bool SHARED = false>
 __device__ __forceinline__ void load_values4(const float* p, float v[4]) {
-  const float4 t = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 t = vector_load<SHARED, float4>(p);
   v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
 }
+template <bool SHARED = false>
 __device__ __forceinline__ void load_values4(const __half* p, float v[4]) {
-  const uint2 t = __ldg(reinterpret_cast<const uint2*>(p));
+  const uint2 t = vector_load<SHARED, uint2>(p);
   v[0] = half_bits(t.x & 0xffffu); v[1] = half_bits(t.x >> 16);
   v[2] = half_bits(t.y & 0xffffu); v[3] = half_bits(t.y >> 16);
 }
+template <bool SHARED = false>
 __device__ __forceinline__ void load_offsets4(const unsigned short* p, int o[4]) {
-  const uint2 t = __ldg(reinterpret_cast<const uint2*>(p));
+  const uint2 t = vector_load<SHARED, uint2>(p);
   o[0] = (int)(t.x & 0xffffu); o[1] = (int)(t.x >> 16); o[2] = (int)(t.y & 0xffffu); o[3] = (int)(t.y >> 16);
 }
 

@@ -153,20 +153,6 @@ __device__ __forceinline__ void stage_sparse(const Params& p, const int* __restr
   }
 }
 
-__device__ __forceinline__ void shared_values4(const float* p, float v[4]) {
-  const float4 t = *reinterpret_cast<const float4*>(p);
-  v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
-}
-__device__ __forceinline__ void shared_values4(const __half* p, float v[4]) {
-  const uint2 t = *reinterpret_cast<const uint2*>(p);
-  v[0] = half_bits(t.x & 0xffffu); v[1] = half_bits(t.x >> 16);
-  v[2] = half_bits(t.y & 0xffffu); v[3] = half_bits(t.y >> 16);
-}
-__device__ __forceinline__ void shared_offsets4(const unsigned short* p, int o[4]) {
-  const uint2 t = *reinterpret_cast<const uint2*>(p);
-  o[0] = (int)(t.x & 0xffffu); o[1] = (int)(t.x >> 16); o[2] = (int)(t.y & 0xffffu); o[3] = (int)(t.y >> 16);
-}
-
 // NT threads (8 or 16 warps). The minimum of blocks per SM caps registers so that three
 // 256-thread blocks share an SM (the shared-memory budget allows three) unless the
 // accumulators (RPT x P) are many enough that the cap would spill; then two.
@@ -227,13 +213,17 @@ __global__ void __launch_bounds__(NT, NT >= 512 ? 1 : (P * RPT >= 16 ? 2 : 3)) c
   const int ss_off = (2 * buf_floats + 3) & ~3;  // 16-byte aligned start of the sparse buffers
   T* ss_vals = reinterpret_cast<T*>(smem + ss_off);
   unsigned short* ss_offs = reinterpret_cast<unsigned short*>(ss_vals + 2 * p.ss_cap);
+  // SS: row i's segment of chunk q, relative to the start of the chunk's run
+  auto ss_segment = [&](int q, int i, bool live, int& begin, int& end) {  // (0, 0) unless live
+    const int* b = bp + (long long)q * (kRows + 1);
+    const int slot = warp + i * kWarps;
+    begin = live ? b[slot] - b[0] : 0;
+    end = live ? b[slot + 1] - b[0] : 0;
+  };
 #pragma unroll
   for (int i = 0; i < RPT; ++i) {
     if (SS) {
-      const int* b = bp + (long long)q_begin * (kRows + 1);
-      const int slot = warp + i * kWarps;
-      seg_begin[i] = nq > 0 ? b[slot] - b[0] : 0;
-      seg_end[i] = nq > 0 ? b[slot + 1] - b[0] : 0;
+      ss_segment(q_begin, i, nq > 0, seg_begin[i], seg_end[i]);
       continue;
     }
     const int* cp = p.chunk_ptr + (long long)(rows[i] < 0 ? 0 : rows[i]) * (p.nchunks + 1);
@@ -252,10 +242,7 @@ __global__ void __launch_bounds__(NT, NT >= 512 ? 1 : (P * RPT >= 16 ? 2 : 3)) c
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
       if (SS) {
-        const int* b = bp + (long long)(q + 1) * (kRows + 1);
-        const int slot = warp + i * kWarps;
-        seg_next_begin[i] = t + 1 < nq ? b[slot] - b[0] : 0;
-        seg_next[i] = t + 1 < nq ? b[slot + 1] - b[0] : 0;
+        ss_segment(q + 1, i, t + 1 < nq, seg_next_begin[i], seg_next[i]);
       } else {
         seg_next[i] = (rows[i] >= 0 && t + 1 < nq) ? p.chunk_ptr[(long long)rows[i] * (p.nchunks + 1) + q + 2] : 0;
         seg_next_begin[i] = seg_end[i];
@@ -298,8 +285,8 @@ __global__ void __launch_bounds__(NT, NT >= 512 ? 1 : (P * RPT >= 16 ? 2 : 3)) c
         for (int e = seg_begin[i]; e < seg_end[i]; e += 4) {  // padded entries are (0, offset 0)
           float v[4];
           int o[4];
-          shared_values4(vb + e, v);
-          shared_offsets4(ob + e, o);
+          load_values4<true>(vb + e, v);
+          load_offsets4<true>(ob + e, o);
 #pragma unroll
           for (int u = 0; u < 4; ++u) apply(v[u], o[u]);
         }
