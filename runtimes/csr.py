@@ -39,7 +39,7 @@ from ..passes.csr_rewrite import DEFAULT_MAX_DENSITY, csr_rewrite
 from ..passes.graph import SPARSECNN_DOMAIN, PassResult, run_pipeline
 from .base import CompileOptions, Engine, _MatmulPrecision
 from .csr_ops import OPS as REFERENCE_OPS
-from .csr_ops import bias_tensor, conv_geometry, csr_tensors, has_residual, used_inputs
+from .csr_ops import bias_tensor, conv_geometry, csr_tensors, epilogue, has_residual, used_inputs
 from .executor import Executor
 from .ops import STANDARD_OPS, NodeContext, attributes
 
@@ -130,13 +130,6 @@ def compile_with_backend(model: onnx.ModelProto, device, options=None, state: di
 
 
 # --- kernel builders ------------------------------------------------------------------------
-
-def _add_relu(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
-    """The dense form's epilogue on its fresh output y: the residual added, then ReLU, in place."""
-    if residual is not None:
-        y.add_(residual)
-    return y.relu_() if relu else y
-
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -341,7 +334,7 @@ class _KernelSession:
         kernel = dctx.info.get("kernel", "torch.conv")
 
         def fn(t, r=None):
-            return _add_relu(run(t, None, b), r, relu)
+            return epilogue(run(t, None, b), None, r, relu)
 
         return fn, [consts["__csr_dense_w"]] + ([b] if b is not None else []), kernel
 
@@ -377,7 +370,7 @@ class _KernelSession:
             b = bias.to(self.device, ctx.dtype) if bias is not None else None
 
             def fn(t, r=None):
-                return _add_relu(torch.nn.functional.linear(t, w, b), r, relu)
+                return epilogue(torch.nn.functional.linear(t, w, b), None, r, relu)
 
             return fn, [w] + ([b] if b is not None else []), "torch.linear (cuBLAS)"
 

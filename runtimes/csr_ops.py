@@ -54,12 +54,13 @@ def used_inputs(ctx: NodeContext) -> list[int]:
 
 
 def epilogue(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
-    """y + bias (along dim 1) + residual, then ReLU: the fused epilogue of the CSR ops, in y's precision."""
+    """y + bias (along dim 1) + residual, then ReLU: the fused epilogue of the CSR ops, in y's
+    precision, in place (y is a fresh result its caller owns: no extra tensors in a graph)."""
     if bias is not None:
-        y = y + bias.to(y.device, y.dtype).view(1, -1, *([1] * (y.dim() - 2)))
+        y.add_(bias.to(y.device, y.dtype).view(1, -1, *([1] * (y.dim() - 2))))
     if residual is not None:
-        y = y + residual.to(y.dtype)
-    return torch.relu(y) if relu else y
+        y.add_(residual)
+    return y.relu_() if relu else y
 
 
 def csr_tensors(ctx: NodeContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
