@@ -121,6 +121,15 @@ def pruned_weight(shape, density, gen, empty_rows=(0,), full_row=1):
 
 # --- 1. correctness -----------------------------------------------------------------------
 
+def _conv_relu_error(plan, g, x, w, b, gen, residual: bool, dev) -> float:
+    """Relative error of plan(x [, r]) against a float64 relu(conv(x) + b [+ r]); r fresh random."""
+    xf = F.pad(x.double(), (g.pl, g.pr, g.pt, g.pb))
+    ref = F.conv2d(xf, w.to(x.dtype).double(), b.double(), (g.sh, g.sw), 0, (g.dh, g.dw))
+    r = torch.randn(ref.shape, generator=gen).to(x.dtype) if residual else None
+    y = plan(x.to(dev), None if r is None else r.to(dev))
+    return rel_err(y.float(), torch.relu(ref if r is None else ref + r.double()))
+
+
 def part_correctness(run: Run) -> dict:
     from sparsecnn.passes.csr import csr_from_dense, gemm_view
     from sparsecnn.runtimes.csr_kernels import (CONV_VARIANTS, SPMV_BATCH, SPUTNIK_VARIANTS, ConvGeometry, ConvPlan,
@@ -155,16 +164,12 @@ def part_correctness(run: Run) -> dict:
                     x = torch.randn(2, g.c, g.h, g.w, generator=gen).to(dtype)
                     b = torch.randn(g.m, generator=gen)
                     plan = ConvPlan(csr_from_dense(gemm_view(w)), g, cfg, dtype, dev, backend, b, relu=True)
-                    xf = F.pad(x.double(), (g.pl, g.pr, g.pt, g.pb))
-                    ref = F.conv2d(xf, w.to(dtype).double(), b.double(), (g.sh, g.sw), 0, (g.dh, g.dw))
                     # the small-budget (several chunks, split-K) variant also adds a fused residual
-                    r = torch.randn(ref.shape, generator=gen).to(dtype) if budget_name == "small" else None
-                    y = plan(x.to(dev), None if r is None else r.to(dev))
-                    ref = torch.relu(ref if r is None else ref + r.double())
-                    err = rel_err(y.float(), ref)
+                    r = budget_name == "small"
+                    err = _conv_relu_error(plan, g, x, w, b, gen, r, dev)
                     rows.append({"kernel": conv_expression(dtype, p, rpt, threads, vec, ss), "case": gi,
                                  "config": cfg.label(), "dtype": dtype_name, "rel_err": err,
-                                 "residual": r is not None, "pass": err <= TOL[dtype_name]})
+                                 "residual": r, "pass": err <= TOL[dtype_name]})
         for nb in SPMV_BATCH:
             for batch in ((1,) if nb == 1 else (3, 6)):
                 w = pruned_weight((45, 301), 0.15, gen)
@@ -195,14 +200,10 @@ def part_correctness(run: Run) -> dict:
                     x = torch.randn(2, g.c, g.h, g.w, generator=gen).to(dtype)
                     b = torch.randn(g.m, generator=gen)
                     plan = SputnikPlan(csr_from_dense(gemm_view(w)), g, cfg, dtype, dev, backend, b, relu=True)
-                    xf = F.pad(x.double(), (g.pl, g.pr, g.pt, g.pb))
-                    ref = F.conv2d(xf, w.to(dtype).double(), b.double(), (g.sh, g.sw), 0, (g.dh, g.dw))
-                    r = torch.randn(ref.shape, generator=gen).to(dtype) if gi % 2 else None  # odd cases: residual
-                    y = plan(x.to(dev), None if r is None else r.to(dev))
-                    ref = torch.relu(ref if r is None else ref + r.double())
-                    err = rel_err(y.float(), ref)
+                    r = gi % 2 == 1  # odd cases: with a fused residual
+                    err = _conv_relu_error(plan, g, x, w, b, gen, r, dev)
                     rows.append({"kernel": kernel_name(cfg, dtype), "case": gi, "config": cfg.label(),
-                                 "dtype": dtype_name, "rel_err": err, "residual": r is not None,
+                                 "dtype": dtype_name, "rel_err": err, "residual": r,
                                  "pass": err <= TOL[dtype_name]})
         w = pruned_weight((23, 70), 0.2, gen)
         x = torch.randn(11, 70, generator=gen).to(dtype)
