@@ -82,7 +82,11 @@ class Variant:
     broadcasts every non-zero by shuffle while it multiplies. kind "list" (`ecr_list_conv_pool`):
     the warp writes a group's compressed row of the K chunk to shared memory first, then a
     multiply-only loop reads its {values, k} entries; the next chunk's patch is prefetched
-    through PREFETCH registers per thread while the current one is multiplied."""
+    through PREFETCH registers per thread while the current one is multiplied. kind "row"
+    (`ecr_row_conv_pool`, 3-wide kernels at stride 1 along x): GROUP is the conv columns of a
+    warp row, PPW / GROUP the rows of a warp; one ballot per input row gives its non-zero
+    columns, and the weights of a (channel, kernel row) sit in registers while the warp walks
+    the non-zeros of its rows."""
 
     vec: int
     ppw: int
@@ -90,6 +94,7 @@ class Variant:
     warps: int = 8
     kind: str = "warp"
     prefetch: int = 4
+    scan: int = 1  # kind "row": 0 jump from non-zero to non-zero, 1 test every column, 2 every pair of columns first
 
     @property
     def ct(self) -> int:
@@ -103,13 +108,23 @@ class Variant:
     def threads(self) -> int:
         return 32 * self.warps
 
+    @property
+    def rows(self) -> int:
+        """kind "row": conv rows per warp"""
+        return self.ppw // self.group
+
     def expr(self, half: bool) -> str:
         t = "__half" if half else "float"
+        if self.kind == "row":
+            return (f"ecr_row_conv_pool<{t}, {self.vec}, {self.group}, {self.rows}, {self.warps}, {ROW_KW}, "
+                    f"{self.scan}>")
         if self.kind == "list":
             return f"ecr_list_conv_pool<{t}, {self.vec}, {self.ppw}, {self.warps}, {self.group}, {self.prefetch}>"
         return f"ecr_conv_pool<{t}, {self.vec}, {self.ppw}, {self.warps}, {self.group}>"
 
     def smem_floats(self, kc: int, patch: int) -> int:
+        if self.kind == "row":  # two patch buffers of rows of 32 floats, and a row offset per row
+            return max(2 * kc * self.ct + 2 * patch + patch // 32, self.ct * (self.rmax + 1))
         main = 2 * kc * self.ct + patch + kc + self.rmax
         if self.kind == "list":  # then one list of kc entries (2 floats for G=1, 4 for G=2, 8 for G=4) per warp
             main = ((main + 3) & ~3) + self.warps * kc * {1: 2, 2: 4, 3: 4, 4: 8}[self.group]
@@ -133,7 +148,14 @@ VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4)
             # brought from L2 serves more positions (weight traffic, not multiplies, bounds the deep
             # layers at high sparsity)
             *(Variant(v, ppw, g, warps=16, kind="list") for v, ppw, g in
-              ((2, 16, 1), (2, 16, 4), (2, 12, 3), (4, 8, 4), (8, 8, 4))))
+              ((2, 16, 1), (2, 16, 4), (2, 12, 3), (4, 8, 4), (8, 8, 4))),
+            # "row" variants: VEC x columns x rows per warp (64 accumulators or fewer), scan
+            *(Variant(v, cols * rows, cols, warps=warps, kind="row", prefetch=0, scan=scan)
+              for v, cols, rows, warps, scan in
+              ((2, 16, 1, 8, 1), (2, 16, 1, 8, 2), (2, 14, 1, 8, 1), (2, 8, 2, 8, 1),
+               (4, 16, 1, 8, 1), (4, 16, 1, 8, 2), (4, 16, 1, 8, 0), (4, 14, 1, 8, 1), (4, 8, 2, 8, 1),
+               (8, 8, 1, 8, 1), (8, 8, 1, 8, 2), (8, 8, 1, 8, 0))))
+ROW_KW = 3                   # the row kernel's kernel width (stride 1 along x)
 KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
 # list kernels write rows 32 entries at a time: 63 = 7 channels of a 3x3 kernel fills 2 ballots
 LIST_KC_TARGETS = (36, 63)
@@ -157,14 +179,17 @@ class Candidate:
     def name(self) -> str:
         v = self.variant
         split = f"s{self.split_scale:g}" if self.split_scale else "sw"
+        if v.kind == "row":
+            return (f"row{v.ct}x{v.warps * v.rows}x{v.group}s{v.scan}"
+                    f"-k{self.kc_target}-{split}")
         if v.kind == "list":
             return f"list{v.ct}x{v.rmax}g{v.group}-k{self.kc_target}-{split}"
         return f"ecr{v.vec * 32}x{v.rmax}{'u' if v.group == 4 else ''}-k{self.kc_target}-{split}"
 
 
 CANDIDATES = tuple(Candidate(v, k, s) for v in VARIANTS
-                   for k in (LIST_KC_TARGETS if v.kind == "list" else KC_TARGETS)
-                   for s in (LIST_SPLIT_SCALES if v.kind == "list" else SPLIT_SCALES))
+                   for k in (KC_TARGETS if v.kind == "warp" else LIST_KC_TARGETS)
+                   for s in (SPLIT_SCALES if v.kind == "warp" else LIST_SPLIT_SCALES))
 CANDIDATE_BY_NAME = {c.name: c for c in CANDIDATES}
 
 PARAM_FIELDS = ("n_img cin h w cout cout_pad kh kw sh sw pad_t pad_l oh ow pkh pkw psh psw ppad_t ppad_l "
@@ -215,6 +240,25 @@ def _tile(qh: int, qw: int, pool: PoolGeometry | None, g: ConvGeometry, rmax: in
     return best
 
 
+def _row_tile(qh: int, qw: int, pk: tuple, cols: int, rows: int) -> tuple[int, int]:
+    """Outputs per tile (tqy, tqx) of the row kernel: conv region at most `rows` x `cols`; fewest
+    tiles, then least recomputed/idle work. (0, 0) if not even one output fits."""
+    best, best_key = (0, 0), None
+    for tqy in range(1, qh + 1):
+        cry = (tqy - 1) * pk[2] + pk[0]
+        if cry > rows:
+            break
+        for tqx in range(1, qw + 1):
+            crx = (tqx - 1) * pk[3] + pk[1]
+            if crx > cols:
+                break
+            tiles = -(-qh // tqy) * -(-qw // tqx)
+            key = (tiles, tiles * cry * crx, -tqx)
+            if best_key is None or key < best_key:
+                best, best_key = (tqy, tqx), key
+    return best
+
+
 def blocks_per_sm(v: Variant, smem: int, registers: int | None = None) -> int:
     """Resident blocks of `v` per SM with `smem` bytes of dynamic shared memory (1 KB reserved per
     block) and, if known, `registers` per thread (allocated per warp in units of 256)."""
@@ -252,14 +296,25 @@ def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout:
         return None
     if v.ct > 64 and v.ct >= 2 * cout:  # half the lanes or more would multiply padding
         return None
-    tqy, tqx = _tile(qh, qw, pool, g, v.rmax)
-    cry, crx = (tqy - 1) * pk[2] + pk[0], (tqx - 1) * pk[3] + pk[1]
-    patch_h, patch_w = (cry - 1) * g.sh + g.kh, (crx - 1) * g.sw + g.kw
     khw = g.kh * g.kw
     cc = max(1, min(g.cin, MAX_CC, round(cand.kc_target / khw)))
+    if v.kind == "row":
+        if g.kw != ROW_KW or g.sw != 1:
+            return None
+        tqy, tqx = _row_tile(qh, qw, pk, v.group, v.warps * v.rows)
+        if not tqy:
+            return None
+        cry, crx = (tqy - 1) * pk[2] + pk[0], (tqx - 1) * pk[3] + pk[1]
+        patch_h, patch_w = (cry - 1) * g.sh + g.kh, crx + g.kw - 1
+        patch = cc * patch_h * 32  # rows of 32 floats
+    else:
+        tqy, tqx = _tile(qh, qw, pool, g, v.rmax)
+        cry, crx = (tqy - 1) * pk[2] + pk[0], (tqx - 1) * pk[3] + pk[1]
+        patch_h, patch_w = (cry - 1) * g.sh + g.kh, (crx - 1) * g.sw + g.kw
+        patch = cc * patch_h * patch_w
     kc = cc * khw
-    smem = 4 * v.smem_floats(kc, cc * patch_h * patch_w)
-    if smem > max_smem or not v.fits(cc * patch_h * patch_w):
+    smem = 4 * v.smem_floats(kc, patch)
+    if smem > max_smem or not v.fits(patch):
         return None
     tiles_y, tiles_x = -(-qh // tqy), -(-qw // tqx)
     cout_pad = -(-cout // MAX_CT) * MAX_CT

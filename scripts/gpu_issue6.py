@@ -22,8 +22,8 @@ Parts (each recorded even if another fails; --parts picks some):
            sparsity 0-95% (i.i.d. zeros) and on real activations (Fashion-MNIST through the
            --checkpoint VGG-19, or random weights when none is given: said in the output).
            Bar: PECR geomean >= 1.5x best dense, fp32, five pool layers x 70/80/90%.
-           Every kernel candidate (warp and list kernels) is checked and screened at 80% zeros; the
-           two fastest and the best of the other kernel family are timed at every sparsity. Jobs
+           Every kernel candidate (warp, list and row kernels) is checked and screened at 80% zeros;
+           the two fastest and the best of each other kernel family are timed at every sparsity. Jobs
            run bar first (fp32 PECR), then fp32 ECR, then fp16, until --fig8-budget-s is spent.
   vgg      whole VGG-19 at batch 1: `ecr` runtime (kernels chosen per layer by timing on a
            calibration image, then the whole graph checked against all-dense) vs the best dense
@@ -146,7 +146,7 @@ class CpuLayer:
 
     def candidates(self, x):
         ok = [c for c in self._cands if self.plan(c, x) is not None]
-        return [c for c in ok if c.variant.kind == "warp"][:2] + [c for c in ok if c.variant.kind == "list"][:2]
+        return [c for kind in ("warp", "list", "row") for c in [c for c in ok if c.variant.kind == kind][:2]]
 
     def plan(self, cand, x):
         from sparsecnn.runtimes.ecr_ops import conv_geometry
@@ -266,12 +266,14 @@ def time_sparse(layer, x, reps, dry, names=None, ref=None, rejected=None) -> dic
 
 def keep_variants(times: dict, n: int = 2, groups: bool = False) -> list[str]:
     """The `n` fastest candidates, plus the fastest of a kernel family (name prefix: `ecr` warp
-    kernels, `list` list kernels) that is not among them, so both stay measured everywhere; with
-    `groups`, also the fastest list kernel of each union group size (g1, g3, g4: which wins moves
-    with sparsity, and only kept candidates are timed away from 80%)."""
+    kernels, `list` list kernels, `row` row kernels) that is not among them, so each stays measured
+    everywhere; with `groups`, also the fastest list kernel of each union group size (g1, g3, g4)
+    and the fastest row kernel of each scan and block width: which wins moves with sparsity, and
+    only kept candidates are timed away from 80%."""
     order = sorted(times, key=times.get)
     keep = order[:n]
-    tags = ["ecr", "list"] + (["list*g1-", "list*g3-", "list*g4-"] if groups else [])
+    tags = ["ecr", "list", "row"] + (["list*g1-", "list*g3-", "list*g4-", "row*s0-", "row*s1-", "row*s2-",
+                                       "row64x", "row128x", "row256x"] if groups else [])
     for tag in tags:
         head, _, part = tag.partition("*")
         match = [k for k in order if k.startswith(head) and part in k]
@@ -532,8 +534,8 @@ def summarize_fig8(res):
         res["bar"] = {"pecr_fp32_geomean_speedup": gm, "points": len(bar), "target": 1.5, "met": gm >= 1.5,
                       "per_point": [{k: r[k] for k in ("layer", "sparsity", "sparse_ms", "dense_ms", "dense_method",
                                                         "speedup", "sparse_variant")} for r in bar]}
-        # the same geomean with one kernel family only (ecr* warp kernels, list* list kernels)
-        for family in ("ecr", "list"):
+        # the same geomean with one kernel family only (ecr* warp, list* list, row* row kernels)
+        for family in ("ecr", "list", "row"):
             sp = []
             for r in bar:
                 t = [v for k, v in (r.get("sparse_all_ms") or {}).items() if k.startswith(family) and v]
@@ -736,7 +738,7 @@ def write_markdown(res, out: Path):
               f"PECR geomean speedup over the best dense conv+ReLU+max-pool on the five conv-then-pool layers at "
               f"70/80/90% zeros: **{b['pecr_fp32_geomean_speedup']:.2f}x** (bar 1.5x: {'met' if b['met'] else 'NOT met'}); "
               f"warp kernels (ecr*) alone {fmt_x(b.get('geomean_ecr_only'))}, list kernels (list*) alone "
-              f"{fmt_x(b.get('geomean_list_only'))}.",
+              f"{fmt_x(b.get('geomean_list_only'))}, row kernels (row*) alone {fmt_x(b.get('geomean_row_only'))}.",
               "", "| layer | zeros | PECR ms | variant | dense ms | dense method | speedup |", "|---|---|---|---|---|---|---|"]
         for p in b["per_point"]:
             L.append(f"| {p['layer']} | {p['sparsity']:.0%} | {p['sparse_ms']:.4f} | {p['sparse_variant']} | "
@@ -797,7 +799,8 @@ def short_table(res):
         b = res["bar"]
         log(f"BAR PECR fp32 geomean @70/80/90% over {b['points']} points: {b['pecr_fp32_geomean_speedup']:.2f}x "
             f"(target 1.5x: {'MET' if b['met'] else 'NOT MET'}; warp kernels alone {fmt_x(b.get('geomean_ecr_only'))}, "
-            f"list kernels alone {fmt_x(b.get('geomean_list_only'))})")
+            f"list kernels alone {fmt_x(b.get('geomean_list_only'))}, row kernels alone "
+            f"{fmt_x(b.get('geomean_row_only'))})")
     for r in (res.get("vgg", {}).get("rows") or []) + (res.get("nets") or []):
         if "error" in r:
             log(f"{r.get('model', '?')} {r.get('dtype', '')}: ERROR {r['error']}")

@@ -57,7 +57,8 @@ struct EcrParams {
 };
 
 // Blocks per SM asked of ptxas (register budget) for ecr_conv_pool: 3 (<= 85 registers), and for
-// 16 positions per warp 2 (<= 128) where that compiles without spills (sm_90), else 1.
+// 16 positions per warp (and the 8-warp row kernels) 2 (<= 128) where that compiles without spills
+// (sm_90), else 1.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define ECR_WIDE_MIN_BLOCKS 2
 #else
@@ -73,12 +74,20 @@ template <> __device__ __forceinline__ void store_act<__half>(__half* p, float v
 
 #ifdef SPARSECNN_EMU
 inline void cp_async16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }
+inline void cp_async4_zfill(void* smem, const void* gmem, bool read) {
+  if (read) std::memcpy(smem, gmem, 4); else std::memset(smem, 0, 4);
+}
 inline void cp_async_commit() {}
 template <int N> inline void cp_async_wait() {}
 #else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+// 4 bytes, or 4 zero bytes when !read (the source is not read then)
+__device__ __forceinline__ void cp_async4_zfill(void* smem, const void* gmem, bool read) {
+  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(read ? 4 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -151,11 +160,14 @@ __device__ __forceinline__ int slot_pos(int s, int warp) {
 }
 
 // The end of a block, shared by the kernels: split-K reduction (if any), bias, ReLU/max-pool,
-// stores. acc[s] holds the sums of slot s (conv position slot_pos(s, warp)), valid bit s says
+// stores. acc[s] holds the sums of slot s (conv position slot_of(s, warp) of the tile), valid bit s says
 // the position is a real conv output. Callers have synchronised the block after their last
 // use of shared memory, which the epilogue reuses as its staging tile.
-template <typename T, int VEC, int PPW, int WARPS, int GROUP>
-__device__ __forceinline__ void ecr_finish(float (&acc)[PPW][VEC], const unsigned valid, float* smem,
+template <int WARPS, int GROUP> struct GroupSlots {
+  __device__ __forceinline__ int operator()(int s, int warp) const { return slot_pos<WARPS, GROUP>(s, warp); }
+};
+template <typename T, int VEC, int PPW, int WARPS, typename Slots>
+__device__ __forceinline__ void ecr_finish(float (&acc)[PPW][VEC], const unsigned valid, const Slots& slot_of, float* smem,
                                            const float* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws,
                                            int* __restrict__ tickets, const EcrParams& p, int* s_last, const int img,
                                            const int c0, const int ry0, const int rx0, const int qy0, const int qx0,
@@ -171,7 +183,7 @@ __device__ __forceinline__ void ecr_finish(float (&acc)[PPW][VEC], const unsigne
     float* slot = ws + (static_cast<size_t>(blockIdx.x) * gridDim.y + blockIdx.y) * (RMAX * CT);
 #pragma unroll
     for (int s = 0; s < PPW; ++s)
-      if ((valid >> s) & 1u) red_add_vec<VEC>(slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC, acc[s]);
+      if ((valid >> s) & 1u) red_add_vec<VEC>(slot + slot_of(s, warp) * CT + lane * VEC, acc[s]);
     __threadfence();
     __syncthreads();
     int* ticket = tickets + blockIdx.x * gridDim.y + blockIdx.y;
@@ -182,7 +194,7 @@ __device__ __forceinline__ void ecr_finish(float (&acc)[PPW][VEC], const unsigne
 #pragma unroll
     for (int s = 0; s < PPW; ++s) {
       if (!((valid >> s) & 1u)) continue;
-      float* q = slot + slot_pos<WARPS, GROUP>(s, warp) * CT + lane * VEC;
+      float* q = slot + slot_of(s, warp) * CT + lane * VEC;
       load_vec_cg<VEC>(acc[s], q);
       const float zero[VEC] = {};
       store_vec_cg<VEC>(q, zero);
@@ -199,7 +211,7 @@ __device__ __forceinline__ void ecr_finish(float (&acc)[PPW][VEC], const unsigne
 #pragma unroll
   for (int s = 0; s < PPW; ++s) {
     if (!((valid >> s) & 1u)) continue;
-    const int r = slot_pos<WARPS, GROUP>(s, warp);
+    const int r = slot_of(s, warp);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       float v = acc[s][j] + b[j];
@@ -426,7 +438,7 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
     __syncthreads();  // the next chunk overwrites the patch and this weight buffer
   }
   cp_async_wait<0>();
-  ecr_finish<T, VEC, PPW, WARPS, GROUP>(acc, valid, smem, bias, y, ws, tickets, p, &s_last, img, c0, ry0, rx0, qy0, qx0, R);
+  ecr_finish<T, VEC, PPW, WARPS>(acc, valid, GroupSlots<WARPS, GROUP>{}, smem, bias, y, ws, tickets, p, &s_last, img, c0, ry0, rx0, qy0, qx0, R);
 }
 
 // --- list kernel: each compressed row written to shared memory, then a multiply-only loop ---
@@ -650,5 +662,258 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
   }
   cp_async_wait<0>();
   __syncthreads();  // the last patch stores (none) and reads are over: the epilogue reuses shared memory
-  ecr_finish<T, VEC, PPW, WARPS, G>(acc, valid, smem, bias, y, ws, tickets, p, &s_last, img, c0, ry0, rx0, qy0, qx0, R);
+  ecr_finish<T, VEC, PPW, WARPS>(acc, valid, GroupSlots<WARPS, G>{}, smem, bias, y, ws, tickets, p, &s_last, img, c0, ry0, rx0, qy0, qx0, R);
+}
+
+// --- row kernel: row bit-masks, weights held in registers ---------------------------------
+//
+// ecr_row_conv_pool, for kernels KW wide at stride 1 along x (VGG's 3x3 convs): warp w owns PY
+// consecutive conv rows of the tile, G conv columns each (slot s = py*G + x, position
+// (w*PY + py)*crx + x of the tile's conv region). Per K chunk of cc channels:
+//   1. the chunk's input patch lands in shared memory as one 32-float row per (channel, input
+//      row), column u = input column ix0 + u (u < patch_w = crx + KW - 1, zero elsewhere and
+//      outside the image). fp32: cp.async, double buffered with the weights, so the next chunk
+//      streams in while this one is multiplied; fp16: loaded and widened by the threads.
+//   2. per (channel c, kernel row i) the warp loads the KW weight vectors W[c,i,0..KW) of its
+//      lanes' VEC output channels into registers; per conv row, one ballot over the input row
+//      gives the bit-mask of its non-zero columns (each input is tested KH times, once per
+//      kernel row, not KH*KW times as when building each window's list), and the warp walks the
+//      set bits: the non-zero input at column u multiplies W[c,i,j] into the accumulators of
+//      positions x = u - j, j < KW. For position x these are exactly the non-zeros of its window
+//      row (its ECR row, taken input by input). Each column's code is unrolled, which
+//      keeps every accumulator index a compile-time constant, so nothing leaves registers.
+//      SCAN picks how the bits are walked: 0 jumps from set bit to set bit (switch on u), 1 tests
+//      every column, 2 every pair of columns first; 1 and 2 hold the row's values in registers.
+// Per non-zero input: one broadcast shared load and up to KW*VEC FMAs, no weight load: the KW
+// weight vectors are read once per (c, i) and serve all inputs of the warp's PY rows.
+// Shared memory (floats): W chunk buffers 2 x [kc][CT], patch buffers 2 x [cc*patch_h][32], row
+// offsets [cc*patch_h] (ints); the epilogue reuses the front as its staging tile.
+template <int PY, int G> struct RowSlots {
+  int crx;
+  __device__ __forceinline__ int operator()(int s, int warp) const { return (warp * PY + s / G) * crx + s % G; }
+};
+
+// the input at column U of a warp row meets weight j of the positions x = U - j
+template <int U, int G, int KW, int VEC>
+__device__ __forceinline__ void row_input(float (&acc)[G][VEC], const float a, const Row<VEC> (&w)[KW]) {
+#pragma unroll
+  for (int j = 0; j < KW; ++j) {
+    if (U - j >= 0 && U - j < G) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[U - j][v] = fmaf(a, w[j].v[v], acc[U - j][v]);
+    }
+  }
+}
+
+// SCAN 1: one warp-uniform test per column; SCAN 2: one per pair of columns, then one per column
+// of a pair that has a non-zero (fewer tests at high sparsity). The row's values are in registers.
+template <int NU, int G, int KW, int VEC, int SCAN, int U = 0>
+__device__ __forceinline__ void row_scan_columns(float (&acc)[G][VEC], const unsigned m, const float* a,
+                                                 const Row<VEC> (&w)[KW]) {
+  if constexpr (U < NU) {
+    if constexpr (SCAN == 2 && U + 1 < NU) {
+      if (m & (3u << U)) {
+        if ((m >> U) & 1u) row_input<U, G, KW, VEC>(acc, a[U], w);
+        if ((m >> (U + 1)) & 1u) row_input<U + 1, G, KW, VEC>(acc, a[U + 1], w);
+      }
+      row_scan_columns<NU, G, KW, VEC, SCAN, U + 2>(acc, m, a, w);
+    } else {
+      if ((m >> U) & 1u) row_input<U, G, KW, VEC>(acc, a[U], w);
+      row_scan_columns<NU, G, KW, VEC, SCAN, U + 1>(acc, m, a, w);
+    }
+  }
+}
+
+// bits: the loop runs once per non-zero input; the switch jumps to that column's FMAs
+template <int NU, int G, int KW, int VEC>
+__device__ __forceinline__ void row_scan_bits(float (&acc)[G][VEC], unsigned m, const float* prow,
+                                              const Row<VEC> (&w)[KW]) {
+  while (m) {
+    const int u = __ffs(m) - 1;
+    m &= m - 1;
+    const float a = prow[u];
+    switch (u) {
+#define ECR_ROW_CASE(U) \
+  case U:               \
+    if constexpr (U < NU) row_input<U, G, KW, VEC>(acc, a, w); else __builtin_unreachable(); break;
+      ECR_ROW_CASE(0) ECR_ROW_CASE(1) ECR_ROW_CASE(2) ECR_ROW_CASE(3) ECR_ROW_CASE(4) ECR_ROW_CASE(5)
+      ECR_ROW_CASE(6) ECR_ROW_CASE(7) ECR_ROW_CASE(8) ECR_ROW_CASE(9) ECR_ROW_CASE(10) ECR_ROW_CASE(11)
+      ECR_ROW_CASE(12) ECR_ROW_CASE(13) ECR_ROW_CASE(14) ECR_ROW_CASE(15) ECR_ROW_CASE(16) ECR_ROW_CASE(17)
+      ECR_ROW_CASE(18) ECR_ROW_CASE(19) ECR_ROW_CASE(20) ECR_ROW_CASE(21) ECR_ROW_CASE(22) ECR_ROW_CASE(23)
+      ECR_ROW_CASE(24) ECR_ROW_CASE(25) ECR_ROW_CASE(26) ECR_ROW_CASE(27) ECR_ROW_CASE(28) ECR_ROW_CASE(29)
+      ECR_ROW_CASE(30) ECR_ROW_CASE(31)
+#undef ECR_ROW_CASE
+      default: __builtin_unreachable();
+    }
+  }
+}
+
+// Where a block's tile starts (image, first pooled output, first conv position). The row kernel
+// computes it again after its main loop from a fresh read of the block index, so none of it is
+// kept in registers (or spilled) across the loop.
+struct TileOrigin {
+  int img, qy0, qx0, ry0, rx0;
+};
+__device__ __forceinline__ TileOrigin tile_origin(const EcrParams& p, const int bx) {
+  const int tiles = p.tiles_y * p.tiles_x;
+  const int img = bx / tiles, t_in = bx - img * tiles;
+  const int ty = t_in / p.tiles_x, tx = t_in - ty * p.tiles_x;
+  const int qy0 = ty * p.tqy, qx0 = tx * p.tqx;
+  return {img, qy0, qx0, qy0 * p.psh - p.ppad_t, qx0 * p.psw - p.ppad_l};
+}
+__device__ __forceinline__ int block_x_reread() {
+#ifdef SPARSECNN_EMU
+  return blockIdx.x;
+#else
+  unsigned v;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(v));  // volatile: not merged with the first read
+  return static_cast<int>(v);
+#endif
+}
+// valid bit s = py*G + x: slot s of warp `warp` is a conv position of the layer (row kernel)
+template <int PY, int G>
+__device__ __forceinline__ unsigned row_slots_valid(const EcrParams& p, const TileOrigin& t, const int warp) {
+  unsigned valid = 0;
+#pragma unroll
+  for (int s = 0; s < PY * G; ++s) {
+    const int ry = warp * PY + s / G, rx = s % G;
+    const int cy = t.ry0 + ry, cx = t.rx0 + rx;
+    if (rx < p.crx && ry < p.cry && cy >= 0 && cy < p.oh && cx >= 0 && cx < p.ow) valid |= 1u << s;
+  }
+  return valid;
+}
+
+template <typename T, int VEC, int G, int PY, int WARPS, int KW, int SCAN>
+__global__ void __launch_bounds__(WARPS * 32, WARPS >= 16 ? 1 : (WARPS >= 8 ? ECR_WIDE_MIN_BLOCKS : 4))
+ecr_row_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,
+                  T* __restrict__ y, float* __restrict__ ws, int* __restrict__ tickets, const EcrParams p) {
+  constexpr int CT = 32 * VEC;
+  constexpr int THREADS = WARPS * 32;
+  constexpr int PPW = PY * G;
+  constexpr int NU = G + KW - 1;  // input columns of a warp row
+  constexpr unsigned FULL = 0xffffffffu;
+  constexpr bool ASYNC = sizeof(T) == 4;  // fp32 rows are copied by cp.async
+  static_assert(NU <= 32 && PPW <= 32, "a warp row's inputs fit one mask word, its positions the valid bits");
+  ECR_DYNAMIC_SMEM(smem4);
+  float* smem = reinterpret_cast<float*>(smem4);
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int kc = p.kc;
+  const int rows = p.cc * p.patch_h;  // patch rows of a chunk
+  float* wbuf0 = smem;
+  float* wbuf1 = smem + kc * CT;
+  float* pbuf0 = smem + 2 * kc * CT;
+  float* pbuf1 = pbuf0 + rows * 32;
+  int* rowoff = reinterpret_cast<int*>(pbuf1 + rows * 32);
+
+  const TileOrigin t0 = tile_origin(p, blockIdx.x);
+  const int img = t0.img;
+  const int iy0 = t0.ry0 * p.sh - p.pad_t, ix0 = t0.rx0 - p.pad_l;  // stride 1 along x
+  const int c0 = blockIdx.y * CT;
+  const int ch_begin = blockIdx.z * p.chunks_per_split;
+  const int ch_end = min(p.chunks, ch_begin + p.chunks_per_split);
+  const int hw = p.h * p.w;
+
+  // patch row r = cl*patch_h + pr holds input row iy0 + pr of channel cl: offset (cl*h + iy)*w
+  // past the chunk's first channel, -1 outside the image
+  for (int r = tid; r < rows; r += THREADS) {
+    const int cl = r / p.patch_h, iy = iy0 + (r - cl * p.patch_h);
+    rowoff[r] = (iy >= 0 && iy < p.h) ? (cl * p.h + iy) * p.w : -1;
+  }
+  unsigned row_valid = 0;  // bit py: conv row py of this warp has a position of the layer
+  {
+    const unsigned valid = row_slots_valid<PY, G>(p, t0, warp);
+#pragma unroll
+    for (int py = 0; py < PY; ++py) row_valid |= ((valid >> (py * G)) & ((1u << (G - 1) << 1) - 1u)) ? 1u << py : 0u;
+  }
+  float acc[PY][G][VEC];
+#pragma unroll
+  for (int py = 0; py < PY; ++py)
+#pragma unroll
+    for (int s = 0; s < G; ++s)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[py][s][v] = 0.f;
+
+  auto load_weights = [&](int ch, float* dst) {
+    const float* src = wt + static_cast<size_t>(ch) * kc * p.cout_pad + c0;
+    constexpr int PIECES = CT / 4;
+    for (int i = tid; i < kc * PIECES; i += THREADS) {
+      const int row = i / PIECES, col = i - row * PIECES;
+      cp_async16(dst + row * CT + col * 4, src + static_cast<size_t>(row) * p.cout_pad + col * 4);
+    }
+  };
+  const int ix = ix0 + lane;
+  const bool col_in = lane < p.patch_w && ix >= 0 && ix < p.w;
+  auto load_rows = [&](int ch, float* dst) {  // lane = column; rows warp, warp + WARPS, ...
+    const T* xc = x + (static_cast<size_t>(img) * p.cin + ch * p.cc) * hw;
+    const int limit = (p.cin - ch * p.cc) * hw;  // channels past cin read as zero
+    for (int r = warp; r < rows; r += WARPS) {
+      const int o = rowoff[r];
+      const bool in = col_in && o >= 0 && o < limit;
+      if constexpr (ASYNC) cp_async4_zfill(dst + r * 32 + lane, in ? xc + o + ix : x, in);
+      else dst[r * 32 + lane] = in ? load_act(xc + o + ix) : 0.f;
+    }
+  };
+
+  __syncthreads();  // rowoff
+  if (ch_begin < ch_end) {
+    load_weights(ch_begin, wbuf0);
+    load_rows(ch_begin, pbuf0);
+  }
+  cp_async_commit();
+  for (int ch = ch_begin; ch < ch_end; ++ch) {
+    const int stage = (ch - ch_begin) & 1;
+    if (ch + 1 < ch_end) {
+      load_weights(ch + 1, stage ? wbuf0 : wbuf1);
+      load_rows(ch + 1, stage ? pbuf0 : pbuf1);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // this chunk's weights and rows have landed (the next chunk's may still fly)
+    __syncthreads();     // ... for every thread
+    const float* wc = (stage ? wbuf1 : wbuf0) + lane * VEC;
+    const float* pc = stage ? pbuf1 : pbuf0;
+    if (row_valid) {  // warp-uniform
+#pragma unroll 1
+      for (int cl = 0; cl < p.cc; ++cl) {
+        const float* rbase = pc + (cl * p.patch_h + warp * PY * p.sh) * 32;
+#pragma unroll 1
+        for (int i = 0; i < p.kh; ++i) {
+          unsigned m[PY], any = 0;
+#pragma unroll
+          for (int py = 0; py < PY; ++py) {  // the non-zero columns of the input row of conv row py
+            const float v = ((row_valid >> py) & 1u) ? rbase[(py * p.sh + i) * 32 + lane] : 0.f;
+            m[py] = __ballot_sync(FULL, v != 0.f);
+            any |= m[py];
+          }
+          if (!any) continue;  // warp-uniform: these input rows are all zero
+          Row<VEC> w[KW];
+#pragma unroll
+          for (int j = 0; j < KW; ++j) w[j].load(wc + ((cl * p.kh + i) * KW + j) * CT);
+#pragma unroll
+          for (int py = 0; py < PY; ++py) {
+            const float* prow = rbase + (py * p.sh + i) * 32;
+            if constexpr (SCAN == 0) {
+              row_scan_bits<NU, G, KW, VEC>(acc[py], m[py], prow, w);
+            } else if (m[py]) {  // the row's values, by broadcast 16-byte loads
+              float a[(NU + 3) & ~3];
+#pragma unroll
+              for (int q = 0; q < (NU + 3) / 4; ++q) {
+                const float4 t = reinterpret_cast<const float4*>(prow)[q];
+                a[4 * q] = t.x; a[4 * q + 1] = t.y; a[4 * q + 2] = t.z; a[4 * q + 3] = t.w;
+              }
+              row_scan_columns<NU, G, KW, VEC, SCAN>(acc[py], m[py], a, w);
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with these rows and this weight buffer
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the epilogue reuses shared memory
+  const TileOrigin t = tile_origin(p, block_x_reread());
+  ecr_finish<T, VEC, PPW, WARPS>(reinterpret_cast<float (&)[PPW][VEC]>(acc), row_slots_valid<PY, G>(p, t, warp),
+                                 RowSlots<PY, G>{p.crx}, smem, bias, y, ws, tickets, p, &s_last, t.img,
+                                 static_cast<int>(blockIdx.y) * CT, t.ry0, t.rx0, t.qy0, t.qx0, p.cry * p.crx);
 }
