@@ -399,7 +399,7 @@ def _static_shared_bytes(kernel) -> int:
 
 
 class KernelSet:
-    """All variants, compiled in one NVRTC call (cached on disk) and loaded once per device."""
+    """All variants, compiled (one program per variant, cached on disk) and loaded once per device."""
 
     _cache: dict = {}
 
@@ -411,11 +411,13 @@ class KernelSet:
         return cls._cache[key]
 
     def __init__(self, device: torch.device):
-        from .nvrtc import Kernel, load_source
+        from .nvrtc import Kernel, compile_groups, device_arch, load_source
 
         self.device = device
         source = load_source(KERNEL_SOURCE)
-        exprs = tuple(v.expr(h) for v in VARIANTS for h in (False, True))
+        # one program per variant (its fp32 and fp16 kernels), compiled in parallel the first time
+        groups = {v: (v.expr(False), v.expr(True)) for v in VARIANTS}
+        compile_groups(source, device_arch(device), KERNEL_SOURCE, list(groups.values()))
         props = torch.cuda.get_device_properties(device)
         self.sm_count = props.multi_processor_count
         optin = int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
@@ -423,7 +425,7 @@ class KernelSet:
         static = 0
         for v in VARIANTS:
             for half in (False, True):
-                k = Kernel(source, v.expr(half), device, name_expressions=exprs, filename=KERNEL_SOURCE)
+                k = Kernel(source, v.expr(half), device, name_expressions=groups[v], filename=KERNEL_SOURCE)
                 static = max(static, _static_shared_bytes(k))
                 self.kernels[(v, half)] = k
         # dynamic + static shared memory must fit the opt-in limit

@@ -80,6 +80,17 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _options_and_key(source: str, arch: str, options: tuple[str, ...], name_expressions) -> tuple[list[str], str]:
+    """NVRTC's options for a compile, and the cache key of its result (source, included headers,
+    options, name expressions, NVRTC version)."""
+    ver = _bindings()[1].nvrtcVersion()
+    opts = [f"--gpu-architecture={arch}", "-std=c++17", "--device-as-default-execution-space",
+            *[f"--include-path={d}" for d in cuda_include_dirs()], f"--include-path={KERNEL_DIR}", *options]
+    key = hashlib.sha256("\0".join([source, arch, *opts, *name_expressions, str(ver[1:])]).encode()
+                         + _included_sources(source)).hexdigest()[:32]
+    return opts, key
+
+
 def compile_cubin(source: str, arch: str, name: str = "kernel.cu", options: tuple[str, ...] = (),
                   name_expressions: tuple[str, ...] = (), use_cache: bool = True,
                   log: list | None = None) -> tuple[bytes, dict[str, str]]:
@@ -90,11 +101,7 @@ def compile_cubin(source: str, arch: str, name: str = "kernel.cu", options: tupl
     compiler's log (e.g. ptxas -v resource usage) is appended to it if a compile ran.
     """
     _, nvrtc = _bindings()
-    ver = nvrtc.nvrtcVersion()
-    opts = [f"--gpu-architecture={arch}", "-std=c++17", "--device-as-default-execution-space",
-            *[f"--include-path={d}" for d in cuda_include_dirs()], f"--include-path={KERNEL_DIR}", *options]
-    key = hashlib.sha256("\0".join([source, arch, *opts, *name_expressions, str(ver[1:])]).encode()
-                         + _included_sources(source)).hexdigest()[:32]
+    opts, key = _options_and_key(source, arch, options, name_expressions)
     cubin_path = cache_dir() / f"{key}.cubin"
     names_path = cache_dir() / f"{key}.names"
     if use_cache and cubin_path.is_file() and names_path.is_file():
@@ -130,6 +137,32 @@ def compile_cubin(source: str, arch: str, name: str = "kernel.cu", options: tupl
     if use_cache:
         _write_cache(cubin_path, cubin, names_path, "".join(f"{k}\t{v}\n" for k, v in lowered.items()))
     return cubin, lowered
+
+
+def _compile_group(args: tuple) -> None:
+    compile_cubin(*args)
+
+
+def compile_groups(source: str, arch: str, name: str, groups: list[tuple[str, ...]], options: tuple[str, ...] = (),
+                   workers: int | None = None) -> None:
+    """Fill the cache with one program per group of name expressions, compiled in parallel worker
+    processes (NVRTC compiles one program on one core; a source with many template instances
+    compiles several times faster this way). Groups already cached are skipped; if workers
+    cannot start, the caller's own compile_cubin calls compile what is missing one by one."""
+    todo = [(source, arch, name, options, tuple(group)) for group in groups
+            if not (cache_dir() / f"{_options_and_key(source, arch, options, group)[1]}.cubin").is_file()]
+    workers = min(len(todo), workers or os.cpu_count() or 1)
+    if workers < 2:
+        return
+    try:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: the workers use NVRTC only, and must not inherit this process's CUDA state
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_compile_group, todo))
+    except Exception:  # noqa: BLE001 - the serial path compiles (and reports) whatever failed here
+        pass
 
 
 def _included_sources(source: str) -> bytes:

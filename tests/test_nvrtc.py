@@ -18,6 +18,23 @@ def test_smoke_kernel_compiles_for_ci_archs(arch, tmp_path, monkeypatch):
     assert len(list(tmp_path.rglob("*.cubin"))) == 1
 
 
+def test_compile_groups_fills_the_cache_in_parallel(tmp_path, monkeypatch):
+    """Two groups compiled by worker processes: compile_cubin then finds each one cached (a
+    read-only cache would make it compile again: compare with use_cache=False)."""
+    from sparsecnn.runtimes.nvrtc import compile_groups
+
+    monkeypatch.setenv("SPARSECNN_CACHE", str(tmp_path))
+    groups = [("axpb<float>",), ("axpb<__half>",)]
+    compile_groups(load_source("smoke.cu"), "sm_90", "smoke.cu", groups, workers=2)
+    assert len(list(tmp_path.rglob("*.cubin"))) == 2
+    for group in groups:
+        cached, names = compile_cubin(load_source("smoke.cu"), "sm_90", "smoke.cu", name_expressions=group)
+        fresh, names2 = compile_cubin(load_source("smoke.cu"), "sm_90", "smoke.cu", name_expressions=group,
+                                      use_cache=False)
+        assert cached == fresh and names == names2
+    assert len(list(tmp_path.rglob("*.cubin"))) == 2  # nothing new was written: both were found
+
+
 def test_compile_error_carries_the_compiler_log(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSECNN_CACHE", str(tmp_path))
     with pytest.raises(KernelCompileError, match="undefined_thing"):
