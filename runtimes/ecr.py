@@ -95,6 +95,7 @@ class Variant:
     kind: str = "warp"
     prefetch: int = 4
     scan: int = 1  # kind "row": 0 jump from non-zero to non-zero, 1 test every column, 2 every pair of columns first
+    share_rows: bool = False  # kind "row", 3x3 at stride 1: walk each input row once for all conv rows it serves
 
     @property
     def ct(self) -> int:
@@ -117,7 +118,7 @@ class Variant:
         t = "__half" if half else "float"
         if self.kind == "row":
             return (f"ecr_row_conv_pool<{t}, {self.vec}, {self.group}, {self.rows}, {self.warps}, {ROW_KW}, "
-                    f"{self.scan}>")
+                    f"{self.scan}, {'true' if self.share_rows else 'false'}>")
         if self.kind == "list":
             return f"ecr_list_conv_pool<{t}, {self.vec}, {self.ppw}, {self.warps}, {self.group}, {self.prefetch}>"
         return f"ecr_conv_pool<{t}, {self.vec}, {self.ppw}, {self.warps}, {self.group}>"
@@ -150,11 +151,13 @@ VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4)
             *(Variant(v, ppw, g, warps=16, kind="list") for v, ppw, g in
               ((2, 16, 1), (2, 16, 4), (2, 12, 3), (4, 8, 4), (8, 8, 4))),
             # "row" variants: VEC x columns x rows per warp (64 accumulators or fewer), scan
-            *(Variant(v, cols * rows, cols, warps=warps, kind="row", prefetch=0, scan=scan)
-              for v, cols, rows, warps, scan in
-              ((2, 16, 1, 8, 1), (2, 16, 1, 8, 2), (2, 14, 1, 8, 1), (2, 8, 2, 8, 1),
-               (4, 16, 1, 8, 1), (4, 16, 1, 8, 2), (4, 16, 1, 8, 0), (4, 14, 1, 8, 1), (4, 8, 2, 8, 1),
-               (8, 8, 1, 8, 1), (8, 8, 1, 8, 2), (8, 8, 1, 8, 0))))
+            *(Variant(v, cols * rows, cols, warps=warps, kind="row", prefetch=0, scan=scan, share_rows=share)
+              for v, cols, rows, warps, scan, share in
+              ((2, 16, 1, 8, 1, False), (2, 16, 1, 8, 2, False), (2, 14, 1, 8, 1, False),
+               (2, 14, 2, 8, 1, True), (2, 14, 2, 8, 2, True),
+               (4, 16, 1, 8, 1, False), (4, 16, 1, 8, 2, False), (4, 16, 1, 8, 0, False), (4, 14, 1, 8, 1, False),
+               (4, 8, 2, 8, 1, True),
+               (8, 8, 1, 8, 1, False), (8, 8, 1, 8, 2, False), (8, 8, 1, 8, 0, False))))
 ROW_KW = 3                   # the row kernel's kernel width (stride 1 along x)
 KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
 # list kernels write rows 32 entries at a time: 63 = 7 channels of a 3x3 kernel fills 2 ballots
@@ -180,7 +183,7 @@ class Candidate:
         v = self.variant
         split = f"s{self.split_scale:g}" if self.split_scale else "sw"
         if v.kind == "row":
-            return (f"row{v.ct}x{v.warps * v.rows}x{v.group}s{v.scan}"
+            return (f"row{v.ct}x{v.warps * v.rows}x{v.group}s{v.scan}{'r' if v.share_rows else ''}"
                     f"-k{self.kc_target}-{split}")
         if v.kind == "list":
             return f"list{v.ct}x{v.rmax}g{v.group}-k{self.kc_target}-{split}"
@@ -299,7 +302,7 @@ def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout:
     khw = g.kh * g.kw
     cc = max(1, min(g.cin, MAX_CC, round(cand.kc_target / khw)))
     if v.kind == "row":
-        if g.kw != ROW_KW or g.sw != 1:
+        if g.kw != ROW_KW or g.sw != 1 or (v.share_rows and (g.kh != 3 or g.sh != 1)):
             return None
         tqy, tqx = _row_tile(qh, qw, pk, v.group, v.warps * v.rows)
         if not tqy:

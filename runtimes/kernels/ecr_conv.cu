@@ -684,6 +684,9 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
 //      keeps every accumulator index a compile-time constant, so nothing leaves registers.
 //      SCAN picks how the bits are walked: 0 jumps from set bit to set bit (switch on u), 1 tests
 //      every column, 2 every pair of columns first; 1 and 2 hold the row's values in registers.
+//      SHARE_ROWS (3x3 kernels at stride 1, PY >= 2): the warp walks its PY + 2 input rows instead,
+//      each once, with all 9 weight vectors of the channel in registers: an input row is tested,
+//      loaded and scanned once for the up to 3 conv rows it serves (PY = 2: 4 scans, not 6).
 // Per non-zero input: one broadcast shared load and up to KW*VEC FMAs, no weight load: the KW
 // weight vectors are read once per (c, i) and serve all inputs of the warp's PY rows.
 // Shared memory (floats): W chunk buffers 2 x [kc][CT], patch buffers 2 x [cc*patch_h][32], row
@@ -706,21 +709,33 @@ __device__ __forceinline__ void row_input(float (&acc)[G][VEC], const float a, c
 }
 
 // SCAN 1: one warp-uniform test per column; SCAN 2: one per pair of columns, then one per column
-// of a pair that has a non-zero (fewer tests at high sparsity). The row's values are in registers.
-template <int NU, int G, int KW, int VEC, int SCAN, int U = 0>
-__device__ __forceinline__ void row_scan_columns(float (&acc)[G][VEC], const unsigned m, const float* a,
-                                                 const Row<VEC> (&w)[KW]) {
+// of a pair that has a non-zero (fewer tests at high sparsity). The row's values a[] are in
+// registers; f(Col<U>{}, a[U]) does the FMAs of the non-zero input at column U.
+template <int U> struct Col {
+  static constexpr int value = U;
+};
+template <int NU, int SCAN, int U = 0, typename F>
+__device__ __forceinline__ void scan_columns(const unsigned m, const float* a, F& f) {
   if constexpr (U < NU) {
     if constexpr (SCAN == 2 && U + 1 < NU) {
       if (m & (3u << U)) {
-        if ((m >> U) & 1u) row_input<U, G, KW, VEC>(acc, a[U], w);
-        if ((m >> (U + 1)) & 1u) row_input<U + 1, G, KW, VEC>(acc, a[U + 1], w);
+        if ((m >> U) & 1u) f(Col<U>{}, a[U]);
+        if ((m >> (U + 1)) & 1u) f(Col<U + 1>{}, a[U + 1]);
       }
-      row_scan_columns<NU, G, KW, VEC, SCAN, U + 2>(acc, m, a, w);
+      scan_columns<NU, SCAN, U + 2>(m, a, f);
     } else {
-      if ((m >> U) & 1u) row_input<U, G, KW, VEC>(acc, a[U], w);
-      row_scan_columns<NU, G, KW, VEC, SCAN, U + 1>(acc, m, a, w);
+      if ((m >> U) & 1u) f(Col<U>{}, a[U]);
+      scan_columns<NU, SCAN, U + 1>(m, a, f);
     }
+  }
+}
+
+// a patch row's first NU values, by broadcast 16-byte loads
+template <int NU> __device__ __forceinline__ void row_values(float (&a)[(NU + 3) & ~3], const float* prow) {
+#pragma unroll
+  for (int q = 0; q < (NU + 3) / 4; ++q) {
+    const float4 t = reinterpret_cast<const float4*>(prow)[q];
+    a[4 * q] = t.x; a[4 * q + 1] = t.y; a[4 * q + 2] = t.z; a[4 * q + 3] = t.w;
   }
 }
 
@@ -770,20 +785,22 @@ __device__ __forceinline__ int block_x_reread() {
   return static_cast<int>(v);
 #endif
 }
-// valid bit s = py*G + x: slot s of warp `warp` is a conv position of the layer (row kernel)
+// valid bit s = py*G + x: slot s of warp `warp` is a conv position of the layer (row kernel): the
+// columns x in [max(0, -rx0), min(crx, ow - rx0)) of each conv row that lies in the tile and the layer
 template <int PY, int G>
 __device__ __forceinline__ unsigned row_slots_valid(const EcrParams& p, const TileOrigin& t, const int warp) {
+  const int xlo = max(0, -t.rx0), xhi = min(p.crx, p.ow - t.rx0);
+  const unsigned cols = xhi > xlo ? ((2u << (xhi - 1)) - 1u) & ~((1u << xlo) - 1u) : 0u;  // xhi <= G <= 32
   unsigned valid = 0;
 #pragma unroll
-  for (int s = 0; s < PY * G; ++s) {
-    const int ry = warp * PY + s / G, rx = s % G;
-    const int cy = t.ry0 + ry, cx = t.rx0 + rx;
-    if (rx < p.crx && ry < p.cry && cy >= 0 && cy < p.oh && cx >= 0 && cx < p.ow) valid |= 1u << s;
+  for (int py = 0; py < PY; ++py) {
+    const int ry = warp * PY + py, cy = t.ry0 + ry;
+    if (ry < p.cry && cy >= 0 && cy < p.oh) valid |= cols << (py * G);
   }
   return valid;
 }
 
-template <typename T, int VEC, int G, int PY, int WARPS, int KW, int SCAN>
+template <typename T, int VEC, int G, int PY, int WARPS, int KW, int SCAN, bool SHARE_ROWS>
 __global__ void __launch_bounds__(WARPS * 32, WARPS >= 16 ? 1 : (WARPS >= 8 ? ECR_WIDE_MIN_BLOCKS : 4))
 ecr_row_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,
                   T* __restrict__ y, float* __restrict__ ws, int* __restrict__ tickets, const EcrParams p) {
@@ -821,12 +838,10 @@ ecr_row_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const f
     const int cl = r / p.patch_h, iy = iy0 + (r - cl * p.patch_h);
     rowoff[r] = (iy >= 0 && iy < p.h) ? (cl * p.h + iy) * p.w : -1;
   }
+  const unsigned valid = row_slots_valid<PY, G>(p, t0, warp);
   unsigned row_valid = 0;  // bit py: conv row py of this warp has a position of the layer
-  {
-    const unsigned valid = row_slots_valid<PY, G>(p, t0, warp);
 #pragma unroll
-    for (int py = 0; py < PY; ++py) row_valid |= ((valid >> (py * G)) & ((1u << (G - 1) << 1) - 1u)) ? 1u << py : 0u;
-  }
+  for (int py = 0; py < PY; ++py) row_valid |= ((valid >> (py * G)) & ((2u << (G - 1)) - 1u)) ? 1u << py : 0u;
   float acc[PY][G][VEC];
 #pragma unroll
   for (int py = 0; py < PY; ++py)
@@ -873,7 +888,32 @@ ecr_row_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const f
     __syncthreads();     // ... for every thread
     const float* wc = (stage ? wbuf1 : wbuf0) + lane * VEC;
     const float* pc = stage ? pbuf1 : pbuf0;
-    if (row_valid) {  // warp-uniform
+    if (SHARE_ROWS && row_valid == (1u << PY) - 1u) {
+      // 3x3 at stride 1, every conv row of the warp in the layer: input row r of the warp serves conv
+      // rows py = r - i, so each input row is tested and loaded once for all of them
+#pragma unroll 1
+      for (int cl = 0; cl < p.cc; ++cl) {
+        const float* rbase = pc + (cl * p.patch_h + warp * PY) * 32;
+        Row<VEC> w[3][KW];
+#pragma unroll
+        for (int i = 0; i < 3; ++i)
+#pragma unroll
+          for (int j = 0; j < KW; ++j) w[i][j].load(wc + ((cl * 3 + i) * KW + j) * CT);
+#pragma unroll
+        for (int r = 0; r < PY + 2; ++r) {
+          const unsigned m = __ballot_sync(FULL, rbase[r * 32 + lane] != 0.f);
+          if (!m) continue;  // warp-uniform
+          float a[(NU + 3) & ~3];
+          row_values<NU>(a, rbase + r * 32);
+          auto fma_rows = [&](auto col, const float v) {
+#pragma unroll
+            for (int py = 0; py < PY; ++py)
+              if (r - py >= 0 && r - py < 3) row_input<decltype(col)::value, G, KW, VEC>(acc[py], v, w[r - py]);
+          };
+          scan_columns<NU, SCAN>(m, a, fma_rows);
+        }
+      }
+    } else if (row_valid) {  // warp-uniform
 #pragma unroll 1
       for (int cl = 0; cl < p.cc; ++cl) {
         const float* rbase = pc + (cl * p.patch_h + warp * PY * p.sh) * 32;
@@ -895,14 +935,11 @@ ecr_row_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const f
             const float* prow = rbase + (py * p.sh + i) * 32;
             if constexpr (SCAN == 0) {
               row_scan_bits<NU, G, KW, VEC>(acc[py], m[py], prow, w);
-            } else if (m[py]) {  // the row's values, by broadcast 16-byte loads
+            } else if (m[py]) {
               float a[(NU + 3) & ~3];
-#pragma unroll
-              for (int q = 0; q < (NU + 3) / 4; ++q) {
-                const float4 t = reinterpret_cast<const float4*>(prow)[q];
-                a[4 * q] = t.x; a[4 * q + 1] = t.y; a[4 * q + 2] = t.z; a[4 * q + 3] = t.w;
-              }
-              row_scan_columns<NU, G, KW, VEC, SCAN>(acc[py], m[py], a, w);
+              row_values<NU>(a, prow);
+              auto fma_row = [&](auto col, const float v) { row_input<decltype(col)::value, G, KW, VEC>(acc[py], v, w); };
+              scan_columns<NU, SCAN>(m[py], a, fma_row);
             }
           }
         }
@@ -913,7 +950,7 @@ ecr_row_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const f
   cp_async_wait<0>();
   __syncthreads();  // the epilogue reuses shared memory
   const TileOrigin t = tile_origin(p, block_x_reread());
-  ecr_finish<T, VEC, PPW, WARPS>(reinterpret_cast<float (&)[PPW][VEC]>(acc), row_slots_valid<PY, G>(p, t, warp),
+  ecr_finish<T, VEC, PPW, WARPS>(reinterpret_cast<float (&)[PPW][VEC]>(acc), valid,
                                  RowSlots<PY, G>{p.crx}, smem, bias, y, ws, tickets, p, &s_last, t.img,
                                  static_cast<int>(blockIdx.y) * CT, t.ry0, t.rx0, t.qy0, t.qx0, p.cry * p.crx);
 }
