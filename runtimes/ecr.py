@@ -156,8 +156,11 @@ VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4)
               ((2, 16, 1, 8, 1, False), (2, 16, 1, 8, 2, False), (2, 14, 1, 8, 1, False),
                (2, 14, 2, 8, 1, True), (2, 14, 2, 8, 2, True),
                (4, 16, 1, 8, 1, False), (4, 16, 1, 8, 2, False), (4, 16, 1, 8, 0, False), (4, 14, 1, 8, 1, False),
+               (4, 14, 1, 8, 2, False),
                (4, 8, 2, 8, 1, True),
-               (8, 8, 1, 8, 1, False), (8, 8, 1, 8, 2, False), (8, 8, 1, 8, 0, False))))
+               (8, 8, 1, 8, 1, False), (8, 8, 1, 8, 2, False), (8, 8, 1, 8, 0, False),
+               # 32 accumulators: 3 blocks (24 warps) per SM
+               (4, 8, 1, 8, 1, False), (2, 8, 2, 8, 1, True))))
 ROW_KW = 3                   # the row kernel's kernel width (stride 1 along x)
 KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
 # list kernels write rows 32 entries at a time: 63 = 7 channels of a 3x3 kernel fills 2 ballots

@@ -800,8 +800,14 @@ __device__ __forceinline__ unsigned row_slots_valid(const EcrParams& p, const Ti
   return valid;
 }
 
+// Blocks per SM asked of ptxas for the row kernel: 8-warp blocks with at most 32 accumulators per
+// thread 3 (<= 85 registers: more warps to hide latency), with 64 2 where that does not spill (sm_90)
+template <int ACC, int WARPS> constexpr int row_min_blocks() {
+  return WARPS >= 16 ? 1 : (WARPS >= 8 ? (ACC <= 32 ? 3 : ECR_WIDE_MIN_BLOCKS) : 4);
+}
+
 template <typename T, int VEC, int G, int PY, int WARPS, int KW, int SCAN, bool SHARE_ROWS>
-__global__ void __launch_bounds__(WARPS * 32, WARPS >= 16 ? 1 : (WARPS >= 8 ? ECR_WIDE_MIN_BLOCKS : 4))
+__global__ void __launch_bounds__(WARPS * 32, row_min_blocks<PY * G * VEC, WARPS>())
 ecr_row_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,
                   T* __restrict__ y, float* __restrict__ ws, int* __restrict__ tickets, const EcrParams p) {
   constexpr int CT = 32 * VEC;
