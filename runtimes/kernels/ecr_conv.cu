@@ -2,11 +2,13 @@
 // Xu et al., arXiv:1909.09927), generalised to real layers: all input channels, all filters,
 // batch, strides, asymmetric pads, any max-pool (kernel, stride, pads, ceil mode).
 //
-// Two kernels share the tiling, the K chunks, split-K and the epilogue (ecr_finish):
-// ecr_conv_pool (below: "warp" variants) and ecr_list_conv_pool (end of the file: "list"
-// variants, which write each compressed row to shared memory and then multiply without
-// ballots or shuffles, prefetching the next chunk's input). The compile-time timing of the
-// runtime picks, per layer, whichever variant is fastest on the layer's real input.
+// Three kernels share the tiles, the K chunks, split-K and the epilogue (ecr_finish):
+// ecr_conv_pool (below: "warp" variants), ecr_list_conv_pool ("list" variants, which write each
+// compressed row to shared memory and then multiply without ballots or shuffles, prefetching the
+// next chunk's input) and ecr_row_conv_pool (end of the file: "row" variants, 3-wide kernels at
+// stride 1 along x: per input row a bit-mask of its non-zeros, the weights in registers; each
+// position's ECR row is taken input by input). The compile-time timing of the runtime picks, per
+// layer, whichever variant is fastest on the layer's real input.
 //
 // One block owns a tile of (pooled) outputs of one image and CT = 32*VEC output channels;
 // gridDim.z splits the K = Cin*kh*kw reduction (split-K) when the layer has too few tiles to
