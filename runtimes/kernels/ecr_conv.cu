@@ -150,6 +150,18 @@ template <int VEC> __device__ __forceinline__ void store_vec_cg(float* p, const 
   }
 }
 
+// cp.async of K chunk ch's weights W^T[ch*kc .. +kc)[c0 .. c0+CT) into dst [kc][CT] (all kernels)
+template <int CT, int THREADS>
+__device__ __forceinline__ void load_weight_chunk(float* dst, const float* __restrict__ wt, const int ch, const int kc,
+                                                  const EcrParams& p, const int c0, const int tid) {
+  const float* src = wt + static_cast<size_t>(ch) * kc * p.cout_pad + c0;
+  constexpr int PIECES = CT / 4;
+  for (int i = tid; i < kc * PIECES; i += THREADS) {
+    const int row = i / PIECES, col = i - row * PIECES;
+    cp_async16(dst + row * CT + col * 4, src + static_cast<size_t>(row) * p.cout_pad + col * 4);
+  }
+}
+
 // Shared memory (floats): W chunk buffers 2 x [kc][CT], patch [cc][patch_h][patch_w], entry
 // offsets [kc] and window bases [RMAX] (ints), then (GROUP = 4, 16-byte aligned) WARPS x 32
 // float4 segment buffers; the epilogue reuses the front as a [CT][RMAX+1] staging tile.
@@ -318,14 +330,7 @@ ecr_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[s][j] = 0.f;
 
-  auto load_weights = [&](int ch, float* dst) {
-    const float* src = wt + static_cast<size_t>(ch) * kc * p.cout_pad + c0;
-    constexpr int PIECES = CT / 4;
-    for (int i = tid; i < kc * PIECES; i += THREADS) {
-      const int row = i / PIECES, col = i - row * PIECES;
-      cp_async16(dst + row * CT + col * 4, src + static_cast<size_t>(row) * p.cout_pad + col * 4);
-    }
-  };
+  auto load_weights = [&](int ch, float* dst) { load_weight_chunk<CT, THREADS>(dst, wt, ch, kc, p, c0, tid); };
 
   if (ch_begin < ch_end) load_weights(ch_begin, wbuf0);
   cp_async_commit();
@@ -560,14 +565,7 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[s][j] = 0.f;
 
-  auto load_weights = [&](int ch, float* dst) {
-    const float* src = wt + static_cast<size_t>(ch) * kc * p.cout_pad + c0;
-    constexpr int PIECES = CT / 4;
-    for (int i = tid; i < kc * PIECES; i += THREADS) {
-      const int row = i / PIECES, col = i - row * PIECES;
-      cp_async16(dst + row * CT + col * 4, src + static_cast<size_t>(row) * p.cout_pad + col * 4);
-    }
-  };
+  auto load_weights = [&](int ch, float* dst) { load_weight_chunk<CT, THREADS>(dst, wt, ch, kc, p, c0, tid); };
   // the chunk's input patch, zero outside the image (the conv's zero padding); the plan keeps
   // patch_size <= PREFETCH * THREADS. Patch element tid + u*THREADS reads input element
   // xoff[u] = (cl*h + iy)*w + ix past the chunk's first channel, the same for every chunk
@@ -858,14 +856,7 @@ ecr_row_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const f
 #pragma unroll
       for (int v = 0; v < VEC; ++v) acc[py][s][v] = 0.f;
 
-  auto load_weights = [&](int ch, float* dst) {
-    const float* src = wt + static_cast<size_t>(ch) * kc * p.cout_pad + c0;
-    constexpr int PIECES = CT / 4;
-    for (int i = tid; i < kc * PIECES; i += THREADS) {
-      const int row = i / PIECES, col = i - row * PIECES;
-      cp_async16(dst + row * CT + col * 4, src + static_cast<size_t>(row) * p.cout_pad + col * 4);
-    }
-  };
+  auto load_weights = [&](int ch, float* dst) { load_weight_chunk<CT, THREADS>(dst, wt, ch, kc, p, c0, tid); };
   const int ix = ix0 + lane;
   const bool col_in = lane < p.patch_w && ix >= 0 && ix < p.w;
   auto load_rows = [&](int ch, float* dst) {  // lane = column; rows warp, warp + WARPS, ...
