@@ -9,6 +9,10 @@ it in the same command (about 40 s on an H100), with the Fashion-MNIST files car
     source scripts/gpu_env.sh && export SPARSECNN_FASHION_MNIST=$PWD/.carry/fashion-mnist &&
     mkdir -p runs && python3 -m sparsecnn.converter.cli train vgg19 -o runs/vgg19-fmnist.pt --no-progress &&
     python3 scripts/gpu_issue6.py --out $OUT --checkpoint runs/vgg19-fmnist.pt
+The 2026-12-06 H100 run (results/issue6-ecr) also compiled the kernels while the checkpoint
+trained, by starting `python3 -c "import torch; from sparsecnn.runtimes.ecr import KernelSet;
+KernelSet.get(torch.device('cuda'))" &` before the training, and passed
+`--fig8-budget-s 130 --budget-s 300` (about 370 s in all).
 
 Parts (each recorded even if another fails; --parts picks some):
   correct  every kernel variant vs a float64 conv -> relu -> max-pool oracle on all VGG-19 conv
