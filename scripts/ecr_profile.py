@@ -1,14 +1,17 @@
 """One ECR/PECR kernel candidate on one VGG-19 layer, for Nsight Compute (ncu) on a GPU.
 
     # the fastest candidate of a kernel family at a sparsity (prints its name, nothing else)
-    python3 scripts/ecr_profile.py --layer features.2 --zeros 0.9 --pick row
-    # launch candidates a few times each: ncu profiles one launch of each
-    ncu --kernel-name regex:ecr_ --launch-skip 2 --launch-count 1 --set full -o $OUT/prof \
-        python3 scripts/ecr_profile.py --layer features.2 --zeros 0.9 --variant NAME [--variant NAME2]
+    python3 scripts/ecr_profile.py --layer features.7 --zeros 0.9 --pick row
+    # one candidate, launched 3 times: ncu skips the first 2 (warm-up) and profiles the third;
+    # leave the clocks alone (--clock-control none), as the lent machines ask
+    ncu --clock-control none --kernel-name regex:ecr_ --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section InstructionStats \
+        --section SchedulerStats --section Occupancy \
+        python3 scripts/ecr_profile.py --layer features.7 --zeros 0.9 --variant NAME
 
-With ncu, `--launch-skip 2 --launch-count 1` skips the warm-up launches of the first variant; to
-profile several variants, give ncu `--launch-skip 2 --launch-skip-before-match 0` per kernel name
-or one variant per ncu call. Random weights, i.i.d. input zeros, batch 1, fp32 unless --fp16.
+Profile one candidate per ncu call (with --launch-skip 2, a second --variant's launches come
+after the profiled one). Random weights, i.i.d. input zeros, batch 1, fp32 unless --fp16.
+The 2026-12-06 profiles are results/issue6-ecr/ncu_features.{2,7}.txt.
 """
 from __future__ import annotations
 
