@@ -1,4 +1,4 @@
-"""One ECR/PECR kernel candidate on one VGG-19 layer, for Nsight Compute (ncu) on a GPU.
+r"""One ECR/PECR kernel candidate on one VGG-19 layer, for Nsight Compute (ncu) on a GPU.
 
     # the fastest candidate of a kernel family at a sparsity (prints its name, nothing else)
     python3 scripts/ecr_profile.py --layer features.7 --zeros 0.9 --pick row
