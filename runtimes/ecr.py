@@ -94,7 +94,7 @@ class Variant:
     warps: int = 8
     kind: str = "warp"
     prefetch: int = 4
-    scan: int = 1  # kind "row": 0 jump from non-zero to non-zero, 1 test every column, 2 every pair of columns first
+    scan: int = 1  # kind "row": 1 test every column, 2 every pair of columns first
     share_rows: bool = False  # kind "row", 3x3 at stride 1: walk each input row once for all conv rows it serves
 
     @property
@@ -155,10 +155,10 @@ VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4)
               for v, cols, rows, warps, scan, share in
               ((2, 16, 1, 8, 1, False), (2, 16, 1, 8, 2, False), (2, 14, 1, 8, 1, False),
                (2, 14, 2, 8, 1, True), (2, 14, 2, 8, 2, True),
-               (4, 16, 1, 8, 1, False), (4, 16, 1, 8, 2, False), (4, 16, 1, 8, 0, False), (4, 14, 1, 8, 1, False),
+               (4, 16, 1, 8, 1, False), (4, 16, 1, 8, 2, False), (4, 14, 1, 8, 1, False),
                (4, 14, 1, 8, 2, False),
                (4, 8, 2, 8, 1, True),
-               (8, 8, 1, 8, 1, False), (8, 8, 1, 8, 2, False), (8, 8, 1, 8, 0, False),
+               (8, 8, 1, 8, 1, False), (8, 8, 1, 8, 2, False),
                # 32 accumulators: 3 blocks (24 warps) per SM
                (4, 8, 1, 8, 1, False), (2, 8, 2, 8, 1, True))))
 ROW_KW = 3                   # the row kernel's kernel width (stride 1 along x)

@@ -276,7 +276,7 @@ def keep_variants(times: dict, n: int = 2, groups: bool = False) -> list[str]:
     only kept candidates are timed away from 80%."""
     order = sorted(times, key=times.get)
     keep = order[:n]
-    tags = ["ecr", "list", "row"] + (["list*g1-", "list*g3-", "list*g4-", "row*s0-", "row*s1-", "row*s2-",
+    tags = ["ecr", "list", "row"] + (["list*g1-", "list*g3-", "list*g4-", "row*s1-", "row*s2-",
                                        "row64x", "row128x", "row256x"] if groups else [])
     for tag in tags:
         head, _, part = tag.partition("*")
