@@ -225,41 +225,23 @@ class Plan:
                 "cc": p["cc"], "splits": p["splits"], "grid": list(self.grid), "smem": self.smem}
 
 
-def _tile(qh: int, qw: int, pool: PoolGeometry | None, g: ConvGeometry, rmax: int) -> tuple[int, int]:
-    """Outputs per tile (tqy, tqx) whose conv region fits `rmax`: fewest tiles, then least
-    recomputed/idle work, then the smallest input patch."""
-    pkh, pkw, psh, psw = (pool.kh, pool.kw, pool.sh, pool.sw) if pool else (1, 1, 1, 1)
-    best, best_key = (1, 1), None
+def _tile(qh: int, qw: int, pk: tuple, g: ConvGeometry, rmax: int, rows: int | None = None,
+          cols: int | None = None) -> tuple[int, int]:
+    """Outputs per tile (tqy, tqx) whose conv region fits `rmax` positions (and, for the row
+    kernel, `rows` x `cols`): fewest tiles, then least recomputed/idle work, then the smallest
+    input patch. (0, 0) if not even one output fits. `pk`: pool kernel and stride (kh, kw, sh, sw)."""
+    best, best_key = (0, 0), None
     for tqy in range(1, qh + 1):
-        cry = (tqy - 1) * psh + pkh
-        if cry > rmax:
+        cry = (tqy - 1) * pk[2] + pk[0]
+        if cry > min(rmax, rows or rmax):
             break
         for tqx in range(1, qw + 1):
-            crx = (tqx - 1) * psw + pkw
-            if cry * crx > rmax:
+            crx = (tqx - 1) * pk[3] + pk[1]
+            if cry * crx > rmax or crx > (cols or rmax):
                 break
             tiles = -(-qh // tqy) * -(-qw // tqx)
             patch = ((cry - 1) * g.sh + g.kh) * ((crx - 1) * g.sw + g.kw)
             key = (tiles, tiles * cry * crx, patch, -tqx)
-            if best_key is None or key < best_key:
-                best, best_key = (tqy, tqx), key
-    return best
-
-
-def _row_tile(qh: int, qw: int, pk: tuple, cols: int, rows: int) -> tuple[int, int]:
-    """Outputs per tile (tqy, tqx) of the row kernel: conv region at most `rows` x `cols`; fewest
-    tiles, then least recomputed/idle work. (0, 0) if not even one output fits."""
-    best, best_key = (0, 0), None
-    for tqy in range(1, qh + 1):
-        cry = (tqy - 1) * pk[2] + pk[0]
-        if cry > rows:
-            break
-        for tqx in range(1, qw + 1):
-            crx = (tqx - 1) * pk[3] + pk[1]
-            if crx > cols:
-                break
-            tiles = -(-qh // tqy) * -(-qw // tqx)
-            key = (tiles, tiles * cry * crx, -tqx)
             if best_key is None or key < best_key:
                 best, best_key = (tqy, tqx), key
     return best
@@ -304,20 +286,16 @@ def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout:
         return None
     khw = g.kh * g.kw
     cc = max(1, min(g.cin, MAX_CC, round(cand.kc_target / khw)))
-    if v.kind == "row":
-        if g.kw != ROW_KW or g.sw != 1 or (v.share_rows and (g.kh != 3 or g.sh != 1)):
-            return None
-        tqy, tqx = _row_tile(qh, qw, pk, v.group, v.warps * v.rows)
-        if not tqy:
-            return None
-        cry, crx = (tqy - 1) * pk[2] + pk[0], (tqx - 1) * pk[3] + pk[1]
-        patch_h, patch_w = (cry - 1) * g.sh + g.kh, crx + g.kw - 1
-        patch = cc * patch_h * 32  # rows of 32 floats
-    else:
-        tqy, tqx = _tile(qh, qw, pool, g, v.rmax)
-        cry, crx = (tqy - 1) * pk[2] + pk[0], (tqx - 1) * pk[3] + pk[1]
-        patch_h, patch_w = (cry - 1) * g.sh + g.kh, (crx - 1) * g.sw + g.kw
-        patch = cc * patch_h * patch_w
+    if v.kind == "row" and (g.kw != ROW_KW or g.sw != 1 or (v.share_rows and (g.kh != 3 or g.sh != 1))):
+        return None
+    rows_cols = (v.warps * v.rows, v.group) if v.kind == "row" else (None, None)
+    tqy, tqx = _tile(qh, qw, pk, g, v.rmax, *rows_cols)
+    if not tqy:
+        return None
+    cry, crx = (tqy - 1) * pk[2] + pk[0], (tqx - 1) * pk[3] + pk[1]
+    patch_h, patch_w = (cry - 1) * g.sh + g.kh, (crx - 1) * g.sw + g.kw
+    # the row kernel keeps each patch row in 32 floats (a warp row's columns, one per lane)
+    patch = cc * patch_h * (32 if v.kind == "row" else patch_w)
     kc = cc * khw
     smem = 4 * v.smem_floats(kc, patch)
     if smem > max_smem or not v.fits(patch):
