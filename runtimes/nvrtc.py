@@ -140,7 +140,7 @@ def compile_cubin(source: str, arch: str, name: str = "kernel.cu", options: tupl
 
 
 def _compile_group(args: tuple) -> None:
-    compile_cubin(*args)
+    compile_cubin(*args)  # into the cache; returns nothing, so no cubin is pickled back to the parent
 
 
 def compile_groups(source: str, arch: str, name: str, groups: list[tuple[str, ...]], options: tuple[str, ...] = (),
