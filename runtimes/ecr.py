@@ -94,7 +94,7 @@ class Variant:
     warps: int = 8
     kind: str = "warp"
     prefetch: int = 4
-    scan: int = 1  # kind "row": 1 test every column, 2 every pair of columns first
+    scan: int = 1  # kind "row": 1 test every column, 2 every pair of columns first, 4 quads, then pairs
     share_rows: bool = False  # kind "row", 3x3 at stride 1: walk each input row once for all conv rows it serves
 
     @property
@@ -117,7 +117,7 @@ class Variant:
     def expr(self, half: bool) -> str:
         t = "__half" if half else "float"
         if self.kind == "row":
-            return (f"ecr_row_conv_pool<{t}, {self.vec}, {self.group}, {self.rows}, {self.warps}, {ROW_KW}, "
+            return (f"ecr_row_conv_pool<{t}, {self.vec}, {self.group}, {self.rows}, {self.warps}, {ROW_KH}, {ROW_KW}, "
                     f"{self.scan}, {'true' if self.share_rows else 'false'}>")
         if self.kind == "list":
             return f"ecr_list_conv_pool<{t}, {self.vec}, {self.ppw}, {self.warps}, {self.group}, {self.prefetch}>"
@@ -160,8 +160,11 @@ VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4)
                (4, 8, 2, 8, 1, True),
                (8, 8, 1, 8, 1, False), (8, 8, 1, 8, 2, False),
                # 32 accumulators: 3 blocks (24 warps) per SM
-               (4, 8, 1, 8, 1, False), (2, 8, 2, 8, 1, True))))
-ROW_KW = 3                   # the row kernel's kernel width (stride 1 along x)
+               (4, 8, 1, 8, 1, False), (2, 8, 2, 8, 1, True),
+               # quads, then pairs, then columns: fewer tests at 80-95 % zeros
+               (4, 14, 1, 8, 4, False), (4, 16, 1, 8, 4, False), (2, 14, 2, 8, 4, True),
+               (4, 8, 1, 8, 2, False))))
+ROW_KH, ROW_KW = 3, 3        # the row kernel's kernel size (3x3, stride 1 along x)
 KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
 # list kernels write rows 32 entries at a time: 63 = 7 channels of a 3x3 kernel fills 2 ballots
 LIST_KC_TARGETS = (36, 63)
@@ -286,7 +289,7 @@ def make_plan(cand: Candidate, g: ConvGeometry, pool: PoolGeometry | None, cout:
         return None
     khw = g.kh * g.kw
     cc = max(1, min(g.cin, MAX_CC, round(cand.kc_target / khw)))
-    if v.kind == "row" and (g.kw != ROW_KW or g.sw != 1 or (v.share_rows and (g.kh != 3 or g.sh != 1))):
+    if v.kind == "row" and ((g.kh, g.kw) != (ROW_KH, ROW_KW) or g.sw != 1 or (v.share_rows and g.sh != 1)):
         return None
     rows_cols = (v.warps * v.rows, v.group) if v.kind == "row" else (None, None)
     tqy, tqx = _tile(qh, qw, pk, g, v.rmax, *rows_cols)

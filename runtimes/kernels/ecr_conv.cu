@@ -86,7 +86,7 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
-// 4 bytes, or 4 zero bytes when !read (the source is not read then)
+// 4 bytes, or 4 zero bytes when !read (the source is not read then, so it may point anywhere)
 __device__ __forceinline__ void cp_async4_zfill(void* smem, const void* gmem, bool read) {
   unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(read ? 4 : 0));
@@ -154,12 +154,15 @@ template <int VEC> __device__ __forceinline__ void store_vec_cg(float* p, const 
 template <int CT, int THREADS>
 __device__ __forceinline__ void load_weight_chunk(float* dst, const float* __restrict__ wt, const int ch, const int kc,
                                                   const EcrParams& p, const int c0, const int tid) {
-  const float* src = wt + static_cast<size_t>(ch) * kc * p.cout_pad + c0;
-  constexpr int PIECES = CT / 4;
-  for (int i = tid; i < kc * PIECES; i += THREADS) {
-    const int row = i / PIECES, col = i - row * PIECES;
-    cp_async16(dst + row * CT + col * 4, src + static_cast<size_t>(row) * p.cout_pad + col * 4);
-  }
+  constexpr int PIECES = CT / 4;              // 16-byte pieces of a row
+  constexpr int ROW_STEP = THREADS / PIECES;  // rows a pass of the block covers
+  static_assert(THREADS % PIECES == 0, "each thread keeps one column of pieces");
+  // each thread copies one column of pieces, walking down the rows with running pointers
+  const int row0 = tid / PIECES, col = (tid - row0 * PIECES) * 4;
+  const float* src = wt + (static_cast<size_t>(ch) * kc + row0) * p.cout_pad + c0 + col;
+  const size_t src_step = static_cast<size_t>(ROW_STEP) * p.cout_pad;
+  float* d = dst + row0 * CT + col;
+  for (int row = row0; row < kc; row += ROW_STEP, src += src_step, d += ROW_STEP * CT) cp_async16(d, src);
 }
 
 // Shared memory (floats): W chunk buffers 2 x [kc][CT], patch [cc][patch_h][patch_w], entry
@@ -667,7 +670,7 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
 
 // --- row kernel: row bit-masks, weights held in registers ---------------------------------
 //
-// ecr_row_conv_pool, for kernels KW wide at stride 1 along x (VGG's 3x3 convs): warp w owns PY
+// ecr_row_conv_pool, for KH x KW = 3x3 kernels at stride 1 along x (VGG's convs): warp w owns PY
 // consecutive conv rows of the tile, G conv columns each (slot s = py*G + x, position
 // (w*PY + py)*crx + x of the tile's conv region). Per K chunk of cc channels:
 //   1. the chunk's input patch lands in shared memory as one 32-float row per (channel, input
@@ -682,7 +685,7 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
 //      positions x = u - j, j < KW. For position x these are exactly the non-zeros of its window
 //      row (its ECR row, taken input by input). Each column's code is unrolled, which
 //      keeps every accumulator index a compile-time constant, so nothing leaves registers.
-//      SCAN picks how the bits are tested: 1 every column, 2 every pair of columns first. (A
+//      SCAN picks how the bits are tested: 1 every column, 2 pairs first, 4 quads first. (A
 //      jump from set bit to set bit through a switch on u lost at every sparsity up to 95 % on
 //      the H100, 1.1-1.5x slower: NVCC compiles the switch to a tree of compares.)
 //      SHARE_ROWS (3x3 kernels at stride 1, PY >= 2): the warp walks its PY + 2 input rows instead,
@@ -690,6 +693,8 @@ ecr_list_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const 
 //      loaded and scanned once for the up to 3 conv rows it serves (PY = 2: 4 scans, not 6).
 // Per non-zero input: a test and up to KW*VEC FMAs, no load: the row's values come by broadcast
 // 16-byte loads, and the KW weight vectors are read once per (c, i) for all inputs of the warp's rows.
+// The loops walk running pointers (the kernel rows unrolled) and the patch copy keeps one offset per
+// row: the H100 profile of 12-06 found half the instructions in address arithmetic.
 // Shared memory (floats): W chunk buffers 2 x [kc][CT], patch buffers 2 x [cc*patch_h][32], row
 // offsets [cc*patch_h] (ints); the epilogue reuses the front as its staging tile.
 template <int PY, int G> struct RowSlots {
@@ -709,25 +714,23 @@ __device__ __forceinline__ void row_input(float (&acc)[G][VEC], const float a, c
   }
 }
 
-// SCAN 1: one warp-uniform test per column; SCAN 2: one per pair of columns, then one per column
-// of a pair that has a non-zero (fewer tests at high sparsity). The row's values a[] are in
-// registers; f(Col<U>{}, a[U]) does the FMAs of the non-zero input at column U.
+// The warp-uniform tests of columns [LO, HI) of mask m: SCAN 1 one per column; SCAN 2 one per pair
+// of columns, then one per column of a pair that has a non-zero; SCAN 4 quads, then pairs, then
+// columns (fewer tests at high sparsity). The row's values a[] are in registers; f(Col<U>{}, a[U])
+// does the FMAs of the non-zero input at column U.
 template <int U> struct Col {
   static constexpr int value = U;
 };
-template <int NU, int SCAN, int U = 0, typename F>
+template <int LO, int HI, int SCAN, typename F>
 __device__ __forceinline__ void scan_columns(const unsigned m, const float* a, F& f) {
-  if constexpr (U < NU) {
-    if constexpr (SCAN == 2 && U + 1 < NU) {
-      if (m & (3u << U)) {
-        if ((m >> U) & 1u) f(Col<U>{}, a[U]);
-        if ((m >> (U + 1)) & 1u) f(Col<U + 1>{}, a[U + 1]);
-      }
-      scan_columns<NU, SCAN, U + 2>(m, a, f);
+  if constexpr (LO < HI) {
+    constexpr int E = LO + SCAN < HI ? LO + SCAN : HI;  // this block of columns: [LO, E)
+    if constexpr (E - LO == 1) {
+      if ((m >> LO) & 1u) f(Col<LO>{}, a[LO]);
     } else {
-      if ((m >> U) & 1u) f(Col<U>{}, a[U]);
-      scan_columns<NU, SCAN, U + 1>(m, a, f);
+      if (m & (((2u << (E - LO - 1)) - 1u) << LO)) scan_columns<LO, E, SCAN / 2>(m, a, f);
     }
+    scan_columns<E, HI, SCAN>(m, a, f);
   }
 }
 
@@ -783,7 +786,7 @@ template <int ACC, int WARPS> constexpr int row_min_blocks() {
   return WARPS >= 16 ? 1 : (WARPS >= 8 ? (ACC <= 32 ? 3 : ECR_WIDE_MIN_BLOCKS) : 4);
 }
 
-template <typename T, int VEC, int G, int PY, int WARPS, int KW, int SCAN, bool SHARE_ROWS>
+template <typename T, int VEC, int G, int PY, int WARPS, int KH, int KW, int SCAN, bool SHARE_ROWS>
 __global__ void __launch_bounds__(WARPS * 32, row_min_blocks<PY * G * VEC, WARPS>())
 ecr_row_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ bias,
                   T* __restrict__ y, float* __restrict__ ws, int* __restrict__ tickets, const EcrParams p) {
@@ -794,7 +797,8 @@ ecr_row_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const f
   constexpr unsigned FULL = 0xffffffffu;
   constexpr bool ASYNC = sizeof(T) == 4;  // fp32 rows are copied by cp.async
   static_assert(NU <= 32 && PPW <= 32, "a warp row's inputs fit one mask word, its positions the valid bits");
-  static_assert(SCAN == 1 || SCAN == 2, "SCAN tests every column (1) or pairs first (2)");
+  static_assert(SCAN == 1 || SCAN == 2 || SCAN == 4, "SCAN tests every column (1), pairs first (2) or quads (4)");
+  static_assert(!SHARE_ROWS || KH == 3, "sharing input rows is written for 3 kernel rows");
   ECR_DYNAMIC_SMEM(smem4);
   float* smem = reinterpret_cast<float*>(smem4);
   __shared__ int s_last;
@@ -838,13 +842,15 @@ ecr_row_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const f
   const int ix = ix0 + lane;
   const bool col_in = lane < p.patch_w && ix >= 0 && ix < p.w;
   auto load_rows = [&](int ch, float* dst) {  // lane = column; rows warp, warp + WARPS, ...
-    const T* xc = x + (static_cast<size_t>(img) * p.cin + ch * p.cc) * hw;
-    const int limit = (p.cin - ch * p.cc) * hw;  // channels past cin read as zero
-    for (int r = warp; r < rows; r += WARPS) {
+    const T* xc = x + (static_cast<size_t>(img) * p.cin + ch * p.cc) * hw + ix;  // read only where col_in
+    // channels past cin read as zero; so do rows outside the image (offset -1, a huge unsigned)
+    const unsigned limit = col_in ? (p.cin - ch * p.cc) * hw : 0u;
+    float* d = dst + warp * 32 + lane;
+    for (int r = warp; r < rows; r += WARPS, d += WARPS * 32) {
       const int o = rowoff[r];
-      const bool in = col_in && o >= 0 && o < limit;
-      if constexpr (ASYNC) cp_async4_zfill(dst + r * 32 + lane, in ? xc + o + ix : x, in);
-      else dst[r * 32 + lane] = in ? load_act(xc + o + ix) : 0.f;
+      const bool in = static_cast<unsigned>(o) < limit;
+      if constexpr (ASYNC) cp_async4_zfill(d, xc + o, in);  // not read unless in (as CUTLASS's zfill)
+      else *d = in ? load_act(xc + o) : 0.f;
     }
   };
 
@@ -865,55 +871,59 @@ ecr_row_conv_pool(const T* __restrict__ x, const float* __restrict__ wt, const f
     __syncthreads();     // ... for every thread
     const float* wc = (stage ? wbuf1 : wbuf0) + lane * VEC;
     const float* pc = stage ? pbuf1 : pbuf0;
+    // running pointers, advanced per channel: the warp's first input row, the channel's weights (the
+    // loops keep no index arithmetic)
+    const int ystep = p.sh * 32;  // floats between the input rows of consecutive conv rows
+    const float* rb = pc + warp * PY * ystep;
+    const float* wl = wc;
     if (SHARE_ROWS && row_valid == (1u << PY) - 1u) {
       // 3x3 at stride 1, every conv row of the warp in the layer: input row r of the warp serves conv
       // rows py = r - i, so each input row is tested and loaded once for all of them
 #pragma unroll 1
-      for (int cl = 0; cl < p.cc; ++cl) {
-        const float* rbase = pc + (cl * p.patch_h + warp * PY) * 32;
-        Row<VEC> w[3][KW];
+      for (int cl = 0; cl < p.cc; ++cl, rb += p.patch_h * 32, wl += KH * KW * CT) {
+        Row<VEC> w[KH][KW];
 #pragma unroll
-        for (int i = 0; i < 3; ++i)
+        for (int i = 0; i < KH; ++i)
 #pragma unroll
-          for (int j = 0; j < KW; ++j) w[i][j].load(wc + ((cl * 3 + i) * KW + j) * CT);
+          for (int j = 0; j < KW; ++j) w[i][j].load(wl + (i * KW + j) * CT);
 #pragma unroll
         for (int r = 0; r < PY + 2; ++r) {
-          const unsigned m = __ballot_sync(FULL, rbase[r * 32 + lane] != 0.f);
+          const unsigned m = __ballot_sync(FULL, rb[r * 32 + lane] != 0.f);
           if (!m) continue;  // warp-uniform
           float a[(NU + 3) & ~3];
-          row_values<NU>(a, rbase + r * 32);
+          row_values<NU>(a, rb + r * 32);
           auto fma_rows = [&](auto col, const float v) {
 #pragma unroll
             for (int py = 0; py < PY; ++py)
               if (r - py >= 0 && r - py < 3) row_input<decltype(col)::value, G, KW, VEC>(acc[py], v, w[r - py]);
           };
-          scan_columns<NU, SCAN>(m, a, fma_rows);
+          scan_columns<0, NU, SCAN>(m, a, fma_rows);
         }
       }
-    } else if (row_valid) {  // warp-uniform
+    } else if (row_valid) {  // warp-uniform; the kernel rows unrolled
 #pragma unroll 1
-      for (int cl = 0; cl < p.cc; ++cl) {
-        const float* rbase = pc + (cl * p.patch_h + warp * PY * p.sh) * 32;
-#pragma unroll 1
-        for (int i = 0; i < p.kh; ++i) {
+      for (int cl = 0; cl < p.cc; ++cl, rb += p.patch_h * 32, wl += KH * KW * CT) {
+#pragma unroll
+        for (int i = 0; i < KH; ++i) {
           unsigned m[PY], any = 0;
 #pragma unroll
           for (int py = 0; py < PY; ++py) {  // the non-zero columns of the input row of conv row py
-            const float v = ((row_valid >> py) & 1u) ? rbase[(py * p.sh + i) * 32 + lane] : 0.f;
+            const float v = ((row_valid >> py) & 1u) ? rb[py * ystep + i * 32 + lane] : 0.f;
             m[py] = __ballot_sync(FULL, v != 0.f);
             any |= m[py];
           }
-          if (!any) continue;  // warp-uniform: these input rows are all zero
-          Row<VEC> w[KW];
+          if (any) {  // warp-uniform: skip when these input rows are all zero
+            Row<VEC> w[KW];
 #pragma unroll
-          for (int j = 0; j < KW; ++j) w[j].load(wc + ((cl * p.kh + i) * KW + j) * CT);
+            for (int j = 0; j < KW; ++j) w[j].load(wl + (i * KW + j) * CT);
 #pragma unroll
-          for (int py = 0; py < PY; ++py) {
-            if (m[py]) {
-              float a[(NU + 3) & ~3];
-              row_values<NU>(a, rbase + (py * p.sh + i) * 32);
-              auto fma_row = [&](auto col, const float v) { row_input<decltype(col)::value, G, KW, VEC>(acc[py], v, w); };
-              scan_columns<NU, SCAN>(m[py], a, fma_row);
+            for (int py = 0; py < PY; ++py) {
+              if (m[py]) {
+                float a[(NU + 3) & ~3];
+                row_values<NU>(a, rb + py * ystep + i * 32);
+                auto fma_row = [&](auto col, const float v) { row_input<decltype(col)::value, G, KW, VEC>(acc[py], v, w); };
+                scan_columns<0, NU, SCAN>(m[py], a, fma_row);
+              }
             }
           }
         }
