@@ -11,7 +11,8 @@ r"""One ECR/PECR kernel candidate on one VGG-19 layer, for Nsight Compute (ncu) 
 
 Profile one candidate per ncu call (with --launch-skip 2, a second --variant's launches come
 after the profiled one). Random weights, i.i.d. input zeros, batch 1, fp32 unless --fp16.
-The 2026-12-06 profiles are results/issue6-ecr/ncu_features.{2,7}.txt.
+Profiles kept: results/issue6-ecr/ncu_features.25.txt (2026-12-07) and
+results/issue6-ecr/2026-12-06/ncu_features.{2,7}.txt (before the integer work was cut).
 """
 from __future__ import annotations
 

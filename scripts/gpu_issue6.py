@@ -9,10 +9,13 @@ it in the same command (about 40 s on an H100), with the Fashion-MNIST files car
     source scripts/gpu_env.sh && export SPARSECNN_FASHION_MNIST=$PWD/.carry/fashion-mnist &&
     mkdir -p runs && python3 -m sparsecnn.converter.cli train vgg19 -o runs/vgg19-fmnist.pt --no-progress &&
     python3 scripts/gpu_issue6.py --out $OUT --checkpoint runs/vgg19-fmnist.pt
-The 2026-12-06 H100 run (results/issue6-ecr) also compiled the kernels while the checkpoint
-trained, by starting `python3 -c "import torch; from sparsecnn.runtimes.ecr import KernelSet;
-KernelSet.get(torch.device('cuda'))" &` before the training, and passed
-`--fig8-budget-s 130 --budget-s 300` (about 370 s in all).
+The H100 runs in results/issue6-ecr (2026-12-07; 12-06 in its 2026-12-06/ folder) also compiled
+the kernels while the checkpoint trained, by starting `python3 -c "import torch; from
+sparsecnn.runtimes.ecr import KernelSet; KernelSet.get(torch.device('cuda'))" &` before the
+training, and passed `--fig8-budget-s 130 --budget-s 300` (about 240 s for this script, 305 s
+with training and one ncu profile). The lent machine brings back at most 8 files: keep the
+four plots, issue6.json and issue6.md, or tar the rest. `--replot issue6.json` redraws the
+plots on any machine.
 
 Parts (each recorded even if another fails; --parts picks some):
   correct  every kernel variant vs a float64 conv -> relu -> max-pool oracle on all VGG-19 conv
@@ -588,18 +591,23 @@ def plot_fig8(res, out: Path):
         series = [(d, t) for d in DTYPES for t in ("ecr", "pecr")]
         width = 0.8 / len(series)
         for j, (d, t) in enumerate(series):
-            vals = []
+            vals, xs = [], np.arange(len(keys)) + j * width
             for k in keys:
                 m = [r["break_even_sparsity"] for r in be if r["layer"] == k and r["dtype"] == d and r["target"] == t]
-                vals.append(np.nan if not m or m[0] is None else 100 * m[0])
-            ax.bar(np.arange(len(keys)) + j * width, vals, width, label=f"{t.upper()} {d}")
+                vals.append(np.nan if not m else (-1.0 if m[0] is None else 100 * m[0]))  # -1: never
+            bars = ax.bar(xs, [v if v > 0 else 0 for v in vals], width, label=f"{t.upper()} {d}")
+            color = bars.patches[0].get_facecolor() if bars.patches else None
+            for x, v in zip(xs, vals):  # a zero-height bar would read as missing: say 0 or never
+                if v == 0 or v == -1:
+                    ax.text(x, 1, "0" if v == 0 else "never", rotation=90, ha="center", va="bottom", fontsize=7,
+                            color=color)
         never = [r for r in be if r["break_even_sparsity"] is None]
         ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2)
         ax.set_xticklabels(keys, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("break-even input sparsity (% zeros)")
         ax.set_ylim(0, 100)
         ax.set_title("Sparsity above which the sparse kernel beats the best dense method "
-                     f"(missing bar: never within 0-95%, {len(never)} cases)", fontsize=9)
+                     f"(0: faster at every sparsity; never: slower at 0-95%, {len(never)} cases)", fontsize=9)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
@@ -828,7 +836,13 @@ def main() -> None:
                     help="fig8 starts no new (layer, dtype, target) after this many seconds of its own (default "
                          "170); the bar's fp32 PECR layers run first, fp16 last")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, reference ops: checks the plumbing")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the plots of a saved issue6.json into --out")
     args = ap.parse_args()
+    if args.replot:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_fig8(json.loads(Path(args.replot).read_text()), out)
+        return 0
     if args.budget_s is None:
         args.budget_s = float("inf") if args.dry_run else 330.0
     out = Path(args.out)
