@@ -83,7 +83,7 @@ class Variant:
     the warp writes a group's compressed row of the K chunk to shared memory first, then a
     multiply-only loop reads its {values, k} entries; the next chunk's patch is prefetched
     through PREFETCH registers per thread while the current one is multiplied. kind "row"
-    (`ecr_row_conv_pool`, 3-wide kernels at stride 1 along x): GROUP is the conv columns of a
+    (`ecr_row_conv_pool`, 3x3 kernels at stride 1 along x): GROUP is the conv columns of a
     warp row, PPW / GROUP the rows of a warp; one ballot per input row gives its non-zero
     columns, and the weights of a (channel, kernel row) sit in registers while the warp walks
     the non-zeros of its rows."""
@@ -167,11 +167,12 @@ VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4)
 ROW_KH, ROW_KW = 3, 3        # the row kernel's kernel size (3x3, stride 1 along x)
 KC_TARGETS = (36, 72)        # window entries per K chunk (4 or 8 channels of a 3x3 kernel)
 # list kernels write rows 32 entries at a time: 63 = 7 channels of a 3x3 kernel fills 2 ballots
+# (row kernels take the list kernels' chunk sizes and split scales too)
 LIST_KC_TARGETS = (36, 63)
 # x the split count that gives ~2 blocks per SM; 0: the split count that fills whole waves of
 # resident blocks (occupancy from the kernel's registers and the plan's shared memory)
 SPLIT_SCALES = (1.0, 2.0)       # warp kernels (as measured on the H100)
-LIST_SPLIT_SCALES = (1.0, 0.0)  # list kernels
+LIST_SPLIT_SCALES = (1.0, 0.0)  # list and row kernels
 SM_SHARED_BYTES = 228 * 1024  # shared memory per SM (H100, A100-class and Orin: the most a plan counts on)
 SM_REGISTERS = 64 * 1024
 MAX_CC = 64                  # largest channel chunk; the transposed weight is padded for it

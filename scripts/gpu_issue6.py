@@ -275,11 +275,11 @@ def keep_variants(times: dict, n: int = 2, groups: bool = False) -> list[str]:
     """The `n` fastest candidates, plus the fastest of a kernel family (name prefix: `ecr` warp
     kernels, `list` list kernels, `row` row kernels) that is not among them, so each stays measured
     everywhere; with `groups`, also the fastest list kernel of each union group size (g1, g3, g4)
-    and the fastest row kernel of each scan and block width: which wins moves with sparsity, and
+    and the fastest row kernel of each scan (s1, s2, s4) and block width: which wins moves with sparsity, and
     only kept candidates are timed away from 80%."""
     order = sorted(times, key=times.get)
     keep = order[:n]
-    tags = ["ecr", "list", "row"] + (["list*g1-", "list*g3-", "list*g4-", "row*s1-", "row*s2-",
+    tags = ["ecr", "list", "row"] + (["list*g1-", "list*g3-", "list*g4-", "row*s1-", "row*s2-", "row*s4-",
                                        "row64x", "row128x", "row256x"] if groups else [])
     for tag in tags:
         head, _, part = tag.partition("*")
@@ -842,7 +842,7 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         plot_fig8(json.loads(Path(args.replot).read_text()), out)
-        return 0
+        return
     if args.budget_s is None:
         args.budget_s = float("inf") if args.dry_run else 330.0
     out = Path(args.out)

@@ -365,7 +365,7 @@ def test_kernel_source_on_cpu_emulator_matches_reference(layer):
         tol = 1e-5 if dtype == torch.float32 else 2e-3
         assert rel_err(y.double(), ref) <= tol, (cand.name, zeros, dtype, plan.describe())
         assert float(ws.abs().sum()) == 0 and int(tickets.abs().sum()) == 0, cand.name
-    # the row kernel plans 3-wide kernels at stride 1 along x only (layer 1 has stride 2)
+    # the row kernel plans 3x3 kernels at stride 1 along x only (layer 1 has stride 2)
     assert {v.kind for v in tried} == ({"warp", "list"} if g.sw > 1 else {"warp", "list", "row"})
 
 

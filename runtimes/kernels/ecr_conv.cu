@@ -5,7 +5,7 @@
 // Three kernels share the tiles, the K chunks, split-K and the epilogue (ecr_finish):
 // ecr_conv_pool (below: "warp" variants), ecr_list_conv_pool ("list" variants, which write each
 // compressed row to shared memory and then multiply without ballots or shuffles, prefetching the
-// next chunk's input) and ecr_row_conv_pool (end of the file: "row" variants, 3-wide kernels at
+// next chunk's input) and ecr_row_conv_pool (end of the file: "row" variants, 3x3 kernels at
 // stride 1 along x: per input row a bit-mask of its non-zeros, the weights in registers; each
 // position's ECR row is taken input by input). The compile-time timing of the runtime picks, per
 // layer, whichever variant is fastest on the layer's real input.
