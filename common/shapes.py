@@ -5,3 +5,21 @@ from __future__ import annotations
 def conv_out_size(size: int, pads: int, kernel: int, stride: int = 1, dilation: int = 1) -> int:
     """Output length of a convolution along one axis (`pads`: both sides together)."""
     return (size + pads - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def same_pads(in_size, kernel, stride, dilation=None, upper: bool = True) -> list[int]:
+    """ONNX auto_pad SAME_UPPER / SAME_LOWER as explicit pads [begin..., end...].
+
+    Output length is ceil(n / stride); the total padding needed for it (with the dilated
+    kernel extent (k - 1) * d + 1) is split in half, the odd one at the end for SAME_UPPER
+    and at the beginning for SAME_LOWER. The one copy every pass and op uses.
+    """
+    dilation = dilation or [1] * len(kernel)
+    begins, ends = [], []
+    for n, k, s, d in zip(in_size, kernel, stride, dilation):
+        out = -(-n // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
+        small, big = total // 2, total - total // 2
+        begins.append(small if upper else big)
+        ends.append(big if upper else small)
+    return begins + ends

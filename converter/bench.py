@@ -7,7 +7,7 @@ For each model x precision regime x batch size it builds, on one device in one r
 - **dense engines**: the torch runtime (whole network in one CUDA graph) with each
   requested `dense_conv` mode -- "cudnn" is cuDNN as PyTorch calls it, "best" is the best
   dense engine (per layer the fastest of cuDNN NCHW / NHWC and im2col + cuBLAS, see
-  runtimes/dense_conv.py);
+  runtimes/torch/dense_conv.py);
 - **runtimes x prune settings**: each requested runtime's rewrite + compile of the model
   pruned each way, its dense fallback layers compiled with `dense_conv` (default "best").
 
@@ -42,7 +42,7 @@ import torch
 
 from ..common.errors import UserError
 from .regimes import Regime, regime_flags
-from .timing import auto_reps, pooled, spread, time_fn
+from ..runtimes.timing import auto_reps, pooled, spread, time_fn
 
 SCHEMA = "sparsecnn-bench"
 SCHEMA_VERSION = 1

@@ -122,7 +122,7 @@ def run(args) -> int:
     import torch
 
     from ..runtimes import availability, resolve_device, runtime_names
-    from ..runtimes.dense_conv import CHOICES
+    from ..runtimes.torch.dense_conv import CHOICES
     from .bench import BenchConfig, environment, load_accuracy, new_result, run_networks, summary_rows
     from .bench_report import write_json, write_reports
     from .regimes import parse_regimes

@@ -51,7 +51,7 @@ def run(args) -> int:
     report = check_trt82(src.model)
     if args.write_fp16:
         from ..common.onnxio import save_onnx
-        from ..runtimes.tensorrt_runtime import fp16_onnx
+        from ..runtimes.tensorrt.runtime import fp16_onnx
 
         save_onnx(fp16_onnx(src.model), args.write_fp16)
     boards = [] if not args.roofline else (list(BOARDS) if args.board == "both" else [args.board])

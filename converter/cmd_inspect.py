@@ -46,7 +46,7 @@ def run(args) -> int:
         return 0
     if args.ops:
         from ..runtimes.ops import STANDARD_OPS
-        from ..runtimes.torch_runtime import reference_ops
+        from ..runtimes.torch.runtime import reference_ops
 
         for dom, op in sorted(list(STANDARD_OPS) + list(reference_ops())):
             print(f"{dom + '::' if dom else ''}{op}")

@@ -42,8 +42,8 @@ METHODS: dict[str, MethodFactory] = {}
 
 # Modules that register sparse methods when imported (one line per runtime).
 SWEEP_PLUGINS: list[str] = [
-    "sparsecnn.runtimes.csr_sweep",
-    "sparsecnn.runtimes.sparsert_sweep",
+    "sparsecnn.runtimes.csr.sweep",
+    "sparsecnn.runtimes.sparsert.sweep",
 ]
 
 
@@ -97,12 +97,14 @@ TOLERANCE = {"fp32-cuda-core": 1e-5, "fp32": 5e-3, "fp16": 2e-3}
 
 
 def load_plugins(errors: list | None = None) -> None:
-    """Import SWEEP_PLUGINS so their methods register; a broken plug-in is recorded, not fatal."""
+    """Import SWEEP_PLUGINS and add their METHODS; a broken plug-in is recorded, not fatal.
+
+    Plug-ins sit in the runtimes' folders and import nothing from here (imports go down)."""
     import importlib
 
     for name in SWEEP_PLUGINS:
         try:
-            importlib.import_module(name)
+            METHODS.update(importlib.import_module(name).METHODS)
         except Exception as exc:
             if errors is None:
                 raise
@@ -148,7 +150,7 @@ def run_sweep(device: torch.device | str, shapes=None, sparsities=None, methods=
     from tqdm import tqdm
 
     from .regimes import REGIMES, regime_flags
-    from .timing import pooled, spread, time_calls
+    from ..runtimes.timing import pooled, spread, time_calls
 
     device = torch.device(device)
     errors = [] if errors is None else errors

@@ -9,18 +9,20 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-import torch
+# `import torch as _torch`: importing the subpackage runtimes/torch/ binds the name `torch`
+# in this package's namespace, which would shadow PyTorch here.
+import torch as _torch
 
 from ..common.errors import UserError
 
 RUNTIME_MODULES: dict[str, str] = {
-    "torch": "sparsecnn.runtimes.torch_runtime",
-    "cusparselt": "sparsecnn.runtimes.cusparselt_runtime",
-    "tensorrt": "sparsecnn.runtimes.tensorrt_runtime",
-    "csr": "sparsecnn.runtimes.csr",
-    "ecr": "sparsecnn.runtimes.ecr",
-    "sparsert": "sparsecnn.runtimes.sparsert",
-    "minkowski": "sparsecnn.runtimes.minkowski",
+    "torch": "sparsecnn.runtimes.torch.runtime",
+    "cusparselt": "sparsecnn.runtimes.cusparselt.runtime",
+    "tensorrt": "sparsecnn.runtimes.tensorrt.runtime",
+    "csr": "sparsecnn.runtimes.csr.runtime",
+    "ecr": "sparsecnn.runtimes.ecr.runtime",
+    "sparsert": "sparsecnn.runtimes.sparsert.runtime",
+    "minkowski": "sparsecnn.runtimes.minkowski.runtime",
 }
 
 
@@ -52,14 +54,14 @@ def require_runtime(name: str) -> ModuleType:
     return rt
 
 
-def resolve_device(device: str | None) -> torch.device:
+def resolve_device(device: str | None) -> _torch.device:
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _torch.device("cuda" if _torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
+        dev = _torch.device(device)
     except RuntimeError:
         raise UserError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and not _torch.cuda.is_available():
         raise UserError("device 'cuda' asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
     return dev
 

@@ -141,7 +141,7 @@ class Executor:
         they are somewhat optimistic where a layer's weights fit in L2 when run alone (use
         `flush_l2` for the cold-cache bound).
         """
-        from ..converter.timing import time_calls
+        from .timing import time_calls
 
         env = dict(self.consts)
         env.update(zip(self.input_names, inputs))

@@ -1,6 +1,6 @@
 """CUDA C++ kernels compiled at run time with NVRTC and launched on PyTorch's current stream.
 
-Sources live in runtimes/kernels/. A compiled cubin is cached on disk, keyed by the source,
+Sources live in runtimes/<library>/cuda/. A compiled cubin is cached on disk, keyed by the source,
 the options, the target architecture and the NVRTC version, so a second process (or an
 engine loaded later) skips compilation. NVRTC needs no GPU: CI compiles every kernel for
 sm_87 (Jetson Orin) and sm_90 (H100) with `compile_cubin` alone.
@@ -20,7 +20,23 @@ import torch
 
 from ..common.errors import UserError
 
-KERNEL_DIR = Path(__file__).parent / "kernels"
+# Kernel sources live next to the runtime that launches them, in its `cuda/` folder
+# (runtimes/csr/cuda, runtimes/ecr/cuda; runtimes/cuda holds the compiler's own smoke test).
+# A source is named by its file name, unique across these folders; all are include paths.
+KERNEL_DIRS = tuple(sorted([Path(__file__).parent / "cuda", *Path(__file__).parent.glob("*/cuda")]))
+
+
+def kernel_path(filename: str) -> Path:
+    """The one kernel source (or header) called `filename`."""
+    for d in KERNEL_DIRS:
+        if (d / filename).is_file():
+            return d / filename
+    raise FileNotFoundError(f"no kernel source {filename} in {', '.join(str(d) for d in KERNEL_DIRS)}")
+
+
+def kernel_sources() -> list[Path]:
+    """Every kernel source and header (.cu, .cuh) of every runtime."""
+    return sorted(p for d in KERNEL_DIRS for p in d.glob("*.cu*"))
 CI_ARCHS = ("sm_87", "sm_90")
 
 
@@ -85,7 +101,7 @@ def _options_and_key(source: str, arch: str, options: tuple[str, ...], name_expr
     options, name expressions, NVRTC version)."""
     ver = _bindings()[1].nvrtcVersion()
     opts = [f"--gpu-architecture={arch}", "-std=c++17", "--device-as-default-execution-space",
-            *[f"--include-path={d}" for d in cuda_include_dirs()], f"--include-path={KERNEL_DIR}", *options]
+            *[f"--include-path={d}" for d in cuda_include_dirs()], *[f"--include-path={d}" for d in KERNEL_DIRS], *options]
     key = hashlib.sha256("\0".join([source, arch, *opts, *name_expressions, str(ver[1:])]).encode()
                          + _included_sources(source)).hexdigest()[:32]
     return opts, key
@@ -171,9 +187,10 @@ def _included_sources(source: str) -> bytes:
     for line in source.splitlines():
         line = line.strip()
         if line.startswith('#include "'):
-            p = KERNEL_DIR / line.split('"')[1]
-            if p.is_file():
-                out += p.read_bytes()
+            try:
+                out += kernel_path(line.split('"')[1]).read_bytes()
+            except FileNotFoundError:
+                pass
     return out
 
 
@@ -189,7 +206,7 @@ def _write_cache(cubin_path: Path, cubin: bytes, names_path: Path, names: str) -
 
 
 def load_source(filename: str) -> str:
-    return (KERNEL_DIR / filename).read_text()
+    return kernel_path(filename).read_text()
 
 
 def device_arch(device: torch.device | int | None = None) -> str:

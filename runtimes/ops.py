@@ -15,64 +15,8 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-OpFn = Callable[..., Any]
-Builder = Callable[["NodeContext"], OpFn]
-
-
-@dataclass
-class NodeContext:
-    node: onnx.NodeProto
-    attrs: dict[str, Any]
-    consts: dict[str, torch.Tensor]
-    shapes: dict[str, list[int | None]]
-    device: torch.device
-    dtype: torch.dtype
-    channels_last: bool = False
-    options: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)  # what ran, for the per-layer report
-    # Indices of node inputs the returned function takes (None: all). A builder that keeps
-    # constants in its own form (e.g. compressed weights) lists only the rest, so the
-    # executor neither passes nor keeps the originals.
-    inputs_used: list[int] | None = None
-
-    @property
-    def name(self) -> str:
-        return self.node.name or self.node.output[0]
-
-    def const(self, i: int) -> torch.Tensor | None:
-        if i >= len(self.node.input) or not self.node.input[i]:
-            return None
-        return self.consts.get(self.node.input[i])
-
-    def shape(self, tensor: str) -> list[int | None] | None:
-        return self.shapes.get(tensor)
-
-    def attr(self, key: str, default: Any = None) -> Any:
-        return self.attrs.get(key, default)
-
-
-STANDARD_OPS: dict[tuple[str, str], Builder] = {}
-
-
-def op(op_type: str, domain: str = "", table: dict | None = None):
-    def register(builder: Builder) -> Builder:
-        (STANDARD_OPS if table is None else table)[(domain, op_type)] = builder
-        return builder
-
-    return register
-
-
-def attributes(node: onnx.NodeProto) -> dict[str, Any]:
-    out = {}
-    for a in node.attribute:
-        v = onnx.helper.get_attribute_value(a)
-        if isinstance(v, bytes):
-            v = v.decode()
-        elif isinstance(v, onnx.TensorProto):
-            v = onnx.numpy_helper.to_array(v)
-        out[a.name] = v
-    return out
-
+from ..passes.node import (STANDARD_OPS, Builder, NodeContext, OpFn, _torch_pad, attributes, conv_padding, op,
+                          resolve_pads)
 
 def _simple(fn: Callable) -> Builder:
     return lambda ctx: fn
@@ -112,42 +56,6 @@ def _softmax(ctx):
     return lambda x: torch.softmax(x, axis)
 
 
-def conv_padding(ctx: NodeContext, spatial: int) -> tuple[list[int] | None, str]:
-    """(explicit pads as [begin..., end...] or None, auto_pad mode)."""
-    auto = ctx.attr("auto_pad", "NOTSET")
-    pads = list(ctx.attr("pads", [0] * (2 * spatial)))
-    return (pads if auto == "NOTSET" else None), auto
-
-
-def _same_pads(in_size, kernel, stride, dilation, upper: bool) -> list[int]:
-    begins, ends = [], []
-    for n, k, s, d in zip(in_size, kernel, stride, dilation):
-        out = math.ceil(n / s)
-        total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
-        small, big = total // 2, total - total // 2
-        begins.append(small if upper else big)
-        ends.append(big if upper else small)
-    return begins + ends
-
-
-def _torch_pad(pads: list[int]) -> list[int]:
-    """ONNX [b1, b2, e1, e2] -> F.pad's last-dim-first [b2, e2, b1, e1]."""
-    n = len(pads) // 2
-    out = []
-    for i in reversed(range(n)):
-        out += [pads[i], pads[i + n]]
-    return out
-
-
-def resolve_pads(ctx: NodeContext, x: torch.Tensor, kernel, stride, dilation) -> list[int]:
-    pads, auto = conv_padding(ctx, len(kernel))
-    if pads is not None:
-        return pads
-    if auto == "VALID":
-        return [0] * (2 * len(kernel))
-    return _same_pads(list(x.shape[2:]), kernel, stride, dilation, upper=auto == "SAME_UPPER")
-
-
 @op("Conv")
 def _conv(ctx):
     w = ctx.const(1)
@@ -158,8 +66,8 @@ def _conv(ctx):
     groups = ctx.attr("group", 1)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
     mode = ctx.options.get("dense_conv", "cudnn")
-    if mode != "cudnn":  # another dense engine, or the per-layer choice (runtimes/dense_conv.py)
-        from .dense_conv import build_dense_conv
+    if mode != "cudnn":  # another dense engine, or the per-layer choice (runtimes/torch/dense_conv.py)
+        from .torch.dense_conv import build_dense_conv
 
         layer = build_dense_conv(ctx, w, kernel, stride, dilation, groups, mode,
                                  lambda x: resolve_pads(ctx, x, kernel, stride, dilation))

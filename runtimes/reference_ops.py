@@ -13,9 +13,9 @@ import importlib
 from .ops import Builder
 
 REFERENCE_OP_MODULES: list[str] = [
-    "sparsecnn.runtimes.two_four_ops",
-    "sparsecnn.runtimes.csr_ops",
-    "sparsecnn.runtimes.ecr_ops",
+    "sparsecnn.passes.two_four.reference",
+    "sparsecnn.passes.csr.reference",
+    "sparsecnn.passes.ecr.reference",
 ]
 
 

@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--launches", type=int, default=3, help="launches per variant (default 3)")
     args = ap.parse_args()
 
-    from sparsecnn.runtimes.ecr import CANDIDATE_BY_NAME, EcrLayer, Scratch, time_ms
+    from sparsecnn.runtimes.ecr.runtime import CANDIDATE_BY_NAME, EcrLayer, Scratch, time_ms
 
     layer = next((ly for ly in vgg19_layers() if ly["name"] == args.layer), None)
     if layer is None:

@@ -78,7 +78,7 @@ class Run:
 
                 self.backend = EmuBackend()
             else:
-                from sparsecnn.runtimes.csr_kernels import NvrtcBackend
+                from sparsecnn.runtimes.csr.kernels import NvrtcBackend
 
                 self.backend = NvrtcBackend(self.device)
         return self.backend
@@ -131,8 +131,8 @@ def _conv_relu_error(plan, g, x, w, b, gen, residual: bool, dev) -> float:
 
 
 def part_correctness(run: Run) -> dict:
-    from sparsecnn.passes.csr import csr_from_dense, gemm_view
-    from sparsecnn.runtimes.csr_kernels import (CONV_VARIANTS, SPMV_BATCH, SPUTNIK_VARIANTS, ConvGeometry, ConvPlan,
+    from sparsecnn.passes.csr.layout import csr_from_dense, gemm_view
+    from sparsecnn.runtimes.csr.kernels import (CONV_VARIANTS, SPMV_BATCH, SPUTNIK_VARIANTS, ConvGeometry, ConvPlan,
                                                 GemvPlan, SputnikConfig, SputnikPlan, conv_expression,
                                                 gemm_as_conv_geometry, gemm_conv_plan_call, kernel_name, spmm_config,
                                                 spmv_expression, window_config, with_split)
@@ -234,10 +234,10 @@ def _magnitude_pruned(m: int, k: int, sparsity: float, gen, device) -> torch.Ten
 
 
 def part_sweep(run: Run, conv_view: bool) -> dict:
-    import sparsecnn.runtimes.csr_sweep  # noqa: F401  (registers "csr")
+    import sparsecnn.runtimes.csr.sweep  # noqa: F401  (registers "csr")
     from sparsecnn.converter.gemm_sweep import METHODS
-    from sparsecnn.passes.csr import csr_from_dense, gemm_view
-    from sparsecnn.runtimes.csr_kernels import (ConvGeometry, candidate_configs, expected_floor_us, make_plan,
+    from sparsecnn.passes.csr.layout import csr_from_dense, gemm_view
+    from sparsecnn.runtimes.csr.kernels import (ConvGeometry, candidate_configs, expected_floor_us, make_plan,
                                                 sputnik_candidates, time_in_graph_us, tune)
 
     dev = run.device
@@ -360,7 +360,7 @@ def _float_bytes(model) -> int:
 
 
 def _time_engine(engine, x, reps: int) -> dict:
-    from sparsecnn.converter.timing import time_fn
+    from sparsecnn.runtimes.timing import time_fn
 
     xs = engine.prepare(x)
     with torch.no_grad(), engine._precision_context():
@@ -376,7 +376,7 @@ def part_nets(run: Run) -> dict:
     from sparsecnn.converter.export import export_onnx
     from sparsecnn.models import load_model
     from sparsecnn.passes.prune import prune_unstructured
-    from sparsecnn.runtimes import csr as csr_rt
+    from sparsecnn.runtimes.csr import runtime as csr_rt
     from sparsecnn.runtimes import get_runtime
 
     models = run.args.models or (("resnet18", "vgg19", "trafficcamnet") if not run.dry else ("tinyresnet", "tinynet"))

@@ -11,7 +11,7 @@ it in the same command (about 40 s on an H100), with the Fashion-MNIST files car
     python3 scripts/gpu_issue6.py --out $OUT --checkpoint runs/vgg19-fmnist.pt
 The H100 runs in results/issue6-ecr (2026-12-07; 12-06 in its 2026-12-06/ folder) also compiled
 the kernels while the checkpoint trained, by starting `python3 -c "import torch; from
-sparsecnn.runtimes.ecr import KernelSet; KernelSet.get(torch.device('cuda'))" &` before the
+sparsecnn.runtimes.ecr.runtime import KernelSet; KernelSet.get(torch.device('cuda'))" &` before the
 training, and passed `--fig8-budget-s 130 --budget-s 300` (about 240 s for this script, 305 s
 with training and one ncu profile). The lent machine brings back at most 8 files: keep the
 four plots, issue6.json and issue6.md, or tar the rest. `--replot issue6.json` redraws the
@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparsecnn.converter.timing import time_fn
+from sparsecnn.runtimes.timing import time_fn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 SWEEP = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -99,7 +99,7 @@ ODD_LAYERS = [  # name, n, cin, h, w, cout, kernel, stride, pads (t, l, b, r), p
 
 
 def layer_spec(layer: dict):
-    from sparsecnn.runtimes.ecr_ops import ConvGeometry, PoolGeometry
+    from sparsecnn.passes.ecr.reference import ConvGeometry, PoolGeometry
 
     g = ConvGeometry(layer["n"], layer["cin"], layer["h"], layer["w"], layer.get("k", 3), layer.get("k", 3),
                      layer.get("s", 1), layer.get("s", 1), tuple(layer.get("pads", (1, 1, 1, 1))))
@@ -129,7 +129,7 @@ def sparse_input(shape, zeros: float, dtype, device, seed: int = 0) -> torch.Ten
 
 def oracle(x, w, b, g, pool, relu=True) -> torch.Tensor:
     """float64 conv -> relu -> max-pool (the independent reference)."""
-    from sparsecnn.runtimes.ecr_ops import dense_conv_relu_pool
+    from sparsecnn.passes.ecr.reference import dense_conv_relu_pool
 
     return dense_conv_relu_pool(x.double(), w.double(), b.double(), g, relu, pool)
 
@@ -145,7 +145,7 @@ class CpuLayer:
     """--dry-run stand-in for EcrLayer: same interface, the reference ops instead of kernels."""
 
     def __init__(self, w, b, attrs, pool, relu, scratch=None):
-        from sparsecnn.runtimes.ecr import CANDIDATES, make_plan
+        from sparsecnn.runtimes.ecr.runtime import CANDIDATES, make_plan
 
         self.w, self.b, self.attrs, self.pool, self.relu = w, b, attrs, pool, relu
         # a few of each kernel family that plan for the layer (the plans are real; the math is the reference's)
@@ -156,13 +156,13 @@ class CpuLayer:
         return [c for kind in ("warp", "list", "row") for c in [c for c in ok if c.variant.kind == kind][:2]]
 
     def plan(self, cand, x):
-        from sparsecnn.runtimes.ecr_ops import conv_geometry
+        from sparsecnn.passes.ecr.reference import conv_geometry
 
         return self._make_plan(cand, conv_geometry(self.attrs, x.shape), self.pool, self.w.shape[0], self.relu,
                                8, 227 * 1024)
 
     def run_candidate(self, cand, x):
-        from sparsecnn.runtimes.ecr_ops import conv_geometry, ecr_conv, ecr_encode, pecr_conv_pool, pecr_encode
+        from sparsecnn.passes.ecr.reference import conv_geometry, ecr_conv, ecr_encode, pecr_conv_pool, pecr_encode
 
         g = conv_geometry(self.attrs, x.shape)
         if self.pool:
@@ -173,7 +173,7 @@ class CpuLayer:
 def make_layer(w, b, attrs, pool, relu, scratch, dry):
     if dry:
         return CpuLayer(w, b, attrs, pool, relu)
-    from sparsecnn.runtimes.ecr import EcrLayer
+    from sparsecnn.runtimes.ecr.runtime import EcrLayer
 
     return EcrLayer(w, b, attrs, pool, relu, scratch)
 
@@ -182,7 +182,7 @@ def timed(fn, x, reps: int, dry: bool) -> float:
     """Median ms of fn(x) as a CUDA-graph replay (kernels only); eager on the CPU dry run."""
     if dry:
         return time_fn(lambda i: fn(x), "cpu", reps=1, warmup=0).median_ms
-    from sparsecnn.runtimes.ecr import time_ms
+    from sparsecnn.runtimes.ecr.runtime import time_ms
 
     return time_ms(fn, x, reps=reps)
 
@@ -300,8 +300,8 @@ def best(d: dict) -> tuple[str | None, float | None]:
 # --- part 1: correctness -------------------------------------------------------------------
 
 def part_correct(args, dev, res):
-    from sparsecnn.runtimes.ecr import Scratch
-    from sparsecnn.runtimes.ecr_ops import ecr_conv, ecr_encode, pecr_conv_pool, pecr_encode
+    from sparsecnn.runtimes.ecr.runtime import Scratch
+    from sparsecnn.passes.ecr.reference import ecr_conv, ecr_encode, pecr_conv_pool, pecr_encode
 
     div = 16 if args.dry_run else 1
     layers = vgg19_layers(32 if args.dry_run else 224, div)
@@ -413,7 +413,7 @@ def real_activations(args, dev, res, model, spec, label):
 # --- part 2: Figure 8 ----------------------------------------------------------------------
 
 def part_fig8(args, dev, res, real_means, real_tensors, real_label):
-    from sparsecnn.runtimes.ecr import CANDIDATE_BY_NAME, Scratch, layer_cost
+    from sparsecnn.runtimes.ecr.runtime import CANDIDATE_BY_NAME, Scratch, layer_cost
 
     dry = args.dry_run
     layers = vgg19_layers(32 if dry else 224)
@@ -861,7 +861,7 @@ def main() -> None:
         time_fn(lambda i: a @ a, dev, reps=5, warmup_ms=300.0)
         del a
         t0 = time.perf_counter()
-        from sparsecnn.runtimes.ecr import KernelSet
+        from sparsecnn.runtimes.ecr.runtime import KernelSet
 
         KernelSet.get(dev)
         res["kernel_compile_s"] = time.perf_counter() - t0

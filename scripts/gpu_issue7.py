@@ -33,7 +33,7 @@ import torch
 
 from sparsecnn.common.fileio import atomic_path
 from sparsecnn.converter.export import export_onnx
-from sparsecnn.converter.timing import time_fn
+from sparsecnn.runtimes.timing import time_fn
 from sparsecnn.models import load_model
 from sparsecnn.passes.prune import prune_unstructured
 from sparsecnn.runtimes import get_runtime
@@ -202,7 +202,7 @@ def sweep(dry: bool, device: torch.device, reps: int) -> list[dict]:
     import onnx
     from onnx import TensorProto, helper
 
-    import sparsecnn.runtimes.minkowski as mkmod
+    import sparsecnn.runtimes.minkowski.runtime as mkmod
 
     ME = mkmod._me()
     layers = SWEEP_LAYERS[:2] if dry else SWEEP_LAYERS

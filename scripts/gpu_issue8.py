@@ -31,11 +31,11 @@ import torch
 
 from sparsecnn.common.fileio import write_text_atomic
 from sparsecnn.converter.export import export_onnx
-from sparsecnn.converter.timing import time_fn, time_interleaved
+from sparsecnn.runtimes.timing import time_fn, time_interleaved
 from sparsecnn.models import load_model
 from sparsecnn.passes.masks import mask_2to4
 from sparsecnn.passes.prune import prune_2to4
-from sparsecnn.runtimes import cusparselt_runtime as cs
+from sparsecnn.runtimes.cusparselt import runtime as cs
 from sparsecnn.runtimes import get_runtime
 from sparsecnn.runtimes.base import CompileOptions
 from sparsecnn.runtimes.executor import Executor

@@ -88,7 +88,7 @@ def exact_sparse(shape, sparsity: float, gen: torch.Generator) -> torch.Tensor:
 
 
 def make_kernel(prog, src, device):
-    from sparsecnn.runtimes.sparsert_codegen import EmulatedKernel, GeneratedKernel
+    from sparsecnn.runtimes.sparsert.codegen import EmulatedKernel, GeneratedKernel
 
     if device.type != "cuda":
         return EmulatedKernel(prog)
@@ -97,14 +97,14 @@ def make_kernel(prog, src, device):
 
 def time_warm(fn, args, device, reps):
     """Median ms per call from a CUDA graph of 10 back-to-back calls (L2 warm)."""
-    from sparsecnn.runtimes.sparsert import time_candidate
+    from sparsecnn.runtimes.sparsert.runtime import time_candidate
 
     return time_candidate(fn, args, device, launches=10, reps=max(5, reps // 5))
 
 
 def time_cold(fn, args, device, reps):
     """Median ms of single calls after overwriting L2 (weights and inputs come from DRAM)."""
-    from sparsecnn.converter.timing import time_fn
+    from sparsecnn.runtimes.timing import time_fn
 
     return time_fn(lambda i: fn(*args), device, reps=max(5, reps // 3), warmup=3, flush_l2=True).median_ms
 
@@ -130,8 +130,8 @@ DRY_LAYERS = [
 
 
 def part_correctness(args, device, seed) -> dict:
-    from sparsecnn.passes.csr import csr_from_dense, gemm_view
-    from sparsecnn.runtimes import sparsert_codegen as cg
+    from sparsecnn.passes.csr.layout import csr_from_dense, gemm_view
+    from sparsecnn.runtimes.sparsert import codegen as cg
 
     gen = torch.Generator().manual_seed(seed)
     layers = DRY_LAYERS if args.dry_run else REAL_LAYERS
@@ -218,14 +218,14 @@ def why_it_loses(entry: dict, prog_stats: dict | None, n: int) -> str:
 
 def part_sweep(args, device, seed) -> dict:
     from sparsecnn.converter import gemm_sweep
-    from sparsecnn.runtimes import sparsert_codegen as cg
+    from sparsecnn.runtimes.sparsert import codegen as cg
 
     for mod in gemm_sweep.SWEEP_PLUGINS:
         try:
             importlib.import_module(mod)
         except Exception as exc:
             log(f"sweep plugin {mod} failed to import: {exc}")
-    from sparsecnn.runtimes.sparsert_sweep import build_spmm, spmm_programs
+    from sparsecnn.runtimes.sparsert.sweep import build_spmm, spmm_programs
 
     methods = gemm_sweep.METHODS
     csr_factory = methods.get("csr")
@@ -311,7 +311,7 @@ def part_sweep(args, device, seed) -> dict:
                     row[f"{name}_ms"] = time_warm(fn, (b,), device, args.reps)
                     row[f"{name}_cold_ms"] = time_cold(fn, (b,), device, args.reps)
                 else:
-                    from sparsecnn.converter.timing import time_fn
+                    from sparsecnn.runtimes.timing import time_fn
 
                     row[f"{name}_ms"] = time_fn(lambda i: fn(b), device, reps=2, warmup=1).median_ms
             except Exception as exc:
@@ -351,7 +351,7 @@ def part_sweep(args, device, seed) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def _time_engine(engine, x, device, reps) -> tuple[float, list]:
-    from sparsecnn.converter.timing import time_fn
+    from sparsecnn.runtimes.timing import time_fn
 
     xs = engine.prepare(x)
     with torch.no_grad(), engine._precision_context():

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import torch
 
 from sparsecnn.converter.export import export_onnx
-from sparsecnn.converter.timing import time_fn
+from sparsecnn.runtimes.timing import time_fn
 from sparsecnn.models import load_model
 from sparsecnn.passes.prune import prune_unstructured
 from sparsecnn.runtimes import get_runtime

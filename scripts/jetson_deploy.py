@@ -3,13 +3,13 @@
 
 Standalone: Python 3.6+ (JetPack 4.6 on the Jetson Nano), TensorRT 8.2 through 10.x (JetPack
 6 on Orin Nano) and NumPy; device memory through libcudart with ctypes. It needs one helper
-file, trt_compat.py (runtimes/trt_compat.py in sparsecnn), beside it or importable.
+file, trt_compat.py (runtimes/tensorrt/trt_compat.py in sparsecnn), beside it or importable.
 
 On the host (any machine with sparsecnn):
     sparsecnn convert resnet18 --prune 2:4 --opset 13 -o r18.onnx
     sparsecnn check-jetson r18.onnx                                  # TensorRT 8.2 compatibility
     sparsecnn run r18.onnx --random --batch 1 --save-inputs -o ref.npz   # reference inputs + outputs
-    scp r18.onnx ref.npz scripts/jetson_deploy.py runtimes/trt_compat.py jetson:
+    scp r18.onnx ref.npz scripts/jetson_deploy.py runtimes/tensorrt/trt_compat.py jetson:
 On the Jetson:
     python3 jetson_deploy.py r18.onnx --ref ref.npz --fp16 [--sparse] [--plan r18.plan]
 
@@ -35,7 +35,7 @@ def _import_trt_compat():
             sys.path.insert(0, os.path.abspath(folder))
             import trt_compat
             return trt_compat
-    from sparsecnn.runtimes import trt_compat
+    from sparsecnn.runtimes.tensorrt import trt_compat
     return trt_compat
 
 

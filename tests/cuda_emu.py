@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from sparsecnn.runtimes.csr_kernels import all_expressions
-from sparsecnn.runtimes.nvrtc import KERNEL_DIR
+from sparsecnn.runtimes.csr.kernels import all_expressions
+from sparsecnn.runtimes.nvrtc import KERNEL_DIRS, kernel_sources
 
 HERE = Path(__file__).parent
 
@@ -41,7 +41,7 @@ def _library(filename: str, dtypes=(torch.float32, torch.float16)) -> tuple[ctyp
 def compile_library(filename: str, source: str) -> ctypes.CDLL:
     """g++ `source` (host C++ that includes kernel `filename` with SPARSECNN_EMU defined) into a
     shared library, cached by the source, the kernel sources and this emulator."""
-    deps = b"".join(p.read_bytes() for p in sorted(KERNEL_DIR.glob("*.cu*"))) + (HERE / "cuda_emu.h").read_bytes()
+    deps = b"".join(p.read_bytes() for p in kernel_sources()) + (HERE / "cuda_emu.h").read_bytes()
     key = hashlib.sha256(source.encode() + deps).hexdigest()[:16]
     cache = Path(os.environ.get("SPARSECNN_EMU_CACHE", Path(tempfile.gettempdir()) / "sparsecnn-emu"))
     cache.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,7 @@ def compile_library(filename: str, source: str) -> ctypes.CDLL:
         src = cache / f"{Path(filename).stem}-{key}.cpp"
         src.write_text(source)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-w", f"-I{KERNEL_DIR}", f"-I{HERE}",
+        subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-w", *[f"-I{d}" for d in KERNEL_DIRS], f"-I{HERE}",
                         str(src), "-o", str(tmp)], check=True)
         os.replace(tmp, lib)
     return ctypes.CDLL(str(lib))

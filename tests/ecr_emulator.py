@@ -1,4 +1,4 @@
-"""A CPU model of kernels/ecr_conv.cu's index arithmetic, block by block (tests only).
+"""A CPU model of cuda/ecr_conv.cu's index arithmetic, block by block (tests only).
 
 It follows the kernel's steps with the kernel's integers (tiles, conv regions, patches,
 window-entry offsets, K chunks, split-K slots, the pooled epilogue), so a plan that would
@@ -154,14 +154,14 @@ def _list_chunk(v, p, kc, flat, offs, slots, wc, acc) -> None:
 
 
 class EmuEcrKernels:
-    """kernels/ecr_conv.cu itself, compiled as host C++ against tests/cuda_emu.h and launched like
+    """cuda/ecr_conv.cu itself, compiled as host C++ against tests/cuda_emu.h and launched like
     `runtimes.ecr.KernelSet.launch` on CPU tensors: every CUDA thread a host thread (small layers)."""
 
     def __init__(self, variants):
         import ctypes
 
         from cuda_emu import compile_library
-        from sparsecnn.runtimes.ecr import KERNEL_SOURCE
+        from sparsecnn.runtimes.ecr.runtime import KERNEL_SOURCE
 
         self.variants = tuple(variants)
         lines = ["#define SPARSECNN_EMU 1", f'#include "{KERNEL_SOURCE}"']

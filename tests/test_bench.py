@@ -315,7 +315,7 @@ def test_a_sparse_runtime_plugs_in_and_gets_layer_matching_and_the_bound(monkeyp
 def test_time_calls_on_cpu_times_each_call():
     import time
 
-    from sparsecnn.converter.timing import time_calls
+    from sparsecnn.runtimes.timing import time_calls
 
     calls = []
     t = time_calls(lambda j: (calls.append(j), time.sleep(0.002)), "cpu", reps=5, warmup=1)
@@ -324,7 +324,7 @@ def test_time_calls_on_cpu_times_each_call():
 
 @pytest.mark.gpu
 def test_time_calls_batches_short_calls_into_one_graph_and_reports_per_call():
-    from sparsecnn.converter.timing import time_calls, time_fn
+    from sparsecnn.runtimes.timing import time_calls, time_fn
 
     a = torch.randn(64, 64, device="cuda")
     short = time_calls(lambda j: a @ a, "cuda", reps=20)
@@ -377,7 +377,7 @@ def test_quick_bench_on_gpu_uses_graphs_everywhere(tmp_path):
 
 def test_time_calls_graph_path_batches_short_calls_and_reports_per_call(monkeypatch):
     """The CUDA branch of time_calls, driven on CPU with a stand-in graph and clock."""
-    from sparsecnn.converter import timing
+    from sparsecnn.runtimes import timing
     from sparsecnn.runtimes import base
 
     eager_calls = []
@@ -413,7 +413,7 @@ def test_time_calls_graph_path_batches_short_calls_and_reports_per_call(monkeypa
 
 
 def test_time_calls_times_eagerly_when_the_call_cannot_be_captured(monkeypatch):
-    from sparsecnn.converter import timing
+    from sparsecnn.runtimes import timing
     from sparsecnn.runtimes import base
 
     def refuse(*a, **k):

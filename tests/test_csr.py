@@ -1,6 +1,6 @@
 import torch
 
-from sparsecnn.passes.csr import csr_from_dense, gemm_view
+from sparsecnn.passes.csr.layout import csr_from_dense, gemm_view
 
 
 def test_csr_roundtrip_with_empty_rows_and_swizzle_order():

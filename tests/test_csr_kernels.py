@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import cuda_emu
 from helpers import rel_err
-from sparsecnn.passes.csr import csr_from_dense, gemm_view
-from sparsecnn.runtimes.csr_kernels import (KERNEL_FILES, SPUTNIK_VARIANTS, ConvConfig, ConvGeometry, ConvPlan,
+from sparsecnn.passes.csr.layout import csr_from_dense, gemm_view
+from sparsecnn.runtimes.csr.kernels import (KERNEL_FILES, SPUTNIK_VARIANTS, ConvConfig, ConvGeometry, ConvPlan,
                                             GemvPlan, SputnikConfig, SputnikPlan, all_expressions, candidate_configs,
                                             chunk_pointers, config_from_dict, gemm_as_conv_geometry,
                                             gemm_conv_plan_call, make_plan, rows_block_column_use, spmm_config,
@@ -406,7 +406,7 @@ gpu = pytest.mark.gpu
     ConvGeometry(77, 45, 9, 7),
 ])
 def test_gpu_conv_kernels_match_conv2d(dtype, geom):
-    from sparsecnn.runtimes.csr_kernels import NvrtcBackend
+    from sparsecnn.runtimes.csr.kernels import NvrtcBackend
 
     backend = NvrtcBackend("cuda")
     for i, cfg in enumerate(candidate_configs(geom, dtype=dtype)):  # fp16 has its own Sputnik configs
@@ -430,7 +430,7 @@ def test_gpu_conv_kernels_match_conv2d(dtype, geom):
 @pytest.mark.parametrize("m,k,n", [(64, 576, 3136), (37, 3, 100), (256, 2304, 196), (45, 301, 49), (128, 1152, 784)])
 def test_gpu_sputnik_kernels_match_matmul(dtype, m, k, n):
     """Every Sputnik variant whose vectors fit N: fresh random inputs, odd N, tiny K, empty rows."""
-    from sparsecnn.runtimes.csr_kernels import NvrtcBackend
+    from sparsecnn.runtimes.csr.kernels import NvrtcBackend
 
     backend = NvrtcBackend("cuda")
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)

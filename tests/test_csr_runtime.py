@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import cuda_emu
 from helpers import input_shape, ort_run, rel_err
-from sparsecnn.passes.csr_rewrite import csr_rewrite
+from sparsecnn.passes.csr.rewrite import csr_rewrite
 from sparsecnn.passes.graph import SPARSECNN_DOMAIN, check_model, run_pipeline, set_prune_exclusions
 from sparsecnn.passes.prune import prune_unstructured
 from sparsecnn.runtimes import get_runtime
@@ -196,8 +196,8 @@ def test_fuse_option_off_keeps_the_add():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_reference_csr_conv_adds_the_residual_before_the_relu(dtype):
-    from sparsecnn.passes.csr import csr_from_dense, gemm_view
-    from sparsecnn.runtimes.csr_ops import reference_csr_conv
+    from sparsecnn.passes.csr.layout import csr_from_dense, gemm_view
+    from sparsecnn.passes.csr.reference import reference_csr_conv
 
     w = torch.from_numpy(masked_weight((6, 4, 3, 3), 0.3, seed=8))
     csr = csr_from_dense(gemm_view(w))
@@ -262,7 +262,7 @@ def test_csr_runtime_on_cpu_reproduces_onnxruntime(exported, name):
 
 @emu
 def test_kernel_path_of_the_runtime_through_the_emulator_reproduces_onnxruntime(exported):
-    from sparsecnn.runtimes.csr import compile_with_backend
+    from sparsecnn.runtimes.csr.runtime import compile_with_backend
 
     pruned = prune_unstructured(exported("tinyresnet"), 0.9).model
     sparse = get_runtime("csr").rewrite(pruned, {})
@@ -288,7 +288,7 @@ def test_kernel_path_of_the_runtime_through_the_emulator_reproduces_onnxruntime(
 def test_tuner_times_sparse_and_dense_with_the_fused_residual_and_engines_round_trip(exported, tmp_path, monkeypatch):
     """Per fused layer, every sparse candidate and the dense form are timed on (x, residual);
     the dense form adds it (and applies the ReLU) itself; the saved engine reloads its choices."""
-    from sparsecnn.runtimes import csr as csr_rt
+    from sparsecnn.runtimes.csr import runtime as csr_rt
     from sparsecnn.runtimes.base import read_engine_file
 
     timed: list[tuple[str, int]] = []
@@ -327,7 +327,7 @@ def test_tuner_times_sparse_and_dense_with_the_fused_residual_and_engines_round_
 
 @emu
 def test_threshold_decision_keeps_denser_layers_dense(exported):
-    from sparsecnn.runtimes.csr import compile_with_backend
+    from sparsecnn.runtimes.csr.runtime import compile_with_backend
 
     pruned = prune_unstructured(exported("tinynet"), 0.6).model
     sparse = get_runtime("csr").rewrite(pruned, {"csr_max_density": 0.5})
@@ -339,8 +339,8 @@ def test_threshold_decision_keeps_denser_layers_dense(exported):
 
 @emu
 def test_configs_a_layer_cannot_use_are_skipped_and_none_left_means_dense(exported, monkeypatch):
-    from sparsecnn.runtimes import csr_kernels
-    from sparsecnn.runtimes.csr import compile_with_backend
+    from sparsecnn.runtimes.csr import kernels as csr_kernels
+    from sparsecnn.runtimes.csr.runtime import compile_with_backend
 
     pruned = prune_unstructured(exported("tinynet"), 0.9).model
     sparse = get_runtime("csr").rewrite(pruned, {})
@@ -370,8 +370,8 @@ def test_configs_a_layer_cannot_use_are_skipped_and_none_left_means_dense(export
 
 @emu
 def test_runtime_runs_layers_on_sputniks_spmm_from_saved_configs(exported):
-    from sparsecnn.runtimes.csr import compile_with_backend
-    from sparsecnn.runtimes.csr_kernels import SputnikConfig
+    from sparsecnn.runtimes.csr.runtime import compile_with_backend
+    from sparsecnn.runtimes.csr.kernels import SputnikConfig
 
     pruned = prune_unstructured(exported("tinyresnet"), 0.9).model
     sparse = get_runtime("csr").rewrite(pruned, {})
@@ -395,7 +395,7 @@ def test_runtime_runs_layers_on_sputniks_spmm_from_saved_configs(exported):
 
 @emu
 def test_weight_budget_keeps_layers_sparse_until_the_engine_fits(exported, monkeypatch):
-    from sparsecnn.runtimes import csr as csr_rt
+    from sparsecnn.runtimes.csr import runtime as csr_rt
 
     # every dense layer "measures" 10 us, every sparse plan 100 us: measuring alone picks dense everywhere
     monkeypatch.setattr(csr_rt._KernelSession, "time_us",

@@ -9,7 +9,7 @@ from helpers import ort_run, rel_err
 from sparsecnn.common.errors import UserError
 from sparsecnn.passes.masks import mask_2to4
 from sparsecnn.passes.prune import prune_2to4
-from sparsecnn.runtimes import cusparselt_runtime as cs
+from sparsecnn.runtimes.cusparselt import runtime as cs
 from sparsecnn.runtimes import get_runtime
 from sparsecnn.runtimes.executor import Executor
 

@@ -155,8 +155,8 @@ class _FakeReplay:
 
 def test_whole_network_plan_choice_keeps_the_fastest_graph_and_rewrites_layer_choices(exported, monkeypatch):
     """The GPU-only plan selection of dense_conv=best, driven on CPU with a stand-in graph and clock."""
-    from sparsecnn.converter import timing
-    from sparsecnn.runtimes import torch_runtime
+    from sparsecnn.runtimes import timing
+    from sparsecnn.runtimes.torch import runtime as torch_runtime
 
     _FakeReplay.built = []
     monkeypatch.setattr(torch_runtime, "GraphReplay", _FakeReplay)

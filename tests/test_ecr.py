@@ -7,11 +7,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ecr_emulator import emulate
 from helpers import rel_err
-from sparsecnn.passes.fuse_ecr import fuse_ecr
+from sparsecnn.passes.ecr.rewrite import fuse_ecr
 from sparsecnn.passes.graph import run_pipeline
-from sparsecnn.runtimes.ecr_ops import (ConvGeometry, PoolGeometry, ecr_conv, ecr_decode, ecr_encode, pecr_conv_pool,
+from sparsecnn.passes.ecr.reference import (ConvGeometry, PoolGeometry, ecr_conv, ecr_decode, ecr_encode, pecr_conv_pool,
                                         pecr_decode, pecr_encode)
-from sparsecnn.runtimes.ecr_ops import dense_conv_relu_pool as dense_reference
+from sparsecnn.passes.ecr.reference import dense_conv_relu_pool as dense_reference
 
 
 def sparse_input(shape, zero_fraction, seed=0, dtype=torch.float64):
@@ -259,7 +259,7 @@ PLAN_CASES = [
 
 @pytest.mark.parametrize("case", range(len(PLAN_CASES)))
 def test_every_kernel_plan_computes_the_layer(case):
-    from sparsecnn.runtimes.ecr import CANDIDATES, make_plan, pack_weights
+    from sparsecnn.runtimes.ecr.runtime import CANDIDATES, make_plan, pack_weights
 
     g, pool, cout, relu = PLAN_CASES[case]
     x = sparse_input((g.n, g.cin, g.h, g.w), 0.6, seed=case)
@@ -281,7 +281,7 @@ def test_every_kernel_plan_computes_the_layer(case):
 @pytest.mark.parametrize("case", range(len(PLAN_CASES)))
 def test_list_kernel_plans_compute_the_layer(case):
     """Every list-kernel variant (union groups G = 1, 2, 4) through the emulation of its two phases."""
-    from sparsecnn.runtimes.ecr import CANDIDATES, make_plan, pack_weights
+    from sparsecnn.runtimes.ecr.runtime import CANDIDATES, make_plan, pack_weights
 
     g, pool, cout, relu = PLAN_CASES[case]
     x = sparse_input((g.n, g.cin, g.h, g.w), 0.7, seed=10 + case)
@@ -308,7 +308,7 @@ def test_list_kernel_plans_compute_the_layer(case):
 
 
 def test_whole_wave_split_and_occupancy():
-    from sparsecnn.runtimes.ecr import Variant, blocks_per_sm, wave_splits
+    from sparsecnn.runtimes.ecr.runtime import Variant, blocks_per_sm, wave_splits
 
     # 392 tiles, 16 chunks, 264 resident blocks: 1 split = 2 waves x 16 chunks, 2 splits = 3 waves x 8
     assert wave_splits(392, 16, 264) == 2
@@ -332,10 +332,10 @@ EMU_LAYERS = [  # odd sizes; 2x2 pool; stride 2 with asymmetric pads, batch 2; 3
 @pytest.mark.parametrize("layer", range(len(EMU_LAYERS)))
 def test_kernel_source_on_cpu_emulator_matches_reference(layer):
     """Every kernel variant (warp, list and row kernels, fp32 and fp16, split-K or not) runs from
-    kernels/ecr_conv.cu on the CPU emulator; two launches each, the workspace back to zero."""
+    cuda/ecr_conv.cu on the CPU emulator; two launches each, the workspace back to zero."""
     import cuda_emu
     from ecr_emulator import EmuEcrKernels
-    from sparsecnn.runtimes.ecr import CANDIDATES, VARIANTS, make_plan, pack_weights
+    from sparsecnn.runtimes.ecr.runtime import CANDIDATES, VARIANTS, make_plan, pack_weights
 
     if not cuda_emu.available():
         pytest.skip("g++ not installed")
@@ -370,7 +370,7 @@ def test_kernel_source_on_cpu_emulator_matches_reference(layer):
 
 
 def test_plans_split_k_when_tiles_are_few_and_fit_shared_memory():
-    from sparsecnn.runtimes.ecr import CANDIDATES, make_plan
+    from sparsecnn.runtimes.ecr.runtime import CANDIDATES, make_plan
 
     g = ConvGeometry(1, 512, 14, 14, 3, 3, 1, 1, (1, 1, 1, 1))  # VGG-19 features.34 at batch 1
     plans = {c.name: make_plan(c, g, PoolGeometry(2, 2, 2, 2), 512, True, 132, 227 * 1024) for c in CANDIDATES}
@@ -396,7 +396,7 @@ def test_plans_split_k_when_tiles_are_few_and_fit_shared_memory():
 
 @pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
 def test_kernels_compile_for_ci_archs(arch):
-    from sparsecnn.runtimes.ecr import KERNEL_SOURCE, VARIANTS
+    from sparsecnn.runtimes.ecr.runtime import KERNEL_SOURCE, VARIANTS
     from sparsecnn.runtimes.nvrtc import compile_cubin, load_source, nvrtc_available
 
     if not nvrtc_available()[0]:
@@ -416,7 +416,7 @@ def test_engine_params_match_the_kernel_struct():
     """EcrParams in Python lists the C struct's fields in the C order."""
     import re
 
-    from sparsecnn.runtimes.ecr import KERNEL_SOURCE, PARAM_FIELDS
+    from sparsecnn.runtimes.ecr.runtime import KERNEL_SOURCE, PARAM_FIELDS
     from sparsecnn.runtimes.nvrtc import load_source
 
     body = re.search(r"struct EcrParams \{(.*?)\};", load_source(KERNEL_SOURCE), re.S).group(1)
@@ -442,7 +442,7 @@ GPU_LAYERS = [  # real-shaped (VGG-19) and odd layers
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("zeros", [0.0, 0.5, 0.9, 0.99, 1.0])
 def test_gpu_kernels_match_reference(layer, dtype, zeros):
-    from sparsecnn.runtimes.ecr import CANDIDATES, KernelSet, Scratch, make_plan, pack_weights
+    from sparsecnn.runtimes.ecr.runtime import CANDIDATES, KernelSet, Scratch, make_plan, pack_weights
 
     g, pool, cout = GPU_LAYERS[layer]
     dev = torch.device("cuda")
@@ -477,7 +477,7 @@ def test_gpu_kernels_match_reference(layer, dtype, zeros):
 
 def test_gpu_layers_exercise_every_kernel_variant():
     """The GPU correctness layers plan every variant (kind, VEC, positions, union group) somewhere."""
-    from sparsecnn.runtimes.ecr import CANDIDATES, VARIANTS, make_plan
+    from sparsecnn.runtimes.ecr.runtime import CANDIDATES, VARIANTS, make_plan
 
     planned = {c.variant for g, pool, cout in GPU_LAYERS for c in CANDIDATES
                if make_plan(c, g, pool, cout, True, 132, 227 * 1024) is not None}

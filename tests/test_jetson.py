@@ -18,7 +18,7 @@ from sparsecnn.converter.cli import main
 from sparsecnn.passes.jetson import check_trt82
 from sparsecnn.passes.prune import prune_2to4
 from sparsecnn.passes.roofline import BOARDS, estimate
-from sparsecnn.passes.two_four import rewrite_2to4
+from sparsecnn.passes.two_four.layout import rewrite_2to4
 
 ROOT = Path(__file__).resolve().parents[1]
 PY36_FILES = [ROOT / "scripts" / "jetson_deploy.py", ROOT / "runtimes" / "trt_compat.py"]

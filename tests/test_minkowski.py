@@ -89,7 +89,7 @@ def test_kernel_offsets_in_the_other_order_give_a_wrong_result(monkeypatch):
     model, inits = _conv_model(rng, 4, 6, (3, 3), x_shape=shape)
     x = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
     want = F.conv2d(x, torch.from_numpy(inits["w"]), None, 1, 1)
-    import sparsecnn.runtimes.minkowski as mk
+    import sparsecnn.runtimes.minkowski.runtime as mk
 
     def swapped(weight):
         cout, cin, kh, kw = weight.shape

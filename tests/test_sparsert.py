@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import input_shape, ort_run, rel_err
-from sparsecnn.passes.csr import csr_from_dense, gemm_view
-from sparsecnn.runtimes import sparsert_codegen as cg
+from sparsecnn.passes.csr.layout import csr_from_dense, gemm_view
+from sparsecnn.runtimes.sparsert import codegen as cg
 from sparsecnn.runtimes.nvrtc import CI_ARCHS, compile_cubin, nvrtc_available
 
 needs_nvrtc = pytest.mark.skipif(not nvrtc_available()[0], reason="NVRTC not installed")
@@ -209,8 +209,8 @@ def _pruned(exported, name, sparsity=0.8):
 
 
 def test_rewrite_fuses_relu_and_residual_into_the_later_conv(exported):
-    from sparsecnn.passes.csr_rewrite import csr_rewrite
-    from sparsecnn.runtimes import sparsert
+    from sparsecnn.passes.csr.rewrite import csr_rewrite
+    from sparsecnn.runtimes.sparsert import runtime as sparsert
 
     model = _pruned(exported, "tinyresnet")
     (fn, kwargs), = sparsert.passes({})
@@ -332,7 +332,7 @@ def test_generated_conv_kernels_match_the_reference_on_gpu(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sweep_method_matches_matmul_on_gpu(dtype):
     from sparsecnn.converter.gemm_sweep import METHODS
-    import sparsecnn.runtimes.sparsert_sweep  # noqa: F401  (registers the method)
+    import sparsecnn.runtimes.sparsert.sweep  # noqa: F401  (registers the method)
 
     w = (torch.randn(70, 150) * (torch.rand(70, 150) < 0.1)).cuda()
     run = METHODS["sparsert"](w, dtype)

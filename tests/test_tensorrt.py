@@ -10,8 +10,8 @@ from helpers import ort_run, rel_err
 from sparsecnn.passes.fp16 import to_fp16
 from sparsecnn.passes.graph import check_model, run_pipeline
 from sparsecnn.passes.prune import prune_2to4
-from sparsecnn.runtimes import trt_compat
-from sparsecnn.runtimes import tensorrt_runtime as trt_rt
+from sparsecnn.runtimes.tensorrt import trt_compat
+from sparsecnn.runtimes.tensorrt import runtime as trt_rt
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_trt = pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed (it cannot be on this project's "

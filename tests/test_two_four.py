@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 from helpers import ort_run, rel_err
 from sparsecnn.passes.graph import SPARSECNN_DOMAIN, check_model, run_pipeline
 from sparsecnn.passes.prune import prune_2to4
-from sparsecnn.passes.two_four import (conv_gemm_view, conv_weight_from_view, pack_2to4, rewrite_2to4,
+from sparsecnn.passes.two_four.layout import (conv_gemm_view, conv_weight_from_view, pack_2to4, rewrite_2to4,
                                        unpack_2to4)
 from sparsecnn.runtimes import get_runtime
 

@@ -35,10 +35,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..passes.csr import CSR
-from ..passes.graph import SPARSECNN_DOMAIN
-from ..common.shapes import conv_out_size
-from .ops import Builder, NodeContext
+from .layout import CSR
+from ..graph import SPARSECNN_DOMAIN
+from ...common.shapes import conv_out_size
+from ..node import Builder, NodeContext
 
 CSR_INPUTS = 5  # X, values, col_idx, row_ptr, row_order
 RESIDUAL_INPUT = 6  # after the optional bias

@@ -1,6 +1,6 @@
 """Reference implementations of the 2:4 ops (plain PyTorch, CPU-capable); schemas below.
 
-Weights use the portable 2:4 layout of `sparsecnn.passes.two_four` (GEMM view with a
+Weights use the portable 2:4 layout of `sparsecnn.passes.two_four.layout` (GEMM view with a
 tap-major K; kept values + 2-bit positions packed 4 per byte). The reference decompresses
 once at build time and runs the standard Conv / Gemm; GPU runtimes are tested against it.
 
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import onnx
 
-from ..passes.graph import SPARSECNN_DOMAIN
-from ..passes.two_four import CONV_OP, GEMM_OP, decompress_weight
-from .ops import STANDARD_OPS, Builder, NodeContext, op
+from ..graph import SPARSECNN_DOMAIN
+from .layout import CONV_OP, GEMM_OP, decompress_weight
+from ..node import STANDARD_OPS, Builder, NodeContext, op
 
 OPS: dict[tuple[str, str], Builder] = {}
 

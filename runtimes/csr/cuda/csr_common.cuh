@@ -15,7 +15,7 @@
 namespace csr {
 
 // One parameter block for every CSR kernel (passed by value; mirrored by CsrParams in
-// runtimes/csr_kernels.py - keep the two in the same order).
+// runtimes/csr/kernels.py - keep the two in the same order).
 struct Params {
   const void* values;             // [nnz + 4] T, zero-padded: a ROMA group never reads past the end
   const unsigned short* offsets;  // [nnz + 4] per entry: operand offset, pre-scaled for the kernel's layout

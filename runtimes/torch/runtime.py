@@ -4,7 +4,7 @@ It rewrites nothing; on GPU the whole network replays as one CUDA graph. With `s
 domain ops in the model it runs their plain-PyTorch reference implementations, which is
 what every GPU kernel is tested against (DESIGN contract 2).
 
-`extra={"dense_conv": MODE}` picks the dense conv engine (runtimes/dense_conv.py): "cudnn"
+`extra={"dense_conv": MODE}` picks the dense conv engine (runtimes/torch/dense_conv.py): "cudnn"
 (default), "cudnn_nhwc", "im2col", "im2col_nhwc" or "best". The *best dense engine*, the
 baseline every sparse runtime is judged against, is
 
@@ -21,9 +21,9 @@ from __future__ import annotations
 import onnx
 import torch
 
-from .base import CompileOptions, Engine, GraphReplay
+from ..base import CompileOptions, Engine, GraphReplay
 from .dense_conv import DenseConv, check_mode, shape_key
-from .executor import Executor
+from ..executor import Executor
 
 name = "torch"
 
@@ -39,7 +39,7 @@ def rewrite(model: onnx.ModelProto, options: dict | None = None) -> onnx.ModelPr
 
 def reference_ops() -> dict:
     """The plain-PyTorch implementations of all sparsecnn-domain ops."""
-    from .reference_ops import reference_ops as table
+    from ..reference_ops import reference_ops as table
 
     return table()
 
@@ -66,7 +66,7 @@ class TorchEngine(Engine):
 
     def _best_plan_graph(self, inputs) -> GraphReplay:
         """Capture the network per-layer-chosen and uniformly cuDNN NCHW / NHWC; keep the fastest."""
-        from ..converter.timing import auto_reps, time_fn
+        from ..timing import auto_reps, time_fn
 
         convs = self.dense_convs
         graphs, times = {}, {}

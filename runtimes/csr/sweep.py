@@ -1,7 +1,7 @@
-"""GEMM-sweep method "csr": sparsecnn's CSR SpMM kernels (runtimes/kernels/csr_conv.cu, SpMM layout, and
+"""GEMM-sweep method "csr": sparsecnn's CSR SpMM kernels (runtimes/csr/cuda/csr_conv.cu, SpMM layout, and
 the Sputnik port csr_sputnik.cu).
 
-Registered in converter/gemm_sweep.py through SWEEP_PLUGINS. The first call for a given N
+Listed in converter/gemm_sweep.py's SWEEP_PLUGINS, which reads this module's METHODS. The first call for a given N
 times every candidate configuration (csr_kernels.candidate_configs) on the device and keeps
 the fastest; `run.tuned[N]` then holds the chosen config, its time and all candidates'.
 """
@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ..converter.gemm_sweep import register
 
 
-@register("csr")
 def csr_spmm_method(weight: torch.Tensor, dtype: torch.dtype, backend=None):
     """`backend`: the kernel launcher (default NVRTC on the weight's GPU; tests pass the emulator)."""
-    from ..passes.csr import csr_from_dense
-    from .csr_kernels import ConvGeometry, NvrtcBackend, candidate_configs, make_plan, tune
+    from ...passes.csr.layout import csr_from_dense
+    from .kernels import ConvGeometry, NvrtcBackend, candidate_configs, make_plan, tune
 
     csr = csr_from_dense(weight.detach().float().cpu())
     m, k = csr.shape
@@ -38,3 +36,7 @@ def csr_spmm_method(weight: torch.Tensor, dtype: torch.dtype, backend=None):
 
     run.tuned = tuned
     return run
+
+
+# The GEMM sweep (converter/gemm_sweep.py) reads this: method name -> factory.
+METHODS = {"csr": csr_spmm_method}

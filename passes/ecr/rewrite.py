@@ -1,5 +1,5 @@
 """Fuse Conv -> Relu -> MaxPool into one `sparsecnn::EcrConvPool` (PECR) and Conv -> Relu into
-`sparsecnn::EcrConv` (ECR): the conv-pool runtime's rewrite (schemas in runtimes/ecr_ops.py).
+`sparsecnn::EcrConv` (ECR): the conv-pool runtime's rewrite (schemas in passes/ecr/reference.py).
 
 These ops skip the zeros of the *input feature map*, so a Conv is taken only where its input
 is known to hold exact zeros: the output of a Relu (or Relu6 = Clip(0, 6)), of a MaxPool or
@@ -14,25 +14,11 @@ from collections import Counter
 import numpy as np
 import onnx
 
-from .graph import SPARSECNN_DOMAIN, PassResult, export_graph, import_graph, static_shapes
+from ...common.shapes import same_pads
+from ..graph import SPARSECNN_DOMAIN, PassResult, export_graph, import_graph, static_shapes
 
 ECR_CONV = "EcrConv"
 ECR_CONV_POOL = "EcrConvPool"
-
-
-
-
-def _same_pads(size: list[int], kernel: list[int], stride: list[int], upper: bool) -> list[int] | None:
-    if any(s <= 0 for s in size):
-        return None
-    begins, ends = [], []
-    for n, k, s in zip(size, kernel, stride):
-        out = -(-n // s)
-        total = max(0, (out - 1) * s + k - n)
-        small, big = total // 2, total - total // 2
-        begins.append(small if upper else big)
-        ends.append(big if upper else small)
-    return begins + ends
 
 
 def _explicit_pads(attrs: dict, spatial: list[int] | None, kernel: list[int], stride: list[int]) -> list[int] | None:
@@ -43,9 +29,9 @@ def _explicit_pads(attrs: dict, spatial: list[int] | None, kernel: list[int], st
         return [int(p) for p in attrs.get("pads", [0, 0, 0, 0])]
     if auto == "VALID":
         return [0, 0, 0, 0]
-    if spatial is None:
+    if spatial is None or any(n <= 0 for n in spatial):
         return None
-    return _same_pads(spatial, kernel, stride, upper=auto == "SAME_UPPER")
+    return same_pads(spatial, kernel, stride, attrs.get("dilations"), upper=auto == "SAME_UPPER")
 
 
 def _constant(tensor):

@@ -24,11 +24,11 @@ import hashlib
 import onnx
 import torch
 
-from ..common.errors import UserError
-from ..common.fileio import write_bytes_atomic
-from ..passes.graph import node_label, weight_nodes
-from . import trt_compat
-from .base import CompileOptions, Engine, GraphReplay
+from ...common.errors import UserError
+from ...common.fileio import write_bytes_atomic
+from ...passes.graph import node_label, weight_nodes
+from . import trt_compat as trt_compat
+from ..base import CompileOptions, Engine, GraphReplay
 
 name = "tensorrt"
 NOT_RUN_HERE = ("it has never been run on this project's machines (TensorRT is not installable there); it is "
@@ -76,7 +76,7 @@ def torch_dtype(trt_dtype) -> torch.dtype:
 
 def layer_report(model: onnx.ModelProto, log: dict) -> list[dict]:
     """Per Conv/Gemm/MatMul of the ONNX: 2:4 or not, and what TensorRT's build log said."""
-    from ..passes.inspect import layer_table
+    from ...passes.inspect import layer_table
 
     rows = []
     two_four = {r.node: r.two_four for r in layer_table(model)}
@@ -227,8 +227,8 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cuda", options
 
 def fp16_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     """The fp16 ONNX that strongly-typed TensorRT (10.12+, 11) needs, fp32 inputs/outputs kept."""
-    from ..passes.fp16 import to_fp16
-    from ..passes.graph import run_pipeline
+    from ...passes.fp16 import to_fp16
+    from ...passes.graph import run_pipeline
 
     return run_pipeline(model, [(to_fp16, {"keep_io_types": True})])[0]
 

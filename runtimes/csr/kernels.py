@@ -1,4 +1,4 @@
-"""Host side of the CSR kernels (runtimes/kernels/csr_*.cu): configs, compile-time data, launches.
+"""Host side of the CSR kernels (runtimes/csr/cuda/csr_*.cu): configs, compile-time data, launches.
 
 A *plan* is one layer prepared for one kernel configuration: the non-zeros in the device
 precision, column indices pre-scaled to the offsets that configuration reads (uint16), the
@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from ..passes.csr import CSR
-from .nvrtc import load_source
-from ..common.shapes import conv_out_size
+from ...passes.csr.layout import CSR
+from ..nvrtc import load_source
+from ...common.shapes import conv_out_size
 
 THREADS = 256  # the SpMV kernel's block; conv/SpMM configs choose 256 or 512
 MAX_SHARED_BYTES = 227 * 1024  # one block's shared memory on sm_90 when the device does not say (sm_87: 163 KiB)
@@ -32,7 +32,7 @@ class PlanDoesNotFit(ValueError):
 
 
 class CsrParams(ctypes.Structure):
-    """Mirror of csr::Params in kernels/csr_common.cuh (same order, same C types)."""
+    """Mirror of csr::Params in cuda/csr_common.cuh (same order, same C types)."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("values", "offsets", "chunk_ptr", "row_order", "bias", "k_used", "x",
                                                "y")] + [
@@ -48,7 +48,7 @@ class CsrParams(ctypes.Structure):
 
 
 class SpmmParams(ctypes.Structure):
-    """Mirror of csr::SpmmParams in kernels/csr_sputnik.cu (same order, same C types)."""
+    """Mirror of csr::SpmmParams in cuda/csr_sputnik.cu (same order, same C types)."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("values", "col_idx", "row_ptr", "row_order", "k_offsets", "bias", "x",
                                                "y")] + [
@@ -101,7 +101,7 @@ class NvrtcBackend:
 
     def _kernel(self, filename: str, expr: str, dtype: torch.dtype):
         if expr not in self._kernels:
-            from .nvrtc import Kernel
+            from ..nvrtc import Kernel
 
             self._kernels[expr] = Kernel(load_source(filename), expr, self.device,
                                          name_expressions=all_expressions(filename, dtype), filename=filename)
@@ -577,7 +577,7 @@ class GemvPlan:
         return y
 
 
-# --- Sputnik's SpMM (kernels/csr_sputnik.cu) -------------------------------------------------
+# --- Sputnik's SpMM (cuda/csr_sputnik.cu) -------------------------------------------------
 
 @dataclass(frozen=True)
 class SputnikConfig:
@@ -888,7 +888,7 @@ def time_in_graph_us(fn, arg, device, reps: int = 15, inner: int = 10) -> float:
     """Median microseconds of one `fn(arg)` through the shared graph timer (`time_calls`: at
     least `inner` calls captured in one CUDA graph, so launch overhead is excluded as in an
     engine's whole-network graph). On CPU (emulated kernels) fewer plain calls."""
-    from ..converter.timing import time_calls
+    from ..timing import time_calls
 
     device = torch.device(device)
     if device.type != "cuda":

@@ -126,7 +126,7 @@ def time_calls(call: Callable[[int], object], device: torch.device | str, reps: 
     wkw = {} if warmup_ms == 30.0 else {"warmup_ms": warmup_ms}  # time_fn's default unless asked
     if device.type != "cuda" or not graph:
         return time_fn(call, device, reps=reps, warmup=warmup, flush_l2=flush_l2, **wkw)
-    from ..runtimes.base import GraphReplay
+    from .base import GraphReplay
 
     try:
         one = GraphReplay(lambda: call(0), (), warmup=2)
@@ -167,4 +167,37 @@ def time_interleaved(fns: dict[str, Callable[[int], object]], device: torch.devi
         median, p90 = pooled(ts)
         samples = [x for t in ts for x in t.samples_ms]
         out[n] = Timing(median, p90, min(samples), len(samples), samples, how=ts[0].how + ", interleaved")
+    return out
+
+
+def time_interleaved_calls(calls: dict[str, Callable[[int], object]], device: torch.device | str, reps: int = 30,
+                           rounds: int = 3, min_sample_ms: float = 0.25, max_inner: int = 64) -> dict[str, Timing]:
+    """`time_interleaved` for short calls (one layer): on CUDA each call is captured in a CUDA graph,
+    several times in a row when one call is shorter than `min_sample_ms` (as `time_calls` does),
+    and the replays are timed interleaved; per-call numbers. A call that cannot be captured is
+    timed eagerly (and says so in `how`). Elsewhere the calls are timed eagerly, interleaved."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return time_interleaved(calls, device, reps=max(rounds, reps), rounds=rounds, warmup=1)
+    from .base import GraphReplay
+
+    fns, inner = {}, {}
+    for name, call in calls.items():
+        try:
+            one = GraphReplay(lambda call=call: call(0), (), warmup=2)
+        except Exception:  # not capturable: eager timing is the honest fallback
+            torch.cuda.synchronize(device)
+            fns[name], inner[name] = call, 1
+            continue
+        probe = time_fn(lambda i, one=one: one.replay(), device, reps=5, warmup=2, warmup_ms=5.0).median_ms
+        n = int(min(max_inner, max(1, math.ceil(min_sample_ms / max(probe, 1e-4)))))
+        if n > 1:
+            one = GraphReplay(lambda call=call, n=n: [call(j) for j in range(n)], (), warmup=0, first_call=False)
+        fns[name], inner[name] = (lambda i, one=one: one.replay()), n
+    timed = time_interleaved(fns, device, reps=reps, rounds=rounds, warmup=2)
+    out = {}
+    for name, t in timed.items():
+        k = inner[name]
+        out[name] = Timing(t.median_ms / k, t.p90_ms / k, t.min_ms / k, t.reps, [s / k for s in t.samples_ms], k,
+                           ("graph" if k >= 1 and name in inner else "eager") + ", interleaved")
     return out

@@ -1,9 +1,9 @@
 """The `sparsert` runtime: a kernel generated per pruned layer with its sparsity pattern compiled in.
 
-rewrite: passes/csr_rewrite.py (the CSR rewrite the `csr` runtime uses too) turns sparse
+rewrite: passes/csr/rewrite.py (the CSR rewrite the `csr` runtime uses too) turns sparse
 Conv/Gemm layers (with the Add/Relu after them) into sparsecnn::CsrConv / CsrGemm with the
 residual as an optional last input. compile: for every such layer, a few tile
-configurations are generated (runtimes/sparsert_codegen.py) and compiled with NVRTC in
+configurations are generated (runtimes/sparsert/codegen.py) and compiled with NVRTC in
 parallel, then timed on the device against the CSR runtime's kernel (when a runtime named
 'csr' is registered) and dense cuDNN/cuBLAS; the fastest runs, and the per-layer report
 says what ran, the configuration and every candidate's time. The whole network replays as
@@ -20,7 +20,7 @@ Options (CompileOptions.extra):
     compile_workers   NVRTC threads/processes (default: CPU count)
     retune            ignore the tuning cache and saved state (default False)
 
-On the CPU the CSR ops run their PyTorch reference (runtimes/csr_ops.py).
+On the CPU the CSR ops run their PyTorch reference (passes/csr/reference.py).
 """
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from ..common.errors import UserError
-from ..passes.graph import node_attrs, node_label, run_pipeline, static_shapes
-from .base import CompileOptions, Engine, _MatmulPrecision
-from .executor import Executor
-from .ops import NodeContext
-from .sparsert_codegen import DEFAULT_MAX_INSTRUCTIONS
+from ...common.errors import UserError
+from ...passes.graph import node_attrs, node_label, run_pipeline, static_shapes
+from ..base import CompileOptions, Engine, _MatmulPrecision
+from ..executor import Executor
+from ..ops import NodeContext
+from .codegen import DEFAULT_MAX_INSTRUCTIONS
 
 name = "sparsert"
 
@@ -46,7 +46,7 @@ STATE_VERSION = 1
 
 
 def available() -> tuple[bool, str]:
-    from .nvrtc import nvrtc_available
+    from ..nvrtc import nvrtc_available
 
     ok, why = nvrtc_available()
     if not ok:
@@ -66,7 +66,7 @@ CSR_OPS = ("CsrConv", "CsrGemm")
 def passes(options=None) -> list:
     """The runtime's explicit rewrite pipeline: the CSR rewrite with fused epilogues (bias,
     residual Add, ReLU), for layers at least `min_sparsity` zero."""
-    from ..passes.csr_rewrite import csr_rewrite
+    from ...passes.csr.rewrite import csr_rewrite
 
     min_sparsity = float(_options(options).extra.get("min_sparsity", 0.5))
     return [(csr_rewrite, {"max_density": 1.0 - min_sparsity})]
@@ -77,7 +77,7 @@ def rewrite(model: onnx.ModelProto, options: dict | CompileOptions | None = None
 
 
 def reference_ops() -> dict:
-    from .csr_ops import OPS
+    from ...passes.csr.reference import OPS
 
     return dict(OPS)
 
@@ -106,7 +106,7 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options:
     if opts.channels_last:
         raise UserError("the sparsert runtime runs NCHW activations; drop --channels-last")
     if dev.type != "cuda" and not opts.extra.get("emulate_kernels"):
-        from .reference_ops import reference_ops as all_reference
+        from ..reference_ops import reference_ops as all_reference
 
         ops = dict(all_reference())
         ops.update(reference_ops())
@@ -130,7 +130,7 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options:
 def time_candidate(fn: Callable, args: tuple, device: torch.device, launches: int = 10, reps: int = 20) -> float:
     """Median ms of one call of `fn(*args)` through the shared graph timer (`time_calls`, at
     least `launches` calls per graph): the host's launch cost stays out, as in the engine."""
-    from ..converter.timing import time_calls
+    from ..timing import time_calls
 
     if device.type != "cuda":  # emulated kernels in CI: order of magnitude only
         reps = 2
@@ -168,7 +168,7 @@ class _Layer:
 
 class Planner:
     def __init__(self, model: onnx.ModelProto, device: torch.device, opts: CompileOptions, state: dict):
-        from .nvrtc import device_arch
+        from ..nvrtc import device_arch
 
         self.model = model
         self.device = device
@@ -199,9 +199,9 @@ class Planner:
     # -- preparation ------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        from .sparsert_codegen import (LayerGeometry, build_program, candidate_configs, compile_programs, layer_key,
+        from .codegen import (LayerGeometry, build_program, candidate_configs, compile_programs, layer_key,
                                        load_tuning, render_cuda, TileConfig, tuning_key)
-        from ..passes.csr import CSR
+        from ...passes.csr.layout import CSR
 
         inits = {t.name: t for t in self.model.graph.initializer}
         shapes = static_shapes(self.model)
@@ -274,7 +274,7 @@ class Planner:
                 self.costs["gen_s"] += layer.gen_s
         jobs = [src for layer in self.layers.values() for src in layer.sources]
         if jobs and self.emulate:
-            from .sparsert_codegen import CompileRecord
+            from .codegen import CompileRecord
 
             for layer in self.layers.values():
                 layer.records = [CompileRecord(n, 0.0, 0.0, 0, False) for _, n in layer.sources]
@@ -299,8 +299,8 @@ class Planner:
         return self._zeros
 
     def builder(self, ctx: NodeContext):
-        from .csr_ops import build_dense, used_inputs
-        from .sparsert_codegen import EmulatedKernel, GeneratedKernel
+        from ...passes.csr.reference import build_dense, used_inputs
+        from .codegen import EmulatedKernel, GeneratedKernel
 
         layer = self.layers[ctx.name]
         dense_fn = build_dense(ctx)
@@ -360,7 +360,7 @@ class Planner:
         self.decisions[layer.name] = {"key": layer.key[:32], "choice": kind,
                                       "config": info.get("config"), "ms": timings or None}
         if len(candidates) > 1 and layer.key:
-            from .sparsert_codegen import tuning_key
+            from .codegen import tuning_key
 
             self.tuning_updates[tuning_key(layer.key, self.arch, self.opts.dtype, self.batch,
                                            ",".join(sorted(layer.kinds)))] = self.decisions[layer.name]
@@ -418,7 +418,7 @@ class Planner:
 
     def _csr_candidate(self, ctx: NodeContext, layer: _Layer):
         """The CSR runtime's kernel for this one layer, through its runtime contract."""
-        from . import RUNTIME_MODULES, get_runtime
+        from .. import RUNTIME_MODULES, get_runtime
 
         if "csr" not in RUNTIME_MODULES:
             return None, "no runtime named 'csr' is registered"
@@ -441,7 +441,7 @@ class Planner:
             return None, f"csr candidate failed: {type(exc).__name__}: {exc}"[:300]
 
     def finish(self) -> None:
-        from .sparsert_codegen import store_tuning
+        from .codegen import store_tuning
 
         store_tuning(self.tuning_updates)
 

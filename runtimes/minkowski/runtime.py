@@ -53,10 +53,10 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from ..common.errors import UserError
-from .base import CompileOptions, Engine
-from .executor import Executor
-from .ops import STANDARD_OPS, NodeContext, resolve_pads
+from ...common.errors import UserError
+from ..base import CompileOptions, Engine
+from ..executor import Executor
+from ..ops import STANDARD_OPS, NodeContext, resolve_pads
 
 name = "minkowski"
 ME_VERSION = "0.5.4"

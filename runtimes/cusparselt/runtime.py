@@ -35,14 +35,14 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from ..common.errors import UserError
-from ..common.shapes import conv_out_size
-from ..passes.graph import SPARSECNN_DOMAIN, run_pipeline
-from ..passes.two_four import CONV_OP, GEMM_OP, rewrite_2to4, unpack_2to4
-from .base import CompileOptions, Engine, GraphReplay
-from .executor import Executor
-from .ops import STANDARD_OPS, NodeContext, resolve_pads
-from .two_four_ops import dense_context, dense_weight
+from ...common.errors import UserError
+from ...common.shapes import conv_out_size
+from ...passes.graph import SPARSECNN_DOMAIN, run_pipeline
+from ...passes.two_four.layout import CONV_OP, GEMM_OP, rewrite_2to4, unpack_2to4
+from ..base import CompileOptions, Engine, GraphReplay
+from ..executor import Executor
+from ..ops import STANDARD_OPS, NodeContext, resolve_pads
+from ...passes.two_four.reference import dense_context, dense_weight
 
 name = "cusparselt"
 
@@ -237,7 +237,7 @@ def graph_time_ms(fn, x: torch.Tensor, reps: int = 20) -> float:
     """Median time of one `fn(x)` without host set-up: the shared CUDA-graph timer (`time_calls`,
     which also makes the first call on the current stream, so a dense layer's own per-layer
     choice is not timed inside a capture)."""
-    from ..converter.timing import time_calls
+    from ..timing import time_calls
 
     return time_calls(lambda j: fn(x), x.device, reps=reps).median_ms
 
@@ -371,7 +371,7 @@ class CuSparseLtEngine(Engine):
 
     def _dense_executor(self, channels_last: bool) -> Executor:
         if channels_last not in self._dense_executors:
-            from .reference_ops import reference_ops
+            from ..reference_ops import reference_ops
 
             self._dense_executors[channels_last] = Executor(self.model, self.device, self.options.dtype,
                                                             ops=reference_ops(), channels_last=channels_last,
@@ -384,7 +384,7 @@ class CuSparseLtEngine(Engine):
         key = tuple((tuple(x.shape), x.dtype) for x in inputs)
         if key in self._graphs:
             return self._graphs[key]
-        from ..converter.timing import time_interleaved
+        from ..timing import time_interleaved
 
         with self._precision_context():
             # its first call makes the per-layer choices; one warm-up call, as eager cuSPARSELt

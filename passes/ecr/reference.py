@@ -46,9 +46,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..passes.csr import CSR, csr_from_dense
-from ..passes.graph import SPARSECNN_DOMAIN
-from .ops import NodeContext
+from ..csr.layout import CSR, csr_from_dense
+from ..graph import SPARSECNN_DOMAIN
+from ..node import NodeContext
 
 ECR_CONV = "EcrConv"
 ECR_CONV_POOL = "EcrConvPool"

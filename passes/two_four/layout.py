@@ -29,9 +29,9 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from .graph import (SPARSECNN_DOMAIN, SPARSECNN_OPSET, PassResult, inferred_value_infos, initializer_map, node_attr,
+from ..graph import (SPARSECNN_DOMAIN, SPARSECNN_OPSET, PassResult, inferred_value_infos, initializer_map, node_attr,
                     node_label, weight_nodes)
-from .masks import is_2to4
+from ..masks import is_2to4
 
 CONV_OP = "Conv2to4"
 GEMM_OP = "Gemm2to4"

@@ -5,8 +5,8 @@ are zero. ECR compresses each output position's im2col row to its non-zeros; PEC
 same per pooling window and fuses the max-pool, so the conv output never reaches memory.
 
 - `rewrite`: the `fuse_ecr` pass (Conv -> Relu -> MaxPool => sparsecnn::EcrConvPool,
-  Conv -> Relu => sparsecnn::EcrConv; schemas in runtimes/ecr_ops.py and docs/ops.md).
-- `compile`: on CUDA the ops run the NVRTC kernels of kernels/ecr_conv.cu, which build the
+  Conv -> Relu => sparsecnn::EcrConv; schemas in passes/ecr/reference.py and docs/ops.md).
+- `compile`: on CUDA the ops run the NVRTC kernels of cuda/ecr_conv.cu, which build the
   compressed rows on the fly from the dense NCHW feature map (fp32, or fp16 with fp32
   accumulation). Each layer has several kernel variants (tile shape, output channels per
   block, K chunk, split-K) and a dense path (the torch runtime's op table with the same
@@ -25,7 +25,7 @@ extra options: `ecr_layers` = "auto" (measure, default) | "sparse" (fastest spar
 even if dense is faster; no whole-network check) | "dense"; `ecr_reps` timing repetitions per
 candidate (default 30); `whole_network_check` (default True); `batch` calibration batch when
 no calibration input is given (default 1); `dense_conv` for the dense path (default "best" on
-GPU: per layer the fastest of cuDNN NCHW/NHWC and im2col + cuBLAS, see runtimes/dense_conv.py).
+GPU: per layer the fastest of cuDNN NCHW/NHWC and im2col + cuBLAS, see runtimes/torch/dense_conv.py).
 """
 from __future__ import annotations
 
@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 import onnx
 import torch
 
-from ..common.errors import UserError
-from ..passes.fuse_ecr import fuse_ecr
-from ..passes.graph import SPARSECNN_DOMAIN, run_pipeline
-from .base import CompileOptions, Engine, GraphReplay
-from .ecr_ops import ECR_CONV, ECR_CONV_POOL, ConvGeometry, PoolGeometry, conv_geometry, pool_geometry
-from .executor import Executor
-from .ops import STANDARD_OPS, NodeContext, attributes
+from ...common.errors import UserError
+from ...passes.ecr.rewrite import fuse_ecr
+from ...passes.graph import SPARSECNN_DOMAIN, run_pipeline
+from ..base import CompileOptions, Engine, GraphReplay
+from ...passes.ecr.reference import ECR_CONV, ECR_CONV_POOL, ConvGeometry, PoolGeometry, conv_geometry, pool_geometry
+from ..executor import Executor
+from ..ops import STANDARD_OPS, NodeContext, attributes
 
 name = "ecr"
 KERNEL_SOURCE = "ecr_conv.cu"
@@ -51,7 +51,7 @@ KERNEL_SOURCE = "ecr_conv.cu"
 
 def available() -> tuple[bool, str]:
     try:
-        from .nvrtc import nvrtc_available
+        from ..nvrtc import nvrtc_available
 
         ok, why = nvrtc_available()
     except Exception as exc:  # never raises
@@ -399,7 +399,7 @@ class KernelSet:
         return cls._cache[key]
 
     def __init__(self, device: torch.device):
-        from .nvrtc import Kernel, compile_groups, device_arch, load_source
+        from ..nvrtc import Kernel, compile_groups, device_arch, load_source
 
         self.device = device
         source = load_source(KERNEL_SOURCE)
@@ -435,7 +435,7 @@ def time_ms(fn, x: torch.Tensor, reps: int = 30, warmup_ms: float = 5.0) -> floa
     """Median ms of `fn(x)` alone: CUDA-graph replays through `time_calls` (kernels only, no launch
     overhead on either side of a comparison). Candidates are timed back to back, so the GPU is
     already at speed: a short warm-up each (the first of a series is preceded by a long one)."""
-    from ..converter.timing import time_calls
+    from ..timing import time_calls
 
     return time_calls(lambda j: fn(x), x.device, reps=reps, warmup_ms=warmup_ms).median_ms
 
@@ -650,7 +650,7 @@ class EcrEngine(Engine):
         key = tuple((tuple(x.shape), x.dtype) for x in inputs)
         if key in self._graphs:
             return self._graphs[key]
-        from ..converter.timing import time_fn
+        from ..timing import time_fn
 
         ops = self.ecr_ops()
         label = "x".join(map(str, inputs[0].shape))
@@ -716,7 +716,7 @@ class EcrEngine(Engine):
 
 
 def _calibration_input(model: onnx.ModelProto, batch: int) -> torch.Tensor:
-    from ..common.onnxio import get_input_spec
+    from ...common.onnxio import get_input_spec
 
     spec = get_input_spec(model)
     if spec:
@@ -732,7 +732,7 @@ def _calibration_input(model: onnx.ModelProto, batch: int) -> torch.Tensor:
 def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options: CompileOptions | dict | None = None,
             state: dict | None = None, calibration: torch.Tensor | None = None) -> EcrEngine:
     """An engine for a model rewritten by `rewrite` (other models run, with no ECR layer)."""
-    from .reference_ops import reference_ops
+    from ..reference_ops import reference_ops
 
     opts = options if isinstance(options, CompileOptions) else CompileOptions.from_dict(options)
     dev = torch.device(device)

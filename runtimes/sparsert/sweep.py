@@ -13,7 +13,6 @@ import time
 
 import torch
 
-from ..converter.gemm_sweep import register
 
 BUILD_LOG: list[dict] = []
 
@@ -21,8 +20,8 @@ BUILD_LOG: list[dict] = []
 def spmm_programs(weight: torch.Tensor, n: int, dtype: torch.dtype, max_configs: int = 3,
                   max_instructions: int | None = None, use_tuning: bool = True) -> list[tuple]:
     """[(Program, (source, kernel name))] of the candidate configurations for B [K, n]."""
-    from ..passes.csr import csr_from_dense
-    from .sparsert_codegen import (DEFAULT_MAX_INSTRUCTIONS, LayerGeometry, build_program, candidate_configs,
+    from ...passes.csr.layout import csr_from_dense
+    from .codegen import (DEFAULT_MAX_INSTRUCTIONS, LayerGeometry, build_program, candidate_configs,
                                    layer_key, render_cuda)
 
     dt = "fp16" if dtype == torch.float16 else "fp32"
@@ -43,10 +42,10 @@ def build_spmm(weight: torch.Tensor, n: int, dtype: torch.dtype, device=None, ma
     `programs` (from `spmm_programs`) skips the generation. Returns (run(B) -> C, log
     entry); run is None when no configuration fits the code-size cap.
     """
-    from ..passes.csr import csr_from_dense
-    from .nvrtc import device_arch
-    from .sparsert import time_candidate
-    from .sparsert_codegen import (DEFAULT_MAX_INSTRUCTIONS, GeneratedKernel, LayerGeometry, build_program,
+    from ...passes.csr.layout import csr_from_dense
+    from ..nvrtc import device_arch
+    from .runtime import time_candidate
+    from .codegen import (DEFAULT_MAX_INSTRUCTIONS, GeneratedKernel, LayerGeometry, build_program,
                                    candidate_configs, compile_programs, layer_key, load_tuning, render_cuda,
                                    store_tuning, TileConfig, tuning_key)
 
@@ -104,7 +103,6 @@ def build_spmm(weight: torch.Tensor, n: int, dtype: torch.dtype, device=None, ma
     return kernels[best], entry
 
 
-@register("sparsert")
 def sparsert_method(weight: torch.Tensor, dtype: torch.dtype, n: int | None = None):
     """factory(weight [M, K], dtype) -> run(B [K, N]); builds per N on first use."""
     built: dict[int, object] = {}
@@ -124,3 +122,7 @@ def sparsert_method(weight: torch.Tensor, dtype: torch.dtype, n: int | None = No
         return get(int(b.shape[1]))(b.contiguous())
 
     return run
+
+
+# The GEMM sweep (converter/gemm_sweep.py) reads this: method name -> factory.
+METHODS = {"sparsert": sparsert_method}

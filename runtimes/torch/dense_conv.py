@@ -34,8 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..common.errors import UserError
-from ..common.shapes import conv_out_size
+from ...common.errors import UserError
+from ...common.shapes import conv_out_size
 
 MODES = ("cudnn", "cudnn_nhwc", "im2col", "im2col_nhwc")
 CHOICES = MODES + ("best",)
@@ -204,7 +204,7 @@ class DenseConv:
         return modes, skipped
 
     def _time(self, mode: str, x, bias) -> float:
-        from ..converter.timing import time_calls
+        from ..timing import time_calls
 
         return time_calls(lambda j: self.run_mode(mode, x, bias), x.device, reps=15, warmup=2).median_ms
 
@@ -255,6 +255,6 @@ def build_dense_conv(ctx, weight, kernel, stride, dilation, groups, mode: str, p
     if weight is None or weight.dim() != 4 or len(kernel) != 2:
         ctx.info["dense_conv_reason"] = "plain torch conv: weight not constant or conv not 2-D"
         return None
-    from ..passes.graph import node_label
+    from ...passes.graph import node_label
 
     return DenseConv(node_label(ctx.node), weight, stride, dilation, groups, pads_for, mode, ctx.info, ctx.options)

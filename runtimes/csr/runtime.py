@@ -33,15 +33,15 @@ from __future__ import annotations
 import onnx
 import torch
 
-from ..common.errors import UserError
-from ..passes.csr import CSR
-from ..passes.csr_rewrite import DEFAULT_MAX_DENSITY, csr_rewrite
-from ..passes.graph import SPARSECNN_DOMAIN, PassResult, run_pipeline
-from .base import CompileOptions, Engine, _MatmulPrecision
-from .csr_ops import OPS as REFERENCE_OPS
-from .csr_ops import bias_tensor, conv_geometry, csr_tensors, epilogue, has_residual, used_inputs
-from .executor import Executor
-from .ops import STANDARD_OPS, NodeContext, attributes
+from ...common.errors import UserError
+from ...passes.csr.layout import CSR
+from ...passes.csr.rewrite import DEFAULT_MAX_DENSITY, csr_rewrite
+from ...passes.graph import SPARSECNN_DOMAIN, PassResult, run_pipeline
+from ..base import CompileOptions, Engine, _MatmulPrecision
+from ...passes.csr.reference import OPS as REFERENCE_OPS
+from ...passes.csr.reference import bias_tensor, conv_geometry, csr_tensors, epilogue, has_residual, used_inputs
+from ..executor import Executor
+from ..ops import STANDARD_OPS, NodeContext, attributes
 
 name = "csr"
 
@@ -50,7 +50,7 @@ def available() -> tuple[bool, str]:
     try:
         if not torch.cuda.is_available():
             return True, "CPU: reference CSR ops (the CUDA kernels need a GPU)"
-        from .nvrtc import nvrtc_available
+        from ..nvrtc import nvrtc_available
 
         ok, why = nvrtc_available()
         if not ok:
@@ -104,7 +104,7 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options:
         ok, why = available()
         if not ok:
             raise UserError(f"runtime 'csr' cannot run on {device}: {why}")
-        from .csr_kernels import NvrtcBackend
+        from .kernels import NvrtcBackend
 
         backend = NvrtcBackend(device)
     return compile_with_backend(model, device, options, state, backend)
@@ -169,7 +169,7 @@ class _KernelSession:
 
     def time_us(self, fn, args: tuple) -> float:
         """Microseconds of one fn(*args) (args: the layer's input, and its residual when fused)."""
-        from .csr_kernels import time_in_graph_us
+        from .kernels import time_in_graph_us
 
         return time_in_graph_us(lambda a: fn(*a), args, self.device, self.reps)
 
@@ -183,7 +183,7 @@ class _KernelSession:
         reloaded engine takes its saved decision (the caller puts the saved config first)
         without timing anything.
         """
-        from .csr_kernels import PlanDoesNotFit
+        from .kernels import PlanDoesNotFit
 
         saved = self.saved.get(ctx.name)
         info: dict = {}
@@ -275,7 +275,7 @@ class _KernelSession:
             self.decisions[e["name"]] = {"format": "csr", "config": cfg.to_dict()}
 
     def build_conv(self, ctx: NodeContext):
-        from .csr_kernels import ConvGeometry, candidate_configs, config_from_dict, kernel_name, make_plan
+        from .kernels import ConvGeometry, candidate_configs, config_from_dict, kernel_name, make_plan
 
         g = conv_geometry(ctx)
         values, cols, row_ptr, order = csr_tensors(ctx)
@@ -339,7 +339,7 @@ class _KernelSession:
         return fn, [consts["__csr_dense_w"]] + ([b] if b is not None else []), kernel
 
     def build_gemm(self, ctx: NodeContext):
-        from .csr_kernels import GEMV_MAX_BATCH, ConvPlan, GemvPlan, gemm_as_conv_geometry, gemm_conv_plan_call, spmm_config
+        from .kernels import GEMV_MAX_BATCH, ConvPlan, GemvPlan, gemm_as_conv_geometry, gemm_conv_plan_call, spmm_config
 
         values, cols, row_ptr, order = csr_tensors(ctx)
         bias = bias_tensor(ctx)

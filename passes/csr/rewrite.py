@@ -6,7 +6,7 @@ its CSR over the GEMM view (passes/csr.py): `<weight>.csr.values`, `.col_idx`, `
 flag are attributes; a residual `Add` after the layer becomes an optional trailing input
 (`Conv -> Add(., R) -> Relu` is one op: y = relu(conv(x) + bias + R)). The op's output keeps
 its value_info so shape inference goes on through the custom op. Schemas:
-runtimes/csr_ops.py and docs/ops.md. One pass for every CSR runtime (`csr`, `sparsert`).
+passes/csr/reference.py and docs/ops.md. One pass for every CSR runtime (`csr`, `sparsert`).
 
 A layer stays a standard ONNX node, counted by reason, when it is excluded (stems and
 heads, or `exclude`), denser than `max_density` (CSR would not pay), grouped, not 2-D, or
@@ -20,9 +20,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .csr import csr_from_dense, gemm_view
-from .prune import _is_excluded
-from .graph import (SPARSECNN_DOMAIN, SPARSECNN_OPSET, PassResult, inferred_value_infos, initializer_map, node_attr,
+from .layout import csr_from_dense, gemm_view
+from ...common.shapes import same_pads
+from ..prune import _is_excluded
+from ..graph import (SPARSECNN_DOMAIN, SPARSECNN_OPSET, PassResult, inferred_value_infos, initializer_map, node_attr,
                     prune_exclusions)
 
 CSR_SUFFIXES = ("values", "col_idx", "row_ptr", "row_order")
@@ -40,17 +41,6 @@ def _shape_key(vi: onnx.ValueInfoProto | None) -> list[int | str | None] | None:
     if vi is None or not vi.type.tensor_type.HasField("shape"):
         return None
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
-
-
-def _same_pads(in_hw, kernel, strides, dilations, upper: bool) -> list[int]:
-    begins, ends = [], []
-    for n, k, s, d in zip(in_hw, kernel, strides, dilations):
-        out = -(-n // s)
-        total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
-        small, big = total // 2, total - total // 2
-        begins.append(small if upper else big)
-        ends.append(big if upper else small)
-    return begins + ends
 
 
 def csr_initializers(weight_name: str, matrix: np.ndarray, index_dtype: str = "auto") -> tuple[list[onnx.TensorProto], object]:
@@ -242,7 +232,7 @@ def _convertible(node: onnx.NodeProto, w: np.ndarray, inits: dict, types: dict) 
             dims = _dims(types.get(node.input[0]))
             if not dims or len(dims) != 4 or dims[2] is None or dims[3] is None:
                 return "auto_pad_unknown_shape", {}
-            pads = _same_pads(dims[2:], kernel, strides, dilations, upper=auto == "SAME_UPPER")
+            pads = same_pads(dims[2:], kernel, strides, dilations, upper=auto == "SAME_UPPER")
         return None, {"kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
                       "in_channels": int(w.shape[1]), "bias": bias}
     # Gemm: Y = A @ op(B) + C with A [N, in]; only the plain linear-layer form.
