@@ -1,63 +1,15 @@
 """`sparsecnn train`: train a registry classifier on Fashion-MNIST (or an ImageFolder) to a checkpoint.
 
-The checkpoint is plain data (loads with weights_only=True): {"format", "arch",
-"num_classes", "input" (InputSpec), "state_dict", "train" (how it was made: data, recipe,
-seed, per-epoch history, validation and test top-1)}. Every other command takes it as a
-model: `sparsecnn convert r18.pt --prune 2:4`, `sparsecnn compare r18.pt`.
+The training itself is converter/training.py; this module parses the arguments and prints.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import platform
 import shlex
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from ..common.errors import UserError
-from ..common.fileio import atomic_path
-from ..models.registry import InputSpec, get_entry, load_model
-from .data import ImageData, TensorImages, fashion_mnist_spec, load_data
-from .finetune import FitConfig, FitResult, evaluate_top1, fit, fold_batchnorm
-
-CHECKPOINT_FORMAT = "sparsecnn-checkpoint"
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How a model is trained on Fashion-MNIST on a GPU (the CPU mode shrinks data and epochs)."""
-
-    size: int                 # input height = width
-    fit: FitConfig            # training from scratch
-    finetune: FitConfig       # fine-tuning after pruning (epochs set per method by `compare`)
-    train_as: str | None = None  # a torchvision variant trained instead, then folded into the registry model
-    note: str = ""
-
-
-RECIPES: dict[str, Recipe] = {
-    # ImageNet stem (stride 4): 64x64 leaves 2x2 in layer4.
-    "resnet18": Recipe(64, FitConfig(epochs=18, lr=0.2, batch_size=512, warmup_epochs=2, grad_clip=5.0),
-                       FitConfig(lr=0.02, batch_size=512, warmup_epochs=0.3, grad_clip=5.0, patience=3)),
-    # Five 2x2 max-pools: 32x32 leaves the last block at 2x2 and a 1x1 map before the classifier.
-    # VGG-19 without BatchNorm sits at chance for hundreds of steps from a random start, so it
-    # trains as vgg19_bn and the BatchNorms are folded into the convolutions afterwards: the
-    # same network as vgg19. Fine-tuning puts a temporary BatchNorm back after every conv
-    # (finetune.BatchNormScaffold) and folds it again: without it, AdamW at 1e-4 lost 4.8
-    # points at 90% sparsity on the H100 and SGD at useful rates diverges.
-    "vgg19": Recipe(32, FitConfig(epochs=18, lr=0.1, batch_size=512, warmup_epochs=2, grad_clip=5.0),
-                    FitConfig(lr=0.02, batch_size=512, warmup_epochs=0.3, grad_clip=5.0, patience=3,
-                              batchnorm_scaffold=True),
-                    train_as="vgg19_bn", note="trained as vgg19_bn; BatchNorm folded into the convolutions"),
-}
-DEFAULT_RECIPE = Recipe(32, FitConfig(epochs=10, lr=0.1, batch_size=256, warmup_epochs=1, grad_clip=5.0),
-                        FitConfig(lr=0.02, batch_size=256, warmup_epochs=0.3, grad_clip=5.0, patience=3))
-CPU_SUBSET, CPU_EPOCHS, CPU_SIZE, CPU_EVAL = 2000, 2, 32, 1000
 
 HELP = """\
 Train a registry model (resnet18, vgg19, the tiny test nets) with 10 classes on
@@ -98,146 +50,21 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def recipe_for(arch: str) -> Recipe:
-    return RECIPES.get(arch, DEFAULT_RECIPE)
-
-
-def fold_batchnorm_into(trained: nn.Module, target: nn.Module) -> None:
-    """Copy `trained` (with Conv -> BatchNorm pairs) into `target` (the same net without them).
-
-    Each BatchNorm is folded into its Conv (w * g / sqrt(v + eps), (b - m) * g / sqrt(v + eps) + beta);
-    convolutions and linear layers are matched in order and must agree in shape.
-    """
-    from ..passes.masks import conv_bn_pairs
-
-    pairs = conv_bn_pairs(trained)
-    mods = dict(trained.named_modules())
-    src = [(n, m) for n, m in trained.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    dst = [(n, m) for n, m in target.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if len(src) != len(dst):
-        raise RuntimeError(f"cannot fold: {len(src)} weight layers trained, {len(dst)} in the target")
-    with torch.no_grad():
-        for (sn, s), (dn, d) in zip(src, dst):
-            if s.weight.shape != d.weight.shape or d.bias is None:
-                raise RuntimeError(f"cannot fold {sn} {tuple(s.weight.shape)} into {dn} {tuple(d.weight.shape)}")
-            if sn in pairs:
-                w, b = fold_batchnorm(s.weight, s.bias, mods[pairs[sn]])
-            else:
-                w, b = s.weight.detach(), s.bias.detach() if s.bias is not None else torch.zeros_like(d.bias)
-            d.weight.copy_(w.to(d.weight.dtype))
-            d.bias.copy_(b.to(d.bias.dtype))
-
-
-def build_for_training(arch: str, recipe: Recipe, num_classes: int, seed: int) -> nn.Module:
-    if recipe.train_as:
-        import torchvision.models as tvm
-
-        torch.manual_seed(seed)
-        return getattr(tvm, recipe.train_as)(weights=None, num_classes=num_classes)
-    model, _, _ = load_model(arch, num_classes=num_classes, seed=seed)
-    return model
-
-
-def finalize(arch: str, recipe: Recipe, trained: nn.Module, num_classes: int) -> nn.Module:
-    """The registry's architecture holding the trained weights (folding BatchNorm where trained with it)."""
-    if not recipe.train_as:
-        return trained
-    target, _, _ = load_model(arch, num_classes=num_classes)
-    fold_batchnorm_into(trained.cpu().eval(), target)
-    return target
-
-
-@dataclass
-class TrainOutcome:
-    model: nn.Module
-    spec: InputSpec
-    checkpoint: dict
-    result: FitResult
-
-
-def train_model(arch: str, device: torch.device, train: ImageData, val: ImageData | None, test: ImageData | None,
-                spec: InputSpec, cfg: FitConfig, recipe: Recipe | None = None, progress: bool = True,
-                log=print, command: str | None = None) -> TrainOutcome:
-    """Train registry model `arch` and return it (eval mode, CPU) with its checkpoint dict."""
-    entry = get_entry(arch)
-    if entry.name == "trafficcamnet":
-        raise UserError("trafficcamnet is a detector; `train` trains classifiers (resnet18, vgg19, tiny nets)")
-    recipe = recipe or recipe_for(arch)
-    num_classes = train.num_classes
-    if isinstance(train, TensorImages) and device.type == "cuda":
-        train = train.to(device)  # the whole set in GPU memory: no loader, no host copies per step
-        val = val.to(device) if isinstance(val, TensorImages) else val
-    model = build_for_training(arch, recipe, num_classes, cfg.seed)
-    t0 = time.perf_counter()
-    result = fit(model, train, val, spec, device, cfg, label=f"train {arch}", progress=progress, log=log)
-    final = finalize(arch, recipe, model, num_classes).to(device)
-    folded_val = evaluate_top1(final, val, spec, device, cfg=cfg) if val is not None and recipe.train_as else None
-    test_top1 = evaluate_top1(final, test, spec, device, cfg=cfg) if test is not None else None
-    final = final.cpu().eval()
-    meta = {
-        "data": train.name, "train_images": len(train), "val_images": len(val) if val is not None else 0,
-        "test_images": len(test) if test is not None else 0, "test_top1": test_top1,
-        "val_top1": result.best_val_top1, "val_top1_after_folding": folded_val, "best_epoch": result.best_epoch,
-        "config": cfg.to_dict(), "history": result.history, "seconds": time.perf_counter() - t0,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": str(torch.__version__), "trained_as": recipe.train_as or arch, "note": recipe.note,
-        "command": command or "",
-    }
-    meta = json.loads(json.dumps(meta))  # plain data only: the checkpoint must load with weights_only=True
-    ckpt = {"format": CHECKPOINT_FORMAT, "version": 1, "arch": arch, "num_classes": num_classes,
-            "input": spec.to_dict(), "state_dict": {k: v.detach().cpu().contiguous() for k, v in final.state_dict().items()},
-            "train": meta}
-    return TrainOutcome(final, spec, ckpt, result)
-
-
-def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-    return path
-
-
-def plan(args, arch: str, device: torch.device) -> tuple[FitConfig, int, int | None, int | None]:
-    """(fit config, input size, train subset, eval subset) from the recipe, the CPU mode and the flags."""
-    recipe = recipe_for(arch)
-    cpu = device.type == "cpu"
-    overrides = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                                   "optimizer": args.optimizer, "seed": args.seed}.items() if v is not None}
-    base = recipe.fit
-    if cpu:  # small-subset mode: smaller batches, so a few hundred images still make several steps
-        base = dataclasses.replace(base, epochs=CPU_EPOCHS, batch_size=min(base.batch_size, 64),
-                                   lr=min(base.lr, 0.05), warmup_epochs=0.5)
-    if args.optimizer == "adamw" and args.lr is None:
-        overrides["lr"] = 1e-3
-    cfg = dataclasses.replace(base, **overrides)
-    size = args.size or (CPU_SIZE if cpu else recipe.size)
-    subset = args.subset if args.subset is not None else (CPU_SUBSET if cpu else None)
-    eval_subset = args.eval_subset if args.eval_subset is not None else (CPU_EVAL if cpu else None)
-    return cfg, size, subset, eval_subset
-
-
 def run(args) -> int:
     from ..runtimes import resolve_device
+    from .training import load_splits, save_checkpoint, train_model, training_plan, training_spec
 
     arch = args.model
-    entry = get_entry(arch)
     out = Path(args.output)
     if not out.parent.is_dir() and str(out.parent) not in ("", "."):
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
     device = resolve_device(args.device)
-    cfg, size, subset, eval_subset = plan(args, arch, device)
-    train = load_data(args.data, "train").subset(subset)
-    val = load_data(args.data, "val").subset(eval_subset)
-    test = load_data(args.data, "test").subset(eval_subset)
-    if isinstance(train, TensorImages):  # Fashion-MNIST
-        spec = fashion_mnist_spec(size, entry.input.channels)
-    else:  # an ImageFolder keeps the model's own input spec (ImageNet normalisation), resized if asked
-        size = args.size or entry.input.height
-        spec = dataclasses.replace(entry.input, height=size, width=size, num_classes=train.num_classes,
-                                   labels=train.labels)
-    if size < 8:
-        raise UserError(f"--size must be at least 8 pixels, got {size}")
+    cfg, size, subset, eval_subset = training_plan(
+        arch, device, size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        optimizer=args.optimizer, seed=args.seed, subset=args.subset, eval_subset=args.eval_subset)
+    train, val, test = load_splits(args.data, subset, eval_subset)
+    spec = training_spec(arch, train, size, args.size)
+    size = spec.height
     if device.type == "cpu":
         print(f"CPU: small-subset mode, {len(train)} training images, {cfg.epochs} epoch(s) at {size}x{size} "
               "(a GPU trains on all of them; give --subset/--epochs/--size to change)", file=sys.stderr)

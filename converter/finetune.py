@@ -146,6 +146,30 @@ def fold_batchnorm(w: torch.Tensor, b: torch.Tensor | None, bn: nn.modules.batch
     return w * scale.view(-1, *([1] * (w.dim() - 1))), (b - bn.running_mean.double()) * scale + bn.bias.detach().double()
 
 
+def fold_batchnorm_into(trained: nn.Module, target: nn.Module) -> None:
+    """Copy `trained` (with Conv -> BatchNorm pairs) into `target` (the same net without them).
+
+    Each BatchNorm is folded into its Conv (w * g / sqrt(v + eps), (b - m) * g / sqrt(v + eps) + beta);
+    convolutions and linear layers are matched in order and must agree in shape.
+    """
+    pairs = conv_bn_pairs(trained)
+    mods = dict(trained.named_modules())
+    src = [(n, m) for n, m in trained.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    dst = [(n, m) for n, m in target.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if len(src) != len(dst):
+        raise RuntimeError(f"cannot fold: {len(src)} weight layers trained, {len(dst)} in the target")
+    with torch.no_grad():
+        for (sn, s), (dn, d) in zip(src, dst):
+            if s.weight.shape != d.weight.shape or d.bias is None:
+                raise RuntimeError(f"cannot fold {sn} {tuple(s.weight.shape)} into {dn} {tuple(d.weight.shape)}")
+            if sn in pairs:
+                w, b = fold_batchnorm(s.weight, s.bias, mods[pairs[sn]])
+            else:
+                w, b = s.weight.detach(), s.bias.detach() if s.bias is not None else torch.zeros_like(d.bias)
+            d.weight.copy_(w.to(d.weight.dtype))
+            d.bias.copy_(b.to(d.bias.dtype))
+
+
 class BatchNormScaffold:
     """A temporary BatchNorm after every Conv2d of a net that has none, for (re)training.
 

@@ -39,7 +39,7 @@ class Source:
     label: str
 
 
-def _checkpoint_arch(path: str) -> str | None:
+def checkpoint_arch(path: str) -> str | None:
     obj = load_state_dict_file(path)
     return obj.get("arch") if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
 
@@ -59,7 +59,7 @@ def load_source(source: str, weights: str | None = None, num_classes: int | None
         return Source(model, InputSpec.from_dict(spec) if spec else None, path.name)
     arch = source
     if source not in MODELS and (path.suffix in {".pt", ".pth", ".ckpt"} or path.exists()):
-        arch = _checkpoint_arch(source)
+        arch = checkpoint_arch(source)
         if arch is None:
             raise UserError(f"{source} is a checkpoint without an architecture name; give the model and the "
                             f"file separately: `{Path(sys.argv[0]).name} ... resnet18 --weights {source}`")

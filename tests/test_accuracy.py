@@ -230,7 +230,7 @@ def test_adaptive_pool_from_a_1x1_map_exports_and_matches():
 
 
 def test_batchnorm_folded_into_the_plain_network_computes_the_same():
-    from sparsecnn.converter.cmd_train import fold_batchnorm_into
+    from sparsecnn.converter.finetune import fold_batchnorm_into
 
     torch.manual_seed(0)
     trained = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
