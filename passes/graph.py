@@ -1,19 +1,25 @@
 """What every pass shares: the result type, the post-pass checks, graph import/export.
 
 A pass is `fn(model: onnx.ModelProto, **options) -> PassResult`; a pipeline is an explicit
-list of (pass, options) pairs run in order, with the model checked after each one.
+list of (pass, options) pairs run in order, with the model checked after each one. A failure
+names the pass and the passes before it; SPARSECNN_DUMP_PASSES=DIR (or `dump_dir`) writes the
+model before the first pass and after each one.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 
 from ..common.errors import UserError
+from ..common.onnxio import save_onnx
 
 SPARSECNN_DOMAIN = "sparsecnn"
 SPARSECNN_OPSET = 1
@@ -91,7 +97,7 @@ def static_shapes(model: onnx.ModelProto, unknown=None) -> dict[str, list]:
     return out
 
 
-def check_model(model: onnx.ModelProto, after: str = "") -> None:
+def check_model(model: onnx.ModelProto) -> None:
     """onnx.checker and strict shape inference; a failure here is a bug in the pass."""
     light = skeleton(model)
     onnx.checker.check_model(light)
@@ -99,17 +105,54 @@ def check_model(model: onnx.ModelProto, after: str = "") -> None:
 
 
 Pass = Callable[..., PassResult]
+DUMP_ENV = "SPARSECNN_DUMP_PASSES"
+_pipeline_runs = itertools.count()  # numbers each run's dump files, so nested pipelines do not overwrite
 
 
-def run_pipeline(model: onnx.ModelProto, pipeline: Iterable[tuple[Pass, dict]]) -> tuple[onnx.ModelProto, list[PassResult]]:
-    results = []
-    for fn, options in pipeline:
-        res = fn(model, **options)
-        res.name = res.name or fn.__name__
-        check_model(res.model, after=res.name)
+class PassError(RuntimeError):
+    """A pass (or the check after it) failed on a model: a bug, raised with the original as __cause__."""
+
+
+def pass_name(fn: Pass) -> str:
+    """A pass's function name (looking through functools.partial)."""
+    return getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", None) or repr(fn)
+
+
+def run_pipeline(model: onnx.ModelProto, pipeline: Iterable[tuple[Pass, dict]],
+                 dump_dir: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, list[PassResult]]:
+    """Run the passes in order, checking the model after each.
+
+    An exception in a pass or its check becomes a `PassError` naming the pass and those run
+    before it (torch.fx's wording); a `UserError` stays one (a line for the user) and gains
+    the pass's name. dump_dir (default: $SPARSECNN_DUMP_PASSES) receives the model before the
+    first pass and after each pass, as <run>-<step>-<pass>.onnx, for debugging a pipeline.
+    """
+    dump_dir = dump_dir or os.environ.get(DUMP_ENV) or None
+    run = next(_pipeline_runs)
+    if dump_dir:
+        _dump(model, dump_dir, run, 0, "input")
+    results, done = [], []
+    for step, (fn, options) in enumerate(pipeline, 1):
+        name = pass_name(fn)
+        try:
+            res = fn(model, **options)
+            res.name = res.name or name
+            check_model(res.model)
+        except UserError as exc:
+            raise UserError(f"{exc} (in the '{name}' pass)") from exc
+        except Exception as exc:
+            raise PassError(f"An error occurred when running the '{name}' pass after the following passes: {done}") from exc
+        if dump_dir:
+            _dump(res.model, dump_dir, run, step, name)
         results.append(res)
+        done.append(name)
         model = res.model
     return model, results
+
+
+def _dump(model: onnx.ModelProto, folder: str | os.PathLike, run: int, step: int, name: str) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_onnx(model, Path(folder) / f"{run:03d}-{step:02d}-{name}.onnx")
 
 
 # --- graph helpers -----------------------------------------------------------------------
