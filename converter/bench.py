@@ -30,10 +30,7 @@ accelerated layers; and the speedup the measured per-layer times predict).
 from __future__ import annotations
 
 import copy
-import datetime
 import gc
-import platform
-import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,7 +38,9 @@ import onnx
 import torch
 
 from ..common.errors import UserError
+from ..common.numerics import rel_err
 from .regimes import Regime, regime_flags
+from .study import best_dense, environment  # noqa: F401 -- environment: the harness's report, shared with the studies
 from ..runtimes.timing import auto_reps, pooled, spread, time_fn
 
 SCHEMA = "sparsecnn-bench"
@@ -79,43 +78,6 @@ class BenchConfig:
         d["regimes"] = [r.name for r in self.regimes]
         d["device"] = str(self.device)
         return d
-
-
-# --- environment ---------------------------------------------------------------------------
-
-def environment(device: torch.device) -> dict:
-    """Card, driver and versions: what a number needs beside it to mean anything."""
-    import importlib.metadata as md
-
-    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                           "torch": torch.__version__, "cuda": torch.version.cuda,
-                           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-                           "device": str(device), "cpu": platform.processor() or platform.machine(),
-                           "torch_threads": torch.get_num_threads(),
-                           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    for pkg in ("sparsecnn", "onnx", "onnxruntime", "numpy", "matplotlib"):
-        try:
-            env[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            env[pkg] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(card=props.name, capability=f"sm_{props.major}{props.minor}", sms=props.multi_processor_count,
-                   memory_gib=round(props.total_memory / 2**30, 1), l2_bytes=getattr(props, "L2_cache_size", None))
-        try:
-            q = subprocess.run(["nvidia-smi", f"--id={device.index or 0}",
-                                "--query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu",
-                                "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-            fields = [f.strip() for f in q.stdout.strip().split(",")]
-            if q.returncode == 0 and len(fields) == 5:
-                env.update(driver=fields[0], sm_clock=fields[1], sm_clock_max=fields[2], power_limit=fields[3],
-                           temperature_c=fields[4])
-        except (OSError, subprocess.SubprocessError):
-            env["driver"] = None
-    else:
-        env["card"] = f"CPU ({env['cpu']})"
-        env["driver"] = None
-    return env
 
 
 # --- models --------------------------------------------------------------------------------
@@ -207,11 +169,6 @@ class Candidate:
 
 def _first_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def _eager_candidate(prep: Prepared, regime: Regime, x: torch.Tensor, device: torch.device) -> Candidate:
@@ -415,7 +372,7 @@ def _build_candidates(cfg, prep, regime, batch, x, where, errors, bar) -> list[C
         try:
             out = _outputs(c, regime)
             if c.kind == "dense" and ref_out is not None:
-                c.row["rel_err"], c.row["rel_err_vs"] = _rel_err(out, ref_out), "eager"
+                c.row["rel_err"], c.row["rel_err_vs"] = rel_err(out, ref_out), "eager"
             elif c.kind == "runtime":
                 if c.prune not in pruned_refs:
                     from ..runtimes import get_runtime
@@ -424,7 +381,7 @@ def _build_candidates(cfg, prep, regime, batch, x, where, errors, bar) -> list[C
                                                            regime.compile_options(cuda_graph=False))
                     pruned_refs[c.prune] = ref_eng(x)[0]
                     del ref_eng
-                c.row["rel_err"], c.row["rel_err_vs"] = _rel_err(out, pruned_refs[c.prune]), "torch runtime (cuDNN)"
+                c.row["rel_err"], c.row["rel_err_vs"] = rel_err(out, pruned_refs[c.prune]), "torch runtime (cuDNN)"
         except Exception as exc:
             errors.append({"where": f"{where} {c.label} check", "error": f"{type(exc).__name__}: {exc}"})
     return cands
@@ -456,13 +413,12 @@ def _network_rows(cfg, cands, model, regime, batch) -> list[dict]:
         rows.append(row)
     timed = [r for r in rows if r.get("median_ms")]
     eager = next((r["median_ms"] for r in timed if r["kind"] == "eager"), None)
-    dense = [r for r in timed if r["kind"] == "dense"]
-    best = min(dense, key=lambda r: r["median_ms"]) if dense else None
+    best_label, best_ms = best_dense({r["engine"]: r["median_ms"] for r in timed if r["kind"] == "dense"})
     for r in timed:
         r["speedup_vs_eager"] = eager / r["median_ms"] if eager else None
-        r["speedup_vs_best_dense"] = best["median_ms"] / r["median_ms"] if best else None
-        r["best_dense_engine"] = best["engine"] if best else None
-        r["best_dense_ms"] = best["median_ms"] if best else None
+        r["speedup_vs_best_dense"] = best_ms / r["median_ms"] if best_ms else None
+        r["best_dense_engine"] = best_label
+        r["best_dense_ms"] = best_ms
     return rows
 
 

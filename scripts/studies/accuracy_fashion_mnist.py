@@ -1,9 +1,10 @@
-"""Issue 4 on the lent H100: accuracy before and after pruning, ResNet-18 and VGG-19 on Fashion-MNIST.
+"""What does pruning cost in accuracy? ResNet-18 and VGG-19 on Fashion-MNIST, before and after pruning.
 
-Run:  source scripts/gpu_env.sh && python3 scripts/gpu_issue4.py --out $OUT [--ckpt-dir runs]
+Run:  source scripts/gpu_env.sh && python3 scripts/studies/accuracy_fashion_mnist.py \
+          --out results/accuracy-fashion-mnist/DATE-CARD [--ckpt-dir runs]
       (needs torch-pruning from .whl/ and the four Fashion-MNIST .gz files: the Debian folder,
       --data DIR, or .carry/fashion-mnist/ carried with the working tree)
-      (CPU check of every code path: python3 scripts/gpu_issue4.py --dry-run --out /tmp/i4)
+      (CPU check of every code path: python3 scripts/studies/accuracy_fashion_mnist.py --dry-run --out /tmp/acc)
 
 For each model, in one process: train dense (seeded, the `sparsecnn train` recipe), save the
 checkpoint to --ckpt-dir (too big to bring back; `sparsecnn train MODEL` reproduces it), then
@@ -11,15 +12,14 @@ checkpoint to --ckpt-dir (too big to bring back; `sparsecnn train MODEL` reprodu
 one-shot and gradual (cubic) + fine-tune, channel pruning to half the FLOPs one-shot and +
 fine-tune. Every variant is evaluated through its exported ONNX file on the torch runtime.
 Epochs are planned from a short throughput probe so the whole run fits --budget-s.
-Writes <out>/issue4.json (every number, per-epoch histories), issue4.png, issue4.md; prints
-a short table with the issue's targets last.
+Writes <out>/accuracy.json (every number, per-epoch histories), accuracy.png, accuracy.md; prints
+a short table with the targets last.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 import traceback
@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from sparsecnn.converter.cmd_compare import (FinetunePlan, Method, Subject, compare_model, markdown_table,
-                                             plot_results, write_json)
-from sparsecnn.converter.cmd_train import recipe_for, save_checkpoint, train_model
+from sparsecnn.converter.compare import (FinetunePlan, Method, Subject, compare_model, markdown_table,
+                                         plot_results, write_json)
+from sparsecnn.converter.training import recipe_for, save_checkpoint, train_model
 from sparsecnn.converter.data import fashion_mnist_spec, load_data
 from sparsecnn.converter.export import export_onnx
 from sparsecnn.converter.finetune import FitConfig, make_optimizer
+from sparsecnn.converter.study import environment, error_record
 from sparsecnn.models.registry import get_entry
 
 MODELS = ("resnet18", "vgg19")
@@ -43,26 +44,14 @@ FLOORS = {"dense": 8, "2:4": 2, "unstructured": 5, "channel": 3}
 COST = {"dense": 1.0, "2:4": 1.0, "unstructured": 1.2, "channel": 0.6}  # per epoch, relative to dense training
 # Seconds outside training per model (exports, prune passes, evaluations): VGG-19's 140M weights dominate.
 OVERHEAD_S = {"resnet18": 30.0, "vgg19": 110.0}
+# the libraries the accuracy depends on, reported beside it
+STUDY_MODULES = ("torchvision", "torch_pruning", "onnx_graphsurgeon")
 TARGETS = {"dense": 93.0, "2:4": 0.5, "unstructured": 1.5, "channel": 1.5}  # dense: top-1; others: max drop
-
-
-def env() -> dict:
-    import importlib
-
-    out = {"python": platform.python_version(), "torch": str(torch.__version__), "cuda": torch.version.cuda}
-    if torch.cuda.is_available():
-        out.update(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)))
-    for mod in ("torchvision", "torch_pruning", "onnx", "onnxruntime", "onnx_graphsurgeon"):
-        try:
-            out[mod] = getattr(importlib.import_module(mod), "__version__", "present")
-        except Exception as exc:
-            out[mod] = f"missing ({type(exc).__name__})"
-    return out
 
 
 def probe_seconds_per_epoch(arch: str, train, spec, device, cfg: FitConfig, steps: int) -> float:
     """Seconds per training epoch, from `steps` timed steps after a few warm-up ones."""
-    from sparsecnn.converter.cmd_train import build_for_training
+    from sparsecnn.converter.training import build_for_training
     from sparsecnn.converter.finetune import _autocast
 
     model = build_for_training(arch, recipe_for(arch), 10, 0).to(device).to(memory_format=torch.channels_last)
@@ -155,11 +144,11 @@ def main() -> None:
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    info = {"env": env(), "args": vars(args), "targets": TARGETS, "methods": [m.label for m in METHODS]}
+    info = {"env": environment(device, modules=STUDY_MODULES), "args": vars(args), "targets": TARGETS, "methods": [m.label for m in METHODS]}
     print(json.dumps(info["env"]), flush=True)
 
     if args.data is None:  # the GPU machine has no Debian package: the lead carries the files in .carry/
-        carried = Path(__file__).resolve().parent.parent / ".carry" / "fashion-mnist"
+        carried = Path(__file__).resolve().parents[2] / ".carry" / "fashion-mnist"
         if not Path("/usr/share/datasets/fashion-mnist").is_dir() and carried.is_dir():
             args.data = str(carried)
     train, val, test = (load_data(args.data, s) for s in ("train", "val", "test"))
@@ -188,7 +177,7 @@ def main() -> None:
     def save_partial(results=None):
         payload = dict(info, results=all_results + ([results] if results is not None else []),
                        seconds=time.perf_counter() - t_start)
-        write_json(payload, out / "issue4.json")
+        write_json(payload, out / "accuracy.json")
 
     for i, arch in enumerate(models):
         spec = specs[arch]
@@ -241,7 +230,7 @@ def main() -> None:
             results["checkpoint"] = str(ckpt_path)
         except Exception as exc:  # one model failing must not lose the other's numbers
             traceback.print_exc()
-            results["error"] = f"{type(exc).__name__}: {exc}"
+            results.update(error_record(exc))
         all_results.append(results)
         save_partial()
         if device.type == "cuda":
@@ -251,17 +240,17 @@ def main() -> None:
     ok_results = [r for r in all_results if r.get("rows")]
     if ok_results:
         try:
-            plot_results(ok_results, out / "issue4.png")
+            plot_results(ok_results, out / "accuracy.png")
         except Exception as exc:
             print(f"plot failed: {exc}", flush=True)
     table = short_table(all_results)
-    md = [f"# Issue 4: accuracy before and after pruning ({info['env'].get('gpu', 'cpu')})", "",
+    md = [f"# Accuracy before and after pruning ({info['env'].get('card', 'cpu')})", "",
           "Fashion-MNIST, full test set (10000 images) unless --dry-run; every variant evaluated through its "
           "exported ONNX file (BatchNorm folded) on the torch runtime, fp32.", "",
           "```", table, "```", "", markdown_table(ok_results)]
-    (out / "issue4.md").write_text("\n".join(md))
-    write_json(dict(info, results=all_results), out / "issue4.json")
-    print(f"\ntotal {info['seconds']:.0f} s; wrote {out}/issue4.json, issue4.png, issue4.md\n")
+    (out / "accuracy.md").write_text("\n".join(md))
+    write_json(dict(info, results=all_results), out / "accuracy.json")
+    print(f"\ntotal {info['seconds']:.0f} s; wrote {out}/accuracy.json, accuracy.png, accuracy.md\n")
     print(table)
     sys.stdout.flush()
 

@@ -1,7 +1,8 @@
-"""Issue 5 on the GPU: the CSR (Sputnik-style) kernels and the `csr` runtime, measured in one process.
+"""Do unstructured-sparse CSR kernels beat cuBLAS / cuDNN, and the `csr` runtime the best dense engine?
+The CSR (Sputnik-style) kernels and the `csr` runtime, measured in one process.
 
-  source scripts/gpu_env.sh && python3 scripts/gpu_issue5.py --out $OUT
-  python scripts/gpu_issue5.py --dry-run --out /tmp/i5   # CPU: tiny sizes, kernels emulated, no timing claims
+  source scripts/gpu_env.sh && python3 scripts/studies/csr_kernels.py --out results/csr-kernels/DATE-CARD
+  python scripts/studies/csr_kernels.py --dry-run --out /tmp/csr   # CPU: tiny sizes, kernels emulated, no timing claims
 
 Parts (--parts, default all):
   correctness  every kernel instantiation (staged csr_conv, SpMV, the Sputnik port directly,
@@ -9,7 +10,7 @@ Parts (--parts, default all):
                masked dense weight;
                fresh random inputs (seed recorded); odd sizes, small K, empty rows, several
                K chunks, split-K; tolerance 1e-5 (fp32), 2e-3 (fp16)
-  sweep        the issue's (M, K, N) x sparsity grid, fp32 TF32 off: cuBLAS time / CSR SpMM
+  sweep        Sputnik's (M, K, N) x sparsity grid, fp32 TF32 off: cuBLAS time / CSR SpMM
                time (both as CUDA-graph replays, same run), the tuner's choice over both
                kernel families (staged csr_conv SpMM and the Sputnik port) and its family,
                every candidate, the port with Sputnik's own heuristic config alone ("port"),
@@ -21,7 +22,7 @@ Parts (--parts, default all):
                best dense engine (torch runtime NCHW / channels_last, dense_conv=best passed
                through), whole network in one CUDA graph, fp32 TF32 off and fp16; per-layer
                report; errors vs ONNX Runtime; ONNX sizes and engine weight memory
-Writes <out>/issue5.json (every number, after each part) and <out>/issue5.md; prints a
+Writes <out>/csr.json (every number, after each part) and <out>/csr.md; prints a
 short table last. A failing part is recorded and the others still run.
 
 Expected on the H100: correctness ~5 s, sweep + conv ~1.5-2 min, nets ~4-5 min (three
@@ -43,8 +44,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-SPUTNIK = {  # cuBLAS time / Sputnik time on this card, from the issue
+from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record, rel_err
+
+ROOT = Path(__file__).resolve().parents[2]
+SPUTNIK = {  # cuBLAS time / Sputnik time on the H100, as published with Sputnik
     (64, 576, 50176): (0.65, 0.74, 0.99, 1.21, 1.78), (128, 1152, 12544): (0.65, 0.90, 1.18, 1.60, 2.16),
     (256, 2304, 3136): (0.66, 0.92, 1.44, 2.06, 3.23), (512, 4608, 784): (0.44, 0.60, 1.04, 1.84, 3.19),
     (64, 576, 3136): (1.10, 1.25, 1.45, 1.51, 1.86), (128, 1152, 784): (0.89, 1.16, 1.45, 1.59, 1.80),
@@ -68,7 +71,7 @@ class Run:
     def save(self) -> None:
         from sparsecnn.common.fileio import write_text_atomic
 
-        write_text_atomic(self.out / "issue5.json", json.dumps(self.results, indent=1, default=str))
+        write_text_atomic(self.out / "csr.json", json.dumps(self.results, indent=1, default=str))
 
     def kernel_backend(self):
         if self.backend is None:
@@ -88,25 +91,11 @@ class Run:
 
 
 def env_info(run: Run) -> dict:
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
-    if not run.dry:
-        sys.path.insert(0, str(ROOT / "scripts"))
-        try:
-            from gpu_spine import env
-
-            info.update(env())
-        except Exception as exc:
-            info["gpu"] = torch.cuda.get_device_name(0)
-            info["env_error"] = repr(exc)
     from sparsecnn.runtimes.nvrtc import nvrtc_available
 
+    info = environment(run.device, modules=("cuda.bindings",))
     info["nvrtc"] = nvrtc_available()[1]
     return info
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.double().cpu(), ref.double().cpu()
-    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
 def pruned_weight(shape, density, gen, empty_rows=(0,), full_row=1):
@@ -303,7 +292,7 @@ def part_sweep(run: Run, conv_view: bool) -> dict:
                     row["csr_conv_us"], row["csr_conv_config"], row["csr_conv_candidates"] = us, cfg.label(), timed
                     row["conv_speedup_vs_cudnn"] = row["cudnn_us"] / us
             except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {exc}"
+                row.update(error_record(exc))
                 traceback.print_exc()
             rows.append(row)
             print(_sweep_line(row), flush=True)
@@ -377,11 +366,9 @@ def part_nets(run: Run) -> dict:
     from sparsecnn.models import load_model
     from sparsecnn.passes.prune import prune_unstructured
     from sparsecnn.runtimes.csr import runtime as csr_rt
-    from sparsecnn.runtimes import get_runtime
 
     models = run.args.models or (("resnet18", "vgg19", "trafficcamnet") if not run.dry else ("tinyresnet", "tinynet"))
     reps = run.args.reps if not run.dry else 3
-    torch_rt = get_runtime("torch")
     out = {}
     for name in models:
         res: dict = {}
@@ -404,20 +391,19 @@ def part_nets(run: Run) -> dict:
             for dtype in ("fp32", "fp16"):
                 d = res[dtype] = {}
                 base = {"dtype": dtype, "tf32": False, "dense_conv": "best"}
-                for layout in (False, True):
-                    key = "dense_channels_last" if layout else "dense_nchw"
+                for layout, key in (("NCHW", "dense_nchw"), ("NHWC", "dense_channels_last")):
                     try:
-                        eng = torch_rt.compile(pruned, run.device, {**base, "channels_last": layout})
+                        eng = dense_engines(pruned, run.device, base, layouts=(layout,))[layout]
                         d[key] = _time_engine(eng, x, reps)
-                        if dtype == "fp32" and not layout:
+                        if dtype == "fp32" and layout == "NCHW":
                             res["dense_weight_bytes"] = eng.weight_bytes()
                         del eng
                     except Exception as exc:
-                        d[key] = {"error": f"{type(exc).__name__}: {exc}"}
+                        d[key] = error_record(exc)
                         traceback.print_exc()
-                dense_ms = [(d[k]["median_ms"], k) for k in ("dense_nchw", "dense_channels_last") if "median_ms" in d[k]]
-                if dense_ms:
-                    d["best_dense_ms"], d["best_dense"] = min(dense_ms)
+                best, best_ms = best_dense({k: d[k].get("median_ms") for k in ("dense_nchw", "dense_channels_last")})
+                if best is not None:
+                    d["best_dense_ms"], d["best_dense"] = best_ms, best
                 t1 = time.time()
                 if run.dry:
                     eng = csr_rt.compile_with_backend(sparse, run.device, {**base, "csr_autotune": False},
@@ -426,8 +412,7 @@ def part_nets(run: Run) -> dict:
                     eng = csr_rt.compile(sparse, run.device, base)
                 d["compile_s"] = time.time() - t1
                 outs = eng(x)
-                d["rel_err_vs_ort"] = max(float(np.abs(o.cpu().numpy() - r).max() / max(np.abs(r).max(), 1e-30))
-                                          for o, r in zip(outs, ref))
+                d["rel_err_vs_ort"] = max(rel_err(o, r) for o, r in zip(outs, ref))
                 d["csr"] = _time_engine(eng, x, reps)
                 d["layers"] = eng.report()
                 d["csr_layers"] = sum(1 for r in d["layers"] if r.get("format") == "csr")
@@ -464,7 +449,7 @@ def part_nets(run: Run) -> dict:
                 res["memory"]["engine_ratio"] = res["memory"]["csr_fp32_weight_bytes"] / dense_b
                 res["memory"]["all_csr_engine_ratio"] = res["memory"]["all_csr_fp32_weight_bytes"] / dense_b
         except Exception as exc:
-            res["error"] = f"{type(exc).__name__}: {exc}"
+            res.update(error_record(exc))
             traceback.print_exc()
         run.results["parts"]["nets_partial"] = out
         run.save()
@@ -474,7 +459,7 @@ def part_nets(run: Run) -> dict:
 # --- report ---------------------------------------------------------------------------------
 
 def markdown(results: dict) -> str:
-    lines = [f"# Issue 5: CSR kernels on {results.get('env', {}).get('gpu', 'CPU (dry run)')}", ""]
+    lines = [f"# CSR kernels on {results.get('env', {}).get('card', 'CPU (dry run)')}", ""]
     sweep = results["parts"].get("sweep")
     if sweep:
         lines += ["## GEMM sweep, fp32 TF32 off: cuBLAS time / CSR time (Sputnik in brackets)", "",
@@ -553,20 +538,20 @@ def short_table(results: dict) -> str:
             rows.append((f"{name} engine weights / dense fp32", _f(res["memory"]["engine_ratio"], 3), "<= 0.25"))
             rows.append((f"{name} (all layers CSR) / dense fp32", _f(res["memory"]["all_csr_engine_ratio"], 3), "<= 0.25"))
     for part, err in results.get("errors", {}).items():
-        rows.append((f"part {part}", "FAILED", err[:40]))
+        rows.append((f"part {part}", "FAILED", (err["error"] if isinstance(err, dict) else err)[:40]))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c}" for a, b, c in rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out", help="folder for issue5.json and issue5.md")
+    ap.add_argument("--out", default="out", help="folder for csr.json and csr.md")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, emulated kernels: checks the script runs")
     ap.add_argument("--parts", default="correctness,sweep,nets", help="comma list of correctness, sweep, conv, nets "
                     "(sweep includes the conv view unless --no-conv)")
     ap.add_argument("--no-conv", action="store_true", help="skip the conv (vs cuDNN) view of the sweep shapes")
     ap.add_argument("--models", nargs="*", help="networks for the nets part (default resnet18 vgg19 trafficcamnet)")
-    ap.add_argument("--sparsities", nargs="*", type=float, help="sweep sparsities (default the issue's five)")
+    ap.add_argument("--sparsities", nargs="*", type=float, help="sweep sparsities (default the five of Sputnik's table)")
     ap.add_argument("--reps", type=int, default=200, help="timed replays per whole-network measurement")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="start no new part after this many seconds (a lease's command limit; default none)")
@@ -598,7 +583,7 @@ def main() -> None:
             else:
                 raise ValueError(f"unknown part {part}")
         except Exception as exc:
-            run.results["errors"][part] = f"{type(exc).__name__}: {exc}"
+            run.results["errors"][part] = error_record(exc)
             traceback.print_exc()
         run.results.setdefault("part_seconds", {})[part] = time.time() - t0
         run.save()
@@ -610,7 +595,7 @@ def main() -> None:
     run.save()
     from sparsecnn.common.fileio import write_text_atomic
 
-    write_text_atomic(run.out / "issue5.md", markdown(run.results))
+    write_text_atomic(run.out / "csr.md", markdown(run.results))
     print()
     print(short_table(run.results))
 

@@ -1,7 +1,8 @@
-"""Issue 3 on the lent GPU: the full dense table and the cuBLAS / cuSPARSE GEMM sweep, one process.
+"""How fast is dense? The dense baselines every speedup is a ratio to: eager, cuDNN graph, the
+best dense engine, and the cuBLAS / cuSPARSE GEMM sweep, in one process on one card.
 
-    source scripts/gpu_env.sh && python3 scripts/gpu_issue3.py --out $OUT
-    python3 scripts/gpu_issue3.py --dry-run --out /tmp/i3     # CPU, tiny nets: checks the script runs
+    source scripts/gpu_env.sh && python3 scripts/studies/dense_baselines.py --out results/dense-baselines/DATE-CARD
+    python3 scripts/studies/dense_baselines.py --dry-run --out /tmp/dense  # CPU, tiny nets: checks the script runs
 
 Measures, in one run on one card:
 - ResNet-18, VGG-19, TrafficCamNet (random weights) in fp16 and fp32-cuda-core (TF32 off) at
@@ -12,7 +13,7 @@ Measures, in one run on one card:
 - GEMM sweep: the seed's conv-as-GEMM shapes at batch 1, sparsity 0.5-0.98, cuBLAS fp32
   (TF32 off), TF32 and fp16, cuSPARSE (torch CSR) fp32 and fp16, each vs fp64.
 
-Writes <out>/issue3.json (every raw number; rewritten after every part, so a kill keeps what
+Writes <out>/dense_baselines.json (every raw number; rewritten after every part, so a kill keeps what
 was done), <out>/bench.md (tables), gemm_speedup.png, layers_vgg19.png, summary.png; prints a
 short table last. Parts run most-important-first and stop starting new ones when the time
 budget (--budget-s, default 270 s) is spent; one failing part is recorded and the rest go on.
@@ -22,12 +23,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
-# Dense CUDA-graph batch-1 reference points measured on the H100 with cuDNN only (issue 3).
+RESULT_FILE = "dense_baselines.json"
+# Dense CUDA-graph batch-1 reference points measured on the H100 with cuDNN only (2026-11-25).
 REFERENCE_MS = {("resnet18", "fp16"): 0.40, ("resnet18", "fp32-cuda-core"): 1.21,
                 ("vgg19", "fp16"): 0.52, ("vgg19", "fp32-cuda-core"): 2.43,
                 ("trafficcamnet", "fp16"): 0.60, ("trafficcamnet", "fp32-cuda-core"): 2.66}
@@ -47,9 +48,10 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from sparsecnn.converter.bench import BenchConfig, environment, new_result, run_networks, summary_rows
+    from sparsecnn.converter.bench import BenchConfig, new_result, run_networks, summary_rows
     from sparsecnn.converter.bench_report import write_json, write_reports
     from sparsecnn.converter.regimes import parse_regimes
+    from sparsecnn.converter.study import environment, error_record
 
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
@@ -62,7 +64,7 @@ def main() -> int:
     batches = [1, 2] if dry else [1, 32]
     regimes = parse_regimes("fp16,fp32-cuda-core")
     result = new_result(None, environment(device))
-    result["settings"] = {"script": "scripts/gpu_issue3.py", "dry_run": dry, "models": models, "batches": batches,
+    result["settings"] = {"script": "scripts/studies/dense_baselines.py", "dry_run": dry, "models": models, "batches": batches,
                           "regimes": [r.name for r in regimes], "device": str(device), "repeats": 2,
                           "flush_l2": False, "prunes": ["none"], "runtimes": [], "measure_ms": args.measure_ms,
                           "reference_ms_cudnn_graph_batch1": {f"{m}/{r}": v for (m, r), v in REFERENCE_MS.items()}}
@@ -74,7 +76,7 @@ def main() -> int:
         result["summary"] = summary_rows(result["networks"], result["models"], None)
         result["elapsed_s"] = time.perf_counter() - t_start
         result["parts_done"], result["parts_skipped"] = parts_done, parts_skipped
-        write_json(result, out / "issue3.json")
+        write_json(result, out / RESULT_FILE)
 
     def part(name: str, fn, always: bool = False) -> None:
         elapsed = time.perf_counter() - t_start
@@ -87,8 +89,7 @@ def main() -> int:
             fn()
             parts_done.append(name)
         except Exception as exc:  # one part failing must not lose the others' numbers
-            errors.append({"where": name, "error": f"{type(exc).__name__}: {exc}",
-                           "traceback": traceback.format_exc(limit=6)})
+            errors.append(error_record(exc, where=name))
             print(f"  FAILED: {type(exc).__name__}: {exc}", flush=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -126,10 +127,10 @@ def main() -> int:
     for model in models:
         part(f"{model} batch {batches[1]}", networks(model, batches[1], ["cudnn", "best"]))
     cache.clear()
-    part("tables and plots", lambda: write_reports(result, out, "issue3.json"), always=True)
+    part("tables and plots", lambda: write_reports(result, out, RESULT_FILE), always=True)
     save()
     short_table(result, dry)
-    print(f"\nwrote {out}/issue3.json, bench.md and plots in {time.perf_counter() - t_start:.0f} s; "
+    print(f"\nwrote {out}/{RESULT_FILE}, bench.md and plots in {time.perf_counter() - t_start:.0f} s; "
           f"{len(errors)} error(s); skipped: {', '.join(parts_skipped) or 'none'}")
     return 0
 

@@ -1,20 +1,21 @@
-"""Issue 6 on a GPU: ECR conv and PECR conv+pool kernels, checked and timed against dense.
+"""When does feature-map sparsity pay? ECR conv and PECR conv+pool kernels (the seed's Figure 8
+redone), checked and timed against the best dense conv, and the `ecr` runtime on whole networks.
 
-    source scripts/gpu_env.sh && python3 scripts/gpu_issue6.py --out $OUT [--checkpoint fmnist_vgg19.pt]
-    python3 scripts/gpu_issue6.py --dry-run --out /tmp/i6     # CPU, tiny sizes: plumbing only
+    source scripts/gpu_env.sh && python3 scripts/studies/ecr_pecr.py --out results/ecr-pecr/DATE-CARD [--checkpoint fmnist_vgg19.pt]
+    python3 scripts/studies/ecr_pecr.py --dry-run --out /tmp/ecr     # CPU, tiny sizes: plumbing only
 
 The trained checkpoint is too large to bring back from the lent GPU machine (80 MB), so train
 it in the same command (about 40 s on an H100), with the Fashion-MNIST files carried in
 .carry/fashion-mnist (copied from /usr/share/datasets/fashion-mnist; `carry` it):
     source scripts/gpu_env.sh && export SPARSECNN_FASHION_MNIST=$PWD/.carry/fashion-mnist &&
     mkdir -p runs && python3 -m sparsecnn.converter.cli train vgg19 -o runs/vgg19-fmnist.pt --no-progress &&
-    python3 scripts/gpu_issue6.py --out $OUT --checkpoint runs/vgg19-fmnist.pt
-The H100 runs in results/issue6-ecr (2026-12-07; 12-06 in its 2026-12-06/ folder) also compiled
+    python3 scripts/studies/ecr_pecr.py --out $OUT --checkpoint runs/vgg19-fmnist.pt
+The H100 runs in results/ecr-pecr/ (2026-12-07-h100, 2026-12-06-h100) also compiled
 the kernels while the checkpoint trained, by starting `python3 -c "import torch; from
 sparsecnn.runtimes.ecr.runtime import KernelSet; KernelSet.get(torch.device('cuda'))" &` before the
 training, and passed `--fig8-budget-s 130 --budget-s 300` (about 240 s for this script, 305 s
 with training and one ncu profile). The lent machine brings back at most 8 files: keep the
-four plots, issue6.json and issue6.md, or tar the rest. `--replot issue6.json` redraws the
+four plots, ecr.json and ecr.md, or tar the rest. `--replot ecr.json` redraws the
 plots on any machine.
 
 Parts (each recorded even if another fails; --parts picks some):
@@ -38,7 +39,7 @@ Parts (each recorded even if another fails; --parts picks some):
            Fashion-MNIST images; fp32 (TF32 off) and fp16.
   nets     (not by default) ResNet-18 and TrafficCamNet end to end through the `ecr` runtime (random weights):
            outputs vs the torch runtime, time, which layers went sparse.
-Writes <out>/issue6.json (every number), issue6.md, fig8_fp32.png, fig8_fp16.png,
+Writes <out>/ecr.json (every number), ecr.md, fig8_fp32.png, fig8_fp16.png,
 breakeven.png, activations.png; prints a short table last.
 """
 from __future__ import annotations
@@ -46,16 +47,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparsecnn.common.numerics import rel_err
+from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record
 from sparsecnn.runtimes.timing import time_fn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -132,11 +133,6 @@ def oracle(x, w, b, g, pool, relu=True) -> torch.Tensor:
     from sparsecnn.passes.ecr.reference import dense_conv_relu_pool
 
     return dense_conv_relu_pool(x.double(), w.double(), b.double(), g, relu, pool)
-
-
-def rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 # --- sparse kernels and dense baselines for one layer --------------------------------------
@@ -580,7 +576,7 @@ def plot_fig8(res, out: Path):
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7, ncol=2)
         axes[0].set_ylabel("speedup over best dense (x, log scale)")
-        fig.suptitle(f"VGG-19 conv layers, batch 1, {res.get('env', {}).get('gpu', '')}", fontsize=10)
+        fig.suptitle(f"VGG-19 conv layers, batch 1, {card(res)}", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / f"fig8_{dname}.png", dpi=120)
         plt.close(fig)
@@ -622,12 +618,12 @@ def network_compare(args, dev, model, spec, label, calib, evals, dtype, reps, ca
     from sparsecnn.runtimes import get_runtime
 
     dry = args.dry_run
-    torch_rt, ecr_rt = get_runtime("torch"), get_runtime("ecr")
+    ecr_rt = get_runtime("ecr")
     extra = {"dense_conv": "best"}
     out = {"model": label, "dtype": dtype}
     t0 = time.perf_counter()
     # the best dense engine (per-layer fastest dense conv; whole network also tried all-NCHW / all-NHWC)
-    dense = {"best": torch_rt.compile(model, dev, {"dtype": dtype, "tf32": False, "extra": extra})}
+    dense = {"best": dense_engines(model, dev, {"dtype": dtype, "tf32": False}, layouts=("NCHW",))["NCHW"]}
     rewritten = ecr_rt.rewrite(model)
     sparse = ecr_rt.compile(rewritten, dev, {"dtype": dtype, "tf32": False, "extra": {**extra, "ecr_reps": calib_reps}},
                             calibration=calib)
@@ -660,10 +656,10 @@ def network_compare(args, dev, model, spec, label, calib, evals, dtype, reps, ca
     out["sparse_layers"] = sum(1 for r in out["layers"] if r.get("format") in ("ecr", "pecr"))
     out["ecr_candidates"] = sum(1 for r in out["layers"] if r["op"].startswith("sparsecnn::"))
     dense_med = {k: float(np.median(v)) for k, v in d_times.items()}
-    best_dense = min(dense_med, key=dense_med.get)
-    out.update(dense_ms_per_image=d_times, dense_ms=dense_med, dense_best=best_dense,
+    best_label, best_ms = best_dense(dense_med)
+    out.update(dense_ms_per_image=d_times, dense_ms=dense_med, dense_best=best_label,
                ecr_ms_per_image=s_times, ecr_ms=float(np.median(s_times)),
-               speedup=dense_med[best_dense] / float(np.median(s_times)),
+               speedup=best_ms / float(np.median(s_times)),
                rel_err=max(rel_err(a, b) for a, b in zip(s_outs, d_outs)),
                top1_agree=float(np.mean([int(a.argmax()) == int(b.argmax()) for a, b in zip(s_outs, d_outs)])))
     log(f"{label} {dtype}: dense {dense_med} ms, ecr {out['ecr_ms']:.4f} ms, speedup {out['speedup']:.3f}x, "
@@ -692,8 +688,8 @@ def part_vgg(args, dev, res, model, spec, label):
             rows.append(network_compare(args, dev, model, spec, f"VGG-19 ({label})", calib, evals, dtype,
                                         3 if args.dry_run else 100))
         except Exception as exc:  # noqa: BLE001
-            rows.append({"dtype": dtype, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
-            log(rows[-1]["trace"])
+            rows.append({"dtype": dtype, **error_record(exc)})
+            log(rows[-1]["traceback"])
     res["vgg"] = {"images": what, "rows": rows}
 
 
@@ -711,22 +707,16 @@ def part_nets(args, dev, res):
             rows.append(network_compare(args, dev, model, spec, f"{name} (random weights)", calib, evals, "fp32",
                                         3 if args.dry_run else 50, calib_reps=12))
         except Exception as exc:  # noqa: BLE001
-            rows.append({"model": name, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
-            log(rows[-1]["trace"])
+            rows.append({"model": name, **error_record(exc)})
+            log(rows[-1]["traceback"])
     res["nets"] = rows
 
 
 # --- report ------------------------------------------------------------------------------------
 
-def env_info(dev) -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    if dev.type == "cuda":
-        p = torch.cuda.get_device_properties(dev)
-        out.update(gpu=torch.cuda.get_device_name(dev), sms=p.multi_processor_count, cudnn=torch.backends.cudnn.version(),
-                   l2_mb=p.L2_cache_size / 2**20)
-    else:
-        out.update(gpu="CPU dry run (no timing claims)")
-    return out
+def card(res: dict) -> str:
+    env = res.get("env", {})
+    return env.get("card") or env.get("gpu", "")  # "gpu": files written before the shared environment report
 
 
 def fmt_x(v) -> str:
@@ -734,7 +724,7 @@ def fmt_x(v) -> str:
 
 
 def write_markdown(res, out: Path):
-    L = [f"# Issue 6: ECR / PECR on {res['env'].get('gpu')}", "",
+    L = [f"# ECR / PECR on {card(res)}", "",
          f"torch {res['env'].get('torch')}, CUDA {res['env'].get('cuda')}, cuDNN {res['env'].get('cudnn')}; "
          "fp32 with TF32 off in cuDNN and cuBLAS; cudnn.benchmark on; times are medians of CUDA-graph replays "
          "(CUDA events).", ""]
@@ -780,13 +770,13 @@ def write_markdown(res, out: Path):
                              f"{r['rel_err']:.1e} |")
             L.append("")
     if res.get("errors"):
-        L += ["## Errors", ""] + [f"- {k}: {v.splitlines()[-1] if v else ''}" for k, v in res["errors"].items()]
-    (out / "issue6.md").write_text("\n".join(L) + "\n")
+        L += ["## Errors", ""] + [f"- {k}: {v['error'] if isinstance(v, dict) else v}" for k, v in res["errors"].items()]
+    (out / "ecr.md").write_text("\n".join(L) + "\n")
 
 
 def short_table(res):
-    log("\n=== issue 6 summary ===")
-    log(f"device: {res['env'].get('gpu')}")
+    log("\n=== ECR / PECR summary ===")
+    log(f"device: {card(res)}")
     if "correct_all_pass" in res:
         log(f"correctness: {'PASS' if res['correct_all_pass'] else 'FAIL'} ({len(res['correct'])} cases; "
             f"scratch zero after: {res.get('correct_scratch_zero_after')})")
@@ -825,7 +815,7 @@ def short_table(res):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out/issue6")
+    ap.add_argument("--out", default="out/ecr-pecr")
     ap.add_argument("--checkpoint", help="trained Fashion-MNIST VGG-19 sparsecnn checkpoint (else random weights)")
     ap.add_argument("--reps", type=int, default=30, help="graph replays per kernel timing (default 30)")
     ap.add_argument("--parts", default="correct,fig8,vgg", help="comma-separated parts (default correct,fig8,vgg; "
@@ -836,7 +826,7 @@ def main() -> None:
                     help="fig8 starts no new (layer, dtype, target) after this many seconds of its own (default "
                          "170); the bar's fp32 PECR layers run first, fp16 last")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, reference ops: checks the plumbing")
-    ap.add_argument("--replot", metavar="JSON", help="only redraw the plots of a saved issue6.json into --out")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the plots of a saved ecr.json into --out")
     args = ap.parse_args()
     if args.replot:
         out = Path(args.out)
@@ -853,7 +843,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     parts = set(args.parts.split(","))
-    res: dict = {"env": env_info(dev), "args": vars(args), "errors": {}}
+    res: dict = {"env": environment(dev), "args": vars(args), "errors": {}}
     log(json.dumps(res["env"]))
     t_start = time.perf_counter()
     if dev.type == "cuda":  # clocks up once; the many short timings after it warm up 5 ms each
@@ -877,11 +867,11 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             fn(*a)
-        except Exception:  # noqa: BLE001 - one part failing must not lose the others
-            res["errors"][name] = traceback.format_exc()
-            log(res["errors"][name])
+        except Exception as exc:  # noqa: BLE001 - one part failing must not lose the others
+            res["errors"][name] = error_record(exc)
+            log(res["errors"][name]["traceback"])
         res.setdefault("part_seconds", {})[name] = time.perf_counter() - t0
-        (out / "issue6.json").write_text(json.dumps(res, indent=1, default=str))
+        (out / "ecr.json").write_text(json.dumps(res, indent=1, default=str))
 
     run_part("correct", part_correct, args, dev, res)
     model = spec = label = None
@@ -890,24 +880,24 @@ def main() -> None:
         try:
             model, spec, label = load_vgg(args, dev)
             real_means, real_tensors = real_activations(args, dev, res, model, spec, label)
-        except Exception:  # noqa: BLE001
-            res["errors"]["activations"] = traceback.format_exc()
-            log(res["errors"]["activations"])
+        except Exception as exc:  # noqa: BLE001
+            res["errors"]["activations"] = error_record(exc)
+            log(res["errors"]["activations"]["traceback"])
     run_part("fig8", part_fig8, args, dev, res, real_means, real_tensors, label)
     try:
         plot_fig8(res, out)
-    except Exception:  # noqa: BLE001
-        res["errors"]["plots"] = traceback.format_exc()
+    except Exception as exc:  # noqa: BLE001
+        res["errors"]["plots"] = error_record(exc)
     if model is not None:
         run_part("vgg", part_vgg, args, dev, res, model, spec, label)
     run_part("nets", part_nets, args, dev, res)
     res["total_s"] = time.perf_counter() - t_start
-    (out / "issue6.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "ecr.json").write_text(json.dumps(res, indent=1, default=str))
     try:
         write_markdown(res, out)
-    except Exception:  # noqa: BLE001
-        res["errors"]["markdown"] = traceback.format_exc()
-        log(res["errors"]["markdown"])
+    except Exception as exc:  # noqa: BLE001
+        res["errors"]["markdown"] = error_record(exc)
+        log(res["errors"]["markdown"]["traceback"])
     short_table(res)
 
 

@@ -1,18 +1,18 @@
 r"""One ECR/PECR kernel candidate on one VGG-19 layer, for Nsight Compute (ncu) on a GPU.
 
     # the fastest candidate of a kernel family at a sparsity (prints its name, nothing else)
-    python3 scripts/ecr_profile.py --layer features.7 --zeros 0.9 --pick row
+    python3 scripts/studies/ecr_profile.py --layer features.7 --zeros 0.9 --pick row
     # one candidate, launched 3 times: ncu skips the first 2 (warm-up) and profiles the third;
     # leave the clocks alone (--clock-control none), as the lent machines ask
     ncu --clock-control none --kernel-name regex:ecr_ --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section InstructionStats \
         --section SchedulerStats --section Occupancy \
-        python3 scripts/ecr_profile.py --layer features.7 --zeros 0.9 --variant NAME
+        python3 scripts/studies/ecr_profile.py --layer features.7 --zeros 0.9 --variant NAME
 
 Profile one candidate per ncu call (with --launch-skip 2, a second --variant's launches come
 after the profiled one). Random weights, i.i.d. input zeros, batch 1, fp32 unless --fp16.
-Profiles kept: results/issue6-ecr/ncu_features.25.txt (2026-12-07) and
-results/issue6-ecr/2026-12-06/ncu_features.{2,7}.txt (before the integer work was cut).
+Profiles kept: results/ecr-pecr/2026-12-07-h100/ncu_features.25.txt and
+results/ecr-pecr/2026-12-06-h100/ncu_features.{2,7}.txt (before the integer work was cut).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_issue6 import attrs_of, layer_spec, sparse_input, vgg19_layers  # noqa: E402
+from ecr_pecr import attrs_of, layer_spec, sparse_input, vgg19_layers  # noqa: E402
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
-"""Issue 7 on a GPU: MinkowskiEngine (CUDA build) as a whole-network runtime vs the best dense engine.
+"""At what site sparsity does MinkowskiEngine beat dense? MinkowskiEngine (CUDA build) as a
+whole-network runtime and per conv layer vs the best dense engine.
 
 Run on the lent H100, with the CUDA wheel built by scripts/build_minkowski.py in .whl/:
-    source scripts/gpu_env.sh && python3 scripts/gpu_issue7.py --out $OUT
+    source scripts/gpu_env.sh && python3 scripts/studies/minkowski_site_sparsity.py --out results/minkowski-site-sparsity/DATE-CARD
 Locally, without a GPU (tiny sizes, no timing claims):
-    python scripts/gpu_issue7.py --dry-run --out /tmp/i7
+    python scripts/studies/minkowski_site_sparsity.py --dry-run --out /tmp/minkowski
 
 Parts (each one recorded even if another fails):
   1. env      versions, ME's availability line (CUDA or CPU build)
@@ -15,30 +16,30 @@ Parts (each one recorded even if another fails):
   4. sweep    single conv layers at synthetic site sparsity 0 ... 0.99: ME (sites as the dense
               conv needs them, and submanifold) vs the best dense engine on the dense map (torch
               runtime, dense_conv=best, CUDA graph); break-even sparsity
-Writes <out>/issue7.json (every number), issue7_sweep.png, issue7.md; prints a short table last.
+Writes <out>/minkowski.json (every number), minkowski_sweep.png, minkowski.md; prints a short table last.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sparsecnn.common.fileio import atomic_path
+from sparsecnn.common.numerics import rel_err
 from sparsecnn.converter.export import export_onnx
+from sparsecnn.converter.study import dense_engines, environment, error_record
 from sparsecnn.runtimes.timing import time_fn
 from sparsecnn.models import load_model
 from sparsecnn.passes.prune import prune_unstructured
 from sparsecnn.runtimes import get_runtime
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NETWORKS = {  # name: full-size input (C, H, W); --dry-run shrinks them
     "resnet18": (3, 224, 224), "vgg19": (3, 224, 224), "trafficcamnet": (3, 544, 960)}
 SWEEP_LAYERS = [  # (label, Cin, Cout, H, W, kernel, stride): ResNet-18 / VGG-19 conv shapes, batch 1
@@ -59,19 +60,15 @@ def part(results: dict, name: str):
         try:
             results[name] = fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 — keep the other parts' numbers
-            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+            results[name] = error_record(exc)
             log(f"{name} FAILED: {type(exc).__name__}: {exc}")
         log(f"{name} done in {time.time() - t0:.0f} s")
     return run
 
 
-def env_info() -> dict:
+def env_info(device: torch.device) -> dict:
     ok, why = get_runtime("minkowski").available()
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "minkowski_available": ok, "minkowski": why}
-    if torch.cuda.is_available():
-        out.update(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)))
-    return out
+    return {**environment(device, modules=("MinkowskiEngine",)), "minkowski_available": ok, "minkowski": why}
 
 
 def gpu_suite(dry: bool) -> dict:
@@ -92,11 +89,10 @@ def _input(shape, seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _dense_engine_ms(tr, model, x, device, reps):
+def _dense_engine_ms(model, x, device, reps):
     """The best dense engine: the torch runtime with dense_conv=best (per-layer cuDNN NCHW/NHWC/im2col
     choice, whole-network CUDA graph), fp32 with TF32 off. Returns (median ms, outputs, its plan)."""
-    eng = tr.compile(model, device, {"dtype": "fp32", "tf32": False, "cuda_graph": True,
-                                     "extra": {"dense_conv": "best"}})
+    eng = dense_engines(model, device, {"dtype": "fp32", "tf32": False, "cuda_graph": True}, layouts=("NCHW",))["NCHW"]
     xs = eng.prepare(x)
     with torch.no_grad():
         outs = [o.float().cpu() for o in eng(x)]  # the first call measures and decides
@@ -109,7 +105,7 @@ def _dense_engine_ms(tr, model, x, device, reps):
 
 def network_table(dry: bool, device: torch.device, reps: int) -> list[dict]:
     rows = []
-    mk, tr = get_runtime("minkowski"), get_runtime("torch")
+    mk = get_runtime("minkowski")
     batches = [1, 2] if dry else [1, 32]
     for name, chw in NETWORKS.items():
         if dry:
@@ -122,7 +118,7 @@ def network_table(dry: bool, device: torch.device, reps: int) -> list[dict]:
             rows.append(row)
             try:
                 x = _input((batch, *chw))
-                dense_ms, dense_out, row["dense_plan"] = _dense_engine_ms(tr, model, x, device, reps)
+                dense_ms, dense_out, row["dense_plan"] = _dense_engine_ms(model, x, device, reps)
                 dense_best = row["dense_best_ms"] = dense_ms
                 me = mk.compile(model, device, {"dtype": "fp32"})
                 xs = me.prepare(x)
@@ -133,8 +129,7 @@ def network_table(dry: bool, device: torch.device, reps: int) -> list[dict]:
                 row["me_ms"] = t.median_ms
                 row["me_p90_ms"] = t.p90_ms
                 row["slowdown_vs_dense"] = t.median_ms / dense_best
-                row["rel_err_vs_dense"] = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-                                              for a, b in zip(outs, dense_out))
+                row["rel_err_vs_dense"] = max(rel_err(a, b) for a, b in zip(outs, dense_out))
                 prof = me.profile_layers(x, reps=2 if batch >= 32 else 3)
                 row["layers"] = prof
                 coords = sum(r.get("coords_ms", 0.0) for r in prof)
@@ -151,8 +146,7 @@ def network_table(dry: bool, device: torch.device, reps: int) -> list[dict]:
                     f"({row['slowdown_vs_dense']:.1f}x), err {row['rel_err_vs_dense']:.1e}, "
                     f"bookkeeping {100 * row['bookkeeping_share']:.0f}%")
             except Exception as exc:  # noqa: BLE001
-                row["error"] = f"{type(exc).__name__}: {exc}"
-                row["traceback"] = traceback.format_exc()[-2000:]
+                row.update(error_record(exc, trace_chars=2000))
                 log(f"{name} b{batch} FAILED: {row['error']}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -181,11 +175,11 @@ def site_modes(dry: bool, device: torch.device, reps: int) -> list[dict]:
                     out = eng.runner(*xs)(*xs)[0].float().cpu()
                     t = time_fn(lambda i: eng.runner(*xs)(*xs), device, reps=3 if batch >= 32 else max(3, reps // 4),
                                 warmup=1)
-                row.update(me_ms=t.median_ms, rel_err_vs_dense=float((out - ref).abs().max() / ref.abs().max()),
+                row.update(me_ms=t.median_ms, rel_err_vs_dense=rel_err(out, ref),
                            conv_input_site_sparsity=[r.get("site_sparsity_in") for r in eng.report() if r["op"] == "Conv"])
                 del eng
             except Exception as exc:  # noqa: BLE001
-                row["error"] = f"{type(exc).__name__}: {exc}"
+                row.update(error_record(exc))
             log(f"site rule {mode} b{batch}: {row}")
     return rows
 
@@ -229,7 +223,7 @@ def sweep(dry: bool, device: torch.device, reps: int) -> list[dict]:
                 row["site_sparsity"] = 1.0 - float(mask.float().mean())
                 xd = x.to(device)
                 if dense_ms is None:  # dense time does not depend on the values: measured once per layer
-                    dense_ms = _dense_engine_ms(get_runtime("torch"), model, x, device, reps)[0]
+                    dense_ms = _dense_engine_ms(model, x, device, reps)[0]
                 row["dense_ms"] = dense_ms
                 for mode in ("relu", "submanifold"):
                     eng = get_runtime("minkowski").compile(model, device, {"extra": {"sites": mode}})
@@ -255,7 +249,7 @@ def sweep(dry: bool, device: torch.device, reps: int) -> list[dict]:
                     row[f"{tag}_out_sparsity"] = 1.0 - y.sites / max(h * w // (s * s), 1)
                     del eng, xs, y
             except Exception as exc:  # noqa: BLE001
-                row["error"] = f"{type(exc).__name__}: {exc}"
+                row.update(error_record(exc))
                 log(f"sweep {label} @ {sp} FAILED: {row['error']}")
         log(f"sweep {label} done")
     return out
@@ -314,7 +308,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# Issue 7: MinkowskiEngine on {results['env'].get('gpu', 'CPU (dry run)')}", ""]
+    lines = [f"# MinkowskiEngine on {results['env'].get('card', 'CPU (dry run)')}", ""]
     lines += ["| model | batch | ME ms | best dense ms | ME / dense | bookkeeping share | mean site sparsity | rel err |",
               "|---|---|---|---|---|---|---|---|"]
     for r in results.get("networks", []) if isinstance(results.get("networks"), list) else []:
@@ -346,7 +340,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out", help="folder for issue7.json, issue7_sweep.png, issue7.md")
+    ap.add_argument("--out", default="out", help="folder for minkowski.json, minkowski_sweep.png, minkowski.md")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, no timing claims")
     ap.add_argument("--reps", type=int, default=40, help="timed repetitions of dense runs (ME runs use a quarter)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["suite", "networks", "sweep"], help="parts to skip")
@@ -356,7 +350,7 @@ def main() -> None:
     device = torch.device("cpu" if args.dry_run else "cuda")
     reps = 3 if args.dry_run else args.reps
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    results: dict = {"env": env_info(), "dry_run": args.dry_run}
+    results: dict = {"env": env_info(device), "dry_run": args.dry_run}
     log(json.dumps(results["env"]))
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: use --dry-run on a CPU machine")
@@ -372,13 +366,13 @@ def main() -> None:
             results["break_even"] = {k: break_even(results["sweep"], k)
                                      for k in ("me_layer_ms", "me_conv_ms", "me_submanifold_layer_ms")}
             try:
-                plot(results["sweep"], out / "issue7_sweep.png")
+                plot(results["sweep"], out / "minkowski_sweep.png")
             except Exception as exc:  # noqa: BLE001
-                results["plot_error"] = f"{type(exc).__name__}: {exc}"
-    with atomic_path(out / "issue7.json") as tmp:
+                results["plot_error"] = error_record(exc)
+    with atomic_path(out / "minkowski.json") as tmp:
         Path(tmp).write_text(json.dumps(results, indent=1, default=str))
     md = markdown(results)
-    with atomic_path(out / "issue7.md") as tmp:
+    with atomic_path(out / "minkowski.md") as tmp:
         Path(tmp).write_text(md)
     suite = results.get("suite", {})
     print(f"\nGPU suite: {suite.get('summary', suite.get('error', 'skipped'))}")

@@ -1,7 +1,10 @@
-"""Issue 9 on the lent H100: SparseRT-style generated kernels (pattern compiled into the code).
+"""Do kernels generated per layer (SparseRT-style: the sparsity pattern compiled into the code)
+beat the CSR kernel, cuBLAS and the best dense engine?
 
-    source scripts/gpu_env.sh && python3 scripts/gpu_issue9.py --out $OUT
-    python3 scripts/gpu_issue9.py --dry-run --out /tmp/i9      # CPU: tiny sizes, no timing claims
+    source scripts/gpu_env.sh && python3 scripts/studies/sparsert_generated_kernels.py --out results/sparsert-generated-kernels/DATE-CARD
+    python3 scripts/studies/sparsert_generated_kernels.py --dry-run --out /tmp/sparsert   # CPU: tiny sizes, no timing claims
+
+The H100 run was split: `--parts 1,2` (sparsert-correctness-sweep.*) and `--parts 3` (sparsert-nets.*).
 
 1. correctness of generated kernels on real layer shapes (fresh random weights and inputs;
    <= 1e-5 fp32, <= 2e-3 fp16 relative to max |reference|, reference in float64);
@@ -14,7 +17,7 @@
    (when registered) vs the best dense engine, with the one-time compile cost (first run,
    and again with the kernel and tuning caches warm).
 
-Every raw number goes to <out>/issue9.json, tables to <out>/issue9.md; a short table last.
+Every raw number goes to <out>/sparsert.json, tables to <out>/sparsert.md; a short table last.
 One failing part is recorded and the others go on. NVRTC compiles run on all CPU cores.
 """
 from __future__ import annotations
@@ -24,16 +27,16 @@ import importlib
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from sparsecnn.common.numerics import rel_err
+from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record
 
 T_START = time.perf_counter()
 
@@ -46,32 +49,17 @@ def log(msg: str) -> None:
     print(f"[{elapsed():6.1f}s] {msg}", flush=True)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def geomean(xs):
     xs = [x for x in xs if x and x > 0 and math.isfinite(x)]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
 def env_info(device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cpus": os.cpu_count()}
-    if device.type == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)))
-    try:
-        from cuda.bindings import __version__ as cbv
-
-        info["cuda_bindings"] = cbv
-    except Exception as exc:
-        info["cuda_bindings"] = f"missing ({type(exc).__name__})"
+    from sparsecnn.runtimes import RUNTIME_MODULES
     from sparsecnn.runtimes.nvrtc import nvrtc_available
 
+    info = environment(device, modules=("cuda.bindings",))
     info["nvrtc"] = nvrtc_available()[1]
-    from sparsecnn.runtimes import RUNTIME_MODULES
-
     info["runtimes"] = list(RUNTIME_MODULES)
     return info
 
@@ -274,7 +262,7 @@ def part_sweep(args, device, seed) -> dict:
             except Exception as exc:
                 row["csr_error"] = f"{type(exc).__name__}: {exc}"[:300]
         else:
-            row["csr_error"] = "sweep method 'csr' is not registered (issue 5 not merged)"
+            row["csr_error"] = "sweep method 'csr' is not registered"
         try:
             if device.type == "cuda":
                 kern, entry = build_spmm(w, n, torch.float32, device, programs=p["programs"], workers=args.workers)
@@ -388,10 +376,12 @@ def part_networks(args, device, seed, deadline) -> dict:
             x = torch.randn(1, *spec.shape, generator=gen)
             torch_rt = get_runtime("torch")
             ref_outs = None
-            for label, extra in (("torch_nchw", {}), ("torch_channels_last", {"channels_last": True}),
-                                 ("torch_dense_best", {"extra": {"dense_conv": "best"}})):
+            # cuDNN as PyTorch calls it, in both layouts, and the per-layer best dense conv
+            for label, make in (("torch_nchw", lambda: torch_rt.compile(model, device, base)),
+                                ("torch_channels_last", lambda: torch_rt.compile(model, device, {**base, "channels_last": True})),
+                                ("torch_dense_best", lambda: dense_engines(model, device, base, layouts=("NCHW",))["NCHW"])):
                 try:
-                    eng = torch_rt.compile(model, device, {**base, **extra})
+                    eng = make()
                     ms, outs = _time_engine(eng, x, device, args.reps)
                     res[f"{label}_ms"] = ms
                     if ref_outs is None:
@@ -400,10 +390,10 @@ def part_networks(args, device, seed, deadline) -> dict:
                 except Exception as exc:
                     res[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
             dense = {k: v for k, v in res.items() if k.startswith("torch_") and k.endswith("_ms")}
-            if dense:
-                best = min(dense, key=dense.get)
+            best, best_ms = best_dense(dense)
+            if best is not None:
                 res["best_dense"] = best.removesuffix("_ms")
-                res["best_dense_ms"] = dense[best]
+                res["best_dense_ms"] = best_ms
             log(f"{name}: dense {dense}")
             # sparsert, first run: caches cold for these fresh weights
             rt = get_runtime("sparsert")
@@ -457,14 +447,13 @@ def part_networks(args, device, seed, deadline) -> dict:
                 except Exception as exc:
                     res["csr_error"] = f"{type(exc).__name__}: {exc}"[:300]
             else:
-                res["csr_error"] = "no runtime named 'csr' registered (issue 5 not merged)"
+                res["csr_error"] = "no runtime named 'csr' registered"
             if res.get("best_dense_ms"):
                 res["sparsert_vs_best_dense"] = res["best_dense_ms"] / res["sparsert_ms"]
                 if res.get("csr_ms"):
                     res["csr_vs_best_dense"] = res["best_dense_ms"] / res["csr_ms"]
         except Exception as exc:
-            res["error"] = f"{type(exc).__name__}: {exc}"
-            res["traceback"] = traceback.format_exc()[-3000:]
+            res.update(error_record(exc))
             log(f"{name}: FAILED {exc}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -480,9 +469,9 @@ def fmt(v, spec=".4f"):
 
 
 def markdown(result: dict) -> str:
-    L = [f"# Issue 9: SparseRT-style generated kernels on {result['env'].get('gpu', 'CPU (dry run)')}", "",
+    L = [f"# SparseRT-style generated kernels on {result['env'].get('card', 'CPU (dry run)')}", "",
          f"seed {result['seed']}; total {result['elapsed_s']} s; NVRTC {result['env'].get('nvrtc')}; "
-         f"cuda-bindings {result['env'].get('cuda_bindings')}; {result['env'].get('cpus')} CPUs", ""]
+         f"cuda-bindings {result['env'].get('cuda.bindings')}; {result['env'].get('cpus')} CPUs", ""]
     c = result.get("correctness", {})
     if "rows" in c:
         L += ["## 1. Correctness (fresh random weights and inputs, 90% sparse, relative to max |float64 reference|)", "",
@@ -552,7 +541,7 @@ def markdown(result: dict) -> str:
 
 
 def short_table(result: dict) -> str:
-    L = ["", "=== issue 9 summary ==="]
+    L = ["", "=== generated kernels summary ==="]
     c = result.get("correctness", {})
     if "rows" in c:
         worst = {d: max((r.get("rel_err", float("inf")) for r in c["rows"] if r["dtype"] == d), default=None)
@@ -579,7 +568,7 @@ def short_table(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out", help="folder for issue9.json and issue9.md")
+    ap.add_argument("--out", default="out", help="folder for sparsert.json and sparsert.md")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, interpreted kernels: checks the script")
     ap.add_argument("--parts", default="1,2,3", help="which parts to run (default 1,2,3)")
     ap.add_argument("--models", default="resnet18,vgg19,trafficcamnet")
@@ -596,7 +585,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    os.environ["SPARSECNN_CACHE"] = args.cache or tempfile.mkdtemp(prefix="sparsecnn-issue9-")
+    os.environ["SPARSECNN_CACHE"] = args.cache or tempfile.mkdtemp(prefix="sparsecnn-sparsert-")
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.dry_run:
         sys.exit("no CUDA GPU here: run with --dry-run")
@@ -611,8 +600,8 @@ def main() -> None:
         result["elapsed_s"] = round(elapsed(), 1)
         from sparsecnn.common.fileio import write_text_atomic
 
-        write_text_atomic(out / "issue9.json", json.dumps(result, indent=1, default=str))
-        write_text_atomic(out / "issue9.md", markdown(result))
+        write_text_atomic(out / "sparsert.json", json.dumps(result, indent=1, default=str))
+        write_text_atomic(out / "sparsert.md", markdown(result))
 
     for part, key, fn in (("1", "correctness", lambda: part_correctness(args, device, seed)),
                           ("2", "sweep", lambda: part_sweep(args, device, seed)),
@@ -623,7 +612,7 @@ def main() -> None:
         try:
             result[key] = fn()
         except Exception as exc:
-            result[key] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+            result[key] = error_record(exc, trace_chars=4000)
             log(f"part {part} FAILED: {exc}")
         save()
     save()

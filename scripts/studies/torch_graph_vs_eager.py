@@ -1,50 +1,39 @@
-"""Spine check on a GPU: environment, NVRTC launch, torch runtime vs eager and vs ONNX Runtime.
+"""Does the spine work on this card, and what does one CUDA graph buy over eager PyTorch?
+Environment, torch runtime (whole network in one CUDA graph) vs eager and vs ONNX Runtime.
 
-Run on the lent H100:  source scripts/gpu_env.sh && python3 scripts/gpu_spine.py --out $OUT
+Run on the lent H100:
+    source scripts/gpu_env.sh && python3 scripts/studies/torch_graph_vs_eager.py --out results/torch-graph-vs-eager/DATE-CARD
 Prints a short table last; writes every number to <out>/spine.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
+from sparsecnn.common.numerics import rel_err
 from sparsecnn.converter.export import export_onnx
+from sparsecnn.converter.study import environment
 from sparsecnn.runtimes.timing import time_fn
 from sparsecnn.models import load_model
 from sparsecnn.passes.prune import prune_unstructured
 from sparsecnn.runtimes import get_runtime
 
+# the libraries the spine depends on, reported beside the numbers
+SPINE_MODULES = ("cuda.bindings", "cuda.core", "onnx_graphsurgeon", "torch_pruning", "triton", "cupy")
+
 
 def env() -> dict:
-    import importlib
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "gpu": torch.cuda.get_device_name(0), "capability": torch.cuda.get_device_capability(0),
-           "cudnn": torch.backends.cudnn.version()}
-    for mod in ("cuda.bindings", "cuda.core", "onnx", "onnxruntime", "onnx_graphsurgeon", "torch_pruning", "triton", "cupy"):
-        try:
-            m = importlib.import_module(mod)
-            out[mod] = getattr(m, "__version__", "present")
-        except Exception as exc:
-            out[mod] = f"missing ({type(exc).__name__})"
-    try:
-        out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit",
-                                        "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        pass
-    out["cslt"] = hasattr(torch, "_cslt_compress")
-    return out
+    info = environment(torch.device("cuda"), modules=SPINE_MODULES)
+    info["cslt"] = hasattr(torch, "_cslt_compress")
+    return info
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out")
     ap.add_argument("--reps", type=int, default=200)
     args = ap.parse_args()
@@ -64,7 +53,7 @@ def main() -> None:
             torch.backends.cuda.matmul.allow_tf32 = False
             eng = rt.compile(model, "cuda", {"dtype": dtype, "tf32": False})
             outs = eng(x)
-            err = max(float(np.abs(o.cpu().numpy() - r).max() / np.abs(r).max()) for o, r in zip(outs, ref))
+            err = max(rel_err(o, r) for o, r in zip(outs, ref))
             xs = eng.prepare(x)
             replay = eng.runner(*xs)
             graph_t = time_fn(lambda i: replay.replay(), "cuda", reps=args.reps)

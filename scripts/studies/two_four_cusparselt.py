@@ -1,11 +1,14 @@
-"""Issue 8 on a GPU: 2:4 sparse tensor cores through cuSPARSELt, checked and timed in one process.
+"""Do 2:4 sparse tensor cores (cuSPARSELt) pay, per GEMM and per whole network? Checked and timed in one process.
 
-    source scripts/gpu_env.sh && python3 scripts/gpu_issue8.py --out $OUT      # the H100 run (~3-5 min)
-    python scripts/gpu_issue8.py --dry-run --out /tmp/i8                          # CPU: tiny nets, no timing claims
+    source scripts/gpu_env.sh && python3 scripts/studies/two_four_cusparselt.py --out results/two-four-cusparselt/DATE-CARD
+    python scripts/studies/two_four_cusparselt.py --dry-run --out /tmp/two-four   # CPU: tiny nets, no timing claims
+
+The H100 run (about 3-5 min) was split: `--parts gemm,ops`, then `--parts nets --models ...`
+per model (files two-four-gemm-ops-*.json, two-four-nets-*.json).
 
 Parts (each caught and recorded on its own, so one failure keeps the others' numbers):
   gemm     the GEMM check in CUDA graphs: 2:4 cuSPARSELt vs dense cuBLAS fp16 at 4096^3 and
-           8192^3 (issue: 148 vs 188 us, 1098 vs 1600 us; must be >= 1.2x at 4096^3), eager
+           8192^3 (expected: 148 vs 188 us, 1098 vs 1600 us; must be >= 1.2x at 4096^3), eager
            cuSPARSELt cost, and two batch-1 conv-GEMM shapes
   ops      every 2:4 op of ResNet-18, VGG-19 and TrafficCamNet (and odd synthetic shapes) on
            cuSPARSELt fp16 vs the reference op in fp32 on the same fp16-rounded input:
@@ -14,23 +17,22 @@ Parts (each caught and recorded on its own, so one failure keeps the others' num
            why), the whole network vs the best dense fp16 engine of this run (torch runtime,
            cuDNN NCHW and channels-last, CUDA graph; extra dense_conv=best passed), the
            ratio, and which layers made the difference
-Writes <out>/issue8.json (every number) and <out>/issue8.md; prints a short table last.
+Writes <out>/two-four.json (every number) and <out>/two-four.md; prints a short table last.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import json
-import platform
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 from sparsecnn.common.fileio import write_text_atomic
+from sparsecnn.common.numerics import rel_err
 from sparsecnn.converter.export import export_onnx
+from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record
 from sparsecnn.runtimes.timing import time_fn, time_interleaved
 from sparsecnn.models import load_model
 from sparsecnn.passes.masks import mask_2to4
@@ -42,25 +44,11 @@ from sparsecnn.runtimes.executor import Executor
 from sparsecnn.runtimes.reference_ops import reference_ops
 
 REL_TOL = 2e-3
+RESULT_FILE = "two-four.json"
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def env_info() -> dict:
-    try:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from gpu_spine import env  # the spine script's environment report
-
-        info = env() if torch.cuda.is_available() else {}
-    except Exception as exc:
-        info = {"env_error": f"{type(exc).__name__}: {exc}"}
-    info.update(python=platform.python_version(), torch=torch.__version__, cusparselt=cs.available())
-    if torch.cuda.is_available():
-        info["card"] = torch.cuda.get_device_name(0)
-    return info
+def env_info(device: str) -> dict:
+    return {**environment(device, modules=("cuda.bindings",)), "cusparselt": cs.available()}
 
 
 # --- part 1: the GEMM check --------------------------------------------------------------
@@ -68,7 +56,7 @@ def env_info() -> dict:
 def gemm_check(dry: bool, reps: int) -> list[dict]:
     device = "cuda"
     rows = []
-    # (M, K, N, layout): "square" is C = A @ B as in the issue; "conv" is the runtime's form
+    # (M, K, N, layout): "square" is C = A @ B (the published 4096^3 / 8192^3 check); "conv" is the runtime's form
     # Y^T = B^T @ A^T (transpose_result) at batch-1 conv shapes.
     cases = [(4096, 4096, 4096, "square"), (8192, 8192, 8192, "square"),
              (256, 2304, 196 + 4, "conv"), (512, 4608, 56, "conv")]
@@ -194,9 +182,7 @@ def bench_net(label: str, dense_model, sparse_model, shape, batch: int, device: 
     res = {"model": label, "batch": batch, "dtype": dtype}
     ref_out = torch_rt.compile(dense_model, device, {"dtype": "fp32", "tf32": False, "cuda_graph": False})(x)
     steps, keep = {}, []
-    for layout in ("NCHW", "NHWC"):
-        eng = torch_rt.compile(dense_model, device, {"dtype": dtype, "channels_last": layout == "NHWC",
-                                                     "extra": {"dense_conv": "best"}})
+    for layout, eng in dense_engines(dense_model, device, {"dtype": dtype}).items():
         xs = eng.prepare(x)
         run = eng.runner(*xs)
         steps[layout] = (lambda i, run=run: run.replay()) if hasattr(run, "replay") else (lambda i, run=run, xs=xs: run(*xs))
@@ -211,7 +197,7 @@ def bench_net(label: str, dense_model, sparse_model, shape, batch: int, device: 
     # dense engines and the sparse engine timed in alternating rounds: drift hits all alike
     timed = time_interleaved(steps, device, reps=3 * reps)
     dense_ms = {k: timed[k].median_ms for k in ("NCHW", "NHWC")}
-    best_layout = min(dense_ms, key=dense_ms.get)
+    best_layout, _ = best_dense(dense_ms)
     res.update(dense_ms=dense_ms, best_dense=f"torch {dtype} {best_layout} (per-layer best dense conv"
                f"{', CUDA graph' if device == 'cuda' else ''})", best_dense_ms=dense_ms[best_layout],
                timing={k: t.to_dict() for k, t in timed.items()})
@@ -239,7 +225,7 @@ def bench_net(label: str, dense_model, sparse_model, shape, batch: int, device: 
 # --- report ------------------------------------------------------------------------------
 
 def markdown(results: dict) -> str:
-    lines = [f"# Issue 8: 2:4 on sparse tensor cores (cuSPARSELt) — {results['env'].get('card', 'no GPU (dry run)')}", ""]
+    lines = [f"# 2:4 on sparse tensor cores (cuSPARSELt) — {results['env'].get('card', 'no GPU (dry run)')}", ""]
     if results.get("dry_run"):
         lines += ["**Dry run on the CPU: tiny nets, dense stand-in for cuSPARSELt, no timing claims.**", ""]
     gemm = [r for r in results["parts"].get("gemm", {}).get("rows", []) if "M" in r]
@@ -273,7 +259,7 @@ def markdown(results: dict) -> str:
         lines.append("")
     for part, body in results["parts"].items():
         if body.get("error"):
-            lines += [f"## {part}: FAILED", "", "```", body["error"], "```", ""]
+            lines += [f"## {part}: FAILED", "", "```", body.get("traceback", body["error"]), "```", ""]
     return "\n".join(lines)
 
 
@@ -304,7 +290,7 @@ def short_table(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out", help="folder for issue8.json and issue8.md")
+    ap.add_argument("--out", default="out", help="folder for two-four.json and two-four.md")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny nets, dense stand-in for cuSPARSELt")
     ap.add_argument("--models", default=None, help="comma-separated registry models (default resnet18,vgg19,trafficcamnet)")
     ap.add_argument("--batches", default="1,32")
@@ -325,7 +311,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     t_start = time.perf_counter()
-    results = {"env": env_info(), "dry_run": dry, "models": models, "batches": batches, "parts": {}}
+    results = {"env": env_info(device), "dry_run": dry, "models": models, "batches": batches, "parts": {}}
     print(json.dumps(results["env"], indent=1, default=str), flush=True)
 
     def part(name, fn):
@@ -334,11 +320,11 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             results["parts"][name] = {"rows": fn()}
-        except Exception:
-            results["parts"][name] = {"error": traceback.format_exc()}
-            print(f"part {name} failed:\n{results['parts'][name]['error']}", flush=True)
+        except Exception as exc:
+            results["parts"][name] = error_record(exc)
+            print(f"part {name} failed:\n{results['parts'][name]['traceback']}", flush=True)
         results["parts"][name]["seconds"] = time.perf_counter() - t0
-        write_text_atomic(out / "issue8.json", json.dumps(results, indent=1, default=str))
+        write_text_atomic(out / RESULT_FILE, json.dumps(results, indent=1, default=str))
 
     part("gemm", lambda: gemm_check(dry, 10 if dry else 30))
 
@@ -371,8 +357,8 @@ def main() -> None:
                 if name not in prepared:
                     prepare(name)
                 dense, sparse, spec = prepared[name]
-            except Exception:
-                rows.append({"model": name, "error": traceback.format_exc()})
+            except Exception as exc:
+                rows.append({"model": name, **error_record(exc)})
                 continue
             for b in batches:
                 try:
@@ -380,20 +366,20 @@ def main() -> None:
                     print(f"net {name} b{b}: engine {r['engine_ms']:.3f} ms vs best dense {r['best_dense_ms']:.3f} ms "
                           f"({r['speedup_vs_best_dense']:.3f}x), {len(r['sparse_layers'])} sparse layers, "
                           f"tuning {r['tune_s']:.1f} s ({time.perf_counter() - t_start:.0f} s so far)", flush=True)
-                except Exception:
-                    r = {"model": name, "batch": b, "error": traceback.format_exc()}
-                    print(f"net {name} b{b} failed:\n{r['error']}", flush=True)
+                except Exception as exc:
+                    r = {"model": name, "batch": b, **error_record(exc)}
+                    print(f"net {name} b{b} failed:\n{r['traceback']}", flush=True)
                 rows.append(r)
                 results["parts"]["nets"] = {"rows": rows}
-                write_text_atomic(out / "issue8.json", json.dumps(results, indent=1, default=str))
+                write_text_atomic(out / RESULT_FILE, json.dumps(results, indent=1, default=str))
             prepared.pop(name, None)
         return rows
 
     part("nets", nets)
     results["seconds"] = time.perf_counter() - t_start
-    write_text_atomic(out / "issue8.json", json.dumps(results, indent=1, default=str))
-    write_text_atomic(out / "issue8.md", markdown(results))
-    print(f"\nwrote {out / 'issue8.json'} and {out / 'issue8.md'} in {results['seconds']:.0f} s "
+    write_text_atomic(out / RESULT_FILE, json.dumps(results, indent=1, default=str))
+    write_text_atomic(out / "two-four.md", markdown(results))
+    print(f"\nwrote {out / RESULT_FILE} and {out / 'two-four.md'} in {results['seconds']:.0f} s "
           f"({results['env'].get('card', 'CPU dry run')})\n")
     print(short_table(results))
 
