@@ -5,12 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..common.onnxio import save_onnx
-from ..passes.graph import run_pipeline
-from ..passes.inspect import layer_table, sparsity_summary
-from ..passes.prune import prune_pipeline
-from .options import add_engine_args, add_prune_args, add_source_args, compile_options
-from .source import load_source, stage
+from .options import add_engine_args, add_prune_args, add_source_args
 
 HELP = """\
 Export a model to ONNX with BatchNorm folded, prune it, and write the pruned model: a
@@ -29,7 +24,7 @@ examples:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="model -> pruned ONNX (and an engine)", description=HELP, epilog=EXAMPLES,
+    p = sub.add_parser("convert", description=HELP, epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
     add_prune_args(p)
@@ -40,14 +35,20 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def default_output(label: str, prune: str | None) -> str:
+def _default_output(label: str, prune: str | None) -> str:
     stem = Path(label).stem
     suffix = "" if not prune or prune == "none" else "-" + prune.replace(":", "to")
     return f"{stem}{suffix}.onnx"
 
 
 def run(args) -> int:
+    from ..common.onnxio import save_onnx
+    from ..passes.graph import run_pipeline
+    from ..passes.inspect import layer_table, sparsity_summary
+    from ..passes.prune import prune_pipeline
     from ..runtimes import require_runtime, resolve_device
+    from .options import compile_options
+    from .source import load_source, stage
 
     pipeline = prune_pipeline(args.prune, args.scope, args.exclude)  # validates --prune before any work
     runtime = require_runtime(args.runtime) if (args.engine or args.sparse_onnx) else None
@@ -59,7 +60,7 @@ def run(args) -> int:
             model, results = run_pipeline(model, pipeline)
         for r in results:
             print(r.summary(), file=sys.stderr)
-    out = Path(args.output or default_output(src.label, args.prune))
+    out = Path(args.output or _default_output(src.label, args.prune))
     save_onnx(model, out)
     s = sparsity_summary(layer_table(model))
     print(f"wrote {out}: {s['prunable_layers']} prunable layers at sparsity {s['prunable_sparsity']:.4f}, "
