@@ -178,8 +178,18 @@ def export_graph(graph, like: onnx.ModelProto) -> onnx.ModelProto:
         out.opset_import.add(domain=domain, version=version)
     out.ir_version = like.ir_version
     out.producer_name = like.producer_name or "sparsecnn"
+    out.producer_version, out.domain, out.model_version = like.producer_version, like.domain, like.model_version
+    out.doc_string = like.doc_string
     out.metadata_props.extend(like.metadata_props)
     return out
+
+
+def set_tensor_info(tensor, info: onnx.ValueInfoProto) -> None:
+    """Give a graphsurgeon Variable the dtype and shape of `info` (custom ops have no shape inference)."""
+    from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
+
+    declared = OnnxImporter.import_tensor(info)
+    tensor.dtype, tensor.shape = declared.dtype, declared.shape
 
 
 def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

@@ -27,10 +27,9 @@ from collections import Counter
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
 
-from ..graph import (SPARSECNN_DOMAIN, SPARSECNN_OPSET, PassResult, inferred_value_infos, initializer_map, node_attr,
-                    node_label, weight_nodes)
+from ..graph import (SPARSECNN_DOMAIN, PassResult, export_graph, import_graph, inferred_value_infos, set_tensor_info,
+                    weight_nodes)
 from ..masks import is_2to4
 
 CONV_OP = "Conv2to4"
@@ -104,65 +103,49 @@ def rewrite_2to4(model: onnx.ModelProto) -> PassResult:
     Outputs keep their names and get value_info (the custom ops have no ONNX shape inference),
     so later shape inference still sees every tensor's shape.
     """
+    import onnx_graphsurgeon as gs
+
     counters: Counter = Counter()
-    inits = initializer_map(model)
     shapes = inferred_value_infos(model)
-    use_count = Counter(name for n in model.graph.node for name in n.input)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    new_nodes, new_inits, retire, infos = [], [], set(), []
     todo = {n.output[0]: (w, axis) for n, w, axis in weight_nodes(model)}  # outputs are unique names
-    for node in model.graph.node:
-        if node.output[0] not in todo:
-            new_nodes.append(node)
+    graph = import_graph(model)
+    for node in list(graph.nodes):
+        if not node.outputs or node.outputs[0].name not in todo:
             continue
-        weight_name, axis = todo[node.output[0]]
-        arr = np.array(numpy_helper.to_array(inits[weight_name]))
+        weight_name, axis = todo[node.outputs[0].name]
+        arr = np.array(node.inputs[1].values)
         w = torch.from_numpy(arr)
         reason = None
-        if node.op_type == "MatMul":
+        if node.op == "MatMul":
             reason = "skipped_matmul"
-        elif node.op_type == "Conv" and (node_attr(node, "group", 1) != 1 or w.dim() != 4):
+        elif node.op == "Conv" and (node.attrs.get("group", 1) != 1 or w.dim() != 4):
             reason = "skipped_grouped_or_not_2d"
-        elif node.op_type == "Gemm" and node_attr(node, "transA", 0):
+        elif node.op == "Gemm" and node.attrs.get("transA", 0):
             reason = "skipped_gemm_transA"
         elif not is_2to4(w, axis):
             reason = "left_dense_not_2to4"
         if reason:
             counters[reason] += 1
-            new_nodes.append(node)
             continue
-        if node.op_type == "Conv":
+        if node.op == "Conv":
             view = conv_gemm_view(w)
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "group"}
+            attrs = {k: v for k, v in node.attrs.items() if k != "group"}
             attrs["kernel_shape"] = list(arr.shape[2:])
             op_type = CONV_OP
         else:
             view = w if axis == 1 else w.t().contiguous()
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute
-                     if a.name in ("alpha", "beta")}
+            attrs = {k: v for k, v in node.attrs.items() if k in ("alpha", "beta")}
             op_type = GEMM_OP
         values, positions = pack_2to4(view)
-        v_name, p_name = f"{weight_name}.2to4_values", f"{weight_name}.2to4_positions"
-        new_inits.append(numpy_helper.from_array(values.numpy().astype(arr.dtype), v_name))
-        new_inits.append(numpy_helper.from_array(positions.numpy(), p_name))
-        inputs = [node.input[0], v_name, p_name] + [n for n in node.input[2:3]]
-        new_nodes.append(helper.make_node(op_type, inputs, list(node.output), name=node_label(node),
-                                          domain=SPARSECNN_DOMAIN, **attrs))
-        use_count[weight_name] -= 1
-        if use_count[weight_name] == 0:
-            retire.add(weight_name)
-        infos += [shapes[o] for o in node.output if o in shapes]
-        counters["converted_conv" if node.op_type == "Conv" else "converted_gemm"] += 1
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    kept = [t for t in graph.initializer if t.name not in retire]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
-    known = {vi.name for vi in graph.value_info} | {o.name for o in graph.output}
-    graph.value_info.extend(vi for vi in infos if vi.name not in known)
-    if counters["converted_conv"] + counters["converted_gemm"]:
-        if not any(o.domain == SPARSECNN_DOMAIN for o in out.opset_import):
-            out.opset_import.add(domain=SPARSECNN_DOMAIN, version=SPARSECNN_OPSET)
-    return PassResult(out, counters, "rewrite_2to4")
+        packed = [gs.Constant(f"{weight_name}.2to4_values", values.numpy().astype(arr.dtype)),
+                  gs.Constant(f"{weight_name}.2to4_positions", positions.numpy())]
+        outputs = list(node.outputs)
+        for o in outputs:
+            if o.dtype is None and o.name in shapes:
+                set_tensor_info(o, shapes[o.name])
+        node.outputs.clear()  # the dense node and, once unused, its weight go at export
+        graph.nodes.append(gs.Node(op_type, name=node.name or f"{node.op}({', '.join(o.name for o in outputs)})",
+                                   domain=SPARSECNN_DOMAIN, attrs=dict(sorted(attrs.items())),
+                                   inputs=[node.inputs[0], *packed, *node.inputs[2:3]], outputs=outputs))
+        counters["converted_conv" if node.op == "Conv" else "converted_gemm"] += 1
+    return PassResult(export_graph(graph, model), counters, "rewrite_2to4")
