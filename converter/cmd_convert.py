@@ -51,6 +51,7 @@ def run(args) -> int:
     from .source import load_source, stage
 
     pipeline = prune_pipeline(args.prune, args.scope, args.exclude)  # validates --prune before any work
+    opts = compile_options(args)  # and --option against --runtime
     runtime = require_runtime(args.runtime) if (args.engine or args.sparse_onnx) else None
     device = resolve_device(args.device) if args.engine else None
     src = load_source(args.source, args.weights, args.num_classes, args.opset)
@@ -67,7 +68,6 @@ def run(args) -> int:
           f"{s['two_four_layers']} layers 2:4; weights {s['dense_bytes'] / 2**20:.1f} MiB dense, "
           f"{s['nonzero_bytes'] / 2**20:.1f} MiB non-zero")
     if runtime is not None:
-        opts = compile_options(args)
         with stage(f"rewriting for runtime '{runtime.name}'"):
             sparse = runtime.rewrite(model, opts)
         if args.sparse_onnx:

@@ -9,6 +9,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("doctor", help="report Python, PyTorch, GPU and which runtimes are available",
                        description="Check the environment: versions, the GPU and its compute capability, and "
                                    "for each registered runtime whether it can run here or why not.")
+    p.add_argument("--options", metavar="RUNTIME", help="list the runtime's --option settings (name, type, default, "
+                                                        "what it does) instead")
     p.set_defaults(func=run)
 
 
@@ -21,6 +23,11 @@ def _module_version(name: str) -> str:
 
 
 def run(args) -> int:
+    if args.options:
+        from ..runtimes.options import format_options
+
+        print(format_options(args.options))
+        return 0
     import torch
 
     from ..runtimes import availability
@@ -35,6 +42,9 @@ def run(args) -> int:
         print("gpu           none: PyTorch sees no CUDA device; every runtime runs its CPU reference only")
     for mod in ("onnx", "onnxruntime", "onnx_graphsurgeon", "torchvision"):
         print(f"{mod:<13} {_module_version(mod)}")
+    from ..common.support import problems, support_lines
+
+    print("\n".join(support_lines() + [f"  PROBLEM: {p}" for p in problems()]))
     print("runtimes:")
     for name, (ok, reason) in availability().items():
         print(f"  {name:<12} {'available' if ok else 'NOT available'}: {reason}")

@@ -34,34 +34,35 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="NHWC activations for cuDNN")
     p.add_argument("--no-cuda-graph", action="store_true", help="run eagerly instead of replaying a CUDA graph")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="options",
-                   help="a runtime-specific setting, repeatable; the runtime's docs list them (e.g. "
-                        "csr_weight_budget=0.25 caps the csr engine's weights at 25%% of dense fp32, "
-                        "dense_conv=best picks each dense conv's fastest kernel)")
+                   help="a setting of the chosen runtime, repeatable; `sparsecnn doctor --options RUNTIME` lists "
+                        "each runtime's (e.g. csr_weight_budget=0.25 caps the csr engine's weights at 25%% of "
+                        "dense fp32, dense_conv=best picks each dense conv's fastest kernel); an unknown key or a "
+                        "bad value is an error")
 
 
-def parse_value(text: str):
-    """'0.25' -> 0.25, '15' -> 15, 'true'/'false' -> bool, anything else stays a string."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def runtime_extra(pairs: list[str]) -> dict:
+def runtime_extra(pairs: list[str]) -> dict[str, str]:
+    """--option KEY=VALUE pairs as {key: value string}; typing is the runtime's (runtimes/options.py)."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--option '{pair}' is not KEY=VALUE (e.g. --option csr_weight_budget=0.25)")
-        out[key.strip()] = parse_value(value)
+        out[key.strip()] = value.strip()
     return out
 
 
 def compile_options(args) -> dict:
+    """The CompileOptions dict of an engine verb, its --option values checked against --runtime."""
+    from ..runtimes.options import validate
+
+    extra = validate(args.runtime, runtime_extra(getattr(args, "options", [])))
     return {"dtype": args.dtype, "tf32": args.tf32, "channels_last": args.channels_last,
-            "cuda_graph": not args.no_cuda_graph, "extra": runtime_extra(getattr(args, "options", []))}
+            "cuda_graph": not args.no_cuda_graph, "extra": extra}
+
+
+def options_per_runtime(runtimes: list[str], pairs: list[str]) -> dict[str, dict]:
+    """For a verb that runs several runtimes (bench): per runtime the typed --option values it
+    declares; a key no selected runtime declares is an error."""
+    from ..runtimes.options import validate_for_runtimes
+
+    return validate_for_runtimes(runtimes, runtime_extra(pairs))

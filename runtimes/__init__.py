@@ -69,10 +69,13 @@ def resolve_device(device: str | None) -> _torch.device:
 def load_engine(path: str | Path, device: str | None = None):
     """Rebuild a saved engine on `device` (default: the one it was compiled for, if present)."""
     from .base import CompileOptions, read_engine_file, read_engine_files
+    from .options import validate_saved
 
     manifest, model = read_engine_file(path)
     rt = require_runtime(manifest["runtime"])
     options = CompileOptions.from_dict(manifest["options"])
+    # an engine saved by another version may carry options this one does not declare: drop them, say so
+    options.extra = validate_saved(manifest["runtime"], options.extra)
     dev = resolve_device(device or manifest["options"].get("device"))
     state = dict(manifest.get("state") or {})
     files = read_engine_files(path)

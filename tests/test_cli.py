@@ -55,13 +55,6 @@ def test_convert_writes_an_engine_that_run_loads(capsys, tmp_path):
     assert code == 0 and "ran torch on cpu" in out
 
 
-def test_runtime_options_reach_the_engine_with_their_types():
-    from sparsecnn.converter.options import runtime_extra
-
-    assert runtime_extra(["csr_weight_budget=0.25", "csr_tune_reps=5", "csr_autotune=false", "dense_conv=best"]) == \
-        {"csr_weight_budget": 0.25, "csr_tune_reps": 5, "csr_autotune": False, "dense_conv": "best"}
-
-
 def test_run_classifies_an_image_file(capsys, tmp_path):
     from PIL import Image
 

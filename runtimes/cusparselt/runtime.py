@@ -43,8 +43,19 @@ from ..base import CompileOptions, Engine, GraphReplay
 from ..executor import Executor
 from ..ops import STANDARD_OPS, NodeContext, resolve_pads
 from ...passes.two_four.reference import dense_context, dense_weight
+from ..options import SHARED_OPTIONS, Option
 
 name = "cusparselt"
+OPTIONS = [
+    *SHARED_OPTIONS,
+    Option("force", str, None, "run every 2:4 layer sparse or dense without measuring (default: measure)",
+           choices=("sparse", "dense")),
+    Option("margin", float, 0.02, "a layer runs sparse only when faster than dense by this fraction", minimum=0.0),
+    Option("tune_reps", int, 20, "timed graph replays per candidate", minimum=1),
+    Option("whole_network_check", bool, True, "also time the dense engine in NCHW and NHWC and keep the fastest "
+           "whole graph"),
+    Option("cslt_search", bool, False, "let cuSPARSELt search its algorithms (crashed the CUDA context on the H100)"),
+]
 
 # cuSPARSELt shape rules for fp16/bf16 as PyTorch states them
 # (torch/sparse/semi_structured.py, SparseSemiStructuredTensorCUSPARSELT._DTYPE_SHAPE_CONSTRAINTS).

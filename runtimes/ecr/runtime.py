@@ -44,8 +44,22 @@ from ..base import CompileOptions, Engine, GraphReplay
 from ...passes.ecr.reference import ECR_CONV, ECR_CONV_POOL, ConvGeometry, PoolGeometry, conv_geometry, pool_geometry
 from ..executor import Executor
 from ..ops import STANDARD_OPS, NodeContext, attributes
+from ..options import DENSE_CONV, SHARED_OPTIONS, Option, with_default
 
 name = "ecr"
+OPTIONS = [
+    *[o for o in SHARED_OPTIONS if o is not DENSE_CONV],
+    with_default(DENSE_CONV, "best", "how layers left dense run their Conv (default best on GPU: per layer the "
+                 "fastest, measured; the CPU reference path runs cudnn)"),
+    Option("ecr_layers", str, "auto", "auto: time kernel variants and dense per layer, keep the fastest; sparse: the "
+           "fastest variant even if dense is faster (no whole-network check); dense", choices=("auto", "sparse", "dense")),
+    Option("ecr_reps", int, 30, "timing repetitions per candidate", minimum=1),
+    Option("whole_network_check", bool, True, "also time the whole network with every ECR layer dense and keep the "
+           "faster graph"),
+    Option("batch", int, 1, "calibration batch when no calibration input is given", minimum=1),
+    Option("ecr_plain_conv", bool, True, "rewrite also a Conv with a sparse input but no Relu after it (e.g. "
+           "before a residual Add) into EcrConv"),
+]
 KERNEL_SOURCE = "ecr_conv.cu"
 
 
@@ -63,9 +77,10 @@ def available() -> tuple[bool, str]:
     return True, "CPU only: the reference ECR/PECR ops (slow; for checking results)"
 
 
-def rewrite(model: onnx.ModelProto, options: dict | None = None) -> onnx.ModelProto:
-    opts = dict(options or {})
-    model, _ = run_pipeline(model, [(fuse_ecr, {"plain_conv": bool(opts.get("ecr_plain_conv", True))})])
+def rewrite(model: onnx.ModelProto, options: CompileOptions | dict | None = None) -> onnx.ModelProto:
+    # runtime settings live in CompileOptions.extra (where the CLI puts --option), not at the top level
+    opts = options if isinstance(options, CompileOptions) else CompileOptions.from_dict(options)
+    model, _ = run_pipeline(model, [(fuse_ecr, {"plain_conv": bool(opts.extra.get("ecr_plain_conv", True))})])
     return model
 
 

@@ -57,10 +57,18 @@ from ...common.errors import UserError
 from ..base import CompileOptions, Engine
 from ..executor import Executor
 from ..ops import STANDARD_OPS, NodeContext, resolve_pads
+from ..options import SHARED_OPTIONS, Option
 
 name = "minkowski"
 ME_VERSION = "0.5.4"
 SITE_MODES = ("relu", "generative", "submanifold")
+OPTIONS = [
+    *SHARED_OPTIONS,
+    Option("sites", str, "relu", "output sites: relu (exact, ReLU prunes sites), generative (exact, keeps them), "
+           "submanifold (ME's own rule, inexact: for comparison)", choices=SITE_MODES),
+    Option("algorithm", str, "speed", "MinkowskiEngine's coordinate manager: speed or memory (memory-efficient)",
+           choices=("speed", "memory")),
+]
 BUILD_HINT = ("build it with `python scripts/build_minkowski.py` (CPU: needs `apt-get install -y "
               "libopenblas-dev`; CUDA: needs nvcc and a GPU toolchain), or install a wheel it built "
               "with `pip install --no-deps PATH.whl`")

@@ -37,11 +37,25 @@ from ...passes.graph import node_attrs, node_label, run_pipeline, static_shapes
 from ..base import CompileOptions, Engine, _MatmulPrecision
 from ..executor import Executor
 from ..ops import NodeContext
+from ..options import SHARED_OPTIONS, Option
 from .codegen import DEFAULT_MAX_INSTRUCTIONS
 
 name = "sparsert"
 
 CANDIDATE_KINDS = ("generated", "csr", "dense")
+OPTIONS = [
+    *SHARED_OPTIONS,
+    Option("min_sparsity", float, 0.5, "rewrite layers at least this sparse", minimum=0.0),
+    Option("candidates", list, list(CANDIDATE_KINDS), "what each layer may run", choices=CANDIDATE_KINDS),
+    Option("max_configs", int, 3, "tile configurations generated per layer", minimum=1),
+    Option("max_instructions", int, DEFAULT_MAX_INSTRUCTIONS, "code-size cap per generated kernel", minimum=1),
+    Option("tune_batch", int, 1, "batch size the candidates are timed at", minimum=1),
+    Option("compile_workers", int, None, "NVRTC compile threads/processes (default: the CPU count)", minimum=1),
+    Option("retune", bool, False, "ignore the tuning cache and the engine's saved choices"),
+    Option("emulate_kernels", bool, False, "on the CPU, plan and choose with the generated kernels interpreted "
+           "(tests)"),
+    Option("arch", str, "sm_90", "GPU architecture to generate for when emulating (no GPU to ask)"),
+]
 STATE_VERSION = 1
 
 

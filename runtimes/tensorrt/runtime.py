@@ -29,8 +29,18 @@ from ...common.fileio import write_bytes_atomic
 from ...passes.graph import node_label, weight_nodes
 from . import trt_compat as trt_compat
 from ..base import CompileOptions, Engine, GraphReplay
+from ..options import CHOOSER_OPTIONS, Option
 
 name = "tensorrt"
+# TensorRT runs the whole graph itself: the shared executor's dense conv settings do not apply
+OPTIONS = [
+    *CHOOSER_OPTIONS,
+    Option("batch", list, [1, 1, 32], "min,opt,max batch of the optimization profile", item=int),
+    Option("workspace_mb", int, 1024, "builder workspace in MiB", minimum=1),
+    Option("sparse", bool, True, "let TensorRT pick 2:4 sparse kernels (SPARSE_WEIGHTS)"),
+    Option("plan", str, None, "also write the raw TensorRT plan to this path (e.g. for trtexec)"),
+    Option("trt_cuda_graph", bool, False, "capture TensorRT's enqueue in a CUDA graph (untested here)"),
+]
 NOT_RUN_HERE = ("it has never been run on this project's machines (TensorRT is not installable there); it is "
                 "written to TensorRT's documented Python API for 8.2-11")
 
