@@ -7,17 +7,20 @@ import sys
 
 from ..common.errors import UserError
 
-# Each verb is a module with `add_parser(subparsers)`; the parser's `func` runs it.
-VERBS = [
-    "sparsecnn.converter.cmd_convert",
-    "sparsecnn.converter.cmd_run",
-    "sparsecnn.converter.cmd_inspect",
-    "sparsecnn.converter.cmd_doctor",
-    "sparsecnn.converter.cmd_bench",
-    "sparsecnn.converter.cmd_check_jetson",
-    "sparsecnn.converter.cmd_train",
-    "sparsecnn.converter.cmd_compare",
-]
+# Each verb is a module with `add_parser(subparsers)` whose parser's `func` runs it. A verb's
+# module is imported only when that verb runs (its summary for `sparsecnn --help` lives here),
+# so help is fast and a verb that fails to import breaks only itself.
+VERBS: dict[str, tuple[str, str]] = {  # name: (module, one-line summary)
+    "convert": ("sparsecnn.converter.cmd_convert", "model -> pruned ONNX (and an engine)"),
+    "run": ("sparsecnn.converter.cmd_run", "run a model on images or random input"),
+    "inspect": ("sparsecnn.converter.cmd_inspect", "per-layer sparsity table of an ONNX model"),
+    "doctor": ("sparsecnn.converter.cmd_doctor", "report Python, PyTorch, GPU and which runtimes are available"),
+    "bench": ("sparsecnn.converter.cmd_bench", "benchmark runtimes vs eager and the best dense engine, with plots"),
+    "check-jetson": ("sparsecnn.converter.cmd_check_jetson",
+                     "TensorRT 8.2 compatibility check and Jetson roofline estimate"),
+    "train": ("sparsecnn.converter.cmd_train", "train a classifier on Fashion-MNIST to a checkpoint"),
+    "compare": ("sparsecnn.converter.cmd_compare", "accuracy: dense vs pruned one-shot vs pruned + fine-tuned"),
+}
 
 DESCRIPTION = """\
 sparsecnn turns a trained CNN into sparse inference and tells you whether it pays.
@@ -39,14 +42,33 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every verb listed and only `command`'s arguments defined (its module imported)."""
     parser = argparse.ArgumentParser(prog="sparsecnn", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in VERBS:
-        importlib.import_module(module).add_parser(sub)
+    for name, (module, summary) in VERBS.items():
+        if name == command:
+            importlib.import_module(module).add_parser(_Subparsers(sub, summary))
+        else:
+            sub.add_parser(name, help=summary, add_help=False)
     return parser
+
+
+class _Subparsers:
+    """What a verb's `add_parser` is given: the subparsers, its listing line taken from VERBS."""
+
+    def __init__(self, sub, summary: str):
+        self._sub, self._summary = sub, summary
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self._sub.add_parser(name, **{**kwargs, "help": self._summary})
+
+
+def _command(argv: list[str]) -> str | None:
+    """The verb named on the command line: the first word (the top level takes only --help and --version)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _version() -> str:
@@ -59,7 +81,14 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command(argv)
+    try:
+        parser = build_parser(command if command in VERBS else None)
+    except ImportError as exc:  # a missing library of this verb: the other verbs still work
+        print(f"sparsecnn {command}: error: this command cannot load ({exc}); `sparsecnn doctor` says what is "
+              "installed", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

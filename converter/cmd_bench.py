@@ -57,8 +57,8 @@ def _csv(text: str | None) -> list[str]:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark runtimes vs eager and the best dense engine, with plots",
-                       description=HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("bench", description=HELP, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help="registry names or ONNX files (default resnet18); the word 'spmm' runs the GEMM sweep")
     p.add_argument("--quick", action="store_true",

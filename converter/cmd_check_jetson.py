@@ -11,6 +11,7 @@ examples:
   sparsecnn check-jetson r18-2to4.onnx                       the TensorRT 8.2 (JetPack 4.6) check
   sparsecnn check-jetson trafficcamnet --opset 13 --roofline  export, check, estimate Nano / Orin Nano
   sparsecnn check-jetson vgg19 --opset 13 --roofline --board orin-nano --batch 4 --json
+  sparsecnn check-jetson resnet18 --opset 13 --board all --summary   runtimes, kernels, estimate per board
 
 Then deploy on the board (Python 3.6+, TensorRT and NumPy only):
   sparsecnn run model.onnx --random --save-inputs -o ref.npz   # on the host: reference in and out
@@ -19,7 +20,7 @@ Then deploy on the board (Python 3.6+, TensorRT and NumPy only):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("check-jetson", help="TensorRT 8.2 compatibility check and Jetson roofline estimate",
+    p = sub.add_parser("check-jetson",
                        description="Check an ONNX model (or a registry model exported at --opset) against what "
                                    "TensorRT 8.2 on the original Jetson Nano (JetPack 4.6) can parse: opset <= 13, "
                                    "the op support matrix and its restrictions, tensor types. Exits 1 when it would "
@@ -29,7 +30,11 @@ def add_parser(sub) -> None:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
     p.add_argument("--roofline", action="store_true", help="also print the roofline estimate")
-    p.add_argument("--board", choices=["nano", "orin-nano", "both"], default="both", help="board(s) for --roofline")
+    from ..passes.roofline import BOARDS
+
+    p.add_argument("--board", choices=[*BOARDS, "both", "all"], default=None,
+                   help="a Jetson board: which runtimes and kernels apply there, the roofline estimate and what it "
+                        "cannot predict ('both': nano and orin-nano, the --roofline default; 'all': every board)")
     p.add_argument("--batch", type=int, default=1, help="batch size for --roofline (default 1)")
     p.add_argument("--summary", action="store_true", help="--roofline without the per-layer rows")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -41,8 +46,11 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..common.errors import UserError
-    from ..passes.jetson import check_trt82
-    from ..passes.roofline import BOARDS, estimate, format_estimate
+    from dataclasses import asdict
+
+    from ..passes.jetson import board_runtimes, check_trt82
+    from ..passes.roofline import BOARDS, CANNOT_PREDICT, estimate, format_estimate
+    from ..runtimes.nvrtc import KERNEL_FAMILIES, kernel_notes
     from .source import load_source
 
     if args.batch < 1:
@@ -54,13 +62,28 @@ def run(args) -> int:
         from ..runtimes.tensorrt.runtime import fp16_onnx
 
         save_onnx(fp16_onnx(src.model), args.write_fp16)
-    boards = [] if not args.roofline else (list(BOARDS) if args.board == "both" else [args.board])
+    board = args.board or ("both" if args.roofline else None)
+    boards = {None: [], "both": ["nano", "orin-nano"], "all": list(BOARDS)}.get(board, [board])
     estimates = [estimate(src.model, BOARDS[b], args.batch) for b in boards]
+    fits = {b: board_runtimes(BOARDS[b]) for b in boards} if args.board else {}
     if args.json:
-        print(json.dumps({"trt82": report.to_dict(), "roofline": estimates}, indent=1))
-    else:
-        print(report.format())
-        for est in estimates:
-            print()
-            print(format_estimate(est, per_layer=not args.summary))
+        print(json.dumps({"trt82": report.to_dict(), "roofline": estimates,
+                          "boards": {b: {"runtimes": [asdict(f) for f in fs],
+                                         "kernels": {fam: kernel_notes(BOARDS[b].sm, fam) for fam in KERNEL_FAMILIES}}
+                                     for b, fs in fits.items()},
+                          **({"cannot_predict": list(CANNOT_PREDICT)} if fits else {})}, indent=1))
+        return 0 if report.ok else 1
+    print(report.format())
+    for b, est in zip(boards, estimates):
+        if b in fits:
+            bd = BOARDS[b]
+            print(f"\n{bd.name} ({bd.sm}, {bd.jetpack}, Python {bd.python}): runtimes")
+            for f in fits[b]:
+                print(f"  {f.runtime:<11} {'yes' if f.applies else 'no ':<4} {f.why}")
+            print("  kernels: " + "; ".join(kernel_notes(bd.sm, fam) for fam in KERNEL_FAMILIES))
+        print()
+        print(format_estimate(est, per_layer=not args.summary))
+    if fits:
+        print("\nwhat the estimate cannot predict:")
+        print("\n".join(f"  - {c}" for c in CANNOT_PREDICT))
     return 0 if report.ok else 1

@@ -33,8 +33,8 @@ examples:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compare", help="accuracy: dense vs pruned one-shot vs pruned + fine-tuned", description=HELP,
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("compare", description=HELP, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a sparsecnn checkpoint (from `sparsecnn train`), a registry model name, or an "
                                   "ONNX file (one-shot 2:4 and unstructured only)")
     p.add_argument("--weights", help="weights for a registry model (see `convert --help`)")

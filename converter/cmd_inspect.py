@@ -5,11 +5,10 @@ import argparse
 import json
 
 from .options import add_source_args
-from .source import load_source
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("inspect", help="per-layer sparsity table of an ONNX model",
+    p = sub.add_parser("inspect",
                        description="Print, for each Conv/Gemm/MatMul weight: shape, sparsity, whether it is "
                                    "2:4 along input channels, whether pruning may touch it, and the bytes its "
                                    "dense and non-zero forms take.",
@@ -37,6 +36,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..common.errors import UserError
     from ..passes.inspect import format_table, layer_table, sparsity_summary
+    from .source import load_source
 
     if args.models:
         from ..models.registry import MODELS

@@ -4,13 +4,8 @@ from __future__ import annotations
 import argparse
 import io
 import time
-from pathlib import Path
-
-import numpy as np
-import torch
 
 from ..common.errors import UserError
-from ..common.fileio import write_bytes_atomic
 from .options import add_engine_args
 
 EXAMPLES = """\
@@ -22,7 +17,7 @@ examples:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("run", help="run a model on images or random input", epilog=EXAMPLES,
+    p = sub.add_parser("run", epilog=EXAMPLES,
                        description="Run a saved engine (.engine), an ONNX file or a registry model. Images "
                                    "are resized and normalised per the model's input spec; classifiers print "
                                    "the top-k classes, other models their output shapes.",
@@ -42,26 +37,14 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _engine(args):
-    from ..common.onnxio import get_input_spec
-    from ..models.registry import InputSpec
-    from ..runtimes import load_engine, require_runtime, resolve_device
-    from .source import load_source
-
-    if args.model.endswith(".engine"):
-        engine = load_engine(args.model, None if args.device == "auto" else args.device)
-        spec = get_input_spec(engine.model)
-        return engine, InputSpec.from_dict(spec) if spec else None
-    rt = require_runtime(args.runtime)
-    device = resolve_device(args.device)
-    src = load_source(args.model, args.weights)
-    from .options import compile_options
-
-    opts = compile_options(args)
-    return rt.compile(rt.rewrite(src.model, opts), device, opts), src.spec
-
-
 def run(args) -> int:
+    import numpy as np
+    import torch
+
+    from ..common.fileio import write_bytes_atomic
+    from .options import compile_options
+    from .source import fixed_input_shape, load_runnable
+
     if args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
     if args.output and not args.output.endswith(".npz"):
@@ -71,7 +54,9 @@ def run(args) -> int:
         from .images import image_files
 
         files = image_files(args.input)  # a missing input fails before the model is built
-    engine, spec = _engine(args)
+    opts = None if args.model.endswith(".engine") else compile_options(args)
+    engine, spec = load_runnable(args.model, runtime=args.runtime, device=args.device, weights=args.weights,
+                                 options=opts)
     if files is not None:
         if spec is None:
             raise UserError(f"{args.model} carries no input spec (size, normalisation); export it with "
@@ -80,7 +65,7 @@ def run(args) -> int:
 
         x = load_images(files, spec)
     else:
-        shape = spec.shape if spec else _input_shape(engine)
+        shape = spec.shape if spec else fixed_input_shape(engine)
         x = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(args.seed))
     t0 = time.perf_counter()
     outputs = engine(x)
@@ -109,12 +94,3 @@ def run(args) -> int:
         write_bytes_atomic(args.output, buf.getvalue())
         print(f"wrote {args.output}")
     return 0
-
-
-def _input_shape(engine) -> tuple[int, ...]:
-    for vi in engine.model.graph.input:
-        if vi.name == engine.input_names[0]:
-            dims = [d.dim_value for d in vi.type.tensor_type.shape.dim][1:]
-            if all(dims):
-                return tuple(dims)
-    raise UserError("the model's input size is not fixed; give images with --input")

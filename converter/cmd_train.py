@@ -31,8 +31,8 @@ examples:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a classifier on Fashion-MNIST to a checkpoint", description=HELP,
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("train", description=HELP, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="registry model name (resnet18, vgg19, tinynet, tinyresnet, ...)")
     p.add_argument("-o", "--output", required=True, help="checkpoint file to write (.pt)")
     p.add_argument("--data", help="Fashion-MNIST folder (default: the Debian package's files) or an ImageFolder "

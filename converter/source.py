@@ -70,3 +70,29 @@ def load_source(source: str, weights: str | None = None, num_classes: int | None
     with stage(f"exporting {arch} to ONNX (opset {opset}, BatchNorm folded)", quiet):
         model = export_onnx(module, spec, entry.exclude, opset)
     return Source(model, spec, arch)
+
+
+def load_runnable(model: str, *, runtime: str, device: str, weights: str | None = None,
+                  options: dict | None = None):
+    """(engine, input spec or None) for `sparsecnn run`: an engine file loads as saved (on `device`
+    unless "auto"); an ONNX file or a registry model is rewritten and compiled for `runtime`."""
+    from ..runtimes import load_engine, require_runtime, resolve_device
+
+    if model.endswith(".engine"):
+        engine = load_engine(model, None if device == "auto" else device)
+        spec = get_input_spec(engine.model)
+        return engine, InputSpec.from_dict(spec) if spec else None
+    rt = require_runtime(runtime)
+    dev = resolve_device(device)
+    src = load_source(model, weights)
+    return rt.compile(rt.rewrite(src.model, options), dev, options), src.spec
+
+
+def fixed_input_shape(engine) -> tuple[int, ...]:
+    """The engine's first input shape without the batch axis; a UserError when it is not fixed."""
+    for vi in engine.model.graph.input:
+        if vi.name == engine.input_names[0]:
+            dims = [d.dim_value for d in vi.type.tensor_type.shape.dim][1:]
+            if all(dims):
+                return tuple(dims)
+    raise UserError("the model's input size is not fixed; give images with --input")
