@@ -6,7 +6,7 @@ import platform
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("doctor", help="report Python, PyTorch, GPU and which runtimes are available",
+    p = sub.add_parser("doctor",
                        description="Check the environment: versions, the GPU and its compute capability, and "
                                    "for each registered runtime whether it can run here or why not.")
     p.add_argument("--options", metavar="RUNTIME", help="list the runtime's --option settings (name, type, default, "
