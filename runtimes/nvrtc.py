@@ -37,7 +37,68 @@ def kernel_path(filename: str) -> Path:
 def kernel_sources() -> list[Path]:
     """Every kernel source and header (.cu, .cuh) of every runtime."""
     return sorted(p for d in KERNEL_DIRS for p in d.glob("*.cu*"))
+
+
 CI_ARCHS = ("sm_87", "sm_90")
+# Every Jetson generation: Nano (Maxwell), TX2 (Pascal), Xavier (Volta), Orin (Ampere). CUDA 13's
+# NVRTC no longer targets sm_50-sm_72; CUDA 12's (the PyPI wheel nvidia-cuda-nvrtc-cu12) does.
+JETSON_ARCHS = ("sm_53", "sm_62", "sm_72", "sm_87")
+OLDEST_ARCH = "sm_53"  # fp16 arithmetic and everything the kernels use; older cards are never built for
+
+# What the kernels' code paths need (PTX ISA and CUDA C++ programming guide). Sources guard each with
+# `#if __CUDA_ARCH__ >= ...` and a fallback, so one source builds for every arch from OLDEST_ARCH on.
+ARCH_FEATURES = {
+    "cp.async": 80,         # asynchronous global->shared copies (CSR and ECR staging); else plain loads
+    "vector atomics": 90,   # atomicAdd on float2/float4 (split-K partial sums); else one atomic per float
+    "tensor cores": 70,     # mma (fp16); the NVRTC kernels do not use them, cuDNN/TensorRT do
+    "2:4 sparse tensor cores": 80,  # mma.sp: cuSPARSELt and TensorRT SPARSE_WEIGHTS
+}
+
+
+def arch_number(arch: str) -> int:
+    """'sm_87' -> 87."""
+    if not arch.startswith(("sm_", "compute_")) or not arch.split("_", 1)[1].isdigit():
+        raise ValueError(f"not a CUDA architecture: {arch!r} (expected e.g. 'sm_87')")
+    return int(arch.split("_", 1)[1])
+
+
+def has_feature(arch: str, feature: str) -> bool:
+    return arch_number(arch) >= ARCH_FEATURES[feature]
+
+
+KERNEL_FAMILIES = ("csr", "ecr", "sparsert")
+
+
+def kernel_notes(arch: str, family: str) -> str:
+    """Which variant of a kernel family ('csr', 'ecr', 'sparsert') a card of `arch` gets, in one line."""
+    n = arch_number(arch)
+    if n < arch_number(OLDEST_ARCH):
+        return f"{arch}: older than {OLDEST_ARCH}, the oldest architecture the kernels are built for in CI; untested"
+    if family == "sparsert":
+        return f"{arch}: generated kernels (plain loads and FMAs; nothing architecture-specific)"
+    what = {"csr": "CSR kernels", "ecr": "ECR/PECR kernels"}[family]
+    staging = "cp.async staging" if n >= ARCH_FEATURES["cp.async"] else "staging by plain loads (no cp.async before sm_80)"
+    atomics = ("vector split-K atomics" if n >= ARCH_FEATURES["vector atomics"]
+               else "scalar split-K atomics")
+    return f"{arch}: {what} with {staging}, {atomics}"
+
+
+def nvrtc_version() -> tuple[int, int]:
+    """(major, minor) of the NVRTC that cuda-python loads."""
+    err, major, minor = _bindings()[1].nvrtcVersion()
+    if int(err) != 0:
+        raise RuntimeError(f"nvrtcVersion failed: {err}")
+    return int(major), int(minor)
+
+
+def compile_archs() -> tuple[str, ...]:
+    """The architectures CI builds every kernel for with the loaded NVRTC: CUDA 12's for every
+    Jetson generation, CUDA 13's (which dropped sm_53-sm_72) for Orin and the H100."""
+    wanted = JETSON_ARCHS if nvrtc_version()[0] < 13 else CI_ARCHS
+    err, supported = _bindings()[1].nvrtcGetSupportedArchs()
+    if int(err) != 0:
+        return wanted
+    return tuple(a for a in wanted if arch_number(a) in {int(x) for x in supported})
 
 
 class KernelCompileError(RuntimeError):
@@ -212,6 +273,11 @@ def load_source(filename: str) -> str:
 def device_arch(device: torch.device | int | None = None) -> str:
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm_{major}{minor}"
+
+
+def device_kernel_notes(family: str, device: torch.device | int | None = None) -> str:
+    """`kernel_notes` for the card PyTorch sees: what the runtimes' available() report."""
+    return kernel_notes(device_arch(device), family)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 // A minimal CUDA emulator for tests: compiles kernel sources as host C++ (g++ -std=c++20)
 // and runs every CUDA thread of a block as a host thread, blocks one after another.
 // Supports what sparsecnn's kernels use: threadIdx/blockIdx/blockDim/gridDim, __syncthreads,
-// dynamic shared memory, __shfl_xor_sync with a full mask, __ldg, atomicAdd(float), fp16
+// dynamic shared memory, __shfl_xor_sync with a full mask, __ldg, atomicAdd(float, float2, float4), fp16
 // conversions and the CUDA vector types. Kernels must not return early before a barrier.
 #pragma once
 #include <algorithm>
@@ -17,6 +17,12 @@
 #include <type_traits>
 #include <thread>
 #include <vector>
+
+// Device code sees the H100's architecture unless the including source defines another first
+// (e.g. 530, the Jetson Nano's): arch-guarded paths run here as they run on the card.
+#ifndef __CUDA_ARCH__
+#define __CUDA_ARCH__ 900
+#endif
 
 #define __global__
 #define __device__
@@ -170,3 +176,8 @@ template <typename T> inline T __ldcg(const T* p) { return *p; }
 template <typename T> inline void __stcg(T* p, T v) { *p = v; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+// sm_90's vector atomics: each element is one atomic add (as on the card: not one atomic whole).
+inline float2 atomicAdd(float2* p, float2 v) { return float2{atomicAdd(&p->x, v.x), atomicAdd(&p->y, v.y)}; }
+inline float4 atomicAdd(float4* p, float4 v) {
+  return float4{atomicAdd(&p->x, v.x), atomicAdd(&p->y, v.y), atomicAdd(&p->z, v.z), atomicAdd(&p->w, v.w)};
+}

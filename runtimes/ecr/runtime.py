@@ -71,7 +71,9 @@ def available() -> tuple[bool, str]:
     except Exception as exc:  # never raises
         ok, why = False, f"{type(exc).__name__}: {exc}"
     if torch.cuda.is_available() and ok:
-        return True, f"ECR/PECR kernels on {torch.cuda.get_device_name(0)} ({why})"
+        from ..nvrtc import device_kernel_notes
+
+        return True, f"ECR/PECR kernels on {torch.cuda.get_device_name(0)} ({why}); {device_kernel_notes('ecr')}"
     if torch.cuda.is_available():
         return False, f"CUDA GPU present but NVRTC unusable ({why}); `pip install 'sparsecnn[gpu]'`"
     return True, "CPU only: the reference ECR/PECR ops (slow; for checking results)"

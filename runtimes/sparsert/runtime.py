@@ -67,7 +67,9 @@ def available() -> tuple[bool, str]:
         return False, f"NVRTC cannot be loaded ({why}); `pip install 'sparsecnn[gpu]'`"
     if not torch.cuda.is_available():
         return True, f"{why}; no CUDA GPU: runs the CPU reference of its ops"
-    return True, f"{why}, CUDA on {torch.cuda.get_device_name(0)}"
+    from ..nvrtc import device_kernel_notes
+
+    return True, f"{why}, CUDA on {torch.cuda.get_device_name(0)}; {device_kernel_notes('sparsert')}"
 
 
 def _options(options) -> CompileOptions:

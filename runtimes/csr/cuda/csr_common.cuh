@@ -164,8 +164,16 @@ __device__ __forceinline__ void roma_segment(const T* __restrict__ values, const
 // ---- staging into shared memory -------------------------------------------------------
 // fp32 uses cp.async (sm_80+): copies run in the background while the block computes on the
 // other buffer; `valid = false` zero-fills (padding). fp16 converts through registers.
+// Before sm_80 (Jetson Nano, TX2, Xavier) and on the CPU emulator, the same copies are plain
+// loads and stores, finished when issued: the kernels' __syncthreads after each wait publishes
+// them, and a buffer is only written once every thread is done reading it, as cp.async needs.
+#if !defined(SPARSECNN_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define CSR_CP_ASYNC 1
+#else
+#define CSR_CP_ASYNC 0
+#endif
 __device__ __forceinline__ void stage1(float* dst, const float* src, bool valid) {
-#ifdef SPARSECNN_EMU
+#if !CSR_CP_ASYNC
   *dst = valid ? *src : 0.f;
 #else
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
@@ -177,7 +185,7 @@ __device__ __forceinline__ void stage1(float* dst, const __half* src, bool valid
 }
 // Four consecutive elements, 16-byte aligned source; the first `n` (0..4) are real, the rest zero.
 __device__ __forceinline__ void stage4(float* dst, const float* src, int n) {
-#ifdef SPARSECNN_EMU
+#if !CSR_CP_ASYNC
   for (int i = 0; i < 4; ++i) dst[i] = i < n ? src[i] : 0.f;
 #else
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
@@ -201,8 +209,12 @@ __device__ __forceinline__ void stage4(float* dst, const __half* src, int n) {
 // N bytes (8 or 16), both addresses N-aligned: the staged-sparse copies of values and offsets.
 template <int N>
 __device__ __forceinline__ void stage_bytes(void* dst, const void* src) {
-#ifdef SPARSECNN_EMU
-  std::memcpy(dst, src, N);
+#if !CSR_CP_ASYNC
+  if constexpr (N == 16) {
+    *static_cast<uint4*>(dst) = *static_cast<const uint4*>(src);
+  } else {
+    *static_cast<uint2*>(dst) = *static_cast<const uint2*>(src);
+  }
 #else
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   if constexpr (N == 16) {
@@ -213,13 +225,13 @@ __device__ __forceinline__ void stage_bytes(void* dst, const void* src) {
 #endif
 }
 __device__ __forceinline__ void stage_commit() {
-#ifndef SPARSECNN_EMU
+#if CSR_CP_ASYNC
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 // Wait until at most one group (the newest) is still in flight.
 __device__ __forceinline__ void stage_wait_all_but_newest() {
-#ifndef SPARSECNN_EMU
+#if CSR_CP_ASYNC
   asm volatile("cp.async.wait_group 1;\n" ::: "memory");
 #endif
 }

@@ -74,13 +74,18 @@ template <typename T> __device__ __forceinline__ void store_act(T* p, float v);
 template <> __device__ __forceinline__ void store_act<float>(float* p, float v) { *p = v; }
 template <> __device__ __forceinline__ void store_act<__half>(__half* p, float v) { *p = __float2half_rn(v); }
 
-#ifdef SPARSECNN_EMU
-inline void cp_async16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }
-inline void cp_async4_zfill(void* smem, const void* gmem, bool read) {
-  if (read) std::memcpy(smem, gmem, 4); else std::memset(smem, 0, 4);
+// cp.async needs sm_80. Before it (Jetson Nano, TX2, Xavier) and on the CPU emulator the copies are
+// plain loads and stores, finished when issued: the __syncthreads after each wait publishes them,
+// and a buffer is only overwritten after the barrier that ends its readers, as cp.async needs too.
+#if defined(SPARSECNN_EMU) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 800
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
 }
-inline void cp_async_commit() {}
-template <int N> inline void cp_async_wait() {}
+__device__ __forceinline__ void cp_async4_zfill(void* smem, const void* gmem, bool read) {
+  *static_cast<float*>(smem) = read ? *static_cast<const float*>(gmem) : 0.f;
+}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N> __device__ __forceinline__ void cp_async_wait() {}
 #else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -117,7 +122,7 @@ template <> struct Row<8> {
 
 // split-K: vector atomics (one RED per 2 or 4 floats) where the GPU has them (sm_90)
 template <int VEC> __device__ __forceinline__ void red_add_vec(float* p, const float* v) {
-#if __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (VEC == 2) {
     atomicAdd(reinterpret_cast<float2*>(p), make_float2(v[0], v[1]));
   } else {
