@@ -80,7 +80,7 @@ def run(args) -> int:
             print(f"\n{bd.name} ({bd.sm}, {bd.jetpack}, Python {bd.python}): runtimes")
             for f in fits[b]:
                 print(f"  {f.runtime:<11} {'yes' if f.applies else 'no ':<4} {f.why}")
-            print("  kernels: " + "; ".join(kernel_notes(bd.sm, fam) for fam in KERNEL_FAMILIES))
+            print("\n".join(f"  kernels     {kernel_notes(bd.sm, fam)}" for fam in KERNEL_FAMILIES))
         print()
         print(format_estimate(est, per_layer=not args.summary))
     if fits:

@@ -139,3 +139,44 @@ def check_trt82(model: onnx.ModelProto) -> CompatReport:
             add(Finding("warning", f"input '{vi.name}' has dynamic non-batch dimensions",
                         "export with a fixed image size, or give TensorRT an optimization profile for them"))
     return report
+
+
+# --- which runtimes apply on which Jetson board ------------------------------------------------
+
+@dataclass
+class RuntimeFit:
+    runtime: str
+    applies: bool
+    why: str
+
+
+def toolkit_runs_on(board) -> bool:
+    """sparsecnn itself installs on the board: its JetPack has Python >= 3.10 (JetPack 6, Orin)."""
+    from ..common.support import MIN_PYTHON, version_tuple
+
+    return version_tuple(board.python) >= MIN_PYTHON
+
+
+def board_runtimes(board) -> list[RuntimeFit]:
+    """Per runtime: can it run on `board` (a passes.roofline.Board), and what it exploits there."""
+    on_board = toolkit_runs_on(board)
+    no_toolkit = f"not on the board: {board.jetpack} has Python {board.python}, sparsecnn needs 3.10 (convert on a host)"
+    sparse_tc = board.fp16_sparse_tflops is not None
+    trt_sparse = ("2:4 weights run on sparse tensor cores (SPARSE_WEIGHTS)" if sparse_tc else
+                  "no sparse tensor cores: 2:4 weights run dense; channel pruning (a smaller dense model) is what "
+                  "speeds it up")
+    fits = [RuntimeFit("tensorrt", True, f"{board.jetpack.split('(')[-1].rstrip(')').split(', ')[-1]} from JetPack"
+                                         f"{'' if on_board else ', through scripts/jetson_deploy.py'}; {trt_sparse}")]
+    fits.append(RuntimeFit("torch", on_board, "NVIDIA's PyTorch wheel for JetPack 6 (2.5-2.8), cuDNN dense convs"
+                           + ("; fp16 on tensor cores" if board.tensor_cores else "") if on_board else no_toolkit))
+    fits.append(RuntimeFit("cusparselt", on_board and sparse_tc,
+                           "2:4 on sparse tensor cores, if NVIDIA's torch wheel was built with cuSPARSELt" if on_board
+                           and sparse_tc else ("needs 2:4 sparse tensor cores (sm_80+, Orin)" if on_board else no_toolkit)))
+    for name, what in (("csr", "CSR kernels (unstructured weights)"), ("sparsert", "generated kernels (unstructured weights)"),
+                       ("ecr", "ECR/PECR kernels (feature-map sparsity)")):
+        fits.append(RuntimeFit(name, on_board, f"{what} through NVRTC (cuda-python 12.x and JetPack's NVRTC), built "
+                                               f"for {board.sm} at first use" if on_board else
+                               f"{what} compile for {board.sm} in CI; {no_toolkit}"))
+    fits.append(RuntimeFit("minkowski", False, "MinkowskiEngine would have to be built on the board "
+                           "(scripts/build_minkowski.py --cuda --arch 8.7); never tried" if on_board else no_toolkit))
+    return fits

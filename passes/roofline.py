@@ -3,9 +3,10 @@
 Not a measurement: each layer takes max(FLOPs / peak FLOP/s, bytes / DRAM bandwidth) at fp16,
 layers are added up with no overlap, activations go to DRAM and back once per layer, and
 ReLU / Sigmoid are taken as fused into the layer before them (TensorRT fuses them). For a
-2:4 layer on a board with sparse tensor cores the sparse peak applies and the weight bytes
+2:4 layer on a board with sparse tensor cores (Orin) the sparse peak applies and the weight bytes
 are the kept half plus 2 bits of position per kept value; on a board without them
-(Jetson Nano, sm_53) TensorRT runs 2:4 weights dense and nothing changes.
+(Nano, TX2, Xavier) TensorRT runs 2:4 weights dense and nothing changes. What a roofline
+cannot predict is listed in `CANNOT_PREDICT`.
 """
 from __future__ import annotations
 
@@ -28,23 +29,65 @@ class Board:
     fp16_sparse_tflops: float | None  # None: no 2:4 sparse tensor cores
     dram_gbs: float
     source: str
+    tensor_cores: bool = False  # fp16 mma (Volta sm_70 and newer)
+    jetpack: str = ""  # the newest JetPack for the board, and what it brings
+    python: str = ""  # that JetPack's Python
 
 
+# Peaks as NVIDIA publishes them for each module (data sheets, developer-kit pages); where a data
+# sheet gives INT8 TOPS only, fp16 is derived (Ampere tensor cores: fp16 = half the INT8 rate) and
+# the comment says so. Not checked on a board: no Jetson has been run by this project.
 BOARDS = {
     # NVIDIA Jetson Nano data sheet / developer-kit page: 128-core Maxwell GPU at 921.6 MHz,
     # "472 GFLOPS" (FP16, 2 x the FP32 rate through half2 FMA); 4 GB 64-bit LPDDR4, 25.6 GB/s.
     # No tensor cores: 2:4 sparsity cannot be used.
     "nano": Board("Jetson Nano 4GB", "sm_53", 0.472, None, 25.6,
-                  "NVIDIA Jetson Nano data sheet: 472 GFLOPS FP16, LPDDR4 25.6 GB/s"),
+                  "NVIDIA Jetson Nano data sheet: 472 GFLOPS FP16, LPDDR4 25.6 GB/s",
+                  jetpack="JetPack 4.6 (CUDA 10.2, TensorRT 8.2)", python="3.6"),
+    # NVIDIA Jetson TX2 data sheet: 256-core Pascal GPU at up to 1.3 GHz, "1.33 TFLOPS" FP16
+    # (half2 FMA); 8 GB 128-bit LPDDR4, 59.7 GB/s. No tensor cores.
+    "tx2": Board("Jetson TX2 8GB", "sm_62", 1.33, None, 59.7,
+                 "NVIDIA Jetson TX2 data sheet: 1.33 TFLOPS FP16, LPDDR4 59.7 GB/s",
+                 jetpack="JetPack 4.6 (CUDA 10.2, TensorRT 8.2)", python="3.6"),
+    # NVIDIA Jetson Xavier NX data sheet: 384-core Volta GPU with 48 tensor cores at 1100 MHz,
+    # "6 TFLOPS" FP16 (48 x 64 FMA x 2 x 1.1 GHz = 6.8, rounded down there); 8 GB 128-bit LPDDR4x,
+    # 51.2 GB/s (59.7 on the 16 GB module). Tensor cores, but no 2:4 sparse ones (that is Ampere).
+    "xavier-nx": Board("Jetson Xavier NX 8GB", "sm_72", 6.0, None, 51.2,
+                       "NVIDIA Jetson Xavier NX data sheet: 6 TFLOPS FP16 (tensor cores), LPDDR4x 51.2 GB/s",
+                       tensor_cores=True, jetpack="JetPack 5.1 (CUDA 11.4, TensorRT 8.5)", python="3.8"),
     # NVIDIA Jetson Orin Nano series data sheet (8GB module, 15 W mode, GPU at 625 MHz, 1024
     # CUDA cores, 32 tensor cores): 40 INT8 TOPS sparse / 20 dense; 128-bit LPDDR5 68 GB/s.
     # Ampere tensor cores run FP16 at half the INT8 rate: 10 TFLOPS dense, 20 sparse
     # (derived from the INT8 figures). JetPack 6.1+ "Super" mode (1020 MHz, 102 GB/s,
     # 67 sparse INT8 TOPS) would raise every number here by ~1.6x (compute) and 1.5x (bytes).
     "orin-nano": Board("Jetson Orin Nano 8GB", "sm_87", 10.0, 20.0, 68.0,
-                       "NVIDIA Jetson Orin Nano data sheet: 40/20 INT8 TOPS sparse/dense -> fp16 20/10 TFLOPS, LPDDR5 68 GB/s"),
+                       "NVIDIA Jetson Orin Nano data sheet: 40/20 INT8 TOPS sparse/dense -> fp16 20/10 TFLOPS, LPDDR5 68 GB/s",
+                       tensor_cores=True, jetpack="JetPack 6 (CUDA 12.6, TensorRT 10.3)", python="3.10"),
+    # NVIDIA Jetson Orin NX series data sheet (16GB module): 1024 CUDA cores, 32 tensor cores at
+    # 918 MHz: the Orin Nano's GPU at 918/625 of its clock, so 60/30 INT8 TOPS sparse/dense ->
+    # fp16 30/15 TFLOPS (derived the same way); 128-bit LPDDR5, 102.4 GB/s.
+    "orin-nx": Board("Jetson Orin NX 16GB", "sm_87", 15.0, 30.0, 102.4,
+                     "NVIDIA Jetson Orin NX data sheet: 1024-core GPU at 918 MHz -> fp16 30/15 TFLOPS sparse/dense "
+                     "(derived), LPDDR5 102.4 GB/s",
+                     tensor_cores=True, jetpack="JetPack 6 (CUDA 12.6, TensorRT 10.3)", python="3.10"),
+    # NVIDIA Jetson AGX Orin series data sheet (64GB module): 2048 CUDA cores, 64 tensor cores at
+    # 1.3 GHz, GPU "170 sparse INT8 TOPS" -> fp16 85/42.5 TFLOPS sparse/dense; 256-bit LPDDR5, 204.8 GB/s.
+    "agx-orin": Board("Jetson AGX Orin 64GB", "sm_87", 42.5, 85.0, 204.8,
+                      "NVIDIA Jetson AGX Orin data sheet: GPU 170 sparse INT8 TOPS -> fp16 85/42.5 TFLOPS, "
+                      "LPDDR5 204.8 GB/s",
+                      tensor_cores=True, jetpack="JetPack 6 (CUDA 12.6, TensorRT 10.3)", python="3.10"),
 }
 
+CANNOT_PREDICT = (
+    "the power mode and clocks in use (nvpmodel, jetson_clocks), DVFS and thermal throttling: peaks assume the "
+    "mode named in each board's source",
+    "DRAM shared with the CPU (and its traffic), and whether the model and its workspace fit the board's memory",
+    "which tactics TensorRT or cuDNN pick, what they fuse, and how far below peak each layer runs (small layers "
+    "and batch 1 are far from both roofs; launch overhead is not counted)",
+    "unstructured sparsity (csr, sparsert, ecr): their speed depends on the kernel's efficiency at that sparsity, "
+    "which only a measurement on the board shows; the estimate covers dense and 2:4",
+    "whether NVIDIA's PyTorch wheel for the board has cuSPARSELt (the cusparselt runtime)",
+)
 ELEMENTWISE_FUSED = {"Relu", "Sigmoid", "Clip", "LeakyRelu", "Identity", "Dropout", "Flatten", "Reshape"}
 BYTES_PER_VALUE = 2  # fp16
 

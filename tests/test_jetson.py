@@ -3,6 +3,7 @@ import ast
 import functools
 import glob
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from sparsecnn.passes.roofline import BOARDS, estimate
 from sparsecnn.passes.two_four.layout import rewrite_2to4
 
 ROOT = Path(__file__).resolve().parents[1]
-PY36_FILES = [ROOT / "scripts" / "jetson_deploy.py", ROOT / "runtimes" / "trt_compat.py"]
+PY36_FILES = [ROOT / "scripts" / "jetson_deploy.py", ROOT / "runtimes" / "tensorrt" / "trt_compat.py"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,6 +113,35 @@ def test_roofline_of_one_conv_by_hand():
     assert on_nano["dense_ms"] == pytest.approx(max(flops / 0.472e12, (act + w_dense) / 25.6e9) * 1e3)
     dense_model = estimate(_one_conv(sparse=False), orin, batch=4)
     assert dense_model["sparse_ms"] == dense_model["dense_ms"]
+
+
+@pytest.mark.parametrize("board", sorted(BOARDS))
+def test_every_board_has_sourced_peaks_and_says_where_sparsity_applies(board):
+    from sparsecnn.passes.jetson import board_runtimes, toolkit_runs_on
+
+    b = BOARDS[board]
+    assert b.source and b.jetpack and b.python and b.fp16_dense_tflops > 0 and b.dram_gbs > 0
+    orin = b.sm == "sm_87"
+    # 2:4 sparse tensor cores and the toolkit itself (JetPack 6, Python 3.10): Orin only
+    assert (b.fp16_sparse_tflops is not None) == orin and toolkit_runs_on(b) == orin
+    assert b.tensor_cores == (b.sm in ("sm_72", "sm_87"))
+    fits = {f.runtime: f for f in board_runtimes(b)}
+    assert fits["tensorrt"].applies and ("sparse tensor cores (SPARSE" in fits["tensorrt"].why) == orin
+    assert fits["cusparselt"].applies == orin and fits["csr"].applies == orin and not fits["minkowski"].applies
+    assert b.sm in fits["csr"].why
+
+
+def test_check_jetson_board_prints_runtimes_kernels_estimate_and_limits(capsys):
+    assert main(["check-jetson", "tinynet", "--opset", "13", "--board", "xavier-nx", "--summary"]) == 0
+    out = capsys.readouterr().out
+    assert "Jetson Xavier NX 8GB (sm_72" in out and "ROOFLINE ESTIMATE" in out
+    assert "sm_72: CSR kernels with staging by plain loads" in out  # no cp.async before sm_80
+    assert "what the estimate cannot predict:" in out and "Jetson Orin" not in out
+    assert main(["check-jetson", "tinynet", "--opset", "13", "--board", "all", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [e["board"]["name"] for e in data["roofline"]] == [b.name for b in BOARDS.values()]
+    assert data["boards"]["orin-nano"]["kernels"]["csr"].startswith("sm_87: CSR kernels with cp.async staging")
+    assert data["cannot_predict"]
 
 
 # --- the deploy script under Python 3.6 ----------------------------------------------------------
