@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import PassResult
+from .graph import PassResult, copy_model
 
 FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -37,8 +37,7 @@ def _retype(vi: onnx.ValueInfoProto) -> bool:
 
 def to_fp16(model: onnx.ModelProto, keep_io_types: bool = True) -> PassResult:
     counters: Counter = Counter()
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copy_model(model)
     g = out.graph
     for i, t in enumerate(g.initializer):
         if t.data_type == TensorProto.FLOAT:

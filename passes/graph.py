@@ -37,6 +37,13 @@ class PassResult:
         return f"{self.name}: {items or 'no changes'}"
 
 
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy: a pass never edits the model it was given."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
     """The model with large initializers turned into typed graph inputs.
 

@@ -13,7 +13,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from .graph import PassResult, initializer_map, prune_exclusions, replace_initializer, weight_nodes
+from .graph import PassResult, copy_model, initializer_map, prune_exclusions, replace_initializer, weight_nodes
 from .masks import is_excluded as _is_excluded
 from .masks import masks_for
 
@@ -25,8 +25,7 @@ def prunable_weights(model: onnx.ModelProto, exclude: list[str] | None = None) -
 
 
 def _apply(model: onnx.ModelProto, masks: dict[str, torch.Tensor], arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copy_model(model)
     for name, mask in masks.items():
         replace_initializer(out, name, arrays[name] * mask.numpy())
     return out
