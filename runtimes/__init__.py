@@ -81,4 +81,6 @@ def load_engine(path: str | Path, device: str | None = None):
     files = read_engine_files(path)
     if files:
         state["files"] = files
-    return rt.compile(model, dev, options, state=state)
+    engine = rt.compile(model, dev, options, state=state)
+    engine.plans.update(state.get("plans") or {})  # whole-graph plans: replayed, not re-timed
+    return engine

@@ -93,6 +93,8 @@ class Engine:
         self.options = options
         self.executor = executor
         self._graphs: dict[tuple, GraphReplay] = {}
+        self._as_chosen: dict[tuple, GraphReplay] = {}  # before the whole-graph guard (bench: "as is")
+        self.plans: dict[str, dict] = {}  # input shape -> whole-graph plan: times, winner, why (saved)
 
     @property
     def input_names(self) -> list[str]:
@@ -109,14 +111,131 @@ class Engine:
         """The function that runs this engine on inputs of these shapes (a graph replay on GPU).
 
         Inputs must already be prepared (`prepare`). Benchmarks time the returned callable.
+        On GPU the first call at a shape is the engine's plan (`_plan_graph`): the layers decide
+        on these inputs, then the whole-graph guard may choose a dense plan instead.
         """
         if self.device.type != "cuda" or not self.options.cuda_graph:
             return self.executor
         key = tuple((tuple(x.shape), x.dtype) for x in inputs)
         if key not in self._graphs:
-            with self._precision_context():
-                self._graphs[key] = GraphReplay(self.executor, inputs)
+            with self._precision_context(), torch.no_grad():
+                self._graphs[key] = self._plan_graph(key, inputs)
         return self._graphs[key]
+
+    def unguarded_runner(self, *inputs: torch.Tensor) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """The engine as its layers chose, before the whole-graph guard (what `bench` reports as
+        the library "as it is"); the same as `runner` where the guard kept it."""
+        runner = self.runner(*inputs)
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        return self._as_chosen.get(key, runner)
+
+    # --- whole-graph plans and the guard (runtimes/chooser.py) ------------------------------
+    def switches(self) -> list:
+        """Steps whose implementation a chooser picked and the guard may switch (chooser.Switch)."""
+        from .chooser import Switch
+
+        return [s.fn for s in self.executor.steps if isinstance(s.fn, Switch)]
+
+    def best_dense_convs(self) -> list:
+        """Dense convs choosing per layer (dense_conv=best): the uniform NCHW / NHWC plans apply."""
+        from .torch.dense_conv import DenseConv
+
+        return [s.fn for s in self.executor.steps if isinstance(s.fn, DenseConv) and s.fn.mode == "best"]
+
+    def guard_on(self) -> bool:
+        return bool(self.options.extra.get("guard", True))
+
+    def _apply_plan(self, plan: str, reverted: list[str] | None = None, why: str | None = None) -> dict:
+        """Put the layers in `plan`'s state; returns what to undo it with (`_restore`)."""
+        undo = {"switches": {id(sw): (sw, sw.active) for sw in self.switches()},
+                "convs": {id(c): (c, c.override) for c in self.best_dense_convs()}}
+        for sw in self.switches():
+            if plan == "dense" or (plan == "partial" and sw.name in (reverted or [])):
+                target = sw.best_dense()
+            elif plan in ("cudnn", "cudnn_nhwc"):
+                target = f"dense:{plan}" if f"dense:{plan}" in sw.candidates else sw.best_dense()
+            else:
+                continue
+            if target is not None and target != sw.active:
+                sw.use(target, why)
+        if plan in ("cudnn", "cudnn_nhwc"):
+            for c in self.best_dense_convs():
+                c.override = plan
+        return undo
+
+    @staticmethod
+    def _restore(undo: dict) -> None:
+        for sw, active in undo["switches"].values():
+            sw.use(active)
+        for c, override in undo["convs"].values():
+            c.override = override
+
+    def _plan_graph(self, key, inputs) -> GraphReplay:
+        """Capture the network as its layers choose, then (guard on, or a dense engine with per-layer
+        dense convs) the same network all dense and uniformly on cuDNN NCHW / NHWC; keep the fastest,
+        timed interleaved. A sparse engine that loses first tries reverting its least profitable half
+        of sparse layers, then falls back whole; `self.plans` says what happened and why."""
+        from .chooser import guard_graphs
+
+        label = "x".join(str(d) for d in inputs[0].shape)
+        chosen = GraphReplay(self.executor, inputs)  # its first call decides every undecided layer
+        self._as_chosen[key] = chosen
+        sparse = [sw for sw in self.switches() if not sw.is_dense]
+        uniform = bool(self.best_dense_convs()) or any("dense:cudnn" in sw.candidates for sw in self.switches())
+        plans = []
+        if sparse and self.guard_on():
+            plans.append("dense")
+        if uniform and (not sparse or self.guard_on()):
+            plans += ["cudnn", "cudnn_nhwc"]
+        saved = self.plans.get(label)
+        if not plans:
+            self.plans[label] = {"chosen": "as chosen", "reason": "no sparse layer" if not sparse else "guard off"}
+            return chosen
+        if saved and saved.get("chosen") in ("as chosen", "partial", *plans):
+            if saved["chosen"] == "as chosen":
+                return chosen
+            self._apply_plan(saved["chosen"], saved.get("reverted"), saved.get("reason"))
+            return GraphReplay(self.executor, inputs)
+        graphs = {"as chosen": chosen}
+        for plan in plans:
+            undo = self._apply_plan(plan)
+            try:
+                graphs[plan] = GraphReplay(self.executor, inputs)
+            finally:
+                self._restore(undo)
+        winner, times = guard_graphs({k: g.replay for k, g in graphs.items()}, self.device)
+        record = {"chosen": winner, "ms": {k: round(v, 5) for k, v in times.items()},
+                  "sparse_layers": [sw.name for sw in sparse]}
+        if sparse and winner != "as chosen" and len(sparse) > 1:
+            order = sorted(sparse, key=lambda sw: sw.decision.saving_ms)  # least profitable first
+            reverted = [sw.name for sw in order[:len(order) // 2]]
+            undo = self._apply_plan("partial", reverted)
+            try:
+                graphs["partial"] = GraphReplay(self.executor, inputs)
+            finally:
+                self._restore(undo)
+            w2, t2 = guard_graphs({"partial": graphs["partial"].replay, winner: graphs[winner].replay}, self.device)
+            record["ms"]["partial"] = round(t2["partial"], 5)
+            if w2 == "partial":
+                winner = "partial"
+                record.update(chosen="partial", reverted=reverted)
+        if winner != "as chosen":
+            lost = times["as chosen"] / min(record["ms"].values())
+            why = (f"whole-graph guard: plan '{winner}' ran {lost:.2f}x faster than the layers' own choices"
+                   if sparse else f"whole-network plan '{winner}' beat the per-layer choices")
+            record["reason"] = why
+            self._apply_plan(winner, record.get("reverted"), why)
+            for c in self.best_dense_convs():  # a uniform plan wins: keep it per shape, not as an override
+                if c.override is not None and c.last_key is not None:
+                    c.set_choice(c.last_key, c.override, why)
+                c.override = None
+        self.plans[label] = record
+        del graphs
+        return self._graphs_replay_for(winner, chosen, key, inputs)
+
+    def _graphs_replay_for(self, winner: str, chosen: GraphReplay, key, inputs) -> GraphReplay:
+        # the winning state is applied: one fresh capture is the engine from now on
+        return chosen if winner == "as chosen" else GraphReplay(self.executor, inputs)
 
     def prepare(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.executor.prepare_input(x) for x in inputs)
@@ -151,7 +270,7 @@ class Engine:
     def save(self, path: str | Path) -> Path:
         """A zip holding the (rewritten) ONNX model and the compile options; loading recompiles."""
         manifest = {"format": ENGINE_FORMAT, "version": ENGINE_VERSION, "runtime": self.runtime,
-                    "options": self.options.to_dict(), "state": self.saved_state()}
+                    "options": self.options.to_dict(), "state": self.full_state()}
         with atomic_path(path) as tmp:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
                 z.writestr("engine.json", json.dumps(manifest, indent=2))
@@ -163,6 +282,17 @@ class Engine:
     def saved_state(self) -> dict:
         """Runtime decisions worth keeping across a reload (e.g. per-layer kernel choices)."""
         return {}
+
+    def full_state(self) -> dict:
+        """What the engine file keeps: the runtime's own state, every chosen layer's decision
+        (`choices`, read back by the runtime's builders) and the whole-graph plans (`plans`)."""
+        state = dict(self.saved_state())
+        switches = self.switches()
+        if switches:
+            state["choices"] = {sw.name: {**sw.decision.to_dict(), "active": sw.active} for sw in switches}
+        if self.plans:
+            state["plans"] = self.plans
+        return state
 
     def saved_files(self) -> dict[str, bytes]:
         """Binary artefacts to keep in the engine file (e.g. a TensorRT plan); on load they

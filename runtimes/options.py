@@ -10,7 +10,6 @@ a key left out keeps meaning "the runtime's default" (`Option.default` documents
 from __future__ import annotations
 
 import difflib
-import importlib
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
@@ -111,10 +110,7 @@ def declared_options(runtime: str) -> dict[str, Option]:
     from . import get_runtime
 
     module = get_runtime(runtime)
-    options = getattr(module, "OPTIONS", None)
-    if options is None:  # csr and torch keep theirs in options.py beside runtime.py
-        options = importlib.import_module(f"{module.__package__}.options").OPTIONS
-    return {o.name: o for o in options}
+    return {o.name: o for o in module.OPTIONS}
 
 
 def _hint(runtime: str) -> str:

@@ -275,8 +275,8 @@ def test_kernel_path_of_the_runtime_through_the_emulator_reproduces_onnxruntime(
     assert len(rows) == 8 and all(r["format"] == "csr" and r["kernel"].startswith("csr::csr_conv") for r in rows)
     assert sum(r["residual_fused"] is True for r in rows) == 3 and not any(r["op"] == "Add" for r in engine.report())
     # a reloaded engine takes its saved per-layer configs instead of tuning again
-    state = engine.saved_state()
-    assert set(state["layers"]) == {r["name"] for r in rows}
+    state = engine.full_state()
+    assert set(state["choices"]) == {r["name"] for r in rows}
     again = compile_with_backend(sparse, "cpu", {"csr_decide": "measure"}, state=state, backend=backend)
     assert [r.get("config") for r in again.report()] == [r.get("config") for r in engine.report()]
     assert all("candidates" not in r for r in again.report())
@@ -291,15 +291,22 @@ def test_tuner_times_sparse_and_dense_with_the_fused_residual_and_engines_round_
     from sparsecnn.runtimes.csr import runtime as csr_rt
     from sparsecnn.runtimes.base import read_engine_file
 
-    timed: list[tuple[str, int]] = []
+    from sparsecnn.runtimes.chooser import Chooser
 
-    def spy(self, fn, args):  # sparse 5 us; dense 10 us, but 1 us for the first fused layer (it goes dense)
-        timed.append((fn.__name__, len(args)))
-        if fn.__name__ == "<lambda>":
-            return 5.0
-        return 1.0 if len(args) == 2 and sum(n == 2 and f == "fn" for f, n in timed) == 1 else 10.0
+    timed: list[tuple[str, int]] = []  # (candidate, number of args) per timing
+    fused_layers: list[str] = []
 
-    monkeypatch.setattr(csr_rt._KernelSession, "time_us", spy)
+    def spy(self, candidates, args):  # sparse 5 us; dense 10 us, but 1 us for the first fused layer (it goes dense)
+        first_fused = len(args) == 2 and not fused_layers
+        if len(args) == 2:
+            fused_layers.append(id(candidates))
+        out = {}
+        for c in candidates:
+            timed.append((c.name, len(args)))
+            out[c.name] = (0.001 if first_fused else 0.010) if c.dense else 0.005
+        return out
+
+    monkeypatch.setattr(Chooser, "time", spy)
     pruned = prune_unstructured(exported("tinyresnet"), 0.9).model
     sparse = get_runtime("csr").rewrite(pruned, {})
     backend = cuda_emu.EmuBackend()
@@ -307,8 +314,10 @@ def test_tuner_times_sparse_and_dense_with_the_fused_residual_and_engines_round_
     rows = [r for r in engine.report() if r["op"] == "sparsecnn::CsrConv"]
     fused = [r for r in rows if r["residual_fused"]]
     assert len(fused) == 3 and all(len(r["candidates"]) >= 2 and "dense_us" in r for r in fused)
-    assert sum(n == 2 for _, n in timed) == sum(len(r["candidates"]) + 1 for r in fused)  # candidates + dense
-    assert {"fn", "<lambda>"} <= {f for f, n in timed if n == 2}
+    # every config and every dense form of a fused layer is timed on (x, residual)
+    dense_named = {f for f, n in timed if n == 2 and f.startswith("dense:")}
+    assert {"dense:cudnn", "dense:cudnn_nhwc"} <= dense_named
+    assert sum(n == 2 and not f.startswith("dense:") for f, n in timed) == sum(len(r["candidates"]) for r in fused)
     assert [r["format"] for r in fused] == ["dense", "csr", "csr"]  # the dense form with its residual add too
     x = torch.from_numpy(np.random.default_rng(5).standard_normal(input_shape(pruned, 2)).astype(np.float32))
     ref = ort_run(pruned, x.numpy())[0]
@@ -397,9 +406,10 @@ def test_runtime_runs_layers_on_sputniks_spmm_from_saved_configs(exported):
 def test_weight_budget_keeps_layers_sparse_until_the_engine_fits(exported, monkeypatch):
     from sparsecnn.runtimes.csr import runtime as csr_rt
 
-    # every dense layer "measures" 10 us, every sparse plan 100 us: measuring alone picks dense everywhere
-    monkeypatch.setattr(csr_rt._KernelSession, "time_us",
-                        lambda self, fn, x: 100.0 if getattr(fn, "__name__", "") == "<lambda>" else 10.0)
+    from sparsecnn.runtimes.chooser import Chooser
+
+    # every dense form "measures" 10 us, every sparse plan 100 us: measuring alone picks dense everywhere
+    monkeypatch.setattr(Chooser, "time", lambda self, cands, args: {c.name: 0.010 if c.dense else 0.100 for c in cands})
     pruned = prune_unstructured(exported("tinyresnet"), 0.9).model
     sparse = get_runtime("csr").rewrite(pruned, {})
     x = np.random.default_rng(2).standard_normal(input_shape(pruned, 1)).astype(np.float32)
@@ -417,7 +427,7 @@ def test_weight_budget_keeps_layers_sparse_until_the_engine_fits(exported, monke
     assert kept and all("csr_weight_budget" in r["budget"] for r in kept)
     assert any(r["format"] == "dense" for r in rows)  # the cap leaves room for some dense layers
     # the budget's decisions are saved: a reload runs the same formats without measuring
-    again = csr_rt.compile_with_backend(sparse, "cpu", opts, state=engine.saved_state(), backend=backend)
+    again = csr_rt.compile_with_backend(sparse, "cpu", opts, state=engine.full_state(), backend=backend)
     assert [r.get("format") for r in again.report()] == [r.get("format") for r in engine.report()]
     assert rel_err(engine(torch.from_numpy(x))[0], ort_run(pruned, x)[0]) <= 1e-4
 

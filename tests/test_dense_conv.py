@@ -142,7 +142,7 @@ class _FakeReplay:
 
     built: list = []
 
-    def __init__(self, fn, example_inputs, warmup=3):
+    def __init__(self, fn, example_inputs, warmup=3, first_call=True):
         self.fn, self.inputs = fn, tuple(example_inputs)
         for _ in range(warmup):
             fn(*self.inputs)
@@ -154,27 +154,23 @@ class _FakeReplay:
 
 
 def test_whole_network_plan_choice_keeps_the_fastest_graph_and_rewrites_layer_choices(exported, monkeypatch):
-    """The GPU-only plan selection of dense_conv=best, driven on CPU with a stand-in graph and clock."""
-    from sparsecnn.runtimes import timing
-    from sparsecnn.runtimes.torch import runtime as torch_runtime
+    """The GPU-only plan selection of dense_conv=best (base.Engine._plan_graph), driven on CPU with
+    a stand-in graph and clock: per-layer choices vs every conv on cuDNN NCHW vs NHWC."""
+    from sparsecnn.runtimes import base, chooser
 
     _FakeReplay.built = []
-    monkeypatch.setattr(torch_runtime, "GraphReplay", _FakeReplay)
-    clock = iter([3.0, 3.0, 1.0, 1.0, 2.0, 2.0])  # (probe, timing) for per-layer, cudnn, cudnn_nhwc
-
-    def fake_time_fn(fn, device, reps=100, warmup=10, flush_l2=False):
-        fn(0)
-        ms = next(clock)
-        return timing.Timing(ms, ms, ms, reps, [ms] * reps)
+    monkeypatch.setattr(base, "GraphReplay", _FakeReplay)
+    fake = {"as chosen": 3.0, "cudnn": 1.0, "cudnn_nhwc": 2.0}
+    monkeypatch.setattr(chooser, "guard_graphs", lambda graphs, device, **k: (
+        min(graphs, key=fake.get), {g: fake[g] for g in graphs}))
 
     eng = get_runtime("torch").compile(exported("tinyresnet"), "cpu", {"extra": {"dense_conv": "best"}})
     x = eng.prepare(torch.randn(2, 3, 32, 32))
     eng.executor(*x)  # per-layer decisions, with the real (CPU) clock
-    with monkeypatch.context() as m:
-        m.setattr(timing, "time_fn", fake_time_fn)
-        replay = eng._best_plan_graph(x)
-    assert eng.plans == {"2x3x32x32": {"chosen": "cudnn", "ms": {"per-layer": 3.0, "cudnn": 1.0, "cudnn_nhwc": 2.0}}}
-    assert replay is _FakeReplay.built[1]  # the graph captured with every conv on cuDNN NCHW
+    replay = eng._plan_graph("key", x)
+    assert eng.plans["2x3x32x32"]["chosen"] == "cudnn"
+    assert eng.plans["2x3x32x32"]["ms"] == fake
+    assert replay is _FakeReplay.built[-1]  # captured after the winning plan was applied
     for conv in eng.dense_convs:
         assert conv.override is None
         (key,) = conv.decided
@@ -184,3 +180,4 @@ def test_whole_network_plan_choice_keeps_the_fastest_graph_and_rewrites_layer_ch
     ref = get_runtime("torch").compile(exported("tinyresnet"), "cpu", {})
     assert rel_err(replay.replay()[0], ref.executor(*x)[0]) < 1e-5
     assert set(eng.saved_state()["dense_conv_decisions"]) == {c.name for c in eng.dense_convs}
+    assert eng.full_state()["plans"]["2x3x32x32"]["chosen"] == "cudnn"

@@ -5,19 +5,23 @@ rewrite: `csr_rewrite` turns each pruned Conv (group 1) and Gemm into `sparsecnn
 fused into the op (a ResNet block's Conv -> Add -> Relu is one kernel); layers too dense or
 excluded stay standard ONNX ops.
 
-compile: on CUDA each CSR op is prepared for a few kernel configurations (runtimes/
-csr_kernels.py) which are timed on the device; the fastest runs, unless the layer's dense
-form (the torch runtime's Conv / linear on the decompressed weight, cuDNN / cuBLAS, then the
-fused residual add and ReLU as torch ops) is faster still, in which case the layer runs dense
-and the report says so. The whole
-network replays as one CUDA graph. On CPU the reference implementations run.
+compile: on CUDA each CSR op is prepared for a few kernel configurations (runtimes/csr/
+kernels.py); the one chooser (runtimes/chooser.py) checks each against the layer's dense form
+and times them against the layer's best dense forms (dense_conv's cuDNN NCHW/NHWC and
+im2col + cuBLAS on the decompressed weight, then the fused residual add and ReLU as torch
+ops): a CSR config runs only where it beats the fastest dense form by the margin, and the
+report says why. The whole network replays as one CUDA graph, and the whole-graph guard
+(base.Engine) falls back to dense where the sparse engine would be slower. On CPU the
+reference implementations run.
 
 Options (CompileOptions.extra):
-  csr_decide       "measure" (default): time sparse and dense per layer, keep the faster;
+  csr_decide       "measure" (default): time sparse and dense per layer, keep the faster (by the margin);
                    "threshold": sparse when density <= csr_max_density; "sparse": always sparse
   csr_max_density  density above which a layer stays dense (rewrite and "threshold"; default 0.3)
   csr_autotune     time every candidate config (default True) or take the first
-  csr_tune_reps    timed repetitions per candidate (default 15)
+  csr_tune_reps    timed repetitions per candidate (default: choose_reps, 15 when unset)
+  choose_margin    a CSR config must beat the best dense form by this fraction (default 0.03)
+  guard            whole-graph guard: fall back to dense where the engine would be slower (default True)
   csr_exclude      extra layers to leave dense in the rewrite (globs of weight/module names)
   csr_fuse         fuse the residual Add after a layer into its op (rewrite; default True;
                    a Relu after the layer or the Add is always fused)
@@ -38,10 +42,12 @@ from ...passes.csr.layout import CSR
 from ...passes.csr.rewrite import DEFAULT_MAX_DENSITY, csr_rewrite
 from ...passes.graph import SPARSECNN_DOMAIN, PassResult, run_pipeline
 from ..base import CompileOptions, Engine, _MatmulPrecision
+from ..chooser import MARGIN, Switch
 from ...passes.csr.reference import OPS as REFERENCE_OPS
 from ...passes.csr.reference import bias_tensor, conv_geometry, csr_tensors, epilogue, has_residual, used_inputs
 from ..executor import Executor
-from ..ops import STANDARD_OPS, NodeContext, attributes
+from ..ops import NodeContext
+from .options import OPTIONS  # noqa: F401  (declared options: runtimes/options.py)
 
 name = "csr"
 
@@ -93,7 +99,7 @@ class CsrEngine(Engine):
         self.session = session
 
     def saved_state(self) -> dict:
-        return {"layers": dict(self.session.decisions)} if self.session is not None else {}
+        return {}  # the per-layer decisions travel as the base engine's `choices`
 
 
 def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options: CompileOptions | dict | None = None,
@@ -135,17 +141,6 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class _Switch:
-    """A layer's callable whose implementation the weight budget may still change after the
-    layer is built (dense measured faster, sparse kept if the memory cap needs it)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *args):
-        return self.fn(*args)
-
-
 class _KernelSession:
     """Shared state of one compile with kernels: backend, tuning settings, per-layer decisions."""
 
@@ -158,124 +153,143 @@ class _KernelSession:
             raise UserError(f"csr_decide must be measure, threshold or sparse, got '{self.decide}'")
         self.max_density = float(extra.get("csr_max_density", DEFAULT_MAX_DENSITY))
         self.autotune = bool(extra.get("csr_autotune", True))
-        self.reps = int(extra.get("csr_tune_reps", 15))
+        self.reps = int(extra.get("csr_tune_reps", extra.get("choose_reps", 15)))
+        self.margin = float(extra.get("choose_margin", MARGIN))
         self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-        self.saved = dict((state or {}).get("layers", {}))
-        self.decisions: dict[str, dict] = {}
+        state = state or {}
+        self.saved = dict(state.get("choices") or {})       # Decision dicts (chooser.Decision.to_dict)
+        self.legacy = dict(state.get("layers") or {})       # engines saved before the one chooser
         budget = extra.get("csr_weight_budget", 0.0)
         self.weight_budget = float(budget) if budget not in (None, False, "off") else 0.0
         self.dense_fp32_bytes: dict[str, int] = {}  # per CSR layer: its weight (+ bias) as dense fp32
-        self.pending: list[dict] = []  # layers running dense that the budget may send back to sparse
+        self.switches: list[Switch] = []
 
-    def time_us(self, fn, args: tuple) -> float:
-        """Microseconds of one fn(*args) (args: the layer's input, and its residual when fused)."""
-        from .kernels import time_in_graph_us
+    def _choose(self, ctx: NodeContext, density: float, configs: list, make_plan, run_plan, dense_forms: list,
+                args: tuple, kernel_of) -> Switch:
+        """Sparse (a candidate config) or one of the layer's dense forms, by the one chooser.
 
-        return time_in_graph_us(lambda a: fn(*a), args, self.device, self.reps)
-
-    def _choose(self, ctx: NodeContext, density: float, candidates: list, make_plan, run_plan, make_dense, args,
-                kernel_of):
-        """Sparse (the fastest candidate config) or dense for one layer.
-
-        `args`: example inputs of the layer's function (x, and the residual when the op has one),
-        so sparse candidates are timed with their fused epilogue and the dense form with its
-        residual add and ReLU. Returns (fn, report info, device buffers, decision to save). A
-        reloaded engine takes its saved decision (the caller puts the saved config first)
-        without timing anything.
-        """
-        from .kernels import PlanDoesNotFit
+        `args`: inputs of the layer's function at its real shape and layout (x, and the residual
+        when the op has one), so sparse candidates are timed with their fused epilogue and the
+        dense forms with the residual add and ReLU they replace. Weight-sparse kernels' speed
+        does not depend on the input values: they are checked and timed on random values. A
+        reloaded engine takes its saved decision without timing anything."""
+        from ..chooser import Candidate, Chooser
+        from .kernels import PlanDoesNotFit, config_from_dict
 
         saved = self.saved.get(ctx.name)
-        info: dict = {}
-
-        def dense(reason: str, us: float | None = None):
-            fn, bufs, kernel = make_dense()
-            info.update(format="dense", kernel=kernel, reason=reason, dense_bytes=_nbytes(bufs))
-            if us is not None:
-                info["time_us"] = round(us, 3)
-            return fn, info, bufs, {"format": "dense", "reason": reason}
-
-        if saved is not None and saved.get("format") == "dense":
-            return dense(saved.get("reason", "saved decision"))
-        if saved is None and self.decide == "threshold" and density > self.max_density:
-            return dense(f"density {density:.3f} > csr_max_density {self.max_density}")
-        if saved is not None or not self.autotune:
-            candidates = candidates[:1]
-        measure = saved is None and (len(candidates) > 1 or self.decide == "measure")
-        best = None
-        timed = []
-        for cfg in candidates:
+        legacy = self.legacy.get(ctx.name)
+        forced, why = None, None
+        if saved is not None:  # build only what the saved decision needs
+            wanted = saved.get("chosen")
+            configs = [c for c in configs if c.label() == wanted]
+            if not configs and not str(wanted).startswith("dense:") and saved.get("detail", {}).get("config"):
+                configs = [config_from_dict(saved["detail"]["config"])]
+        elif legacy is not None:
+            if legacy.get("format") == "dense":
+                configs, forced, why = [], dense_forms[0].name, legacy.get("reason", "saved decision")
+            else:
+                configs = [c for c in configs if c.to_dict() == legacy["config"]] or [config_from_dict(legacy["config"])]
+                forced, why = configs[0].label(), "saved decision"
+        elif self.decide == "threshold" and density > self.max_density:
+            configs, forced = [], dense_forms[0].name
+            why = f"density {density:.3f} > csr_max_density {self.max_density}"
+        elif not self.autotune:
+            configs = configs[:1]
+        candidates, skipped = list(dense_forms), []
+        for cfg in configs:
             try:
                 plan = make_plan(cfg)
             except PlanDoesNotFit as exc:  # e.g. a staged-sparse config whose non-zeros overflow shared memory
-                timed.append({"config": cfg.label(), "skipped": str(exc)})
+                skipped.append({"config": cfg.label(), "skipped": str(exc)})
                 continue
-            us = self.time_us(lambda *t, p=plan: run_plan(p, *t), args) if measure else None
-            if us is not None:
-                timed.append({"config": cfg.label(), "us": round(us, 3)})
-            if best is None or (us is not None and us < best[2]):
-                best = (cfg, plan, us)
-        if best is None:
-            return dense("no candidate config fits this layer")
-        cfg, plan, sparse_us = best
-        info["csr_bytes"] = _nbytes(plan.buffers())
-        if timed:
-            info["candidates"] = timed
-        if saved is None and self.decide == "measure":
-            dense_fn, dense_bufs, kernel = make_dense()
-            dense_us = self.time_us(dense_fn, args)
-            info["dense_us"] = round(dense_us, 3)
-            info["dense_bytes"] = _nbytes(dense_bufs)
-            if dense_us < sparse_us:
-                info["sparse_us"] = round(sparse_us, 3)
-                info.update(format="dense", kernel=kernel, reason="dense measured faster", time_us=round(dense_us, 3))
-                if self.weight_budget <= 0:
-                    del plan, best
-                    return dense_fn, info, dense_bufs, {"format": "dense", "reason": "dense measured faster"}
-                # dense for now; apply_weight_budget may switch back to this sparse plan
-                switch = _Switch(dense_fn)
-                self.pending.append({"name": ctx.name, "switch": switch, "info": ctx.info, "kernel": kernel_of(cfg),
-                                     "saving_us": sparse_us - dense_us,
-                                     "sparse": ((lambda *t, p=plan: run_plan(p, *t)), plan.buffers(), cfg, sparse_us),
-                                     "extra_bytes": _nbytes(dense_bufs) - _nbytes(plan.buffers())})
-                return switch, info, dense_bufs, {"format": "dense", "reason": "dense measured faster"}
-            del dense_fn, dense_bufs
-        if sparse_us is not None:
-            info["time_us"] = round(sparse_us, 3)
-        info.update(format="csr", config=cfg.to_dict(), config_label=cfg.label(), kernel=kernel_of(cfg))
-        return (lambda *t, p=plan: run_plan(p, *t)), info, plan.buffers(), {"format": "csr", "config": cfg.to_dict()}
+            candidates.append(Candidate(cfg.label(), (lambda *t, p=plan: run_plan(p, *t)), dense=False, library="csr",
+                                        detail={"config": cfg.to_dict(), "kernel": kernel_of(cfg),
+                                                "csr_bytes": _nbytes(plan.buffers())}, buffers=plan.buffers()))
+        if forced is None and configs and len(candidates) == len(dense_forms):
+            why = "no candidate config fits this layer"
+        chooser = Chooser(self.device, ctx.dtype, tf32=self.opts.tf32, margin=self.margin, reps=self.reps,
+                          policy="sparse" if self.decide == "sparse" else "measure")
+        decision = chooser.choose(ctx.name, candidates, args, reference=dense_forms[0].name, saved=saved,
+                                  forced=forced)
+        if why is not None:
+            decision.reason = why
+        sw = Switch(decision, candidates, ctx.info)
+        self._describe(sw, skipped)
+        self.switches.append(sw)
+        return sw
+
+    @staticmethod
+    def _describe(sw: Switch, skipped: list | None = None) -> None:
+        """The per-layer report of a CSR layer in its current state."""
+        d, cand, info = sw.decision, sw.candidates[sw.active], sw.info
+        times = d.times_ms
+        rows = [{"config": n, "us": round(ms * 1e3, 3)} for n, ms in times.items() if not n.startswith("dense:")]
+        rows += list(skipped or [])
+        if rows:
+            info["candidates"] = rows
+        dense_times = {n: ms for n, ms in times.items() if n.startswith("dense:")}
+        if dense_times:
+            info["dense_us"] = round(min(dense_times.values()) * 1e3, 3)
+        if cand.dense:
+            info.update(format="dense", kernel=cand.detail.get("kernel", cand.name), reason=d.reason or "dense")
+        else:
+            info.update(format="csr", config=cand.detail["config"], config_label=cand.name,
+                        kernel=cand.detail["kernel"], csr_bytes=cand.detail["csr_bytes"])
+            info.pop("reason", None)
+        if cand.name in times:
+            info["time_us"] = round(times[cand.name] * 1e3, 3)
+        info["buffers"] = cand.buffers
 
     def apply_weight_budget(self, executor) -> None:
-        """Send dense-by-measure layers back to their sparse plans until the engine's weights fit
+        """Send dense-by-measure layers back to their best sparse plan until the engine's weights fit
         `weight_budget` x the model's dense fp32 weights (the layers saving least time per extra
         byte go back first). Reference: every constant the engine keeps for other ops, at 4
         bytes an element, plus each CSR layer's weight and bias as dense fp32."""
-        pending, self.pending = self.pending, []
-        if not pending or self.weight_budget <= 0:
+        if self.weight_budget <= 0:
             return
         ref = sum(v.numel() * 4 for v in executor.consts.values()
                   if isinstance(v, torch.Tensor) and v.is_floating_point()) + sum(self.dense_fp32_bytes.values())
         cap = self.weight_budget * ref
         total = executor.weight_bytes()
-        pending.sort(key=lambda e: e["saving_us"] / max(1, e["extra_bytes"]))  # least saving per byte first
-        for e in pending:
+        pending = []
+        for sw in self.switches:
+            sparse = sw.best_sparse()
+            if sw.is_dense and sparse is not None:
+                extra_bytes = _nbytes(sw.candidates[sw.active].buffers) - \
+                    sw.candidates[sparse].detail["csr_bytes"]
+                saving = sw.decision.times_ms.get(sparse, 0.0) - sw.decision.times_ms.get(sw.active, 0.0)
+                pending.append((saving / max(1, extra_bytes), sw, sparse, extra_bytes, saving))
+        pending.sort(key=lambda e: e[0])  # least saving per byte first
+        for _, sw, sparse, extra_bytes, saving in pending:
             if total <= cap:
                 break
-            fn, bufs, cfg, sparse_us = e["sparse"]
-            info = e["info"]
-            e["switch"].fn = fn
-            dense_us = info.get("time_us")
-            total -= e["extra_bytes"]
-            info.update(format="csr", config=cfg.to_dict(), config_label=cfg.label(), time_us=round(sparse_us, 3),
-                        buffers=bufs, csr_bytes=_nbytes(bufs),
-                        budget=f"kept sparse by csr_weight_budget {self.weight_budget}: dense was "
-                               f"{e['saving_us']:.1f} us faster but needs {e['extra_bytes'] / 2**20:.1f} MiB more",
-                        reason=f"weight budget (dense measured {dense_us} us)")
-            info["kernel"] = e["kernel"]
-            self.decisions[e["name"]] = {"format": "csr", "config": cfg.to_dict()}
+            dense_us = sw.info.get("time_us")
+            why = f"kept sparse by csr_weight_budget {self.weight_budget}"
+            sw.decision.chosen, sw.decision.dense, sw.decision.library = sparse, False, "csr"
+            sw.decision.reason = why
+            sw.use(sparse)
+            total -= extra_bytes
+            self._describe(sw)
+            sw.info.update(budget=f"{why}: dense was {saving * 1e3:.1f} us faster but needs "
+                                  f"{extra_bytes / 2**20:.1f} MiB more",
+                           reason=f"weight budget (dense measured {dense_us} us)")
+
+    def _dense_forms(self, ctx: NodeContext, w: torch.Tensor, bias, relu: bool, pads, stride, dilation,
+                     x: torch.Tensor) -> list:
+        """The layer's dense forms (dense_conv's engines on the decompressed weight), each with the
+        fused bias, residual add and ReLU as torch ops: fn(x, residual=None)."""
+        from ..torch.dense_conv import DenseConv
+
+        b = bias.to(self.device, ctx.dtype) if bias is not None else None
+        dense = DenseConv(ctx.name, w.to(self.device, ctx.dtype), stride, dilation, 1, lambda t: pads, "best", {},
+                          ctx.options)
+        forms = dense.dense_candidates(x, b, epilogue=lambda y, r=None: epilogue(y, None, r, relu))
+        for f in forms:
+            f.buffers = [dense.w] + ([b] if b is not None else [])
+        return forms
 
     def build_conv(self, ctx: NodeContext):
-        from .kernels import ConvGeometry, candidate_configs, config_from_dict, kernel_name, make_plan
+        from .kernels import ConvGeometry, candidate_configs, kernel_name, make_plan
 
         g = conv_geometry(ctx)
         values, cols, row_ptr, order = csr_tensors(ctx)
@@ -298,47 +312,17 @@ class _KernelSession:
         if ctx.channels_last:
             args = tuple(t.contiguous(memory_format=torch.channels_last) for t in args)
 
-        def make_dense():
-            w = csr.to_dense().reshape(m, geom.c, kh, kw)
-            return self._dense_conv(ctx, w, bias, relu)
-
-        candidates = candidate_configs(geom, self.sms, dtype=ctx.dtype)
-        saved = self.saved.get(ctx.name)
-        if saved is not None and saved.get("format") == "csr":
-            candidates = [config_from_dict(saved["config"])]
+        dense_forms = self._dense_forms(ctx, csr.to_dense().reshape(m, geom.c, kh, kw), bias, relu,
+                                        (pt, pl, pb, pr), (sh, sw), (dh, dw), x)
         self.dense_fp32_bytes[ctx.name] = m * geom.k * 4 + (m * 4 if bias is not None else 0)
-        fn, info, bufs, decision = self._choose(
-            ctx, csr.density, candidates,
+        ctx.info.update(nnz=csr.nnz, sparsity=1.0 - csr.density, relu_fused=relu, residual_fused=residual)
+        return self._choose(
+            ctx, csr.density, candidate_configs(geom, self.sms, dtype=ctx.dtype),
             lambda cfg: make_plan(csr, geom, cfg, ctx.dtype, self.device, self.backend, bias, relu),
-            lambda plan, t, r=None: plan.conv(t, r), make_dense, args, lambda cfg: kernel_name(cfg, ctx.dtype))
-        ctx.info.update(nnz=csr.nnz, sparsity=1.0 - csr.density, relu_fused=relu, residual_fused=residual, buffers=bufs,
-                        **info)
-        self.decisions[ctx.name] = decision
-        return fn
-
-    def _dense_conv(self, ctx: NodeContext, w: torch.Tensor, bias, relu: bool):
-        """The torch runtime's Conv builder on the decompressed weight (its options apply), then
-        the fused residual add and ReLU in place: fn(x, residual=None)."""
-        kh, kw = w.shape[2:]
-        g = conv_geometry(ctx)
-        node = onnx.helper.make_node("Conv", [ctx.node.input[0], "__csr_dense_w", "__csr_dense_b"], list(ctx.node.output),
-                                     name=ctx.name, kernel_shape=[kh, kw], strides=list(g["stride"]),
-                                     pads=list(g["pads"]), dilations=list(g["dilation"]))
-        consts = {"__csr_dense_w": w.to(self.device, ctx.dtype)}
-        b = bias.to(self.device, ctx.dtype) if bias is not None else None
-        if b is not None:
-            consts["__csr_dense_b"] = b
-        dctx = NodeContext(node, attributes(node), consts, ctx.shapes, ctx.device, ctx.dtype, ctx.channels_last,
-                           ctx.options)
-        run = STANDARD_OPS[("", "Conv")](dctx)
-        kernel = dctx.info.get("kernel", "torch.conv")
-
-        def fn(t, r=None):
-            return epilogue(run(t, None, b), None, r, relu)
-
-        return fn, [consts["__csr_dense_w"]] + ([b] if b is not None else []), kernel
+            lambda plan, t, r=None: plan.conv(t, r), dense_forms, args, lambda cfg: kernel_name(cfg, ctx.dtype))
 
     def build_gemm(self, ctx: NodeContext):
+        from ..chooser import Candidate
         from .kernels import GEMV_MAX_BATCH, ConvPlan, GemvPlan, gemm_as_conv_geometry, gemm_conv_plan_call, spmm_config
 
         values, cols, row_ptr, order = csr_tensors(ctx)
@@ -365,14 +349,11 @@ class _KernelSession:
                 wide_plans[n] = ConvPlan(csr, g, spmm_config(g, 1, 4), ctx.dtype, self.device, self.backend, bias, relu)
             return gemm_conv_plan_call(wide_plans[n], t, r)
 
-        def make_dense():
-            w = csr.to_dense().to(self.device, ctx.dtype)
-            b = bias.to(self.device, ctx.dtype) if bias is not None else None
-
-            def fn(t, r=None):
-                return epilogue(torch.nn.functional.linear(t, w, b), None, r, relu)
-
-            return fn, [w] + ([b] if b is not None else []), "torch.linear (cuBLAS)"
+        w = csr.to_dense().to(self.device, ctx.dtype)
+        b = bias.to(self.device, ctx.dtype) if bias is not None else None
+        dense_forms = [Candidate("dense:linear", lambda t, r=None: epilogue(torch.nn.functional.linear(t, w, b), None, r, relu),
+                                 dense=True, library="torch",
+                                 detail={"kernel": "torch.linear (cuBLAS)"}, buffers=[w] + ([b] if b is not None else []))]
 
         class _Gemv:  # one "config": the SpMV kernel
             def to_dict(self):
@@ -382,11 +363,8 @@ class _KernelSession:
                 return "spmv warp-per-row"
 
         self.dense_fp32_bytes[ctx.name] = m * k * 4 + (m * 4 if bias is not None else 0)
-        fn, info, bufs, decision = self._choose(
+        ctx.info.update(nnz=csr.nnz, sparsity=1.0 - csr.density, relu_fused=relu, residual_fused=residual)
+        return self._choose(
             ctx, csr.density, [_Gemv()],
-            lambda cfg: GemvPlan(csr, ctx.dtype, self.device, self.backend, bias, relu), run_plan, make_dense, args,
+            lambda cfg: GemvPlan(csr, ctx.dtype, self.device, self.backend, bias, relu), run_plan, dense_forms, args,
             lambda cfg: f"csr::csr_spmv (batch <= {GEMV_MAX_BATCH}), csr::csr_conv spmm above")
-        ctx.info.update(nnz=csr.nnz, sparsity=1.0 - csr.density, relu_fused=relu, residual_fused=residual, buffers=bufs,
-                        **info)
-        self.decisions[ctx.name] = decision
-        return fn

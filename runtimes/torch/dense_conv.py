@@ -79,6 +79,7 @@ class DenseConv:
         self.info = info
         self.tune_cudnn = bool(options.get("cudnn_benchmark", mode == "best"))
         self.im2col_max_bytes = int(options.get("im2col_max_bytes", DEFAULT_IM2COL_MAX_BYTES))
+        self.reps = int(options.get("choose_reps", 30))
         self.decided: dict[str, str] = dict((options.get("dense_conv_decisions") or {}).get(name, {}))
         self.override: str | None = None  # a whole-network plan being tried forces one mode
         self.last_key: str | None = None
@@ -203,27 +204,38 @@ class DenseConv:
             modes += ["im2col", "im2col_nhwc"]
         return modes, skipped
 
-    def _time(self, mode: str, x, bias) -> float:
-        from ..timing import time_calls
+    def dense_candidates(self, x, bias=None, epilogue=None) -> list:
+        """This layer's dense forms as chooser candidates `fn(x, *rest)`, named `dense:<mode>`:
+        the same dense baselines every runtime's per-layer choice is measured against.
+        `epilogue(y, *rest)` adds what a fused sparse op also does (residual add, ReLU)."""
+        from ..chooser import Candidate
 
-        return time_calls(lambda j: self.run_mode(mode, x, bias), x.device, reps=15, warmup=2).median_ms
+        modes, _ = self.candidates(x)
+        out = []
+        for mode in modes:
+            if epilogue is None:
+                fn = (lambda t, *rest, m=mode: self.run_mode(m, t, bias))
+            else:
+                fn = (lambda t, *rest, m=mode: epilogue(self.run_mode(m, t, bias), *rest))
+            out.append(Candidate(f"dense:{mode}", fn, dense=True, library="torch", detail={"kernel": LABELS[mode]}))
+        return out
 
     def decide(self, x, bias) -> str:
+        """The fastest dense form on this input (the one chooser: checked against cuDNN NCHW,
+        timed interleaved in CUDA graphs)."""
+        from ..chooser import Chooser
+
         key = shape_key(x.shape)
-        modes, skipped = self.candidates(x)
-        times, failed = {}, {}
-        for mode in modes:
-            try:
-                times[mode] = self._time(mode, x, bias)
-            except Exception as exc:  # a candidate that fails (out of memory, ...) is not a choice
-                failed[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize(x.device)
-        chosen = min(times, key=times.get) if times else "cudnn"
+        _, skipped = self.candidates(x)
+        chooser = Chooser(x.device, x.dtype, tf32=torch.backends.cudnn.allow_tf32 and x.dtype == torch.float32,
+                          reps=self.reps)
+        decision = chooser.choose(self.name, self.dense_candidates(x, bias), (x,), reference="dense:cudnn")
+        chosen = decision.chosen.split(":", 1)[1]
         self.decided[key] = chosen
+        times = {name.split(":", 1)[1]: ms for name, ms in decision.times_ms.items()}
         self.info["choices"][key] = {"chosen": chosen, "layer_best": chosen, "ms": times,
                                      **({"skipped": skipped} if skipped else {}),
-                                     **({"failed": failed} if failed else {})}
+                                     **({"rejected": decision.rejected} if decision.rejected else {})}
         self.info["kernel"] = LABELS[chosen]
         return chosen
 

@@ -14,16 +14,17 @@ baseline every sparse runtime is judged against, is
 With "best" on a GPU, the first run at an input shape decides each conv (per layer, input
 layout conversion included) and then the whole network is captured three ways -- the per-
 layer choices, every conv on cuDNN NCHW, every conv on cuDNN NHWC -- and the fastest graph
-is kept; `engine.plans` records the three times and the winner.
+is kept (base.Engine._plan_graph); `engine.plans` records the three times and the winner.
 """
 from __future__ import annotations
 
 import onnx
 import torch
 
-from ..base import CompileOptions, Engine, GraphReplay
-from .dense_conv import DenseConv, check_mode, shape_key
+from ..base import CompileOptions, Engine
+from .dense_conv import DenseConv, check_mode
 from ..executor import Executor
+from .options import OPTIONS  # noqa: F401  (declared options: runtimes/options.py)
 
 name = "torch"
 
@@ -47,54 +48,12 @@ def reference_ops() -> dict:
 class TorchEngine(Engine):
     runtime = name
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.plans: dict[str, dict] = {}  # network input shape -> whole-network plan times and winner
-
     @property
     def dense_convs(self) -> list[DenseConv]:
         return [s.fn for s in self.executor.steps if isinstance(s.fn, DenseConv)]
 
-    def runner(self, *inputs):
-        best = self.options.extra.get("dense_conv") == "best"
-        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
-        if (not best or self.device.type != "cuda" or not self.options.cuda_graph or key in self._graphs
-                or not self.dense_convs or shape_key(inputs[0].shape) in self.plans):
-            return super().runner(*inputs)
-        self._graphs[key] = self._best_plan_graph(inputs)
-        return self._graphs[key]
-
-    def _best_plan_graph(self, inputs) -> GraphReplay:
-        """Capture the network per-layer-chosen and uniformly cuDNN NCHW / NHWC; keep the fastest."""
-        from ..timing import auto_reps, time_fn
-
-        convs = self.dense_convs
-        graphs, times = {}, {}
-        with self._precision_context(), torch.no_grad():
-            graphs["per-layer"] = GraphReplay(self.executor, inputs)  # its warm-up decides each layer
-            keys = {id(c): c.last_key for c in convs}
-            for plan in ("cudnn", "cudnn_nhwc"):
-                for c in convs:
-                    c.override = plan
-                try:
-                    graphs[plan] = GraphReplay(self.executor, inputs)
-                finally:
-                    for c in convs:
-                        c.override = None
-            for plan, g in graphs.items():
-                fn = lambda i, g=g: g.replay()  # noqa: E731
-                times[plan] = time_fn(fn, self.device, reps=auto_reps(fn, self.device, 150.0, 10, 50)).median_ms
-        winner = min(times, key=times.get)
-        if winner != "per-layer":
-            for c in convs:
-                if keys[id(c)] is not None:
-                    c.set_choice(keys[id(c)], winner, f"whole-network plan '{winner}' beat the per-layer choices")
-        self.plans[shape_key(inputs[0].shape)] = {"chosen": winner, "ms": times}
-        return graphs[winner]
-
     def saved_state(self) -> dict:
-        return {"dense_conv_decisions": {c.name: dict(c.decided) for c in self.dense_convs if c.decided},
-                "plans": self.plans}
+        return {"dense_conv_decisions": {c.name: dict(c.decided) for c in self.dense_convs if c.decided}}
 
 
 def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options: CompileOptions | dict | None = None,
