@@ -28,11 +28,27 @@ def _half(t: onnx.TensorProto, counters: Counter) -> onnx.TensorProto:
 
 
 def _retype(vi: onnx.ValueInfoProto) -> bool:
-    tt = vi.type.tensor_type
-    if tt.elem_type == TensorProto.FLOAT:
-        tt.elem_type = TensorProto.FLOAT16
+    if _is_float(vi):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
         return True
     return False
+
+
+def _is_float(vi: onnx.ValueInfoProto) -> bool:
+    return vi.type.tensor_type.elem_type == TensorProto.FLOAT
+
+
+def _cast_at_boundary(g: onnx.GraphProto, vi: onnx.ValueInfoProto, entering: bool) -> onnx.NodeProto:
+    """Rename graph input or output `vi` to `<name>.fp16` inside the graph; the Cast between the two names."""
+    half_name = vi.name + ".fp16"
+    for node in g.node:
+        for names in (node.input, node.output):
+            for j, name in enumerate(names):
+                if name == vi.name:
+                    names[j] = half_name
+    if entering:
+        return helper.make_node("Cast", [vi.name], [half_name], name=f"cast_in_{vi.name}", to=TensorProto.FLOAT16)
+    return helper.make_node("Cast", [half_name], [vi.name], name=f"cast_out_{vi.name}", to=TensorProto.FLOAT)
 
 
 def to_fp16(model: onnx.ModelProto, keep_io_types: bool = True) -> PassResult:
@@ -53,35 +69,12 @@ def to_fp16(model: onnx.ModelProto, keep_io_types: bool = True) -> PassResult:
                 counters["casts"] += 1
     for vi in g.value_info:
         _retype(vi)
-    new_nodes = []
     if keep_io_types:
-        for vi in g.input:
-            if vi.type.tensor_type.elem_type != TensorProto.FLOAT:
-                continue
-            half_name = vi.name + ".fp16"
-            for node in g.node:
-                for j, name in enumerate(node.input):
-                    if name == vi.name:
-                        node.input[j] = half_name
-            new_nodes.append(helper.make_node("Cast", [vi.name], [half_name], name=f"cast_in_{vi.name}",
-                                              to=TensorProto.FLOAT16))
-            counters["io_casts"] += 1
-        tail = []
-        for vi in g.output:
-            if vi.type.tensor_type.elem_type != TensorProto.FLOAT:
-                continue
-            half_name = vi.name + ".fp16"
-            for node in g.node:
-                for j, name in enumerate(node.output):
-                    if name == vi.name:
-                        node.output[j] = half_name
-                for j, name in enumerate(node.input):
-                    if name == vi.name:
-                        node.input[j] = half_name
-            tail.append(helper.make_node("Cast", [half_name], [vi.name], name=f"cast_out_{vi.name}",
-                                         to=TensorProto.FLOAT))
-            counters["io_casts"] += 1
-        nodes = new_nodes + list(g.node) + tail
+        head = [_cast_at_boundary(g, vi, entering=True) for vi in g.input if _is_float(vi)]
+        tail = [_cast_at_boundary(g, vi, entering=False) for vi in g.output if _is_float(vi)]
+        if head or tail:
+            counters["io_casts"] += len(head) + len(tail)
+        nodes = head + list(g.node) + tail
         del g.node[:]
         g.node.extend(nodes)
     else:

@@ -21,6 +21,11 @@ from sparsecnn.runtimes.nvrtc import CI_ARCHS, compile_cubin, load_source, nvrtc
 
 emu = pytest.mark.skipif(not cuda_emu.available(), reason="g++ not installed (the CPU kernel emulator needs it)")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+CONV_3X3_GEOMETRIES = [  # checked by the window kernel and by Sputnik over im2col alike
+    ConvGeometry(20, 7, 9, 11, 3, 3, 1, 1, 1, 1, 1, 1),            # 3x3 same, odd sizes
+    ConvGeometry(13, 5, 10, 9, 3, 3, 2, 2, 0, 1, 1, 0),            # stride 2, asymmetric pads
+    ConvGeometry(9, 6, 11, 12, 3, 3, 1, 1, 2, 2, 2, 2, 2, 2),      # dilation 2
+]
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +101,7 @@ def test_chunk_pointers_split_each_row_at_chunk_boundaries():
 
 @emu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("geom", [
-    ConvGeometry(20, 7, 9, 11, 3, 3, 1, 1, 1, 1, 1, 1),            # 3x3 same, odd sizes
-    ConvGeometry(13, 5, 10, 9, 3, 3, 2, 2, 0, 1, 1, 0),            # stride 2, asymmetric pads
-    ConvGeometry(9, 6, 11, 12, 3, 3, 1, 1, 2, 2, 2, 2, 2, 2),      # dilation 2
+@pytest.mark.parametrize("geom", CONV_3X3_GEOMETRIES + [
     ConvGeometry(17, 3, 13, 7, 5, 3, 1, 2, 2, 1, 2, 1),            # 5x3 kernel, mixed strides
     ConvGeometry(11, 9, 5, 6, 1, 1, 2, 2),                         # 1x1 stride 2 (a downsample)
 ])
@@ -299,10 +301,7 @@ def test_every_sputnik_variant_matches_matmul(backend, dtype):
 
 @emu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("geom", [
-    ConvGeometry(20, 7, 9, 11, 3, 3, 1, 1, 1, 1, 1, 1),            # 3x3 same, odd sizes
-    ConvGeometry(13, 5, 10, 9, 3, 3, 2, 2, 0, 1, 1, 0),            # stride 2, asymmetric pads
-    ConvGeometry(9, 6, 11, 12, 3, 3, 1, 1, 2, 2, 2, 2, 2, 2),      # dilation 2
+@pytest.mark.parametrize("geom", CONV_3X3_GEOMETRIES + [
     ConvGeometry(11, 9, 5, 6, 1, 1, 2, 2),                         # 1x1 stride 2: im2col too
     ConvGeometry(29, 21, 8, 12),                                   # pointwise: B is the input itself
 ])
