@@ -22,7 +22,7 @@ import torch
 
 from ..common.numerics import rel_err
 
-__all__ = ["environment", "dense_engines", "best_dense", "error_record", "rel_err", "DENSE_LAYOUTS"]
+__all__ = ["environment", "dense_engines", "best_dense", "fastest", "error_record", "rel_err", "DENSE_LAYOUTS"]
 
 
 def environment(device: torch.device | str, modules: tuple[str, ...] = ()) -> dict:
@@ -90,13 +90,18 @@ def dense_engines(model, device, options: Mapping | None = None, layouts: tuple[
             for layout in layouts}
 
 
-def best_dense(times: Mapping[str, float | None]) -> tuple[str | None, float | None]:
-    """(label, ms) of the fastest dense engine timed in this run; (None, None) when none was timed."""
+def fastest(times: Mapping[str, float | None]) -> tuple[str | None, float | None]:
+    """(label, ms) of the fastest timed candidate; untimed (None) ones are skipped; (None, None) if none."""
     timed = {k: v for k, v in times.items() if v is not None and v > 0}
     if not timed:
         return None, None
     label = min(timed, key=timed.get)
     return label, timed[label]
+
+
+def best_dense(times: Mapping[str, float | None]) -> tuple[str | None, float | None]:
+    """The best dense engine: the fastest of the dense engines timed in this run, (label, ms)."""
+    return fastest(times)
 
 
 def error_record(exc: BaseException, where: str | None = None, trace_chars: int = 3000) -> dict:

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecnn.common.numerics import rel_err
-from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record
+from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record, fastest
 from sparsecnn.runtimes.timing import time_fn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -285,14 +285,6 @@ def keep_variants(times: dict, n: int = 2, groups: bool = False) -> list[str]:
     return keep
 
 
-def best(d: dict) -> tuple[str | None, float | None]:
-    d = {k: v for k, v in d.items() if v is not None}
-    if not d:
-        return None, None
-    k = min(d, key=d.get)
-    return k, d[k]
-
-
 # --- part 1: correctness -------------------------------------------------------------------
 
 def part_correct(args, dev, res):
@@ -446,7 +438,7 @@ def part_fig8(args, dev, res, real_means, real_tensors, real_label):
         x0 = sparse_input((1, g.cin, g.h, g.w), 0.8, dtype, dev, seed=li)
         kl = make_layer(w, b, attrs_of(g, tpool), tpool, True, scratch, dry)
         dense = time_dense(w, b, g, tpool, x0, reps, dry)
-        dname_best, dense_best = best(dense)
+        dname_best, dense_best = best_dense(dense)
         # all variants at 80% zeros (each checked against the oracle, timed briefly), then the two
         # fastest and the fastest of the other kernel family (warp / list), timed fully everywhere
         rejected = {}
@@ -471,7 +463,7 @@ def part_fig8(args, dev, res, real_means, real_tensors, real_label):
         for s, kind in points:
             x = x0 if (s == 0.8 and kind == "iid") else sparse_input((1, g.cin, g.h, g.w), s, dtype, dev, seed=li)
             t = first if x is x0 else time_sparse(kl, x, reps, dry, names=set(keep))
-            sname, sms = best(t)
+            sname, sms = fastest(t)
             cost = layer_cost(g, tpool, layer["cout"], 1 - s)
             rows.append({"layer": layer["name"], "dtype": dname, "target": target, "sparsity": s, "kind": kind,
                          "sparse_ms": sms, "sparse_variant": sname, "sparse_all_ms": t,
@@ -488,8 +480,8 @@ def part_fig8(args, dev, res, real_means, real_tensors, real_label):
             gr = layer_spec({**layer, "h": xr.shape[2], "w": xr.shape[3]})[0]
             d_r = time_dense(w, b, gr, tpool, xr, reps, dry)
             t_r = time_sparse(kl, xr, reps, dry, names=set(keep))
-            sname, sms = best(t_r)
-            dn, db = best(d_r)
+            sname, sms = fastest(t_r)
+            dn, db = best_dense(d_r)
             s_r = float((xr == 0).float().mean())
             rows.append({"layer": layer["name"], "dtype": dname, "target": target, "sparsity": round(s_r, 4),
                          "kind": f"real-activation {xr.shape[2]}x{xr.shape[3]}", "sparse_ms": sms,
