@@ -12,7 +12,8 @@ def same_pads(in_size, kernel, stride, dilation=None, upper: bool = True) -> lis
 
     Output length is ceil(n / stride); the total padding needed for it (with the dilated
     kernel extent (k - 1) * d + 1) is split in half, the odd one at the end for SAME_UPPER
-    and at the beginning for SAME_LOWER. The one copy every pass and op uses.
+    and at the beginning for SAME_LOWER. The one copy every pass and op uses (through
+    `explicit_pads` where the attributes are at hand).
     """
     dilation = dilation or [1] * len(kernel)
     begins, ends = [], []
@@ -23,3 +24,17 @@ def same_pads(in_size, kernel, stride, dilation=None, upper: bool = True) -> lis
         begins.append(small if upper else big)
         ends.append(big if upper else small)
     return begins + ends
+
+
+def explicit_pads(auto_pad, pads, in_size, kernel, stride, dilation=None) -> list[int] | None:
+    """A conv's or pool's ONNX padding as explicit pads [begin..., end...], from its `auto_pad`
+    (str or bytes; NOTSET when None) and `pads` attributes; None where SAME padding needs an
+    input size that is unknown (`in_size` None, or a dim None or <= 0)."""
+    auto = auto_pad.decode() if isinstance(auto_pad, bytes) else (auto_pad or "NOTSET")
+    if auto == "NOTSET":
+        return [int(p) for p in pads] if pads else [0] * (2 * len(kernel))
+    if auto == "VALID":
+        return [0] * (2 * len(kernel))
+    if in_size is None or any(n is None or n <= 0 for n in in_size):
+        return None
+    return same_pads(list(in_size), kernel, stride, dilation, upper=auto == "SAME_UPPER")

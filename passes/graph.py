@@ -4,6 +4,10 @@ A pass is `fn(model: onnx.ModelProto, **options) -> PassResult`; a pipeline is a
 list of (pass, options) pairs run in order, with the model checked after each one. A failure
 names the pass and the passes before it; SPARSECNN_DUMP_PASSES=DIR (or `dump_dir`) writes the
 model before the first pass and after each one.
+
+Passes that change the graph's structure (fold_bn, csr_rewrite, rewrite_2to4, fuse_ecr) edit it
+through onnx-graphsurgeon (`import_graph`, edit, `export_graph`); those that only change values
+or types in place (prune, to_fp16) edit the proto.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import onnx
 import torch
 
-from ..common.shapes import same_pads
+from ..common.shapes import explicit_pads
 
 OpFn = Callable[..., Any]
 Builder = Callable[["NodeContext"], OpFn]
@@ -92,9 +92,4 @@ def _torch_pad(pads: list[int]) -> list[int]:
 
 
 def resolve_pads(ctx: NodeContext, x: torch.Tensor, kernel, stride, dilation) -> list[int]:
-    pads, auto = conv_padding(ctx, len(kernel))
-    if pads is not None:
-        return pads
-    if auto == "VALID":
-        return [0] * (2 * len(kernel))
-    return same_pads(list(x.shape[2:]), kernel, stride, dilation, upper=auto == "SAME_UPPER")
+    return explicit_pads(ctx.attr("auto_pad"), ctx.attr("pads"), list(x.shape[2:]), kernel, stride, dilation)

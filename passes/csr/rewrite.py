@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from .layout import csr_from_dense, gemm_view
-from ...common.shapes import same_pads
+from ...common.shapes import explicit_pads
 from ..masks import is_excluded
 from ..graph import (SPARSECNN_DOMAIN, PassResult, copy_model, export_graph, import_graph, inferred_value_infos,
                     prune_exclusions, set_tensor_info)
@@ -201,16 +201,11 @@ def _convertible(node, w: np.ndarray, types: dict) -> tuple[str | None, dict]:
         kernel = list(attrs.get("kernel_shape") or w.shape[2:])
         strides = list(attrs.get("strides") or [1, 1])
         dilations = list(attrs.get("dilations") or [1, 1])
-        auto = attrs.get("auto_pad", "NOTSET")
-        if auto == "NOTSET":
-            pads = list(attrs.get("pads") or [0, 0, 0, 0])
-        elif auto == "VALID":
-            pads = [0, 0, 0, 0]
-        else:
-            dims = _dims(types.get(node.inputs[0].name))
-            if not dims or len(dims) != 4 or dims[2] is None or dims[3] is None:
-                return "auto_pad_unknown_shape", {}
-            pads = same_pads(dims[2:], kernel, strides, dilations, upper=auto == "SAME_UPPER")
+        dims = _dims(types.get(node.inputs[0].name))
+        pads = explicit_pads(attrs.get("auto_pad"), attrs.get("pads"), dims[2:] if dims and len(dims) == 4 else None,
+                             kernel, strides, dilations)
+        if pads is None:
+            return "auto_pad_unknown_shape", {}
         return None, {"kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
                       "in_channels": int(w.shape[1]), "bias": bias}
     # Gemm: Y = A @ op(B) + C with A [N, in]; only the plain linear-layer form.

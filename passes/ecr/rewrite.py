@@ -14,7 +14,7 @@ from collections import Counter
 import numpy as np
 import onnx
 
-from ...common.shapes import same_pads
+from ...common.shapes import explicit_pads
 from ..graph import SPARSECNN_DOMAIN, PassResult, export_graph, import_graph, static_shapes
 
 ECR_CONV = "EcrConv"
@@ -22,16 +22,8 @@ ECR_CONV_POOL = "EcrConvPool"
 
 
 def _explicit_pads(attrs: dict, spatial: list[int] | None, kernel: list[int], stride: list[int]) -> list[int] | None:
-    """ONNX pads [top, left, bottom, right] from `pads` / `auto_pad`; None if it needs an unknown size."""
-    auto = attrs.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto == "NOTSET":
-        return [int(p) for p in attrs.get("pads", [0, 0, 0, 0])]
-    if auto == "VALID":
-        return [0, 0, 0, 0]
-    if spatial is None or any(n <= 0 for n in spatial):
-        return None
-    return same_pads(spatial, kernel, stride, attrs.get("dilations"), upper=auto == "SAME_UPPER")
+    """ONNX pads [top, left, bottom, right] of a graphsurgeon node; None if it needs an unknown size."""
+    return explicit_pads(attrs.get("auto_pad"), attrs.get("pads"), spatial, kernel, stride, attrs.get("dilations"))
 
 
 def _constant(tensor):
