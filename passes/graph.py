@@ -152,7 +152,8 @@ def run_pipeline(model: onnx.ModelProto, pipeline: Iterable[tuple[Pass, dict]],
         except UserError as exc:
             raise UserError(f"{exc} (in the '{name}' pass)") from exc
         except Exception as exc:
-            raise PassError(f"An error occurred when running the '{name}' pass after the following passes: {done}") from exc
+            raise PassError(f"An error occurred when running the '{name}' pass after the following passes: "
+                            f"{done}") from exc
         if dump_dir:
             _dump(res.model, dump_dir, run, step, name)
         results.append(res)

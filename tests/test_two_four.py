@@ -130,3 +130,26 @@ def test_rewrite_gemm_stores_the_out_in_view_and_matches_onnxruntime(trans_b):
     x = np.random.default_rng(1).standard_normal((5, 16), dtype=np.float32)
     out = get_runtime("torch").compile(sparse, "cpu")(torch.from_numpy(x))
     assert rel_err(out[0], ort_run(model, x)[0]) < 1e-6
+
+
+def test_layers_sharing_a_weight_share_its_packed_tensors():
+    w = random_2to4(12, 16, seed=3).numpy()  # [out, in], 2:4 along in
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["a"], name="fc_a", transB=1),
+         helper.make_node("Gemm", ["x", "w"], ["b"], name="fc_b", transB=1),
+         helper.make_node("Gemm", ["x", "w_t"], ["c"], name="fc_c"),
+         helper.make_node("Add", ["a", "b"], ["ab"], name="add_ab"),
+         helper.make_node("Add", ["ab", "c"], ["y"], name="add_c")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 12])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w.T.copy(), "w_t")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    sparse, results = run_pipeline(model, [(rewrite_2to4, {})])
+    assert results[0].counters["converted_gemm"] == 3
+    names = [t.name for t in sparse.graph.initializer]
+    assert sorted(names) == ["w.2to4_positions", "w.2to4_values", "w_t.2to4_positions", "w_t.2to4_values"]
+    fc = {n.name: list(n.input) for n in sparse.graph.node}
+    assert fc["fc_a"][1:] == fc["fc_b"][1:] == ["w.2to4_values", "w.2to4_positions"]
+    x = np.random.default_rng(2).standard_normal((5, 16), dtype=np.float32)
+    out = get_runtime("torch").compile(sparse, "cpu")(torch.from_numpy(x))
+    np.testing.assert_allclose(out[0].numpy(), 3 * x @ w.T, rtol=1e-5, atol=1e-5)

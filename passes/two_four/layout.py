@@ -109,6 +109,7 @@ def rewrite_2to4(model: onnx.ModelProto) -> PassResult:
     shapes = inferred_value_infos(model)
     todo = {n.output[0]: (w, axis) for n, w, axis in weight_nodes(model)}  # outputs are unique names
     graph = import_graph(model)
+    packed: dict[str, tuple[tuple[str, int], list]] = {}  # weight -> ((op, axis) it was packed for, its tensors)
     for node in list(graph.nodes):
         if not node.outputs or node.outputs[0].name not in todo:
             continue
@@ -124,6 +125,8 @@ def rewrite_2to4(model: onnx.ModelProto) -> PassResult:
             reason = "skipped_gemm_transA"
         elif not is_2to4(w, axis):
             reason = "left_dense_not_2to4"
+        elif weight_name in packed and packed[weight_name][0] != (node.op, axis):
+            reason = "skipped_weight_shared_in_another_layout"  # one name cannot hold two packings
         if reason:
             counters[reason] += 1
             continue
@@ -136,16 +139,19 @@ def rewrite_2to4(model: onnx.ModelProto) -> PassResult:
             view = w if axis == 1 else w.t().contiguous()
             attrs = {k: v for k, v in node.attrs.items() if k in ("alpha", "beta")}
             op_type = GEMM_OP
-        values, positions = pack_2to4(view)
-        packed = [gs.Constant(f"{weight_name}.2to4_values", values.numpy().astype(arr.dtype)),
-                  gs.Constant(f"{weight_name}.2to4_positions", positions.numpy())]
+        if weight_name not in packed:  # layers sharing a weight share its packed tensors
+            values, positions = pack_2to4(view)
+            tensors = [gs.Constant(f"{weight_name}.2to4_values", values.numpy().astype(arr.dtype)),
+                       gs.Constant(f"{weight_name}.2to4_positions", positions.numpy())]
+            packed[weight_name] = ((node.op, axis), tensors)
         outputs = list(node.outputs)
         for o in outputs:
             if o.dtype is None and o.name in shapes:
                 set_tensor_info(o, shapes[o.name])
         node.outputs.clear()  # the dense node and, once unused, its weight go at export
+        inputs = [node.inputs[0], *packed[weight_name][1], *node.inputs[2:3]]
         graph.nodes.append(gs.Node(op_type, name=node.name or f"{node.op}({', '.join(o.name for o in outputs)})",
-                                   domain=SPARSECNN_DOMAIN, attrs=dict(sorted(attrs.items())),
-                                   inputs=[node.inputs[0], *packed, *node.inputs[2:3]], outputs=outputs))
+                                   domain=SPARSECNN_DOMAIN, attrs=dict(sorted(attrs.items())), inputs=inputs,
+                                   outputs=outputs))
         counters["converted_conv" if node.op == "Conv" else "converted_gemm"] += 1
     return PassResult(export_graph(graph, model), counters, "rewrite_2to4")
