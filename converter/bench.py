@@ -200,7 +200,22 @@ def _engine_candidate(label, kind, runtime_name, prune, dense_conv, model, regim
         c.row["model_onnx_bytes"] = onnx_bytes(sparse)
     c.row["weight_bytes"] = eng.weight_bytes()
     c.row["cuda_graph"] = hasattr(runner, "replay")
-    return c
+    if kind != "runtime":
+        return c
+    # The engine people deploy is guarded (base.Engine: never slower than its dense plans);
+    # the library "as it is" is the graph its layers chose. Both are reported; where the guard
+    # kept the layers' own graph they are one engine and one row.
+    plan = next(iter(eng.plans.values()), {}) if eng.plans else {}
+    c.row["guard"] = plan.get("chosen", "as chosen")
+    as_is = eng.unguarded_runner(*xs)
+    if as_is is runner or not hasattr(as_is, "replay"):
+        return c
+    c.row["guard_reason"] = plan.get("reason", "")
+    raw = Candidate(f"{label} as is", kind, runtime_name, prune, dense_conv, run=lambda i: as_is.replay(),
+                    engine=eng, inputs=xs)
+    raw.row.update({k: v for k, v in c.row.items() if k in ("model_onnx_bytes", "weight_bytes", "cuda_graph")},
+                   guard="off")
+    return [c, raw]
 
 
 def _timed(c: Candidate, regime: Regime, device: torch.device, cfg: BenchConfig):
@@ -345,7 +360,7 @@ def _build_candidates(cfg, prep, regime, batch, x, where, errors, bar) -> list[C
         bar.set_postfix_str(f"{where}: {what}")
         try:
             c = make()
-            cands.append(c)
+            cands.extend(c if isinstance(c, list) else [c])
         except UserError as exc:
             errors.append({"where": f"{where} {what}", "error": str(exc)})
         except Exception as exc:

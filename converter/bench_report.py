@@ -75,17 +75,29 @@ def markdown(result: dict) -> str:
         if spreads:
             lines += ["", f"Largest run-to-run spread of a graph-replayed network: {_pct(max(spreads))} "
                           f"(median {_pct(sorted(spreads)[len(spreads) // 2])})."]
-        plans = [r for r in nets if r.get("plans")]
+        plans = [r for r in nets if r.get("plans") and r["kind"] == "dense"]
         if plans:
             lines += ["", "### Best dense engine: what it chose", "",
                       "| model | regime | batch | whole-network plans (ms) | kept | convs per engine |", "|---|---|---|---|---|---|"]
             counts = _choice_counts(result)
             for r in plans:
                 for shape, p in r["plans"].items():
-                    ms = ", ".join(f"{k} {v:.3f}" for k, v in p["ms"].items())
+                    ms = ", ".join(f"{k} {v:.3f}" for k, v in (p.get("ms") or {}).items())
                     c = counts.get((r["model"], r["regime"], r["batch"]), {})
                     lines.append(f"| {r['model']} | {r['regime']} | {r['batch']} | {ms} | {p['chosen']} | "
                                  f"{', '.join(f'{MODE_SHORT.get(k, k)} {v}' for k, v in sorted(c.items())) or '–'} |")
+        guarded = [r for r in nets if r["kind"] == "runtime" and r.get("guard") not in (None, "off")]
+        if guarded:
+            lines += ["", "### Whole-graph guard: the engine people deploy vs the library as it is", "",
+                      "Every sparse engine is timed against its own all-dense and uniform cuDNN plans (interleaved); "
+                      "where it loses it reverts layers to dense (`partial`) or falls back whole, and the row "
+                      "`… as is` keeps the library's own graph (guard off).", "",
+                      "| model | engine | regime | batch | kept | plans (ms) | why |", "|---|---|---|---|---|---|---|"]
+            for r in guarded:
+                for shape, p in (r.get("plans") or {}).items():
+                    ms = ", ".join(f"{k} {v:.3f}" for k, v in (p.get("ms") or {}).items()) or "–"
+                    lines.append(f"| {r['model']} | {r['engine']} | {r['regime']} | {r['batch']} | {p.get('chosen')} | "
+                                 f"{ms} | {p.get('reason', '')} |")
     layers = result.get("layers") or []
     if layers:
         lines += ["", "## Why (no) speedup: the share of time a runtime can accelerate", "",
@@ -314,6 +326,13 @@ def plot_layers(result: dict, model: str | None = None):
         ax_s.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def fit_name(name: str, width: int) -> str:
+    """`name` in at most `width` characters: a long one (a model path) keeps its end behind a visible
+    '…', so text-table columns never run together."""
+    name = str(name)
+    return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
 def _short(name: str) -> str:
