@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .errors import UserError
@@ -12,6 +13,10 @@ from .fileio import atomic_path
 
 # Model metadata key under which export stores the input spec (size, normalisation, classes).
 INPUT_SPEC_KEY = "sparsecnn.input_spec"
+# Opsets of the default domain the executor and passes are written for: 11 is where Pad, Resize
+# and Clip took their current form; newer than the installed onnx cannot be checked at all.
+OPSET_FLOOR = 11
+OPSET_CEILING = onnx.defs.onnx_opset_version()
 
 
 def load_onnx(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
@@ -20,16 +25,121 @@ def load_onnx(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
     if not p.is_file():
         raise UserError(f"ONNX file not found: {p}")
     try:
-        model = onnx.load(str(p))
+        # external data stays unread: validate_model refuses it rather than follow its paths
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises several types for a damaged file
         raise UserError(f"{p} is not a readable ONNX file ({type(exc).__name__}: {exc}); re-export it") from None
+    validate_model(model, p, check=check)
+    return model
+
+
+def parse_model(data: bytes, where: str | os.PathLike) -> onnx.ModelProto:
+    """An ONNX model from bytes someone else made (e.g. inside an engine file), validated."""
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # google.protobuf.message.DecodeError and friends
+        raise UserError(f"{where} is not an ONNX protobuf ({type(exc).__name__}); rebuild it") from None
+    validate_model(model, where)
+    return model
+
+
+def validate_model(model: onnx.ModelProto, where: str | os.PathLike, check: bool = True) -> None:
+    """Everything a model from a file must pass before sparsecnn uses it, each failure one line
+    naming `where`: no external data, a supported opset, the ONNX checker, finite weights,
+    readable metadata, an input that can feed the first conv."""
+    if not model.graph.node:
+        raise UserError(f"{where} holds no ONNX graph (no nodes); re-export it")
+    for t in _all_tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.external_data:
+            raise UserError(f"{where}: tensor '{t.name}' keeps its data in an external file; sparsecnn reads "
+                            "only self-contained models (save it without external data)")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or not OPSET_FLOOR <= opset <= OPSET_CEILING:
+        raise UserError(f"{where} uses ONNX opset {opset}; sparsecnn reads opsets {OPSET_FLOOR} to "
+                        f"{OPSET_CEILING} (convert it with onnx.version_converter)")
     if check:
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-            raise UserError(f"{p} fails the ONNX checker: {first}") from None
-    return model
+            raise UserError(f"{where} fails the ONNX checker: {first}") from None
+    for t in model.graph.initializer:
+        if t.data_type in _FLOAT_TYPES:
+            bad = nonfinite_kind(onnx.numpy_helper.to_array(t))
+            if bad:
+                raise UserError(f"{where}: weight tensor '{t.name}' holds {bad} values; fix or retrain the model")
+    _check_metadata(model, where)
+    spec = get_input_spec(model, where)
+    _check_input_feeds_first_conv(model, where, spec)
+
+
+# The project's metadata keys and the JSON type each holds (passes/graph.py writes the exclusions).
+METADATA_TYPES = {INPUT_SPEC_KEY: dict, "sparsecnn.prune_exclude": list}
+
+
+def _check_metadata(model: onnx.ModelProto, where) -> None:
+    """Every `sparsecnn.*` metadata value must be JSON of its key's type, so its readers need no guard."""
+    for prop in model.metadata_props:
+        if not prop.key.startswith("sparsecnn."):
+            continue
+        try:
+            value = json.loads(prop.value)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise UserError(f"{where}: metadata '{prop.key}' is not valid JSON ({exc}); re-export the model") from None
+        want = METADATA_TYPES.get(prop.key)
+        if want is not None and not isinstance(value, want):
+            raise UserError(f"{where}: metadata '{prop.key}' should be a JSON {want.__name__}, got "
+                            f"{type(value).__name__}; re-export the model")
+        if want is list and not all(isinstance(v, str) for v in value):
+            raise UserError(f"{where}: metadata '{prop.key}' should list tensor names (strings); re-export the model")
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def nonfinite_kind(values) -> str | None:
+    """'NaN', 'Inf' or 'NaN and Inf' when an array (numpy or torch) holds such values, else None."""
+    arr = np.asarray(values.detach().cpu().float() if hasattr(values, "detach") else values)
+    if arr.dtype.kind not in "fc" or arr.size == 0:
+        return None
+    has_nan, has_inf = bool(np.isnan(arr).any()), bool(np.isinf(arr).any())
+    return " and ".join(k for k, on in (("NaN", has_nan), ("Inf", has_inf)) if on) or None
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _all_tensors(g)
+
+
+def _check_input_feeds_first_conv(model: onnx.ModelProto, where, spec: dict | None) -> None:
+    """The declared input's channels must be what each conv reading it takes (and the spec's)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        if len(dims) != 4:
+            continue
+        channels = dims[1]
+        if spec is not None and channels and spec.get("channels") not in (None, channels):
+            raise UserError(f"{where}: its input spec says {spec['channels']} channels, input '{vi.name}' "
+                            f"has {channels}; re-export it")
+        for node in model.graph.node:
+            if node.op_type != "Conv" or not node.input or node.input[0] != vi.name or len(node.input) < 2:
+                continue
+            w = inits.get(node.input[1])
+            if w is None or len(w.dims) != 4:
+                continue
+            group = next((a.i for a in node.attribute if a.name == "group"), 1) or 1
+            if channels and w.dims[1] * group != channels:
+                raise UserError(f"{where}: input '{vi.name}' has {channels} channels but conv "
+                                f"'{node.name or node.output[0]}' takes {w.dims[1] * group}; the model cannot run")
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
@@ -43,10 +153,18 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return p
 
 
-def get_input_spec(model: onnx.ModelProto) -> dict | None:
+def get_input_spec(model: onnx.ModelProto, where: str | os.PathLike = "the model") -> dict | None:
+    """The input spec stored in the metadata, as a dict (its fields are checked by InputSpec.from_dict)."""
     for prop in model.metadata_props:
         if prop.key == INPUT_SPEC_KEY:
-            return json.loads(prop.value)
+            try:
+                spec = json.loads(prop.value)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise UserError(f"{where}: metadata '{INPUT_SPEC_KEY}' is not valid JSON ({exc}); "
+                                "re-export the model") from None
+            if not isinstance(spec, dict):
+                raise UserError(f"{where}: metadata '{INPUT_SPEC_KEY}' is not a JSON object; re-export the model")
+            return spec
     return None
 
 

@@ -42,11 +42,20 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line, like every other error of the CLI (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with every verb listed and only `command`'s arguments defined (its module imported)."""
-    parser = argparse.ArgumentParser(prog="sparsecnn", description=DESCRIPTION, epilog=EPILOG,
+    parser = _Parser(prog="sparsecnn", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of any error (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, summary) in VERBS.items():
         if name == command:
@@ -80,8 +89,32 @@ def _version() -> str:
         return "unknown"
 
 
+def library_error(exc: BaseException) -> str | None:
+    """A library's error that the user can act on (out of memory, a model the ONNX checker or
+    shape inference rejects, a full disk), as one line; None for anything else (a bug)."""
+    import errno
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, MemoryError):
+        return "out of host memory; try a smaller --batch or model"
+    if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():  # torch.OutOfMemoryError too
+        return f"out of memory ({text[:160]}); try a smaller --batch, --dtype fp16 or another device"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                                                  errno.ENAMETOOLONG):
+        return f"{exc.strerror or text}{': ' + str(exc.filename) if exc.filename else ''}"
+    mod = type(exc).__module__ or ""
+    if mod.startswith("onnx") and type(exc).__name__ in ("ValidationError", "InferenceError", "ShapeInferenceError",
+                                                         "TypeInferenceError", "ConvertError"):
+        return f"the ONNX model is invalid ({type(exc).__name__}: {text[:200]})"
+    if mod.startswith("google.protobuf") and type(exc).__name__ == "DecodeError":
+        return f"a file is not a valid protobuf ({text[:200]})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # anywhere on the line: `sparsecnn run ... --debug` as well
+    argv = [a for a in argv if a != "--debug"]
     command = _command(argv)
     try:
         parser = build_parser(command if command in VERBS else None)
@@ -93,8 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
+        if debug:
+            raise
         print(f"sparsecnn {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - only known library errors become one line, the rest re-raise
+        line = None if debug else library_error(exc)
+        if line is None:
+            raise
+        print(f"sparsecnn {args.command}: error: {line} (--debug shows the traceback)", file=sys.stderr)
+        return UserError.exit_code
     except KeyboardInterrupt:
         print(f"sparsecnn {args.command}: interrupted", file=sys.stderr)
         return 130

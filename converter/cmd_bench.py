@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..common.errors import UserError
+from .options import MAX_BATCH, int_range, positive_float
 
 HELP = """\
 Time models x runtimes x prune settings x precision regimes x batch sizes on one device in
@@ -81,9 +82,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer timing")
     p.add_argument("--flush-l2", action="store_true",
                    help="overwrite L2 before every timed run (cold weights: the edge-device situation)")
-    p.add_argument("--budget-ms", type=float, default=300.0,
+    p.add_argument("--budget-ms", type=positive_float, default=300.0,
                    help="about how long one timing of one configuration lasts; sets the repetitions (default 300)")
-    p.add_argument("--repeats", type=int, default=2, help="timings per configuration, for the spread (default 2)")
+    p.add_argument("--repeats", type=int_range(1, 100), default=2, help="timings per configuration, for the spread (default 2)")
     p.add_argument("--gemm", action="store_true", help="also run the GEMM sweep (as the word spmm does)")
     p.add_argument("--gemm-methods", help="comma-separated GEMM methods (default: all registered)")
     p.add_argument("--gemm-regimes", default="fp32-cuda-core,fp32,fp16",
@@ -101,8 +102,8 @@ def _ints(text: str, what: str) -> list[int]:
         vals = [int(v) for v in _csv(text)]
     except ValueError:
         raise UserError(f"{what} takes comma-separated integers, got '{text}'") from None
-    if not vals or any(v < 1 for v in vals):
-        raise UserError(f"{what} needs positive integers, got '{text}'")
+    if not vals or any(v < 1 or v > MAX_BATCH for v in vals):
+        raise UserError(f"{what} needs integers from 1 to {MAX_BATCH}, got '{text}'")
     return vals
 
 
@@ -121,13 +122,14 @@ def run(args) -> int:
 
     import torch
 
+    from ..common.fileio import check_output_folder
     from ..runtimes import availability, resolve_device, runtime_names
     from ..runtimes.torch.dense_conv import CHOICES
     from .bench import BenchConfig, environment, load_accuracy, new_result, run_networks, summary_rows
     from .bench_report import write_json, write_reports
     from .regimes import parse_regimes
 
-    out = Path(args.out)
+    out = check_output_folder(args.out, "-o")
     accuracy = load_accuracy(args.accuracy) if args.accuracy else None
     if args.report_only:
         src = Path(args.report_only)
@@ -218,11 +220,14 @@ def run(args) -> int:
 
 
 def _print_short(result: dict) -> None:
+    from .bench_report import fit_name
+
     nets = [r for r in result.get("networks") or [] if r.get("median_ms")]
     if nets:
         print(f"{'model':<14}{'regime':<16}{'b':>3}  {'engine':<24}{'ms':>9}{'spread':>8}{'vs eager':>9}{'vs best':>9}")
         for r in nets:
             sp = f"{100 * r['spread']:.1f}%" if r.get("spread") is not None else "–"
             x = lambda v: f"{v:8.2f}x" if v is not None else f"{'–':>9}"  # noqa: E731
-            print(f"{r['model']:<14}{r['regime']:<16}{r['batch']:>3}  {r['engine'][:23]:<24}{r['median_ms']:>9.3f}"
+            print(f"{fit_name(r['model'], 13):<14}{r['regime']:<16}{r['batch']:>3}  {fit_name(r['engine'], 23):<24}"
+                  f"{r['median_ms']:>9.3f}"
                   f"{sp:>8}{x(r.get('speedup_vs_eager'))}{x(r.get('speedup_vs_best_dense'))}")

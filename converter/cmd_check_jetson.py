@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import add_source_args
+from .options import add_source_args, batch_size
 
 EXAMPLES = """\
 examples:
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--board", choices=[*BOARDS, "both", "all"], default=None,
                    help="a Jetson board: which runtimes and kernels apply there, the roofline estimate and what it "
                         "cannot predict ('both': nano and orin-nano, the --roofline default; 'all': every board)")
-    p.add_argument("--batch", type=int, default=1, help="batch size for --roofline (default 1)")
+    p.add_argument("--batch", type=batch_size, default=1, help="batch size for --roofline (default 1)")
     p.add_argument("--summary", action="store_true", help="--roofline without the per-layer rows")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--write-fp16", metavar="OUT.onnx", help="also write an fp16 copy of the model (fp32 inputs and "
@@ -45,7 +45,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..common.errors import UserError
     from dataclasses import asdict
 
     from ..passes.jetson import board_runtimes, check_trt82
@@ -53,8 +52,10 @@ def run(args) -> int:
     from ..runtimes.nvrtc import KERNEL_FAMILIES, kernel_notes
     from .source import load_source
 
-    if args.batch < 1:
-        raise UserError(f"--batch must be at least 1, got {args.batch}")
+    if args.write_fp16:
+        from ..common.fileio import check_output
+
+        check_output(args.write_fp16, [args.source, args.weights], "--write-fp16")
     src = load_source(args.source, args.weights, args.num_classes, args.opset, quiet=args.json)
     report = check_trt82(src.model)
     if args.write_fp16:

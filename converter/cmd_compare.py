@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from ..common.errors import UserError
+from .options import batch_size, int_range, positive_float, positive_int, unit_float
 
 HELP = """\
 Compare a model with its pruned versions on real data: dense vs each pruning method
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("source", help="a sparsecnn checkpoint (from `sparsecnn train`), a registry model name, or an "
                                   "ONNX file (one-shot 2:4 and unstructured only)")
     p.add_argument("--weights", help="weights for a registry model (see `convert --help`)")
-    p.add_argument("--num-classes", type=int, help="classifier size of a registry model")
+    p.add_argument("--num-classes", type=int_range(1, 10**6), help="classifier size of a registry model")
     p.add_argument("--methods", nargs="+", default=["2:4", "0.9", "channel:0.5"], metavar="METHOD",
                    help="2:4, a sparsity such as 0.9 (unstructured magnitude), channel:F (remove the fraction F "
                         "of FLOPs by whole filters); default: 2:4 0.9 channel:0.5")
@@ -46,18 +47,18 @@ def add_parser(sub) -> None:
                    help="unstructured: same sparsity per layer, or one threshold over all (default layer)")
     p.add_argument("--data", help="Fashion-MNIST folder (default: the Debian package's files) or an ImageFolder "
                                   "directory (labelled by sub-folder; a test/ or val/ sub-folder is used if present)")
-    p.add_argument("--subset", type=int, help="evaluate on the first N images only")
-    p.add_argument("--finetune-epochs", type=int, metavar="N",
+    p.add_argument("--subset", type=positive_int, help="evaluate on the first N images only")
+    p.add_argument("--finetune-epochs", type=int_range(0, 10000), metavar="N",
                    help="epochs of fine-tuning per method (0: one-shot only; default on GPU: 2:4 5, "
                         "unstructured 12, channel 10; on CPU 1)")
-    p.add_argument("--train-subset", type=int, help="fine-tune on the first N training images (CPU default 1000)")
-    p.add_argument("--lr", type=float, help="fine-tuning learning rate for 2:4 (x2.5 for the others); default: "
+    p.add_argument("--train-subset", type=positive_int, help="fine-tune on the first N training images (CPU default 1000)")
+    p.add_argument("--lr", type=positive_float, help="fine-tuning learning rate for 2:4 (x2.5 for the others); default: "
                                             "the model's recipe")
-    p.add_argument("--batch-size", type=int, help="fine-tuning batch size (default: the recipe's; 64 on CPU)")
-    p.add_argument("--eval-batch", type=int, default=250, help="evaluation batch size (default 250)")
+    p.add_argument("--batch-size", type=batch_size, help="fine-tuning batch size (default: the recipe's; 64 on CPU)")
+    p.add_argument("--eval-batch", type=batch_size, default=250, help="evaluation batch size (default 250)")
     p.add_argument("--runtime", default="torch", help="runtime that runs the ONNX files (default torch)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when present)")
-    p.add_argument("--cov-threshold", type=float, default=0.5, help="detectors: coverage value that marks a cell")
+    p.add_argument("--cov-threshold", type=unit_float, default=0.5, help="detectors: coverage value that marks a cell")
     p.add_argument("--seed", type=int, default=0, help="seed for fine-tuning")
     p.add_argument("--json", help="write all results (per-epoch fine-tuning history included) to this file")
     p.add_argument("--plot", help="write a plot of accuracy vs sparsity to this .png/.svg/.pdf")
@@ -68,7 +69,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..common.fileio import write_text_atomic
+    from ..common.fileio import check_outputs, write_text_atomic
     from ..runtimes import resolve_device
     from .compare import (compare_model, finetune_data, finetune_plan, format_table, load_subject, markdown_table,
                           parse_methods, plot_results, write_json)
@@ -78,6 +79,8 @@ def run(args) -> int:
     for out, suffixes in ((args.json, (".json",)), (args.plot, (".png", ".svg", ".pdf")), (args.markdown, (".md",))):
         if out and not out.endswith(suffixes):
             raise UserError(f"{out}: expected a {' or '.join(suffixes)} file")
+    check_outputs({"--json": args.json, "--plot": args.plot, "--markdown": args.markdown},
+                  [args.source, args.weights])  # before the comparison runs, not after
     device = resolve_device(args.device)
     data = load_data(args.data, "test").subset(args.subset)
     subject = load_subject(args.source, args.weights, args.num_classes, quiet=False)

@@ -42,6 +42,8 @@ def _default_output(label: str, prune: str | None) -> str:
 
 
 def run(args) -> int:
+    from ..common.errors import UserError
+    from ..common.fileio import check_outputs
     from ..common.onnxio import save_onnx
     from ..passes.graph import run_pipeline
     from ..passes.inspect import layer_table, sparsity_summary
@@ -51,31 +53,40 @@ def run(args) -> int:
     from .source import load_source, stage
 
     pipeline = prune_pipeline(args.prune, args.scope, args.exclude)  # validates --prune before any work
+    if not (args.engine or args.sparse_onnx) and (getattr(args, "runtime_given", False) or args.options):
+        raise UserError(f"--runtime {args.runtime} / --option take effect only with --engine FILE or "
+                        "--sparse-onnx FILE; add one, or drop them")
     opts = compile_options(args)  # and --option against --runtime
     runtime = require_runtime(args.runtime) if (args.engine or args.sparse_onnx) else None
     device = resolve_device(args.device) if args.engine else None
+    inputs = [args.source, args.weights]
+    if args.output:  # every target checked before any work (the default name is known only later)
+        check_outputs({"-o": args.output, "--engine": args.engine, "--sparse-onnx": args.sparse_onnx}, inputs)
     src = load_source(args.source, args.weights, args.num_classes, args.opset)
+    out = Path(args.output or _default_output(src.label, args.prune))
+    check_outputs({"-o": out, "--engine": args.engine, "--sparse-onnx": args.sparse_onnx}, inputs)
     model = src.model
     if pipeline:
         with stage(f"pruning ({args.prune}{', ' + args.scope if args.prune != '2:4' else ''})"):
             model, results = run_pipeline(model, pipeline)
         for r in results:
             print(r.summary(), file=sys.stderr)
-    out = Path(args.output or _default_output(src.label, args.prune))
+    sparse = engine = None
+    if runtime is not None:  # every step that can fail runs before the first file is written
+        with stage(f"rewriting for runtime '{runtime.name}'"):
+            sparse = runtime.rewrite(model, opts)
+        if args.engine:
+            with stage(f"compiling for {device} ({args.dtype})"):
+                engine = runtime.compile(sparse, device, opts)
     save_onnx(model, out)
     s = sparsity_summary(layer_table(model))
     print(f"wrote {out}: {s['prunable_layers']} prunable layers at sparsity {s['prunable_sparsity']:.4f}, "
           f"{s['two_four_layers']} layers 2:4; weights {s['dense_bytes'] / 2**20:.1f} MiB dense, "
           f"{s['nonzero_bytes'] / 2**20:.1f} MiB non-zero")
-    if runtime is not None:
-        with stage(f"rewriting for runtime '{runtime.name}'"):
-            sparse = runtime.rewrite(model, opts)
-        if args.sparse_onnx:
-            save_onnx(sparse, args.sparse_onnx)
-            print(f"wrote {args.sparse_onnx} ({Path(args.sparse_onnx).stat().st_size / 2**20:.1f} MiB)")
-        if args.engine:
-            with stage(f"compiling for {device} ({args.dtype})"):
-                engine = runtime.compile(sparse, device, opts)
-            engine.save(args.engine)
-            print(f"wrote {args.engine}: runtime {runtime.name} on {device}, {args.dtype}")
+    if args.sparse_onnx:
+        save_onnx(sparse, args.sparse_onnx)
+        print(f"wrote {args.sparse_onnx} ({Path(args.sparse_onnx).stat().st_size / 2**20:.1f} MiB)")
+    if engine is not None:
+        engine.save(args.engine)
+        print(f"wrote {args.engine}: runtime {runtime.name} on {device}, {args.dtype}")
     return 0

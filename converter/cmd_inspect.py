@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import add_source_args
+from .options import add_source_args, int_range
 
 
 def add_parser(sub) -> None:
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
                    help="instead of weights, profile activation sparsity: run the model on DATA ('fashion-mnist', "
                         "an image folder, or 'random') and report per Conv the fraction of zero inputs (mean and "
                         "spread over images), which is what feature-map-sparse kernels (runtime ecr) skip")
-    p.add_argument("--samples", type=int, default=64, help="images to profile with --activations (default 64)")
+    p.add_argument("--samples", type=int_range(1, 100000), default=64, help="images to profile with --activations (default 64)")
     p.add_argument("--plot", metavar="PNG", help="with --activations: save a per-layer plot of the zero fractions")
     p.add_argument("--device", default="cpu", help="with --activations: cpu, cuda or cuda:N (default cpu)")
     p.set_defaults(func=run)
@@ -72,8 +72,10 @@ def _activations(args, src) -> int:
     if src.spec is None:
         raise UserError(f"{src.label} carries no input spec (size, normalisation); export it with sparsecnn "
                         "or use a registry model / sparsecnn checkpoint")
-    if args.samples < 1:
-        raise UserError("--samples must be at least 1")
+    if args.plot:
+        from ..common.fileio import check_output
+
+        check_output(args.plot, [args.source, args.weights], "--plot")
     images, what = load_profile_images(args.activations, src.spec, args.samples)
     rows = conv_input_sparsity(src.model, images, resolve_device(args.device))
     if args.json:

@@ -6,7 +6,7 @@ import io
 import time
 
 from ..common.errors import UserError
-from .options import add_engine_args
+from .options import add_engine_args, batch_size, positive_int
 
 EXAMPLES = """\
 examples:
@@ -26,9 +26,9 @@ def add_parser(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", help="an image file or a folder of images")
     src.add_argument("--random", action="store_true", help="random input (the default without --input)")
-    p.add_argument("--batch", type=int, default=1, help="batch size for random input (default 1)")
+    p.add_argument("--batch", type=batch_size, default=1, help="batch size for random input (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for random input")
-    p.add_argument("--topk", type=int, default=5, help="classes to print per image (default 5)")
+    p.add_argument("--topk", type=positive_int, default=5, help="classes to print per image (default 5)")
     p.add_argument("-o", "--output", help="write all outputs to this .npz file")
     p.add_argument("--save-inputs", action="store_true", help="also store the inputs in the .npz, by input name "
                                                                 "(the reference that scripts/jetson_deploy.py checks against)")
@@ -41,14 +41,14 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from ..common.fileio import write_bytes_atomic
+    from ..common.fileio import check_output, write_bytes_atomic
     from .options import compile_options
     from .source import fixed_input_shape, load_runnable
 
-    if args.batch < 1:
-        raise UserError(f"--batch must be at least 1, got {args.batch}")
     if args.output and not args.output.endswith(".npz"):
         raise UserError(f"--output must name an .npz file, got {args.output}")
+    if args.output:
+        check_output(args.output, [args.model, args.weights, args.input], "--output")
     files = None
     if args.input:
         from .images import image_files
@@ -87,9 +87,10 @@ def run(args) -> int:
             print(f"{n}: shape {list(o.shape)}, min {o.min():.4g}, mean {o.mean():.4g}, max {o.max():.4g}")
     if args.output:
         buf = io.BytesIO()
-        arrays = {n: o.numpy() for n, o in zip(names, outputs)}
+        # outputs live on the engine's device (and in its dtype): numpy wants host memory
+        arrays = {n: o.detach().cpu().numpy() for n, o in zip(names, outputs)}
         if getattr(args, "save_inputs", False):
-            arrays.update({n: x.numpy() for n, x in zip(engine.input_names, [x])})
+            arrays.update({n: x.detach().cpu().numpy() for n, x in zip(engine.input_names, [x])})
         np.savez(buf, **arrays)
         write_bytes_atomic(args.output, buf.getvalue())
         print(f"wrote {args.output}")

@@ -9,6 +9,9 @@ import torch
 from ..common.errors import UserError
 from ..models.registry import InputSpec
 
+# Grey modes wider than 8 bits and their full-scale value (16-bit PNG and TIFF open as these).
+WIDE_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0}
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
 
 
@@ -28,8 +31,16 @@ def preprocess(image, spec: InputSpec) -> torch.Tensor:
     """A PIL image -> [C, H, W] float tensor: resized, scaled, normalised per the spec."""
     from PIL import Image
 
-    image = image.convert("RGB" if spec.channels == 3 else "L").resize((spec.width, spec.height), Image.BILINEAR)
-    arr = np.asarray(image, dtype=np.float32)
+    if image.mode in WIDE_MODES:
+        # PIL's convert() to "L"/"RGB" clips these at 255 instead of scaling: scale to 0..255 here
+        arr = np.asarray(image, dtype=np.float32) * (255.0 / WIDE_MODES[image.mode])
+        image = Image.fromarray(arr, mode="F").resize((spec.width, spec.height), Image.BILINEAR)
+        arr = np.asarray(image, dtype=np.float32)[..., None]
+        arr = np.repeat(arr, spec.channels, axis=2) if spec.channels != 1 else arr
+    else:
+        image = image.convert("RGB" if spec.channels == 3 else "L").resize((spec.width, spec.height),
+                                                                           Image.BILINEAR)
+        arr = np.asarray(image, dtype=np.float32)
     x = torch.from_numpy(arr if arr.ndim == 3 else arr[..., None]).permute(2, 0, 1) * spec.scale
     if spec.mean is not None:
         x = (x - torch.tensor(spec.mean).view(-1, 1, 1)) / torch.tensor(spec.std).view(-1, 1, 1)

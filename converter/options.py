@@ -2,8 +2,84 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..common.errors import UserError
+
+# --- argparse types: a bad number is a one-line usage error (exit 2) before any work --------------
+# Largest batch a command accepts: beyond it the input alone outgrows any card's memory.
+MAX_BATCH = 4096
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+
+
+def int_range(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        v = _int(text)
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range: give {lo} to {hi}" if hi is not None
+                                             else f"{v} is out of range: give at least {lo}")
+        return v
+
+    parse.__name__ = "integer"  # argparse names the type in its message
+    return parse
+
+
+positive_int = int_range(1)
+nonnegative_int = int_range(0)
+batch_size = int_range(1, MAX_BATCH)
+
+
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = _float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return v
+
+
+def unit_float(text: str) -> float:
+    """A finite number in [0, 1] (thresholds, fractions)."""
+    v = _float(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1")
+    return v
+
+
+def opset(text: str) -> int:
+    from ..common.onnxio import OPSET_CEILING, OPSET_FLOOR
+
+    return int_range(OPSET_FLOOR, OPSET_CEILING)(text)
+
+
+positive_float.__name__ = unit_float.__name__ = "number"
+opset.__name__ = "opset"
+
+
+def mark_given(dest: str):
+    """An argparse action storing the value and setting `<dest>_given`: a default can then be told
+    from the same value given on purpose (convert --runtime without --engine)."""
+    class StoreGiven(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            setattr(namespace, self.dest, values)
+            setattr(namespace, f"{dest}_given", True)
+
+    return StoreGiven
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
@@ -11,8 +87,8 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
                                   "checkpoint (.pt) or an ONNX file")
     p.add_argument("--weights", help="state-dict file, or a torchvision weights name such as IMAGENET1K_V1 "
                                      "(needs the internet once); default: random weights, seed 0")
-    p.add_argument("--num-classes", type=int, help="classifier size (default: the model's, or the checkpoint's)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (13 for TensorRT 8.2 on the original "
+    p.add_argument("--num-classes", type=int_range(1, 10**6), help="classifier size (default: the model's, or the checkpoint's)")
+    p.add_argument("--opset", type=opset, default=17, help="ONNX opset (13 for TensorRT 8.2 on the original "
                                                          "Jetson Nano; default 17)")
 
 
@@ -27,7 +103,7 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runtime", default="torch", help="runtime to compile for (see `sparsecnn doctor`; default torch)")
+    p.add_argument("--runtime", default="torch", action=mark_given("runtime"), help="runtime to compile for (see `sparsecnn doctor`; default torch)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision (default fp32)")
     p.add_argument("--tf32", action="store_true", help="let fp32 convolutions and GEMMs use TF32 tensor cores")

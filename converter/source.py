@@ -55,8 +55,8 @@ def load_source(source: str, weights: str | None = None, num_classes: int | None
             model = load_onnx(path)
             if any(n.op_type == "BatchNormalization" for n in model.graph.node):
                 model, _ = run_pipeline(model, [(inline_constant_identities, {}), (fold_bn, {})])
-        spec = get_input_spec(model)
-        return Source(model, InputSpec.from_dict(spec) if spec else None, path.name)
+        spec = get_input_spec(model, path)
+        return Source(model, InputSpec.from_dict(spec, str(path)) if spec else None, path.name)
     arch = source
     if source not in MODELS and (path.suffix in {".pt", ".pth", ".ckpt"} or path.exists()):
         arch = checkpoint_arch(source)
@@ -80,8 +80,8 @@ def load_runnable(model: str, *, runtime: str, device: str, weights: str | None 
 
     if model.endswith(".engine"):
         engine = load_engine(model, None if device == "auto" else device)
-        spec = get_input_spec(engine.model)
-        return engine, InputSpec.from_dict(spec) if spec else None
+        spec = get_input_spec(engine.model, model)
+        return engine, InputSpec.from_dict(spec, model) if spec else None
     rt = require_runtime(runtime)
     dev = resolve_device(device)
     src = load_source(model, weights)

@@ -7,6 +7,7 @@ those layers are small, sensitive, and for 2:4 often have too few input channels
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pickle
 import zipfile
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..common.errors import UserError
+from ..common.onnxio import nonfinite_kind
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,10 +48,58 @@ class InputSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
+    def from_dict(cls, d: dict, where: str = "the stored input spec") -> "InputSpec":
+        """The spec stored in a file (ONNX metadata, checkpoint), each field checked: a UserError naming `where`."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: the input spec is not a dict; re-export or retrain")
         known = {f.name for f in dataclasses.fields(cls)}
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
-        return cls(**kw)
+        for k in ("channels", "height", "width"):
+            if k not in kw:
+                raise UserError(f"{where}: the input spec has no '{k}'; re-export or retrain")
+        try:
+            spec = cls(**kw)
+        except TypeError as exc:
+            raise UserError(f"{where}: bad input spec ({exc})") from None
+        spec._check(where)
+        return spec
+
+    def _check(self, where: str) -> None:
+        def bad(what: str):
+            return UserError(f"{where}: input spec {what}; re-export or retrain the model")
+
+        def count(v, lo, hi):
+            return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+        if not count(self.channels, 1, 4096):
+            raise bad(f"channels {self.channels!r} is not an integer in [1, 4096]")
+        for k in ("height", "width"):
+            if not count(getattr(self, k), 1, 16384):
+                raise bad(f"{k} {getattr(self, k)!r} is not an integer in [1, 16384]")
+        if not _finite_number(self.scale) or self.scale <= 0:
+            raise bad(f"scale {self.scale!r} is not a positive number")
+        for k in ("mean", "std"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, tuple) or len(v) != self.channels
+                                  or not all(_finite_number(x) for x in v)):
+                raise bad(f"{k} {v!r} is not {self.channels} finite numbers")
+        if (self.mean is None) != (self.std is None):
+            raise bad("has mean without std or std without mean")
+        if self.std is not None and any(x <= 0 for x in self.std):
+            raise bad(f"std {self.std!r} has a value <= 0")
+        if self.num_classes is not None and not count(self.num_classes, 1, 10**6):
+            raise bad(f"num_classes {self.num_classes!r} is not a positive integer")
+        if self.labels is not None and (not isinstance(self.labels, tuple)
+                                        or not all(isinstance(x, str) for x in self.labels)
+                                        or (self.num_classes is not None and len(self.labels) != self.num_classes)):
+            raise bad(f"labels are not {self.num_classes or 'some'} strings")
+        if not isinstance(self.input_name, str) or not isinstance(self.output_names, tuple) or not all(
+                isinstance(x, str) for x in self.output_names):
+            raise bad("input or output names are not strings")
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -173,6 +223,10 @@ def _tensor_dict(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise UserError(f"{path} does not hold a state dict (a dict of parameter names to tensors)")
+    for k, v in state.items():
+        bad = nonfinite_kind(v) if v.is_floating_point() else None
+        if bad:
+            raise UserError(f"{path}: tensor '{k}' holds {bad} values; fix or retrain the model")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -188,8 +242,14 @@ def load_model(name: str, weights: str | None = None, num_classes: int | None = 
     if weights and (os.sep in weights or Path(weights).suffix in {".pt", ".pth", ".ckpt", ".bin"} or Path(weights).exists()):
         obj = load_state_dict_file(weights)
         state = _tensor_dict(obj, weights)
-        if num_classes is None and isinstance(obj, dict) and isinstance(obj.get("num_classes"), int):
-            num_classes = obj["num_classes"]
+        stored = obj.get("num_classes") if isinstance(obj, dict) else None
+        if stored is not None:
+            if not isinstance(stored, int) or isinstance(stored, bool) or stored < 1:
+                raise UserError(f"{weights}: stored num_classes {stored!r} is not a positive integer; "
+                                "save the checkpoint again")
+            if num_classes is not None and num_classes != stored:
+                raise UserError(f"{weights} has {stored} classes, not --num-classes {num_classes}")
+            num_classes = stored
         if num_classes is None and entry.classifier and f"{entry.classifier}.weight" in state:
             num_classes = int(state[f"{entry.classifier}.weight"].shape[0])
     torch.manual_seed(seed)
@@ -197,8 +257,14 @@ def load_model(name: str, weights: str | None = None, num_classes: int | None = 
     spec = entry.spec_for(num_classes)
     if state is not None:
         _load_into(model, state, weights)
-        if isinstance(obj, dict) and isinstance(obj.get("input"), dict):
-            spec = InputSpec.from_dict(obj["input"])
+        if isinstance(obj, dict) and obj.get("input") is not None:
+            spec = InputSpec.from_dict(obj["input"], f"{weights}")
+            if spec.num_classes is not None and spec.num_classes != (num_classes or entry.input.num_classes):
+                raise UserError(f"{weights}: its input spec says {spec.num_classes} classes, the model has "
+                                f"{num_classes or entry.input.num_classes}; save the checkpoint again")
+            if spec.channels != entry.input.channels:
+                raise UserError(f"{weights}: its input spec says {spec.channels} channels, {entry.name} takes "
+                                f"{entry.input.channels}; save the checkpoint again")
     elif weights:
         _load_torchvision_weights(entry, model, weights, num_classes)
     return model.eval(), spec, entry

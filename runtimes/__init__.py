@@ -71,7 +71,7 @@ def load_engine(path: str | Path, device: str | None = None):
     from .base import CompileOptions, read_engine_file, read_engine_files
     from .options import validate_saved
 
-    manifest, model = read_engine_file(path)
+    manifest, model = read_engine_file(path)  # the one validator: sizes, manifest schema, model
     rt = require_runtime(manifest["runtime"])
     options = CompileOptions.from_dict(manifest["options"])
     # an engine saved by another version may carry options this one does not declare: drop them, say so
@@ -81,6 +81,11 @@ def load_engine(path: str | Path, device: str | None = None):
     files = read_engine_files(path)
     if files:
         state["files"] = files
-    engine = rt.compile(model, dev, options, state=state)
+    try:
+        engine = rt.compile(model, dev, options, state=state)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # the file was validated; what is left is its saved state, which only the runtime reads
+        raise UserError(f"{path}: its saved state does not fit runtime '{manifest['runtime']}' "
+                        f"({type(exc).__name__}: {exc}); rebuild the engine") from exc
     engine.plans.update(state.get("plans") or {})  # whole-graph plans: replayed, not re-timed
     return engine

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +70,12 @@ class GraphReplay:
                 fn(*self.static_inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_outputs = fn(*self.static_inputs)
+        with warnings.catch_warnings():
+            # a graph of only host-side work (e.g. a runtime's dense fallback already cached) is
+            # empty and correct; PyTorch warns on every build, which users read as a fault
+            warnings.filterwarnings("ignore", message=".*CUDA Graph is empty.*", category=UserWarning)
+            with torch.cuda.graph(self.graph):
+                self.static_outputs = fn(*self.static_inputs)
 
     def replay(self) -> tuple[torch.Tensor, ...]:
         self.graph.replay()
@@ -318,24 +324,117 @@ class _MatmulPrecision:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
 
 
+# An engine file is someone else's file: every size is bounded before anything is read.
+ENGINE_MAX_MEMBERS = 4096
+ENGINE_MAX_MEMBER_BYTES = 2**31          # one member inflated (protobuf's own limit is 2 GiB)
+ENGINE_MAX_TOTAL_BYTES = 3 * 2**30       # all members inflated
+ENGINE_MAX_MANIFEST_BYTES = 64 * 2**20
+# inflated / compressed, members over 1 MiB: deflate tops out near 1030x (all zeros);
+# real weights, even 99 % pruned, stay far below
+ENGINE_MAX_RATIO = 500
+_ENGINE_MEMBER_NAME = re.compile(r"^(engine\.json|model\.onnx|files/[A-Za-z0-9_.\-][A-Za-z0-9_.\-/]*)$")
+
+
 def read_engine_files(path: str | Path) -> dict[str, bytes]:
     """The `saved_files` of an engine file ({} for engines that saved none)."""
-    with zipfile.ZipFile(path) as z:
-        return {n[len("files/"):]: z.read(n) for n in z.namelist() if n.startswith("files/")}
+    return _read_engine(path)[2]
 
 
 def read_engine_file(path: str | Path) -> tuple[dict, onnx.ModelProto]:
+    """The manifest and model of an engine file, both validated (one UserError line for each fault)."""
+    manifest, model, _ = _read_engine(path)
+    return manifest, model
+
+
+def _read_engine(path: str | Path) -> tuple[dict, onnx.ModelProto, dict[str, bytes]]:
+    """The one engine-file validator: zip members bounded, manifest schema, model as checked ONNX."""
+    from ..common.onnxio import parse_model
+
     p = Path(path)
     if not p.is_file():
         raise UserError(f"engine file not found: {p}")
+
+    def bad(why: str) -> UserError:
+        return UserError(f"{p} is not a sparsecnn engine file that can be trusted: {why}; rebuild it with "
+                         "`sparsecnn convert ... --runtime NAME --engine FILE`")
+
     try:
         with zipfile.ZipFile(p) as z:
-            manifest = json.loads(z.read("engine.json"))
-            model = onnx.load_model_from_string(z.read("model.onnx"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as exc:
-        raise UserError(f"{p} is not a sparsecnn engine file ({type(exc).__name__}); rebuild it with "
-                        "`sparsecnn convert ... --runtime NAME`") from None
+            members = z.infolist()
+            if len(members) > ENGINE_MAX_MEMBERS:
+                raise bad(f"{len(members)} members (at most {ENGINE_MAX_MEMBERS})")
+            total = 0
+            for m in members:
+                if m.is_dir():
+                    continue
+                if not _ENGINE_MEMBER_NAME.match(m.filename) or ".." in m.filename.split("/"):
+                    raise bad(f"unexpected member name {m.filename!r}")
+                if m.file_size > ENGINE_MAX_MEMBER_BYTES:
+                    raise bad(f"member {m.filename} inflates to {m.file_size} bytes (at most {ENGINE_MAX_MEMBER_BYTES})")
+                if m.file_size > 2**20 and m.file_size > ENGINE_MAX_RATIO * max(m.compress_size, 1):
+                    raise bad(f"member {m.filename} inflates {m.file_size // max(m.compress_size, 1)}x "
+                              f"(a zip bomb; at most {ENGINE_MAX_RATIO}x)")
+                total += m.file_size
+            if total > ENGINE_MAX_TOTAL_BYTES:
+                raise bad(f"members inflate to {total} bytes in all (at most {ENGINE_MAX_TOTAL_BYTES})")
+            names = {m.filename for m in members}
+            for required in ("engine.json", "model.onnx"):
+                if required not in names:
+                    raise bad(f"no {required} inside")
+            if z.getinfo("engine.json").file_size > ENGINE_MAX_MANIFEST_BYTES:
+                raise bad("engine.json is too large")
+
+            def read(info: zipfile.ZipInfo) -> bytes:
+                # the declared size may lie: never read past it
+                with z.open(info) as f:
+                    data = f.read(info.file_size + 1)
+                if len(data) != info.file_size:
+                    raise bad(f"member {info.filename} is not the size its header declares")
+                return data
+
+            raw_manifest = read(z.getinfo("engine.json"))
+            raw_model = read(z.getinfo("model.onnx"))
+            files = {m.filename[len("files/"):]: read(m) for m in members
+                     if m.filename.startswith("files/") and not m.is_dir()}
+    except UserError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError, ValueError,
+            RuntimeError) as exc:  # RuntimeError: encrypted members
+        raise bad(f"not a readable zip ({type(exc).__name__})") from None
+    manifest = _check_manifest(raw_manifest, bad)
+    model = parse_model(raw_model, f"{p} (its model.onnx)")
+    return manifest, model, files
+
+
+def _check_manifest(raw: bytes, bad: Callable[[str], UserError]) -> dict:
+    """engine.json: format, version, a known runtime, options and state of the right types."""
+    from . import runtime_names
+
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise bad(f"engine.json is not JSON ({type(exc).__name__})") from None
+    if not isinstance(manifest, dict):
+        raise bad("engine.json is not a JSON object")
     if manifest.get("format") != ENGINE_FORMAT or manifest.get("version") != ENGINE_VERSION:
-        raise UserError(f"{p} is an engine of another format/version ({manifest.get('format')} "
-                        f"v{manifest.get('version')}); rebuild it")
-    return manifest, model
+        raise bad(f"format/version {manifest.get('format')!r} v{manifest.get('version')!r}, expected "
+                  f"{ENGINE_FORMAT} v{ENGINE_VERSION}")
+    runtime = manifest.get("runtime")
+    if not isinstance(runtime, str) or runtime not in runtime_names():
+        raise bad(f"runtime {runtime!r} is not one of {', '.join(runtime_names())}")
+    options = manifest.get("options")
+    if not isinstance(options, dict):
+        raise bad("'options' is not an object")
+    kinds = {"dtype": str, "cuda_graph": bool, "channels_last": bool, "tf32": bool, "extra": dict, "device": str}
+    for key, kind in kinds.items():
+        if key in options and options[key] is not None and not isinstance(options[key], kind):
+            raise bad(f"option '{key}' is {type(options[key]).__name__}, not {kind.__name__}")
+    if options.get("dtype", "fp32") not in ("fp32", "fp16"):
+        raise bad(f"option dtype {options['dtype']!r} is not fp32 or fp16")
+    state = manifest.get("state", {})
+    if state is not None and not isinstance(state, dict):
+        raise bad("'state' is not an object")
+    for key in ("choices", "plans"):
+        if isinstance(state, dict) and state.get(key) is not None and not isinstance(state[key], dict):
+            raise bad(f"state '{key}' is not an object")
+    return manifest
