@@ -13,6 +13,7 @@ is read with torchvision's `ImageFolder` and prepared per image like `sparsecnn 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -72,15 +73,36 @@ def _cache_root() -> Path:
     return Path(root) / "data"
 
 
+def _idx_files(source: Path) -> dict[str, Path]:
+    """Each Fashion-MNIST idx file's name -> the file in `source` (plain preferred over .gz)."""
+    return {name: (source / name if (source / name).is_file() else source / f"{name}.gz")
+            for pair in FASHION_MNIST_FILES.values() for name in pair}
+
+
+def _content_key(files: list[Path]) -> str:
+    """A hash of the files' bytes: two folders holding the same names (MNIST and Fashion-MNIST)
+    must never share a cache entry."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:24]
+
+
 def _torchvision_root(source: Path) -> Path:
-    """A folder laid out as torchvision's FashionMNIST expects, unpacked from `source` once."""
-    raw = _cache_root() / "FashionMNIST" / "raw"
+    """A folder laid out as torchvision's FashionMNIST expects, unpacked from `source` once,
+    cached under the hash of the source files' content."""
+    files = _idx_files(source)
+    root = _cache_root() / f"idx-{_content_key(list(files.values()))}"
+    raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for pair in FASHION_MNIST_FILES.values():
         for name in pair:
             target = raw / name
             plain, packed = source / name, source / f"{name}.gz"
-            if target.is_file() and target.stat().st_mtime >= (plain if plain.is_file() else packed).stat().st_mtime:
+            if target.is_file():  # the folder's name is the content's hash: present means current
                 continue
             with atomic_path(target) as tmp:
                 if plain.is_file():
@@ -88,7 +110,7 @@ def _torchvision_root(source: Path) -> Path:
                 else:
                     with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
                         shutil.copyfileobj(src, dst)
-    return raw.parent.parent
+    return root
 
 
 class ImageData:
@@ -220,6 +242,11 @@ class FolderImages(ImageData):
         except (FileNotFoundError, OSError) as exc:
             raise UserError(f"{root} is not an ImageFolder directory ({exc}); it needs one sub-folder of "
                             f"images per class. Otherwise {HOW_TO_GET}") from None
+        if len(self.dataset.classes) < 2:
+            # one class: every label is right, accuracy reads 100 % and training learns nothing
+            raise UserError(f"{root} has {len(self.dataset.classes)} class folder(s) "
+                            f"({', '.join(self.dataset.classes)}); labelled data needs at least 2, one "
+                            "sub-folder of images per class")
         self.root = root
         self.indices = list(range(len(self.dataset))) if indices is None else indices
         self.name = f"ImageFolder {root}"
@@ -282,6 +309,7 @@ def fashion_mnist(split: str, folder: str | os.PathLike | None = None) -> Tensor
     except (RuntimeError, OSError, ValueError, AssertionError) as exc:
         raise UserError(f"Fashion-MNIST files in {source} cannot be read ({type(exc).__name__}: {exc}); "
                         f"reinstall them: {HOW_TO_GET}") from None
+    _check_idx(ds.data, ds.targets, source)
     data = TensorImages(ds.data[:, None].contiguous(), ds.targets.long(), name=f"Fashion-MNIST {split}",
                         num_classes=10, labels=FASHION_MNIST_LABELS)
     n = len(data)
@@ -290,6 +318,19 @@ def fashion_mnist(split: str, folder: str | os.PathLike | None = None) -> Tensor
     if split == "val":
         return data.slice(n - FASHION_MNIST_VAL, None, "Fashion-MNIST val")
     return data
+
+
+def _check_idx(images: torch.Tensor, targets: torch.Tensor, source: Path) -> None:
+    """The idx files must agree with each other and with 10 classes: a wrong file gives wrong numbers."""
+    if images.dim() != 3 or images.shape[0] != targets.numel() or images.shape[0] == 0:
+        raise UserError(f"Fashion-MNIST files in {source} disagree: {tuple(images.shape)} images, "
+                        f"{targets.numel()} labels; reinstall them: {HOW_TO_GET}")
+    labels = targets.long()
+    if int(labels.min()) < 0 or int(labels.max()) >= len(FASHION_MNIST_LABELS):
+        raise UserError(f"Fashion-MNIST labels in {source} fall outside 0-{len(FASHION_MNIST_LABELS) - 1}; "
+                        f"reinstall them: {HOW_TO_GET}")
+    if int(labels.unique().numel()) < 2:
+        raise UserError(f"Fashion-MNIST labels in {source} hold a single class; reinstall them: {HOW_TO_GET}")
 
 
 def _split_folder(root: Path, split: str) -> Path:
