@@ -7,9 +7,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
-from ..common.errors import UserError
+from .options import batch_size, int_range, positive_float, positive_int
 
 HELP = """\
 Train a registry model (resnet18, vgg19, the tiny test nets) with 10 classes on
@@ -37,13 +36,13 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="checkpoint file to write (.pt)")
     p.add_argument("--data", help="Fashion-MNIST folder (default: the Debian package's files) or an ImageFolder "
                                   "directory (with train/ and val/ sub-folders, or one folder used for both)")
-    p.add_argument("--size", type=int, help="input height and width in pixels (default: 64 for resnet18, 32 else)")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the model's recipe; 2 on CPU)")
-    p.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--size", type=int_range(8, 4096), help="input height and width in pixels (default: 64 for resnet18, 32 else)")
+    p.add_argument("--epochs", type=int_range(1, 10000), help="training epochs (default: the model's recipe; 2 on CPU)")
+    p.add_argument("--batch-size", type=batch_size, help="batch size (default: the recipe's)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: the recipe's)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], help="optimizer (default sgd with Nesterov momentum)")
-    p.add_argument("--subset", type=int, help="train on the first N training images only (CPU default 2000)")
-    p.add_argument("--eval-subset", type=int, help="validate and test on the first N images only (CPU default 1000)")
+    p.add_argument("--subset", type=positive_int, help="train on the first N training images only (CPU default 2000)")
+    p.add_argument("--eval-subset", type=positive_int, help="validate and test on the first N images only (CPU default 1000)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0, help="seed for initial weights, shuffling and augmentation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch still)")
@@ -51,13 +50,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..common.fileio import check_output
     from ..runtimes import resolve_device
     from .training import load_splits, save_checkpoint, train_model, training_plan, training_spec
 
     arch = args.model
-    out = Path(args.output)
-    if not out.parent.is_dir() and str(out.parent) not in ("", "."):
-        raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+    out = check_output(args.output, [args.data], "--output")
     device = resolve_device(args.device)
     cfg, size, subset, eval_subset = training_plan(
         arch, device, size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
