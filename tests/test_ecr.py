@@ -508,3 +508,115 @@ def test_gpu_runtime_end_to_end_in_a_cuda_graph(exported, dtype, tmp_path):
     sparse_kernels = lambda e: [(r["name"], r.get("kernel")) for r in e.report() if r.get("format") in ("ecr", "pecr")]  # noqa: E731
     assert sparse_kernels(again) == sparse_kernels(eng)
     assert rel_err(again(x)[0], ref[0]) <= tol
+
+
+# --- the runtime's choices on CPU: a stand-in kernel set, the one chooser, the base guard ---------
+
+class _ReferenceKernels:
+    """Stands in for KernelSet on CPU: each launch computes its plan's layer with the dense oracle
+    (from the plan's own integers); the variants in `wrong` return a wrong result."""
+
+    sm_count, max_smem, registers = 132, 227 * 1024, {}
+
+    def __init__(self, wrong=lambda name: False):
+        self.wrong = wrong
+
+    def launch(self, plan, x, wt, bias, y, scratch):
+        p = plan.params
+        pads = (p["pad_t"], p["pad_l"], max(0, (p["oh"] - 1) * p["sh"] + p["kh"] - p["h"] - p["pad_t"]),
+                max(0, (p["ow"] - 1) * p["sw"] + p["kw"] - p["w"] - p["pad_l"]))
+        g = ConvGeometry(p["n_img"], p["cin"], p["h"], p["w"], p["kh"], p["kw"], p["sh"], p["sw"], pads)
+        pool = None
+        if p["pool"]:
+            pool = PoolGeometry(p["pkh"], p["pkw"], p["psh"], p["psw"], (p["ppad_t"], p["ppad_l"],
+                                max(0, (p["qh"] - 1) * p["psh"] + p["pkh"] - p["oh"] - p["ppad_t"]),
+                                max(0, (p["qw"] - 1) * p["psw"] + p["pkw"] - p["ow"] - p["ppad_l"])))
+        w = wt[:p["cin"] * p["kh"] * p["kw"], :p["cout"]].t().reshape(p["cout"], p["cin"], p["kh"], p["kw"])
+        out = dense_reference(x.float(), w, bias[:p["cout"]], g, bool(p["relu"]), pool)
+        y.copy_(out * (1.5 if self.wrong(plan.candidate.name) else 1.0))
+
+
+def _ecr_engine(exported, monkeypatch, kernels, state=None, clock=None, **extra):
+    from sparsecnn.runtimes import get_runtime
+    from sparsecnn.runtimes.chooser import Chooser
+    from sparsecnn.runtimes.ecr import runtime as ecr
+
+    if clock is not None:
+        monkeypatch.setattr(Chooser, "time", clock)
+    model = get_runtime("ecr").rewrite(exported("tinynet"))
+    calib = None if state else torch.rand(2, 3, 32, 32)
+    return ecr.compile_with_kernels(model, "cpu", {"extra": extra}, state=state, calibration=calib, kernels=kernels)
+
+
+def _ecr_clock(wrong: str):
+    """Dense forms 1 ms; of the other variants the first listed 0.5 ms, the rest 2 ms; `wrong` ones 0.1 ms."""
+    def time(self, cands, args):
+        right = [c.name for c in cands if not c.dense and not c.name.startswith(wrong)]
+        return {c.name: 1.0 if c.dense else 0.1 if c.name.startswith(wrong) else 0.5 if c.name == right[0] else 2.0
+                for c in cands}
+    return time
+
+
+def test_ecr_layers_choose_by_the_one_chooser_reject_wrong_kernels_and_reload_without_timing(exported, monkeypatch):
+    from sparsecnn.runtimes.chooser import Chooser
+    from sparsecnn.runtimes.ecr.runtime import compile_with_kernels
+
+    kernels = _ReferenceKernels(wrong=lambda name: name.startswith("row"))  # tinynet's 3x3 layers all plan row kernels
+    eng = _ecr_engine(exported, monkeypatch, kernels, clock=_ecr_clock("row"), batch=2)  # reload walks at batch 2
+    switches = eng.switches()
+    assert switches and all(not sw.is_dense and not sw.active.startswith("row") for sw in switches)
+    for sw in switches:
+        row = {r["name"]: r for r in eng.report()}[sw.name]
+        assert row["kernel"].endswith(":" + sw.active) and row["format"] in ("ecr", "pecr")
+        assert any(n.startswith("row") for n in row["rejected"])
+        assert all("wrong result" in why for n, why in row["rejected"].items() if n.startswith("row"))
+        assert {"dense:cudnn", "dense:cudnn_nhwc"} <= set(row["times_ms"])  # the same dense forms everywhere
+    x = torch.rand(2, 3, 32, 32)
+    ref = _ecr_engine(exported, monkeypatch, kernels, ecr_layers="dense")(x)
+    assert rel_err(eng(x)[0], ref[0]) <= 1e-5
+    state = eng.full_state()
+    assert [d["chosen"] for d in state["choices"].values()] == [sw.active for sw in switches]
+
+    monkeypatch.setattr(Chooser, "time", lambda *a: pytest.fail("a saved decision was timed again"))
+    monkeypatch.setattr(Chooser, "check", lambda *a: pytest.fail("a saved decision was checked again"))
+    again = compile_with_kernels(eng.model, "cpu", eng.options, state=state, kernels=kernels)
+    assert [(sw.name, sw.info["kernel"]) for sw in again.switches()] == [(sw.name, sw.info["kernel"]) for sw in switches]
+    assert all(sw.decision.how == "saved" for sw in again.switches())
+    # an older engine file: layer name -> variant name or "dense" (its dense forms are measured again)
+    monkeypatch.undo()
+    monkeypatch.setattr(Chooser, "time", lambda self, cands, args: {c.name: 1.0 for c in cands})
+    first, *rest = [sw.name for sw in switches]
+    old = compile_with_kernels(eng.model, "cpu", eng.options, kernels=kernels,
+                               state={"choices": {first: switches[0].active, **{n: "dense" for n in rest}},
+                                      "dense_conv_decisions": state["dense_conv_decisions"]})
+    assert old.switches()[0].active == switches[0].active and all(sw.is_dense for sw in old.switches()[1:])
+
+
+def test_ecr_policies_sparse_and_dense_and_the_guard(exported, monkeypatch):
+    from sparsecnn.runtimes import base, chooser
+
+    slow = lambda self, cands, args: {c.name: 1.0 if c.dense else 3.0 for c in cands}  # noqa: E731
+    kernels = _ReferenceKernels()
+    measured = _ecr_engine(exported, monkeypatch, kernels, clock=slow)
+    assert all(sw.is_dense and "margin" not in sw.decision.reason for sw in measured.switches())
+    sparse = _ecr_engine(exported, monkeypatch, kernels, clock=slow, ecr_layers="sparse")
+    assert not any(sw.is_dense for sw in sparse.switches())
+    assert not sparse.guard_on() and _ecr_engine(exported, monkeypatch, kernels, clock=slow, ecr_layers="sparse",
+                                                 guard=True).guard_on()
+    dense = _ecr_engine(exported, monkeypatch, kernels, clock=slow, ecr_layers="dense")
+    assert all(sw.is_dense and sw.candidates.keys() == {n for n in sw.candidates if n.startswith("dense:")}
+               for sw in dense.switches())
+    assert not _ecr_engine(exported, monkeypatch, kernels, clock=slow, whole_network_check=False).guard_on()
+
+    # the base guard: an ECR engine slower than dense falls back whole and says so
+    from test_chooser import _FakeReplay
+
+    monkeypatch.setattr(base, "GraphReplay", _FakeReplay)
+    fast = lambda self, cands, args: {c.name: 1.0 if c.dense else 0.5 for c in cands}  # noqa: E731
+    eng = _ecr_engine(exported, monkeypatch, kernels, clock=fast)
+    assert not any(sw.is_dense for sw in eng.switches())
+    fake = {"as chosen": 3.0, "dense": 1.0, "cudnn": 1.5, "cudnn_nhwc": 2.0, "partial": 2.5}
+    monkeypatch.setattr(chooser, "guard_graphs", lambda graphs, device, **k: (
+        min(graphs, key=fake.get), {g: fake[g] for g in graphs}))
+    eng._plan_graph("key", eng.prepare(torch.rand(2, 3, 32, 32)))
+    assert eng.whole_network["2x3x32x32"]["chosen"] == "dense" and all(sw.is_dense for sw in eng.switches())

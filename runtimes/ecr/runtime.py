@@ -8,24 +8,25 @@ same per pooling window and fuses the max-pool, so the conv output never reaches
   Conv -> Relu => sparsecnn::EcrConv; schemas in passes/ecr/reference.py and docs/ops.md).
 - `compile`: on CUDA the ops run the NVRTC kernels of cuda/ecr_conv.cu, which build the
   compressed rows on the fly from the dense NCHW feature map (fp32, or fp16 with fp32
-  accumulation). Each layer has several kernel variants (tile shape, output channels per
-  block, K chunk, split-K) and a dense path (the torch runtime's op table with the same
-  options, so `extra={"dense_conv": ...}` applies to it); at compile time every one is
-  timed, as a CUDA-graph replay, on that layer's real input from calibration images, and
-  the fastest runs. Input sparsity decides the winner, so calibrate on data like the data
-  you will run (`calibration=` tensor); without it a random input is used and the report
-  says so. On CPU the plain-PyTorch reference ops run (slow, for checking only).
+  accumulation). Each layer's candidates are its kernel variants (tile shape, output channels
+  per block, K chunk, split-K) and its dense forms (runtimes/torch/dense_conv.py's engines with
+  the ReLU and max-pool the op fuses); the one chooser (runtimes/chooser.py) checks each on the
+  layer's real input from calibration images, times the correct ones interleaved in CUDA
+  graphs, and keeps a variant only where it beats the best dense form by the margin. Input
+  sparsity decides the winner, so calibrate on data like the data you will run
+  (`calibration=` tensor); without it a random input is used and the report says so. On CPU
+  the plain-PyTorch reference ops run (slow, for checking only).
 
-On GPU the first run at an input shape also captures the whole network twice, with the
-per-layer choices and with every ECR layer dense, and keeps the faster graph
-(`engine.whole_network` records both times): layer-by-layer timings miss what happens
-between layers.
+On GPU the first run at an input shape is the base Engine's whole-graph guard: the network as
+the layers chose, all dense and uniformly on cuDNN NCHW / NHWC, timed interleaved; a slower
+ECR engine falls back (half its ECR layers, then all) and `engine.plans` says so. Decisions and
+plans are saved in the engine file and replayed on reload.
 
-extra options: `ecr_layers` = "auto" (measure, default) | "sparse" (fastest sparse variant,
-even if dense is faster; no whole-network check) | "dense"; `ecr_reps` timing repetitions per
-candidate (default 30); `whole_network_check` (default True); `batch` calibration batch when
-no calibration input is given (default 1); `dense_conv` for the dense path (default "best" on
-GPU: per layer the fastest of cuDNN NCHW/NHWC and im2col + cuBLAS, see runtimes/torch/dense_conv.py).
+extra options: `ecr_layers` = "auto" (measure, default) | "sparse" (the fastest correct variant,
+even if dense is faster; guard off unless `guard` is given) | "dense"; `ecr_reps` timing
+repetitions per candidate (default: choose_reps, 30); `choose_margin`; `guard` (default True;
+`whole_network_check` is its older name); `batch` calibration batch when no calibration input
+is given (default 1); `dense_conv` for layers left dense (default "best" on GPU).
 """
 from __future__ import annotations
 
@@ -36,14 +37,15 @@ from dataclasses import dataclass, field
 
 import onnx
 import torch
+import torch.nn.functional as F
 
 from ...common.errors import UserError
 from ...passes.ecr.rewrite import fuse_ecr
 from ...passes.graph import SPARSECNN_DOMAIN, run_pipeline
-from ..base import CompileOptions, Engine, GraphReplay
+from ..base import CompileOptions, Engine
 from ...passes.ecr.reference import ECR_CONV, ECR_CONV_POOL, ConvGeometry, PoolGeometry, conv_geometry, pool_geometry
 from ..executor import Executor
-from ..ops import STANDARD_OPS, NodeContext, attributes
+from ..ops import NodeContext
 from ..options import DENSE_CONV, SHARED_OPTIONS, Option, with_default
 
 name = "ecr"
@@ -51,11 +53,11 @@ OPTIONS = [
     *[o for o in SHARED_OPTIONS if o is not DENSE_CONV],
     with_default(DENSE_CONV, "best", "how layers left dense run their Conv (default best on GPU: per layer the "
                  "fastest, measured; the CPU reference path runs cudnn)"),
-    Option("ecr_layers", str, "auto", "auto: time kernel variants and dense per layer, keep the fastest; sparse: the "
-           "fastest variant even if dense is faster (no whole-network check); dense", choices=("auto", "sparse", "dense")),
-    Option("ecr_reps", int, 30, "timing repetitions per candidate", minimum=1),
-    Option("whole_network_check", bool, True, "also time the whole network with every ECR layer dense and keep the "
-           "faster graph"),
+    Option("ecr_layers", str, "auto", "auto: the chooser keeps a kernel variant where it beats the layer's best dense "
+           "form; sparse: the fastest correct variant even if dense is faster (guard off unless set); dense",
+           choices=("auto", "sparse", "dense")),
+    Option("ecr_reps", int, 30, "timing repetitions per candidate (overrides choose_reps)", minimum=1),
+    Option("whole_network_check", bool, True, "older name of `guard` (the base whole-graph guard)"),
     Option("batch", int, 1, "calibration batch when no calibration input is given", minimum=1),
     Option("ecr_plain_conv", bool, True, "rewrite also a Conv with a sparse input but no Relu after it (e.g. "
            "before a residual Add) into EcrConv"),
@@ -449,56 +451,33 @@ class KernelSet:
 
 
 def time_ms(fn, x: torch.Tensor, reps: int = 30, warmup_ms: float = 5.0) -> float:
-    """Median ms of `fn(x)` alone: CUDA-graph replays through `time_calls` (kernels only, no launch
-    overhead on either side of a comparison). Candidates are timed back to back, so the GPU is
-    already at speed: a short warm-up each (the first of a series is preceded by a long one)."""
+    """Median ms of `fn(x)` alone through `time_calls` (CUDA-graph replays). For the studies that
+    time one layer (scripts/studies/ecr_*.py); the runtime's own choices go through the chooser."""
     from ..timing import time_calls
 
     return time_calls(lambda j: fn(x), x.device, reps=reps, warmup_ms=warmup_ms).median_ms
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
-
-
-def dense_conv_fn(ctx: NodeContext, attrs: dict, pool: PoolGeometry | None, relu: bool):
-    """The layer run dense through the standard op table (cuDNN; whatever `dense_conv` option
-    the table honours applies), as Conv [-> Relu [-> MaxPool]] nodes."""
-    inputs = list(ctx.node.input)
-    conv = onnx.helper.make_node("Conv", inputs, ["y"], name=ctx.name, kernel_shape=attrs["kernel_shape"],
-                                 strides=attrs.get("strides", [1, 1]), pads=attrs.get("pads", [0, 0, 0, 0]))
-    conv_ctx = NodeContext(conv, attributes(conv), ctx.consts, ctx.shapes, ctx.device, ctx.dtype,
-                           ctx.channels_last, ctx.options)
-    conv_fn = STANDARD_OPS[("", "Conv")](conv_ctx)
-    pool_fn = None
-    if pool is not None:
-        mp = onnx.helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[pool.kh, pool.kw], strides=[pool.sh, pool.sw],
-                                   pads=list(pool.pads), ceil_mode=int(pool.ceil_mode))
-        pool_fn = STANDARD_OPS[("", "MaxPool")](NodeContext(mp, attributes(mp), ctx.consts, ctx.shapes, ctx.device,
-                                                             ctx.dtype, ctx.channels_last, ctx.options))
-
-    def run(x, w=None, b=None):
-        y = conv_fn(x, w, b)
-        if relu:
-            y = torch.relu(y)
-        return pool_fn(y) if pool_fn is not None else y
-
-    return run, conv_ctx.info  # the dense conv's own report (its kernel is known after its first run)
+def max_pool(y: torch.Tensor, pool: PoolGeometry) -> torch.Tensor:
+    """The max-pool PECR fuses, as a torch op (ONNX pads, possibly asymmetric; ceil mode)."""
+    t, left, b, r = pool.pads
+    if (t, left) != (b, r):
+        y, t, left = F.pad(y, (left, r, t, b), value=float("-inf")), 0, 0
+    return F.max_pool2d(y, (pool.kh, pool.kw), (pool.sh, pool.sw), (t, left), ceil_mode=pool.ceil_mode)
 
 
 class EcrLayer:
     """One conv (+ max-pool) layer's kernels: packed weights, per-shape plans, launches."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, attrs: dict, pool: PoolGeometry | None,
-                 relu: bool, scratch: Scratch):
+                 relu: bool, scratch: Scratch, kernels: "KernelSet | None" = None):
         self.attrs = dict(attrs)
         self.pool = pool
         self.relu = pool is not None or relu
         self.cout, self.cin = int(weight.shape[0]), int(weight.shape[1])
         self.wt, self.bias = pack_weights(weight, bias)
         self.scratch = scratch
-        self.kernels = KernelSet.get(weight.device)
+        self.kernels = kernels if kernels is not None else KernelSet.get(weight.device)
         self._plans: dict[tuple, Plan | None] = {}
 
     def geometry(self, x: torch.Tensor) -> ConvGeometry:
@@ -547,9 +526,14 @@ class EcrLayer:
 
 
 class EcrOp:
-    """One EcrConv / EcrConvPool node on CUDA: its kernel variants and the dense path, one chosen."""
+    """One EcrConv / EcrConvPool node on CUDA: its kernel variants and its dense forms as the one
+    chooser's candidates. `choose(x)` decides on the layer's real input (calibration images run
+    through the network: input sparsity decides the winner) and returns the executor step, a
+    chooser.Switch the whole-graph guard can still send back to dense."""
 
-    def __init__(self, ctx: NodeContext, scratch: Scratch, mode: str = "auto", reps: int = 30, tf32: bool = False):
+    def __init__(self, ctx: NodeContext, scratch: Scratch, kernels: "KernelSet | None" = None):
+        from ..torch.dense_conv import DenseConv
+
         self.ctx = ctx
         self.name = ctx.name
         self.attrs = dict(ctx.attrs)
@@ -558,177 +542,125 @@ class EcrOp:
         w, b = ctx.const(1), ctx.const(2)
         if w is None or (len(ctx.node.input) > 2 and ctx.node.input[2] and b is None):
             raise NotImplementedError("the weight and bias must be constants")
-        self.layer = EcrLayer(w, b, self.attrs, self.pool, self.relu, scratch)
-        self.dense, self.dense_info = dense_conv_fn(ctx, self.attrs, self.pool, self.relu)
-        self.mode, self.reps, self.tf32 = mode, reps, tf32
-        self.choice = "dense" if mode == "dense" else None
+        self.layer = EcrLayer(w, b, self.attrs, self.pool, self.relu, scratch, kernels)
+        pads = tuple(int(p) for p in self.attrs.get("pads", [0, 0, 0, 0]))
+        self.dense = DenseConv(ctx.name, w, self.attrs.get("strides", [1, 1]), (1, 1), 1, lambda t: pads, "best", {},
+                               ctx.options)
+        self.bias = b
+        ctx.inputs_used = [0]  # the weights live in the op (packed for the kernels, and as the dense forms')
         ctx.info.update(format="pecr" if self.pool else "ecr", buffers=[self.layer.wt, self.layer.bias])
 
-    @property
-    def dense_kernel(self) -> str:
-        return (self.dense_info.get("kernel", "torch.conv") + (" + relu" if self.relu else "")
-                + (" + maxpool" if self.pool else ""))
+    def _epilogue(self, y: torch.Tensor) -> torch.Tensor:
+        """What the fused op also does after the conv: ReLU (and the max-pool of PECR)."""
+        if self.relu:
+            y = torch.relu(y)
+        return max_pool(y, self.pool) if self.pool is not None else y
 
-    def plan(self, cand: Candidate, x: torch.Tensor) -> Plan | None:
-        return self.layer.plan(cand, x)
+    def candidates(self, x: torch.Tensor, sparse: bool = True) -> list:
+        """The layer's dense forms (`dense:<mode>`, conv + ReLU [+ max-pool]) and, with `sparse`,
+        every kernel variant whose plan fits this input."""
+        from ..chooser import Candidate as Choice
 
-    def run_candidate(self, cand: Candidate, x: torch.Tensor) -> torch.Tensor:
-        return self.layer.run_candidate(cand, x)
+        out = self.dense.dense_candidates(x, self.bias, epilogue=lambda y, *rest: self._epilogue(y))
+        for c in out:
+            c.buffers = [self.dense.w] + ([self.bias] if self.bias is not None else [])
+        for cand in (self.layer.candidates(x) if sparse else []):
+            out.append(Choice(cand.name, (lambda t, *rest, c=cand: self.layer.run_candidate(c, t)), dense=False,
+                              library="ecr", detail={"kernel": f"{KERNEL_SOURCE}:{cand.name}",
+                                                     "config": self.layer.plan(cand, x).describe()},
+                              buffers=[self.layer.wt, self.layer.bias]))
+        return out
 
-    def __call__(self, x, w=None, b=None):
-        if self.choice is None or self.choice == "dense":
-            return self.dense(x, w, b)
-        return self.layer.run_candidate(CANDIDATE_BY_NAME[self.choice], x)
+    def choose(self, x: torch.Tensor, chooser, saved: dict | str | None = None, dense_only: bool = False):
+        """The executor step for this layer, decided by `chooser` on `x` (or replayed from `saved`:
+        a Decision dict, or an older engine's variant name / "dense")."""
+        from ..chooser import Switch
 
-    def candidates(self, x: torch.Tensor) -> list[Candidate]:
-        return self.layer.candidates(x)
+        forced = None
+        if isinstance(saved, str):  # engines saved before the one chooser: name -> variant or "dense"
+            dense_only = dense_only or saved == "dense"
+            forced, saved = (None if saved == "dense" else saved), None
+            if forced is not None and forced not in CANDIDATE_BY_NAME:
+                raise UserError(f"saved engine names kernel variant '{forced}' that this sparsecnn does not have; "
+                                "rebuild the engine")
+        candidates = self.candidates(x, sparse=not dense_only)
+        decision = chooser.choose(self.name, candidates, (x,), reference="dense:cudnn", saved=saved, forced=forced)
+        if dense_only and decision.how == "measured" and not decision.reason.startswith("every"):
+            decision.reason = "ecr_layers=dense (" + decision.reason + ")"
+        sw = Switch(decision, candidates, self.ctx.info)
+        self._describe(sw, x)
+        return sw
 
-    def calibrate(self, x: torch.Tensor, w=None, b=None) -> dict:
-        """Time every variant and the dense path on this input; keep the fastest correct one."""
-        ref = self.dense(x, w, b)  # also makes the dense path's own per-layer decision (dense_conv=best)
-        time_ms(lambda xx: self.dense(xx, w, b), x, 3, warmup_ms=30.0)  # clocks up before the series
-        tol = 2e-2 if x.dtype == torch.float16 or self.tf32 else 1e-4
-        times, errors = {}, {}
-        screen = max(3, self.reps // 4)
-        for cand in self.candidates(x):  # every variant: checked, then timed briefly
-            try:
-                err = rel_err(self.run_candidate(cand, x), ref)
-                if err > tol:  # a wrong kernel is never chosen, whatever its speed
-                    errors[cand.name] = f"rel err {err:.2e} > {tol:g}"
-                    continue
-                times[cand.name] = time_ms(lambda xx, c=cand: self.run_candidate(c, xx), x, screen)
-            except Exception as exc:  # recorded in the report; the layer falls back to dense
-                errors[cand.name] = f"{type(exc).__name__}: {exc}"
-        for name_ in sorted(times, key=times.get)[:4]:  # the fastest few: timed again, fully
-            times[name_] = time_ms(lambda xx, c=CANDIDATE_BY_NAME[name_]: self.run_candidate(c, xx), x, self.reps)
-        dense_ms = time_ms(lambda xx: self.dense(xx, w, b), x, self.reps)
-        best = min(times, key=times.get) if times else None
-        if self.mode == "sparse" and best is not None:
-            self.choice = best
-        elif best is not None and times[best] < dense_ms and self.mode != "dense":
-            self.choice = best
-        else:
-            self.choice = "dense"
-        self._report(x, times, errors, dense_ms)
-        return {"choice": self.choice, "times_ms": times, "dense_ms": dense_ms, "errors": errors}
-
-    def _report(self, x: torch.Tensor, times: dict, errors: dict, dense_ms: float | None) -> None:
-        info = self.ctx.info
+    def _describe(self, sw, x: torch.Tensor) -> None:
+        """The per-layer report: input sparsity, what runs, every candidate's time, what was rejected."""
+        d, cand, info = sw.decision, sw.candidates[sw.active], self.ctx.info
         sparsity = float((x == 0).float().mean())
         info.update(sparsity=round(sparsity, 4), input_sparsity=round(sparsity, 4))
-        if dense_ms is not None:
-            info["times_ms"] = {**{k: round(v, 4) for k, v in times.items()}, "dense": round(dense_ms, 4)}
-        if errors:
-            info["rejected"] = errors
-        if self.dense_info.get("choices"):
-            info["dense_conv_choices"] = self.dense_info["choices"]
-        if self.choice == "dense":
-            info.update(format="dense", kernel=self.dense_kernel)
-            if dense_ms is not None and times:
-                best = min(times, key=times.get)
-                info["reason"] = (f"dense measured faster at input sparsity {sparsity:.2f} "
-                                  f"({dense_ms:.4f} ms vs {best} {times[best]:.4f} ms)")
-            elif self.mode == "dense":
-                info["reason"] = "ecr_layers=dense"
-            else:
-                info["reason"] = "no kernel variant fits or passed the check"
+        if d.times_ms:
+            info["times_ms"] = {k: round(v, 4) for k, v in d.times_ms.items()}
+        if d.rejected:
+            info["rejected"] = dict(d.rejected)
+        if cand.dense:
+            info.update(format="dense", kernel=cand.detail.get("kernel", cand.name)
+                        + (" + relu" if self.relu else "") + (" + maxpool" if self.pool else ""),
+                        reason=(f"{d.reason} at input sparsity {sparsity:.2f}" if d.times_ms else d.reason))
         else:
-            plan = self.plan(CANDIDATE_BY_NAME[self.choice], x)
-            info.update(format="pecr" if self.pool else "ecr", kernel=f"{KERNEL_SOURCE}:{self.choice}",
-                        config=plan.describe())
+            info.update(format="pecr" if self.pool else "ecr", kernel=cand.detail["kernel"],
+                        config=cand.detail["config"])
             info.pop("reason", None)
+        info["buffers"] = cand.buffers
 
-    def set_choice(self, choice: str, reason: str | None = None) -> None:
-        if choice != "dense" and choice not in CANDIDATE_BY_NAME:
-            raise UserError(f"saved engine names kernel variant '{choice}' that this sparsecnn does not have; "
-                            "rebuild the engine")
-        self.choice = choice
-        self.ctx.info.update(format="dense" if choice == "dense" else ("pecr" if self.pool else "ecr"),
-                             kernel=self.dense_kernel if choice == "dense" else f"{KERNEL_SOURCE}:{choice}")
-        if reason:
-            self.ctx.info["reason"] = reason
+    def __call__(self, x, w=None, b=None):  # before `choose` (not reached by a compiled engine): dense
+        return self._epilogue(self.dense.run_mode("cudnn", x, self.bias))
 
 
 # --- engine --------------------------------------------------------------------------------
 
 class EcrEngine(Engine):
+    """The whole-graph guard is the base Engine's (runtimes/base.py): with the per-layer choices,
+    all dense and uniformly on cuDNN NCHW / NHWC, the fastest graph kept, `plans` says why."""
+
     runtime = name
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, ops: dict | None = None, chooser=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.whole_network: dict[str, dict] = {}  # input shape -> graph times (mixed vs all dense), kept
+        self.ecr_ops: dict[str, EcrOp] = dict(ops or {})  # step name -> its op (the step itself becomes a Switch)
+        self.chooser = chooser
 
-    def runner(self, *inputs: torch.Tensor):
-        """On GPU, the network with the per-layer choices as one CUDA graph, unless the same network
-        with every ECR layer dense replays faster (extra whole_network_check, default on): the
-        per-layer timings miss effects between layers (caches, layouts), so the whole is checked."""
-        if self.device.type != "cuda" or not self.options.cuda_graph:
-            return self.executor
-        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
-        if key in self._graphs:
-            return self._graphs[key]
-        from ..timing import time_fn
+    @property
+    def whole_network(self) -> dict:
+        """The whole-graph plans per input shape (the older name of `plans`)."""
+        return self.plans
 
-        ops = self.ecr_ops()
-        label = "x".join(map(str, inputs[0].shape))
-        sparse_layers = [op.name for op in ops if op.choice not in (None, "dense")]
-        record = {"sparse_layers": sparse_layers}
-        with self._precision_context():
-            mixed = GraphReplay(self.executor, inputs)
-            chosen = mixed
-            check = self.options.extra.get("whole_network_check", True) and self.options.extra.get("ecr_layers", "auto") == "auto"
-            if sparse_layers and check:
-                saved = {id(op): op.choice for op in ops}
-                for op in ops:
-                    op.choice = "dense"
-                try:
-                    dense = GraphReplay(self.executor, inputs)
-                finally:
-                    for op in ops:
-                        op.choice = saved[id(op)]
-                reps = int(self.options.extra.get("ecr_reps", 30)) * 2
-                graphs = {"mixed": mixed, "dense": dense}
-                times = {k: [] for k in graphs}
-                for _ in range(2):  # alternate, so clock drift does not favour either
-                    for k, g in graphs.items():
-                        times[k].append(time_fn(lambda i, g=g: g.replay(), self.device, reps=reps).median_ms)
-                t = {k: min(v) for k, v in times.items()}
-                record.update(times_ms={k: round(v, 4) for k, v in t.items()}, chosen="mixed")
-                if t["dense"] < t["mixed"]:
-                    why = (f"whole-network check: all-dense graph {t['dense']:.4f} ms beat the graph with "
-                           f"ECR/PECR layers {t['mixed']:.4f} ms")
-                    for op in ops:
-                        op.set_choice("dense", why)
-                    record.update(chosen="dense", reason=why)
-                    chosen = dense
-                del graphs
-            else:
-                record.update(chosen="mixed" if sparse_layers else "dense",
-                              reason="no layer chose a sparse kernel" if not sparse_layers else "check off")
-            self.whole_network[label] = record
-            self._graphs[key] = chosen
-        return chosen
-
-    def ecr_ops(self) -> list[EcrOp]:
-        return [s.fn for s in self.executor.steps if isinstance(s.fn, EcrOp)]
+    def guard_on(self) -> bool:
+        extra = self.options.extra
+        # ecr_layers=sparse means the ECR kernels, as is (the library's own answer): no guard unless asked
+        default = extra.get("whole_network_check", extra.get("ecr_layers", "auto") != "sparse")
+        return bool(extra.get("guard", default))
 
     def saved_state(self) -> dict:
-        return {"choices": {op.name: op.choice for op in self.ecr_ops() if op.choice is not None},
-                "whole_network": self.whole_network}
+        # the ECR layers' decisions travel as the base engine's `choices`; the plain dense convs' here
+        return {"dense_conv_decisions": {c.name: dict(c.decided) for c in self.best_dense_convs() if c.decided}}
 
-    def calibrate(self, *inputs: torch.Tensor) -> list[dict]:
-        """Choose every layer's kernel by timing on `inputs` (run through the network)."""
+    def calibrate(self, *inputs: torch.Tensor, saved: dict | None = None) -> list[dict]:
+        """Choose every ECR layer's implementation on `inputs` run through the network (each layer
+        sees the activations its predecessors produce); `saved`: decisions to replay instead."""
         prepared = self.prepare(*inputs)
+        dense_only = self.options.extra.get("ecr_layers", "auto") == "dense"
         rows = []
 
         def before(step, args):
-            if isinstance(step.fn, EcrOp):
-                rows.append({"name": step.name, **step.fn.calibrate(*args)})
+            op = self.ecr_ops.get(step.name)
+            if op is not None:
+                step.fn = op.choose(args[0], self.chooser, (saved or {}).get(op.name), dense_only)
+                rows.append({"name": step.name, **step.fn.decision.report()})
 
         with torch.no_grad(), self._precision_context():
             self.executor.walk(*prepared, before=before)
         self._graphs.clear()  # graphs captured before the choices are stale
-        self.whole_network.clear()
+        self._as_chosen.clear()
+        if saved is None:
+            self.plans.clear()
         return rows
 
 
@@ -756,29 +688,50 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options:
     if dev.type != "cuda":
         ex = Executor(model, dev, opts.dtype, ops=reference_ops(), channels_last=opts.channels_last, options=opts.extra)
         return EcrEngine(model, dev, opts, ex)
-    opts.extra.setdefault("dense_conv", "best")  # the dense path is the best dense engine's per-layer choice
+    return compile_with_kernels(model, dev, opts, state, calibration, KernelSet.get(dev))
+
+
+def compile_with_kernels(model: onnx.ModelProto, device, options: CompileOptions | dict | None = None,
+                         state: dict | None = None, calibration: torch.Tensor | None = None,
+                         kernels=None) -> EcrEngine:
+    """compile() with an explicit kernel set: the CPU tests pass a stand-in to run the GPU path's
+    choices (the one chooser, the base guard, saved decisions) on CPU tensors."""
+    from ..chooser import MARGIN, Chooser
+    from ..reference_ops import reference_ops
+
+    opts = options if isinstance(options, CompileOptions) else CompileOptions.from_dict(options)
+    dev = torch.device(device)
+    opts.extra.setdefault("dense_conv", "best")  # layers left dense: the best dense engine's per-layer choice
     mode = str(opts.extra.get("ecr_layers", "auto"))
     if mode not in ("auto", "sparse", "dense"):
         raise UserError(f"ecr_layers must be auto, sparse or dense, not '{mode}'")
-    reps = int(opts.extra.get("ecr_reps", 30))
+    reps = int(opts.extra.get("ecr_reps", opts.extra.get("choose_reps", 30)))
     scratch = Scratch(dev)
 
     def builder(ctx: NodeContext):
-        return EcrOp(ctx, scratch, mode, reps, opts.tf32)
+        return EcrOp(ctx, scratch, kernels)
 
     table = {**reference_ops(), (SPARSECNN_DOMAIN, ECR_CONV): builder, (SPARSECNN_DOMAIN, ECR_CONV_POOL): builder}
-    ex = Executor(model, dev, opts.dtype, ops=table, channels_last=opts.channels_last, options=opts.extra)
-    engine = EcrEngine(model, dev, opts, ex)
-    ops = engine.ecr_ops()
+    extra = dict(opts.extra)
+    if state and state.get("dense_conv_decisions"):  # a reloaded engine keeps its dense convs' measured choices
+        extra["dense_conv_decisions"] = state["dense_conv_decisions"]
+    ex = Executor(model, dev, opts.dtype, ops=table, channels_last=opts.channels_last, options=extra)
+    ops = {s.name: s.fn for s in ex.steps if isinstance(s.fn, EcrOp)}
+    chooser = Chooser(dev, ex.dtype, tf32=opts.tf32, reps=reps,
+                      margin=float(opts.extra.get("choose_margin", MARGIN)),
+                      policy="sparse" if mode == "sparse" else "measure")
+    engine = EcrEngine(model, dev, opts, ex, ops=ops, chooser=chooser)
     saved = (state or {}).get("choices") or {}
-    if ops and all(op.name in saved for op in ops) and calibration is None:
-        for op in ops:
-            op.set_choice(saved[op.name])
-    elif ops:
-        if calibration is None:
-            calibration = _calibration_input(model, int(opts.extra.get("batch", 1)))
-            for op in ops:
-                op.ctx.info["calibration"] = "random input (no calibration images given)"
-            warnings.warn("ecr: kernels chosen on a random input; pass calibration images for real activation sparsity")
-        engine.calibrate(calibration)
+    if not ops:
+        return engine
+    if calibration is None and all(op.name in saved for op in ops.values()):
+        # replayed, not re-timed: any input of the calibration shape gives the candidates to match them with
+        engine.calibrate(_calibration_input(model, int(opts.extra.get("batch", 1))), saved=saved)
+        return engine
+    if calibration is None:
+        calibration = _calibration_input(model, int(opts.extra.get("batch", 1)))
+        for op in ops.values():
+            op.ctx.info["calibration"] = "random input (no calibration images given)"
+        warnings.warn("ecr: kernels chosen on a random input; pass calibration images for real activation sparsity")
+    engine.calibrate(calibration)
     return engine
