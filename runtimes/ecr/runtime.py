@@ -157,7 +157,7 @@ class Variant:
         return self.kind != "list" or patch <= self.prefetch * self.threads
 
 
-# "warp" variants: the ones that won a layer on the H100 (results/issue6-ecr); "list" variants:
+# "warp" variants: the ones that won a layer on the H100 (results/ecr-pecr/); "list" variants:
 # VEC x positions per warp x union group, those that fit 128 registers (2 blocks per SM) unspilled
 VARIANTS = (Variant(4, 4), Variant(4, 4, 4), Variant(4, 8, 4), Variant(4, 16, 4), Variant(2, 8, 4),
             *(Variant(v, ppw, g, kind="list") for v, ppw, g in
