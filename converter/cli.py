@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sparsecnn {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `sparsecnn ... | head`: the reader left; leave quietly as tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except Exception as exc:  # noqa: BLE001 - only known library errors become one line, the rest re-raise
         line = None if debug else library_error(exc)
         if line is None:
