@@ -3,6 +3,7 @@ dense stand-in for the sparse GEMM, and on a GPU with cuSPARSELt itself (-m gpu)
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import ort_run, rel_err
@@ -171,8 +172,47 @@ def test_cusparselt_engine_on_tinyresnet_measures_and_reports_each_layer(exporte
     assert rel_err(out, ref) < 1e-2
     rows = [r for r in engine.report() if r.get("format") == "2:4"]
     assert len(rows) == 8
-    for r in rows:
+    for r in rows:  # decided by the one chooser against the layer's best dense form
         entry = next(iter(r["choices"].values()))
         assert entry["choice"] in ("sparse", "dense") and entry["sparse_us"] > 0 and entry["dense_us"] > 0
-        assert "us" in entry["reason"]
-    assert engine.whole_network
+        assert entry["reason"] and r["choice"]["candidates_ms"]
+    plan = next(iter(engine.plans.values()))  # the base whole-graph guard ran
+    assert plan["chosen"] in ("as chosen", "partial", "dense", "cudnn", "cudnn_nhwc") and "as chosen" in plan["ms"]
+
+
+# --- the choice on CPU (the "dense" backend stands in for cuSPARSELt) --------------------------
+
+def _engine(exported, state=None, **extra):
+    from sparsecnn.runtimes.base import CompileOptions
+
+    model = cs.rewrite(prune_2to4(exported("tinynet")).model)
+    return cs.build_engine(model, torch.device("cpu"), CompileOptions.from_dict({"extra": extra}), "dense", state)
+
+
+def test_a_wrong_sparse_layer_is_rejected_and_decisions_reload_without_timing(exported, monkeypatch):
+    from sparsecnn.runtimes.chooser import Chooser
+
+    monkeypatch.setattr(Chooser, "time", lambda self, cands, args: {c.name: 2.0 if c.dense else 1.0 for c in cands})
+    x = torch.randn(1, 3, 32, 32)
+    eng = _engine(exported)
+    eng(x)
+    assert eng.sparse_layers() and all(not sw.is_dense for sw in eng.switches())
+    state = eng.full_state()
+    assert {d["chosen"] for d in state["choices"].values()} == {cs.SPARSE}
+
+    monkeypatch.setattr(Chooser, "time", lambda *a: pytest.fail("a saved decision was timed again"))
+    again = _engine(exported, state)
+    assert rel_err(again(x)[0], eng(x)[0]) == 0
+    assert all(sw.decision.how == "saved" and not sw.is_dense for sw in again.switches())
+    # an engine saved before the one chooser: layer -> {shape: {"choice": ...}}
+    old = _engine(exported, {"choices": {n: {"1x3x32x32": {"choice": "dense"}} for n in state["choices"]}})
+    old(x)
+    assert all(sw.is_dense and sw.decision.how == "forced" for sw in old.switches())
+
+    monkeypatch.setattr(Chooser, "time", lambda self, cands, args: {c.name: 2.0 if c.dense else 1.0 for c in cands})
+    monkeypatch.setattr(cs.SparseGemm, "__call__", lambda self, bt: 1.5 * F.linear(bt, self.weight, self.bias))
+    wrong = _engine(exported)
+    wrong(x)
+    assert all(sw.is_dense for sw in wrong.switches())
+    for sw in wrong.switches():
+        assert "wrong result" in sw.info["choice"]["rejected"][cs.SPARSE]

@@ -341,14 +341,15 @@ def test_sparsert_compile_workers_reach_the_compiler(sparsert_model, monkeypatch
 # --- cusparselt (its dense backend runs on the CPU) ------------------------------------------------
 
 def _two_four_steps(exported, monkeypatch, reps_seen=None, sparse_ms=1.0, dense_ms=1.5, **pairs):
+    from sparsecnn.runtimes.chooser import Chooser
     from sparsecnn.runtimes.cusparselt import runtime as cs
 
-    def fake_time(fn, x, reps):
+    def fake_time(self, cands, args):
         if reps_seen is not None:
-            reps_seen.append(reps)
-        return sparse_ms if type(fn).__name__.endswith("Lowering") else dense_ms
+            reps_seen.append(self.reps)
+        return {c.name: dense_ms if c.dense else sparse_ms for c in cands}
 
-    monkeypatch.setattr(cs, "graph_time_ms", fake_time)
+    monkeypatch.setattr(Chooser, "time", fake_time)
     model = cs.rewrite(prune_2to4(exported("tinynet")).model)
     eng = cs.build_engine(model, torch.device("cpu"), CompileOptions.from_dict(opts("cusparselt", **pairs)), "dense")
     eng(torch.randn(1, 3, 32, 32))
@@ -365,7 +366,8 @@ def test_cusparselt_force_skips_the_measurement(exported, monkeypatch):
 
 def test_cusparselt_margin_decides_how_much_sparse_must_win(exported, monkeypatch):
     assert set(_two_four_steps(exported, monkeypatch, margin=0.02)[2]) == {"sparse"}  # 1.0 vs 1.5 ms
-    assert set(_two_four_steps(exported, monkeypatch, margin=0.5)[2]) == {"dense"}
+    assert set(_two_four_steps(exported, monkeypatch, margin=0.5)[2]) == {"dense"}  # (older name of choose_margin)
+    assert set(_two_four_steps(exported, monkeypatch, choose_margin=0.5)[2]) == {"dense"}
 
 
 def test_cusparselt_tune_reps_reaches_the_timer(exported, monkeypatch):
@@ -380,9 +382,10 @@ def test_cusparselt_cslt_search_reaches_the_sparse_gemm(exported, monkeypatch):
 
 
 def test_cusparselt_whole_network_check_reaches_the_engine_options(exported, monkeypatch):
-    # read by the engine's runner on the GPU only
+    # the older name of guard: read by the base engine's whole-graph guard (GPU only)
     eng = _two_four_steps(exported, monkeypatch, whole_network_check="off")[0]
-    assert eng.options.extra["whole_network_check"] is False
+    assert eng.options.extra["whole_network_check"] is False and not eng.guard_on()
+    assert _two_four_steps(exported, monkeypatch)[0].guard_on()
 
 
 # --- tensorrt (not installable here: its build is faked to see what reaches it) ------------------------

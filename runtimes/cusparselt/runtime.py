@@ -14,18 +14,18 @@ multiples of 16 and the dense matrix's multiples of 8 (PyTorch's table for fp16/
 torch/sparse/semi_structured.py); where a layer's Cout, K or N*Ho*Wo is not, it is padded
 with zeros and the report says so.
 
-Each layer picks sparse or dense (cuDNN channels-last conv / cuBLAS linear) by measurement,
-per input shape, the first time it sees that shape (in the warm-up that precedes the CUDA
-graph capture): both candidates are timed inside small CUDA graphs, because an eager
-cuSPARSELt call costs 0.4-1.2 ms of host set-up that a graph replay removes. The whole
-network then replays as one CUDA graph. A whole-network check (extra
-`whole_network_check`, on by default) also times the dense engine in NCHW and NHWC and
-keeps the fastest of the three, so the engine is never slower than dense by more than
-noise; `report()` and `whole_network` say which ran and why.
+Each layer picks cuSPARSELt or one of its dense forms (runtimes/torch/dense_conv.py's engines:
+cuDNN NCHW/NHWC, im2col + cuBLAS; cuBLAS linear for a Gemm) with the one chooser
+(runtimes/chooser.py) the first time it runs (in the warm-up that precedes the CUDA graph
+capture): each candidate is checked against the cuDNN form, the correct ones timed interleaved
+inside CUDA graphs (an eager cuSPARSELt call costs 0.4-1.2 ms of host set-up that a graph replay
+removes), and sparse runs only where it beats the best dense form by the margin. The whole
+network then replays as one CUDA graph, guarded by the base Engine: the engine as chosen, all
+dense, and uniformly on cuDNN NCHW / NHWC, the fastest kept, `engine.plans` says which and why.
 
 Options (CompileOptions.extra): `force` = "sparse" | "dense" (skip the measurement),
-`margin` (sparse must win by this fraction, default 0.02), `whole_network_check` (bool),
-`tune_reps` (timed graph replays per candidate, default 20).
+`choose_margin` (`margin` is its older name), `guard` (`whole_network_check` its older name),
+`tune_reps` (timed repetitions per candidate, default 20).
 """
 from __future__ import annotations
 
@@ -39,9 +39,11 @@ from ...common.errors import UserError
 from ...common.shapes import conv_out_size
 from ...passes.graph import SPARSECNN_DOMAIN, run_pipeline
 from ...passes.two_four.layout import CONV_OP, GEMM_OP, rewrite_2to4, unpack_2to4
-from ..base import CompileOptions, Engine, GraphReplay
+from ..base import CompileOptions, Engine
+from ..chooser import MARGIN, Candidate, Decision, Switch
 from ..executor import Executor
 from ..ops import STANDARD_OPS, NodeContext, resolve_pads
+from ..torch.dense_conv import DenseConv
 from ...passes.two_four.reference import dense_context, dense_weight
 from ..options import SHARED_OPTIONS, Option
 
@@ -50,10 +52,10 @@ OPTIONS = [
     *SHARED_OPTIONS,
     Option("force", str, None, "run every 2:4 layer sparse or dense without measuring (default: measure)",
            choices=("sparse", "dense")),
-    Option("margin", float, 0.02, "a layer runs sparse only when faster than dense by this fraction", minimum=0.0),
-    Option("tune_reps", int, 20, "timed graph replays per candidate", minimum=1),
-    Option("whole_network_check", bool, True, "also time the dense engine in NCHW and NHWC and keep the fastest "
-           "whole graph"),
+    Option("margin", float, MARGIN, "older name of choose_margin (a layer runs sparse only when faster than its "
+           "best dense form by this fraction)", minimum=0.0),
+    Option("tune_reps", int, 20, "timed repetitions per candidate (overrides choose_reps)", minimum=1),
+    Option("whole_network_check", bool, True, "older name of `guard` (the base whole-graph guard)"),
     Option("cslt_search", bool, False, "let cuSPARSELt search its algorithms (crashed the CUDA context on the H100)"),
 ]
 
@@ -244,25 +246,29 @@ class GemmLowering:
 
 # --- choosing sparse or dense per layer --------------------------------------------------
 
-def graph_time_ms(fn, x: torch.Tensor, reps: int = 20) -> float:
-    """Median time of one `fn(x)` without host set-up: the shared CUDA-graph timer (`time_calls`,
-    which also makes the first call on the current stream, so a dense layer's own per-layer
-    choice is not timed inside a capture)."""
-    from ..timing import time_calls
-
-    return time_calls(lambda j: fn(x), x.device, reps=reps).median_ms
+SPARSE = "cusparselt"  # the sparse candidate's name; the dense ones are dense:<mode> (or dense:linear)
 
 
-class TwoFourLayer:
-    """The op function of one 2:4 layer: sparse or dense per input shape, chosen by measurement."""
+class TwoFourLayer(Switch):
+    """The op function of one 2:4 layer: cuSPARSELt or one of the layer's dense forms, decided by the
+    one chooser (runtimes/chooser.py) the first time the layer runs (in the warm-up before the CUDA
+    graph capture, on the input it really receives), then a Switch the whole-graph guard can flip.
+    Later input shapes keep that decision."""
 
-    def __init__(self, ctx: NodeContext, sparse, dense, gemm: SparseGemm, bias, kind: str):
-        self.name, self.sparse, self.dense, self.gemm, self.bias, self.kind = ctx.name, sparse, dense, gemm, bias, kind
-        self.info = ctx.info
-        self.force = ctx.options.get("force")
-        self.margin = float(ctx.options.get("margin", 0.02))
-        self.tune_reps = int(ctx.options.get("tune_reps", 20))
-        self.choices: dict[str, dict] = ctx.options.get("_saved_choices", {}).get(self.name, {})
+    def __init__(self, ctx: NodeContext, sparse, dense_forms, gemm: SparseGemm, bias, kind: str,
+                 saved: dict | None = None):
+        # Switch.__init__ runs at the first call, when the candidates can be measured
+        self.name_, self.sparse, self.dense_forms, self.gemm, self.bias, self.kind = (
+            ctx.name, sparse, dense_forms, gemm, bias, kind)
+        self.ctx, self.info = ctx, ctx.info
+        extra = ctx.options
+        self.force = extra.get("force")
+        # `margin` is the older name of choose_margin (its default was 0.02)
+        self.margin = float(extra.get("choose_margin", extra.get("margin", MARGIN)))
+        self.reps = int(extra.get("tune_reps", extra.get("choose_reps", 20)))
+        self.saved = saved
+        self.decision = None
+        self.choices: dict[str, dict] = {}
         self.info.setdefault("choices", self.choices)
         self.info.update(format="2:4")
 
@@ -271,62 +277,58 @@ class TwoFourLayer:
         return "x".join(map(str, x.shape))
 
     def __call__(self, x, values=None, positions=None, bias=None):
-        key = self.shape_key(x)
-        entry = self.choices.get(key)
-        if entry is None:
-            entry = self.choices[key] = self.decide(x)
-            self._summarise()
-        if entry["choice"] == "sparse":
-            return self.sparse(x)
-        return self.dense(x, bias)
+        if self.decision is None:
+            self.decide(x)
+        return self.fn(x)
 
-    def decide(self, x: torch.Tensor) -> dict:
+    def layer_candidates(self, x: torch.Tensor) -> list:
         entry = self.sparse.describe(x)
+        sparse = Candidate(SPARSE, self.sparse, dense=False, library="cusparselt", detail=entry,
+                           buffers=list(self.gemm.buffers))
+        return [*self.dense_forms(x), sparse]
+
+    def decide(self, x: torch.Tensor) -> Decision:
+        from ..chooser import Chooser
+
+        candidates = self.layer_candidates(x)
+        entry = dict(candidates[-1].detail)
         if entry["padded"]:
             entry["padding_note"] = "padded with zeros to cuSPARSELt's multiples (" + ", ".join(
                 f"{d} {a}->{b}" for d, (a, b) in entry["padded"].items()) + ")"
+        default_dense = "dense:cudnn_nhwc" if self.kind == "conv" else "dense:linear"  # the engine runs NHWC
+        forced, why = None, None
         if self.force in ("sparse", "dense"):
-            entry.update(choice=self.force, reason=f"forced {self.force} (extra force={self.force})")
-            return entry
-        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            entry.update(choice="dense", reason="not measured (first seen inside a graph capture): dense by default")
-            return entry
-        dense_t = graph_time_ms(lambda t: self.dense(t, self.bias), x, reps=self.tune_reps)
-        try:
-            sparse_t = graph_time_ms(self.sparse, x, reps=self.tune_reps)
-        except Exception as exc:  # cuSPARSELt refused this shape: the layer stays dense, and says why
-            entry.update(choice="dense", dense_us=round(dense_t * 1e3, 2),
-                         reason=f"cuSPARSELt failed on this shape ({type(exc).__name__}: {str(exc)[:160]})")
-            return entry
-        if self.gemm.backend == "cslt":
-            rows_p = _round_up(entry["gemm"][2], DENSE_ALIGN)
-            found = self.gemm.search(x.new_zeros(rows_p, self.gemm.kp))
-            if found:
-                self.gemm.alg[rows_p] = found
-                try:
-                    searched_t = graph_time_ms(self.sparse, x, reps=self.tune_reps)
-                except Exception:
-                    searched_t = float("inf")
-                if searched_t < sparse_t:
-                    entry["cslt_alg"] = found
-                    sparse_t = searched_t
-                else:
-                    del self.gemm.alg[rows_p]
-        entry.update(sparse_us=round(sparse_t * 1e3, 2), dense_us=round(dense_t * 1e3, 2))
-        dense_name = "cuDNN channels-last conv" if self.kind == "conv" else "cuBLAS linear"
-        how = ("im2col + " if entry["im2col"] else "") + "cuSPARSELt"
-        if sparse_t < dense_t * (1.0 - self.margin):
-            entry.update(choice="sparse", reason=f"{how} {sparse_t * 1e3:.1f} us beats {dense_name} "
-                                                 f"{dense_t * 1e3:.1f} us ({dense_t / sparse_t:.2f}x)")
-        else:
-            entry.update(choice="dense", reason=f"{dense_name} {dense_t * 1e3:.1f} us vs {how} {sparse_t * 1e3:.1f} us: "
-                                                "sparse does not win by the margin "
-                                                f"{self.margin:.0%}")
-        return entry
+            forced, why = (SPARSE if self.force == "sparse" else default_dense), f"forced {self.force} (extra force={self.force})"
+        elif x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            forced, why = default_dense, "not measured (first seen inside a graph capture): dense by default"
+        elif self.gemm.backend == "cslt" and self.saved is None:
+            found = self.gemm.search(x.new_zeros(_round_up(entry["gemm"][2], DENSE_ALIGN), self.gemm.kp))
+            if found:  # cslt_search on: the algorithm cuSPARSELt found is the sparse candidate's
+                self.gemm.alg[_round_up(entry["gemm"][2], DENSE_ALIGN)] = entry["cslt_alg"] = found
+        chooser = Chooser(x.device, x.dtype, tf32=False, margin=self.margin, reps=self.reps)
+        d = chooser.choose(self.name_, candidates, (x,), reference=candidates[0].name, saved=self.saved, forced=forced)
+        if why:
+            d.reason = why
+        Switch.__init__(self, d, candidates, self.info)
+        times = d.times_ms
+        if SPARSE in times:
+            entry["sparse_us"] = round(times[SPARSE] * 1e3, 2)
+        if d.best_dense_ms is not None:
+            entry["dense_us"] = round(d.best_dense_ms * 1e3, 2)
+        entry.update(choice="dense" if d.dense else "sparse", chosen=d.chosen, reason=d.reason)
+        if d.rejected:
+            entry["rejected"] = dict(d.rejected)
+        self.choices[self.shape_key(x)] = entry
+        self.info["kernel"] = "cuSPARSELt 2:4" if not d.dense else self.candidates_kernel(d.chosen)
+        self.info["buffers"] = list(self.gemm.buffers) + [b for c in self.candidates.values() for b in c.buffers]
+        return d
 
-    def _summarise(self):
-        picks = {k: v["choice"] for k, v in self.choices.items()}
-        self.info["kernel"] = ", ".join(f"{k}: {'cuSPARSELt 2:4' if c == 'sparse' else 'dense'}" for k, c in picks.items())
+    def candidates_kernel(self, name: str) -> str:
+        return self.candidates[name].detail.get("kernel", name)
+
+    def use(self, name: str, why: str | None = None) -> None:
+        super().use(name, why)
+        self.info["kernel"] = "cuSPARSELt 2:4" if name == SPARSE else self.candidates_kernel(name)
 
 
 def _bias(ctx: NodeContext):
@@ -342,8 +344,6 @@ def _layer_builder(kind: str, backend: str):
         bias = _bias(ctx)
         a = unpack_2to4(ctx.const(1).to(ctx.device, ctx.dtype), ctx.const(2))
         if kind == "conv":
-            dense_ctx = dense_context(ctx, "Conv", weight)
-            dense_run = STANDARD_OPS[("", "Conv")](dense_ctx)
             alpha = beta = 1.0
         else:
             dense_ctx = dense_context(ctx, "Gemm", weight, {"transB": 1, "transA": 0})
@@ -352,13 +352,31 @@ def _layer_builder(kind: str, backend: str):
             alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
         fused_bias = bias if (alpha == 1.0 and beta == 1.0) else None
         gemm = SparseGemm(a, fused_bias, backend, allow_search=bool(ctx.options.get("cslt_search", False)))
+        weights = [weight] + ([bias] if bias is not None else [])
         if kind == "conv":
             lowering = ConvLowering(ctx, gemm, list(ctx.attr("kernel_shape")))
+            kernel = list(ctx.attr("kernel_shape"))
+            stride, dilation = ctx.attr("strides", [1, 1]), ctx.attr("dilations", [1, 1])
+            dense = DenseConv(ctx.name, weight, stride, dilation, int(ctx.attr("group", 1)),
+                              lambda t: resolve_pads(ctx, t, kernel, stride, dilation), "best", {}, ctx.options)
+
+            def dense_forms(x):  # the same dense baselines as every runtime's (dense_conv's engines)
+                forms = dense.dense_candidates(x, bias)
+                for f in forms:
+                    f.buffers = weights
+                return forms
         else:
             lowering = GemmLowering(ctx, gemm, alpha, beta, bias)
-        layer = TwoFourLayer(ctx, lowering, lambda t, b=None: dense_run(t, None, b) if kind == "conv" else dense_run(t, b),
-                             gemm, bias, kind)
-        ctx.info["buffers"] = list(gemm.buffers) + [weight]
+
+            def dense_forms(x):
+                return [Candidate("dense:linear", lambda t: dense_run(t, bias), dense=True, library="torch",
+                                  detail={"kernel": "cuBLAS linear"}, buffers=weights)]
+        saved = (ctx.options.get("_saved_choices") or {}).get(ctx.name)
+        layer = TwoFourLayer(ctx, lowering, dense_forms, gemm, bias, kind,
+                             saved if saved and "chosen" in saved else None)
+        if saved and "chosen" not in saved and saved:  # an engine saved before the one chooser: shape -> entry
+            layer.force = next(iter(saved.values())).get("choice", layer.force)
+        ctx.info["buffers"] = list(gemm.buffers) + weights
         return layer
 
     return build
@@ -373,75 +391,25 @@ def op_table(backend: str = "cslt") -> dict:
 # --- the engine --------------------------------------------------------------------------
 
 class CuSparseLtEngine(Engine):
+    """The whole-graph guard is the base Engine's: the engine as its layers chose vs all dense and
+    uniformly on cuDNN NCHW / NHWC (the dense executors this runtime used to build), timed interleaved."""
+
     runtime = name
 
-    def __init__(self, model, device, options, executor):
-        super().__init__(model, device, options, executor)
-        self.whole_network: dict[str, dict] = {}
-        self._dense_executors: dict[bool, Executor] = {}
+    @property
+    def whole_network(self) -> dict:
+        """The whole-graph plans per input shape (the older name of `plans`)."""
+        return self.plans
 
-    def _dense_executor(self, channels_last: bool) -> Executor:
-        if channels_last not in self._dense_executors:
-            from ..reference_ops import reference_ops
-
-            self._dense_executors[channels_last] = Executor(self.model, self.device, self.options.dtype,
-                                                            ops=reference_ops(), channels_last=channels_last,
-                                                            options=self.options.extra)
-        return self._dense_executors[channels_last]
-
-    def runner(self, *inputs: torch.Tensor):
-        if self.device.type != "cuda" or not self.options.cuda_graph:
-            return self.executor
-        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
-        if key in self._graphs:
-            return self._graphs[key]
-        from ..timing import time_interleaved
-
-        with self._precision_context():
-            # its first call makes the per-layer choices; one warm-up call, as eager cuSPARSELt
-            # calls on small shapes cost up to 0.3 s each (H100, torch 2.11)
-            mixed = GraphReplay(self.executor, inputs, warmup=1)
-            label = "x".join(map(str, inputs[0].shape))
-            record = {"sparse_layers": self.sparse_layers(inputs[0].shape)}
-            chosen = mixed
-            if self.options.extra.get("whole_network_check", True):
-                reps = int(self.options.extra.get("tune_reps", 20)) * 2
-                candidates = {"mixed (per-layer choice, NHWC)": mixed}
-                candidates["dense NCHW"] = GraphReplay(self._dense_executor(False), tuple(x.contiguous() for x in inputs))
-                candidates["dense NHWC"] = GraphReplay(self._dense_executor(True), inputs)
-                timed = time_interleaved({k: (lambda i, g=g: g.replay()) for k, g in candidates.items()},
-                                         self.device, reps=reps * 3)
-                times = {k: t.median_ms for k, t in timed.items()}
-                best = min(times, key=times.get)
-                record.update(times_ms={k: round(v, 4) for k, v in times.items()}, chosen=best)
-                chosen = candidates[best]
-                record["reason"] = (f"{best} is fastest" if best.startswith("mixed") else
-                                    f"{best} {times[best]:.3f} ms beats the mixed sparse engine "
-                                    f"{times['mixed (per-layer choice, NHWC)']:.3f} ms: whole-network dense fallback")
-                del candidates
-                if best.startswith("mixed"):
-                    self._dense_executors.clear()  # free the dense copies of the weights
-            else:
-                record.update(chosen="mixed (per-layer choice, NHWC)", reason="whole-network check off")
-            self.whole_network[label] = record
-            self._graphs[key] = chosen
-        return chosen
+    def guard_on(self) -> bool:
+        extra = self.options.extra  # whole_network_check: the older name of guard
+        return bool(extra.get("guard", extra.get("whole_network_check", True)))
 
     def sparse_layers(self, input_shape=None) -> list[str]:
-        out = []
-        for step in self.executor.steps:
-            for entry in step.info.get("choices", {}).values():
-                if entry.get("choice") == "sparse":
-                    out.append(step.name)
-                    break
-        return out
+        return [sw.name for sw in self.switches() if sw.decision is not None and not sw.is_dense]
 
-    def saved_state(self) -> dict:
-        choices = {}
-        for step in self.executor.steps:
-            if step.info.get("choices"):
-                choices[step.name] = {k: {kk: vv for kk, vv in v.items()} for k, v in step.info["choices"].items()}
-        return {"choices": choices}
+    def switches(self) -> list:
+        return [sw for sw in super().switches() if sw.decision is not None]  # layers never run: undecided
 
 
 def compile(model: onnx.ModelProto, device: str | torch.device = "cuda", options: CompileOptions | dict | None = None,
@@ -470,4 +438,6 @@ def build_engine(model: onnx.ModelProto, device: torch.device, opts: CompileOpti
         warnings.simplefilter("ignore")  # the deprecation notice of older search APIs
         ex = Executor(model, device, opts.dtype, ops=op_table(backend), channels_last=True, options=extra)
     engine_opts = CompileOptions.from_dict({**opts.to_dict(), "channels_last": True})
-    return CuSparseLtEngine(model, device, engine_opts, ex)
+    engine = CuSparseLtEngine(model, device, engine_opts, ex)
+    engine.plans = dict((state or {}).get("plans") or {})
+    return engine
