@@ -26,6 +26,8 @@ examples:
   sparsecnn train resnet18 -o r18-cpu.pt --device cpu             # small-subset mode, a few minutes
   sparsecnn train tinynet -o tiny.pt --subset 1000 --epochs 1
   sparsecnn train resnet18 --data /data/my-folder -o r18.pt       # an ImageFolder with train/ and val/
+  sparsecnn train resnet18 --prune 0.9 -o r18-90.pt               # pruned gradually to 90% while training
+  torchrun --nproc-per-node 4 -m sparsecnn.converter.cli train resnet18 -o r18.pt   # 4 GPUs, same result file
 """
 
 
@@ -46,17 +48,21 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0, help="seed for initial weights, shuffling and augmentation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch still)")
+    p.add_argument("--prune", type=float, metavar="SPARSITY",
+                   help="prune while training: unstructured magnitude per layer, gradually (cubic schedule over "
+                        "the first 60%% of the epochs) to this sparsity, e.g. 0.9; stem and classifier stay dense")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..common.fileio import check_output
-    from ..runtimes import resolve_device
+    from . import distributed
     from .training import load_splits, save_checkpoint, train_model, training_plan, training_spec
 
     arch = args.model
     out = check_output(args.output, [args.data], "--output")
-    device = resolve_device(args.device)
+    device = distributed.start(args.device)  # under torchrun: this rank's GPU, the process group joined
+    say = print if distributed.is_main() else _silent
     cfg, size, subset, eval_subset = training_plan(
         arch, device, size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, seed=args.seed, subset=args.subset, eval_subset=args.eval_subset)
@@ -64,20 +70,26 @@ def run(args) -> int:
     spec = training_spec(arch, train, size, args.size)
     size = spec.height
     if device.type == "cpu":
-        print(f"CPU: small-subset mode, {len(train)} training images, {cfg.epochs} epoch(s) at {size}x{size} "
-              "(a GPU trains on all of them; give --subset/--epochs/--size to change)", file=sys.stderr)
-    print(f"training {arch} on {train.name} ({len(train)} images, {train.num_classes} classes) at {size}x{size}, "
-          f"{cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, seed {cfg.seed}, on {device}",
-          file=sys.stderr)
+        say(f"CPU: small-subset mode, {len(train)} training images, {cfg.epochs} epoch(s) at {size}x{size} "
+            "(a GPU trains on all of them; give --subset/--epochs/--size to change)", file=sys.stderr)
+    say(f"training {arch} on {train.name} ({len(train)} images, {train.num_classes} classes) at {size}x{size}, "
+        f"{cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, seed {cfg.seed}, on {device}"
+        + (f" x {distributed.world_size()} processes" if distributed.is_distributed() else "")
+        + (f", pruned gradually to {args.prune:g}" if args.prune is not None else ""),
+        file=sys.stderr)
     command = "sparsecnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
     outcome = train_model(arch, device, train, val, test, spec, cfg, progress=not args.no_progress,
-                          log=lambda s: print(s, file=sys.stderr), command=command)
+                          log=lambda s: print(s, file=sys.stderr), command=command, prune=args.prune)
     save_checkpoint(outcome.checkpoint, out)
     meta = outcome.checkpoint["train"]
-    print(f"wrote {out}: {arch}, {train.num_classes} classes, input {size}x{size}; validation top-1 "
-          f"{_pct(meta['val_top1_after_folding'] or meta['val_top1'])}, test top-1 {_pct(meta['test_top1'])} "
-          f"on {meta['test_images']} images, {meta['seconds']:.0f} s")
+    say(f"wrote {out}: {arch}, {train.num_classes} classes, input {size}x{size}; validation top-1 "
+        f"{_pct(meta['val_top1_after_folding'] or meta['val_top1'])}, test top-1 {_pct(meta['test_top1'])} "
+        f"on {meta['test_images']} images, {meta['seconds']:.0f} s")
     return 0
+
+
+def _silent(*_args, **_kwargs) -> None:
+    """print on ranks other than 0 under torchrun: rank 0 reports for all."""
 
 
 def _pct(v) -> str:

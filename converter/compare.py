@@ -34,7 +34,7 @@ from ..passes.masks import check_sparsity, is_2to4
 from ..passes.prune import prune_2to4, prune_unstructured
 from .accuracy import is_classifier_output, metrics, model_sizes, predict
 from .data import ImageData, TensorImages, load_data
-from .finetune import FitConfig, GradualPruning, fit
+from .finetune import GRADUAL_SHARE, FitConfig, GradualPruning, fit
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class FinetunePlan:
     fit: FitConfig
     epochs: dict[str, int] = field(default_factory=lambda: {"2:4": 5, "unstructured": 12, "channel": 10})
     lr_scale: dict[str, float] = field(default_factory=lambda: {"2:4": 1.0, "unstructured": 2.5, "channel": 2.5})
-    prune_fraction: float = 0.6   # gradual pruning ramps over this share of the unstructured epochs
+    prune_fraction: float = GRADUAL_SHARE  # gradual pruning ramps over this share of the unstructured epochs
     scope: str = "layer"
 
     def config(self, kind: str) -> FitConfig:

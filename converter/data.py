@@ -125,11 +125,33 @@ class ImageData:
 
     def batches(self, spec: InputSpec, batch_size: int, device: torch.device | str = "cpu", *,
                 shuffle: bool = False, augment: bool = False, generator: torch.Generator | None = None,
-                channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                channels_last: bool = False, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of `batch_size` images. `shard` = (rank, world): the global batches of the one-process
+        run (same order, same augmentation draws), of which this rank gets its contiguous part
+        (`shard_slice`); with world > 1 a last batch smaller than `world` is dropped, so every rank
+        takes the same number of steps."""
         raise NotImplementedError
 
     def subset(self, n: int | None) -> "ImageData":
         raise NotImplementedError
+
+    def shard(self, rank: int, world: int) -> "ImageData":
+        """Rank `rank`'s contiguous share of the images out of `world` (for sharded evaluation: the
+        shares cover the set once, no padding, no duplicates)."""
+        raise NotImplementedError
+
+
+def shard_slice(n: int, shard: tuple[int, int]) -> slice:
+    """Rank's contiguous part of n items split over `world` ranks (parts differ by at most one)."""
+    rank, world = shard
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def global_batch_starts(n: int, batch_size: int, world: int) -> range:
+    """Start of every global batch; one smaller than `world` ranks is dropped (it cannot feed them all)."""
+    last = n - (n % batch_size if n % batch_size else batch_size)
+    stop = last if world > 1 and n - last < world else n
+    return range(0, stop, batch_size)
 
 
 @dataclass
@@ -156,22 +178,30 @@ class TensorImages(ImageData):
     def slice(self, start: int, stop: int | None, name: str) -> "TensorImages":
         return replace(self, images=self.images[start:stop], targets=self.targets[start:stop], name=name)
 
+    def shard(self, rank: int, world: int) -> "TensorImages":
+        part = shard_slice(len(self), (rank, world))
+        return self if world == 1 else self.slice(part.start, part.stop, self.name)
+
     def to(self, device: torch.device | str) -> "TensorImages":
         return replace(self, images=self.images.to(device), targets=self.targets.to(device))
 
     def batches(self, spec, batch_size, device="cpu", *, shuffle=False, augment=False, generator=None,
-                channels_last=False):
+                channels_last=False, shard=(0, 1)):
         device = torch.device(device)
         images, targets = self.images.to(device), self.targets.to(device)  # no copy when already there
         n = len(self)
         gdev = generator.device if generator is not None else torch.device("cpu")
         order = torch.randperm(n, generator=generator, device=gdev).to(device) if shuffle else None
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
-            x = images[idx]
-            if augment:
-                x = augment_uint8(x, generator)
-            yield prepare(x, spec, channels_last), targets[idx]
+        for start in global_batch_starts(n, batch_size, shard[1]):
+            stop = min(n, start + batch_size)
+            part = shard_slice(stop - start, shard)
+            idx = order[start:stop] if order is not None else slice(start, stop)
+            mine = idx[part] if order is not None else slice(start + part.start, start + part.stop)
+            if augment:  # draws for the whole global batch, so every rank's share is the one-process run's
+                x = augment_uint8(images[idx], generator)[part]
+            else:
+                x = images[mine]
+            yield prepare(x, spec, channels_last), targets[mine]
 
 
 def augment_uint8(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 2) -> torch.Tensor:
@@ -269,8 +299,16 @@ class FolderImages(ImageData):
         out.name = f"{self.name} ({n} of {len(self)})"
         return out
 
+    def shard(self, rank: int, world: int) -> "FolderImages":
+        if world == 1:
+            return self
+        out = FolderImages.__new__(FolderImages)
+        out.__dict__.update(self.__dict__)
+        out.indices = self.indices[shard_slice(len(self), (rank, world))]
+        return out
+
     def batches(self, spec, batch_size, device="cpu", *, shuffle=False, augment=False, generator=None,
-                channels_last=False):
+                channels_last=False, shard=(0, 1)):
         from PIL import Image, UnidentifiedImageError
 
         from .images import preprocess
@@ -278,16 +316,22 @@ class FolderImages(ImageData):
         order = self.indices
         if shuffle:
             order = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
-        for start in range(0, len(order), batch_size):
+        for start in global_batch_starts(len(order), batch_size, shard[1]):
             xs, ys = [], []
-            for i in order[start:start + batch_size]:
+            batch = order[start:start + batch_size]
+            part = shard_slice(len(batch), shard)
+            for j, i in enumerate(batch):
+                # every rank draws the flips of the whole global batch but reads only its own images
+                flip = augment and torch.rand(1, generator=generator).item() < 0.5
+                if not part.start <= j < part.stop:
+                    continue
                 path, target = self.dataset.samples[i]
                 try:
                     with Image.open(path) as im:
                         x = preprocess(im, spec)
                 except (UnidentifiedImageError, OSError) as exc:
                     raise UserError(f"cannot read image {path}: {exc}") from None
-                if augment and torch.rand(1, generator=generator).item() < 0.5:
+                if flip:
                     x = x.flip(-1)
                 xs.append(x)
                 ys.append(target)

@@ -12,6 +12,13 @@ every few steps with the same rule the ONNX prune passes use (masks.module_masks
 On a GPU the whole data set sits in GPU memory and augmentation runs there (data.py);
 steps run under bf16 autocast with channels-last activations, and the host reads the loss
 back only a few times per epoch, so it never waits on the GPU in between.
+
+Under torchrun (distributed.py) the same loop runs on every rank: the model in
+DistributedDataParallel, each step's global batch (the one-process run's, same order and
+augmentation) split over the ranks, masks computed on rank 0 and broadcast, re-applied
+after every step on every rank; the schedules count global steps; evaluation is sharded
+and its counts summed, so top-1 is over the whole set exactly once. BatchNorm statistics
+are per rank (plain DDP), the one difference from the one-process run.
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ from torch import nn
 from ..common.errors import UserError
 from ..models.registry import InputSpec
 from ..passes.masks import conv_bn_pairs, cubic_sparsity, module_masks
-from .data import ImageData
+from . import distributed
+from .data import ImageData, global_batch_starts
 
 
 @dataclass
@@ -50,6 +58,10 @@ class FitConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Gradual pruning ramps over this share of the epochs; the rest fine-tunes at full sparsity.
+GRADUAL_SHARE = 0.6
 
 
 @dataclass
@@ -281,9 +293,11 @@ def evaluate_top1(model: nn.Module, data: ImageData, spec: InputSpec, device: to
     model.eval()
     cl = cfg.channels_last and device.type == "cuda"
     correct = torch.zeros((), dtype=torch.long, device=device)
-    with _autocast(device, cfg):
-        for x, y in data.batches(spec, batch_size, device, channels_last=cl):
+    with _autocast(device, cfg):  # each rank its own share; the counts are summed
+        for x, y in data.shard(distributed.rank(), distributed.world_size()).batches(spec, batch_size, device,
+                                                                                   channels_last=cl):
             correct += (model(x).argmax(1) == y).sum()
+    distributed.all_reduce_sum(correct)
     model.train(was_training)
     return 100.0 * int(correct) / max(1, len(data))
 
@@ -301,21 +315,27 @@ def fit(model: nn.Module, train: ImageData, val: ImageData | None, spec: InputSp
         raise UserError(f"epochs must be at least 1, got {cfg.epochs}")
     if masks and gradual:
         raise UserError("give fixed masks or a gradual-pruning schedule, not both")
+    shard = (distributed.rank(), distributed.world_size())
+    world = shard[1]
+    if not distributed.is_main():
+        progress, log = False, _quiet
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the same draws on every rank
     cl = cfg.channels_last and device.type == "cuda"
     model.to(device)
     if cl:
         model.to(memory_format=torch.channels_last)
-    masker = Masker(model, masks) if (masks or gradual) else None
+    masker = Masker(model, distributed.broadcast_masks(masks)) if (masks or gradual) else None
     if masker and masks:
         masker.apply()
     scaffold = None
     if cfg.batchnorm_scaffold and BatchNormScaffold.needed(model):
         calib, _ = next(iter(train.batches(spec, cfg.batch_size, device, channels_last=cl)))
         scaffold = BatchNormScaffold(model, calib)
+    net = distributed.wrap(model, device)  # after the scaffold, so DDP averages its BatchNorms' gradients too
     opt = make_optimizer(model, cfg)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    starts = global_batch_starts(len(train), cfg.batch_size, world)
+    steps_per_epoch = len(starts)
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
@@ -335,18 +355,24 @@ def fit(model: nn.Module, train: ImageData, val: ImageData | None, spec: InputSp
         loss_sum = torch.zeros((), device=device)
         seen = 0
         bar = _bar(steps_per_epoch, f"{label} {epoch + 1}/{cfg.epochs}", progress)
-        for x, y in train.batches(spec, cfg.batch_size, device, shuffle=True, augment=cfg.augment,
-                                  generator=gen, channels_last=cl):
+        for start, (x, y) in zip(starts, train.batches(spec, cfg.batch_size, device, shuffle=True, augment=cfg.augment,
+                                                       generator=gen, channels_last=cl, shard=shard)):
             if gradual and g_start <= step <= g_end and ((step - g_start) % every == 0 or step == g_end):
                 s = gradual.sparsity if step >= g_end else cubic_sparsity(step - g_start, g_end - g_start,
                                                                           gradual.sparsity, gradual.initial)
-                new, _ = module_masks(model, "unstructured", s, gradual.scope, gradual.exclude, pairs=pairs)
-                masker.set_masks(new)
+                if distributed.is_main() or not masker.masks:
+                    new, _ = module_masks(model, "unstructured", s, gradual.scope, gradual.exclude, pairs=pairs)
+                else:  # rank 0 decides; the others receive into tensors of the right shapes
+                    new = {k: torch.empty(m.shape, dtype=torch.bool, device=m.device) for k, m in masker.masks.items()}
+                masker.set_masks(distributed.broadcast_masks(new))
                 masker.after_step(opt)
             with _autocast(device, cfg):
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(net(x), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if world > 1:  # DDP averages over ranks; weighting by share makes it the global batch's mean
+                (loss * (y.numel() * world / min(cfg.batch_size, len(train) - start))).backward()
+            else:
+                loss.backward()
             if masker:
                 masker.zero_grads()
             if cfg.grad_clip:
@@ -364,6 +390,8 @@ def fit(model: nn.Module, train: ImageData, val: ImageData | None, spec: InputSp
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if bar is not None:
             bar.close()
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(seen), device=device)]))
+        loss_sum, seen = totals[0], int(totals[1])
         if not torch.isfinite(loss_sum):
             raise RuntimeError(f"{label}: the loss diverged (non-finite) in epoch {epoch + 1}; lower the learning rate")
         at_final = not gradual or step >= g_end
@@ -400,6 +428,10 @@ def fit(model: nn.Module, train: ImageData, val: ImageData | None, spec: InputSp
     model.eval()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _quiet(_line: str) -> None:
+    """The log of ranks other than 0: one rank reports for all."""
 
 
 def _bar(total: int, desc: str, enabled: bool):

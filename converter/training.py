@@ -4,6 +4,10 @@ The checkpoint is plain data (loads with weights_only=True): {"format", "arch",
 "num_classes", "input" (InputSpec), "state_dict", "train" (how it was made: data, recipe,
 seed, per-epoch history, validation and test top-1)}. `sparsecnn train` writes it; every
 other command takes it as a model.
+
+With `prune` the net is pruned while it trains (unstructured magnitude, per layer, on the
+cubic schedule over the first GRADUAL_SHARE of the epochs; the model's stem and classifier
+left dense). Under torchrun every rank trains (finetune.fit) and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ from torch import nn
 from ..common.errors import UserError
 from ..common.fileio import atomic_path
 from ..models.registry import InputSpec, get_entry, load_model
+from . import distributed
 from .data import ImageData, TensorImages, fashion_mnist_spec, load_data
-from .finetune import FitConfig, FitResult, evaluate_top1, fit, fold_batchnorm_into
+from .finetune import GRADUAL_SHARE, FitConfig, FitResult, GradualPruning, evaluate_top1, fit, fold_batchnorm_into
 
 
 CHECKPOINT_FORMAT = "sparsecnn-checkpoint"
@@ -90,8 +95,9 @@ class TrainOutcome:
 
 def train_model(arch: str, device: torch.device, train: ImageData, val: ImageData | None, test: ImageData | None,
                 spec: InputSpec, cfg: FitConfig, recipe: Recipe | None = None, progress: bool = True,
-                log=print, command: str | None = None) -> TrainOutcome:
-    """Train registry model `arch` and return it (eval mode, CPU) with its checkpoint dict."""
+                log=print, command: str | None = None, prune: float | None = None) -> TrainOutcome:
+    """Train registry model `arch` (pruned gradually to sparsity `prune` if given) and return it
+    (eval mode, CPU) with its checkpoint dict."""
     entry = get_entry(arch)
     if entry.name == "trafficcamnet":
         raise UserError("trafficcamnet is a detector; `train` trains classifiers (resnet18, vgg19, tiny nets)")
@@ -101,8 +107,14 @@ def train_model(arch: str, device: torch.device, train: ImageData, val: ImageDat
         train = train.to(device)  # the whole set in GPU memory: no loader, no host copies per step
         val = val.to(device) if isinstance(val, TensorImages) else val
     model = build_for_training(arch, recipe, num_classes, cfg.seed)
+    gradual = None
+    if prune is not None:
+        from ..passes.masks import check_sparsity
+
+        gradual = GradualPruning(check_sparsity(prune), end_epoch=GRADUAL_SHARE * cfg.epochs, exclude=entry.exclude)
     t0 = time.perf_counter()
-    result = fit(model, train, val, spec, device, cfg, label=f"train {arch}", progress=progress, log=log)
+    result = fit(model, train, val, spec, device, cfg, gradual=gradual, label=f"train {arch}", progress=progress,
+                 log=log)
     final = finalize(arch, recipe, model, num_classes).to(device)
     folded_val = evaluate_top1(final, val, spec, device, cfg=cfg) if val is not None and recipe.train_as else None
     test_top1 = evaluate_top1(final, test, spec, device, cfg=cfg) if test is not None else None
@@ -114,7 +126,8 @@ def train_model(arch: str, device: torch.device, train: ImageData, val: ImageDat
         "config": cfg.to_dict(), "history": result.history, "seconds": time.perf_counter() - t0,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": str(torch.__version__), "trained_as": recipe.train_as or arch, "note": recipe.note,
-        "command": command or "",
+        "command": command or "", "prune": None if gradual is None else dataclasses.asdict(gradual),
+        "processes": distributed.world_size(),
     }
     meta = json.loads(json.dumps(meta))  # plain data only: the checkpoint must load with weights_only=True
     ckpt = {"format": CHECKPOINT_FORMAT, "version": 1, "arch": arch, "num_classes": num_classes,
@@ -124,7 +137,10 @@ def train_model(arch: str, device: torch.device, train: ImageData, val: ImageDat
 
 
 def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
+    """Write `ckpt` atomically; under torchrun rank 0 alone writes (every rank holds the same)."""
     path = Path(path)
+    if not distributed.is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
