@@ -265,14 +265,14 @@ def test_sparsert_emulate_kernels_runs_the_planner_on_the_cpu(sparsert_model):
     sparse, _ = sparsert_model
     _, reference = _sparsert_rows(sparse)
     _, planned = _sparsert_rows(sparse, emulate_kernels="yes", candidates="dense")
-    assert reference and not any("choice" in r for r in reference)
-    assert planned and all(r["choice"] == "dense" for r in planned)
+    assert reference and not any("kind" in r for r in reference)
+    assert planned and all(r["kind"] == "dense" for r in planned)
 
 
 def test_sparsert_candidates_limit_what_a_layer_may_run(sparsert_model):
     sparse, _ = sparsert_model
     _, rows = _sparsert_rows(sparse, emulate_kernels="on", candidates="dense,csr", max_configs=1)
-    assert rows and all(r["choice"] in ("dense", "csr") for r in rows)
+    assert rows and all(r["kind"] in ("dense", "csr") for r in rows)
     assert all(not any(k.startswith("generated") for k in r.get("candidates_ms", {})) for r in rows)
 
 
@@ -288,7 +288,7 @@ def test_sparsert_max_configs_caps_the_generated_configurations(sparsert_model):
 def test_sparsert_max_instructions_rules_out_generated_kernels(sparsert_model):
     sparse, _ = sparsert_model
     _, rows = _sparsert_rows(sparse, emulate_kernels="on", candidates="generated,dense", max_instructions=1)
-    assert rows and all(r["choice"] == "dense" and "instructions" in r.get("reason", "") for r in rows)
+    assert rows and all(r["kind"] == "dense" and "instructions" in r.get("reason", "") for r in rows)
 
 
 def test_sparsert_retune_ignores_the_tuning_cache(sparsert_model):

@@ -257,9 +257,10 @@ def test_planner_with_emulated_kernels_chooses_saves_and_reloads_without_search(
     fused = [r for r in eng.report() if r["op"] == "sparsecnn::CsrConv"]
     assert len(fused) == 8
     for r in fused:
-        assert r["choice"] in ("generated", "dense")
-        assert "dense" in r["candidates_ms"] and len(r["candidates_ms"]) >= 2
-        if r["choice"] == "generated":
+        assert r["kind"] in ("generated", "dense")
+        # the one chooser: the layer's dense forms (dense_conv's engines) against the generated kernels
+        assert "dense:cudnn" in r["candidates_ms"] and len(r["candidates_ms"]) >= 2
+        if r["kind"] == "generated":
             assert r["config"] == r["code"]["config"]
     state = eng.saved_state()
     assert set(state["layers"]) == {r["name"] for r in fused}
@@ -269,7 +270,7 @@ def test_planner_with_emulated_kernels_chooses_saves_and_reloads_without_search(
     again = load_engine(path)
     for r, r0 in zip([r for r in again.report() if r["op"] == "sparsecnn::CsrConv"], fused):
         assert "candidates_ms" not in r  # the saved choice was taken, nothing was timed
-        assert (r["choice"], r.get("config")) == (r0["choice"], r0.get("config"))
+        assert (r["kind"], r.get("config")) == (r0["kind"], r0.get("config"))
     assert rel_err(again(torch.from_numpy(x))[0], ref[0]) <= 1e-5
 
 
@@ -284,7 +285,7 @@ def test_a_generated_kernel_with_a_wrong_result_is_never_chosen(exported, tmp_pa
     eng = rt.compile(rt.rewrite(model), "cpu", {"emulate_kernels": True, "max_configs": 1,
                                                 "candidates": ["generated", "dense"]})
     fused = [r for r in eng.report() if r["op"] == "sparsecnn::CsrConv"]
-    assert fused and all(r["choice"] == "dense" for r in fused)
+    assert fused and all(r["kind"] == "dense" for r in fused)
     assert all(any(v.startswith("rejected") for v in r["notes"].values()) for r in fused)
 
 
@@ -354,11 +355,11 @@ def test_sparsert_runtime_on_gpu_matches_onnxruntime_and_reloads(exported, tmp_p
     eng = rt.compile(rt.rewrite(model), "cuda", {"dtype": "fp32", "tf32": False, "candidates": ["generated"]})
     assert rel_err(eng(torch.from_numpy(x))[0], ref[0]) <= 1e-4
     fused = [r for r in eng.report() if r["op"].startswith("sparsecnn::")]
-    assert fused and all(r["choice"] == "generated" for r in fused)
+    assert fused and all(r["kind"] == "generated" for r in fused)
     # the full search: the choice may differ per layer, the result may not
     eng = rt.compile(rt.rewrite(model), "cuda", {"dtype": "fp32", "tf32": False})
     assert rel_err(eng(torch.from_numpy(x))[0], ref[0]) <= 1e-4
-    assert all(r["choice"] in ("generated", "csr", "dense") and r["candidates_ms"]
+    assert all(r["kind"] in ("generated", "csr", "dense") and r["candidates_ms"]
                for r in eng.report() if r["op"].startswith("sparsecnn::"))
     eng.save(tmp_path / "e.engine")
     again = load_engine(tmp_path / "e.engine", "cuda")

@@ -4,9 +4,12 @@ rewrite: passes/csr/rewrite.py (the CSR rewrite the `csr` runtime uses too) turn
 Conv/Gemm layers (with the Add/Relu after them) into sparsecnn::CsrConv / CsrGemm with the
 residual as an optional last input. compile: for every such layer, a few tile
 configurations are generated (runtimes/sparsert/codegen.py) and compiled with NVRTC in
-parallel, then timed on the device against the CSR runtime's kernel (when a runtime named
-'csr' is registered) and dense cuDNN/cuBLAS; the fastest runs, and the per-layer report
-says what ran, the configuration and every candidate's time. The whole network replays as
+parallel, then each layer decides with the one chooser (runtimes/chooser.py): the generated
+kernels, the CSR runtime's kernel (when a runtime named 'csr' is registered) and the layer's
+dense forms (dense_conv's cuDNN NCHW/NHWC and im2col engines, or cuBLAS linear, with the fused
+epilogue) are checked against the dense result, timed interleaved, and a sparse kernel runs
+only where it beats the best dense form by the margin; the per-layer report says what ran
+(`kind`), the configuration and every candidate's time. The whole network replays as
 one CUDA graph. Winners are kept in the engine's saved state and in a tuning cache beside
 the kernel cache (keyed by layer hash, GPU architecture, precision and batch), so a reload
 or a second compile of the same weights skips the search and the compiles.
@@ -25,11 +28,11 @@ On the CPU the CSR ops run their PyTorch reference (passes/csr/reference.py).
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from onnx import numpy_helper
 
 from ...common.errors import UserError
@@ -140,26 +143,7 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options:
 
 
 # --------------------------------------------------------------------------------------------
-# Timing candidates
-# --------------------------------------------------------------------------------------------
-
-def time_candidate(fn: Callable, args: tuple, device: torch.device, launches: int = 10, reps: int = 20) -> float:
-    """Median ms of one call of `fn(*args)` through the shared graph timer (`time_calls`, at
-    least `launches` calls per graph): the host's launch cost stays out, as in the engine."""
-    from ..timing import time_calls
-
-    if device.type != "cuda":  # emulated kernels in CI: order of magnitude only
-        reps = 2
-    return time_calls(lambda j: fn(*args), device, reps=reps, warmup=1, min_inner=launches, warmup_ms=2.0).median_ms
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-# --------------------------------------------------------------------------------------------
-# The planner: generate and compile every candidate first (in parallel), then time per layer
+# The planner: generate and compile every candidate first (in parallel), then choose per layer
 # --------------------------------------------------------------------------------------------
 
 class _Layer:
@@ -315,11 +299,11 @@ class Planner:
         return self._zeros
 
     def builder(self, ctx: NodeContext):
-        from ...passes.csr.reference import build_dense, used_inputs
+        from ...passes.csr.reference import used_inputs
+        from ..chooser import Candidate, Switch
         from .codegen import EmulatedKernel, GeneratedKernel
 
         layer = self.layers[ctx.name]
-        dense_fn = build_dense(ctx)
         ctx.info.clear()
         ctx.inputs_used = used_inputs(ctx)  # x (and the residual): the weight lives in the candidates
         has_bias = len(ctx.node.input) > 5 and bool(ctx.node.input[5])
@@ -327,11 +311,11 @@ class Planner:
         info = {"format": "csr", "nnz": nnz, "sparsity": round(1 - nnz / max(1, m * k), 4),
                 "fused": "+".join(x for x, on in (("bias", has_bias), ("residual", layer.residual),
                                                    ("relu", layer.relu)) if on) or "none"}
-        candidates: dict[str, Callable] = {}
+        args = self._example_inputs(ctx, layer)
+        dense_forms = self._dense_forms(ctx, layer, args[0] if args else None)
+        candidates: list = list(dense_forms) if "dense" in layer.kinds else []
         notes: dict[str, str] = {}
         code: dict[str, dict] = {}
-        if "dense" in layer.kinds:
-            candidates["dense"] = dense_fn
         for prog, (src, _), rec in zip(layer.programs, layer.sources, layer.records):
             label = f"generated:{prog.config.name}"
             if rec.error:
@@ -343,50 +327,50 @@ class Planner:
                 notes[label] = f"{type(exc).__name__}: {exc}"[:300]
                 continue
             zeros = self.zeros(kern.zeros_needed(), kern.torch_dtype) if kern.zeros_needed() else None
-            candidates[label] = (lambda kern, zeros: lambda x, r: kern(x, residual=r, zeros=zeros))(kern, zeros)
+            candidates.append(Candidate(label, (lambda x, r=None, kern=kern, zeros=zeros: kern(x, residual=r, zeros=zeros)),
+                                        dense=False, library="sparsert", detail={"config": prog.config.name}))
             code[label] = {**prog.stats(), "compile_s": round(rec.seconds, 3), "cubin_bytes": rec.cubin_bytes,
                            "cached": rec.cached}
         if "csr" in layer.kinds:
             fn, why = self._csr_candidate(ctx, layer)
             if fn is not None:
-                candidates["csr"] = fn
+                candidates.append(Candidate("csr", fn, dense=False, library="csr", detail={"kernel": why}))
             else:
                 notes["csr"] = why
         if layer.reason:
             info["reason"] = layer.reason
-        reference = dense_fn
-        if not candidates:
-            candidates["dense"] = reference
-        choice, timings = self._choose(ctx, layer, candidates, notes, reference)
-        run_fn = candidates[choice]
-        kind = choice.split(":")[0]
+        if not candidates or args is None:  # nothing else to run, or no input to decide on: dense
+            candidates = list(dense_forms[:1])
+        decision = self._decide(ctx, layer, candidates, dense_forms, args)
+        for label, why in decision.rejected.items():
+            notes[label] = "rejected: " + why
+        kind = decision.chosen.split(":")[0]
         info.update(kernel={"generated": "sparsert generated", "csr": "csr runtime", "dense": ctx.node.op_type
-                            .replace("Csr", "torch ") + " (cuDNN/cuBLAS)"}[kind], choice=kind)
+                            .replace("Csr", "torch ") + " (" + str(decision.detail.get("kernel", "cuDNN/cuBLAS")) + ")"}[kind],
+                    kind=kind)  # "choice" is the chooser's record (chooser.Switch)
         if kind == "generated":
-            info["config"] = choice.split(":", 1)[1]
-            info["code"] = code[choice]
-        if timings:
-            info["candidates_ms"] = timings
+            info["config"] = decision.chosen.split(":", 1)[1]
+            info["code"] = code[decision.chosen]
+        if decision.times_ms:
+            info["candidates_ms"] = {n: round(t, 5) for n, t in decision.times_ms.items()}
         if notes:
             info["notes"] = notes
         if layer.programs:
             info["gen_s"] = round(layer.gen_s, 3)
             info["compile_s"] = round(sum(r.seconds for r in layer.records), 3)
         ctx.info.update(info)
-        self.decisions[layer.name] = {"key": layer.key[:32], "choice": kind,
-                                      "config": info.get("config"), "ms": timings or None}
-        if len(candidates) > 1 and layer.key:
+        self.decisions[layer.name] = {"key": layer.key[:32], "choice": kind, "chosen": decision.chosen,
+                                      "config": info.get("config"), "ms": info.get("candidates_ms")}
+        if decision.how == "measured" and layer.key:
             from .codegen import tuning_key
 
             self.tuning_updates[tuning_key(layer.key, self.arch, self.opts.dtype, self.batch,
                                            ",".join(sorted(layer.kinds)))] = self.decisions[layer.name]
-
-        def run(x, residual=None):
-            return run_fn(x, residual)
-
-        return run
+        return Switch(decision, candidates, ctx.info)
 
     def _example_inputs(self, ctx: NodeContext, layer: _Layer):
+        """Random inputs of the layer's real shape at the tuning batch (weight sparsity: the values
+        do not change a kernel's speed); None when the input size is unknown at compile time."""
         geo = layer.geometry
         gen = torch.Generator(device="cpu").manual_seed(0)
         if ctx.node.op_type == "CsrConv":
@@ -400,37 +384,55 @@ class Planner:
         dt = ctx.dtype
         return x.to(self.device, dt), (r.to(self.device, dt) if r is not None else None)
 
-    def _choose(self, ctx, layer: _Layer, candidates: dict, notes: dict, reference: Callable) -> tuple[str, dict]:
-        """Time the candidates on the device; one whose result differs from the dense
-        reference, or that fails, is not chosen (the report says why)."""
-        if len(candidates) == 1:
-            return next(iter(candidates)), {}
-        example = self._example_inputs(ctx, layer)
-        if example is None:
-            candidates.setdefault("dense", reference)
-            return "dense", {}
-        x, r = example
+    def _dense_forms(self, ctx: NodeContext, layer: _Layer, x: torch.Tensor | None) -> list:
+        """The layer's dense forms on the decompressed weight, each with the fused bias, residual add
+        and ReLU: dense_conv's engines (the same baselines as every runtime), or cuBLAS linear."""
+        from ...passes.csr.reference import conv_geometry, dense_weight, epilogue
+        from ..chooser import Candidate
+        from ..torch.dense_conv import DenseConv
+
+        w = dense_weight(ctx)
+        b = layer.bias.to(self.device, ctx.dtype) if layer.bias is not None else None
+        buffers = [w] + ([b] if b is not None else [])
+        if ctx.node.op_type == "CsrGemm":
+            return [Candidate("dense:linear", lambda t, r=None: epilogue(F.linear(t, w, b), None, r, layer.relu),
+                              dense=True, library="torch", detail={"kernel": "cuBLAS linear"}, buffers=buffers)]
+        g = conv_geometry(ctx)
+        dense = DenseConv(ctx.name, w, g["stride"], g["dilation"], 1, lambda t: g["pads"], "best", {}, ctx.options)
+        if x is None:  # input size unknown at compile time: cuDNN as the input comes
+            forms = [Candidate("dense:cudnn", lambda t, r=None: epilogue(dense.run_mode("cudnn", t, b), None, r,
+                                                                          layer.relu), dense=True, library="torch",
+                               detail={"kernel": "cuDNN conv, NCHW"})]
+        else:
+            forms = dense.dense_candidates(x, b, epilogue=lambda y, r=None: epilogue(y, None, r, layer.relu))
+        for f in forms:
+            f.buffers = buffers
+        return forms
+
+    def _decide(self, ctx, layer: _Layer, candidates: list, dense_forms: list, args):
+        """The one chooser on the layer's example input: each candidate checked against the first
+        dense form (a wrong or failing one is rejected, the report says why), the correct ones
+        timed interleaved; a sparse kernel must beat the best dense form by the margin. A layer
+        fixed by saved state or the tuning cache takes its saved candidate without timing."""
+        from ..chooser import MARGIN, Chooser
+
+        forced = None
+        if layer.fixed is not None:
+            names = [c.name for c in candidates]
+            wanted = layer.fixed.get("chosen") or {"csr": "csr", "dense": "dense:cudnn"}.get(
+                layer.fixed.get("choice"), f"generated:{layer.fixed.get('config')}")
+            forced = wanted if wanted in names else next((n for n in names if n.startswith(layer.fixed["choice"])), None)
+        reps = 3 if self.emulate else int(self.extra.get("choose_reps", 30))  # emulated kernels: order of magnitude
+        chooser = Chooser(self.device, ctx.dtype, tf32=self.opts.tf32, reps=reps,
+                          margin=float(self.extra.get("choose_margin", MARGIN)))
+        call_args = () if args is None else ((args[0], args[1]) if layer.residual else (args[0],))
+        reference = None
+        if args is not None and "dense" not in layer.kinds:  # the dense form is the reference, not a candidate
+            reference = dense_forms[0].fn(*call_args)
         t0 = time.perf_counter()
-        timings: dict[str, float] = {}
-        ref = reference(x, r).float()
-        tol = 1e-4 if self.opts.dtype == "fp32" else 1e-2
-        for label, fn in list(candidates.items()):
-            try:
-                out = fn(x, r)
-                if not self.emulate:
-                    torch.cuda.synchronize(self.device)
-                err = _rel_err(out.float(), ref)
-                if not err <= tol:
-                    notes[label] = f"rejected: differs from dense by {err:.2e}"
-                    continue
-                timings[label] = round(time_candidate(fn, (x, r), self.device), 5)
-            except Exception as exc:
-                notes[label] = f"{type(exc).__name__}: {exc}"[:300]
+        decision = chooser.choose(ctx.name, candidates, call_args, reference=reference, forced=forced)
         self.costs["tune_s"] = round(self.costs["tune_s"] + time.perf_counter() - t0, 3)
-        if not timings:
-            candidates.setdefault("dense", reference)
-            return "dense", timings
-        return min(timings, key=timings.get), timings
+        return decision
 
     def _csr_candidate(self, ctx: NodeContext, layer: _Layer):
         """The CSR runtime's kernel for this one layer, through its runtime contract."""
@@ -451,8 +453,8 @@ class Planner:
             ex = eng.executor
 
             if layer.residual:
-                return (lambda x, r: ex(x, r)[0]), ", ".join(kernels)
-            return (lambda x, r: ex(x)[0]), ", ".join(kernels)
+                return (lambda x, r=None: ex(x, r)[0]), ", ".join(kernels)
+            return (lambda x, r=None: ex(x)[0]), ", ".join(kernels)
         except Exception as exc:
             return None, f"csr candidate failed: {type(exc).__name__}: {exc}"[:300]
 

@@ -414,7 +414,7 @@ def part_networks(args, device, seed, deadline) -> dict:
             report = eng.report()
             res["sparsert_layers"] = report
             fused = [r for r in report if r.get("op", "").startswith("sparsecnn::")]
-            res["sparsert_choices"] = {k: sum(1 for r in fused if r.get("choice") == k) for k in ("generated", "csr", "dense")}
+            res["sparsert_choices"] = {k: sum(1 for r in fused if r.get("kind") == k) for k in ("generated", "csr", "dense")}
             log(f"{name}: sparsert {ms:.3f} ms, first compile {res['sparsert_compile_first_s']} s, choices "
                 f"{res['sparsert_choices']}")
             # again with the kernel and tuning caches warm (a new process would see the same)
