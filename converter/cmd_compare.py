@@ -70,7 +70,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..common.fileio import check_outputs, write_text_atomic
-    from ..runtimes import resolve_device
+    from . import distributed
     from .compare import (compare_model, finetune_data, finetune_plan, format_table, load_subject, markdown_table,
                           parse_methods, plot_results, write_json)
     from .data import load_data
@@ -81,22 +81,28 @@ def run(args) -> int:
             raise UserError(f"{out}: expected a {' or '.join(suffixes)} file")
     check_outputs({"--json": args.json, "--plot": args.plot, "--markdown": args.markdown},
                   [args.source, args.weights])  # before the comparison runs, not after
-    device = resolve_device(args.device)
+    device = distributed.start(args.device)  # under torchrun: this rank's GPU, the process group joined
+    main = distributed.is_main()
     data = load_data(args.data, "test").subset(args.subset)
-    subject = load_subject(args.source, args.weights, args.num_classes, quiet=False)
+    subject = load_subject(args.source, args.weights, args.num_classes, quiet=not main)
     plan = finetune_plan(subject.arch, device, epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                          seed=args.seed, scope=args.scope)
     train = val = None
     if plan is not None and subject.module is not None:
         train, val = finetune_data(args.data, data, device, args.train_subset)
-    print(f"comparing {subject.label} on {data.name} ({len(data)} images) on {device}: "
-          + ", ".join(m.label for m in methods)
-          + (f"; fine-tuning on {len(train)} images" if plan and train is not None else "; one-shot only"),
-          file=sys.stderr)
+    distributed.main_only(print)(
+        f"comparing {subject.label} on {data.name} ({len(data)} images) on {device}"
+        + (f" x {distributed.world_size()} processes" if distributed.is_distributed() else "") + ": "
+        + ", ".join(m.label for m in methods)
+        + (f"; fine-tuning on {len(train)} images" if plan and train is not None else "; one-shot only"),
+        file=sys.stderr)
     results = compare_model(subject, methods, data, device, train=train, val=val, plan=plan,
                             runtime=args.runtime, batch_size=args.eval_batch, cov_threshold=args.cov_threshold,
                             save_dir=args.save_dir, progress=not args.no_progress,
                             log=lambda s: print(s, file=sys.stderr))
+    failed = any(r.get("error") for r in results["rows"])
+    if not main:  # rank 0 prints and writes for all
+        return 1 if failed else 0
     print(format_table([results]))
     if args.json:
         write_json({"results": [results]}, args.json)
@@ -107,4 +113,4 @@ def run(args) -> int:
     if args.plot:
         plot_results([results], args.plot)
         print(f"wrote {args.plot}")
-    return 0 if not any(r.get("error") for r in results["rows"]) else 1
+    return 1 if failed else 0

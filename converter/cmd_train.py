@@ -62,7 +62,7 @@ def run(args) -> int:
     arch = args.model
     out = check_output(args.output, [args.data], "--output")
     device = distributed.start(args.device)  # under torchrun: this rank's GPU, the process group joined
-    say = print if distributed.is_main() else _silent
+    say = distributed.main_only(print)
     cfg, size, subset, eval_subset = training_plan(
         arch, device, size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, seed=args.seed, subset=args.subset, eval_subset=args.eval_subset)
@@ -86,10 +86,6 @@ def run(args) -> int:
         f"{_pct(meta['val_top1_after_folding'] or meta['val_top1'])}, test top-1 {_pct(meta['test_top1'])} "
         f"on {meta['test_images']} images, {meta['seconds']:.0f} s")
     return 0
-
-
-def _silent(*_args, **_kwargs) -> None:
-    """print on ranks other than 0 under torchrun: rank 0 reports for all."""
 
 
 def _pct(v) -> str:

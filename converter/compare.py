@@ -9,6 +9,10 @@ model's outputs (top-1 agreement, output cosine; coverage-map agreement for dete
 Each fine-tuned export is checked: every weight that is zero in the torch model is still
 zero in the ONNX file after BatchNorm folding. Sizes: the ONNX file, and the compressed
 form (CSR for unstructured, 2:4 values + 2-bit indices, the smaller ONNX for channel).
+
+Under torchrun every rank runs the comparison: fine-tuning is data-parallel (finetune.fit),
+each variant's outputs are computed on each rank's share of the images and gathered in
+order, so every rank scores the whole set exactly once; rank 0 alone logs and writes files.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from ..models.registry import InputSpec
 from ..passes.graph import run_pipeline
 from ..passes.masks import check_sparsity, is_2to4
 from ..passes.prune import prune_2to4, prune_unstructured
+from . import distributed
 from .accuracy import is_classifier_output, metrics, model_sizes, predict
 from .data import ImageData, TensorImages, load_data
 from .finetune import GRADUAL_SHARE, FitConfig, GradualPruning, fit
@@ -167,8 +172,10 @@ class _Evaluator:
         opts = {"dtype": "fp32", "tf32": False, "cuda_graph": self.device.type == "cuda"}
         engine = self.rt.compile(self.rt.rewrite(model, opts), self.device, opts)
         self.output_names = list(engine.output_names)
-        outs, labels = predict(engine, self.data, self.subject.spec, self.device, self.batch_size,
+        share = self.data.shard(distributed.rank(), distributed.world_size())
+        outs, labels = predict(engine, share, self.subject.spec, self.device, self.batch_size,
                                progress=self.progress, desc=desc)
+        outs, labels = [distributed.all_gather_cat(o) for o in outs], distributed.all_gather_cat(labels)
         if self.labels is None:
             self.labels = labels
         return outs, engine
@@ -247,6 +254,9 @@ def compare_model(subject: Subject, methods: list[Method], data: ImageData, devi
     """
     device = torch.device(device)
     spec = subject.spec
+    if not distributed.is_main():
+        progress, on_row, save_dir = False, None, None
+    log = distributed.main_only(log)
     ev = _Evaluator(subject, data, device, runtime, batch_size, cov_threshold, progress)
     results = {"model": subject.label, "arch": subject.arch, "input": spec.to_dict(), "data": data.name,
                "images": len(data), "device": str(device), "runtime": runtime, "rows": [], "notes": []}
@@ -295,6 +305,8 @@ def compare_model(subject: Subject, methods: list[Method], data: ImageData, devi
             _compare_method(method, subject, ev, dense_weights, add, saved, device, train, val, plan,
                             can_finetune, progress, log)
         except (UserError, RuntimeError, ValueError) as exc:  # one method failing must not lose the others
+            if distributed.is_distributed():
+                raise  # other ranks may be inside a collective: stop the job rather than go on out of step
             add({"method": method.label, "variant": "error", "error": f"{type(exc).__name__}: {exc}"})
         finally:
             if device.type == "cuda":

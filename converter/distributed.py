@@ -102,6 +102,15 @@ def _finish() -> None:
         dist.destroy_process_group()
 
 
+def main_only(fn):
+    """`fn` on rank 0 (or the only process), a no-op elsewhere: one rank prints and logs for all."""
+    return fn if is_main() else _nothing
+
+
+def _nothing(*_args, **_kwargs) -> None:
+    return None
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -146,6 +155,9 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Every rank's `t` concatenated along dim 0 in rank order (first dims may differ)."""
     if not is_distributed():
         return t
+    home = t.device
+    if dist.get_backend() == "nccl":  # NCCL carries GPU tensors only
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
     n = torch.tensor([t.shape[0]], device=t.device)
     sizes = [torch.zeros_like(n) for _ in range(world_size())]
     dist.all_gather(sizes, n)
@@ -155,7 +167,7 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     padded[:t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(home)
 
 
 def shard_range(n: int, part: int | None = None, parts: int | None = None) -> tuple[int, int]:

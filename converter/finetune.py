@@ -317,8 +317,7 @@ def fit(model: nn.Module, train: ImageData, val: ImageData | None, spec: InputSp
         raise UserError("give fixed masks or a gradual-pruning schedule, not both")
     shard = (distributed.rank(), distributed.world_size())
     world = shard[1]
-    if not distributed.is_main():
-        progress, log = False, _quiet
+    progress, log = progress and distributed.is_main(), distributed.main_only(log)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the same draws on every rank
     cl = cfg.channels_last and device.type == "cuda"
@@ -428,10 +427,6 @@ def fit(model: nn.Module, train: ImageData, val: ImageData | None, spec: InputSp
     model.eval()
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _quiet(_line: str) -> None:
-    """The log of ranks other than 0: one rank reports for all."""
 
 
 def _bar(total: int, desc: str, enabled: bool):

@@ -1,6 +1,6 @@
-"""`sparsecnn train` under torchrun (2 gloo processes on the CPU) against one process: same losses,
-the same masks on every rank at every update, those masks in the checkpoint; sharded data and
-evaluation; a failing rank stops the job with its one-line error.
+"""`sparsecnn train` and `compare` under torchrun (2 gloo processes on the CPU) against one process:
+same losses, the same masks on every rank at every update, those masks in the checkpoint; sharded
+data and evaluation (every image once); a failing rank stops the job with its one-line error.
 
 Run as a script (`python -m torch.distributed.run ... tests/test_distributed.py OUT -- ARGS`) this
 file is the probe each rank runs: the real CLI, with the masks it sets recorded per rank.
@@ -23,9 +23,10 @@ TRAIN_ARGS = ["train", "tinynet", "--device", "cpu", "--subset", "256", "--eval-
               "--batch-size", "32", "--prune", str(SPARSITY), "--no-progress"]
 
 
-def _torchrun(out: Path, args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           __file__, str(out), "--", *args]
+def _torchrun(out: Path, args: list[str], env: dict | None = None, probe: bool = True) -> subprocess.CompletedProcess:
+    """2 processes under torchrun: this file's probe around the CLI, or the CLI itself."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *([__file__, str(out), "--"] if probe else ["-m", "sparsecnn.converter.cli"]), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=full_env)
 
@@ -40,7 +41,8 @@ def _digest(masks: dict[str, torch.Tensor]) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(two-process probe outputs, the two-process checkpoint, the one-process checkpoint)."""
+    """(per-rank probe outputs, the two-process checkpoint, the one-process checkpoint, the two-process
+    printout, the one-process checkpoint's path)."""
     from sparsecnn.converter.cli import main
 
     tmp = tmp_path_factory.mktemp("dist")
@@ -50,12 +52,12 @@ def runs(tmp_path_factory):
     assert main([*TRAIN_ARGS, "-o", str(tmp / "one.pt")]) == 0
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(2)]
     return (ranks, torch.load(tmp / "two.pt", weights_only=True), torch.load(tmp / "one.pt", weights_only=True),
-            two.stdout + two.stderr)
+            two.stdout + two.stderr, tmp / "one.pt")
 
 
 @needs_fmnist
 def test_two_processes_train_like_one_with_the_same_global_batch(runs):
-    ranks, two, one, _ = runs
+    ranks, two, one, *_ = runs
     assert two["train"]["processes"] == 2 and one["train"]["processes"] == 1
     l2 = [row["train_loss"] for row in two["train"]["history"]]
     l1 = [row["train_loss"] for row in one["train"]["history"]]
@@ -69,7 +71,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
 
 @needs_fmnist
 def test_masks_are_identical_on_every_rank_at_every_update_and_in_the_checkpoint(runs):
-    ranks, two, _, _ = runs
+    ranks, two, *_ = runs
     updates = [r["digests"] for r in ranks]
     assert len(updates[0]) >= 3 and updates[0] == updates[1]
     last = ranks[0]["last_masks"]
@@ -85,8 +87,30 @@ def test_masks_are_identical_on_every_rank_at_every_update_and_in_the_checkpoint
 
 @needs_fmnist
 def test_only_rank_0_reports(runs):
-    *_, printed = runs
+    printed = runs[3]
     assert printed.count("wrote ") == 1 and printed.count("train tinynet epoch 2/2") == 1
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_compare_under_two_processes_scores_every_test_image_once(runs, tmp_path):
+    import json
+
+    from sparsecnn.converter.cli import main
+
+    ckpt = runs[4]
+    args = ["compare", str(ckpt), "--device", "cpu", "--subset", "101", "--finetune-epochs", "0",
+            "--methods", "0.8", "--no-progress"]
+    two = _torchrun(tmp_path, [*args, "--json", str(tmp_path / "two.json")], probe=False)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
+    rows = [{(r["method"], r["variant"]): r for r in json.loads((tmp_path / f"{n}.json").read_text())["results"][0]
+             ["rows"]} for n in ("two", "one")]
+    assert set(rows[0]) == set(rows[1]) == {("dense", "-"), ("unstructured 80%", "one-shot")}
+    for key in rows[1]:  # 101 images split 50 + 51, gathered: the same numbers as one process
+        for metric in ("top1", "top5", "agree_top1"):
+            assert rows[0][key][metric] == pytest.approx(rows[1][key][metric], abs=1e-9)
+    assert two.stdout.count("wrote ") == 1
 
 
 def test_shards_cover_every_image_once_and_global_batches_match_one_process():
@@ -113,6 +137,7 @@ def test_shards_cover_every_image_once_and_global_batches_match_one_process():
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_a_failing_rank_stops_the_job_with_one_error_line(tmp_path):
     res = _torchrun(tmp_path, [*TRAIN_ARGS, "-o", str(tmp_path / "x.pt")],
                     env={"SPARSECNN_TEST_FAIL_RANK": "1", "SPARSECNN_DIST_TIMEOUT_S": "60"})
