@@ -69,7 +69,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..common.fileio import check_outputs, write_text_atomic
+    from ..common.fileio import check_output_folder, check_outputs, write_text_atomic
     from . import distributed
     from .compare import (compare_model, finetune_data, finetune_plan, format_table, load_subject, markdown_table,
                           parse_methods, plot_results, write_json)
@@ -81,6 +81,8 @@ def run(args) -> int:
             raise UserError(f"{out}: expected a {' or '.join(suffixes)} file")
     check_outputs({"--json": args.json, "--plot": args.plot, "--markdown": args.markdown},
                   [args.source, args.weights])  # before the comparison runs, not after
+    if args.save_dir:
+        check_output_folder(args.save_dir, "--save-dir")
     device = distributed.start(args.device)  # under torchrun: this rank's GPU, the process group joined
     main = distributed.is_main()
     data = load_data(args.data, "test").subset(args.subset)

@@ -451,6 +451,11 @@ def test_compare_plot_is_a_folder(capsys, tmp_path):
     fails(capsys, tmp_path, "compare", "tinynet", "--plot", "p.png", match="is a folder")
 
 
+def test_compare_save_dir_is_a_file(capsys, tmp_path):
+    (tmp_path / "variants").write_text("a file")
+    fails(capsys, tmp_path, "compare", "tinynet", "--save-dir", "variants", match="is a file")
+
+
 def test_train_output_folder_missing(capsys, tmp_path):
     fails(capsys, tmp_path, "train", "tinynet", "-o", "nope/t.pt", match="does not exist")
 
