@@ -28,6 +28,7 @@ from ..common.onnxio import save_onnx
 SPARSECNN_DOMAIN = "sparsecnn"
 SPARSECNN_OPSET = 1
 PRUNE_EXCLUDE_KEY = "sparsecnn.prune_exclude"
+STANDARD_DOMAINS = ("", "ai.onnx", None)  # the default ONNX domain: "" or "ai.onnx" in protos, None in graphsurgeon
 
 
 @dataclass
@@ -218,7 +219,7 @@ def weight_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, int]
     inits = initializer_map(model)
     found = []
     for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain not in STANDARD_DOMAINS:
             continue
         if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
             found.append((node, node.input[1], 1))

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 import onnx
 from onnx import TensorProto
 
+from .graph import STANDARD_DOMAINS
+
 TRT82_MAX_OPSET = 13
 TRT82_IR_VERSION = 7
 
@@ -89,8 +91,8 @@ def _elem_types(model: onnx.ModelProto) -> Counter:
 
 def check_trt82(model: onnx.ModelProto) -> CompatReport:
     """The TensorRT 8.2 (JetPack 4.6) parser's rules applied to `model`."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    ops = Counter((f"{n.domain}::" if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in model.graph.node)
+    opset = next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), 0)
+    ops = Counter((f"{n.domain}::" if n.domain not in STANDARD_DOMAINS else "") + n.op_type for n in model.graph.node)
     report = CompatReport("TensorRT 8.2 (JetPack 4.6, Jetson Nano)", opset, model.ir_version, dict(ops))
     add = report.findings.append
     if opset > TRT82_MAX_OPSET:
@@ -99,12 +101,12 @@ def check_trt82(model: onnx.ModelProto) -> CompatReport:
     if model.ir_version > TRT82_IR_VERSION:
         add(Finding("warning", f"IR version {model.ir_version} is newer than the {TRT82_IR_VERSION} the 8.2 parser was "
                                "built against (it warns and parses)", "export with --opset 13, which writes IR 7"))
-    custom = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    custom = sorted({n.domain for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
     for domain in custom:
         names = sorted({n.op_type for n in model.graph.node if n.domain == domain})
         add(Finding("error", f"custom-domain ops {domain}::{', '.join(names)} have no TensorRT 8.2 implementation",
                     "deploy the pruned dense-with-zeros ONNX that `sparsecnn convert --prune ... -o` writes"))
-    unknown = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type not in TRT8_OPS})
+    unknown = sorted({n.op_type for n in model.graph.node if n.domain in STANDARD_DOMAINS and n.op_type not in TRT8_OPS})
     if unknown:
         add(Finding("error", f"ops not in TensorRT 8.x's ONNX support matrix: {', '.join(unknown)}",
                     "replace them before export (or write a TensorRT plugin)"))

@@ -22,14 +22,11 @@ import onnx
 from .layout import csr_from_dense, gemm_view
 from ...common.shapes import explicit_pads
 from ..masks import is_excluded
-from ..graph import (SPARSECNN_DOMAIN, PassResult, copy_model, export_graph, import_graph, inferred_value_infos,
-                    prune_exclusions, set_tensor_info)
+from ..graph import (SPARSECNN_DOMAIN, STANDARD_DOMAINS, PassResult, copy_model, export_graph, import_graph,
+                    inferred_value_infos, prune_exclusions, set_tensor_info)
 
 CSR_SUFFIXES = ("values", "col_idx", "row_ptr", "row_order")
 DEFAULT_MAX_DENSITY = 0.3  # at 70 % zeros and more a layer goes CSR (the low end of unstructured pruning)
-
-
-STANDARD_DOMAINS = ("", "ai.onnx", None)
 
 
 def _dims(vi: onnx.ValueInfoProto | None) -> list[int | None] | None:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from ...common.shapes import explicit_pads
-from ..graph import SPARSECNN_DOMAIN, PassResult, export_graph, import_graph, static_shapes
+from ..graph import SPARSECNN_DOMAIN, STANDARD_DOMAINS, PassResult, export_graph, import_graph, static_shapes
 
 ECR_CONV = "EcrConv"
 ECR_CONV_POOL = "EcrConvPool"
@@ -108,7 +108,7 @@ def fuse_ecr(model: onnx.ModelProto, plain_conv: bool = True, require_sparse_inp
     counters: Counter = Counter()
     graph_outputs = {id(t) for t in graph.outputs}
     sparse = _sparse_tensors(graph)
-    for conv in [n for n in graph.nodes if n.op == "Conv" and n.domain in ("", "ai.onnx", None)]:
+    for conv in [n for n in graph.nodes if n.op == "Conv" and n.domain in STANDARD_DOMAINS]:
         w_const = _constant(conv.inputs[1]) if len(conv.inputs) > 1 else None
         bias = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
         reason = _conv_reason(conv, w_const, bias is None or _constant(bias) is not None)
