@@ -28,10 +28,27 @@ _sigterm_installed = False
 
 
 def _umask() -> int:
-    with _lock:  # reading the umask means setting it; keep the window to one thread
+    try:  # Linux states it; elsewhere reading it means setting it for an instant
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _lock:
         mask = os.umask(0)
         os.umask(mask)
     return mask
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether the folder's file system has (almost) no space left: libraries such as torch.save
+    report a full disk as their own error type, not as OSError(ENOSPC)."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return False
+    return st.f_bavail * st.f_frsize < 2**20
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -153,6 +170,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if err is None:
             raise
         raise err from exc
+    except Exception as exc:
+        full = _disk_full(folder)  # before the temporary file's space is given back
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise UserError(f"cannot write {target}: no space left on the device") from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -491,6 +491,17 @@ def test_full_disk_is_one_line(capsys, tmp_path, monkeypatch):
     fails(capsys, tmp_path, "convert", "tinynet", "-o", "a.onnx", match="no space left")
 
 
+def test_full_disk_reported_by_a_library_as_its_own_error(tmp_path, monkeypatch):
+    import sparsecnn.common.fileio as fileio
+
+    monkeypatch.setattr(fileio, "_disk_full", lambda folder: True)
+    with pytest.raises(UserError, match="no space left"):
+        with fileio.atomic_path(tmp_path / "c.pt") as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_folder(capsys, tmp_path):
     (tmp_path / "ro").mkdir()
