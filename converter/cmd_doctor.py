@@ -23,7 +23,7 @@ def _module_version(name: str) -> str:
 
 
 def run(args) -> int:
-    if args.options:
+    if getattr(args, "options", None):  # run(None): the default report (tests call it so)
         from ..runtimes.options import format_options
 
         print(format_options(args.options))

@@ -45,7 +45,7 @@ def _imports(name: str, path: Path) -> set[str]:
     """Every sparsecnn module `name` imports, anywhere in the file, resolved to absolute names."""
     is_pkg = path.name == "__init__.py"
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -117,7 +117,7 @@ def _verbs() -> list[Path]:
 
 @pytest.mark.parametrize("path", _verbs(), ids=lambda p: p.stem)
 def test_verb_holds_argument_handling_only(path):
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     tree = ast.parse(text)
     classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
     public = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
