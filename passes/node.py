@@ -75,13 +75,6 @@ def attributes(node: onnx.NodeProto) -> dict[str, Any]:
     return out
 
 
-def conv_padding(ctx: NodeContext, spatial: int) -> tuple[list[int] | None, str]:
-    """(explicit pads as [begin..., end...] or None, auto_pad mode)."""
-    auto = ctx.attr("auto_pad", "NOTSET")
-    pads = list(ctx.attr("pads", [0] * (2 * spatial)))
-    return (pads if auto == "NOTSET" else None), auto
-
-
 def _torch_pad(pads: list[int]) -> list[int]:
     """ONNX [b1, b2, e1, e2] -> F.pad's last-dim-first [b2, e2, b1, e1]."""
     n = len(pads) // 2

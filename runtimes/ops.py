@@ -7,15 +7,16 @@ their `sparsecnn`-domain ops.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
 
-from ..passes.node import (STANDARD_OPS, Builder, NodeContext, OpFn, _torch_pad, attributes, conv_padding, op,
+# NodeContext, attributes and the op table live in passes/node.py (below the format references);
+# re-exported here, the executor's op module.
+from ..passes.node import (STANDARD_OPS, Builder, NodeContext, OpFn, _torch_pad, attributes, op,  # noqa: F401
                           resolve_pads)
 
 def _simple(fn: Callable) -> Builder:
