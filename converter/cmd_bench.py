@@ -39,6 +39,7 @@ examples:
   sparsecnn bench resnet18 vgg19 --batch 1,32 --regimes fp16,fp32-cuda-core
   sparsecnn bench vgg19 --runtimes csr --prune 0.9,0.95 --accuracy compare.json
   sparsecnn bench spmm --gemm-methods cublas,cusparse       GEMM sweep only
+  sparsecnn bench resnet18 vgg19 --batch 1,32 --devices all  one process per GPU, whole configurations each
   sparsecnn bench trafficcamnet --dense cudnn,cudnn_nhwc,im2col,best --flush-l2
   sparsecnn bench --report-only out/bench.json --accuracy acc.json   re-render tables and plots
 
@@ -79,6 +80,8 @@ def add_parser(sub) -> None:
                    help="dense_conv setting for the layers a runtime leaves dense (default best)")
     p.add_argument("--weights", help="weights for registry models (state dict or torchvision name; default random)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--devices", help="split the configurations (model x regime x batch) over these devices, one "
+                                     "process each: 'all' (every visible GPU) or e.g. cuda:0,cuda:1")
     p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer timing")
     p.add_argument("--flush-l2", action="store_true",
                    help="overwrite L2 before every timed run (cold weights: the edge-device situation)")
@@ -125,7 +128,8 @@ def run(args) -> int:
     from ..common.fileio import check_output_folder
     from ..runtimes import availability, resolve_device, runtime_names
     from ..runtimes.torch.dense_conv import CHOICES
-    from .bench import BenchConfig, environment, load_accuracy, new_result, run_networks, summary_rows
+    from .bench import BenchConfig, environment, load_accuracy, new_result, summary_rows
+    from .bench_shards import cards_line, parse_devices, run_sharded
     from .bench_report import write_json, write_reports
     from .regimes import parse_regimes
 
@@ -181,7 +185,8 @@ def run(args) -> int:
                 raise UserError(f"unknown runtime '{r}'; known runtimes: {', '.join(runtime_names())}")
             if not avail[r][0]:
                 raise UserError(f"runtime '{r}' is not available here: {avail[r][1]}")
-    device = resolve_device(args.device)
+    devices = parse_devices(args.devices) if args.devices else [resolve_device(args.device)]
+    device = devices[0]
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
     quick = args.quick
@@ -197,7 +202,10 @@ def run(args) -> int:
     result = new_result(cfg, environment(device))
     errors = result["errors"]
     if models:
-        nets, layers, info = run_networks(cfg, errors)
+        nets, layers, info, shards = run_sharded(cfg, devices, errors, log=lambda s: print(s, file=sys.stderr))
+        result["shards"] = shards
+        if len(shards) > 1:
+            result["env"]["card"] = cards_line(shards)  # the report's header names every card
         result.update(networks=nets, layers=layers, models=info)
         result["summary"] = summary_rows(nets, info, accuracy)
     if gemm:

@@ -1,6 +1,7 @@
 """`sparsecnn train` and `compare` under torchrun (2 gloo processes on the CPU) against one process:
 same losses, the same masks on every rank at every update, those masks in the checkpoint; sharded
 data and evaluation (every image once); a failing rank stops the job with its one-line error.
+`bench --devices`: configurations split over two CPU "devices", one process each, merged.
 
 Run as a script (`python -m torch.distributed.run ... tests/test_distributed.py OUT -- ARGS`) this
 file is the probe each rank runs: the real CLI, with the masks it sets recorded per rank.
@@ -146,6 +147,38 @@ def test_a_failing_rank_stops_the_job_with_one_error_line(tmp_path):
     assert errors == ["sparsecnn train: error: rank 1 fails on purpose"]
     assert "[rank0]: Traceback" not in res.stderr  # rank 0 only lost its peer: one line, no traceback
     assert not (tmp_path / "x.pt").exists()
+
+
+# --- bench over several devices ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_bench_splits_configurations_over_two_cpu_devices_and_names_each(tmp_path):
+    import json
+
+    from sparsecnn.converter.cli import main
+
+    args = ["bench", "tinynet", "--quick", "--runtimes", "torch", "--regimes", "fp32", "--dense", "best",
+            "--no-per-layer", "--repeats", "1", "--no-progress"]
+    assert main([*args, "--devices", "cpu,cpu", "-o", str(tmp_path / "two")]) == 0
+    assert main([*args, "-o", str(tmp_path / "one")]) == 0
+    two, one = (json.loads((tmp_path / n / "bench.json").read_text()) for n in ("two", "one"))
+    # --quick times batches 1 and 2: one configuration per device, each in its own process
+    assert [[c["batch"] for c in s["configurations"]] for s in two["shards"]] == [[1], [2]]
+    assert [[c["batch"] for c in s["configurations"]] for s in one["shards"]] == [[1, 2]]
+    rows = lambda res: [(r["model"], r["regime"], r["batch"], r["engine"]) for r in res["networks"]]  # noqa: E731
+    assert rows(two) == rows(one) and len(rows(one)) == 2 * 3  # eager, best dense, torch @ 0.9 per batch
+    assert all(r["device"] == "cpu" and r.get("median_ms") for r in two["networks"])
+    assert two["env"]["card"].count("(cpu)") == 2
+    assert (tmp_path / "two" / "bench.md").read_text().startswith(f"# sparsecnn bench on {two['env']['card']}")
+
+
+def test_configurations_go_to_devices_in_contiguous_runs():
+    from sparsecnn.converter.bench_shards import split
+
+    configs = list(range(7))
+    parts = split(configs, 3)
+    assert [c for p in parts for c in p] == configs and [len(p) for p in parts] == [2, 2, 3]
+    assert split([1], 2) == [[], [1]]
 
 
 def _probe(out: Path, argv: list[str]) -> int:
