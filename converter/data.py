@@ -125,7 +125,8 @@ class ImageData:
 
     def batches(self, spec: InputSpec, batch_size: int, device: torch.device | str = "cpu", *,
                 shuffle: bool = False, augment: bool = False, generator: torch.Generator | None = None,
-                channels_last: bool = False, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                channels_last: bool = False,
+                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of `batch_size` images. `shard` = (rank, world): the global batches of the one-process
         run (same order, same augmentation draws), of which this rank gets its contiguous part
         (`shard_slice`); with world > 1 a last batch smaller than `world` is dropped, so every rank

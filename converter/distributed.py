@@ -139,9 +139,9 @@ def broadcast_masks(masks: dict[str, torch.Tensor], src: int = 0) -> dict[str, t
     if not is_distributed() or not masks:
         return masks
     names = sorted(masks)
-    flat = [masks[n].to(torch.uint8) for n in names]  # gloo and NCCL both carry uint8
+    flat = [masks[n].to(_carrier(masks[n]), torch.uint8) for n in names]  # gloo and NCCL both carry uint8
     broadcast_(flat, src)
-    return {n: f.bool() for n, f in zip(names, flat)}
+    return {n: f.to(masks[n].device).bool() for n, f in zip(names, flat)}
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -156,8 +156,7 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return t
     home = t.device
-    if dist.get_backend() == "nccl":  # NCCL carries GPU tensors only
-        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    t = t.to(_carrier(t))
     n = torch.tensor([t.shape[0]], device=t.device)
     sizes = [torch.zeros_like(n) for _ in range(world_size())]
     dist.all_gather(sizes, n)
@@ -170,11 +169,9 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(home)
 
 
-def shard_range(n: int, part: int | None = None, parts: int | None = None) -> tuple[int, int]:
-    """[start, stop) of this rank's contiguous share of n items; shares differ by at most one, none overlap."""
-    part = rank() if part is None else part
-    parts = world_size() if parts is None else parts
-    return part * n // parts, (part + 1) * n // parts
+def _carrier(t: torch.Tensor) -> torch.device:
+    """Where `t` must be for a collective: NCCL carries GPU tensors only."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -354,8 +354,9 @@ def fit(model: nn.Module, train: ImageData, val: ImageData | None, spec: InputSp
         loss_sum = torch.zeros((), device=device)
         seen = 0
         bar = _bar(steps_per_epoch, f"{label} {epoch + 1}/{cfg.epochs}", progress)
-        for start, (x, y) in zip(starts, train.batches(spec, cfg.batch_size, device, shuffle=True, augment=cfg.augment,
-                                                       generator=gen, channels_last=cl, shard=shard)):
+        batches = train.batches(spec, cfg.batch_size, device, shuffle=True, augment=cfg.augment, generator=gen,
+                                channels_last=cl, shard=shard)
+        for start, (x, y) in zip(starts, batches):
             if gradual and g_start <= step <= g_end and ((step - g_start) % every == 0 or step == g_end):
                 s = gradual.sparsity if step >= g_end else cubic_sparsity(step - g_start, g_end - g_start,
                                                                           gradual.sparsity, gradual.initial)
