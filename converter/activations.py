@@ -18,6 +18,7 @@ import torch
 
 from ..common.errors import UserError
 from ..models.registry import InputSpec
+from .figures import save_figure
 
 CONV_OPS = ("Conv", "sparsecnn::EcrConv", "sparsecnn::EcrConvPool")
 
@@ -95,7 +96,6 @@ def plot_sparsity(rows: list[dict], path: str | Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..common.fileio import atomic_path
 
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2))
     ax.boxplot([[100 * v for v in r["per_image"]] for r in rows], showfliers=False)
@@ -109,11 +109,7 @@ def plot_sparsity(rows: list[dict], path: str | Path, title: str) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    target = Path(path)
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format=target.suffix.lstrip(".") or "png", dpi=130)
-    plt.close(fig)
-    return target
+    return save_figure(fig, path, dpi=130)
 
 
 def _short(name: str) -> str:

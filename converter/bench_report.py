@@ -14,7 +14,8 @@ import json
 import math
 from pathlib import Path
 
-from ..common.fileio import atomic_path, write_text_atomic
+from ..common.fileio import write_text_atomic
+from .figures import save_figure
 
 MODE_SHORT = {"cudnn": "cuDNN", "cudnn_nhwc": "cuDNN NHWC", "im2col": "im2col", "im2col_nhwc": "im2col NHWC"}
 
@@ -203,9 +204,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    return path
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _geomean(xs):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..common.errors import UserError
-from ..common.fileio import atomic_path, write_text_atomic
+from ..common.fileio import write_text_atomic
 from ..common.onnxio import save_onnx
 from ..models.registry import InputSpec
 from ..passes.graph import run_pipeline
@@ -39,6 +39,7 @@ from ..passes.prune import prune_2to4, prune_unstructured
 from . import distributed
 from .accuracy import is_classifier_output, metrics, model_sizes, predict
 from .data import ImageData, TensorImages, load_data
+from .figures import save_figure
 from .finetune import GRADUAL_SHARE, FitConfig, GradualPruning, fit
 
 
@@ -540,11 +541,7 @@ def plot_results(results: list[dict], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write_json(obj, path: str | Path) -> None:

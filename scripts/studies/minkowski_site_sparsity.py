@@ -33,6 +33,7 @@ import torch
 from sparsecnn.common.fileio import atomic_path
 from sparsecnn.common.numerics import rel_err
 from sparsecnn.converter.export import export_onnx
+from sparsecnn.converter.figures import save_figure
 from sparsecnn.converter.study import dense_engines, environment, error_record
 from sparsecnn.runtimes.timing import time_fn
 from sparsecnn.models import load_model
@@ -302,9 +303,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle("MinkowskiEngine vs dense conv, fp32 (TF32 off): where sparsity pays", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def markdown(results: dict) -> str:
