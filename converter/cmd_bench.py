@@ -106,7 +106,7 @@ def _ints(text: str, what: str) -> list[int]:
     except ValueError:
         raise UserError(f"{what} takes comma-separated integers, got '{text}'") from None
     if not vals or any(v < 1 or v > MAX_BATCH for v in vals):
-        raise UserError(f"{what} needs integers from 1 to {MAX_BATCH}, got '{text}'")
+        raise UserError(f"{what} needs positive integers up to {MAX_BATCH}, got '{text}'")
     return vals
 
 
