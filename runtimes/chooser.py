@@ -47,6 +47,7 @@ class Candidate:
     library: str = ""
     detail: dict = field(default_factory=dict)  # what the report and a reload need (a kernel config...): JSON
     buffers: list = field(default_factory=list)  # device tensors it keeps (weight_bytes counts them)
+    as_tensor: Callable[[Any], Any] | None = None  # its output as a dense tensor, for the check (ME's sparse maps)
 
 
 @dataclass
@@ -139,6 +140,8 @@ class Chooser:
                 continue
             if isinstance(out, (tuple, list)):
                 out = out[0]
+            if c.as_tensor is not None:
+                out = c.as_tensor(out)
             err = rel_err(out, ref)
             if err > self.tolerance:  # a wrong candidate is never chosen, whatever its speed
                 rejected[c.name] = f"wrong result: rel err {err:.2e} > {self.tolerance:g}"
@@ -230,9 +233,11 @@ class Switch:
     Keeps the chosen candidate's function, every dense form (cheap: they share one dense
     weight) and the best sparse one, nothing else."""
 
-    def __init__(self, decision: Decision, candidates: list[Candidate], info: dict | None = None):
+    def __init__(self, decision: Decision, candidates: list[Candidate], info: dict | None = None,
+                 describe: Callable[["Switch"], None] | None = None):
         self.decision = decision
         self.info = info if info is not None else {}
+        self.describe = describe  # refreshes the runtime's report keys (format, kernel, ...) after a switch
         times = decision.times_ms
         sparse = sorted((c for c in candidates if not c.dense and (c.name in times or c.name == decision.chosen)),
                         key=lambda c: times.get(c.name, float("inf")))
@@ -263,6 +268,16 @@ class Switch:
         self.fn = self.candidates[name].fn
         if why:
             self.info["choice"] = {**self.decision.report(), "now": name, "why": why}
+        elif name == self.decision.chosen:
+            self.info["choice"] = self.decision.report()
+        if self.describe is not None:
+            self.describe(self)
+        else:  # the generic report: what runs now
+            cand = self.candidates[name]
+            self.info.update(format="dense" if cand.dense else (cand.library or "sparse"),
+                             kernel=cand.detail.get("kernel", cand.name))
+            if why:
+                self.info["reason"] = why
 
     def __call__(self, *args):
         return self.fn(*args)

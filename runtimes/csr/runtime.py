@@ -213,7 +213,7 @@ class _KernelSession:
                                   forced=forced)
         if why is not None:
             decision.reason = why
-        sw = Switch(decision, candidates, ctx.info)
+        sw = Switch(decision, candidates, ctx.info, describe=self._describe)
         self._describe(sw, skipped)
         self.switches.append(sw)
         return sw
@@ -231,7 +231,8 @@ class _KernelSession:
         if dense_times:
             info["dense_us"] = round(min(dense_times.values()) * 1e3, 3)
         if cand.dense:
-            info.update(format="dense", kernel=cand.detail.get("kernel", cand.name), reason=d.reason or "dense")
+            why = info.get("choice", {}).get("why") if sw.active != d.chosen else None
+            info.update(format="dense", kernel=cand.detail.get("kernel", cand.name), reason=why or d.reason or "dense")
         else:
             info.update(format="csr", config=cand.detail["config"], config_label=cand.name,
                         kernel=cand.detail["kernel"], csr_bytes=cand.detail["csr_bytes"])
