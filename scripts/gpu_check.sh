@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One call on the lent GPU: the GPU suite and/or the whole-network bench, every part under its own
+# time limit so a slow part cannot take the others' results with it; logs and reports are tarred
+# into ${OUT:-out}/gpu-check.tgz (the device returns few files), a short table is printed last.
+#
+#   source scripts/gpu_env.sh && scripts/gpu_check.sh tests              # pytest -m gpu, file by file
+#   source scripts/gpu_env.sh && scripts/gpu_check.sh bench fp32-cuda-core csr,ecr 0.9 [MODELS...]
+#   source scripts/gpu_env.sh && scripts/gpu_check.sh bench fp16 cusparselt 2:4 [MODELS...]
+set -u
+out=${OUT:-out}
+work=$out/gpu-check
+mkdir -p "$work"
+part=${1:-tests}
+shift || true
+case "$part" in
+  tests)
+    OUT=$work scripts/gpu_tests.sh "$@" | tee "$work/tests-summary.txt"
+    ;;
+  bench)
+    regimes=${1:-fp32-cuda-core}; runtimes=${2:-csr,ecr}; prune=${3:-0.9}
+    shift 3 || true
+    models=("$@"); [ ${#models[@]} -gt 0 ] || models=(resnet18 vgg19 trafficcamnet)
+    limit=${BENCH_LIMIT_S:-170}
+    for m in "${models[@]}"; do
+      dir="$work/bench-$m-${regimes//,/_}-${runtimes//,/_}"
+      timeout "$limit" python3 -m sparsecnn.converter.cli bench "$m" --runtimes "$runtimes" --prune "$prune" \
+        --regimes "$regimes" --no-per-layer --no-progress -o "$dir" > "$dir.log" 2>&1
+      echo "bench $m $regimes $runtimes @ $prune: exit $?"
+      # the rows a person reads: engine, regime, median ms and the ratio to the best dense engine
+      python3 - "$dir/bench.json" <<'EOF' 2>/dev/null || tail -3 "$dir.log"
+import json, sys
+r = json.load(open(sys.argv[1]))
+for n in r["networks"]:
+    if n.get("median_ms") and n["kind"] != "eager":
+        print(f"  {n['model'][:14]:<14} {n['regime']:<15} {n['engine'][:26]:<26} {n['median_ms']:8.4f} ms "
+              f"{(n.get('speedup_vs_best_dense') or 0):6.3f}x  guard={n.get('guard', '-')}  err={n.get('rel_err', 0):.1e}")
+EOF
+    done
+    ;;
+esac
+tar czf "$out/gpu-check-$part.tgz" -C "$work" . 2>/dev/null
