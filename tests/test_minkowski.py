@@ -83,7 +83,8 @@ def test_conv_weight_offsets_match_conv2d_on_a_dense_input(kernel, stride, dilat
 
 @needs_me
 def test_kernel_offsets_in_the_other_order_give_a_wrong_result(monkeypatch):
-    """The test above can fail: a weight mapped with the second spatial dim fastest is wrong."""
+    """The test above can fail: a weight mapped with the second spatial dim fastest is wrong, and
+    the one chooser's check rejects it (the layer runs dense and the result stays right)."""
     rng = np.random.default_rng()
     shape = (1, 4, 9, 9)
     model, inits = _conv_model(rng, 4, 6, (3, 3), x_shape=shape)
@@ -96,8 +97,12 @@ def test_kernel_offsets_in_the_other_order_give_a_wrong_result(monkeypatch):
         return weight.permute(2, 3, 1, 0).reshape(kh * kw, cin, cout).contiguous()
 
     monkeypatch.setattr(mk, "me_kernel", swapped)
-    got = rt.compile(model, "cpu", {})(x)[0]
-    assert rel_err(got, want) > 0.05
+    engine = rt.compile(model, "cpu", {})
+    got = engine(x)[0]
+    conv = next(r for r in engine.report() if r["op"] == "Conv")
+    err = float(conv["choice"]["rejected"]["minkowski"].split("rel err ")[1].split()[0])
+    assert err > 0.05 and conv["choice"]["chosen"].startswith("dense:")
+    assert rel_err(got, want) < 1e-5
 
 
 @needs_me
@@ -127,7 +132,7 @@ def test_submanifold_sites_change_the_result_which_is_why_they_are_not_the_defau
     x = torch.from_numpy(_sparse_image(rng, shape, keep=0.2))
     model, inits = _conv_model(rng, 3, 4, (3, 3), x_shape=shape)
     want = F.conv2d(x, torch.from_numpy(inits["w"]), None, 1, 1)
-    sub = rt.compile(model, "cpu", {"extra": {"sites": "submanifold"}})(x)[0]
+    sub = rt.compile(model, "cpu", {"extra": {"sites": "submanifold", "guard": False}})(x)[0]
     assert rel_err(sub, want) > 1e-2
     exact = rt.compile(model, "cpu", {"extra": {"sites": "generative"}})(x)[0]
     assert rel_err(exact, want) < 1e-5
@@ -187,7 +192,7 @@ def _check_network(model, x, min_sparse_layers=1, device="cpu"):
 
     model = prune_unstructured(model, 0.9).model
     ref = get_runtime("torch").compile(model, device, {"dtype": "fp32", "tf32": False})(x)
-    engine = rt.compile(model, device, {"dtype": "fp32"})
+    engine = rt.compile(model, device, {"dtype": "fp32", "extra": {"guard": False}})  # MinkowskiEngine as it is
     got = engine(x)
     assert len(got) == len(ref)
     for a, b in zip(got, ref):
@@ -227,7 +232,7 @@ def test_gpu_whole_networks_match_the_dense_reference_within_1e4(exported, name,
 @needs_me
 @pytest.mark.gpu
 def test_gpu_engine_runs_me_kernels_on_the_gpu_and_profiles_them(exported):
-    engine = rt.compile(exported("tinyresnet"), "cuda", {})
+    engine = rt.compile(exported("tinyresnet"), "cuda", {"extra": {"guard": False}})  # ME as it is
     engine(_sparse_input((1, 3, 32, 32)))
     assert all("(GPU)" in r["kernel"] for r in engine.report() if r["op"] == "Conv")
     rows = engine.profile_layers(_sparse_input((1, 3, 32, 32)), reps=2)
@@ -301,3 +306,33 @@ def test_add_on_shared_sites_stays_sparse_and_global_pool_sums_site_features():
     assert rel_err(got, ort_run(model, x)[0]) < 1e-5
     add = next(r for r in engine.report() if r["op"] == "Add")
     assert add["path"] == "sparse"
+
+
+@needs_me
+def test_guarded_engine_falls_back_to_dense_says_so_and_reloads_without_timing(exported, tmp_path, monkeypatch):
+    """Each conv is a chooser Switch (ME or its dense forms, policy sparse: ME where it is right);
+    the whole-graph guard falls back to dense where ME is slower (stand-in clock here)."""
+    from sparsecnn.runtimes import chooser, load_engine
+
+    fake = {"as chosen": 3.0, "dense": 1.0}
+    monkeypatch.setattr(chooser, "guard_graphs", lambda graphs, device, **k: (
+        min(graphs, key=fake.get), {g: fake[g] for g in graphs}))
+    x = _sparse_input((2, 3, 32, 32))
+    engine = rt.compile(exported("tinynet"), "cpu", {})
+    got = engine(x)
+    ref = get_runtime("torch").compile(exported("tinynet"), "cpu", {})(x)
+    assert rel_err(got[0], ref[0]) <= 1e-4
+    plan = engine.plans["2x3x32x32"]
+    assert plan["chosen"] == "dense" and "whole-graph guard" in plan["reason"] and plan["sparse_layers"]
+    convs = [r for r in engine.report() if r["op"] == "Conv"]
+    assert convs and all(r["choice"]["chosen"] == "minkowski" and r["choice"]["now"].startswith("dense:")
+                         and not r["kernel"].startswith("ME") for r in convs)
+    as_is = engine.unguarded_runner(*engine.prepare(x))  # MinkowskiEngine as it is: what bench reports
+    assert rel_err(as_is(*engine.prepare(x))[0], ref[0]) <= 1e-4
+    assert all(sw.active == "minkowski" for sw in engine.switches())
+
+    monkeypatch.setattr(chooser, "guard_graphs", lambda *a, **k: pytest.fail("a saved plan was timed again"))
+    again = load_engine(engine.save(tmp_path / "m.engine"), "cpu")
+    again(x)
+    assert again.plans["2x3x32x32"]["chosen"] == "dense"
+    assert all(sw.decision.how == "saved" and sw.is_dense for sw in again.switches())

@@ -35,6 +35,13 @@ model as it is):
   (ResNet's shortcuts) both sides go back to dense. Flatten, Gemm and every other op run
   dense (the shared executor's torch ops), with the reason in the per-layer report.
 
+Each Conv is a chooser.Switch (runtimes/chooser.py) of ME's convolution and the layer's dense
+forms, policy "sparse": ME runs wherever the one chooser's check finds it right on the first
+input the layer gets, so the engine "as is" (`unguarded_runner`, `guard=false`) is
+MinkowskiEngine, the honest answer `bench` reports. The guarded engine (the default) times the
+network with ME against all dense and falls back to dense where ME is slower (measured 4-75x
+slower per layer), saying so in `engine.plans`.
+
 ME 0.5.4 dispatches float and double only, so the engine runs fp32. Each forward builds
 its own coordinate maps and kernel maps (the input's active sites change with every
 image), so there is no CUDA graph: the coordinate bookkeeping syncs with the host.
@@ -55,9 +62,11 @@ import torch.nn.functional as F
 
 from ...common.errors import UserError
 from ..base import CompileOptions, Engine
+from ..chooser import Candidate, Switch
 from ..executor import Executor
 from ..ops import STANDARD_OPS, NodeContext, resolve_pads
 from ..options import SHARED_OPTIONS, Option
+from ..torch.dense_conv import DenseConv
 
 name = "minkowski"
 ME_VERSION = "0.5.4"
@@ -426,9 +435,55 @@ def _conv_builder(state: _State):
                             site_sparsity_out=round(1.0 - rows.numel() / max(n * out_hw[0] * out_hw[1], 1), 4))
             return SparseMap(out, rows, key, x.space, (n, me_w.shape[2], *out_hw), stride_out, False, occ_out)
 
-        return run
+        dense = DenseConv(ctx.name, w, stride, dilation, 1,
+                          lambda t: resolve_pads(ctx, t, kernel, stride, dilation), "best", {}, ctx.options)
+        return MeConv(ctx, run, dense, bias, state)
 
     return build
+
+
+class MeConv(Switch):
+    """One Conv as the one chooser sees it: MinkowskiEngine's convolution or the layer's dense forms
+    (dense_conv's engines). Policy "sparse": ME runs wherever it computes the layer right (checked
+    on the first input the layer gets, a dense reference beside it), so the engine "as is" is
+    MinkowskiEngine (what `bench` reports for the library); the whole-graph guard
+    (MinkowskiEngineRuntimeEngine.runner) falls back to dense where ME is slower (measured 4-75x
+    slower per layer: it always is so far)."""
+
+    SPARSE = "minkowski"
+
+    def __init__(self, ctx: NodeContext, me_run, dense, bias, state: "_State"):
+        # Switch.__init__ runs at the first call, when the layer's input exists
+        self.ctx, self.info, self.me_run, self.dense, self.bias, self.state = ctx, ctx.info, me_run, dense, bias, state
+        self.saved = (ctx.options.get("_saved_choices") or {}).get(ctx.name)
+        self.decision = None
+
+    def layer_candidates(self, x) -> list:
+        forms = [Candidate(f.name, (lambda t, *rest, f=f: f.fn(_dense(t))), dense=True, library="torch",
+                           detail=f.detail, buffers=[self.dense.w]) for f in self.dense.dense_candidates(_dense(x), self.bias)]
+        me = Candidate(self.SPARSE, self.me_run, dense=False, library="MinkowskiEngine",
+                       detail={"kernel": self.info.get("kernel", "ME conv")}, as_tensor=_dense)
+        return [*forms, me]
+
+    def __call__(self, x, *rest):
+        if self.decision is None:
+            from ..chooser import Chooser
+
+            candidates = self.layer_candidates(x)
+            forced = self.SPARSE if self.state.sites == "submanifold" else None  # inexact by design: no check
+            d = Chooser(self.ctx.device, torch.float32, policy="sparse").choose(
+                self.ctx.name, candidates, (x,), reference="dense:cudnn", saved=self.saved, forced=forced)
+            if forced:
+                d.reason = "sites=submanifold: ME's own rule, inexact by design (for comparison)"
+            Switch.__init__(self, d, candidates, self.info)
+            self.me_kernel = self.info.get("kernel")
+            if d.dense:
+                self.info["kernel"] = self.candidates[d.chosen].detail.get("kernel", d.chosen)
+        return self.fn(x, *rest)
+
+    def use(self, name: str, why: str | None = None) -> None:
+        super().use(name, why)
+        self.info["kernel"] = self.me_kernel if name == self.SPARSE else self.candidates[name].detail.get("kernel", name)
 
 
 def _relu_builder(state: _State):
@@ -595,8 +650,59 @@ class MinkowskiEngineRuntimeEngine(Engine):
         super().__init__(model, device, options, executor)
         self.state = state
 
+    def switches(self) -> list:
+        return [sw for sw in super().switches() if sw.decision is not None]  # layers never run: undecided
+
     def runner(self, *inputs):
-        return self.executor  # no CUDA graph: coordinate bookkeeping syncs with the host
+        """No CUDA graph (the coordinate bookkeeping syncs with the host), so the whole-graph guard
+        is the base one's rule run eagerly: the network with ME layers against the same network
+        with every ME layer on its best dense form, timed interleaved (chooser.guard_graphs); the
+        dense one wins unless ME is faster, and `plans` says so (saved, replayed on reload)."""
+        from ..chooser import guard_graphs
+
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        if key in self._graphs:
+            return self._graphs[key]
+        with torch.no_grad():
+            self.executor(*inputs)  # the first call decides every layer (MeConv)
+        me = [sw for sw in self.switches() if not sw.is_dense]
+        chosen = {sw: sw.active for sw in self.switches()}
+        as_chosen = self._in_state(chosen)
+        self._as_chosen[key] = as_chosen
+        label = "x".join(str(d) for d in inputs[0].shape)
+        saved = self.plans.get(label)
+        if not me or not self.guard_on():
+            self.plans.setdefault(label, {"chosen": "as chosen", "reason": "guard off" if me else "no ME layer"})
+            self._graphs[key] = as_chosen
+            return as_chosen
+        dense = {sw: sw.best_dense() for sw in self.switches()}
+        if saved and saved.get("chosen") in ("as chosen", "dense"):
+            winner = saved["chosen"]
+        else:
+            plans = {"as chosen": as_chosen, "dense": self._in_state(dense)}
+            winner, times = guard_graphs({k: (lambda f=f: f(*inputs)) for k, f in plans.items()}, self.device,
+                                         reps=10 if self.device.type == "cuda" else 3, prefer="dense")
+            self.plans[label] = {"chosen": winner, "ms": {k: round(v, 5) for k, v in times.items()},
+                                 "sparse_layers": [sw.name for sw in me]}
+            if winner == "dense":
+                self.plans[label]["reason"] = (f"whole-graph guard: all dense ran {times['as chosen'] / times['dense']:.2f}x "
+                                               "faster than MinkowskiEngine")
+        why = self.plans[label].get("reason")
+        if winner == "dense":
+            for sw in me:
+                sw.use(dense[sw], why)
+        self._graphs[key] = self._in_state(dense if winner == "dense" else chosen)
+        return self._graphs[key]
+
+    def _in_state(self, state: dict):
+        """The executor with each switch on its candidate in `state` (set per call: the guarded and the
+        unguarded runner share the steps)."""
+        def run(*inputs):
+            for sw, name in state.items():
+                if sw.active != name:
+                    sw.active, sw.fn = name, sw.candidates[name].fn
+            return self.executor(*inputs)
+        return run
 
     def saved_state(self) -> dict:
         return {"sites": self.state.sites}
@@ -664,5 +770,8 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options:
     if sites not in SITE_MODES:
         raise UserError(f"unknown minkowski site mode '{sites}'; choose one of {', '.join(SITE_MODES)}")
     st = _State(dev, sites, _Recorder(dev), opts.extra.get("algorithm", "speed"))
-    ex = _SparseExecutor(model, dev, "fp32", ops=minkowski_ops(st), channels_last=False, options=opts.extra)
-    return MinkowskiEngineRuntimeEngine(model, dev, opts, ex, st)
+    extra = {**opts.extra, "_saved_choices": (state or {}).get("choices") or {}}
+    ex = _SparseExecutor(model, dev, "fp32", ops=minkowski_ops(st), channels_last=False, options=extra)
+    engine = MinkowskiEngineRuntimeEngine(model, dev, opts, ex, st)
+    engine.plans = dict((state or {}).get("plans") or {})
+    return engine
