@@ -556,15 +556,20 @@ class EcrOp:
             y = torch.relu(y)
         return max_pool(y, self.pool) if self.pool is not None else y
 
-    def candidates(self, x: torch.Tensor, sparse: bool = True) -> list:
+    def candidates(self, x: torch.Tensor, sparse: bool = True, include: str | None = None) -> list:
         """The layer's dense forms (`dense:<mode>`, conv + ReLU [+ max-pool]) and, with `sparse`,
-        every kernel variant whose plan fits this input."""
+        every kernel variant whose plan fits this input (`include`: a saved variant, kept even
+        where another variant's launch is identical at this input's shape)."""
         from ..chooser import Candidate as Choice
 
         out = self.dense.dense_candidates(x, self.bias, epilogue=lambda y, *rest: self._epilogue(y))
         for c in out:
             c.buffers = [self.dense.w] + ([self.bias] if self.bias is not None else [])
-        for cand in (self.layer.candidates(x) if sparse else []):
+        variants = self.layer.candidates(x) if sparse else []
+        if include in CANDIDATE_BY_NAME and include not in {c.name for c in variants} \
+                and self.layer.plan(CANDIDATE_BY_NAME[include], x) is not None:
+            variants.append(CANDIDATE_BY_NAME[include])
+        for cand in variants:
             out.append(Choice(cand.name, (lambda t, *rest, c=cand: self.layer.run_candidate(c, t)), dense=False,
                               library="ecr", detail={"kernel": f"{KERNEL_SOURCE}:{cand.name}",
                                                      "config": self.layer.plan(cand, x).describe()},
@@ -583,7 +588,8 @@ class EcrOp:
             if forced is not None and forced not in CANDIDATE_BY_NAME:
                 raise UserError(f"saved engine names kernel variant '{forced}' that this sparsecnn does not have; "
                                 "rebuild the engine")
-        candidates = self.candidates(x, sparse=not dense_only)
+        wanted = forced if forced is not None else (saved or {}).get("chosen")
+        candidates = self.candidates(x, sparse=not dense_only, include=wanted)
         decision = chooser.choose(self.name, candidates, (x,), reference="dense:cudnn", saved=saved, forced=forced)
         if dense_only and decision.how == "measured" and not decision.reason.startswith("every"):
             decision.reason = "ecr_layers=dense (" + decision.reason + ")"
