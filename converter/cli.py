@@ -42,11 +42,15 @@ examples:
 """
 
 
+class _UsageError(Exception):
+    """A bad command line, raised by the parser so that `main` returns 2 like any other user error."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors as one line, like every other error of the CLI (exit 2)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        raise _UsageError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -122,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparsecnn {command}: error: this command cannot load ({exc}); `sparsecnn doctor` says what is "
               "installed", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
