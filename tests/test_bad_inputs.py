@@ -414,6 +414,11 @@ def test_output_equal_to_input_through_another_spelling(capsys, tmp_path, tiny_o
     fails(capsys, tmp_path, "convert", "m.onnx", "-o", "sub/../m.onnx", match="also an input")
 
 
+def test_default_output_name_equal_to_input(capsys, tmp_path, tiny_onnx_bytes):
+    (tmp_path / "m.onnx").write_bytes(tiny_onnx_bytes)
+    fails(capsys, tmp_path, "convert", "m.onnx", match="also an input")  # no --prune: default name m.onnx
+
+
 def test_output_equal_to_weights(capsys, tmp_path):
     save_state(tmp_path / "w.pt", tinynet_state())
     fails(capsys, tmp_path, "convert", "tinynet", "--weights", "w.pt", "-o", "w.pt", match="also an input")
@@ -600,6 +605,17 @@ def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(source, "load_source", oom)
     with pytest.raises(torch.OutOfMemoryError):
         main(["inspect", "tinynet", "--debug"])
+
+
+def test_debug_before_the_command_is_accepted(monkeypatch):
+    import sparsecnn.converter.source as source
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(source, "load_source", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        main(["--debug", "inspect", "tinynet"])
 
 
 def test_a_real_bug_keeps_its_traceback(monkeypatch):
