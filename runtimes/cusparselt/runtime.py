@@ -309,7 +309,7 @@ class TwoFourLayer(Switch):
         d = chooser.choose(self.name_, candidates, (x,), reference=candidates[0].name, saved=self.saved, forced=forced)
         if why:
             d.reason = why
-        Switch.__init__(self, d, candidates, self.info)
+        Switch.__init__(self, d, candidates, self.info, describe=TwoFourLayer._describe)
         times = d.times_ms
         if SPARSE in times:
             entry["sparse_us"] = round(times[SPARSE] * 1e3, 2)
@@ -319,16 +319,15 @@ class TwoFourLayer(Switch):
         if d.rejected:
             entry["rejected"] = dict(d.rejected)
         self.choices[self.shape_key(x)] = entry
-        self.info["kernel"] = "cuSPARSELt 2:4" if not d.dense else self.candidates_kernel(d.chosen)
+        self._describe()
         self.info["buffers"] = list(self.gemm.buffers) + [b for c in self.candidates.values() for b in c.buffers]
         return d
 
-    def candidates_kernel(self, name: str) -> str:
-        return self.candidates[name].detail.get("kernel", name)
-
-    def use(self, name: str, why: str | None = None) -> None:
-        super().use(name, why)
-        self.info["kernel"] = "cuSPARSELt 2:4" if name == SPARSE else self.candidates_kernel(name)
+    def _describe(self) -> None:
+        """The report in the layer's current state (also after the guard switches it)."""
+        self.info["format"] = "2:4"
+        self.info["kernel"] = "cuSPARSELt 2:4" if self.active == SPARSE else \
+            self.candidates[self.active].detail.get("kernel", self.active)
 
 
 def _bias(ctx: NodeContext):

@@ -593,15 +593,18 @@ class EcrOp:
         decision = chooser.choose(self.name, candidates, (x,), reference="dense:cudnn", saved=saved, forced=forced)
         if dense_only and decision.how == "measured" and not decision.reason.startswith("every"):
             decision.reason = "ecr_layers=dense (" + decision.reason + ")"
-        sw = Switch(decision, candidates, self.ctx.info)
+        sw = Switch(decision, candidates, self.ctx.info, describe=self._describe)
         self._describe(sw, x)
         return sw
 
-    def _describe(self, sw, x: torch.Tensor) -> None:
-        """The per-layer report: input sparsity, what runs, every candidate's time, what was rejected."""
+    def _describe(self, sw, x: torch.Tensor | None = None) -> None:
+        """The per-layer report: input sparsity, what runs, every candidate's time, what was rejected
+        (again after the whole-graph guard switches the layer: `x` None)."""
         d, cand, info = sw.decision, sw.candidates[sw.active], self.ctx.info
-        sparsity = float((x == 0).float().mean())
-        info.update(sparsity=round(sparsity, 4), input_sparsity=round(sparsity, 4))
+        if x is not None:
+            sparsity = float((x == 0).float().mean())
+            info.update(sparsity=round(sparsity, 4), input_sparsity=round(sparsity, 4))
+        sparsity = info.get("input_sparsity", 0.0)
         if d.times_ms:
             info["times_ms"] = {k: round(v, 4) for k, v in d.times_ms.items()}
         if d.rejected:
@@ -609,7 +612,8 @@ class EcrOp:
         if cand.dense:
             info.update(format="dense", kernel=cand.detail.get("kernel", cand.name)
                         + (" + relu" if self.relu else "") + (" + maxpool" if self.pool else ""),
-                        reason=(f"{d.reason} at input sparsity {sparsity:.2f}" if d.times_ms else d.reason))
+                        reason=(info.get("choice", {}).get("why") if sw.active != d.chosen else None)
+                        or (f"{d.reason} at input sparsity {sparsity:.2f}" if d.times_ms else d.reason))
         else:
             info.update(format="pecr" if self.pool else "ecr", kernel=cand.detail["kernel"],
                         config=cand.detail["config"])

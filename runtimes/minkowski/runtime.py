@@ -475,15 +475,15 @@ class MeConv(Switch):
                 self.ctx.name, candidates, (x,), reference="dense:cudnn", saved=self.saved, forced=forced)
             if forced:
                 d.reason = "sites=submanifold: ME's own rule, inexact by design (for comparison)"
-            Switch.__init__(self, d, candidates, self.info)
             self.me_kernel = self.info.get("kernel")
-            if d.dense:
-                self.info["kernel"] = self.candidates[d.chosen].detail.get("kernel", d.chosen)
+            Switch.__init__(self, d, candidates, self.info, describe=MeConv._describe)
+            self._describe()
         return self.fn(x, *rest)
 
-    def use(self, name: str, why: str | None = None) -> None:
-        super().use(name, why)
-        self.info["kernel"] = self.me_kernel if name == self.SPARSE else self.candidates[name].detail.get("kernel", name)
+    def _describe(self) -> None:
+        """The report in the layer's current state (also after the guard switches it)."""
+        self.info["kernel"] = self.me_kernel if self.active == self.SPARSE else \
+            self.candidates[self.active].detail.get("kernel", self.active)
 
 
 def _relu_builder(state: _State):

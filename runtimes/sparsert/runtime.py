@@ -345,9 +345,15 @@ class Planner:
         for label, why in decision.rejected.items():
             notes[label] = "rejected: " + why
         kind = decision.chosen.split(":")[0]
-        info.update(kernel={"generated": "sparsert generated", "csr": "csr runtime", "dense": ctx.node.op_type
-                            .replace("Csr", "torch ") + " (" + str(decision.detail.get("kernel", "cuDNN/cuBLAS")) + ")"}[kind],
-                    kind=kind)  # "choice" is the chooser's record (chooser.Switch)
+
+        def describe(sw) -> None:  # what runs now (also after the whole-graph guard switches the layer)
+            what = sw.active.split(":")[0]
+            ctx.info.update(kind=what, kernel={"generated": "sparsert generated", "csr": "csr runtime",
+                                               "dense": ctx.node.op_type.replace("Csr", "torch ") + " (" + str(
+                                                   sw.candidates[sw.active].detail.get("kernel", "cuDNN/cuBLAS")) + ")"}[what])
+            if sw.active != sw.decision.chosen:
+                ctx.info["reason"] = ctx.info.get("choice", {}).get("why", "switched by the whole-graph guard")
+
         if kind == "generated":
             info["config"] = decision.chosen.split(":", 1)[1]
             info["code"] = code[decision.chosen]
@@ -366,7 +372,9 @@ class Planner:
 
             self.tuning_updates[tuning_key(layer.key, self.arch, self.opts.dtype, self.batch,
                                            ",".join(sorted(layer.kinds)))] = self.decisions[layer.name]
-        return Switch(decision, candidates, ctx.info)
+        sw = Switch(decision, candidates, ctx.info, describe=describe)
+        describe(sw)  # "kind" is what ran; "choice" is the chooser's record
+        return sw
 
     def _example_inputs(self, ctx: NodeContext, layer: _Layer):
         """Random inputs of the layer's real shape at the tuning batch (weight sparsity: the values
