@@ -718,7 +718,9 @@ class MinkowskiEngineRuntimeEngine(Engine):
         rec = self.state.recorder
         samples: dict[str, list[dict[str, float]]] = {}
         with torch.no_grad():
-            self.executor(*xs)  # warm-up
+            self.executor(*xs)  # warm-up (a layer's first call also decides it)
+            for sw in self.switches():  # the layers as they chose (ME), whatever the guard runs
+                sw.active, sw.fn = sw.decision.chosen, sw.candidates[sw.decision.chosen].fn
             rec.enabled = True
             try:
                 for _ in range(reps):
