@@ -548,3 +548,75 @@ def new_result(cfg: BenchConfig | None, env: dict) -> dict:
     return {"schema": SCHEMA, "version": SCHEMA_VERSION, "env": env,
             "settings": cfg.to_dict() if cfg else {}, "networks": [], "layers": [], "models": {},
             "gemm": None, "summary": [], "errors": [], "files": []}
+
+
+# --- the whole harness, as the CLI (and scripts) call it ---------------------------------------
+
+QUICK_MODELS = ["tinynet", "tinyresnet"]
+QUICK_GEMM_SHAPES = [(8, 36, 64), (16, 72, 49), (12, 27, 30)]
+QUICK_GEMM_SPARSITIES = [0.5, 0.9]
+
+
+def run_bench(*, models: list[str], gemm: bool, quick: bool, regimes: list, batches: list[int], prunes: list[str],
+              dense: list[str], runtime_dense_conv: str, runtimes: list[str] | None, devices: list,
+              scope: str = "layer", weights: str | None = None, per_layer: bool = True, flush_l2: bool = False,
+              budget_ms: float = 300.0, repeats: int = 2, progress: bool = True, accuracy: dict | None = None,
+              gemm_sparsities: list[float] | None = None, gemm_methods: list[str] | None = None,
+              gemm_regimes: list[str] | None = None, log=None) -> dict:
+    """Validate the settings (before any work), then time every configuration (sharded over
+    `devices`) and, with `gemm`, the GEMM sweep; returns the result `bench_report` writes."""
+    from ..passes.prune import parse_prune
+    from ..runtimes import availability, runtime_names
+    from ..runtimes.torch.dense_conv import CHOICES
+    from .bench_shards import cards_line, run_sharded
+
+    if quick and not models:
+        models = list(QUICK_MODELS)
+    elif not models and not gemm:
+        models = ["resnet18"]
+    for p_ in prunes:
+        parse_prune(p_)  # a bad prune setting fails before any work
+    dense = list(dense)
+    for d in dense + [runtime_dense_conv]:
+        if d not in CHOICES:
+            raise UserError(f"unknown dense engine '{d}'; choose from {', '.join(CHOICES)}")
+    if "best" not in dense:
+        dense.append("best")
+    avail = availability()
+    if runtimes is None:
+        runtimes = [n for n, (ok, _) in avail.items() if ok and n != "torch"]
+        if quick:
+            runtimes = ["torch"] + runtimes
+    else:
+        for r in runtimes:
+            if r not in runtime_names():
+                raise UserError(f"unknown runtime '{r}'; known runtimes: {', '.join(runtime_names())}")
+            if not avail[r][0]:
+                raise UserError(f"runtime '{r}' is not available here: {avail[r][1]}")
+    device = devices[0]
+    if quick and device.type == "cpu":
+        torch.set_num_threads(1)  # tiny nets on a shared CPU: threads only add scheduling noise
+    cfg = BenchConfig(models=models, runtimes=runtimes, prunes=prunes, regimes=regimes, batches=batches,
+                      device=device, dense_modes=dense, runtime_dense_conv=runtime_dense_conv,
+                      scope=scope, weights=weights, per_layer=per_layer,
+                      flush_l2=flush_l2, budget_ms=(20.0 if quick else budget_ms),
+                      min_reps=3 if quick else 10, max_reps=20 if quick else 300, layer_reps=3 if quick else 20,
+                      repeats=repeats, progress=progress, quick=quick)
+    result = new_result(cfg, environment(device))
+    errors = result["errors"]
+    if models:
+        nets, layers, info, shards = run_sharded(cfg, devices, errors, log=log or (lambda s: None))
+        result["shards"] = shards
+        if len(shards) > 1:
+            result["env"]["card"] = cards_line(shards)  # the report's header names every card
+        result.update(networks=nets, layers=layers, models=info)
+        result["summary"] = summary_rows(nets, info, accuracy)
+    if gemm:
+        from .gemm_sweep import run_sweep
+
+        result["gemm"] = run_sweep(
+            device, shapes=QUICK_GEMM_SHAPES if quick else None,
+            sparsities=gemm_sparsities or (QUICK_GEMM_SPARSITIES if quick else None),
+            methods=gemm_methods, regimes=gemm_regimes, reps=5 if quick else 50, flush_l2=flush_l2,
+            repeats=repeats, progress=progress, errors=errors)
+    return result

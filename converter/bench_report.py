@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from ..common.errors import UserError
 from ..common.fileio import write_text_atomic
 from .figures import save_figure
 
@@ -409,3 +410,24 @@ def write_reports(result: dict, out: Path, json_name: str = "bench.json") -> lis
     result["files"] = sorted(set(result.get("files", [])) | set(written) | {json_name, "bench.md"})
     write_text_atomic(out / "bench.md", markdown(result))
     return written
+
+
+def rerender(src, out: Path, accuracy: dict | None = None) -> list[str]:
+    """Tables and plots again from a saved bench.json (with `accuracy`, a new summary): `--report-only`."""
+    from .bench import summary_rows
+
+    src = Path(src)
+    if not src.is_file():
+        raise UserError(f"bench result not found: {src}")
+    try:
+        result = json.loads(src.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{src} is not a bench JSON ({exc})") from None
+    if not isinstance(result, dict) or result.get("schema") != "sparsecnn-bench":
+        raise UserError(f"{src} is not a `sparsecnn bench` result (no schema 'sparsecnn-bench')")
+    out.mkdir(parents=True, exist_ok=True)
+    if accuracy is not None:
+        result["summary"] = summary_rows(result["networks"], result["models"], accuracy)
+    files = write_reports(result, out)
+    write_json(result, out / "bench.json")
+    return files

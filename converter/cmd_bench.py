@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..common.errors import UserError
 from .options import MAX_BATCH, int_range, positive_float
@@ -48,11 +47,6 @@ accuracy file (--accuracy): JSON, a list of rows (or {"rows": [...]}) such as
 prune may also be given as "sparsity" or "method" ("2:4"); accuracy as top1 / accuracy / acc
 (fraction or percent); a fine-tuned row wins over a one-shot row of the same setting.
 """
-
-QUICK_MODELS = ["tinynet", "tinyresnet"]
-QUICK_GEMM_SHAPES = [(8, 36, 64), (16, 72, 49), (12, 27, 30)]
-QUICK_GEMM_SPARSITIES = [0.5, 0.9]
-
 
 def _csv(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
@@ -121,109 +115,41 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def run(args) -> int:
-    import json
-
-    import torch
-
     from ..common.fileio import check_output_folder
-    from ..runtimes import availability, resolve_device, runtime_names
-    from ..runtimes.torch.dense_conv import CHOICES
-    from .bench import BenchConfig, environment, load_accuracy, new_result, summary_rows
-    from .bench_shards import cards_line, parse_devices, run_sharded
-    from .bench_report import write_json, write_reports
+    from ..runtimes import resolve_device
+    from .bench import load_accuracy, run_bench
+    from .bench_report import rerender, write_json, write_reports
+    from .bench_shards import parse_devices
     from .regimes import parse_regimes
 
     out = check_output_folder(args.out, "-o")
     accuracy = load_accuracy(args.accuracy) if args.accuracy else None
     if args.report_only:
-        src = Path(args.report_only)
-        if not src.is_file():
-            raise UserError(f"bench result not found: {src}")
-        try:
-            result = json.loads(src.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{src} is not a bench JSON ({exc})") from None
-        if result.get("schema") != "sparsecnn-bench":
-            raise UserError(f"{src} is not a `sparsecnn bench` result (no schema 'sparsecnn-bench')")
-        out.mkdir(parents=True, exist_ok=True)
-        if accuracy is not None:
-            result["summary"] = summary_rows(result["networks"], result["models"], accuracy)
-        files = write_reports(result, out)
-        write_json(result, out / "bench.json")
+        files = rerender(args.report_only, out, accuracy)
         print(f"wrote {out / 'bench.md'} and {', '.join(files) or 'no plots'}")
         return 0
-
     models = list(args.models)
-    gemm = args.gemm or "spmm" in models
-    models = [m for m in models if m != "spmm"]
-    if args.quick and not models:
-        models = list(QUICK_MODELS)
-    elif not models and not gemm:
-        models = ["resnet18"]
-    regimes = parse_regimes(args.regimes)
-    batches = _ints(args.batch or ("1,2" if args.quick else "1"), "--batch")
-    prunes = _csv(args.prune) or ["none"]
-    from ..passes.prune import parse_prune
-
-    for p_ in prunes:
-        parse_prune(p_)  # a bad prune setting fails before any work
-    dense = _csv(args.dense)
-    for d in dense + [args.runtime_dense_conv]:
-        if d not in CHOICES:
-            raise UserError(f"unknown dense engine '{d}'; choose from {', '.join(CHOICES)}")
-    if "best" not in dense:
-        dense.append("best")
-    avail = availability()
-    if args.runtimes is None:
-        runtimes = [n for n, (ok, _) in avail.items() if ok and n != "torch"]
-        if args.quick:
-            runtimes = ["torch"] + runtimes
-    else:
-        runtimes = _csv(args.runtimes)
-        for r in runtimes:
-            if r not in runtime_names():
-                raise UserError(f"unknown runtime '{r}'; known runtimes: {', '.join(runtime_names())}")
-            if not avail[r][0]:
-                raise UserError(f"runtime '{r}' is not available here: {avail[r][1]}")
-    devices = parse_devices(args.devices) if args.devices else [resolve_device(args.device)]
-    device = devices[0]
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
-    quick = args.quick
-    if quick and device.type == "cpu":
-        torch.set_num_threads(1)  # tiny nets on a shared CPU: threads only add scheduling noise
-    cfg = BenchConfig(models=models, runtimes=runtimes, prunes=prunes, regimes=regimes, batches=batches,
-                      device=device, dense_modes=dense, runtime_dense_conv=args.runtime_dense_conv,
-                      scope=args.scope, weights=args.weights, per_layer=not args.no_per_layer,
-                      flush_l2=args.flush_l2, budget_ms=(20.0 if quick else args.budget_ms),
-                      min_reps=3 if quick else 10, max_reps=20 if quick else 300, layer_reps=3 if quick else 20,
-                      repeats=args.repeats, progress=not args.no_progress, quick=quick)
+    result = run_bench(
+        models=[m for m in models if m != "spmm"], gemm=args.gemm or "spmm" in models, quick=args.quick,
+        regimes=parse_regimes(args.regimes), batches=_ints(args.batch or ("1,2" if args.quick else "1"), "--batch"),
+        prunes=_csv(args.prune) or ["none"], dense=_csv(args.dense), runtime_dense_conv=args.runtime_dense_conv,
+        runtimes=None if args.runtimes is None else _csv(args.runtimes),
+        devices=parse_devices(args.devices) if args.devices else [resolve_device(args.device)],
+        scope=args.scope, weights=args.weights, per_layer=not args.no_per_layer, flush_l2=args.flush_l2,
+        budget_ms=args.budget_ms, repeats=args.repeats, progress=not args.no_progress, accuracy=accuracy,
+        gemm_sparsities=_floats(args.gemm_sparsities, "--gemm-sparsities") if args.gemm_sparsities else None,
+        gemm_methods=_csv(args.gemm_methods) or None, gemm_regimes=[r.name for r in parse_regimes(args.gemm_regimes)],
+        log=lambda line: print(line, file=sys.stderr))
     out.mkdir(parents=True, exist_ok=True)
-    result = new_result(cfg, environment(device))
-    errors = result["errors"]
-    if models:
-        nets, layers, info, shards = run_sharded(cfg, devices, errors, log=lambda s: print(s, file=sys.stderr))
-        result["shards"] = shards
-        if len(shards) > 1:
-            result["env"]["card"] = cards_line(shards)  # the report's header names every card
-        result.update(networks=nets, layers=layers, models=info)
-        result["summary"] = summary_rows(nets, info, accuracy)
-    if gemm:
-        from .gemm_sweep import run_sweep
-
-        result["gemm"] = run_sweep(
-            device, shapes=QUICK_GEMM_SHAPES if quick else None,
-            sparsities=_floats(args.gemm_sparsities, "--gemm-sparsities") if args.gemm_sparsities else (
-                QUICK_GEMM_SPARSITIES if quick else None),
-            methods=_csv(args.gemm_methods) or None, regimes=[r.name for r in parse_regimes(args.gemm_regimes)],
-            reps=5 if quick else 50, flush_l2=args.flush_l2, repeats=args.repeats,
-            progress=not args.no_progress, errors=errors)
     files = write_reports(result, out)
     write_json(result, out / "bench.json")
     _print_short(result)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + (f" and {', '.join(files)}" if files else ""))
-    if errors:
-        print(f"{len(errors)} part(s) failed and were skipped; see 'Errors' in {out / 'bench.md'}", file=sys.stderr)
+    if result["errors"]:
+        print(f"{len(result['errors'])} part(s) failed and were skipped; see 'Errors' in {out / 'bench.md'}",
+              file=sys.stderr)
     return 0
 
 

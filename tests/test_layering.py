@@ -25,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["common", "models", "passes", "runtimes", "converter"]
-VERB_MAX_LINES = 250
+VERB_MAX_LINES = 170
 VERB_PUBLIC = {"add_parser", "run"}
 HEAVY = ["torch", "onnx", "numpy", "onnxruntime", "matplotlib", "torchvision", "tensorrt", "onnx_graphsurgeon"]
 
