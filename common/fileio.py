@@ -190,3 +190,16 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode())
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", hint: str = ""):
+    """A JSON file a user gave: missing or not JSON is one line naming it (and `hint`, the fix)."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} not found: {p}")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{p} is not JSON ({exc}){'; ' + hint if hint else ''}") from None

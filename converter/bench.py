@@ -490,16 +490,12 @@ def load_accuracy(path) -> dict[tuple[str, str], dict]:
     match, a fine-tuned one ("fine_tuned"/"finetuned" true or "stage" naming fine-tuning)
     wins over one-shot ones.
     """
-    import json
     from pathlib import Path
 
+    from ..common.fileio import read_json
+
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"accuracy file not found: {p}")
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{p} is not JSON ({exc}); give the JSON written by `sparsecnn compare`") from None
+    data = read_json(p, "accuracy file", "give the JSON written by `sparsecnn compare`")
     rows = data.get("rows", data.get("results")) if isinstance(data, dict) else data
     if not isinstance(rows, list):
         raise UserError(f"{p}: expected a list of rows (or a dict with 'rows'); see `sparsecnn bench --help`")

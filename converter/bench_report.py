@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from ..common.errors import UserError
-from ..common.fileio import write_text_atomic
+from ..common.fileio import read_json, write_text_atomic
 from .figures import save_figure
 
 MODE_SHORT = {"cudnn": "cuDNN", "cudnn_nhwc": "cuDNN NHWC", "im2col": "im2col", "im2col_nhwc": "im2col NHWC"}
@@ -417,12 +417,7 @@ def rerender(src, out: Path, accuracy: dict | None = None) -> list[str]:
     from .bench import summary_rows
 
     src = Path(src)
-    if not src.is_file():
-        raise UserError(f"bench result not found: {src}")
-    try:
-        result = json.loads(src.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{src} is not a bench JSON ({exc})") from None
+    result = read_json(src, "bench result", "give the bench.json that `sparsecnn bench` wrote")
     if not isinstance(result, dict) or result.get("schema") != "sparsecnn-bench":
         raise UserError(f"{src} is not a `sparsecnn bench` result (no schema 'sparsecnn-bench')")
     out.mkdir(parents=True, exist_ok=True)

@@ -596,7 +596,9 @@ def test_onnx_checker_error_escaping_a_pass_is_one_line(capsys, tmp_path, monkey
     fails(capsys, tmp_path, "inspect", "tinynet", match="ONNX model is invalid")
 
 
-def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("argv", [["inspect", "tinynet", "--debug"], ["--debug", "inspect", "tinynet"]],
+                         ids=["after the command", "before the command"])
+def test_debug_shows_the_traceback(monkeypatch, argv):
     import sparsecnn.converter.source as source
 
     def oom(*a, **k):
@@ -604,18 +606,7 @@ def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(source, "load_source", oom)
     with pytest.raises(torch.OutOfMemoryError):
-        main(["inspect", "tinynet", "--debug"])
-
-
-def test_debug_before_the_command_is_accepted(monkeypatch):
-    import sparsecnn.converter.source as source
-
-    def oom(*a, **k):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(source, "load_source", oom)
-    with pytest.raises(torch.OutOfMemoryError):
-        main(["--debug", "inspect", "tinynet"])
+        main(argv)
 
 
 def test_a_real_bug_keeps_its_traceback(monkeypatch):
