@@ -200,6 +200,6 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", hint: str = ""):
     if not p.is_file():
         raise UserError(f"{what} not found: {p}")
     try:
-        return json.loads(p.read_text())
+        return json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{p} is not JSON ({exc}){'; ' + hint if hint else ''}") from None

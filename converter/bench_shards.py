@@ -111,7 +111,7 @@ def run_sharded(cfg: BenchConfig, devices: list[torch.device], errors: list[dict
                 errors.append({"where": f"shard on {device}", "error": f"its process exited with status {code}; "
                                f"configurations not timed: {', '.join(f'{m} {r} b{b}' for m, r, b in part)}"})
                 continue
-            results.append(json.loads(out.read_text()))
+            results.append(json.loads(out.read_text(encoding="utf-8")))
             log(f"bench: {device} ({card_name(device)}) timed {len(part)} configuration(s) in {seconds:.0f} s")
     nets, layers, info = [], [], {}
     for res in results:
@@ -138,7 +138,7 @@ def _worker(spec_path: str, out_path: str) -> int:
     """One shard's process: time its configurations on its device, write the rows as JSON."""
     from .bench_report import write_json
 
-    spec = json.loads(Path(spec_path).read_text())
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     d = spec["config"]
     cfg = BenchConfig(**{**d, "regimes": parse_regimes(d["regimes"]), "device": torch.device(d["device"])})
     torch.set_num_threads(spec["threads"])

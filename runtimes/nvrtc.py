@@ -182,7 +182,7 @@ def compile_cubin(source: str, arch: str, name: str = "kernel.cu", options: tupl
     cubin_path = cache_dir() / f"{key}.cubin"
     names_path = cache_dir() / f"{key}.names"
     if use_cache and cubin_path.is_file() and names_path.is_file():
-        lines = names_path.read_text().splitlines()
+        lines = names_path.read_text(encoding="utf-8").splitlines()
         return cubin_path.read_bytes(), dict(line.split("\t", 1) for line in lines if line)
     prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram")
     try:
@@ -267,7 +267,7 @@ def _write_cache(cubin_path: Path, cubin: bytes, names_path: Path, names: str) -
 
 
 def load_source(filename: str) -> str:
-    return kernel_path(filename).read_text()
+    return kernel_path(filename).read_text(encoding="utf-8")
 
 
 def device_arch(device: torch.device | int | None = None) -> str:

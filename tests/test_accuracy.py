@@ -336,7 +336,7 @@ def test_train_then_compare_on_a_fashion_mnist_subset_prints_real_numbers(tmp_pa
                  "--json", str(out_json), "--plot", str(tmp_path / "c.png")])
     printed = capsys.readouterr().out
     assert code == 0
-    res = json.loads(out_json.read_text())["results"][0]
+    res = json.loads(out_json.read_text(encoding="utf-8"))["results"][0]
     rows = {(r["method"], r["variant"]): r for r in res["rows"]}
     assert set(rows) == {("dense", "-"), ("2:4", "one-shot"), ("2:4", "fine-tuned"),
                          ("unstructured 80%", "one-shot"), ("unstructured 80%", "gradual+fine-tuned"),

@@ -54,7 +54,7 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     code = main(["bench", "--quick", "spmm", "-o", str(out), "--no-progress"])
     assert code == 0
-    return out, json.loads((out / "bench.json").read_text())
+    return out, json.loads((out / "bench.json").read_text(encoding="utf-8"))
 
 
 def test_quick_json_follows_the_schema(quick):
@@ -122,7 +122,7 @@ def test_gemm_sweep_checks_every_method_against_fp64(quick):
 
 def test_markdown_has_every_table(quick):
     out, result = quick
-    md = (out / "bench.md").read_text()
+    md = (out / "bench.md").read_text(encoding="utf-8")
     for heading in ("## Whole network", "## Why (no) speedup", "## Per layer", "## GEMM sweep", "## Summary"):
         assert heading in md
     assert result["env"]["card"] in md
@@ -185,12 +185,12 @@ def test_report_only_rerenders_with_an_accuracy_file(quick, tmp_path):
     ]}))
     again = tmp_path / "again"
     assert main(["bench", "--report-only", str(out / "bench.json"), "--accuracy", str(acc), "-o", str(again)]) == 0
-    result = json.loads((again / "bench.json").read_text())
+    result = json.loads((again / "bench.json").read_text(encoding="utf-8"))
     by = {(r["model"], r["prune"], r["engine"], r["regime"], r["batch"]): r for r in result["summary"]}
     assert by[("tinynet", "none", "best dense", "fp16", 1)]["top1"] == pytest.approx(0.915)
     assert by[("tinynet", "0.9", "torch @ 0.9", "fp16", 1)]["top1"] == pytest.approx(0.88)  # fine-tuned wins
     assert by[("tinyresnet", "none", "best dense", "fp16", 1)]["top1"] is None
-    assert "91.5%" in (again / "bench.md").read_text()
+    assert "91.5%" in (again / "bench.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -297,7 +297,7 @@ def test_a_sparse_runtime_plugs_in_and_gets_layer_matching_and_the_bound(monkeyp
     code = main(["bench", "tinynet", "--runtimes", "fakesparse", "--prune", "0.8", "--regimes", "fp32-cuda-core",
                  "--budget-ms", "5", "--repeats", "2", "--device", "cpu", "-o", str(tmp_path), "--no-progress"])
     assert code == 0
-    result = json.loads((tmp_path / "bench.json").read_text())
+    result = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     row = next(r for r in result["networks"] if r["engine"] == "fakesparse @ 0.8")
     assert row["rel_err"] < 1e-5  # against the torch runtime on the same pruned model
     entry = next(e for e in result["layers"] if e["engine"] == "fakesparse @ 0.8")
@@ -307,7 +307,7 @@ def test_a_sparse_runtime_plugs_in_and_gets_layer_matching_and_the_bound(monkeyp
     b = entry["bound"]
     assert 0 < b["share"] < 1 and b["accelerated_layers"] == 3
     assert b["amdahl_max_speedup"] == pytest.approx(1 / (1 - b["share"]))
-    assert "fakesparse @ 0.8" in (tmp_path / "bench.md").read_text()
+    assert "fakesparse @ 0.8" in (tmp_path / "bench.md").read_text(encoding="utf-8")
 
 
 # --- timing helpers ------------------------------------------------------------------------------
@@ -360,7 +360,7 @@ def test_quick_bench_on_gpu_uses_graphs_everywhere(tmp_path):
     code = main(["bench", "--quick", "spmm", "--device", "cuda", "--runtimes", "cusparselt", "--prune", "2:4",
                  "--gemm-methods", "cublas,cusparse", "-o", str(tmp_path), "--no-progress"])
     assert code == 0
-    result = json.loads((tmp_path / "bench.json").read_text())
+    result = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     check_schema(result, SCHEMA)
     assert result["env"]["card"] and result["env"].get("driver")
     for r in result["networks"]:

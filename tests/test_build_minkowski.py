@@ -82,8 +82,8 @@ def test_patch_applies_to_the_release_and_fixes_what_the_issue_lists(tmp_path):
     me = src / "MinkowskiEngine"
     for f in ("MinkowskiCommon.py", "MinkowskiCoordinateManager.py", "MinkowskiKernelGenerator.py",
               "MinkowskiTensorField.py", "utils/quantization.py"):
-        text = (me / f).read_text()
+        text = (me / f).read_text(encoding="utf-8")
         assert "from collections.abc import Sequence" in text and "from collections import Sequence" not in text
-    setup = (src / "setup.py").read_text()
+    setup = (src / "setup.py").read_text(encoding="utf-8")
     assert 'run_command("pip", "uninstall"' not in setup and 'run_command("rm", "-rf", "build")' not in setup
-    assert "public thrust::unary_function" not in (src / "src" / "coordinate_map_functors.cuh").read_text()
+    assert "public thrust::unary_function" not in (src / "src" / "coordinate_map_functors.cuh").read_text(encoding="utf-8")

@@ -121,7 +121,7 @@ def test_bad_input_gets_one_line_nonzero_exit_no_output(capsys, tmp_path, case):
 
 def test_console_script_exits_nonzero_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sparsecnn.converter.cli", "convert", "nosuchnet"],
-                          capture_output=True, text=True, cwd=tmp_path)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,7 @@ def sparsecnn(*argv, cwd, timeout=240) -> str:
     """Run the installed command; it must exit 0 with no traceback and no CUDA-graph warning."""
     exe = shutil.which("sparsecnn")
     cmd = [exe] if exe else [sys.executable, "-m", "sparsecnn.converter.cli"]
-    proc = subprocess.run([*cmd, *map(str, argv)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([*cmd, *map(str, argv)], cwd=cwd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"sparsecnn {' '.join(map(str, argv))} exited {proc.returncode}:\n{text[-4000:]}"
     assert "Traceback" not in text, text[-4000:]

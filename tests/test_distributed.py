@@ -29,7 +29,7 @@ def _torchrun(out: Path, args: list[str], env: dict | None = None, probe: bool =
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            *([__file__, str(out), "--"] if probe else ["-m", "sparsecnn.converter.cli"]), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=full_env)
+    return subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, env=full_env)
 
 
 def _digest(masks: dict[str, torch.Tensor]) -> str:
@@ -105,7 +105,7 @@ def test_compare_under_two_processes_scores_every_test_image_once(runs, tmp_path
     two = _torchrun(tmp_path, [*args, "--json", str(tmp_path / "two.json")], probe=False)
     assert two.returncode == 0, two.stderr[-3000:]
     assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
-    rows = [{(r["method"], r["variant"]): r for r in json.loads((tmp_path / f"{n}.json").read_text())["results"][0]
+    rows = [{(r["method"], r["variant"]): r for r in json.loads((tmp_path / f"{n}.json").read_text(encoding="utf-8"))["results"][0]
              ["rows"]} for n in ("two", "one")]
     assert set(rows[0]) == set(rows[1]) == {("dense", "-"), ("unstructured 80%", "one-shot")}
     for key in rows[1]:  # 101 images split 50 + 51, gathered: the same numbers as one process
@@ -161,7 +161,7 @@ def test_bench_splits_configurations_over_two_cpu_devices_and_names_each(tmp_pat
             "--no-per-layer", "--repeats", "1", "--no-progress"]
     assert main([*args, "--devices", "cpu,cpu", "-o", str(tmp_path / "two")]) == 0
     assert main([*args, "-o", str(tmp_path / "one")]) == 0
-    two, one = (json.loads((tmp_path / n / "bench.json").read_text()) for n in ("two", "one"))
+    two, one = (json.loads((tmp_path / n / "bench.json").read_text(encoding="utf-8")) for n in ("two", "one"))
     # --quick times batches 1 and 2: one configuration per device, each in its own process
     assert [[c["batch"] for c in s["configurations"]] for s in two["shards"]] == [[1], [2]]
     assert [[c["batch"] for c in s["configurations"]] for s in one["shards"]] == [[1, 2]]
@@ -169,7 +169,7 @@ def test_bench_splits_configurations_over_two_cpu_devices_and_names_each(tmp_pat
     assert rows(two) == rows(one) and len(rows(one)) == 2 * 3  # eager, best dense, torch @ 0.9 per batch
     assert all(r["device"] == "cpu" and r.get("median_ms") for r in two["networks"])
     assert two["env"]["card"].count("(cpu)") == 2
-    assert (tmp_path / "two" / "bench.md").read_text().startswith(f"# sparsecnn bench on {two['env']['card']}")
+    assert (tmp_path / "two" / "bench.md").read_text(encoding="utf-8").startswith(f"# sparsecnn bench on {two['env']['card']}")
 
 
 def test_configurations_go_to_devices_in_contiguous_runs():

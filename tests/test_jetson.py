@@ -222,7 +222,7 @@ def test_the_py36_checker_passes_plain_36_code():
 
 @pytest.mark.parametrize("path", PY36_FILES, ids=lambda p: p.name)
 def test_deploy_files_are_python36_compatible(path):
-    assert py36_problems(path.read_text()) == []
+    assert py36_problems(path.read_text(encoding="utf-8")) == []
 
 
 def _python36():

@@ -134,7 +134,7 @@ def test_verb_modules_load_no_heavy_library():
             "    importlib.import_module('sparsecnn.converter.' + p.stem)\n"
             "import sparsecnn.converter.cli\n"
             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True, cwd=ROOT)
     assert out.stdout.strip() == "", f"verb modules import heavy libraries at module level: {out.stdout.strip()}"
 
 
@@ -160,5 +160,5 @@ def test_help_imports_no_verb_and_a_verb_help_only_its_own():
             "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
             "        main(argv)\n"
             "    print(sorted(m.rsplit('.', 1)[1] for m in sys.modules if m.startswith('sparsecnn.converter.cmd_')))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True, cwd=ROOT)
     assert out.stdout.split("\n")[:2] == ["[]", "['cmd_bench']"]

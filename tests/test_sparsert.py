@@ -196,7 +196,7 @@ def test_tuning_cache_merges_entries(tmp_path, monkeypatch):
     assert key_a != key_b
     cg.store_tuning({key_a: {"choice": "generated", "config": "r16v1w4s2p24"}})
     cg.store_tuning({key_b: {"choice": "dense", "config": None}})
-    data = json.loads(cg.tuning_cache_path().read_text())
+    data = json.loads(cg.tuning_cache_path().read_text(encoding="utf-8"))
     assert data[key_a]["config"] == "r16v1w4s2p24" and data[key_b]["choice"] == "dense"
 
 

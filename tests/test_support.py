@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pyproject_declares_the_floors_of_the_support_table():
-    text = (ROOT / "pyproject.toml").read_text()
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert f'requires-python = ">={MIN_PYTHON[0]}.{MIN_PYTHON[1]}"' in text
     # ".0a0": NVIDIA's JetPack 6 wheel (2.5.0a0+...) is a pre-release that ">=2.5" would refuse
     assert f'"torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}.0a0"' in text

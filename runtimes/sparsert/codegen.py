@@ -990,7 +990,7 @@ def tuning_key(key: str, arch: str, dtype: str, batch: int, extra: str = "") -> 
 def load_tuning() -> dict:
     p = tuning_cache_path()
     try:
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
     except (OSError, json.JSONDecodeError):
         return {}
 

@@ -823,7 +823,7 @@ def main() -> None:
     if args.replot:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        plot_fig8(json.loads(Path(args.replot).read_text()), out)
+        plot_fig8(json.loads(Path(args.replot).read_text(encoding="utf-8")), out)
         return
     if args.budget_s is None:
         args.budget_s = float("inf") if args.dry_run else 330.0
