@@ -250,7 +250,7 @@ def markdown(results: dict) -> str:
         wn = next(iter(net["whole_network"].values()), {}) if net["whole_network"] else {}
         lines += [f"## {net['model']} batch {net['batch']}: {net['engine_ms']:.3f} ms vs best dense {net['best_dense_ms']:.3f} ms "
                   f"({net['best_dense']}) = {net['speedup_vs_best_dense']:.3f}×", "",
-                  f"Whole network: {wn.get('reason', 'n/a')}; times {wn.get('times_ms', {})}. "
+                  f"Whole network: {wn.get('reason', 'n/a')}; times {wn.get('ms', wn.get('times_ms', {}))}. "
                   f"Output rel err vs fp32: {net['rel_err_vs_fp32']:.2e}.", "",
                   "| layer | GEMM M,K,N | im2col | sparse µs | dense µs | choice | why |", "|---|---|---|---:|---:|---|---|"]
         for e in net["layers"]:
