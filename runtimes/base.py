@@ -7,7 +7,6 @@ A runtime module has `name`, `available() -> (bool, reason)` that never raises,
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import re
 import warnings
@@ -236,12 +235,8 @@ class Engine:
                     c.set_choice(c.last_key, c.override, why)
                 c.override = None
         self.plans[label] = record
-        del graphs
-        return self._graphs_replay_for(winner, chosen, key, inputs)
-
-    def _graphs_replay_for(self, winner: str, chosen: GraphReplay, key, inputs) -> GraphReplay:
-        # the winning state is applied: one fresh capture is the engine from now on
-        return chosen if winner == "as chosen" else GraphReplay(self.executor, inputs)
+        # a graph keeps the kernels it captured: the winner's, captured in the state now applied, is the engine
+        return graphs[winner]
 
     def prepare(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.executor.prepare_input(x) for x in inputs)

@@ -268,9 +268,8 @@ class _KernelSession:
             why = f"kept sparse by csr_weight_budget {self.weight_budget}"
             sw.decision.chosen, sw.decision.dense, sw.decision.library = sparse, False, "csr"
             sw.decision.reason = why
-            sw.use(sparse)
+            sw.use(sparse)  # refreshes the report (describe)
             total -= extra_bytes
-            self._describe(sw)
             sw.info.update(budget=f"{why}: dense was {saving * 1e3:.1f} us faster but needs "
                                   f"{extra_bytes / 2**20:.1f} MiB more",
                            reason=f"weight budget (dense measured {dense_us} us)")

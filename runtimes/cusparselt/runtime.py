@@ -438,5 +438,4 @@ def build_engine(model: onnx.ModelProto, device: torch.device, opts: CompileOpti
         ex = Executor(model, device, opts.dtype, ops=op_table(backend), channels_last=True, options=extra)
     engine_opts = CompileOptions.from_dict({**opts.to_dict(), "channels_last": True})
     engine = CuSparseLtEngine(model, device, engine_opts, ex)
-    engine.plans = dict((state or {}).get("plans") or {})
     return engine

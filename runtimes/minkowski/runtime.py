@@ -775,5 +775,4 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options:
     extra = {**opts.extra, "_saved_choices": (state or {}).get("choices") or {}}
     ex = _SparseExecutor(model, dev, "fp32", ops=minkowski_ops(st), channels_last=False, options=extra)
     engine = MinkowskiEngineRuntimeEngine(model, dev, opts, ex, st)
-    engine.plans = dict((state or {}).get("plans") or {})
     return engine

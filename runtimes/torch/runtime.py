@@ -66,5 +66,4 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options:
     ex = Executor(model, device, opts.dtype, ops=reference_ops(), channels_last=opts.channels_last,
                   options=extra)
     engine = TorchEngine(model, device, opts, ex)
-    engine.plans = dict((state or {}).get("plans") or {})
     return engine
