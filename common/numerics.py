@@ -10,8 +10,11 @@ import torch
 
 
 def rel_err(a, b) -> float:
-    """max |a - b| / max |b| in float64, on the CPU; 0 for empty tensors; inf if shapes differ."""
-    a, b = (x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x)) for x in (a, b))
+    """max |a - b| / max |b| in float64; 0 for empty tensors; inf if shapes differ. Computed where both
+    tensors already are (a GEMM sweep's outputs stay on the GPU); anything else on the CPU."""
+    same_device = all(isinstance(x, torch.Tensor) for x in (a, b)) and a.device == b.device
+    a, b = (x.detach() if same_device else x.detach().cpu() if isinstance(x, torch.Tensor)
+            else torch.as_tensor(np.asarray(x)) for x in (a, b))
     if a.shape != b.shape:
         return float("inf")
     if b.numel() == 0:

@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from ..common.numerics import rel_err
+
 # The seed's grid: VGG-19 / ResNet-18 conv layers at batch 1 (M, K, N).
 SWEEP_SHAPES: list[tuple[int, int, int]] = [
     (64, 576, 50176), (128, 1152, 12544), (256, 2304, 3136), (512, 4608, 784),
@@ -126,10 +128,6 @@ def rotation_count(bytes_per_buffer: int, device: torch.device, cap: int = 16) -
         return 2
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     return int(max(1, min(cap, math.ceil(2 * l2 / max(1, bytes_per_buffer)))))
-
-
-def rel_err(c: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((c.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
 def _methods_for(regime: str, methods: list[str]) -> list[str]:
