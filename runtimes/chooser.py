@@ -131,6 +131,9 @@ class Chooser:
             if isinstance(ref, (tuple, list)):
                 ref = ref[0]
         for c in candidates:
+            if c.name == reference:  # the trusted form itself: its output is the reference
+                ok.append(c)
+                continue
             try:
                 out = c.fn(*args)
                 self._sync()
