@@ -898,21 +898,29 @@ def time_in_graph_us(fn, arg, device, reps: int = 15, inner: int = 10) -> float:
 
 
 def tune(candidates: list, make_plan, run, arg, device, reps: int = 15) -> tuple:
-    """Time each candidate's plan on `arg`; returns (best config, its plan, its us, [{config, us}])."""
-    best, timed = None, []
+    """The fastest candidate config on `arg` by the one chooser (checked against the first that
+    fits, timed interleaved in CUDA graphs); returns (config, plan, us, [{config, us | skipped}]).
+    For the GEMM sweep and the kernel study, which compare sparse configs only."""
+    from ..chooser import Candidate, Chooser
+
+    plans, timed, cands = {}, [], []
     for cfg in candidates:
         try:
-            plan = make_plan(cfg)
+            plans[cfg.label()] = (cfg, make_plan(cfg))
         except PlanDoesNotFit as exc:
             timed.append({"config": cfg.label(), "skipped": str(exc)})
             continue
-        us = time_in_graph_us(lambda a, p=plan: run(p, a), arg, device, reps)
-        timed.append({"config": cfg.label(), "us": round(us, 3)})
-        if best is None or us < best[2]:
-            best = (cfg, plan, us)
-        else:
-            del plan
-    return best[0], best[1], best[2], timed
+        cands.append(Candidate(cfg.label(), (lambda a, p=plans[cfg.label()][1]: run(p, a)), dense=False, library="csr"))
+    with torch.no_grad():
+        d = Chooser(device, arg.dtype, reps=reps if torch.device(device).type == "cuda" else max(3, reps // 5),
+                    policy="sparse").choose("tune", cands, (arg,))
+    timed += [{"config": n, "us": round(ms * 1e3, 3)} for n, ms in d.times_ms.items()]
+    timed += [{"config": n, "skipped": why} for n, why in d.rejected.items()]
+    cfg, plan = plans[d.chosen]
+    if d.chosen in d.times_ms:
+        return cfg, plan, d.times_ms[d.chosen] * 1e3, timed
+    us = time_in_graph_us(lambda a: run(plan, a), arg, device, reps)  # the only candidate: nothing was timed
+    return cfg, plan, us, timed + [{"config": d.chosen, "us": round(us, 3)}]
 
 
 def expected_floor_us(nnz: int, n: int, dense_bytes: int, sms: int = 132, clock_ghz: float = 1.755,
