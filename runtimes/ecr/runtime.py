@@ -450,14 +450,6 @@ class KernelSet:
         k(plan.grid, (v.threads,), x, wt, bias, y, scratch.ws, scratch.tickets, plan.cparams, shared=plan.smem)
 
 
-def time_ms(fn, x: torch.Tensor, reps: int = 30, warmup_ms: float = 5.0) -> float:
-    """Median ms of `fn(x)` alone through `time_calls` (CUDA-graph replays). For the studies that
-    time one layer (scripts/studies/ecr_*.py); the runtime's own choices go through the chooser."""
-    from ..timing import time_calls
-
-    return time_calls(lambda j: fn(x), x.device, reps=reps, warmup_ms=warmup_ms).median_ms
-
-
 def max_pool(y: torch.Tensor, pool: PoolGeometry) -> torch.Tensor:
     """The max-pool PECR fuses, as a torch op (ONNX pads, possibly asymmetric; ceil mode)."""
     t, left, b, r = pool.pads

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from sparsecnn.common.numerics import rel_err
 from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record, fastest
-from sparsecnn.runtimes.timing import time_fn
+from sparsecnn.runtimes.timing import time_calls, time_fn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 SWEEP = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -178,9 +178,7 @@ def timed(fn, x, reps: int, dry: bool) -> float:
     """Median ms of fn(x) as a CUDA-graph replay (kernels only); eager on the CPU dry run."""
     if dry:
         return time_fn(lambda i: fn(x), "cpu", reps=1, warmup=0).median_ms
-    from sparsecnn.runtimes.ecr.runtime import time_ms
-
-    return time_ms(fn, x, reps=reps)
+    return time_calls(lambda j: fn(x), x.device, reps=reps, warmup_ms=5.0).median_ms
 
 
 def dense_methods(w, b, g, pool, relu=True) -> dict:

@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--launches", type=int, default=3, help="launches per variant (default 3)")
     args = ap.parse_args()
 
-    from sparsecnn.runtimes.ecr.runtime import CANDIDATE_BY_NAME, EcrLayer, Scratch, time_ms
+    from sparsecnn.runtimes.ecr.runtime import CANDIDATE_BY_NAME, EcrLayer, Scratch
+    from sparsecnn.runtimes.timing import time_calls
 
     layer = next((ly for ly in vgg19_layers() if ly["name"] == args.layer), None)
     if layer is None:
@@ -54,7 +55,7 @@ def main() -> None:
     x = sparse_input((1, g.cin, g.h, g.w), args.zeros, dtype, dev, seed=1)
     kl = EcrLayer(w, b, attrs_of(g, pool), pool, True, Scratch(dev))
     if args.pick:
-        times = {c.name: time_ms(lambda xx, c=c: kl.run_candidate(c, xx), x, 10)
+        times = {c.name: time_calls(lambda j, c=c: kl.run_candidate(c, x), x.device, reps=10, warmup_ms=5.0).median_ms
                  for c in kl.candidates(x) if c.name.startswith(args.pick)}
         if not times:
             sys.exit(f"no candidate named {args.pick}* plans for {args.layer}")
