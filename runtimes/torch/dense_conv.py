@@ -15,14 +15,15 @@ layers run (every runtime that compiles through the shared executor and passes i
 
 How `best` decides (measured, not guessed): each candidate runs the layer on the input it
 actually receives, *including the conversion of that input to the candidate's layout*
-(an NHWC candidate after an NCHW layer pays the transpose), timed through `time_calls`
-(CUDA-graph replays of the layer alone, so launch overhead does not decide; eager on CPU). Layers are decided in
+(an NHWC candidate after an NCHW layer pays the transpose), by the one chooser
+(runtimes/chooser.py: checked against cuDNN NCHW, then CUDA-graph replays of the layer alone,
+interleaved, so launch overhead and clock drift do not decide; eager on CPU). Layers are decided in
 network order during the first (warm-up) run, so each sees the layout its predecessors
 chose. The cuDNN candidates run with `cudnn.benchmark` on (cuDNN tries its algorithms and
 keeps the fastest) unless `extra={"cudnn_benchmark": False}`. Layout costs the greedy
 choice cannot see (an Add of an NHWC and an NCHW tensor) are caught one level up: the torch
 runtime also captures the network with every conv on cuDNN NCHW and on cuDNN NHWC and keeps
-the fastest of the three whole-network graphs (`TorchEngine.plans` says which won).
+the fastest of the three whole-network graphs (base.Engine's plan step; `engine.plans` says which won).
 
 im2col candidates are skipped when their column buffer would exceed
 `extra={"im2col_max_bytes": ...}` (default 2 GiB) and for grouped convolutions.
