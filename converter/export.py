@@ -13,7 +13,7 @@ from ..common.errors import UserError
 from ..common.onnxio import set_input_spec
 from ..models.registry import InputSpec
 from ..passes.fold_bn import fold_bn, inline_constant_identities
-from ..passes.graph import run_pipeline, set_prune_exclusions, weight_nodes
+from ..passes.graph import default_exclusions, run_pipeline, set_prune_exclusions, weight_nodes
 
 SUPPORTED_OPSETS = range(11, 21)
 
@@ -21,12 +21,15 @@ SUPPORTED_OPSETS = range(11, 21)
 EXPORT_PIPELINE = [(inline_constant_identities, {}), (fold_bn, {})]
 
 
-def export_onnx(module: nn.Module, spec: InputSpec, exclude: tuple[str, ...] = (), opset: int = 17,
+def export_onnx(module: nn.Module, spec: InputSpec, exclude: tuple[str, ...] | None = (), opset: int = 17,
                 batch_size: int = 1) -> onnx.ModelProto:
     """Export `module` (eval mode) with a dynamic batch axis, then fold BatchNorm.
 
     BatchNorm is exported as-is and folded by the ONNX pass, so the folded Conv keeps its
     module's weight name (`layer1.0.conv1.weight`) instead of an exporter-made one.
+    `exclude` (module names) is stored as the layers prune passes leave dense; None stores the
+    rule a foreign ONNX file gets, its stems and heads (`passes.graph.default_exclusions`): a
+    module from outside the registry is pruned as the same network given as an ONNX file.
     """
     if opset not in SUPPORTED_OPSETS:
         raise UserError(f"opset {opset} is not supported; use 13 (TensorRT 8.2 / Jetson Nano) to 20")
@@ -43,8 +46,11 @@ def export_onnx(module: nn.Module, spec: InputSpec, exclude: tuple[str, ...] = (
     model = onnx.load_model_from_string(buf.getvalue())
     model, _ = run_pipeline(model, EXPORT_PIPELINE)
     set_input_spec(model, spec.to_dict())
-    weights = {w for _, w, _ in weight_nodes(model)}
-    set_prune_exclusions(model, [f"{m}.weight" for m in exclude if f"{m}.weight" in weights])
+    if exclude is None:
+        set_prune_exclusions(model, default_exclusions(model))
+    else:
+        weights = {w for _, w, _ in weight_nodes(model)}
+        set_prune_exclusions(model, [f"{m}.weight" for m in exclude if f"{m}.weight" in weights])
     return model
 
 

@@ -24,6 +24,24 @@ def prunable_weights(model: onnx.ModelProto, exclude: list[str] | None = None) -
     return [(n, w, axis) for n, w, axis in weight_nodes(model) if not _is_excluded(w, patterns)]
 
 
+def depthwise_weights(model: onnx.ModelProto) -> list[str]:
+    """Weights of depthwise convs (grouped, one input channel per group: MobileNet's 3x3 layers).
+
+    Their filters are tiny (9 weights for a 3x3), so unstructured pruning at 0.9 empties most of
+    their channels, and the csr runtime runs grouped convs dense anyway. The passes prune them as
+    any layer (2:4 skips them: one input channel is not a multiple of 4) and count them, so the
+    CLI's pass summary and the Python API's warning can say so.
+    """
+    inits = initializer_map(model)
+    out = []
+    for node, weight, _ in weight_nodes(model):
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        dims = list(inits[weight].dims)
+        if node.op_type == "Conv" and group > 1 and len(dims) > 1 and dims[1] == 1:
+            out.append(weight)
+    return out
+
+
 def _apply(model: onnx.ModelProto, masks: dict[str, torch.Tensor], arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
     out = copy_model(model)
     for name, mask in masks.items():
@@ -60,11 +78,15 @@ def prune_unstructured(model: onnx.ModelProto, sparsity: float, scope: str = "la
     arrays = _weights(model, [w for _, w, _ in layers])
     masks, found = masks_for({k: torch.from_numpy(v) for k, v in arrays.items()}, "unstructured", sparsity, scope)
     counters.update(found)
+    depthwise = sum(1 for w in depthwise_weights(model) if w in masks)
+    if depthwise:
+        counters["pruned_depthwise"] = depthwise
     return PassResult(_apply(model, masks, arrays), counters, f"prune_unstructured({sparsity:g},{scope})")
 
 
-def parse_prune(spec: str | None):
-    """'2:4' -> ('2:4', None); '0.9' -> ('unstructured', 0.9); None/'none' -> None."""
+def parse_prune(spec: str | None, what: str = "--prune"):
+    """'2:4' -> ('2:4', None); '0.9' -> ('unstructured', 0.9); None/'none' -> None. `what` names the
+    setting in the error (the CLI's flag, the Python API's argument)."""
     from ..common.errors import UserError
     from .masks import check_sparsity
 
@@ -75,13 +97,14 @@ def parse_prune(spec: str | None):
     try:
         value = float(spec)
     except ValueError:
-        raise UserError(f"--prune takes '2:4', a sparsity in [0, 1) such as 0.9, or 'none'; got '{spec}'") from None
+        raise UserError(f"{what} takes '2:4', a sparsity in [0, 1) such as 0.9, or 'none'; got '{spec}'") from None
     return ("unstructured", check_sparsity(value))
 
 
-def prune_pipeline(spec: str | None, scope: str = "layer", exclude: list[str] | None = None) -> list:
+def prune_pipeline(spec: str | None, scope: str = "layer", exclude: list[str] | None = None,
+                   what: str = "--prune") -> list:
     """The explicit list of passes that a `--prune` setting means."""
-    parsed = parse_prune(spec)
+    parsed = parse_prune(spec, what)
     if parsed is None:
         return []
     kind, sparsity = parsed
