@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {  # name: (module, one-line summary)
                      "TensorRT 8.2 compatibility check and Jetson roofline estimate"),
     "train": ("sparsecnn.converter.cmd_train", "train a classifier on Fashion-MNIST to a checkpoint"),
     "compare": ("sparsecnn.converter.cmd_compare", "accuracy: dense vs pruned one-shot vs pruned + fine-tuned"),
+    "verify": ("sparsecnn.converter.cmd_verify", "check runtimes or an engine against ONNX Runtime, per output"),
 }
 
 DESCRIPTION = """\

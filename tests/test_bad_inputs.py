@@ -634,3 +634,36 @@ def test_bench_text_table_truncates_long_names_visibly():
     long = "/very/long/path/to/some/model-pruned-0.9-final.onnx"
     assert fit_name(long, 13).startswith("…") and len(fit_name(long, 13)) == 13
     assert fit_name("tinynet", 13) == "tinynet"
+
+
+# ---- 6. verify: the inputs file ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("arrays,match", [
+    ({"image": np.zeros((1, 3, 32, 32), np.float32)}, r"no array 'input' \(it holds 'image'\)"),
+    ({"input": np.zeros((1, 3, 16, 16), np.float32)}, r"shape \[1, 3, 16, 16\]; input 'input' takes \[N, 3, 32, 32\]"),
+    ({"input": np.zeros((3, 32, 32), np.float32)}, r"shape \[3, 32, 32\]; input 'input' takes"),
+    ({"input": np.zeros((1, 3, 32, 32), np.uint8)}, "holds uint8 values"),
+    ({"input": np.full((1, 3, 32, 32), np.nan, np.float32)}, "NaN or Inf"),
+    ({"input": np.array([{"x": 1}], dtype=object)}, "not a readable NumPy .npz"),
+], ids=["wrong name", "wrong size", "no batch axis", "integers", "nan", "pickled objects"])
+def test_verify_inputs_npz_that_does_not_fit(capsys, tmp_path, tiny_onnx_bytes, arrays, match):
+    write_model(tmp_path / "t.onnx", tiny_model(tiny_onnx_bytes))
+    np.savez(tmp_path / "in.npz", **arrays)
+    fails(capsys, tmp_path, "verify", "t.onnx", "--inputs", "in.npz", "--device", "cpu", "--save-outputs", "o.npz",
+          "--json", "r.json", match=match)
+
+
+@pytest.mark.parametrize("content", [b"not a zip", None], ids=["garbage", "a .npy array"])
+def test_verify_inputs_file_not_npz(capsys, tmp_path, tiny_onnx_bytes, content):
+    write_model(tmp_path / "t.onnx", tiny_model(tiny_onnx_bytes))
+    if content is None:
+        with open(tmp_path / "in.npz", "wb") as f:
+            np.save(f, np.zeros((1, 3, 32, 32), np.float32))
+    else:
+        (tmp_path / "in.npz").write_bytes(content)
+    fails(capsys, tmp_path, "verify", "t.onnx", "--inputs", "in.npz", "--device", "cpu", "--json", "r.json",
+          match="in.npz is not a readable NumPy .npz file")
+
+
+def test_verify_missing_inputs_file_fails_before_the_model_loads(capsys, tmp_path):
+    fails(capsys, tmp_path, "verify", "no-such-model.onnx", "--inputs", "in.npz", match="inputs file not found: in.npz")
