@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, in the handler below, not at exit
+        return code
     except UserError as exc:
         if debug:
             raise
