@@ -23,6 +23,7 @@ RUNTIME_MODULES: dict[str, str] = {
     "ecr": "sparsecnn.runtimes.ecr.runtime",
     "sparsert": "sparsecnn.runtimes.sparsert.runtime",
     "minkowski": "sparsecnn.runtimes.minkowski.runtime",
+    "hybrid": "sparsecnn.runtimes.hybrid.runtime",
 }
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from sparsecnn.passes.ecr.reference import ConvGeometry, PoolGeometry
+from sparsecnn.passes.ecr.reference import dense_conv_relu_pool as dense_reference
+
 
 def emulate(plan, x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     p = plan.params
@@ -188,3 +191,27 @@ class EmuEcrKernels:
         fn.argtypes = [c.c_uint] * 5 + [c.c_void_p] * 7
         fn(*plan.grid, v.threads, plan.smem, x.data_ptr(), wt.data_ptr(), bias.data_ptr(), y.data_ptr(),
            ws.data_ptr(), tickets.data_ptr(), c.addressof(plan.cparams))
+
+
+class ReferenceEcrKernels:
+    """Stands in for KernelSet on CPU: each launch computes its plan's layer with the dense oracle
+    (from the plan's own integers); the variants in `wrong` return a wrong result."""
+
+    sm_count, max_smem, registers = 132, 227 * 1024, {}
+
+    def __init__(self, wrong=lambda name: False):
+        self.wrong = wrong
+
+    def launch(self, plan, x, wt, bias, y, scratch):
+        p = plan.params
+        pads = (p["pad_t"], p["pad_l"], max(0, (p["oh"] - 1) * p["sh"] + p["kh"] - p["h"] - p["pad_t"]),
+                max(0, (p["ow"] - 1) * p["sw"] + p["kw"] - p["w"] - p["pad_l"]))
+        g = ConvGeometry(p["n_img"], p["cin"], p["h"], p["w"], p["kh"], p["kw"], p["sh"], p["sw"], pads)
+        pool = None
+        if p["pool"]:
+            pool = PoolGeometry(p["pkh"], p["pkw"], p["psh"], p["psw"], (p["ppad_t"], p["ppad_l"],
+                                max(0, (p["qh"] - 1) * p["psh"] + p["pkh"] - p["oh"] - p["ppad_t"]),
+                                max(0, (p["qw"] - 1) * p["psw"] + p["pkw"] - p["ow"] - p["ppad_l"])))
+        w = wt[:p["cin"] * p["kh"] * p["kw"], :p["cout"]].t().reshape(p["cout"], p["cin"], p["kh"], p["kw"])
+        out = dense_reference(x.float(), w, bias[:p["cout"]], g, bool(p["relu"]), pool)
+        y.copy_(out * (1.5 if self.wrong(plan.candidate.name) else 1.0))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ecr_emulator import emulate
+from ecr_emulator import ReferenceEcrKernels, emulate
 from helpers import rel_err
 from sparsecnn.passes.ecr.rewrite import fuse_ecr
 from sparsecnn.passes.graph import run_pipeline
@@ -512,30 +512,6 @@ def test_gpu_runtime_end_to_end_in_a_cuda_graph(exported, dtype, tmp_path):
 
 # --- the runtime's choices on CPU: a stand-in kernel set, the one chooser, the base guard ---------
 
-class _ReferenceKernels:
-    """Stands in for KernelSet on CPU: each launch computes its plan's layer with the dense oracle
-    (from the plan's own integers); the variants in `wrong` return a wrong result."""
-
-    sm_count, max_smem, registers = 132, 227 * 1024, {}
-
-    def __init__(self, wrong=lambda name: False):
-        self.wrong = wrong
-
-    def launch(self, plan, x, wt, bias, y, scratch):
-        p = plan.params
-        pads = (p["pad_t"], p["pad_l"], max(0, (p["oh"] - 1) * p["sh"] + p["kh"] - p["h"] - p["pad_t"]),
-                max(0, (p["ow"] - 1) * p["sw"] + p["kw"] - p["w"] - p["pad_l"]))
-        g = ConvGeometry(p["n_img"], p["cin"], p["h"], p["w"], p["kh"], p["kw"], p["sh"], p["sw"], pads)
-        pool = None
-        if p["pool"]:
-            pool = PoolGeometry(p["pkh"], p["pkw"], p["psh"], p["psw"], (p["ppad_t"], p["ppad_l"],
-                                max(0, (p["qh"] - 1) * p["psh"] + p["pkh"] - p["oh"] - p["ppad_t"]),
-                                max(0, (p["qw"] - 1) * p["psw"] + p["pkw"] - p["ow"] - p["ppad_l"])))
-        w = wt[:p["cin"] * p["kh"] * p["kw"], :p["cout"]].t().reshape(p["cout"], p["cin"], p["kh"], p["kw"])
-        out = dense_reference(x.float(), w, bias[:p["cout"]], g, bool(p["relu"]), pool)
-        y.copy_(out * (1.5 if self.wrong(plan.candidate.name) else 1.0))
-
-
 def _ecr_engine(exported, monkeypatch, kernels, state=None, clock=None, **extra):
     from sparsecnn.runtimes import get_runtime
     from sparsecnn.runtimes.chooser import Chooser
@@ -561,7 +537,7 @@ def test_ecr_layers_choose_by_the_one_chooser_reject_wrong_kernels_and_reload_wi
     from sparsecnn.runtimes.chooser import Chooser
     from sparsecnn.runtimes.ecr.runtime import compile_with_kernels
 
-    kernels = _ReferenceKernels(wrong=lambda name: name.startswith("row"))  # tinynet's 3x3 layers all plan row kernels
+    kernels = ReferenceEcrKernels(wrong=lambda name: name.startswith("row"))  # tinynet's 3x3 layers all plan row kernels
     eng = _ecr_engine(exported, monkeypatch, kernels, clock=_ecr_clock("row"), batch=2)  # reload walks at batch 2
     switches = eng.switches()
     assert switches and all(not sw.is_dense and not sw.active.startswith("row") for sw in switches)
@@ -596,7 +572,7 @@ def test_ecr_policies_sparse_and_dense_and_the_guard(exported, monkeypatch):
     from sparsecnn.runtimes import base, chooser
 
     slow = lambda self, cands, args: {c.name: 1.0 if c.dense else 3.0 for c in cands}  # noqa: E731
-    kernels = _ReferenceKernels()
+    kernels = ReferenceEcrKernels()
     measured = _ecr_engine(exported, monkeypatch, kernels, clock=slow)
     assert all(sw.is_dense and "margin" not in sw.decision.reason for sw in measured.switches())
     sparse = _ecr_engine(exported, monkeypatch, kernels, clock=slow, ecr_layers="sparse")

@@ -21,6 +21,11 @@ features), K = Cin*kh*kw with column k = (cin*kh + r)*kw + s (or K = in_features
     attributes: kernel_shape [kh, kw], strides [sh, sw], pads [top, left, bottom, right],
                 dilations [dh, dw], in_channels (Cin), relu (int, 1: ReLU applied to the output)
 
+`CsrConvPool(X, values, col_idx, row_ptr, row_order[, B]) -> Y`
+    Y = MaxPool(relu(conv(X, W) + B)): a CsrConv with relu = 1 and no residual, and the MaxPool
+    that was its only consumer (the group a PECR kernel covers; `hybrid` plans over it).
+    attributes: CsrConv's, plus pool_kernel_shape, pool_strides, pool_pads, pool_ceil_mode
+
 `CsrGemm(A, values, col_idx, row_ptr, row_order[, C[, R]]) -> Y`
     A [N, K] float; Y [N, M] = relu?(A @ W^T + C + R). The CSR holds W [M, K] (ONNX Gemm's B
     with transB = 1, or B^T with transB = 0). C: optional bias [M] or [1, M] ("" when absent and
@@ -203,7 +208,18 @@ def build_reference_gemm(ctx: NodeContext):
     return run
 
 
+def build_reference_conv_pool(ctx: NodeContext):
+    """CsrConvPool: the CsrConv reference (with its ReLU), then the fused max-pool."""
+    from ..ecr.reference import max_pool, pool_geometry
+
+    conv = build_reference_conv(ctx)
+    pool = pool_geometry(ctx.attrs)
+    ctx.info["kernel"] += " + max-pool"
+    return lambda x: max_pool(conv(x), pool)
+
+
 OPS: dict[tuple[str, str], Builder] = {
     (SPARSECNN_DOMAIN, "CsrConv"): build_reference_conv,
+    (SPARSECNN_DOMAIN, "CsrConvPool"): build_reference_conv_pool,
     (SPARSECNN_DOMAIN, "CsrGemm"): build_reference_gemm,
 }

@@ -212,3 +212,56 @@ def _convertible(node, w: np.ndarray, types: dict) -> tuple[str | None, dict]:
     if bias is not None and list(bias.shape) not in ([matrix.shape[0]], [1, matrix.shape[0]]):
         return "gemm_form", {}
     return None, {"in_features": int(matrix.shape[1]), "bias": bias, "matrix": np.ascontiguousarray(matrix)}
+
+
+CSR_CONV_POOL = "CsrConvPool"
+
+
+def fuse_csr_pool(model: onnx.ModelProto) -> PassResult:
+    """CsrConv (relu, no residual) -> MaxPool => `sparsecnn::CsrConvPool`: the group a conv-pool
+    kernel (PECR) covers whole, so a runtime that plans over groups can weigh it against CSR +
+    pool and dense + pool. Counters: `conv_pool_fused`, `pool_not_fused_<reason>`."""
+    from ..ecr.rewrite import pool_unfusable_reason
+
+    shapes = inferred_value_infos(model)
+    graph = import_graph(model)
+    counters: Counter = Counter()
+    graph_outputs = {id(t) for t in graph.outputs}
+    for conv in [n for n in graph.nodes if n.op == "CsrConv" and n.domain == SPARSECNN_DOMAIN]:
+        if not conv.attrs.get("relu", 0) or len(conv.inputs) > 6:
+            continue  # PECR's max is over ReLU outputs; a residual would sit between conv and pool
+        y = conv.outputs[0]
+        if id(y) in graph_outputs or len(y.outputs) != 1 or y.outputs[0].op != "MaxPool" or \
+                y.outputs[0].domain not in STANDARD_DOMAINS:
+            continue
+        pool = y.outputs[0]
+        reason = pool_unfusable_reason(pool)
+        kernel = [int(k) for k in pool.attrs.get("kernel_shape", [])]
+        stride = [int(s) for s in pool.attrs.get("strides", [1] * len(kernel))]
+        dims = _dims(shapes.get(y.name))
+        pads = None if reason else explicit_pads(pool.attrs.get("auto_pad"), pool.attrs.get("pads"),
+                                                 dims[2:] if dims and len(dims) == 4 else None, kernel, stride)
+        if reason is None and pads is None:
+            reason = "auto_pad_unknown_shape"
+        if reason is not None:
+            counters[f"pool_not_fused_{reason}"] += 1
+            continue
+        out = pool.outputs[0]
+        if shapes.get(out.name) is not None and id(out) not in graph_outputs:
+            set_tensor_info(out, shapes[out.name])  # shape inference stops at a custom op: keep what it knew
+        attrs = dict(conv.attrs, pool_kernel_shape=kernel, pool_strides=stride, pool_pads=pads,
+                     pool_ceil_mode=int(pool.attrs.get("ceil_mode", 0)))
+        inputs = list(conv.inputs)
+        conv.outputs.clear()
+        pool.outputs.clear()
+        graph.nodes.append(gs_node(CSR_CONV_POOL, conv.name, attrs, inputs, [out]))
+        counters["conv_pool_fused"] += 1
+    graph.toposort()
+    return PassResult(export_graph(graph, model), counters, "fuse_csr_pool")
+
+
+def gs_node(op_type: str, name: str, attrs: dict, inputs: list, outputs: list):
+    import onnx_graphsurgeon as gs
+
+    return gs.Node(op_type, name=name, domain=SPARSECNN_DOMAIN, attrs=dict(sorted(attrs.items())), inputs=inputs,
+                   outputs=outputs)

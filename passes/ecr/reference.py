@@ -105,6 +105,14 @@ class PoolGeometry:
         return self.kh * self.kw
 
 
+def max_pool(y: torch.Tensor, pool: PoolGeometry) -> torch.Tensor:
+    """The max-pool PECR (and CsrConvPool) fuses, as a torch op (ONNX pads, possibly asymmetric; ceil mode)."""
+    t, left, b, r = pool.pads
+    if (t, left) != (b, r):
+        y, t, left = F.pad(y, (left, r, t, b), value=float("-inf")), 0, 0
+    return F.max_pool2d(y, (pool.kh, pool.kw), (pool.sh, pool.sw), (t, left), ceil_mode=pool.ceil_mode)
+
+
 def _pool_len(n: int, k: int, s: int, p0: int, p1: int, ceil: bool) -> int:
     span = n + p0 + p1 - k
     out = (math.ceil(span / s) if ceil else span // s) + 1

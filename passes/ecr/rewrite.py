@@ -73,7 +73,8 @@ def _conv_reason(conv, w_const, b_ok: bool) -> str | None:
     return None
 
 
-def _pool_reason(pool) -> str | None:
+def pool_unfusable_reason(pool) -> str | None:
+    """Why a graphsurgeon MaxPool cannot be fused into the conv before it (None: it can)."""
     if len(pool.outputs) > 1 and pool.outputs[1].name:
         return "indices_output"
     kernel = list(pool.attrs.get("kernel_shape", []))
@@ -137,7 +138,7 @@ def fuse_ecr(model: onnx.ModelProto, plain_conv: bool = True, require_sparse_inp
             if pool is not None and pool.op != "MaxPool":
                 pool = None
             elif pool is not None:
-                pool_reason = _pool_reason(pool)
+                pool_reason = pool_unfusable_reason(pool)
                 pool_kernel = [int(k) for k in pool.attrs.get("kernel_shape", [])]
                 pool_stride = [int(s) for s in pool.attrs.get("strides", [1] * len(pool_kernel))]
                 y_shape = shapes.get(y.name)

@@ -141,6 +141,25 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def config_candidates(configs, make_plan, run_plan, kernel_of) -> tuple[list, list[dict]]:
+    """The kernel configs whose plan fits the layer, as the one chooser's candidates (library "csr",
+    `fn(*args)` = `run_plan(plan, *args)`), and the configs skipped, with why."""
+    from ..chooser import Candidate
+    from .kernels import PlanDoesNotFit
+
+    candidates, skipped = [], []
+    for cfg in configs:
+        try:
+            plan = make_plan(cfg)
+        except PlanDoesNotFit as exc:  # e.g. a staged-sparse config whose non-zeros overflow shared memory
+            skipped.append({"config": cfg.label(), "skipped": str(exc)})
+            continue
+        candidates.append(Candidate(cfg.label(), (lambda *t, p=plan: run_plan(p, *t)), dense=False, library="csr",
+                                    detail={"config": cfg.to_dict(), "kernel": kernel_of(cfg),
+                                            "csr_bytes": _nbytes(plan.buffers())}, buffers=plan.buffers()))
+    return candidates, skipped
+
+
 class _KernelSession:
     """Shared state of one compile with kernels: backend, tuning settings, per-layer decisions."""
 
@@ -173,8 +192,8 @@ class _KernelSession:
         dense forms with the residual add and ReLU they replace. Weight-sparse kernels' speed
         does not depend on the input values: they are checked and timed on random values. A
         reloaded engine takes its saved decision without timing anything."""
-        from ..chooser import Candidate, Chooser
-        from .kernels import PlanDoesNotFit, config_from_dict
+        from ..chooser import Chooser
+        from .kernels import config_from_dict
 
         saved = self.saved.get(ctx.name)
         legacy = self.legacy.get(ctx.name)
@@ -195,16 +214,8 @@ class _KernelSession:
             why = f"density {density:.3f} > csr_max_density {self.max_density}"
         elif not self.autotune:
             configs = configs[:1]
-        candidates, skipped = list(dense_forms), []
-        for cfg in configs:
-            try:
-                plan = make_plan(cfg)
-            except PlanDoesNotFit as exc:  # e.g. a staged-sparse config whose non-zeros overflow shared memory
-                skipped.append({"config": cfg.label(), "skipped": str(exc)})
-                continue
-            candidates.append(Candidate(cfg.label(), (lambda *t, p=plan: run_plan(p, *t)), dense=False, library="csr",
-                                        detail={"config": cfg.to_dict(), "kernel": kernel_of(cfg),
-                                                "csr_bytes": _nbytes(plan.buffers())}, buffers=plan.buffers()))
+        sparse, skipped = config_candidates(configs, make_plan, run_plan, kernel_of)
+        candidates = list(dense_forms) + sparse
         if forced is None and configs and len(candidates) == len(dense_forms):
             why = "no candidate config fits this layer"
         chooser = Chooser(self.device, ctx.dtype, tf32=self.opts.tf32, margin=self.margin, reps=self.reps,

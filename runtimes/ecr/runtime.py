@@ -43,7 +43,8 @@ from ...common.errors import UserError
 from ...passes.ecr.rewrite import fuse_ecr
 from ...passes.graph import SPARSECNN_DOMAIN, run_pipeline
 from ..base import CompileOptions, Engine
-from ...passes.ecr.reference import ECR_CONV, ECR_CONV_POOL, ConvGeometry, PoolGeometry, conv_geometry, pool_geometry
+from ...passes.ecr.reference import (ECR_CONV, ECR_CONV_POOL, ConvGeometry, PoolGeometry, conv_geometry, max_pool,  # noqa: F401
+                                     pool_geometry)
 from ..executor import Executor
 from ..ops import NodeContext
 from ..options import DENSE_CONV, SHARED_OPTIONS, Option, with_default
@@ -450,14 +451,6 @@ class KernelSet:
         k(plan.grid, (v.threads,), x, wt, bias, y, scratch.ws, scratch.tickets, plan.cparams, shared=plan.smem)
 
 
-def max_pool(y: torch.Tensor, pool: PoolGeometry) -> torch.Tensor:
-    """The max-pool PECR fuses, as a torch op (ONNX pads, possibly asymmetric; ceil mode)."""
-    t, left, b, r = pool.pads
-    if (t, left) != (b, r):
-        y, t, left = F.pad(y, (left, r, t, b), value=float("-inf")), 0, 0
-    return F.max_pool2d(y, (pool.kh, pool.kw), (pool.sh, pool.sw), (t, left), ceil_mode=pool.ceil_mode)
-
-
 class EcrLayer:
     """One conv (+ max-pool) layer's kernels: packed weights, per-shape plans, launches."""
 
@@ -517,6 +510,29 @@ class EcrLayer:
         return out
 
 
+def kernel_candidates(layer: EcrLayer, x: torch.Tensor, after=None, include: str | None = None) -> list:
+    """The layer's kernel variants whose plan fits `x`, as the one chooser's candidates
+    `fn(x, *rest)` (library "ecr"); `after(y, *rest)`: what the group does after the kernel
+    (e.g. a residual add and ReLU, for a runtime planning over fused groups); `include`: a saved
+    variant, kept even where another variant's launch is identical at this shape."""
+    from ..chooser import Candidate as Choice
+
+    variants = layer.candidates(x)
+    if include in CANDIDATE_BY_NAME and include not in {c.name for c in variants} \
+            and layer.plan(CANDIDATE_BY_NAME[include], x) is not None:
+        variants.append(CANDIDATE_BY_NAME[include])
+    out = []
+    for cand in variants:
+        if after is None:
+            fn = (lambda t, *rest, c=cand: layer.run_candidate(c, t))
+        else:
+            fn = (lambda t, *rest, c=cand: after(layer.run_candidate(c, t), *rest))
+        out.append(Choice(cand.name, fn, dense=False, library="ecr",
+                          detail={"kernel": f"{KERNEL_SOURCE}:{cand.name}", "config": layer.plan(cand, x).describe()},
+                          buffers=[layer.wt, layer.bias]))
+    return out
+
+
 class EcrOp:
     """One EcrConv / EcrConvPool node on CUDA: its kernel variants and its dense forms as the one
     chooser's candidates. `choose(x)` decides on the layer's real input (calibration images run
@@ -552,21 +568,10 @@ class EcrOp:
         """The layer's dense forms (`dense:<mode>`, conv + ReLU [+ max-pool]) and, with `sparse`,
         every kernel variant whose plan fits this input (`include`: a saved variant, kept even
         where another variant's launch is identical at this input's shape)."""
-        from ..chooser import Candidate as Choice
-
         out = self.dense.dense_candidates(x, self.bias, epilogue=lambda y, *rest: self._epilogue(y))
         for c in out:
             c.buffers = [self.dense.w] + ([self.bias] if self.bias is not None else [])
-        variants = self.layer.candidates(x) if sparse else []
-        if include in CANDIDATE_BY_NAME and include not in {c.name for c in variants} \
-                and self.layer.plan(CANDIDATE_BY_NAME[include], x) is not None:
-            variants.append(CANDIDATE_BY_NAME[include])
-        for cand in variants:
-            out.append(Choice(cand.name, (lambda t, *rest, c=cand: self.layer.run_candidate(c, t)), dense=False,
-                              library="ecr", detail={"kernel": f"{KERNEL_SOURCE}:{cand.name}",
-                                                     "config": self.layer.plan(cand, x).describe()},
-                              buffers=[self.layer.wt, self.layer.bias]))
-        return out
+        return out + (kernel_candidates(self.layer, x, include=include) if sparse else [])
 
     def choose(self, x: torch.Tensor, chooser, saved: dict | str | None = None, dense_only: bool = False):
         """The executor step for this layer, decided by `chooser` on `x` (or replayed from `saved`:

@@ -1,0 +1,1 @@
+"""The hybrid runtime: per layer the fastest correct implementation over every library."""

@@ -1,0 +1,172 @@
+"""The hybrid runtime on CPU: grouping (rewrite), per-layer choice over libraries (csr kernels
+through the CPU emulator, ecr through a stand-in that computes each plan with the dense oracle,
+cuSPARSELt's lowering with F.linear for its GEMM), the whole-graph guard and save/reload.
+Timing is faked where a test needs a given winner; outputs are checked against ONNX Runtime."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import cuda_emu
+from ecr_emulator import ReferenceEcrKernels
+from sparsecnn.passes.prune import prune_2to4, prune_unstructured
+from sparsecnn.runtimes import base, chooser, get_runtime
+from sparsecnn.runtimes.chooser import Chooser
+from sparsecnn.runtimes.hybrid import runtime as hybrid
+
+emu = pytest.mark.skipif(not cuda_emu.available(), reason="g++ not installed (the CPU kernel emulator needs it)")
+
+
+def _oracle(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {model.graph.input[0].name: x.numpy()})[0])
+
+
+def _pruned(exported, name, prune="0.9"):
+    dense = exported(name)
+    return prune_2to4(dense).model if prune == "2:4" else prune_unstructured(dense, float(prune)).model
+
+
+def _clock(prefer: dict):
+    """A Chooser.time stand-in: each candidate's time by its library (dense forms 1.0 ms)."""
+    def time(self, candidates, args):
+        return {c.name: (1.0 if c.dense else prefer.get(c.library, 2.0)) + 0.001 * i for i, c in enumerate(candidates)}
+    return time
+
+
+def _no_timing(*a, **k):
+    raise AssertionError("a reloaded engine must not time anything")
+
+
+def _backends(two_four=None, wrong=lambda name: False):
+    return hybrid.Backends(torch.device("cpu"), csr=cuda_emu.EmuBackend(), ecr=ReferenceEcrKernels(wrong),
+                           two_four=two_four)
+
+
+def test_rewrite_groups_conv_relu_pool_and_conv_add_relu(exported):
+    rt = get_runtime("hybrid")
+    vgg, reports = rt.rewrite_with_report(_pruned(exported, "tinynet"), {})
+    ops = [n.op_type for n in vgg.graph.node]
+    assert "CsrConvPool" in ops and "MaxPool" not in ops[ops.index("CsrConvPool"):]
+    assert reports[1].counters["conv_pool_fused"] == ops.count("CsrConvPool") >= 1
+    res, _ = rt.rewrite_with_report(_pruned(exported, "tinyresnet"), {})
+    residual = [n for n in res.graph.node if n.op_type == "CsrConv" and len(n.input) > 6 and n.input[6]]
+    assert residual and all(not any(a.name == "pool_kernel_shape" for a in n.attribute) for n in residual)
+    # a 2:4 model's layers (density 0.5) are grouped too: cuSPARSELt is one of their candidates
+    two, _ = rt.rewrite_with_report(_pruned(exported, "tinyresnet", "2:4"), {})
+    assert sum(n.op_type == "CsrConv" for n in two.graph.node) >= 4
+
+
+@pytest.mark.parametrize("name", ["tinynet", "tinyresnet"])
+def test_reference_path_matches_onnxruntime(exported, name):
+    model = _pruned(exported, name)
+    rt = get_runtime("hybrid")
+    x = torch.randn(2, 3, 32, 32)
+    y = rt.compile(rt.rewrite(model), "cpu")(x)[0]
+    torch.testing.assert_close(y, _oracle(model, x), rtol=1e-4, atol=1e-4)
+
+
+@emu
+def test_each_group_takes_the_fastest_library_and_the_output_stays_right(exported, monkeypatch):
+    model = _pruned(exported, "tinynet")
+    monkeypatch.setattr(Chooser, "time", _clock({"ecr": 0.5, "csr": 0.7}))
+    x = torch.rand(1, 3, 32, 32)
+    eng = hybrid.compile_with_backends(get_runtime("hybrid").rewrite(model), "cpu", {}, calibration=x,
+                                       backends=_backends())
+    rows = {r["name"]: r for r in eng.report() if r["op"].startswith("sparsecnn::CsrConv")}
+    assert rows and all(r["library"] == "ecr" for r in rows.values())
+    pooled = [r for r in rows.values() if r["op"] == "sparsecnn::CsrConvPool"]
+    assert pooled and all(r["format"] == "pecr" for r in pooled)  # the pool went into the kernel
+    for r in rows.values():  # every library spoke: measured, or said why it could not
+        assert set(r["libraries_ms"]) == {"dense", "csr", "ecr"}
+        assert r["libraries_ms"]["ecr"] < r["libraries_ms"]["csr"] < r["libraries_ms"]["dense"]
+        assert r["unsupported"]["cusparselt"]
+        assert "calibration" not in r  # real calibration input was given
+    torch.testing.assert_close(eng(x)[0], _oracle(model, x), rtol=1e-4, atol=1e-4)
+
+    monkeypatch.setattr(Chooser, "time", _clock({"ecr": 3.0, "csr": 0.5}))
+    eng = hybrid.compile_with_backends(get_runtime("hybrid").rewrite(model), "cpu", {}, backends=_backends())
+    rows = [r for r in eng.report() if r["op"].startswith("sparsecnn::CsrConv")]
+    assert all(r["library"] == "csr" for r in rows)
+    assert all("random input" in r["calibration"] for r in rows)  # no calibration: the report says so
+    torch.testing.assert_close(eng(x)[0], _oracle(model, x), rtol=1e-4, atol=1e-4)
+
+
+@emu
+def test_a_wrong_library_is_never_chosen_and_the_report_says_why(exported, monkeypatch):
+    model = _pruned(exported, "tinynet")
+    monkeypatch.setattr(Chooser, "time", _clock({"ecr": 0.1, "csr": 0.9}))
+    eng = hybrid.compile_with_backends(get_runtime("hybrid").rewrite(model), "cpu", {},
+                                       backends=_backends(wrong=lambda name: True))
+    rows = [r for r in eng.report() if r["op"].startswith("sparsecnn::CsrConv")]
+    assert all(r["library"] == "csr" for r in rows)
+    assert all(any("wrong result" in why for why in r["choice"]["rejected"].values()) for r in rows)
+
+
+@emu
+def test_two_four_layers_get_cusparselt_as_a_candidate(exported, monkeypatch):
+    model = _pruned(exported, "tinyresnet", "2:4")
+    monkeypatch.setattr(Chooser, "time", _clock({"cusparselt": 0.4, "csr": 0.9, "ecr": 0.9}))
+    x = torch.rand(1, 3, 32, 32)
+    eng = hybrid.compile_with_backends(get_runtime("hybrid").rewrite(model), "cpu", {}, calibration=x,
+                                       backends=_backends(two_four="dense"))
+    rows = [r for r in eng.report() if r["op"].startswith("sparsecnn::CsrConv")]
+    two_four = [r for r in rows if "cusparselt" not in r.get("unsupported", {})]
+    assert two_four and all(r["library"] == "cusparselt" for r in two_four)
+    torch.testing.assert_close(eng(x)[0], _oracle(model, x), rtol=1e-4, atol=1e-4)
+
+
+class _FakeReplay:
+    def __init__(self, fn, example_inputs, warmup=3, first_call=True):
+        self.fn, self.inputs = fn, tuple(example_inputs)
+        self.static_outputs = fn(*self.inputs)
+
+    def replay(self):
+        return self.fn(*self.inputs)
+
+
+@emu
+def test_guard_reverts_a_slower_hybrid_and_a_reload_replays_everything(exported, monkeypatch, tmp_path):
+    model = get_runtime("hybrid").rewrite(_pruned(exported, "tinyresnet"))
+    monkeypatch.setattr(Chooser, "time", _clock({"csr": 0.5, "ecr": 0.8}))
+    backends = _backends()
+    x = torch.rand(1, 3, 32, 32)
+    eng = hybrid.compile_with_backends(model, "cpu", {}, calibration=x, backends=backends)
+    sparse = [sw.name for sw in eng.switches() if not sw.is_dense]
+    assert len(sparse) >= 2
+    monkeypatch.setattr(base, "GraphReplay", _FakeReplay)
+    fake = {"as chosen": 3.0, "dense": 2.0, "cudnn": 2.5, "cudnn_nhwc": 2.6, "partial": 1.0}
+    monkeypatch.setattr(chooser, "guard_graphs", lambda graphs, device, **k: (
+        min(graphs, key=fake.get), {g: fake[g] for g in graphs}))
+    eng._plan_graph("key", eng.prepare(x))
+    plan = eng.plans["1x3x32x32"]
+    assert plan["chosen"] == "partial" and plan["reverted"] and "whole-graph guard" in plan["reason"]
+    reverted = [sw.name for sw in eng.switches() if sw.name in plan["reverted"]]
+    assert all(sw.is_dense for sw in eng.switches() if sw.name in reverted)
+
+    state = eng.full_state()
+    state["card"] = {"name": "Some Other Card", "capability": "cpu"}
+    monkeypatch.setattr(Chooser, "time", _no_timing)
+    monkeypatch.setattr(chooser, "guard_graphs", _no_timing)
+    again = hybrid.compile_with_backends(model, "cpu", {}, state=state, backends=backends)
+    assert [sw.decision.how for sw in again.switches()] == ["saved"] * len(again.switches())
+    assert {sw.name: sw.decision.chosen for sw in again.switches()} == \
+        {sw.name: sw.decision.chosen for sw in eng.switches()}
+    rows = [r for r in again.report() if r["op"].startswith("sparsecnn::CsrConv")]
+    assert all("Some Other Card" in r["measured_on"] for r in rows)  # choices made elsewhere: said
+    again.plans.update(state["plans"])
+    again._plan_graph("key", again.prepare(x))  # the saved plan is replayed, nothing timed
+    assert sorted(sw.name for sw in again.switches() if sw.is_dense and sw.name in plan["reverted"]) == \
+        sorted(plan["reverted"])
+    np.testing.assert_allclose(again(x)[0].numpy(), eng(x)[0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_options_are_declared_and_a_bad_library_is_refused(exported):
+    from sparsecnn.common.errors import UserError
+    from sparsecnn.runtimes.options import validate
+
+    with pytest.raises(UserError, match="hybrid_libraries"):
+        validate("hybrid", {"hybrid_libraries": "csr,tensorrt"})
+    model = get_runtime("hybrid").rewrite(_pruned(exported, "tinynet"))
+    with pytest.raises(UserError, match="channels-last"):
+        hybrid.compile_with_backends(model, "cpu", {"channels_last": True}, backends=hybrid.Backends(torch.device("cpu")))
