@@ -170,3 +170,30 @@ def test_options_are_declared_and_a_bad_library_is_refused(exported):
     model = get_runtime("hybrid").rewrite(_pruned(exported, "tinynet"))
     with pytest.raises(UserError, match="channels-last"):
         hybrid.compile_with_backends(model, "cpu", {"channels_last": True}, backends=hybrid.Backends(torch.device("cpu")))
+
+
+# --- on the lent GPU: the real kernels of every library --------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, prune, dtype", [("tinynet", "0.9", "fp32"), ("tinyresnet", "0.9", "fp16"),
+                                                ("tinyresnet", "2:4", "fp16")])
+def test_gpu_hybrid_engine_matches_onnxruntime_and_reloads(exported, tmp_path, name, prune, dtype):
+    from sparsecnn.common.numerics import rel_err
+    from sparsecnn.runtimes import load_engine
+
+    model = _pruned(exported, name, prune)
+    rt = get_runtime("hybrid")
+    x = torch.rand(2, 3, 32, 32)
+    eng = rt.compile(rt.rewrite(model), "cuda", {"dtype": dtype, "extra": {"choose_reps": 5}}, calibration=x)
+    y = eng(x.cuda())[0].cpu()
+    ref = _oracle(model, x)
+    tol = {"fp32": 1e-4, "fp16": 2e-2}[dtype]  # whole network vs ONNX Runtime fp32 (DESIGN.md's runtime bars)
+    assert rel_err(y, ref) <= tol
+    rows = [r for r in eng.report() if r["op"].startswith("sparsecnn::CsrConv")]
+    assert rows and all("libraries_ms" in r or r.get("choice", {}).get("how") == "only candidate" for r in rows)
+    if prune == "2:4":
+        assert any("cusparselt" in r.get("libraries_ms", {}) for r in rows)
+    path = eng.save(tmp_path / "h.engine")
+    again = load_engine(path)
+    assert [sw.decision.how for sw in again.switches()] == ["saved"] * len(again.switches())
+    assert rel_err(again(x.cuda())[0].cpu(), ref) <= tol

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 
 import onnx
 import torch
-import torch.nn.functional as F
 
 from ...common.errors import UserError
 from ...passes.ecr.rewrite import fuse_ecr
