@@ -13,7 +13,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from .graph import PassResult, copy_model, initializer_map, prune_exclusions, replace_initializer, weight_nodes
+from .graph import (PassResult, copy_model, initializer_map, prune_exclusions, replace_initializer,
+                    set_prune_exclusions, weight_nodes)
 from .masks import is_excluded as _is_excluded
 from .masks import masks_for
 
@@ -42,10 +43,14 @@ def depthwise_weights(model: onnx.ModelProto) -> list[str]:
     return out
 
 
-def _apply(model: onnx.ModelProto, masks: dict[str, torch.Tensor], arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+def _apply(model: onnx.ModelProto, masks: dict[str, torch.Tensor], arrays: dict[str, np.ndarray],
+           exclude: list[str] | None = None) -> onnx.ModelProto:
     out = copy_model(model)
     for name, mask in masks.items():
         replace_initializer(out, name, arrays[name] * mask.numpy())
+    if exclude:  # the layers `exclude` left dense join the file's list: it says what was left dense on purpose
+        set_prune_exclusions(out, [w for _, w, _ in weight_nodes(model)
+                                   if _is_excluded(w, prune_exclusions(model) + list(exclude))])
     return out
 
 
@@ -66,7 +71,7 @@ def prune_2to4(model: onnx.ModelProto, exclude: list[str] | None = None) -> Pass
     masks, found = masks_for({k: torch.from_numpy(v) for k, v in arrays.items()}, "2:4",
                              axes={name: axis for _, name, axis in layers})
     counters.update(found)
-    return PassResult(_apply(model, masks, arrays), counters, "prune_2to4")
+    return PassResult(_apply(model, masks, arrays, exclude), counters, "prune_2to4")
 
 
 def prune_unstructured(model: onnx.ModelProto, sparsity: float, scope: str = "layer",
@@ -81,7 +86,7 @@ def prune_unstructured(model: onnx.ModelProto, sparsity: float, scope: str = "la
     depthwise = sum(1 for w in depthwise_weights(model) if w in masks)
     if depthwise:
         counters["pruned_depthwise"] = depthwise
-    return PassResult(_apply(model, masks, arrays), counters, f"prune_unstructured({sparsity:g},{scope})")
+    return PassResult(_apply(model, masks, arrays, exclude), counters, f"prune_unstructured({sparsity:g},{scope})")
 
 
 def parse_prune(spec: str | None, what: str = "--prune"):

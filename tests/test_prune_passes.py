@@ -122,3 +122,11 @@ def test_depthwise_convs_are_pruned_and_counted_and_a_module_keeps_stem_and_head
     assert np.count_nonzero(after["dw.weight"]) == round(0.1 * 8 * 9)
     assert "pruned_depthwise" not in prune_unstructured(dense, 0.9, exclude=["dw*"]).counters
     assert "pruned_depthwise" not in prune_2to4(dense).counters  # one input channel: 2:4 skips them
+
+
+def test_extra_exclusions_join_the_files_list_of_dense_layers(exported):
+    dense = exported("tinyresnet")
+    assert sorted(prune_exclusions(prune_unstructured(dense, 0.5).model)) == ["conv1.weight", "fc.weight"]
+    out = prune_2to4(dense, exclude=["layer2.*"]).model
+    want = {"conv1.weight", "fc.weight"} | {w for _, w, _ in weight_nodes(dense) if w.startswith("layer2.")}
+    assert len(want) > 2 and set(prune_exclusions(out)) == want
