@@ -82,8 +82,7 @@ def time_fn(fn: Callable[[int], object], device: torch.device | str, reps: int =
             fn(i)
             samples.append((time.perf_counter() - t0) * 1e3)
     ordered = sorted(samples)
-    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-    return Timing(statistics.median(ordered), p90, ordered[0], reps, samples,
+    return Timing(statistics.median(ordered), percentile(ordered, 0.9), ordered[0], reps, samples,
                   how="cuda-events" if device.type == "cuda" else "cpu-clock")
 
 
@@ -98,10 +97,16 @@ def auto_reps(fn: Callable[[int], object], device: torch.device | str, budget_ms
     return int(max(lo, min(hi, budget_ms / max(probe.median_ms, 1e-3))))
 
 
+def percentile(samples: list[float], q: float) -> float:
+    """The `q` quantile (0..1) of `samples` by nearest rank: the rule of every p90 (and p99) reported here."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
 def pooled(timings: list[Timing]) -> tuple[float, float]:
     """(median, p90) over the samples of several timings of one configuration."""
     ordered = sorted(x for t in timings for x in t.samples_ms)
-    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return statistics.median(ordered), percentile(ordered, 0.9)
 
 
 def spread(a: Timing, b: Timing) -> float:
