@@ -48,6 +48,7 @@ def preprocess(image, spec: InputSpec) -> torch.Tensor:
 
 
 def load_images(files: list[Path], spec: InputSpec) -> torch.Tensor:
+    """The files as one batch, each prepared per the spec (`image_batches` for a folder of any size)."""
     from PIL import Image, UnidentifiedImageError
 
     batch = []
@@ -58,3 +59,11 @@ def load_images(files: list[Path], spec: InputSpec) -> torch.Tensor:
         except (UnidentifiedImageError, OSError) as exc:
             raise UserError(f"cannot read image {f}: {exc}") from None
     return torch.stack(batch)
+
+
+def image_batches(files: list[Path], spec: InputSpec, batch: int):
+    """(files, [B, C, H, W] tensor) per `batch` files, read as they are needed: a folder of any size
+    takes one batch of memory."""
+    for i in range(0, len(files), batch):
+        chunk = files[i:i + batch]
+        yield chunk, load_images(chunk, spec)
