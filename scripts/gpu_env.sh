@@ -7,6 +7,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 mkdir -p "$site/sparsecnn"
 for d in common converter models passes runtimes; do ln -sfn "$PWD/$d" "$site/sparsecnn/$d"; done
+ln -sfn "$PWD/__init__.py" "$site/sparsecnn/__init__.py"  # the package itself: the lazy Python API, __version__
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export SPARSECNN_CACHE=/tmp/sparsecnn-cache

@@ -162,3 +162,16 @@ def test_help_imports_no_verb_and_a_verb_help_only_its_own():
             "    print(sorted(m.rsplit('.', 1)[1] for m in sys.modules if m.startswith('sparsecnn.converter.cmd_')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True, cwd=ROOT)
     assert out.stdout.split("\n")[:2] == ["[]", "['cmd_bench']"]
+
+
+def test_top_level_api_loads_library_modules_only():
+    """`import sparsecnn` (the repository root's __init__.py) names its API by module, loaded on first
+    use: each is a library module below the verbs, and defines the name."""
+    import importlib
+
+    import sparsecnn
+
+    assert sparsecnn._API, "the package's lazy API table is empty"
+    for name, module in sparsecnn._API.items():
+        assert _layer(module) in {"common", "models", "passes", "runtimes", "converter"}, (name, module)
+        assert hasattr(importlib.import_module(module), name), (name, module)
