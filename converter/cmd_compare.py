@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from ..common.errors import UserError
-from .options import batch_size, int_range, positive_float, positive_int, unit_float
+from .options import add_input_spec_args, batch_size, int_range, positive_float, positive_int, unit_float
 
 HELP = """\
 Compare a model with its pruned versions on real data: dense vs each pruning method
@@ -30,6 +30,7 @@ examples:
   sparsecnn compare resnet18 --weights IMAGENET1K_V1 --data /data/imagenet/val --subset 5000
   sparsecnn compare trafficcamnet --data photos/ --subset 16 --methods 2:4 0.5   # label-free
   sparsecnn compare model.onnx --methods 2:4 0.8                                # one-shot, ONNX passes
+  sparsecnn compare mobilenet_v2.onnx --mean imagenet --std imagenet --data photos/ --methods 0.5
 """
 
 
@@ -65,6 +66,7 @@ def add_parser(sub) -> None:
     p.add_argument("--markdown", help="write the table as Markdown to this file")
     p.add_argument("--save-dir", help="also write every variant's ONNX file to this folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_input_spec_args(p)
     p.set_defaults(func=run)
 
 
@@ -74,6 +76,7 @@ def run(args) -> int:
     from .compare import (compare_model, finetune_data, finetune_plan, format_table, load_subject, markdown_table,
                           parse_methods, plot_results, write_json)
     from .data import load_data
+    from .source import SpecFlags
 
     methods = parse_methods(args.methods)  # bad methods fail before any work
     for out, suffixes in ((args.json, (".json",)), (args.plot, (".png", ".svg", ".pdf")), (args.markdown, (".md",))):
@@ -86,7 +89,7 @@ def run(args) -> int:
     device = distributed.start(args.device)  # under torchrun: this rank's GPU, the process group joined
     main = distributed.is_main()
     data = load_data(args.data, "test").subset(args.subset)
-    subject = load_subject(args.source, args.weights, args.num_classes, quiet=not main)
+    subject = load_subject(args.source, args.weights, args.num_classes, quiet=not main, flags=SpecFlags.from_args(args))
     plan = finetune_plan(subject.arch, device, epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                          seed=args.seed, scope=args.scope)
     train = val = None

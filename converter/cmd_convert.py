@@ -5,12 +5,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import add_engine_args, add_prune_args, add_source_args
+from .options import add_engine_args, add_input_spec_args, add_prune_args, add_source_args
 
 HELP = """\
 Export a model to ONNX with BatchNorm folded, prune it, and write the pruned model: a
 plain ONNX file whose pruned weights are zeros (every runtime starts from this file).
 With --engine, also rewrite it for --runtime and save the compiled engine.
+The model's input spec (size, normalisation, class names) is stored in both files, so
+`run` and `compare` need no flags: a registry model or checkpoint brings its own; for an
+ONNX file from elsewhere give --mean/--std (and --input-shape if its size is not fixed).
 """
 
 EXAMPLES = """\
@@ -18,6 +21,7 @@ examples:
   sparsecnn convert resnet18 --prune 2:4 -o r18-24.onnx
   sparsecnn convert vgg19 --weights vgg19_fmnist.pt --prune 0.9 --scope global -o v90.onnx
   sparsecnn convert model.onnx --prune 0.8 --exclude 'layer4.*' -o model-80.onnx
+  sparsecnn convert mobilenet_v2.onnx --mean imagenet --std imagenet --labels classes.txt -o mnv2.onnx
   sparsecnn convert trafficcamnet --opset 13 -o tcn.onnx          # for TensorRT 8.2 on Jetson Nano
   sparsecnn convert resnet18 --prune 0.9 -o r.onnx --runtime torch --engine r.engine --device cuda --dtype fp16
 """
@@ -32,6 +36,7 @@ def add_parser(sub) -> None:
     add_engine_args(p)
     p.add_argument("--engine", help="also write a compiled engine for --runtime to this file")
     p.add_argument("--sparse-onnx", help="also write the runtime-rewritten ONNX (custom sparse ops) to this file")
+    add_input_spec_args(p)
     p.set_defaults(func=run)
 
 
@@ -50,7 +55,8 @@ def run(args) -> int:
     from ..passes.prune import prune_pipeline
     from ..runtimes import require_runtime, resolve_device
     from .options import compile_options
-    from .source import load_source, stage
+    from ..common.onnxio import set_input_spec
+    from .source import SpecFlags, convert_opset, load_source, stage
 
     pipeline = prune_pipeline(args.prune, args.scope, args.exclude)  # validates --prune before any work
     if not (args.engine or args.sparse_onnx) and (getattr(args, "runtime_given", False) or args.options):
@@ -62,10 +68,21 @@ def run(args) -> int:
     inputs = [args.source, args.weights]
     if args.output:  # every target checked before any work (the default name is known only later)
         check_outputs({"-o": args.output, "--engine": args.engine, "--sparse-onnx": args.sparse_onnx}, inputs)
-    src = load_source(args.source, args.weights, args.num_classes, args.opset)
+    flags = SpecFlags.from_args(args)
+    src = load_source(args.source, args.weights, args.num_classes, args.opset, flags=flags)
+    if src.spec is None and flags.given():  # what was given is stored whole or not at all
+        src.input.require_spec()
     out = Path(args.output or _default_output(src.label, args.prune))
     check_outputs({"-o": out, "--engine": args.engine, "--sparse-onnx": args.sparse_onnx}, inputs)
     model = src.model
+    if getattr(args, "opset_given", False) and src.path is not None:  # an export is at --opset already
+        with stage(f"converting {src.label} to opset {args.opset} (onnx.version_converter)"):
+            model = convert_opset(model, args.opset, src.label)
+    if src.spec is not None:
+        set_input_spec(model, src.spec.to_dict())
+    else:
+        print(f"note: {src.label} carries no input spec; give --mean/--std (and --input-shape if its size is not "
+              "fixed) to store one, or `run` and `compare` will ask for them with images", file=sys.stderr)
     if pipeline:
         with stage(f"pruning ({args.prune}{', ' + args.scope if args.prune != '2:4' else ''})"):
             model, results = run_pipeline(model, pipeline)

@@ -114,18 +114,20 @@ class Subject:
 
 
 def load_subject(source: str, weights: str | None = None, num_classes: int | None = None, opset: int = 17,
-                 quiet: bool = False) -> Subject:
+                 quiet: bool = False, flags=None) -> Subject:
+    """The model to compare; `flags` (source.SpecFlags) give or override its input spec."""
+    from ..common.onnxio import set_input_spec
     from ..models.registry import get_entry, load_model
     from .export import export_onnx
-    from .source import checkpoint_arch, load_source, stage
+    from .source import SpecFlags, checkpoint_arch, load_source, spec_with_flags, stage
 
+    flags = flags or SpecFlags()
     path = Path(source)
     if source.endswith(".onnx"):
-        src = load_source(source, quiet=quiet)
-        if src.spec is None:
-            raise UserError(f"{source} carries no input spec (size, normalisation); export it with "
-                            "`sparsecnn convert` or compare the checkpoint instead")
-        return Subject(src.label, src.spec, (), None, src.model)
+        src = load_source(source, quiet=quiet, flags=flags)
+        spec = src.input.require_spec()
+        set_input_spec(src.model, spec.to_dict())  # the variants written with --save-dir carry it
+        return Subject(src.label, spec, (), None, src.model)
     arch = source
     if path.suffix in {".pt", ".pth", ".ckpt"} or path.is_file():
         arch = checkpoint_arch(source)
@@ -136,6 +138,7 @@ def load_subject(source: str, weights: str | None = None, num_classes: int | Non
     entry = get_entry(arch)
     with stage(f"building {arch}" + (f" with weights {weights}" if weights else " (random weights, seed 0)"), quiet):
         module, spec, entry = load_model(arch, weights, num_classes)
+    spec = spec_with_flags(spec, flags, arch)
     with stage(f"exporting {arch} to ONNX (opset {opset}, BatchNorm folded)", quiet):
         dense = export_onnx(module, spec, entry.exclude, opset)
     return Subject(Path(weights).stem if weights and Path(weights).is_file() else arch, spec, entry.exclude,

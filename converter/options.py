@@ -88,8 +88,9 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="state-dict file, or a torchvision weights name such as IMAGENET1K_V1 "
                                      "(needs the internet once); default: random weights, seed 0")
     p.add_argument("--num-classes", type=int_range(1, 10**6), help="classifier size (default: the model's, or the checkpoint's)")
-    p.add_argument("--opset", type=opset, default=17, help="ONNX opset (13 for TensorRT 8.2 on the original "
-                                                         "Jetson Nano; default 17)")
+    p.add_argument("--opset", type=opset, default=17, action=mark_given("opset"),
+                   help="ONNX opset of the export (13 for TensorRT 8.2 on the original Jetson Nano; default 17); an "
+                        "ONNX file keeps its own, and `convert` converts it when this is given")
 
 
 def add_prune_args(p: argparse.ArgumentParser) -> None:
@@ -105,7 +106,8 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", default="torch", action=mark_given("runtime"), help="runtime to compile for (see `sparsecnn doctor`; default torch)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when present)")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision (default fp32)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", action=mark_given("dtype"),
+                   help="precision (default fp32)")
     p.add_argument("--tf32", action="store_true", help="let fp32 convolutions and GEMMs use TF32 tensor cores")
     p.add_argument("--channels-last", action="store_true", help="NHWC activations for cuDNN")
     p.add_argument("--no-cuda-graph", action="store_true", help="run eagerly instead of replaying a CUDA graph")
@@ -114,6 +116,66 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "each runtime's (e.g. csr_weight_budget=0.25 caps the csr engine's weights at 25%% of "
                         "dense fp32, dense_conv=best picks each dense conv's fastest kernel); an unknown key or a "
                         "bad value is an error")
+
+
+# --- the input spec: what images become before they reach the model ---------------------------------
+# Named normalisations for --mean / --std (resolved in converter/source.py, which knows the values).
+NORMALISATIONS = ("imagenet",)
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    """CxHxW or NxCxHxW (also with commas), each a positive integer."""
+    try:
+        dims = tuple(int(t) for t in text.replace(",", "x").replace("X", "x").split("x"))
+    except ValueError:
+        dims = ()
+    if len(dims) not in (3, 4) or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"'{text}' is not CxHxW or NxCxHxW (e.g. 3x224x224 or 1x3x224x224)")
+    return dims
+
+
+def per_channel(text: str) -> tuple[float, ...] | str:
+    """Comma-separated numbers (one per channel, or one for all) or a named normalisation."""
+    if text.strip().lower() in NORMALISATIONS:
+        return text.strip().lower()
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not comma-separated numbers (e.g. 0.485,0.456,0.406) "
+                                         f"or one of {', '.join(NORMALISATIONS)}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}' holds a value that is not finite")
+    return values
+
+
+def pixel_scale(text: str) -> float:
+    """A positive number, or a fraction such as 1/255."""
+    num, sep, den = text.partition("/")
+    v = _float(num) / (positive_float(den) if sep else 1.0)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return v
+
+
+input_shape.__name__ = "shape"
+per_channel.__name__ = pixel_scale.__name__ = "number"
+
+
+def add_input_spec_args(p: argparse.ArgumentParser) -> None:
+    """How images are prepared for a model that does not say so itself (an ONNX file from elsewhere);
+    stored by `convert` in the files it writes, so later commands need none of these."""
+    g = p.add_argument_group("input spec (for a model that carries none; `convert` stores it in the files it writes)")
+    g.add_argument("--input-shape", type=input_shape, metavar="CxHxW",
+                   help="the model's input, e.g. 3x224x224 or 1x3x224x224 (default: the ONNX file's fixed shape); "
+                        "images are resized to it; a registry model or checkpoint is exported at this size")
+    g.add_argument("--mean", type=per_channel, metavar="M[,M..]",
+                   help="per-channel mean subtracted after --scale, e.g. 0.485,0.456,0.406 or 'imagenet'")
+    g.add_argument("--std", type=per_channel, metavar="S[,S..]",
+                   help="per-channel std divided by after the mean, e.g. 0.229,0.224,0.225 or 'imagenet'")
+    g.add_argument("--scale", type=pixel_scale, metavar="X",
+                   help="pixel values (0..255) are multiplied by this first (default 1/255); alone, without "
+                        "--mean/--std, for a model that only scales its input")
+    g.add_argument("--labels", metavar="FILE", help="class names, one per line in class order (printed by `run`)")
 
 
 def runtime_extra(pairs: list[str]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Where a model comes from: a registry name (+ weights), a sparsecnn checkpoint, or an ONNX file."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from contextlib import contextmanager
@@ -10,8 +11,9 @@ from pathlib import Path
 import onnx
 
 from ..common.errors import UserError
-from ..common.onnxio import get_input_spec, load_onnx
-from ..models.registry import MODELS, InputSpec, get_entry, load_model, load_state_dict_file
+from ..common.onnxio import get_input_spec, load_onnx, set_input_spec
+from ..models.registry import (IMAGENET_MEAN, IMAGENET_STD, MODELS, InputSpec, get_entry, load_model,
+                               load_state_dict_file)
 from ..passes.fold_bn import fold_bn, inline_constant_identities
 from ..passes.graph import run_pipeline
 
@@ -32,11 +34,211 @@ def stage(message: str, quiet: bool = False):
     print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class SpecFlags:
+    """The input-spec flags a user gave (`options.add_input_spec_args`); None where not given."""
+
+    shape: tuple[int, ...] | None = None  # C,H,W or N,C,H,W
+    mean: tuple[float, ...] | str | None = None  # numbers or a named normalisation ('imagenet')
+    std: tuple[float, ...] | str | None = None
+    scale: float | None = None
+    labels: str | None = None  # a file, one class name per line
+
+    @classmethod
+    def from_args(cls, args) -> "SpecFlags":
+        return cls(*(getattr(args, k, None) for k in ("input_shape", "mean", "std", "scale", "labels")))
+
+    @property
+    def batch(self) -> int | None:
+        """N of an NxCxHxW --input-shape."""
+        return self.shape[0] if self.shape and len(self.shape) == 4 else None
+
+    def given(self) -> bool:
+        return any(v is not None for v in (self.shape, self.mean, self.std, self.scale, self.labels))
+
+
+_NAMED = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+_ADD_NORMALISATION = ("--mean and --std (e.g. --mean imagenet --std imagenet), or --scale alone for a model that "
+                      "only scales its pixels")
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What is known about a model's image input: its stored spec, its ONNX graph and the flags, merged."""
+
+    where: str
+    name: str
+    shape: tuple[int, ...] | None  # without the batch axis (C, H, W for images), when known
+    batch: int | None  # the graph's fixed batch; None when the batch axis is dynamic
+    spec: InputSpec | None  # complete (size and normalisation): what images need, what convert stores
+    missing: tuple[str, ...] = ()  # the flags that would complete it
+    rank: int = 4
+
+    def require_spec(self) -> InputSpec:
+        if self.rank != 4:
+            raise UserError(f"{self.where}: input '{self.name}' has {self.rank} dimensions, not an image batch "
+                            "(NxCxHxW); run it with --random")
+        if self.spec is None:
+            raise UserError(f"{self.where} carries no input spec (size, normalisation) for images: add "
+                            f"{' and '.join(self.missing)}; `sparsecnn convert` stores them in the files it writes")
+        return self.spec
+
+    def require_shape(self) -> tuple[int, ...]:
+        if self.shape is None:
+            raise UserError(f"{self.where}: input '{self.name}' has no fixed size; add --input-shape CxHxW")
+        return self.shape
+
+    def batch_for(self, given: int | None, flags: SpecFlags, default: int) -> int:
+        """The batch a run uses: the graph's fixed batch, else --batch, N of --input-shape, `default`."""
+        if self.batch is not None:
+            if given is not None and given != self.batch:
+                raise UserError(f"{self.where}: input '{self.name}' has a fixed batch of {self.batch}; drop "
+                                f"--batch {given}, or export the model with a dynamic batch axis")
+            return self.batch
+        if given is not None and flags.batch is not None and given != flags.batch:
+            raise UserError(f"--batch {given} disagrees with --input-shape {_dims(flags.shape)}; give one of them")
+        return given or flags.batch or default
+
+
+def _dims(dims) -> str:
+    return "x".join("?" if d is None else str(d) for d in dims)
+
+
+def graph_input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
+    """The first graph input that is not a weight: its name and dims (None where not fixed)."""
+    inits = {t.name for t in model.graph.initializer}
+    vi = next(v for v in model.graph.input if v.name not in inits)
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in vi.type.tensor_type.shape.dim]
+    return vi.name, dims
+
+
+def _classes(model: onnx.ModelProto) -> int | None:
+    """K of a classifier's single [N, K] output, when fixed."""
+    outs = model.graph.output
+    if len(outs) != 1:
+        return None
+    dims = outs[0].type.tensor_type.shape.dim
+    return (dims[1].dim_value or None) if len(dims) == 2 and dims[1].HasField("dim_value") else None
+
+
+def read_labels(path: str) -> tuple[str, ...]:
+    """Class names from a text file, one per line in class order (trailing blank lines ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--labels file not found: {p}")
+    try:
+        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise UserError(f"--labels {p} is not UTF-8 text (one class name per line)") from None
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise UserError(f"--labels {p} is empty; give one class name per line")
+    if "" in lines:
+        raise UserError(f"--labels {p}: line {lines.index('') + 1} is empty; give one class name per line")
+    return tuple(lines)
+
+
+def _per_channel(value, channels: int, flag: str) -> tuple[float, ...]:
+    if len(value) == 1:
+        return tuple(value) * channels
+    if len(value) != channels:
+        raise UserError(f"{flag} has {len(value)} values; the model's input has {channels} channels (give "
+                        f"{channels}, or one for all)")
+    return tuple(value)
+
+
+def resolve_input(model: onnx.ModelProto, stored: InputSpec | None, flags: SpecFlags, where: str) -> ModelInput:
+    """Merge the model's stored spec, its graph's fixed input shape and the flags (flags win; a flag that
+    contradicts the graph is a UserError)."""
+    name, dims = graph_input(model)
+    if len(dims) != 4:
+        if flags.shape:
+            raise UserError(f"{where}: input '{name}' has {len(dims)} dimensions, not an image batch (NxCxHxW); "
+                            "drop --input-shape")
+        fixed = tuple(dims[1:]) if dims and all(dims[1:]) else None
+        return ModelInput(where, name, fixed, dims[0] if dims else None, None, rank=len(dims))
+    if flags.shape:
+        want = ([None] if len(flags.shape) == 3 else []) + list(flags.shape)
+        if any(g is not None and w is not None and g != w for g, w in zip(dims, want)):
+            fixed = _dims([g if g is not None else (w if i else None) for i, (g, w) in enumerate(zip(dims, want))])
+            raise UserError(f"--input-shape {_dims(flags.shape)} disagrees with {where}'s input '{name}' "
+                            f"({_dims(dims)}); give {fixed} or drop it")
+        shape = tuple(flags.shape[-3:])
+    elif stored is not None:
+        shape = stored.shape
+    else:
+        shape = tuple(dims[1:]) if all(dims[1:]) else None
+    missing = [] if shape else [f"--input-shape CxHxW (input '{name}' is {_dims(dims)})"]
+    mean = std = None
+    known = stored is not None or flags.mean is not None or flags.scale is not None
+    if flags.mean is not None or flags.std is not None:
+        if shape is None:
+            return ModelInput(where, name, None, dims[0], None, tuple(missing))
+        mean, std = _normalisation(flags, shape[0])
+    elif stored is not None:
+        mean, std = stored.mean, stored.std
+    if not known:
+        missing.append(_ADD_NORMALISATION)
+    classes = stored.num_classes if stored is not None and stored.num_classes else _classes(model)
+    labels = read_labels(flags.labels) if flags.labels else (stored.labels if stored is not None else None)
+    if labels and classes and len(labels) != classes:
+        raise UserError(f"--labels {flags.labels} names {len(labels)} classes; {where} has {classes} outputs"
+                        if flags.labels else f"{where}: its stored labels name {len(labels)} of {classes} classes")
+    spec = None
+    if not missing:
+        scale = flags.scale if flags.scale is not None else (stored.scale if stored is not None else 1.0 / 255.0)
+        outputs = tuple(o.name for o in model.graph.output)
+        spec = InputSpec(*shape, scale=scale, mean=mean, std=std, input_name=name, output_names=outputs,
+                         num_classes=classes, labels=labels)
+        spec._check(where)
+    return ModelInput(where, name, shape, dims[0], spec, tuple(missing))
+
+
+def _normalisation(flags: SpecFlags, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of --mean/--std for an input of `channels` channels."""
+    if (flags.mean is None) != (flags.std is None):
+        raise UserError("--mean and --std go together; give both")
+    mean = _NAMED[flags.mean][0] if isinstance(flags.mean, str) else _per_channel(flags.mean, channels, "--mean")
+    std = _NAMED[flags.std][1] if isinstance(flags.std, str) else _per_channel(flags.std, channels, "--std")
+    if len(mean) != channels or len(std) != channels:
+        named = flags.mean if isinstance(flags.mean, str) else flags.std
+        raise UserError(f"--mean/--std '{named}' is for {len(_NAMED[named][0])} channels; the model's input has "
+                        f"{channels}")
+    if any(v <= 0 for v in std):
+        raise UserError(f"--std {','.join(map(str, std))} has a value <= 0")
+    return mean, std
+
+
+def spec_with_flags(spec: InputSpec, flags: SpecFlags, where: str) -> InputSpec:
+    """A registry model's or checkpoint's spec with the flags applied: --input-shape (it is exported at
+    that size; the channels must be its own), --mean/--std, --scale and --labels replace its own."""
+    changes = {}
+    if flags.shape:
+        c, h, w = flags.shape[-3:]
+        if c != spec.channels:
+            raise UserError(f"--input-shape {_dims(flags.shape)} has {c} channels; {where} takes {spec.channels}")
+        changes.update(height=h, width=w)
+    if flags.mean is not None or flags.std is not None:
+        changes["mean"], changes["std"] = _normalisation(flags, spec.channels)
+    if flags.scale is not None:
+        changes["scale"] = flags.scale
+    if flags.labels:
+        labels = read_labels(flags.labels)
+        if spec.num_classes and len(labels) != spec.num_classes:
+            raise UserError(f"--labels {flags.labels} names {len(labels)} classes; {where} has {spec.num_classes}")
+        changes["labels"] = labels
+    return dataclasses.replace(spec, **changes)
+
+
 @dataclass
 class Source:
     model: onnx.ModelProto  # dense (or already pruned) ONNX with BN folded
-    spec: InputSpec | None
+    spec: InputSpec | None  # complete input spec (stored, or from the flags), None when not known
     label: str
+    input: ModelInput | None = None  # what is known of the input, and what is missing
+    path: Path | None = None  # the ONNX file it was read from (None: exported here)
 
 
 def checkpoint_arch(path: str) -> str | None:
@@ -45,18 +247,21 @@ def checkpoint_arch(path: str) -> str | None:
 
 
 def load_source(source: str, weights: str | None = None, num_classes: int | None = None, opset: int = 17,
-                quiet: bool = False) -> Source:
-    """Resolve `source` to a dense ONNX model ready for the prune passes."""
+                quiet: bool = False, flags: SpecFlags | None = None) -> Source:
+    """Resolve `source` to a dense ONNX model ready for the prune passes; `flags` complete or override
+    its input spec (an ONNX file from elsewhere carries none)."""
     from .export import export_onnx
 
+    flags = flags or SpecFlags()
     path = Path(source)
     if source.endswith(".onnx") or (path.is_file() and path.suffix == ".onnx"):
         with stage(f"loading {source}", quiet):
             model = load_onnx(path)
             if any(n.op_type == "BatchNormalization" for n in model.graph.node):
                 model, _ = run_pipeline(model, [(inline_constant_identities, {}), (fold_bn, {})])
-        spec = get_input_spec(model, path)
-        return Source(model, InputSpec.from_dict(spec, str(path)) if spec else None, path.name)
+        stored = get_input_spec(model, path)
+        inp = resolve_input(model, InputSpec.from_dict(stored, str(path)) if stored else None, flags, str(path))
+        return Source(model, inp.spec, path.name, inp, path)
     arch = source
     if source not in MODELS and (path.suffix in {".pt", ".pth", ".ckpt"} or path.exists()):
         arch = checkpoint_arch(source)
@@ -67,32 +272,100 @@ def load_source(source: str, weights: str | None = None, num_classes: int | None
     get_entry(arch)  # an unknown name fails before any progress is printed
     with stage(f"building {arch}" + (f" with weights {weights}" if weights else " (random weights, seed 0)"), quiet):
         module, spec, entry = load_model(arch, weights, num_classes)
+    spec = spec_with_flags(spec, flags, arch)
     with stage(f"exporting {arch} to ONNX (opset {opset}, BatchNorm folded)", quiet):
         model = export_onnx(module, spec, entry.exclude, opset)
-    return Source(model, spec, arch)
+    inp = resolve_input(model, spec, SpecFlags(), arch)
+    return Source(model, inp.spec, arch, inp)
+
+
+def engine_settings_given(args) -> dict[str, tuple[str, object]]:
+    """The engine settings named on a command line ({flag as typed: (engine key, value)}): what a saved
+    engine must agree with."""
+    given = {}
+    if getattr(args, "runtime_given", False):
+        given[f"--runtime {args.runtime}"] = ("runtime", args.runtime)
+    if getattr(args, "dtype_given", False):
+        given[f"--dtype {args.dtype}"] = ("dtype", args.dtype)
+    for flag, key, value in (("--tf32", "tf32", True), ("--channels-last", "channels_last", True),
+                             ("--no-cuda-graph", "cuda_graph", False)):
+        if getattr(args, flag.lstrip("-").replace("-", "_"), False):
+            given[flag] = (key, value)
+    for pair in getattr(args, "options", None) or []:
+        given[f"--option {pair}"] = ("extra", pair)
+    return given
+
+
+def check_engine_settings(path: str, manifest: dict, given: dict[str, tuple[str, object]]) -> None:
+    """A saved engine runs as it was built: a setting given on the command line that differs from the
+    engine's (runtime, dtype, tf32, ...) is a UserError naming what the engine holds."""
+    from ..runtimes.options import declared_options, validate
+    from .options import runtime_extra
+
+    held = {"runtime": manifest["runtime"], **manifest["options"]}
+    declared = declared_options(manifest["runtime"])
+    wrong = []
+    for flag, (key, value) in given.items():
+        if key == "extra":  # checked against the engine's runtime; a setting it did not save is its default
+            typed = validate(manifest["runtime"], runtime_extra([value]))
+            if any((held.get("extra") or {}).get(k, declared[k].default) != v for k, v in typed.items()):
+                wrong.append(flag)
+        elif key in held and held[key] != value:
+            wrong.append(flag)
+    if wrong:
+        onoff = {True: "on", False: "off"}
+        holds = ", ".join(f"{k.replace('_', ' ')} {onoff.get(held[k], held[k])}"
+                          for k in ("dtype", "tf32", "channels_last", "cuda_graph") if k in held)
+        extra = "; options " + ", ".join(f"{k}={v}" for k, v in held["extra"].items()) if held.get("extra") else ""
+        raise UserError(f"{path} holds a {held['runtime']} engine ({holds}{extra}); it runs as built, not with "
+                        f"{' '.join(wrong)}: drop {'it' if len(wrong) == 1 else 'them'}, or build another engine with `sparsecnn convert MODEL "
+                        "... --engine FILE`")
 
 
 def load_runnable(model: str, *, runtime: str, device: str, weights: str | None = None,
-                  options: dict | None = None):
-    """(engine, input spec or None) for `sparsecnn run`: an engine file loads as saved (on `device`
-    unless "auto"); an ONNX file or a registry model is rewritten and compiled for `runtime`."""
+                  options: dict | None = None, flags: SpecFlags | None = None, images: bool = False,
+                  given: dict | None = None):
+    """(engine, ModelInput) for `sparsecnn run`: an engine file loads as saved (on `device` unless
+    "auto"; `given`, the engine settings on the command line, must agree with it); an ONNX file or a
+    registry model is rewritten and compiled for `runtime`. With `images`, a missing input spec fails
+    before any compilation."""
     from ..runtimes import load_engine, require_runtime, resolve_device
 
+    flags = flags or SpecFlags()
     if model.endswith(".engine"):
-        engine = load_engine(model, None if device == "auto" else device)
-        spec = get_input_spec(engine.model, model)
-        return engine, InputSpec.from_dict(spec, model) if spec else None
+        from ..runtimes.base import read_engine_file
+
+        manifest, saved = read_engine_file(model)
+        check_engine_settings(model, manifest, given or {})
+        stored = get_input_spec(saved, model)
+        inp = resolve_input(saved, InputSpec.from_dict(stored, model) if stored else None, flags, model)
+        if images:
+            inp.require_spec()
+        return load_engine(model, None if device == "auto" else device), inp
     rt = require_runtime(runtime)
     dev = resolve_device(device)
-    src = load_source(model, weights)
-    return rt.compile(rt.rewrite(src.model, options), dev, options), src.spec
+    src = load_source(model, weights, flags=flags)
+    if images:
+        src.input.require_spec()
+    if src.spec is not None:  # the engine carries what it was given (ecr calibrates on images of this spec)
+        set_input_spec(src.model, src.spec.to_dict())
+    return rt.compile(rt.rewrite(src.model, options), dev, options), src.input
 
 
-def fixed_input_shape(engine) -> tuple[int, ...]:
-    """The engine's first input shape without the batch axis; a UserError when it is not fixed."""
-    for vi in engine.model.graph.input:
-        if vi.name == engine.input_names[0]:
-            dims = [d.dim_value for d in vi.type.tensor_type.shape.dim][1:]
-            if all(dims):
-                return tuple(dims)
-    raise UserError("the model's input size is not fixed; give images with --input")
+def convert_opset(model: onnx.ModelProto, opset: int, where: str) -> onnx.ModelProto:
+    """`model` at default-domain `opset` (onnx.version_converter, then the checker); a model already there
+    comes back as is; one the converter cannot take there is a UserError naming why."""
+    from onnx import version_converter
+
+    have = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if have == opset:
+        return model
+    try:
+        converted = version_converter.convert_version(model, opset)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # noqa: BLE001 - the converter raises RuntimeError, checker ValidationError, ...
+        why = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot convert {where} from opset {have} to {opset} (onnx.version_converter: "
+                        f"{why.split(': ')[-1][:160]}); re-export it at opset {opset}, or drop --opset to keep "
+                        f"{have}") from None
+    return converted

@@ -266,7 +266,8 @@ def load_model(name: str, weights: str | None = None, num_classes: int | None = 
                 raise UserError(f"{weights}: its input spec says {spec.channels} channels, {entry.name} takes "
                                 f"{entry.input.channels}; save the checkpoint again")
     elif weights:
-        _load_torchvision_weights(entry, model, weights, num_classes)
+        categories = _load_torchvision_weights(entry, model, weights, num_classes)
+        spec = dataclasses.replace(spec, num_classes=len(categories), labels=tuple(categories))
     return model.eval(), spec, entry
 
 
@@ -289,7 +290,8 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> N
     model.load_state_dict(state)
 
 
-def _load_torchvision_weights(entry: ModelEntry, model: nn.Module, weights: str, num_classes: int | None) -> None:
+def _load_torchvision_weights(entry: ModelEntry, model: nn.Module, weights: str, num_classes: int | None) -> list[str]:
+    """Load torchvision's weights `weights` into `model`; returns their class names (`run` prints them)."""
     if not entry.torchvision_builder:
         raise UserError(f"model '{entry.name}' has no torchvision weights; give a state-dict file with --weights")
     import torchvision.models as tvm
@@ -308,3 +310,4 @@ def _load_torchvision_weights(entry: ModelEntry, model: nn.Module, weights: str,
         raise UserError(f"could not download torchvision weights {weights} ({type(exc).__name__}); "
                         "without internet, pass a state-dict file with --weights") from None
     model.load_state_dict(state)
+    return list(w.meta["categories"])
