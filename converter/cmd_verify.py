@@ -76,13 +76,13 @@ def add_parser(sub) -> None:
 
 
 def _runtimes(text: str) -> list[str]:
-    from ..runtimes import get_runtime
+    from ..runtimes import require_runtime
 
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     if not names:
         raise UserError("--runtimes names no runtime; give e.g. --runtimes torch,csr")
     for n in names:
-        get_runtime(n)  # unknown: one line listing the known ones
+        require_runtime(n)  # unknown or not available here: one line, before the model is built
     return names
 
 
@@ -99,8 +99,10 @@ def run(args) -> int:
                                  ("--dtype", args.dtype), ("--tf32", args.tf32), ("--option", args.options),
                                  ("--weights", args.weights), ("--exclude", args.exclude)) if on]
         if given:
+            one = len(given) == 1
             raise UserError(f"{args.source} is a saved engine: it runs as it was built, so {', '.join(given)} "
-                            "do not apply; drop them (or verify the ONNX file with them)")
+                            f"{'does' if one else 'do'} not apply; drop {'it' if one else 'them'} (or verify the "
+                            f"ONNX file with {'it' if one else 'them'})")
     elif args.onnx:
         raise UserError(f"--onnx names a saved engine's reference; {args.source} is itself the reference here, "
                         "drop --onnx")

@@ -141,6 +141,17 @@ def test_user_errors_are_one_line_exit_2(capsys, pruned, monkeypatch, argv, matc
     assert "Traceback" not in err
 
 
+def test_a_runtime_not_available_here_fails_before_the_model_is_built(capsys, monkeypatch):
+    import sparsecnn.converter.source as source
+    import sparsecnn.runtimes.csr.runtime as csr
+
+    monkeypatch.setattr(csr, "available", lambda: (False, "switched off by the test"))
+    monkeypatch.setattr(source, "load_source", lambda *a, **k: pytest.fail("the model was built"))
+    code, _, err = verify(capsys, "tinynet", "--runtimes", "torch,csr", "--device", "cpu")
+    assert code == 2 and err.strip() == ("sparsecnn verify: error: runtime 'csr' is not available here: "
+                                         "switched off by the test")
+
+
 def test_library_reports_nan_and_shape_mismatch_as_failures():
     from sparsecnn.converter.verify import compare_output
 
