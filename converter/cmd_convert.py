@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
     add_engine_args(p)
     p.add_argument("--engine", help="also write a compiled engine for --runtime to this file")
     p.add_argument("--sparse-onnx", help="also write the runtime-rewritten ONNX (custom sparse ops) to this file")
+    p.add_argument("--json", metavar="FILE|-", help="write the per-layer report (pruning rule, sparsity, what the "
+                   "runtime runs and why) as JSON to FILE, or to stdout with '-' (the other lines then go to stderr)")
     add_input_spec_args(p)
     p.set_defaults(func=run)
 
@@ -47,12 +49,22 @@ def _default_output(label: str, prune: str | None) -> str:
 
 
 def run(args) -> int:
+    if getattr(args, "json", None) == "-":  # stdout carries the JSON report alone; every other line goes to stderr
+        import contextlib
+
+        stdout = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return _run(args, stdout)
+    return _run(args, sys.stdout)
+
+
+def _run(args, stdout) -> int:
     from ..common.errors import UserError
     from ..common.fileio import check_outputs
     from ..common.onnxio import save_onnx
     from ..passes.graph import run_pipeline
-    from ..passes.inspect import layer_table, sparsity_summary
     from ..passes.prune import prune_pipeline
+    from . import layer_report
     from ..runtimes import require_runtime, resolve_device
     from .options import compile_options
     from ..common.onnxio import set_input_spec
@@ -66,14 +78,16 @@ def run(args) -> int:
     runtime = require_runtime(args.runtime) if (args.engine or args.sparse_onnx) else None
     device = resolve_device(args.device) if args.engine else None
     inputs = [args.source, args.weights]
+    json_file = args.json if args.json != "-" else None
     if args.output:  # every target checked before any work (the default name is known only later)
-        check_outputs({"-o": args.output, "--engine": args.engine, "--sparse-onnx": args.sparse_onnx}, inputs)
+        check_outputs({"-o": args.output, "--engine": args.engine, "--sparse-onnx": args.sparse_onnx, "--json": json_file},
+                      inputs)
     flags = SpecFlags.from_args(args)
     src = load_source(args.source, args.weights, args.num_classes, args.opset, flags=flags)
     if src.spec is None and flags.given():  # what was given is stored whole or not at all
         src.input.require_spec()
     out = Path(args.output or _default_output(src.label, args.prune))
-    check_outputs({"-o": out, "--engine": args.engine, "--sparse-onnx": args.sparse_onnx}, inputs)
+    check_outputs({"-o": out, "--engine": args.engine, "--sparse-onnx": args.sparse_onnx, "--json": json_file}, inputs)
     model = src.model
     if getattr(args, "opset_given", False) and src.path is not None:  # an export is at --opset already
         with stage(f"converting {src.label} to opset {args.opset} (onnx.version_converter)"):
@@ -96,7 +110,8 @@ def run(args) -> int:
             with stage(f"compiling for {device} ({args.dtype})"):
                 engine = runtime.compile(sparse, device, opts)
     save_onnx(model, out)
-    s = sparsity_summary(layer_table(model))
+    report = layer_report.convert_report(model, args, sparse=sparse, engine=engine, device=device, source=src.label)
+    s = report["summary"]
     print(f"wrote {out}: {s['prunable_layers']} prunable layers at sparsity {s['prunable_sparsity']:.4f}, "
           f"{s['two_four_layers']} layers 2:4; weights {s['dense_bytes'] / 2**20:.1f} MiB dense, "
           f"{s['nonzero_bytes'] / 2**20:.1f} MiB non-zero")
@@ -106,4 +121,5 @@ def run(args) -> int:
     if engine is not None:
         engine.save(args.engine)
         print(f"wrote {args.engine}: runtime {runtime.name} on {device}, {args.dtype}")
+    layer_report.emit(report, table=runtime is not None, json_dest=args.json, stdout=stdout)
     return 0

@@ -1,24 +1,31 @@
-"""`sparsecnn inspect`: per-layer shape, sparsity, 2:4 compliance and bytes of any ONNX model."""
+"""`sparsecnn inspect`: the per-layer report of a model, a runtime-rewritten ONNX file or an engine file."""
 from __future__ import annotations
 
 import argparse
-import json
 
 from .options import add_source_args, int_range
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("inspect",
-                       description="Print, for each Conv/Gemm/MatMul weight: shape, sparsity, whether it is "
-                                   "2:4 along input channels, whether pruning may touch it, and the bytes its "
-                                   "dense and non-zero forms take.",
+                       description="Print, for each Conv/Gemm/MatMul weight: shape, sparsity, whether it is 2:4 "
+                                   "along input channels, and whether pruning pruned it or left it dense and by "
+                                   "which rule (stem, head, --exclude, ...). On a runtime-rewritten ONNX file "
+                                   "(convert --sparse-onnx) also its custom sparsecnn ops; on an engine file "
+                                   "(convert --engine) also what the runtime runs per layer (kernel or library), "
+                                   "why (faster by X, slower, rejected as a wrong result, ...), the layer's "
+                                   "measured time and the whole-graph plan.",
                        epilog="examples:\n  sparsecnn inspect r18-2to4.onnx\n  sparsecnn inspect vgg19 --json\n"
+                              "  sparsecnn inspect r.engine                     what the runtime chose per layer\n"
+                              "  sparsecnn inspect r-csr.onnx --json report.json\n"
                               "  sparsecnn inspect --models\n  sparsecnn inspect --ops\n"
                               "  sparsecnn inspect fmnist_vgg19.pt --activations fashion-mnist --plot act.png",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
     p.set_defaults(source=None)
-    p.add_argument("--json", action="store_true", help="print JSON (one object per layer, plus a summary)")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE|-",
+                   help="the report as JSON (one object per layer, a summary, custom ops, plans) to FILE, or to "
+                        "stdout with '-' or nothing")
     p.add_argument("--models", action="store_true", help="list the model registry and exit")
     p.add_argument("--ops", action="store_true", help="list the ONNX ops the executor runs and exit")
     p.add_argument("--activations", metavar="DATA",
@@ -35,7 +42,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..common.errors import UserError
-    from ..passes.inspect import format_table, layer_table, sparsity_summary
+    from .layer_report import build_report, engine_file_report
     from .source import load_source
 
     if args.models:
@@ -53,14 +60,51 @@ def run(args) -> int:
         return 0
     if not args.source:
         raise UserError("give a model to inspect (an ONNX file or a registry name), or --models / --ops")
-    src = load_source(args.source, args.weights, args.num_classes, args.opset, quiet=args.json)
+    if args.json and args.json != "-":
+        from ..common.fileio import check_output
+
+        check_output(args.json, [args.source, args.weights], "--json")
+    quiet = bool(args.json) and args.json == "-"
+    if _is_engine(args.source):
+        if args.activations:
+            raise UserError("--activations profiles a model, not an engine file; give the ONNX file it was built from")
+        return _report(args, engine_file_report(args.source))
+    src = load_source(args.source, args.weights, args.num_classes, args.opset, quiet=quiet)
     if args.activations:
         return _activations(args, src)
-    rows = layer_table(src.model)
+    return _report(args, build_report(pruned=src.model if not _rewritten(src.model) else None,
+                                      sparse=src.model if _rewritten(src.model) else None, source=src.label))
+
+
+def _is_engine(path: str) -> bool:
+    """An engine file (`convert --engine`): a zip holding engine.json, whatever its name."""
+    import zipfile
+
+    if path.endswith(".engine"):
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return "engine.json" in z.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def _rewritten(model) -> bool:
+    from ..passes.graph import SPARSECNN_DOMAIN
+
+    return any(n.domain == SPARSECNN_DOMAIN for n in model.graph.node)
+
+
+def _report(args, report: dict) -> int:
+    from .layer_report import format_report, write_json
+
     if args.json:
-        print(json.dumps({"layers": [r.to_dict() for r in rows], "summary": sparsity_summary(rows)}, indent=1))
+        written = write_json(report, args.json)
+        if written:
+            print(format_report(report))
+            print(f"wrote {written}")
     else:
-        print(format_table(rows))
+        print(format_report(report))
     return 0
 
 
@@ -79,12 +123,16 @@ def _activations(args, src) -> int:
     images, what = load_profile_images(args.activations, src.spec, args.samples)
     rows = conv_input_sparsity(src.model, images, resolve_device(args.device))
     if args.json:
-        print(json.dumps({"model": src.label, "data": what, "layers": rows}, indent=1))
+        from .layer_report import write_json
+
+        written = write_json({"model": src.label, "data": what, "layers": rows}, args.json)
+        if written:
+            print(f"wrote {written}")
     else:
         print(f"{src.label}: zero inputs per conv over {what}")
         print(format_sparsity_table(rows))
     if args.plot:
         plot_sparsity(rows, args.plot, f"{src.label}: conv input sparsity ({what})")
-        if not args.json:
+        if args.json != "-":
             print(f"plot written to {args.plot}")
     return 0

@@ -233,11 +233,19 @@ def weight_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, int]
 
 
 def default_exclusions(model: onnx.ModelProto) -> list[str]:
-    """Weights left dense when nothing says otherwise: stems and heads.
+    """Weights left dense when nothing says otherwise: stems and heads (`stem_and_head_roles`).
+
+    Registry models carry explicit lists; this rule serves foreign ONNX files.
+    """
+    return list(stem_and_head_roles(model))
+
+
+def stem_and_head_roles(model: onnx.ModelProto) -> dict[str, str]:
+    """{weight: "stem" | "head"} for the weight layers at the network's ends.
 
     A stem is a weight layer reading a graph input directly; a head is one whose output
     reaches a graph output without passing another weight layer (classifiers, detection
-    heads). Registry models carry explicit lists; this rule serves foreign ONNX files.
+    heads). Both are what pruning leaves dense by default; the layer report names the rule.
     """
     graph_inputs = {i.name for i in model.graph.input}
     graph_outputs = {o.name for o in model.graph.output}
@@ -261,11 +269,13 @@ def default_exclusions(model: onnx.ModelProto) -> list[str]:
                 return True
         return False
 
-    excluded = []
+    roles = {}
     for node, weight, _ in weight_nodes(model):
-        if node.input[0] in graph_inputs or any(reaches_output(o, set()) for o in node.output):
-            excluded.append(weight)
-    return excluded
+        if node.input[0] in graph_inputs:
+            roles[weight] = "stem"
+        elif any(reaches_output(o, set()) for o in node.output):
+            roles[weight] = "head"
+    return roles
 
 
 def prune_exclusions(model: onnx.ModelProto) -> list[str]:

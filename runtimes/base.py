@@ -271,7 +271,9 @@ class Engine:
     def save(self, path: str | Path) -> Path:
         """A zip holding the (rewritten) ONNX model and the compile options; loading recompiles."""
         manifest = {"format": ENGINE_FORMAT, "version": ENGINE_VERSION, "runtime": self.runtime,
-                    "options": self.options.to_dict(), "state": self.full_state()}
+                    "options": self.options.to_dict(), "state": self.full_state(),
+                    # what ran per layer, for `sparsecnn inspect ENGINE` (a reload recompiles, never reads it)
+                    "device": str(self.device), "report": json.loads(json.dumps(self.report(), default=str))}
         with atomic_path(path) as tmp:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
                 z.writestr("engine.json", json.dumps(manifest, indent=2))
@@ -432,4 +434,7 @@ def _check_manifest(raw: bytes, bad: Callable[[str], UserError]) -> dict:
     for key in ("choices", "plans"):
         if isinstance(state, dict) and state.get(key) is not None and not isinstance(state[key], dict):
             raise bad(f"state '{key}' is not an object")
+    report = manifest.get("report")
+    if report is not None and not (isinstance(report, list) and all(isinstance(r, dict) for r in report)):
+        raise bad("'report' is not a list of objects")
     return manifest
