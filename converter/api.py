@@ -178,26 +178,36 @@ def _dense_onnx(model, *, input_shape, mean, std, scale, labels, input_name, out
 
 def _export_module(module: nn.Module, input_shape, mean, std, scale, labels, input_name, output_names, opset
                    ) -> tuple[onnx.ModelProto, InputSpec, str]:
+    import numbers
+
     from .export import export_onnx
+    from .verify import eval_mode
 
     if input_shape is None:
         raise UserError("give input_shape=(channels, height, width), e.g. (3, 224, 224): an nn.Module does not "
                         "say what input it takes")
-    shape = tuple(input_shape)[-3:] if len(tuple(input_shape)) in (3, 4) else ()
-    if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+    dims = tuple(input_shape)[-3:] if len(tuple(input_shape)) in (3, 4) else ()
+    if not dims or not all(isinstance(d, numbers.Integral) and d > 0 for d in dims):
         raise UserError(f"input_shape must be (channels, height, width) of positive integers, got {input_shape!r}")
+    shape = tuple(int(d) for d in dims)
     mean, std = _normalisation(mean, std, shape[0])
     label = type(module).__name__
-    training = module.training
+    # export runs on the CPU: a module elsewhere is copied, never moved; its modes come back as they were
     cpu = module if all(p.device.type == "cpu" for p in module.parameters()) else copy.deepcopy(module).cpu()
-    cpu.eval()
-    try:
-        with torch.no_grad():
-            out = cpu(torch.zeros(1, *shape))
-    except Exception as exc:  # noqa: BLE001 - the user's module refused the input: say which input
-        raise UserError(f"{label} fails on an input of shape {[1, *shape]} ({type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); give the "
-                        "input_shape=(C, H, W) it takes") from None
+    with eval_mode(cpu):
+        try:
+            with torch.no_grad():
+                out = cpu(torch.zeros(1, *shape))
+        except Exception as exc:  # noqa: BLE001 - the user's module refused the input: say which input
+            raise UserError(f"{label} fails on an input of shape {[1, *shape]} ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); give the "
+                            "input_shape=(C, H, W) it takes") from None
+        spec = _module_spec(label, shape, out, mean, std, scale, labels, input_name, output_names)
+        return export_onnx(cpu, spec, None, opset), spec, label  # None: stems and heads dense, the ONNX-file rule
+
+
+def _module_spec(label, shape, out, mean, std, scale, labels, input_name, output_names):
+    """The InputSpec of a module from its output on one input: output names and classes."""
     outs = list(out.values()) if isinstance(out, Mapping) else list(out) if isinstance(out, (tuple, list)) else [out]
     if output_names is None:
         output_names = (["logits"] if outs[0].dim() == 2 else ["output"]) if len(outs) == 1 else \
@@ -212,11 +222,7 @@ def _export_module(module: nn.Module, input_shape, mean, std, scale, labels, inp
         spec._check(label)
     except TypeError as exc:
         raise UserError(f"bad input spec for {label}: {exc}") from None
-    try:
-        model = export_onnx(cpu, spec, None, opset)  # None: stems and heads stay dense, the ONNX-file rule
-    finally:
-        module.train(training)
-    return model, spec, label
+    return spec
 
 
 def _normalisation(mean, std, channels: int):

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -151,20 +152,29 @@ def engine_runner(engine) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.n
     return run
 
 
+@contextmanager
+def eval_mode(module):
+    """`module` in eval mode, as it is exported; afterwards every submodule's own mode is back (a
+    frozen BatchNorm inside a training model stays frozen). Anything else passes through."""
+    if not isinstance(module, torch.nn.Module):
+        yield module
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def callable_runner(fn, input_names: list[str], output_names: list[str]):
     """Run any callable on tensors (an nn.Module, a function): its outputs, in the reference's order.
-    An nn.Module runs in eval mode, as it was exported (its own mode is restored after)."""
+    An nn.Module runs in eval mode, as it was exported, on the device of its parameters."""
     def run(inputs):
-        training = isinstance(fn, torch.nn.Module) and fn.training
         device = next((p.device for p in fn.parameters()), None) if isinstance(fn, torch.nn.Module) else None
-        try:
-            if training:
-                fn.eval()
-            with torch.no_grad():
-                got = fn(*[torch.from_numpy(inputs[n]).to(device or "cpu") for n in input_names])
-        finally:
-            if training:
-                fn.train()
+        with eval_mode(fn), torch.no_grad():
+            got = fn(*[torch.from_numpy(inputs[n]).to(device or "cpu") for n in input_names])
         if isinstance(got, Mapping):
             got = list(got.values())
         elif not isinstance(got, (tuple, list)):

@@ -287,3 +287,17 @@ def test_wheel_installs_the_package_and_nothing_else(tmp_path):
     folders = {n.split("/")[1] for n in names if n.count("/") > 1 and n.startswith("sparsecnn/")}
     assert folders == {"common", "converter", "models", "passes", "runtimes"}
     assert "sparsecnn/converter/api.py" in names and "sparsecnn/runtimes/csr/cuda/csr_conv.cu" in names
+
+
+def test_prune_and_verify_give_every_submodule_its_mode_back():
+    """A training model with a frozen BatchNorm inside: prune() and verify() run it in eval mode
+    and leave each submodule as it was (module.train() would unfreeze the BatchNorm)."""
+    import sparsecnn
+    from sparsecnn.models import load_model
+
+    module = load_model("tinyresnet")[0].train()
+    module.bn1.eval()
+    pruned = sparsecnn.prune(module, "none", input_shape=np.array([3, 32, 32]))  # numpy ints are sizes too
+    assert sparsecnn.verify(module, onnx=pruned).passed
+    assert module.training and not module.bn1.training
+    assert all(m.training for n, m in module.named_modules() if n != "bn1")
