@@ -202,7 +202,10 @@ def test_verify_takes_inputs_as_tensor_dict_or_npz(tmp_path):
     (lambda s, m: s.verify(s.compile(s.prune("tinynet"), device="cpu"), inputs=torch.zeros(1, 3, 8, 8)),
      r"shape \[1, 3, 8, 8\]; input 'input' takes \[N, 3, 32, 32\]"),
     (lambda s, m: s.verify(s.compile(s.prune("tinynet"), device="cpu"), rtol=-1), "rtol must be"),
-])
+], ids=["sparsity word", "sparsity 1.0", "no input_shape", "input the module refuses", "exclude typo",
+        "mean without std", "spec for a registry model", "unknown model", "not a model", "missing onnx",
+        "compile a module", "unknown runtime", "bad option", "bad dtype", "module without onnx",
+        "inputs of another size", "negative rtol"])
 def test_user_errors_are_one_line(call, match):
     import sparsecnn
     from sparsecnn.models import load_model
