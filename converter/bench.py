@@ -46,6 +46,12 @@ from ..runtimes.timing import auto_reps, pooled, spread, time_fn
 SCHEMA = "sparsecnn-bench"
 SCHEMA_VERSION = 1
 
+UNSUPPORTED = "unsupported"  # an error record's kind for a part this runtime or device cannot run (skipped)
+# A measurement whose two runs differ by more than SPREAD_LIMIT, or whose p90 exceeds its fastest sample by
+# more than P90_MIN_LIMIT times, is noisy: ratios resting on it are marked unreliable (on CPU most are).
+SPREAD_LIMIT = 0.10
+P90_MIN_LIMIT = 1.5
+
 DENSE_LABEL = {"cudnn": "torch cuDNN", "cudnn_nhwc": "torch cuDNN NHWC", "im2col": "torch im2col+cuBLAS",
                "im2col_nhwc": "torch im2col NHWC+cuBLAS", "best": "best dense"}
 
@@ -72,6 +78,7 @@ class BenchConfig:
     seed: int = 0
     progress: bool = True
     quick: bool = False
+    runtime_options: dict = field(default_factory=dict)  # runtime -> its typed --option values
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -110,6 +117,7 @@ class Prepared:
     input_shape: tuple[int, ...]     # without the batch axis
     pruned: dict[str, onnx.ModelProto]
     info: dict
+    report_rows: dict = field(default_factory=dict)  # prune setting -> the layer report's pruning rows
 
 
 def prepare_model(name: str, prunes: list[str], scope: str = "layer", weights: str | None = None,
@@ -184,11 +192,12 @@ def _eager_candidate(prep: Prepared, regime: Regime, x: torch.Tensor, device: to
     return Candidate("eager", "eager", None, None, None, run=lambda i: module(xe), inputs=(xe,))
 
 
-def _engine_candidate(label, kind, runtime_name, prune, dense_conv, model, regime, x, device) -> Candidate:
+def _engine_candidate(label, kind, runtime_name, prune, dense_conv, model, regime, x, device,
+                      options: dict | None = None) -> Candidate:
     from ..runtimes import require_runtime
 
     rt = require_runtime(runtime_name)
-    opts = regime.compile_options(extra={"dense_conv": dense_conv})
+    opts = regime.compile_options(extra={"dense_conv": dense_conv, **(options or {})})
     sparse = rt.rewrite(model, opts)
     eng = rt.compile(sparse, device, opts)
     xs = eng.prepare(x)
@@ -341,7 +350,7 @@ def run_networks(cfg: BenchConfig, errors: list[dict], cache: dict | None = None
                 rows = _network_rows(cfg, cands, model_name, regime, batch)
                 network_rows.extend(rows)
                 if cfg.per_layer:
-                    layer_entries.extend(_layers(cfg, cands, model_name, regime, batch, x, rows, where, errors))
+                    layer_entries.extend(_layers(cfg, cands, model_name, regime, batch, x, rows, where, errors, prep))
                 del cands
                 gc.collect()
                 if device.type == "cuda":
@@ -361,8 +370,8 @@ def _build_candidates(cfg, prep, regime, batch, x, where, errors, bar) -> list[C
         try:
             c = make()
             cands.extend(c if isinstance(c, list) else [c])
-        except UserError as exc:
-            errors.append({"where": f"{where} {what}", "error": str(exc)})
+        except UserError as exc:  # the runtime says it cannot run this (a precision, an op): skipped, not failed
+            errors.append({"where": f"{where} {what}", "error": str(exc), "kind": UNSUPPORTED})
         except Exception as exc:
             errors.append({"where": f"{where} {what}", "error": f"{type(exc).__name__}: {exc}"})
             if device.type == "cuda":
@@ -376,7 +385,8 @@ def _build_candidates(cfg, prep, regime, batch, x, where, errors, bar) -> list[C
     for rt in cfg.runtimes:
         for p in cfg.prunes:
             attempt(f"{rt} @ {p}", lambda rt=rt, p=p: _engine_candidate(
-                f"{rt} @ {p}", "runtime", rt, p, cfg.runtime_dense_conv, prep.pruned[p], regime, x, device))
+                f"{rt} @ {p}", "runtime", rt, p, cfg.runtime_dense_conv, prep.pruned[p], regime, x, device,
+                cfg.runtime_options.get(rt)))
     # correctness: dense engines against eager, each runtime against the torch runtime on its pruned model
     ref_out = None
     for c in cands:
@@ -423,21 +433,56 @@ def _network_rows(cfg, cands, model, regime, batch) -> list[dict]:
             row["timings"] = [t.to_dict(samples=True) for t in c.timings]
             row["median_ms"], row["p90_ms"] = pooled(c.timings)  # over both runs' samples
             row["spread"] = spread(c.timings[0], c.timings[-1]) if len(c.timings) > 1 else None
+            row["p90_over_min"] = row["p90_ms"] / max(min(t.min_ms for t in c.timings), 1e-12)
+            row["noisy"] = noisy(row)
         if c.engine is not None and hasattr(c.engine, "plans") and c.engine.plans:
             row["plans"] = c.engine.plans
         rows.append(row)
     timed = [r for r in rows if r.get("median_ms")]
     eager = next((r["median_ms"] for r in timed if r["kind"] == "eager"), None)
     best_label, best_ms = best_dense({r["engine"]: r["median_ms"] for r in timed if r["kind"] == "dense"})
+    eager_noisy = next((r.get("noisy") for r in timed if r["kind"] == "eager"), None)
+    best_noisy = next((r.get("noisy") for r in timed if r["engine"] == best_label), None)
     for r in timed:
         r["speedup_vs_eager"] = eager / r["median_ms"] if eager else None
         r["speedup_vs_best_dense"] = best_ms / r["median_ms"] if best_ms else None
         r["best_dense_engine"] = best_label
         r["best_dense_ms"] = best_ms
+        # a ratio is as reliable as the noisier of its two measurements
+        r["unreliable_vs_eager"] = bool(r.get("noisy") or eager_noisy)
+        r["unreliable_vs_best_dense"] = bool(r.get("noisy") or best_noisy)
     return rows
 
 
-def _layers(cfg, cands, model, regime, batch, x, net_rows, where, errors) -> list[dict]:
+def noisy(row: dict) -> str | None:
+    """Why a measurement is too noisy for its ratios to be trusted (None when it is not): its two runs
+    differ by more than SPREAD_LIMIT, or its p90 is more than P90_MIN_LIMIT times its fastest sample."""
+    why = []
+    if row.get("spread") is not None and row["spread"] > SPREAD_LIMIT:
+        why.append(f"runs differ by {100 * row['spread']:.0f} %")
+    if row.get("p90_over_min") is not None and row["p90_over_min"] > P90_MIN_LIMIT:
+        why.append(f"p90/min {row['p90_over_min']:.1f}")
+    return ", ".join(why) or None
+
+
+def failed_parts(result: dict) -> list[dict]:
+    """The parts of a run that failed (an exception, or a GEMM result outside its tolerance); parts a
+    runtime or device does not support are skipped, not failed."""
+    failed = [e for e in result.get("errors") or [] if e.get("kind") != UNSUPPORTED]
+    for r in (result.get("gemm") or {}).get("rows") or []:
+        if r.get("ok") is False and not r.get("error"):
+            failed.append({"where": f"gemm {r['method']} {r['regime']} {r['M']}x{r['K']}x{r['N']} s={r['sparsity']:g}",
+                           "error": f"wrong result: rel err {r['rel_err']:.1e} > {r.get('tolerance')}"})
+    return failed
+
+
+def skipped_parts(result: dict) -> list[dict]:
+    """Parts not run because the runtime or the device does not support them, each with why."""
+    return [e for e in result.get("errors") or [] if e.get("kind") == UNSUPPORTED] + \
+        list((result.get("gemm") or {}).get("skipped") or [])
+
+
+def _layers(cfg, cands, model, regime, batch, x, net_rows, where, errors, prep=None) -> list[dict]:
     profiles: dict[str, list[dict]] = {}
     for c in cands:
         if c.engine is None:
@@ -459,9 +504,24 @@ def _layers(cfg, cands, model, regime, batch, x, net_rows, where, errors) -> lis
         bound["reference_network_ms"] = net.get(ref_label)
         if net.get(label) and net.get(ref_label):
             bound["measured_speedup"] = net[ref_label] / net[label]
-        entries.append({"model": model, "regime": regime.name, "batch": batch, "engine": label, "kind": c.kind,
-                        "runtime": c.runtime, "prune": c.prune, "reference": ref_label, "rows": rows, "bound": bound})
+        entry = {"model": model, "regime": regime.name, "batch": batch, "engine": label, "kind": c.kind,
+                 "runtime": c.runtime, "prune": c.prune, "reference": ref_label, "rows": rows, "bound": bound}
+        if c.kind == "runtime" and prep is not None:  # the one per-layer report: pruning rule, what ran, why
+            entry["report"] = _layer_report(prep, c, prof, regime)
+        entries.append(entry)
     return entries
+
+
+def _layer_report(prep: Prepared, c: Candidate, profile: list[dict], regime: Regime) -> dict:
+    from ..passes.prune import parse_prune
+    from .layer_report import build_report, prune_rows
+
+    if c.prune not in prep.report_rows:
+        parsed = parse_prune(c.prune)
+        prep.report_rows[c.prune] = prune_rows(prep.pruned[c.prune], method=parsed[0] if parsed else None)
+    report = build_report(base=prep.report_rows[c.prune], steps=profile, runtime=c.runtime,
+                          device=str(c.engine.device), dtype=regime.dtype)
+    return {"layers": report["layers"], "summary": report["summary"], "warnings": report["warnings"]}
 
 
 # --- accuracy from another command -----------------------------------------------------
@@ -484,11 +544,12 @@ def _norm_prune(value) -> str:
 def load_accuracy(path) -> dict[tuple[str, str], dict]:
     """(model, prune) -> {"top1": ..., "label": ...} from another command's JSON.
 
-    Accepted: a list of rows, or a dict holding one under "rows" / "results"; a row needs
-    "model", a prune setting ("prune", or "sparsity"/"method"; missing = dense) and an
-    accuracy under one of ACCURACY_KEYS (a fraction or a percentage). Where several rows
-    match, a fine-tuned one ("fine_tuned"/"finetuned" true or "stage" naming fine-tuning)
-    wins over one-shot ones.
+    Accepted: `sparsecnn compare --json`'s own file ({"results": [{"model", "arch", "rows": [...]}]},
+    each row naming its method -- "dense", "2:4", "unstructured 90%" -- and its variant); or a list of
+    rows, or a dict holding one under "rows" / "results"; such a row needs "model", a prune setting
+    ("prune", or "sparsity"/"method"; missing = dense) and an accuracy under one of ACCURACY_KEYS (a
+    fraction or a percentage). Where several rows match, a fine-tuned one ("fine_tuned"/"finetuned"
+    true, or a "stage"/"variant" naming fine-tuning) wins over one-shot ones.
     """
     from pathlib import Path
 
@@ -499,6 +560,7 @@ def load_accuracy(path) -> dict[tuple[str, str], dict]:
     rows = data.get("rows", data.get("results")) if isinstance(data, dict) else data
     if not isinstance(rows, list):
         raise UserError(f"{p}: expected a list of rows (or a dict with 'rows'); see `sparsecnn bench --help`")
+    rows = [x for r in rows for x in _compare_rows(r)]
     out: dict[tuple[str, str], dict] = {}
     for r in rows:
         if not isinstance(r, dict) or "model" not in r:
@@ -507,15 +569,43 @@ def load_accuracy(path) -> dict[tuple[str, str], dict]:
         if key is None:
             continue
         prune = _norm_prune(r.get("prune", r.get("sparsity", r.get("method"))))
-        fine = bool(r.get("fine_tuned") or r.get("finetuned") or "fine" in str(r.get("stage", "")).lower())
+        stage = str(r.get("stage", r.get("variant", ""))).lower()
+        fine = bool(r.get("fine_tuned") or r.get("finetuned") or "fine" in stage)
         acc = float(r[key])
         entry = {"top1": acc / 100.0 if acc > 1.0 else acc, "fine_tuned": fine, "source_key": key,
-                 "label": r.get("label") or r.get("stage") or ""}
-        k = (str(r["model"]), prune)
-        if k not in out or (fine and not out[k]["fine_tuned"]):
-            out[k] = entry
+                 "label": r.get("label") or r.get("stage") or r.get("variant") or ""}
+        for model in dict.fromkeys([str(r["model"]), *([str(r["arch"])] if r.get("arch") else [])]):
+            k = (model, prune)
+            if k not in out or (fine and not out[k]["fine_tuned"]):
+                out[k] = entry
     if not out:
         raise UserError(f"{p} holds no row with a model and an accuracy ({', '.join(ACCURACY_KEYS)})")
+    return out
+
+
+def _compare_rows(entry) -> list:
+    """A `compare --json` result ({"model", "arch", "rows"}) as rows of their own; anything else as is.
+
+    compare names a row's setting in "method" ("dense", "2:4", "unstructured 90%", "channel -50% FLOPs")
+    and keeps the sparsity it reached in "sparsity": the setting is read from the method."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("rows"), list) and "model" in entry):
+        return [entry]
+    out = []
+    for r in entry["rows"]:
+        if not isinstance(r, dict) or r.get("error"):
+            continue
+        method = str(r.get("method", "")).strip().lower()
+        if method.startswith("unstructured"):
+            try:
+                prune = f"{float(method.split()[-1].rstrip('%')) / 100:g}"
+            except ValueError:
+                continue
+        elif method in ("dense", "2:4", ""):
+            prune = method or "none"
+        else:
+            continue  # channel pruning: a smaller dense model, not a prune setting bench runs
+        out.append({**{k: v for k, v in r.items() if k not in ("sparsity", "method")}, "prune": prune,
+                    "model": entry["model"], "arch": entry.get("arch")})
     return out
 
 
@@ -558,9 +648,10 @@ def run_bench(*, models: list[str], gemm: bool, quick: bool, regimes: list, batc
               scope: str = "layer", weights: str | None = None, per_layer: bool = True, flush_l2: bool = False,
               budget_ms: float = 300.0, repeats: int = 2, progress: bool = True, accuracy: dict | None = None,
               gemm_sparsities: list[float] | None = None, gemm_methods: list[str] | None = None,
-              gemm_regimes: list[str] | None = None, log=None) -> dict:
+              gemm_regimes: list[str] | None = None, options: list[str] | None = None, log=None) -> dict:
     """Validate the settings (before any work), then time every configuration (sharded over
-    `devices`) and, with `gemm`, the GEMM sweep; returns the result `bench_report` writes."""
+    `devices`) and, with `gemm`, the GEMM sweep; returns the result `bench_report` writes.
+    `options`: --option KEY=VALUE pairs, each going to the benchmarked runtimes that declare it."""
     from ..passes.prune import parse_prune
     from ..runtimes import availability, runtime_names
     from ..runtimes.torch.dense_conv import CHOICES
@@ -589,6 +680,9 @@ def run_bench(*, models: list[str], gemm: bool, quick: bool, regimes: list, batc
                 raise UserError(f"unknown runtime '{r}'; known runtimes: {', '.join(runtime_names())}")
             if not avail[r][0]:
                 raise UserError(f"runtime '{r}' is not available here: {avail[r][1]}")
+    from .options import options_per_runtime
+
+    runtime_options = options_per_runtime(runtimes, options or []) if options else {}
     device = devices[0]
     if quick and device.type == "cpu":
         torch.set_num_threads(1)  # tiny nets on a shared CPU: threads only add scheduling noise
@@ -597,7 +691,7 @@ def run_bench(*, models: list[str], gemm: bool, quick: bool, regimes: list, batc
                       scope=scope, weights=weights, per_layer=per_layer,
                       flush_l2=flush_l2, budget_ms=(20.0 if quick else budget_ms),
                       min_reps=3 if quick else 10, max_reps=20 if quick else 300, layer_reps=3 if quick else 20,
-                      repeats=repeats, progress=progress, quick=quick)
+                      repeats=repeats, progress=progress, quick=quick, runtime_options=runtime_options)
     result = new_result(cfg, environment(device))
     errors = result["errors"]
     if models:

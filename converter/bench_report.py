@@ -17,6 +17,7 @@ from pathlib import Path
 from ..common.errors import UserError
 from ..common.fileio import read_json, write_text_atomic
 from .figures import save_figure
+from .layer_report import fit_name
 
 MODE_SHORT = {"cudnn": "cuDNN", "cudnn_nhwc": "cuDNN NHWC", "im2col": "im2col", "im2col_nhwc": "im2col NHWC"}
 
@@ -38,12 +39,79 @@ def _f(v, fmt=".3f", none="–"):
     return none if v is None else format(v, fmt)
 
 
-def _x(v):
-    return "–" if v is None else f"{v:.2f}×"
+def _x(v, unreliable: bool = False):
+    """A ratio; '?' after it when a measurement under it was noisy (bench.noisy)."""
+    return "–" if v is None else f"{v:.2f}×" + ("?" if unreliable else "")
 
 
 def _pct(v):
     return "–" if v is None else f"{100 * v:.1f}%"
+
+
+# --- the terminal: the short table and the outcome ---------------------------------------------
+
+def short_table(result: dict) -> str:
+    """Whole-network rows as a text table for the terminal; a ratio resting on a noisy measurement ends in '?'."""
+    nets = [r for r in result.get("networks") or [] if r.get("median_ms")]
+    if not nets:
+        return ""
+    lines = [f"{'model':<14}{'regime':<16}{'b':>3}  {'engine':<24}{'ms':>9}{'spread':>8}{'vs eager':>10}{'vs best':>10}"]
+
+    def x(v, shaky):
+        return (f"{v:8.2f}x" + ("?" if shaky else " ")) if v is not None else f"{'–':>10}"
+
+    for r in nets:
+        sp = f"{100 * r['spread']:.1f}%" if r.get("spread") is not None else "–"
+        lines.append(f"{fit_name(r['model'], 13):<14}{r['regime']:<16}{r['batch']:>3}  {fit_name(r['engine'], 23):<24}"
+                     f"{r['median_ms']:>9.3f}{sp:>8}{x(r.get('speedup_vs_eager'), r.get('unreliable_vs_eager'))}"
+                     f"{x(r.get('speedup_vs_best_dense'), r.get('unreliable_vs_best_dense'))}")
+    if any(r.get("unreliable_vs_eager") or r.get("unreliable_vs_best_dense") for r in nets):
+        lines.append("? = a noisy measurement: the ratio is not reliable (see the warning)")
+    return "\n".join(lines)
+
+
+def outcome_lines(result: dict, md: Path) -> tuple[list[str], bool]:
+    """The lines that end a run on stderr -- noisy ratios, parts skipped, parts failed (one line each) --
+    and whether any part failed (the command then exits 1)."""
+    from .bench import P90_MIN_LIMIT, SPREAD_LIMIT, failed_parts, skipped_parts
+
+    lines = []
+    nets = [r for r in result.get("networks") or [] if r.get("speedup_vs_best_dense") is not None]
+    shaky = [r for r in nets if r.get("unreliable_vs_best_dense") or r.get("unreliable_vs_eager")]
+    gemm = [r for r in (result.get("gemm") or {}).get("rows") or [] if r.get("speedup_vs_cublas") is not None]
+    shaky_gemm = [r for r in gemm if r.get("unreliable")]
+    if shaky or shaky_gemm:
+        cpu = "; on a CPU timings are noisy by nature" if str(result.get("env", {}).get("device", "")).startswith("cpu") \
+            else ""
+        lines.append(f"warning: {len(shaky)} of {len(nets)} network speedups and {len(shaky_gemm)} of {len(gemm)} GEMM "
+                     f"speedups rest on noisy measurements (runs differing by over {SPREAD_LIMIT:.0%} or p90/min over "
+                     f"{P90_MIN_LIMIT:g}), marked '?'{cpu}; raise --budget-ms or --repeats, or use a quiet GPU")
+    skipped, failed = skipped_parts(result), failed_parts(result)
+    if skipped:
+        lines.append(f"bench: {len(skipped)} part(s) not supported here were skipped ({_parts(skipped, group=True)}); "
+                     f"see 'Skipped' in {md}")
+    if failed:
+        lines.append(f"bench: error: {len(failed)} part(s) failed ({_parts(failed)}); see 'Errors' in {md}")
+    return lines, bool(failed)
+
+
+def _parts(items: list[dict], show: int = 3, group: bool = False) -> str:
+    """A few parts as 'where: first line of why' (or, `group`ed, each reason once with its count) and how
+    many more: the summary stays one line."""
+    def why(e):
+        text = str(e.get("error", "")).strip().splitlines()
+        return (text[0] if text else "")[:90]
+
+    if group:
+        counts: dict[str, int] = {}
+        for e in items:
+            counts[why(e)] = counts.get(why(e), 0) + 1
+        shown = [f"{n}x {reason}" for reason, n in list(counts.items())[:show]]
+        rest = len(counts) - show
+    else:
+        shown = [f"{e['where']}: {why(e)}" for e in items[:show]]
+        rest = len(items) - show
+    return "; ".join(shown) + (f"; and {rest} more" if rest > 0 else "")
 
 
 # --- Markdown --------------------------------------------------------------------------------
@@ -71,12 +139,18 @@ def markdown(result: dict) -> str:
         for r in nets:
             lines.append(f"| {r['model']} | {r.get('prune') or '–'} | {r['engine']} | {r['regime']} | {r['batch']} | "
                          f"{_f(r.get('median_ms'))} | {_f(r.get('p90_ms'))} | {_pct(r.get('spread'))} | "
-                         f"{_x(r.get('speedup_vs_eager'))} | {_x(r.get('speedup_vs_best_dense'))} | "
+                         f"{_x(r.get('speedup_vs_eager'), r.get('unreliable_vs_eager'))} | "
+                         f"{_x(r.get('speedup_vs_best_dense'), r.get('unreliable_vs_best_dense'))} | "
                          f"{_f(r.get('rel_err'), '.1e')} |")
         spreads = [r["spread"] for r in nets if r.get("spread") is not None and r["kind"] != "eager"]
         if spreads:
             lines += ["", f"Largest run-to-run spread of a graph-replayed network: {_pct(max(spreads))} "
                           f"(median {_pct(sorted(spreads)[len(spreads) // 2])})."]
+        shaky = [r for r in nets if r.get("unreliable_vs_best_dense") or r.get("unreliable_vs_eager")]
+        if shaky:
+            lines += ["", f"**{len(shaky)} of {len(nets)} rows have a ratio marked ?**: one of its two measurements "
+                          "is noisy (its runs differ by over 10 %, or its p90 is over 1.5× its fastest sample), "
+                          "so the ratio is not reliable."]
         plans = [r for r in nets if r.get("plans") and r["kind"] == "dense"]
         if plans:
             lines += ["", "### Best dense engine: what it chose", "",
@@ -116,16 +190,27 @@ def markdown(result: dict) -> str:
             lines.append(f"| {e['model']} | {e['engine']} | {e['regime']} | {e['batch']} | {b['accelerated_layers']} | "
                          f"{_x(b.get('accelerated_speedup'))} | {_pct(b['share'])} | {_x(b['amdahl_max_speedup'])} | {_x(b['predicted_speedup'])} | "
                          f"{_x(b.get('measured_speedup'))} |")
-        lines += ["", "## Per layer (weight layers; dense = the best dense engine's same layer)", ""]
+        lines += ["", "## Per layer (weight layers; dense = the best dense engine's same layer)", "",
+                  "Pruning: pruned, or the rule that kept the layer dense; runs as / why: what the runtime chose "
+                  "for the layer and its reason (the layer report, as `sparsecnn inspect ENGINE` shows it).", ""]
         for e in layers:
             if e["engine"] == e["reference"]:
                 continue
+            report = {r["name"]: r for r in (e.get("report") or {}).get("layers", [])}
             lines += [f"### {e['model']} · {e['engine']} · {e['regime']} · batch {e['batch']}", "",
-                      "| layer | op | dense ms | ms | speedup | kernel |", "|---|---|---|---|---|---|"]
+                      "| layer | op | pruning | sparsity | dense ms | ms | speedup | runs as | why |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for r in e["rows"]:
                 if r["op"] in ("Conv", "Gemm", "MatMul") or r["op"].startswith("sparsecnn::"):
-                    lines.append(f"| {r['name']} | {r['op']} | {_f(r.get('dense_ms'), '.4f')} | {_f(r['ms'], '.4f')} | "
-                                 f"{_x(r.get('speedup'))} | {r.get('kernel', '')} |")
+                    rep = report.get(r["name"], {})
+                    pruning = rep.get("pruning", "")
+                    if rep.get("rule") and pruning != "pruned":
+                        pruning = f"{pruning}: {rep['rule']}"
+                    lines.append(f"| {r['name']} | {r['op']} | {pruning} | {_f(rep.get('sparsity'), '.3f', '')} | "
+                                 f"{_f(r.get('dense_ms'), '.4f')} | {_f(r['ms'], '.4f')} | {_x(r.get('speedup'))} | "
+                                 f"{rep.get('kernel', r.get('kernel', ''))} | {rep.get('why', '')} |")
+            for w in (e.get("report") or {}).get("warnings", []):
+                lines.append(f"\nwarning: {w}")
             lines.append("")
         best = [e for e in layers if e["engine"] == e["reference"]]
         if best:
@@ -152,9 +237,15 @@ def markdown(result: dict) -> str:
                          f"{_f(r.get('model_mb'), '.1f')} | {_f(r.get('nonzero_mb'), '.1f')} | {_f(r['median_ms'])} | "
                          f"{_x(r.get('speedup_vs_best_dense'))} | {_x(r.get('speedup_vs_eager'))} | "
                          f"{_pct(r.get('top1'))} |")
-    if result.get("errors"):
+    from .bench import failed_parts, skipped_parts
+
+    failed, skipped = failed_parts(result), skipped_parts(result)
+    if failed:
         lines += ["", "## Errors (the rest of the run went on)", ""]
-        lines += [f"- {e['where']}: {e['error']}" for e in result["errors"]]
+        lines += [f"- {e['where']}: {e['error']}" for e in failed]
+    if skipped:
+        lines += ["", "## Skipped (not supported by the runtime or on this device)", ""]
+        lines += [f"- {e['where']}: {e['error']}" for e in skipped]
     if result.get("files"):
         lines += ["", "Files: " + ", ".join(f"`{f}`" for f in result["files"])]
     return "\n".join(lines) + "\n"
@@ -184,7 +275,8 @@ def _gemm_markdown(gemm: dict) -> list[str]:
             continue  # the dense number is the same at every sparsity; listed once
         us = r.get("median_ms")
         lines.append(f"| {r['M']} | {r['K']} | {r['N']} | {r['sparsity']:g} | {r['method']} | {r['regime']} | "
-                     f"{_f(us * 1e3 if us else None, '.1f')} | {_pct(r.get('spread'))} | {_x(r.get('speedup_vs_cublas'))} | "
+                     f"{_f(us * 1e3 if us else None, '.1f')} | {_pct(r.get('spread'))} | "
+                     f"{_x(r.get('speedup_vs_cublas'), r.get('unreliable'))} | "
                      f"{_f(r.get('rel_err'), '.1e')} | {'yes' if r.get('ok') else ('ERROR' if r.get('error') else 'NO')} |")
     bad = [r for r in rows if r.get("ok") is False]
     if bad:
@@ -326,13 +418,6 @@ def plot_layers(result: dict, model: str | None = None):
         ax_s.legend(fontsize=7)
     fig.tight_layout()
     return fig
-
-
-def fit_name(name: str, width: int) -> str:
-    """`name` in at most `width` characters: a long one (a model path) keeps its end behind a visible
-    '…', so text-table columns never run together."""
-    name = str(name)
-    return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
 def _short(name: str) -> str:

@@ -61,7 +61,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--cov-threshold", type=unit_float, default=0.5, help="detectors: coverage value that marks a cell")
     p.add_argument("--seed", type=int, default=0, help="seed for fine-tuning")
-    p.add_argument("--json", help="write all results (per-epoch fine-tuning history included) to this file")
+    p.add_argument("--json", metavar="FILE|-", help="write all results (per-epoch fine-tuning history included) to "
+                   "this file, or to stdout with '-' (the table then goes to stderr); `bench --accuracy` reads it")
     p.add_argument("--plot", help="write a plot of accuracy vs sparsity to this .png/.svg/.pdf")
     p.add_argument("--markdown", help="write the table as Markdown to this file")
     p.add_argument("--save-dir", help="also write every variant's ONNX file to this folder")
@@ -79,10 +80,11 @@ def run(args) -> int:
     from .source import SpecFlags
 
     methods = parse_methods(args.methods)  # bad methods fail before any work
-    for out, suffixes in ((args.json, (".json",)), (args.plot, (".png", ".svg", ".pdf")), (args.markdown, (".md",))):
+    json_file = args.json if args.json != "-" else None  # '-': stdout
+    for out, suffixes in ((json_file, (".json",)), (args.plot, (".png", ".svg", ".pdf")), (args.markdown, (".md",))):
         if out and not out.endswith(suffixes):
             raise UserError(f"{out}: expected a {' or '.join(suffixes)} file")
-    check_outputs({"--json": args.json, "--plot": args.plot, "--markdown": args.markdown},
+    check_outputs({"--json": json_file, "--plot": args.plot, "--markdown": args.markdown},
                   [args.source, args.weights])  # before the comparison runs, not after
     if args.save_dir:
         check_output_folder(args.save_dir, "--save-dir")
@@ -108,14 +110,19 @@ def run(args) -> int:
     failed = any(r.get("error") for r in results["rows"])
     if not main:  # rank 0 prints and writes for all
         return 1 if failed else 0
-    print(format_table([results]))
-    if args.json:
+    text = sys.stderr if args.json == "-" else sys.stdout  # stdout carries the JSON alone then
+    print(format_table([results]), file=text)
+    if args.json == "-":
+        from .layer_report import write_json as write_json_or_stdout
+
+        write_json_or_stdout({"results": [results]}, "-")
+    elif args.json:
         write_json({"results": [results]}, args.json)
         print(f"wrote {args.json}")
     if args.markdown:
         write_text_atomic(args.markdown, markdown_table([results]))
-        print(f"wrote {args.markdown}")
+        print(f"wrote {args.markdown}", file=text)
     if args.plot:
         plot_results([results], args.plot)
-        print(f"wrote {args.plot}")
+        print(f"wrote {args.plot}", file=text)
     return 1 if failed else 0

@@ -42,7 +42,9 @@ SWEEP_SPARSITIES: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 MethodFactory = Callable[[torch.Tensor, torch.dtype], Callable[[torch.Tensor], torch.Tensor]]
 METHODS: dict[str, MethodFactory] = {}
 
-# Modules that register sparse methods when imported (one line per runtime).
+# Modules that register sparse methods when imported (one line per runtime). A plug-in's methods
+# are GPU kernels: they run on the device types its DEVICE_TYPES names (default CUDA only); elsewhere
+# they are skipped and listed, not failed.
 SWEEP_PLUGINS: list[str] = [
     "sparsecnn.runtimes.csr.sweep",
     "sparsecnn.runtimes.sparsert.sweep",
@@ -65,6 +67,22 @@ DENSE_METHODS: set[str] = set()
 # Regimes each method runs in; a method not listed runs in DEFAULT_METHOD_REGIMES.
 METHOD_REGIMES: dict[str, tuple[str, ...]] = {}
 DEFAULT_METHOD_REGIMES = ("fp32-cuda-core", "fp16")
+# Device types a method runs on (absent: any); plug-ins' methods get theirs from the plug-in.
+METHOD_DEVICES: dict[str, tuple[str, ...]] = {}
+# Regimes a method runs in on the CPU when fewer than elsewhere, and why.
+CPU_REGIMES: dict[str, tuple[tuple[str, ...], str]] = {
+    "cusparse": (("fp32-cuda-core", "fp32"), "torch's CPU CSR product (MKL) has no fp16"),
+}
+
+
+def unsupported(method: str, regime: str, device: torch.device) -> str | None:
+    """Why `method` cannot run in `regime` on `device` (None when it can): such parts are skipped."""
+    types = METHOD_DEVICES.get(method)
+    if types is not None and device.type not in types:
+        return f"runs on {' / '.join(types)} only (its kernels are compiled for the GPU)"
+    if device.type == "cpu" and method in CPU_REGIMES and regime not in CPU_REGIMES[method][0]:
+        return CPU_REGIMES[method][1]
+    return None
 
 
 def register_dense(name: str, regimes: tuple[str, ...] = ("fp32-cuda-core", "fp32", "fp16")):
@@ -106,7 +124,10 @@ def load_plugins(errors: list | None = None) -> None:
 
     for name in SWEEP_PLUGINS:
         try:
-            METHODS.update(importlib.import_module(name).METHODS)
+            module = importlib.import_module(name)
+            METHODS.update(module.METHODS)
+            for method in module.METHODS:
+                METHOD_DEVICES.setdefault(method, tuple(getattr(module, "DEVICE_TYPES", ("cuda",))))
         except Exception as exc:
             if errors is None:
                 raise
@@ -147,6 +168,7 @@ def run_sweep(device: torch.device | str, shapes=None, sparsities=None, methods=
     """
     from tqdm import tqdm
 
+    from .bench import noisy
     from .regimes import REGIMES, regime_flags
     from ..runtimes.timing import pooled, spread, time_calls
 
@@ -162,7 +184,16 @@ def run_sweep(device: torch.device | str, shapes=None, sparsities=None, methods=
 
         raise UserError(f"unknown GEMM method(s) {', '.join(unknown)}; registered: {', '.join(METHODS)}")
     regimes = list(regimes or ["fp32-cuda-core", "fp32", "fp16"])
-    plan = [(shape, s, r, m) for shape in shapes for s in sparsities for r in regimes for m in _methods_for(r, methods)]
+    plan, skipped = [], {}
+    for shape in shapes:
+        for s in sparsities:
+            for r in regimes:
+                for m in _methods_for(r, methods):
+                    why = unsupported(m, r, device)
+                    if why is None:
+                        plan.append((shape, s, r, m))
+                    else:
+                        skipped.setdefault((m, r), why)
     rows: list[dict] = []
     dense_done: dict[tuple, dict] = {}
     bar = tqdm(plan, desc="GEMM sweep", unit="config", disable=not progress, leave=False)
@@ -191,7 +222,8 @@ def run_sweep(device: torch.device | str, shapes=None, sparsities=None, methods=
                 row["tolerance"] = TOLERANCE[regime_name]
                 row["ok"] = row["rel_err"] <= row["tolerance"] and tuple(c.shape) == (m, n)
                 if dense_key in dense_done:  # a dense GEMM's time does not depend on the zeros
-                    row.update({key: dense_done[dense_key][key] for key in ("timings", "median_ms", "spread", "rotation")})
+                    row.update({key: dense_done[dense_key][key] for key in ("timings", "median_ms", "p90_ms", "spread",
+                                                                            "p90_over_min", "noisy", "rotation")})
                     row["timed_at_sparsity"] = dense_done[dense_key]["sparsity"]
                     continue
                 nbuf = rotation_count(b0.numel() * b0.element_size(), device)
@@ -200,8 +232,10 @@ def run_sweep(device: torch.device | str, shapes=None, sparsities=None, methods=
                 timings = [time_calls(call, device, reps=reps, flush_l2=flush_l2, min_inner=len(bufs))
                            for _ in range(repeats)]
                 row["timings"] = [t.to_dict(samples=True) for t in timings]
-                row["median_ms"] = pooled(timings)[0]  # over both runs' samples
+                row["median_ms"], row["p90_ms"] = pooled(timings)  # over both runs' samples
                 row["spread"] = spread(timings[0], timings[-1])
+                row["p90_over_min"] = row["p90_ms"] / max(min(t.min_ms for t in timings), 1e-12)
+                row["noisy"] = noisy(row)
                 row["rotation"] = nbuf
                 if method in DENSE_METHODS:
                     dense_done[dense_key] = row
@@ -217,14 +251,16 @@ def run_sweep(device: torch.device | str, shapes=None, sparsities=None, methods=
                          "regimes": regimes, "reps": reps, "repeats": repeats, "flush_l2": flush_l2,
                          "tolerance": TOLERANCE, "method_regimes": {m: list(METHOD_REGIMES.get(m, DEFAULT_METHOD_REGIMES))
                                                                     for m in methods}},
-            "rows": rows, "errors": [e for e in errors if e["where"].startswith("gemm")]}
+            "rows": rows, "errors": [e for e in errors if e["where"].startswith("gemm")],
+            "skipped": [{"where": f"gemm {m} {r} on {device.type}", "error": why, "kind": "unsupported"}
+                        for (m, r), why in skipped.items()]}
 
 
 def _add_speedups(rows: list[dict]) -> None:
     """speedup_vs_cublas: cuBLAS time / this method's time, same shape and regime."""
-    cublas = {(r["M"], r["K"], r["N"], r["regime"]): r["median_ms"] for r in rows
-              if r["method"] == "cublas" and "median_ms" in r}
+    cublas = {(r["M"], r["K"], r["N"], r["regime"]): r for r in rows if r["method"] == "cublas" and "median_ms" in r}
     for r in rows:
         base = cublas.get((r["M"], r["K"], r["N"], r["regime"]))
         if base is not None and r.get("median_ms"):
-            r["speedup_vs_cublas"] = base / r["median_ms"]
+            r["speedup_vs_cublas"] = base["median_ms"] / r["median_ms"]
+            r["unreliable"] = bool(r.get("noisy") or base.get("noisy"))  # as reliable as the noisier of the two
