@@ -164,7 +164,8 @@ per_channel.__name__ = pixel_scale.__name__ = "number"
 def add_input_spec_args(p: argparse.ArgumentParser) -> None:
     """How images are prepared for a model that does not say so itself (an ONNX file from elsewhere);
     stored by `convert` in the files it writes, so later commands need none of these."""
-    g = p.add_argument_group("input spec (for a model that carries none; `convert` stores it in the files it writes)")
+    g = p.add_argument_group("input spec (what images become; give it where a model carries none, or replace "
+                             "what it carries; `convert` stores it in the files it writes)")
     g.add_argument("--input-shape", type=input_shape, metavar="CxHxW",
                    help="the model's input, e.g. 3x224x224 or 1x3x224x224 (default: the ONNX file's fixed shape); "
                         "images are resized to it; a registry model or checkpoint is exported at this size")
