@@ -16,6 +16,7 @@ naming the fix). docs/api.md is the worked example, executed by tests/test_api.p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 import weakref
@@ -29,8 +30,9 @@ import torch
 from torch import nn
 
 from ..common.errors import UserError
-from ..common.onnxio import get_input_spec, save_onnx, validate_model
+from ..common.onnxio import get_input_spec, save_onnx, set_input_spec, validate_model
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from ..passes.graph import copy_model
 from . import verify as _verify
 
 # Named normalisations for prune(mean=..., std=...).
@@ -85,7 +87,7 @@ class PrunedModel:
 
 def prune(model, sparsity: str | float | None = "0.9", *, exclude: Sequence[str] = (), scope: str = "layer",
           input_shape: Sequence[int] | None = None, mean: Sequence[float] | str | None = None,
-          std: Sequence[float] | str | None = None, scale: float = 1.0 / 255.0, labels: Sequence[str] | None = None,
+          std: Sequence[float] | str | None = None, scale: float | None = None, labels: Sequence[str] | None = None,
           input_name: str = "input", output_names: Sequence[str] | None = None, weights: str | None = None,
           num_classes: int | None = None, opset: int = 17) -> PrunedModel:
     """Export `model` to ONNX with BatchNorm folded and prune it, as `sparsecnn convert --prune` does.
@@ -97,9 +99,11 @@ def prune(model, sparsity: str | float | None = "0.9", *, exclude: Sequence[str]
         are left dense already: a registry model's own list; for anything else every weight layer that
         reads the input or reaches an output without another weight layer (the CLI's rule for ONNX files).
     scope: 'layer' (every layer at `sparsity`) or 'global' (one threshold over all prunable layers).
-    input_shape, mean, std, scale, labels, input_name, output_names: an nn.Module's input spec
-        (C, H, W; pixels x scale, then (x - mean) / std per channel; 'imagenet' names ImageNet's
-        mean and std), stored in the ONNX file so `load_images` and `sparsecnn run` prepare images.
+    input_shape, mean, std, scale, labels: the input spec (C, H, W; pixels x scale, default 1/255,
+        then (x - mean) / std per channel; 'imagenet' names ImageNet's mean and std; class names),
+        stored in the ONNX file so `load_images` and `sparsecnn run` prepare images. An nn.Module
+        needs `input_shape` (input_name, output_names name its ONNX input and outputs); an ONNX
+        file from elsewhere takes them as `convert --input-shape/--mean/--std/--scale` do.
 
     Depthwise convs are pruned like any layer (as the CLI does) with a warning naming them: their
     3x3 filters have 9 weights, so 0.9 empties most of their channels, and the csr runtime runs
@@ -145,35 +149,59 @@ def _check_exclude(model: onnx.ModelProto, patterns: list[str], label: str) -> l
 def _dense_onnx(model, *, input_shape, mean, std, scale, labels, input_name, output_names, weights, num_classes,
                 opset) -> tuple[onnx.ModelProto, InputSpec | None, str]:
     """(dense ONNX with BatchNorm folded and its exclusion list, input spec, label) of any model form."""
-    spec_args = {"input_shape": input_shape, "mean": mean, "std": std, "labels": labels,
-                 "output_names": output_names}
     if isinstance(model, nn.Module):
         if weights is not None or num_classes is not None:
             raise UserError("weights= and num_classes= are for a registry model; load an nn.Module's weights "
                             "with module.load_state_dict(...) before prune()")
-        return _export_module(model, input_shape, mean, std, scale, labels, input_name, output_names, opset)
-    given = [k for k, v in spec_args.items() if v is not None]
-    if given:
-        raise UserError(f"{', '.join(given)} describe an nn.Module's input; an ONNX file or registry model carries "
-                        "its own (give the module itself, or `sparsecnn convert` the file with its input-spec flags)")
+        return _export_module(model, input_shape, mean, std, 1.0 / 255.0 if scale is None else scale, labels,
+                              input_name, output_names, opset)
+    if isinstance(model, PrunedModel):
+        raise UserError("this model is pruned already; prune the dense model (or its ONNX file) instead")
+    if input_name != "input" or output_names is not None:
+        raise UserError("input_name and output_names name an nn.Module's ONNX export; an ONNX file or registry "
+                        "model has its own")
+    from .source import load_source, resolve_input
+
+    flags = _spec_flags(input_shape, mean, std, scale)
     if isinstance(model, onnx.ModelProto):
         from ..passes.graph import run_pipeline
         from .export import EXPORT_PIPELINE
 
-        validate_model(model, "the given ONNX model")
+        where = "the given ONNX model"
+        validate_model(model, where)
         if any(n.op_type == "BatchNormalization" for n in model.graph.node):
             model, _ = run_pipeline(model, EXPORT_PIPELINE)
-        stored = get_input_spec(model, "the given ONNX model")
-        return model, InputSpec.from_dict(stored, "the given ONNX model") if stored else None, model.graph.name or "onnx"
-    if isinstance(model, PrunedModel):
-        raise UserError("this model is pruned already; prune the dense model (or its ONNX file) instead")
-    if isinstance(model, (str, Path)):
-        from .source import load_source
+        stored = get_input_spec(model, where)
+        inp = resolve_input(model, InputSpec.from_dict(stored, where) if stored else None, flags, where)
+        label = model.graph.name or "onnx"
+    elif isinstance(model, (str, Path)):
+        src = load_source(str(model), weights, num_classes, opset, quiet=True, flags=flags)
+        model, inp, label = src.model, src.input, src.label
+    else:
+        raise UserError(f"prune() takes an nn.Module, an ONNX file path or onnx.ModelProto, or a registry model "
+                        f"name; got {type(model).__name__}")
+    spec = inp.spec
+    if spec is None and (flags.given() or labels is not None):  # what was given is stored whole or not at all
+        inp.require_spec()
+    if spec is not None:
+        if labels is not None:
+            spec = dataclasses.replace(spec, labels=tuple(labels))
+            spec._check(label)
+        model = copy_model(model)  # the caller's ModelProto keeps its metadata
+        set_input_spec(model, spec.to_dict())
+    return model, spec, label
 
-        src = load_source(str(model), weights, num_classes, opset, quiet=True)
-        return src.model, src.spec, src.label
-    raise UserError(f"prune() takes an nn.Module, an ONNX file path or onnx.ModelProto, or a registry model name; "
-                    f"got {type(model).__name__}")
+
+def _spec_flags(input_shape, mean, std, scale):
+    """The input-spec arguments as `convert`'s flags (source.SpecFlags): a file or registry model's
+    spec is completed or overridden by the same rules as on the command line."""
+    from .source import SpecFlags
+
+    def per_channel(v):
+        return v.lower() if isinstance(v, str) else tuple(float(x) for x in v) if v is not None else None
+
+    shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
+    return SpecFlags(shape, per_channel(mean), per_channel(std), scale)
 
 
 def _export_module(module: nn.Module, input_shape, mean, std, scale, labels, input_name, output_names, opset
@@ -400,22 +428,20 @@ class Comparison(dict):
 
 def compare(model, methods: Sequence[str] = ("2:4", "0.9", "channel:0.5"), data: str | Path | None = None, *,
             exclude: Sequence[str] = (), input_shape: Sequence[int] | None = None, mean=None, std=None,
-            scale: float = 1.0 / 255.0,
+            scale: float | None = None,
             weights: str | None = None, num_classes: int | None = None, subset: int | None = None,
             device: str = "auto", runtime: str = "torch", batch_size: int = 250,
             progress: bool = False) -> Comparison:
     """Accuracy of `model` pruned each way, one-shot, against the dense model (`sparsecnn compare
     --finetune-epochs 0`): top-1/top-5 on labelled data, agreement with the dense outputs, sizes.
 
-    model: an nn.Module (with input_shape, mean, std as for prune()), a registry model name or a
-        sparsecnn checkpoint path; an ONNX file is compared by `sparsecnn compare FILE.onnx`.
+    model: an nn.Module, a registry model name or a sparsecnn checkpoint path (input_shape, mean,
+        std, scale as for prune()); an ONNX file is compared by `sparsecnn compare FILE.onnx`.
     methods: '2:4', a sparsity such as '0.9', 'channel:F' (remove the fraction F of FLOPs; needs
         torch-pruning). exclude: more layers every method leaves dense, as for prune(). data:
         Fashion-MNIST (default, Debian's dataset-fashion-mnist) or an ImageFolder directory; subset:
         the first N images. Fine-tuning with masks is the CLI's (`sparsecnn compare`).
     """
-    import dataclasses
-
     from ..passes.graph import prune_exclusions, set_prune_exclusions
     from ..passes.masks import is_excluded
     from ..runtimes import resolve_device
@@ -426,13 +452,12 @@ def compare(model, methods: Sequence[str] = ("2:4", "0.9", "channel:0.5"), data:
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     dev = resolve_device(device)
     if isinstance(model, nn.Module):
-        dense, spec, label = _export_module(model, input_shape, mean, std, scale, None, "input", None, 17)
+        dense, spec, label = _export_module(model, input_shape, mean, std, 1.0 / 255.0 if scale is None else scale,
+                                            None, "input", None, 17)
         subject = Subject(label, spec, (), copy.deepcopy(model).cpu().eval(), dense)
     elif isinstance(model, (str, Path)) and not str(model).endswith(".onnx"):
-        if input_shape is not None or mean is not None or std is not None:
-            raise UserError("input_shape, mean and std describe an nn.Module's input; a registry model or "
-                            "checkpoint carries its own")
-        subject = load_subject(str(model), weights, num_classes, quiet=True)
+        subject = load_subject(str(model), weights, num_classes, quiet=True,
+                               flags=_spec_flags(input_shape, mean, std, scale))
     else:
         raise UserError("compare() takes an nn.Module, a registry model name or a checkpoint path; compare an "
                         "ONNX file with `sparsecnn compare FILE.onnx --methods 2:4 0.9`")

@@ -190,7 +190,7 @@ def test_verify_takes_inputs_as_tensor_dict_or_npz(tmp_path):
     (lambda s, m: s.prune(m, "0.9", input_shape=(1, 32, 32)), r"fails on an input of shape \[1, 1, 32, 32\]"),
     (lambda s, m: s.prune(m, "0.9", input_shape=(3, 32, 32), exclude=["layer9"]), "'layer9' matches no"),
     (lambda s, m: s.prune(m, "0.9", input_shape=(3, 32, 32), mean="imagenet"), "mean and std go together"),
-    (lambda s, m: s.prune("tinynet", "0.9", input_shape=(3, 32, 32)), "describe an nn.Module's input"),
+    (lambda s, m: s.prune("tinynet", "0.9", output_names=["y"]), "name an nn.Module's ONNX export"),
     (lambda s, m: s.prune("resnet99"), "unknown model 'resnet99'"),
     (lambda s, m: s.prune(42), "takes an nn.Module"),
     (lambda s, m: s.compile("nowhere.onnx"), "ONNX file not found"),
@@ -203,7 +203,7 @@ def test_verify_takes_inputs_as_tensor_dict_or_npz(tmp_path):
      r"shape \[1, 3, 8, 8\]; input 'input' takes \[N, 3, 32, 32\]"),
     (lambda s, m: s.verify(s.compile(s.prune("tinynet"), device="cpu"), rtol=-1), "rtol must be"),
 ], ids=["sparsity word", "sparsity 1.0", "no input_shape", "input the module refuses", "exclude typo",
-        "mean without std", "spec for a registry model", "unknown model", "not a model", "missing onnx",
+        "mean without std", "output names of a registry model", "unknown model", "not a model", "missing onnx",
         "compile a module", "unknown runtime", "bad option", "bad dtype", "module without onnx",
         "inputs of another size", "negative rtol"])
 def test_user_errors_are_one_line(call, match):
@@ -304,3 +304,24 @@ def test_prune_and_verify_give_every_submodule_its_mode_back():
     assert sparsecnn.verify(module, onnx=pruned).passed
     assert module.training and not module.bn1.training
     assert all(m.training for n, m in module.named_modules() if n != "bn1")
+
+
+def test_an_onnx_file_or_registry_model_takes_the_input_spec_as_converts_flags(tmp_path):
+    import sparsecnn
+    from sparsecnn.common.onnxio import INPUT_SPEC_KEY, get_input_spec
+
+    bigger = sparsecnn.prune("tinynet", "0.5", input_shape=(3, 48, 40))  # exported at that size
+    dims = [d.dim_value for d in bigger.onnx.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [3, 48, 40] and (bigger.spec.height, bigger.spec.width) == (48, 40)
+    foreign = sparsecnn.prune("tinynet", "none").onnx
+    del foreign.metadata_props[[p.key for p in foreign.metadata_props].index(INPUT_SPEC_KEY)]
+    assert sparsecnn.prune(foreign, "0.5").spec is None  # nothing given: nothing stored, as convert does
+    with pytest.raises(sparsecnn.UserError, match="--mean and --std"):
+        sparsecnn.prune(foreign, "0.5", labels=[str(i) for i in range(10)])  # a spec is stored whole or not at all
+    named = sparsecnn.prune(foreign, "0.5", mean="imagenet", std="imagenet", labels=[f"c{i}" for i in range(10)])
+    stored = get_input_spec(named.onnx)
+    assert stored["mean"] == [0.485, 0.456, 0.406] and stored["labels"][3] == "c3" and stored["height"] == 32
+    assert get_input_spec(foreign) is None  # the caller's model is left as it was
+    onnx.save(foreign, str(tmp_path / "f.onnx"))
+    scaled = sparsecnn.prune(tmp_path / "f.onnx", "0.5", scale=1.0)
+    assert scaled.spec.scale == 1.0 and scaled.spec.mean is None
