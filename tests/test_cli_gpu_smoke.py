@@ -52,14 +52,15 @@ def test_convert_run_inspect_on_cuda(tmp_path, images, available, runtime):
     if not available.get(runtime):
         pytest.skip(f"runtime {runtime} is not available here")
     prune = "2:4" if runtime in TWO_FOUR_RUNTIMES else "0.9"
-    out = sparsecnn("convert", "tinynet", "--prune", prune, "-o", "t.onnx", "--runtime", runtime,
+    dtype = ["--dtype", "fp16"] if runtime == "cusparselt" else []  # cuSPARSELt's 2:4 is fp16/bf16 only
+    out = sparsecnn("convert", "tinynet", "--prune", prune, "-o", "t.onnx", "--runtime", runtime, *dtype,
                     "--engine", "t.engine", "--sparse-onnx", "t-sparse.onnx", "--device", "cuda", cwd=tmp_path)
     assert (tmp_path / "t.engine").is_file() and "wrote t.engine" in out
     out = sparsecnn("run", "t.engine", "--device", "cuda", "--input", images / "a", "-o", "img.npz", cwd=tmp_path)
     assert f"ran {runtime} on cuda" in out and (tmp_path / "img.npz").is_file()
     with np.load(tmp_path / "img.npz") as z:
         assert z["logits"].shape == (4, 10) and np.isfinite(z["logits"]).all()
-    sparsecnn("run", "t.onnx", "--runtime", runtime, "--device", "cuda", "--random", "--batch", "2",
+    sparsecnn("run", "t.onnx", "--runtime", runtime, *dtype, "--device", "cuda", "--random", "--batch", "2",
               "--save-inputs", "-o", "rand.npz", cwd=tmp_path)
     with np.load(tmp_path / "rand.npz") as z:
         assert z["logits"].shape == (2, 10)
