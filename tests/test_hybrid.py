@@ -197,3 +197,42 @@ def test_gpu_hybrid_engine_matches_onnxruntime_and_reloads(exported, tmp_path, n
     again = load_engine(path)
     assert [sw.decision.how for sw in again.switches()] == ["saved"] * len(again.switches())
     assert rel_err(again(x.cuda())[0].cpu(), ref) <= tol
+
+
+# --- each declared option changes what it says ----------------------------------------------
+
+def _opts(**pairs):
+    from sparsecnn.runtimes.options import validate
+
+    return {"extra": validate("hybrid", {k: str(v) for k, v in pairs.items()})}
+
+
+def test_hybrid_max_density_and_csr_exclude_change_which_layers_are_grouped(exported):
+    rt = get_runtime("hybrid")
+    model = _pruned(exported, "tinyresnet", "2:4")  # density 0.5
+    grouped = lambda m: sum(n.domain == "sparsecnn" for n in m.graph.node)  # noqa: E731
+    assert grouped(rt.rewrite(model, _opts())) >= 4
+    assert grouped(rt.rewrite(model, _opts(hybrid_max_density=0.3))) == 0
+    first = next(n for n in rt.rewrite(model, _opts()).graph.node if n.domain == "sparsecnn")
+    weight = first.input[1].rsplit(".csr.", 1)[0]
+    kept = rt.rewrite(model, _opts(csr_exclude=weight))
+    assert grouped(kept) == grouped(rt.rewrite(model, _opts())) - 1 and \
+        all(not n.input[1].startswith(weight + ".csr") for n in kept.graph.node if n.domain == "sparsecnn")
+
+
+@emu
+def test_hybrid_libraries_limits_the_candidates_and_batch_sets_the_calibration_batch(exported, monkeypatch):
+    seen = []
+    monkeypatch.setattr(Chooser, "time", _clock({"ecr": 0.5, "csr": 0.7}))
+    real = hybrid.Group.choose
+
+    def spy(self, args, chooser, saved=None):
+        seen.append(tuple(args[0].shape))
+        return real(self, args, chooser, saved)
+
+    monkeypatch.setattr(hybrid.Group, "choose", spy)
+    model = get_runtime("hybrid").rewrite(_pruned(exported, "tinynet"))
+    eng = hybrid.compile_with_backends(model, "cpu", _opts(hybrid_libraries="csr", batch=3), backends=_backends())
+    rows = [r for r in eng.report() if r["op"].startswith("sparsecnn::CsrConv")]
+    assert rows and all(set(r["libraries_ms"]) == {"dense", "csr"} and r["library"] == "csr" for r in rows)
+    assert seen and all(shape[0] == 3 for shape in seen)
