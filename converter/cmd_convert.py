@@ -88,7 +88,7 @@ def _run(args, stdout) -> int:
         src.input.require_spec()
     out = Path(args.output or _default_output(src.label, args.prune))
     check_outputs({"-o": out, "--engine": args.engine, "--sparse-onnx": args.sparse_onnx, "--json": json_file}, inputs)
-    model = src.model
+    model, src.model = src.model, None  # one dense model in memory: pruning's copy replaces it
     if getattr(args, "opset_given", False) and src.path is not None:  # an export is at --opset already
         with stage(f"converting {src.label} to opset {args.opset} (onnx.version_converter)"):
             model = convert_opset(model, args.opset, src.label)

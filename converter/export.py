@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections import Counter
 
 import onnx
 import torch
@@ -22,7 +23,7 @@ EXPORT_PIPELINE = [(inline_constant_identities, {}), (fold_bn, {})]
 
 
 def export_onnx(module: nn.Module, spec: InputSpec, exclude: tuple[str, ...] | None = (), opset: int = 17,
-                batch_size: int = 1) -> onnx.ModelProto:
+                batch_size: int = 1, release: bool = False) -> onnx.ModelProto:
     """Export `module` (eval mode) with a dynamic batch axis, then fold BatchNorm.
 
     BatchNorm is exported as-is and folded by the ONNX pass, so the folded Conv keeps its
@@ -30,6 +31,8 @@ def export_onnx(module: nn.Module, spec: InputSpec, exclude: tuple[str, ...] | N
     `exclude` (module names) is stored as the layers prune passes leave dense; None stores the
     rule a foreign ONNX file gets, its stems and heads (`passes.graph.default_exclusions`): a
     module from outside the registry is pruned as the same network given as an ONNX file.
+    `release`: the caller is done with `module`: each weight moves into the ONNX model (the module
+    keeps empty tensors), so the weights are in memory once, not twice, while the passes run.
     """
     if opset not in SUPPORTED_OPSETS:
         raise UserError(f"opset {opset} is not supported; use 13 (TensorRT 8.2 / Jetson Nano) to 20")
@@ -37,13 +40,17 @@ def export_onnx(module: nn.Module, spec: InputSpec, exclude: tuple[str, ...] | N
     x = torch.zeros(batch_size, *spec.shape)
     names_out = list(spec.output_names)
     dynamic = {spec.input_name: {0: "N"}, **{n: {0: "N"} for n in names_out}}
-    buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), _exportable_pools(module, x):
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=opset, input_names=[spec.input_name],
-                          output_names=names_out, dynamic_axes=dynamic, do_constant_folding=False,
-                          training=torch.onnx.TrainingMode.PRESERVE)
-    model = onnx.load_model_from_string(buf.getvalue())
+        settings = dict(dynamo=False, opset_version=opset, input_names=[spec.input_name], output_names=names_out,
+                        dynamic_axes=dynamic, do_constant_folding=False, training=torch.onnx.TrainingMode.PRESERVE)
+        model = _export_then_weights(module, x, spec.input_name, settings, release)
+        if model is None:  # a weight the exporter names differently: the exporter's own (costlier) way
+            buf = io.BytesIO()
+            torch.onnx.export(module, (x,), buf, **settings)
+            model = onnx.ModelProto()
+            model.ParseFromString(buf.getbuffer())  # no copy of the serialised bytes
+            del buf
     model, _ = run_pipeline(model, EXPORT_PIPELINE)
     set_input_spec(model, spec.to_dict())
     if exclude is None:
@@ -52,6 +59,52 @@ def export_onnx(module: nn.Module, spec: InputSpec, exclude: tuple[str, ...] | N
         weights = {w for _, w, _ in weight_nodes(model)}
         set_prune_exclusions(model, [f"{m}.weight" for m in exclude if f"{m}.weight" in weights])
     return model
+
+
+def _export_then_weights(module: nn.Module, x: torch.Tensor, input_name: str, settings: dict,
+                         release: bool = False) -> onnx.ModelProto | None:
+    """The exported graph without its weights (`export_params=False`: they become graph inputs named as
+    the module names them), then each weight added as an initializer of that name, in the exporter's order.
+
+    The same model as the exporter's own weights would give, built with one copy of each weight at a
+    time: exporting VGG-19 with its weights peaked at three copies of its 548 MiB on top of the module.
+    None when a weight input names no parameter or buffer (the caller then exports with the weights).
+    """
+    buf = io.BytesIO()
+    torch.onnx.export(module, (x,), buf, export_params=False, **settings)
+    model = onnx.ModelProto()
+    model.ParseFromString(buf.getbuffer())
+    del buf
+    tensors = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
+    weights = [vi for vi in model.graph.input if vi.name != input_name]
+    for vi in weights:
+        t = tensors.get(vi.name)
+        if t is None or _onnx_type(t.dtype) != vi.type.tensor_type.elem_type:
+            return None
+    uses = Counter(id(tensors[vi.name]) for vi in weights)  # a tensor under two names is released after both
+    for vi in weights:
+        t = tensors[vi.name]
+        shape, raw = tuple(t.shape), t.detach().cpu().contiguous().numpy().tobytes()
+        uses[id(t)] -= 1
+        if release and not uses[id(t)]:
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)  # freed before the copy below is made
+        init = model.graph.initializer.add()
+        init.name, init.data_type = vi.name, vi.type.tensor_type.elem_type
+        init.dims.extend(shape)
+        init.raw_data = raw
+        del raw
+    inputs = [vi for vi in model.graph.input if vi.name == input_name]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    return model
+
+
+def _onnx_type(dtype: torch.dtype) -> int | None:
+    """The ONNX element type of a torch dtype numpy can hold (None for others: bfloat16...)."""
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+    except (TypeError, KeyError, ValueError, RuntimeError):
+        return None
 
 
 class _Replicate(nn.Module):

@@ -274,7 +274,8 @@ def load_source(source: str, weights: str | None = None, num_classes: int | None
         module, spec, entry = load_model(arch, weights, num_classes)
     spec = spec_with_flags(spec, flags, arch)
     with stage(f"exporting {arch} to ONNX (opset {opset}, BatchNorm folded)", quiet):
-        model = export_onnx(module, spec, entry.exclude, opset)
+        model = export_onnx(module, spec, entry.exclude, opset, release=True)  # its weights move into the model
+    del module
     inp = resolve_input(model, spec, SpecFlags(), arch)
     return Source(model, inp.spec, arch, inp)
 

@@ -27,9 +27,12 @@ def inline_constant_identities(model: onnx.ModelProto) -> PassResult:
 
     PyTorch's exporter deduplicates equal initializers (e.g. freshly initialised BN
     weights) and leaves Identity nodes pointing at one copy; other passes want constants.
+    A model without Identity nodes comes back as is (no copy).
     """
-    graph = import_graph(model)
     counters: Counter = Counter()
+    if not any(n.op_type == "Identity" for n in model.graph.node):
+        return PassResult(model, counters, "inline_constant_identities")
+    graph = import_graph(model)
     outputs = set(id(t) for t in graph.outputs)
     for node in list(graph.nodes):
         if node.op != "Identity" or id(node.outputs[0]) in outputs:
@@ -48,12 +51,15 @@ def inline_constant_identities(model: onnx.ModelProto) -> PassResult:
 def fold_bn(model: onnx.ModelProto) -> PassResult:
     """Conv -> BatchNormalization (inference mode) becomes one Conv with scaled weights and a bias.
 
-    The Conv keeps its weight's name, so layer names stay stable through folding.
+    The Conv keeps its weight's name, so layer names stay stable through folding. A model without
+    BatchNormalization comes back as is (no copy).
     """
     import onnx_graphsurgeon as gs
 
-    graph = import_graph(model)
     counters: Counter = Counter()
+    if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        return PassResult(model, counters, "fold_bn")
+    graph = import_graph(model)
     graph_outputs = set(id(t) for t in graph.outputs)
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
         x = bn.inputs[0]

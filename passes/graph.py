@@ -11,6 +11,7 @@ or types in place (prune, to_fp16) edit the proto.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
@@ -23,7 +24,7 @@ import numpy as np
 import onnx
 
 from ..common.errors import UserError
-from ..common.onnxio import save_onnx
+from ..common.onnxio import copy_fields, save_onnx
 
 SPARSECNN_DOMAIN = "sparsecnn"
 SPARSECNN_OPSET = 1
@@ -33,6 +34,8 @@ STANDARD_DOMAINS = ("", "ai.onnx", None)  # the default ONNX domain: "" or "ai.o
 
 @dataclass
 class PassResult:
+    """A pass's output. A pass never edits the model it was given; one with nothing to change may
+    return that model itself rather than a copy (a copy of VGG-19 is 548 MiB)."""
     model: onnx.ModelProto
     counters: Counter = field(default_factory=Counter)
     name: str = ""
@@ -47,6 +50,25 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
+
+
+def copy_model_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of everything but the graph's initializers: a pass that rewrites weights adds them
+    one at a time, so the input and its copy are each in memory once, not twice over."""
+    out = onnx.ModelProto()
+    copy_fields(model, out, skip={"graph"})
+    copy_fields(model.graph, out.graph, skip={"initializer"})
+    return out
+
+
+def add_initializer(model: onnx.ModelProto, like: onnx.TensorProto, raw: bytes) -> None:
+    """Append an initializer named, typed and shaped as `like` holding `raw` (its values' bytes, little-
+    endian as ONNX stores them). Written in place: the caller drops its array before calling, so at most
+    the bytes and their copy in the model exist at once."""
+    t = model.graph.initializer.add()
+    t.name, t.data_type = like.name, like.data_type
+    t.dims.extend(like.dims)
+    t.raw_data = raw
 
 
 def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
@@ -67,12 +89,24 @@ def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
     g.value_info.extend(graph.value_info)
     input_names = {i.name for i in graph.input}
     for t in graph.initializer:
-        nbytes = len(t.raw_data) or 8 * max(1, len(t.float_data) + len(t.int64_data) + len(t.int32_data))
+        nbytes = tensor_nbytes(t)  # from its dims: reading raw_data would copy it (all of VGG-19's fc6)
         if nbytes <= max_bytes:
             g.initializer.append(t)
         elif t.name not in input_names:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return out
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """The bytes a tensor's values take, from its dims and type: no copy of its data is made."""
+    n = 1
+    for d in t.dims:
+        n *= d
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 8
+    return n * itemsize
 
 
 def node_attrs(node: onnx.NodeProto) -> dict:
@@ -132,7 +166,8 @@ def pass_name(fn: Pass) -> str:
 
 def run_pipeline(model: onnx.ModelProto, pipeline: Iterable[tuple[Pass, dict]],
                  dump_dir: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, list[PassResult]]:
-    """Run the passes in order, checking the model after each.
+    """Run the passes in order, checking the model after each. The results keep their counters; only
+    the last keeps its model (the one returned), so a pipeline holds at most two models at a time.
 
     An exception in a pass or its check becomes a `PassError` naming the pass and those run
     before it (torch.fx's wording); a `UserError` stays one (a line for the user) and gains
@@ -157,6 +192,9 @@ def run_pipeline(model: onnx.ModelProto, pipeline: Iterable[tuple[Pass, dict]],
                             f"{done}") from exc
         if dump_dir:
             _dump(res.model, dump_dir, run, step, name)
+        if results:  # only the last model lives on (it is returned): one copy per pass would pile up
+            results[-1].model = None
+        gc.collect()  # a graphsurgeon graph is a web of cycles holding its input model's tensors: free it now
         results.append(res)
         done.append(name)
         model = res.model
@@ -185,7 +223,7 @@ def export_graph(graph, like: onnx.ModelProto) -> onnx.ModelProto:
     uses_custom = any(n.domain == SPARSECNN_DOMAIN for n in graph.nodes)
     if uses_custom:
         opsets[SPARSECNN_DOMAIN] = SPARSECNN_OPSET
-    out = gs.export_onnx(graph, do_type_check=True)
+    out = _export_holding_weights(graph)
     del out.opset_import[:]
     for domain, version in opsets.items():
         out.opset_import.add(domain=domain, version=version)
@@ -194,6 +232,38 @@ def export_graph(graph, like: onnx.ModelProto) -> onnx.ModelProto:
     out.producer_version, out.domain, out.model_version = like.producer_version, like.domain, like.model_version
     out.doc_string = like.doc_string
     out.metadata_props.extend(like.metadata_props)
+    return out
+
+
+_HOLD_ABOVE = 1 << 16  # bytes: constants larger than this skip graphsurgeon's copies
+_DATA_FIELDS = {"raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"}
+
+
+def _export_holding_weights(graph) -> onnx.ModelProto:
+    """gs.export_onnx, with each large constant still as imported (LazyValues over a TensorProto of
+    the input model) copied into the output once. graphsurgeon copies every initializer into a
+    GraphProto, then that into the model: three models in memory at its peak (VGG-19: 1.6 GB on
+    top of the input). They go out as headers (name, type, dims, no data) and are filled afterwards."""
+    import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    held = {}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and \
+                isinstance(t._values.tensor, onnx.TensorProto) and tensor_nbytes(t._values.tensor) > _HOLD_ABOVE:
+            header = onnx.TensorProto()
+            copy_fields(t._values.tensor, header, skip=_DATA_FIELDS)
+            held[t.name] = (t, t._values)
+            t._values = LazyValues(header)
+    try:
+        out = gs.export_onnx(graph, do_type_check=True)
+    finally:
+        for t, values in held.values():
+            t._values = values
+    for init in out.graph.initializer:
+        if init.name in held:
+            init.CopyFrom(held[init.name][1].tensor)
+            init.name = held[init.name][0].name
     return out
 
 

@@ -1,6 +1,7 @@
 """Per-layer facts about a model: shapes, sparsity, 2:4 compliance, bytes dense vs non-zero."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -41,9 +42,11 @@ def layer_table(model: onnx.ModelProto) -> list[LayerInfo]:
     prunable = {w for _, w, _ in prunable_weights(model)}
     rows = []
     for node, name, axis in weight_nodes(model):
-        arr = numpy_helper.to_array(inits[name])
+        arr = numpy_helper.to_array(inits[name])  # a read-only view of one copy of its bytes
         nnz = int(np.count_nonzero(arr))
-        two_four = is_2to4(torch.from_numpy(np.array(arr)), axis) if arr.shape[axis] % 4 == 0 else None
+        with warnings.catch_warnings():  # is_2to4 only reads it
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            two_four = is_2to4(torch.from_numpy(arr), axis) if arr.shape[axis] % 4 == 0 else None
         rows.append(LayerInfo(node_label(node), node.op_type, name, tuple(arr.shape), arr.size, nnz,
                               name in prunable, two_four, arr.nbytes, nnz * arr.itemsize))
     return rows

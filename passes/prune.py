@@ -6,6 +6,7 @@ never touched.
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -13,7 +14,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from .graph import (PassResult, copy_model, initializer_map, prune_exclusions, replace_initializer,
+from .graph import (PassResult, add_initializer, copy_model_without_initializers, initializer_map, prune_exclusions,
                     set_prune_exclusions, weight_nodes)
 from .masks import is_excluded as _is_excluded
 from .masks import masks_for
@@ -43,20 +44,38 @@ def depthwise_weights(model: onnx.ModelProto) -> list[str]:
     return out
 
 
-def _apply(model: onnx.ModelProto, masks: dict[str, torch.Tensor], arrays: dict[str, np.ndarray],
-           exclude: list[str] | None = None) -> onnx.ModelProto:
-    out = copy_model(model)
-    for name, mask in masks.items():
-        replace_initializer(out, name, arrays[name] * mask.numpy())
+def _pruned(model: onnx.ModelProto, layers: list, mask_of, exclude: list[str] | None = None) -> onnx.ModelProto:
+    """A copy of `model` whose `layers`' weights are multiplied by `mask_of(name, weight)` (a keep-mask,
+    or None to leave the layer as is), built one initializer at a time: the input and its copy are
+    each in memory once, plus one layer's arrays. (Copying the model, then every weight as an array,
+    then replacing each in the copy peaked at 5.5 GB on VGG-19's 548 MiB.)"""
+    targets = {w for _, w, _ in layers}
+    out = copy_model_without_initializers(model)
+    for t in model.graph.initializer:
+        if t.name not in targets:
+            out.graph.initializer.append(t)
+            continue
+        weight = numpy_helper.to_array(t)  # a read-only view of one copy of its bytes
+        keep = mask_of(t.name, weight)
+        if keep is None:
+            out.graph.initializer.append(t)
+            continue
+        values = weight * keep
+        del weight, keep
+        raw = np.ascontiguousarray(values).tobytes()
+        del values  # one layer's bytes, then their copy in the model: never three arrays at once
+        add_initializer(out, t, raw)
     if exclude:  # the layers `exclude` left dense join the file's list: it says what was left dense on purpose
         set_prune_exclusions(out, [w for _, w, _ in weight_nodes(model)
                                    if _is_excluded(w, prune_exclusions(model) + list(exclude))])
     return out
 
 
-def _weights(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
-    inits = initializer_map(model)
-    return {n: np.array(numpy_helper.to_array(inits[n])) for n in names}
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch view of a read-only weight array (the masks only read it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(array)
 
 
 def prune_2to4(model: onnx.ModelProto, exclude: list[str] | None = None) -> PassResult:
@@ -67,11 +86,15 @@ def prune_2to4(model: onnx.ModelProto, exclude: list[str] | None = None) -> Pass
     counters: Counter = Counter()
     layers = prunable_weights(model, exclude)
     counters["excluded"] = len(weight_nodes(model)) - len(layers)
-    arrays = _weights(model, [w for _, w, _ in layers])
-    masks, found = masks_for({k: torch.from_numpy(v) for k, v in arrays.items()}, "2:4",
-                             axes={name: axis for _, name, axis in layers})
-    counters.update(found)
-    return PassResult(_apply(model, masks, arrays, exclude), counters, "prune_2to4")
+    axes = {name: axis for _, name, axis in layers}
+
+    def mask_of(name: str, weight: np.ndarray):  # one layer at a time: its mask depends on it alone
+        masks, found = masks_for({name: _tensor(weight)}, "2:4", axes={name: axes[name]})
+        counters.update(found)
+        return masks[name].numpy() if name in masks else None
+
+    out = _pruned(model, layers, mask_of, exclude)
+    return PassResult(out, counters, "prune_2to4")
 
 
 def prune_unstructured(model: onnx.ModelProto, sparsity: float, scope: str = "layer",
@@ -80,13 +103,26 @@ def prune_unstructured(model: onnx.ModelProto, sparsity: float, scope: str = "la
     counters: Counter = Counter()
     layers = prunable_weights(model, exclude)
     counters["excluded"] = len(weight_nodes(model)) - len(layers)
-    arrays = _weights(model, [w for _, w, _ in layers])
-    masks, found = masks_for({k: torch.from_numpy(v) for k, v in arrays.items()}, "unstructured", sparsity, scope)
-    counters.update(found)
+    if scope == "global":  # one threshold over every layer: the magnitudes are ranked together
+        inits = initializer_map(model)
+        masks, found = masks_for({w: _tensor(numpy_helper.to_array(inits[w])) for _, w, _ in layers},
+                                 "unstructured", sparsity, scope)
+        counters.update(found)
+        mask_of = lambda name, weight: masks[name].numpy() if name in masks else None  # noqa: E731
+    else:
+        masks = {}
+
+        def mask_of(name: str, weight: np.ndarray):  # one layer at a time: its mask depends on it alone
+            one, found = masks_for({name: _tensor(weight)}, "unstructured", sparsity, scope)
+            counters.update(found)
+            masks[name] = True
+            return one[name].numpy()
+
+    out = _pruned(model, layers, mask_of, exclude)
     depthwise = sum(1 for w in depthwise_weights(model) if w in masks)
     if depthwise:
         counters["pruned_depthwise"] = depthwise
-    return PassResult(_apply(model, masks, arrays, exclude), counters, f"prune_unstructured({sparsity:g},{scope})")
+    return PassResult(out, counters, f"prune_unstructured({sparsity:g},{scope})")
 
 
 def parse_prune(spec: str | None, what: str = "--prune"):

@@ -492,7 +492,15 @@ def test_full_disk_is_one_line(capsys, tmp_path, monkeypatch):
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    real_open = Path.open
+
+    def open_full(self, mode="r", *args, **kwargs):  # save_onnx streams its parts to an open file
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)
+
     monkeypatch.setattr(Path, "write_bytes", full)
+    monkeypatch.setattr(Path, "open", open_full)
     fails(capsys, tmp_path, "convert", "tinynet", "-o", "a.onnx", match="no space left")
 
 
