@@ -100,7 +100,7 @@ def _parts(items: list[dict], show: int = 3, group: bool = False) -> str:
     many more: the summary stays one line."""
     def why(e):
         text = str(e.get("error", "")).strip().splitlines()
-        return (text[0] if text else "")[:90]
+        return (text[0] if text else "")[:90].rstrip(" ;,")
 
     if group:
         counts: dict[str, int] = {}
