@@ -173,8 +173,10 @@ class _Evaluator:
         self.check_batch = None
 
     def outputs(self, model: onnx.ModelProto, desc: str) -> tuple[list[torch.Tensor], object]:
+        from ..runtimes import compile_engine
+
         opts = {"dtype": "fp32", "tf32": False, "cuda_graph": self.device.type == "cuda"}
-        engine = self.rt.compile(self.rt.rewrite(model, opts), self.device, opts)
+        engine = compile_engine(self.rt, self.rt.rewrite(model, opts), self.device, opts)
         self.output_names = list(engine.output_names)
         share = self.data.shard(distributed.rank(), distributed.world_size())
         outs, labels = predict(engine, share, self.subject.spec, self.device, self.batch_size,

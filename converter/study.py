@@ -81,12 +81,12 @@ def dense_engines(model, device, options: Mapping | None = None, layouts: tuple[
     Each is the torch runtime with dense_conv=best under `options` (dtype, tf32, cuda_graph...)
     and channels_last set by the layout; time them in the same run and take `best_dense`.
     """
-    from ..runtimes import get_runtime
+    from ..runtimes import compile_engine, get_runtime
 
     rt = get_runtime("torch")
     options = dict(options or {})
     extra = {**options.pop("extra", {}), "dense_conv": "best"}
-    return {layout: rt.compile(model, device, {**options, "channels_last": layout == "NHWC", "extra": extra})
+    return {layout: compile_engine(rt, model, device, {**options, "channels_last": layout == "NHWC", "extra": extra})
             for layout in layouts}
 
 

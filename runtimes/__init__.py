@@ -6,6 +6,7 @@ functions, never here, so the CLI and `doctor` work without them.
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from types import ModuleType
 
@@ -67,6 +68,31 @@ def resolve_device(device: str | None) -> _torch.device:
     return dev
 
 
+def takes_calibration(rt: ModuleType | str) -> bool:
+    """Whether runtime `rt` chooses on activations, so that its compile takes `calibration=` (an
+    input batch, normalised as the model expects): ecr's and hybrid's ECR/PECR kernels skip input
+    zeros, so their speed, and the choice, depend on the activation values."""
+    rt = get_runtime(rt) if isinstance(rt, str) else rt
+    # Read from the runtime's own compile signature, not from a list of names here: the contract's
+    # compile(model, device, options, state) is every runtime's, and a runtime that chooses on
+    # activations adds `calibration=` in its own folder; a list here would fall out of step with it.
+    try:
+        return "calibration" in inspect.signature(rt.compile).parameters
+    except (TypeError, ValueError):  # a compiled or wrapped callable without a readable signature
+        return False
+
+
+def compile_engine(rt_or_name: ModuleType | str, model, device, options=None, state: dict | None = None,
+                   calibration: _torch.Tensor | None = None):
+    """The one call that compiles an engine (every flow: convert, run, verify, compare, the API,
+    the studies, load_engine): `rt.compile(model, device, options, state=state)`, with
+    `calibration` passed on only to a runtime that takes it (`takes_calibration`); the others
+    choose on weights and shapes alone, and the caller says that it was ignored."""
+    rt = require_runtime(rt_or_name) if isinstance(rt_or_name, str) else rt_or_name
+    kwargs = {"calibration": calibration} if calibration is not None and takes_calibration(rt) else {}
+    return rt.compile(model, device, options, state=state, **kwargs)
+
+
 def load_engine(path: str | Path, device: str | None = None):
     """Rebuild a saved engine on `device` (default: the one it was compiled for, if present)."""
     from .base import CompileOptions, read_engine_file, read_engine_files
@@ -83,7 +109,7 @@ def load_engine(path: str | Path, device: str | None = None):
     if files:
         state["files"] = files
     try:
-        engine = rt.compile(model, dev, options, state=state)
+        engine = compile_engine(rt, model, dev, options, state=state)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         # the file was validated; what is left is its saved state, which only the runtime reads
         raise UserError(f"{path}: its saved state does not fit runtime '{manifest['runtime']}' "
