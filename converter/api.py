@@ -288,28 +288,53 @@ def _as_onnx(model, what: str = "model") -> tuple[onnx.ModelProto, str]:
 
 
 def compile(model, runtime: str = "torch", device: str = "auto", dtype: str = "fp32", *, tf32: bool = False,
-            channels_last: bool = False, cuda_graph: bool = True, options: Mapping | None = None):
+            channels_last: bool = False, cuda_graph: bool = True, options: Mapping | None = None,
+            calibration=None, calibration_images: int | None = None):
     """Rewrite the pruned model for `runtime` and compile it on `device`, as `convert --engine` does.
 
-    runtime: torch, csr, sparsert, ecr, cusparselt, tensorrt, minkowski (`sparsecnn doctor` says which
-        run here; on a CPU torch and csr have reference paths). options: the runtime's settings
+    runtime: torch, csr, sparsert, ecr, cusparselt, tensorrt, minkowski, hybrid (`sparsecnn doctor` says
+        which run here; on a CPU torch and csr have reference paths). options: the runtime's settings
         (`sparsecnn doctor --options RUNTIME`), e.g. {"csr_weight_budget": 0.25}; an unknown key or
         a bad value is a UserError.
+    calibration: the inputs a runtime that chooses on activations (ecr, hybrid: their ECR/PECR kernels
+        skip input zeros) chooses its kernels on, as `convert --calibration` gives them: a tensor or
+        array [N, C, H, W] already normalised as the model expects, a folder of images (an ImageFolder
+        or a flat folder, prepared per the model's input spec; at most `calibration_images`, default
+        16, evenly spaced over its sorted files) or an .npz holding the input array by input name (its
+        first `calibration_images` rows). Without it those runtimes choose on a random input and
+        `engine.report()` says so; other runtimes choose on weights and shapes and ignore it (a warning
+        says so).
     Returns the Engine (runtimes/base.py): `engine(x)` returns a tuple of fp32 tensors, one per output;
     `engine.report()` says per layer what ran; `engine.save(path)` writes an engine file.
     """
-    from ..runtimes import require_runtime, resolve_device
+    import numbers
+
+    from ..runtimes import compile_engine, require_runtime, resolve_device
     from ..runtimes.options import validate
+    from .calibration import calibration_for, check_path
 
     if dtype not in _verify.DTYPES:
         raise UserError(f"dtype must be one of {', '.join(_verify.DTYPES)}, got {dtype!r}")
+    if calibration_images is not None and (isinstance(calibration_images, bool)
+                                           or not isinstance(calibration_images, numbers.Integral)
+                                           or calibration_images < 1):
+        raise UserError(f"calibration_images must be an integer >= 1, got {calibration_images!r}")
+    if isinstance(calibration, (str, Path)):
+        check_path(calibration, "calibration=")  # a missing folder or file fails before any work
     onnx_model, _ = _as_onnx(model)
     rt = require_runtime(runtime)
     extra = validate(runtime, dict(options or {}))
     dev = resolve_device(device)
     opts = {"dtype": dtype, "tf32": bool(tf32), "channels_last": bool(channels_last), "cuda_graph": bool(cuda_graph),
             "extra": extra}
-    engine = rt.compile(rt.rewrite(onnx_model, opts), dev, opts)
+    sparse = rt.rewrite(onnx_model, opts)
+    calib = None
+    if calibration is not None:
+        stored = get_input_spec(onnx_model)
+        spec = model.spec if isinstance(model, PrunedModel) else InputSpec.from_dict(stored) if stored else None
+        calib = calibration_for([rt], calibration, sparse, spec, calibration_images, "calibration=",
+                                warn=lambda line: warnings.warn(line, UserWarning, stacklevel=4))
+    engine = compile_engine(rt, sparse, dev, opts, calibration=calib)
     _SOURCES[engine] = model if isinstance(model, PrunedModel) else onnx_model
     return engine
 

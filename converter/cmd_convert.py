@@ -5,12 +5,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import add_engine_args, add_input_spec_args, add_prune_args, add_source_args
+from .options import add_calibration_args, add_engine_args, add_input_spec_args, add_prune_args, add_source_args
 
 HELP = """\
 Export a model to ONNX with BatchNorm folded, prune it, and write the pruned model: a
 plain ONNX file whose pruned weights are zeros (every runtime starts from this file).
-With --engine, also rewrite it for --runtime and save the compiled engine.
+With --engine, also rewrite it for --runtime and save the compiled engine (ecr and hybrid
+choose their activation-sparse kernels on --calibration images: give images like your data).
 The model's input spec (size, normalisation, class names) is stored in both files, so
 `run` and `compare` need no flags: a registry model or checkpoint brings its own; for an
 ONNX file from elsewhere give --mean/--std (and --input-shape if its size is not fixed).
@@ -24,6 +25,7 @@ examples:
   sparsecnn convert mobilenet_v2.onnx --mean imagenet --std imagenet --labels classes.txt -o mnv2.onnx
   sparsecnn convert trafficcamnet --opset 13 -o tcn.onnx          # for TensorRT 8.2 on Jetson Nano
   sparsecnn convert resnet18 --prune 0.9 -o r.onnx --runtime torch --engine r.engine --device cuda --dtype fp16
+  sparsecnn convert vgg19 --weights v.pt --prune 0.9 -o v.onnx --runtime ecr --engine v.engine --calibration photos/
 """
 
 
@@ -38,6 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("--sparse-onnx", help="also write the runtime-rewritten ONNX (custom sparse ops) to this file")
     p.add_argument("--json", metavar="FILE|-", help="write the per-layer report (pruning rule, sparsity, what the "
                    "runtime runs and why) as JSON to FILE, or to stdout with '-' (the other lines then go to stderr)")
+    add_calibration_args(p, "when --engine is built")
     add_input_spec_args(p)
     p.set_defaults(func=run)
 
@@ -65,7 +68,8 @@ def _run(args, stdout) -> int:
     from ..passes.graph import run_pipeline
     from ..passes.prune import prune_pipeline
     from . import layer_report
-    from ..runtimes import require_runtime, resolve_device
+    from ..runtimes import compile_engine, require_runtime, resolve_device
+    from .calibration import calibration_for, check_path
     from .options import compile_options
     from ..common.onnxio import set_input_spec
     from .source import SpecFlags, convert_opset, load_source, stage
@@ -74,6 +78,11 @@ def _run(args, stdout) -> int:
     if not (args.engine or args.sparse_onnx) and (getattr(args, "runtime_given", False) or args.options):
         raise UserError(f"--runtime {args.runtime} / --option take effect only with --engine FILE or "
                         "--sparse-onnx FILE; add one, or drop them")
+    if args.calibration and not args.engine:
+        raise UserError("--calibration is what an engine's kernels are chosen on; it takes effect only with "
+                        "--engine FILE: add one, or drop it")
+    if args.calibration:
+        check_path(args.calibration)  # a missing folder or file fails before any work
     opts = compile_options(args)  # and --option against --runtime
     runtime = require_runtime(args.runtime) if (args.engine or args.sparse_onnx) else None
     device = resolve_device(args.device) if args.engine else None
@@ -107,8 +116,11 @@ def _run(args, stdout) -> int:
         with stage(f"rewriting for runtime '{runtime.name}'"):
             sparse = runtime.rewrite(model, opts)
         if args.engine:
-            with stage(f"compiling for {device} ({args.dtype})"):
-                engine = runtime.compile(sparse, device, opts)
+            calibration = calibration_for([runtime], args.calibration, sparse, src.spec, args.calibration_images,
+                                          warn=lambda line: print(f"warning: {line}", file=sys.stderr))
+            with stage(f"compiling for {device} ({args.dtype})"
+                       + (f", calibrated on {len(calibration)} inputs" if calibration is not None else "")):
+                engine = compile_engine(runtime, sparse, device, opts, calibration=calibration)
     save_onnx(model, out)
     report = layer_report.convert_report(model, args, sparse=sparse, engine=engine, device=device, source=src.label)
     s = report["summary"]

@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..common.errors import UserError
-from .options import add_engine_args, add_input_spec_args, batch_size, int_range, positive_int
+from .options import add_calibration_args, add_engine_args, add_input_spec_args, batch_size, int_range, positive_int
 
 EXAMPLES = """\
 examples:
@@ -16,6 +16,7 @@ examples:
   sparsecnn run my.onnx --input photos/ --input-shape 3x224x224 --mean 0.5 --std 0.5   # dynamic H, W
   sparsecnn run r18.engine --random --batch 32 --timing        # min/median/mean/p90/p99, images/s
   sparsecnn run trafficcamnet --random --batch 2 -o outputs.npz
+  sparsecnn run v90.onnx --runtime ecr --calibration photos/ --input photos/   # ecr chooses on real images
 """
 
 
@@ -46,6 +47,8 @@ def add_parser(sub) -> None:
                    help="--timing: timed calls (default: as many as fill about 3 s, at least 10)")
     p.add_argument("--weights", help="weights for a registry model (see `convert --help`)")
     add_engine_args(p)
+    add_calibration_args(p, "when `run` builds an engine from an ONNX file or registry model (a saved "
+                            "engine keeps the choices it was built with)")
     add_input_spec_args(p)
     p.set_defaults(func=run)
 
@@ -69,13 +72,18 @@ def run(args) -> int:
         from .images import image_files
 
         files = image_files(args.input)  # a missing input fails before the model is built
+    if args.calibration and not args.model.endswith(".engine"):
+        from .calibration import check_path
+
+        check_path(args.calibration)  # so does a missing calibration source
     flags = SpecFlags.from_args(args)
     engine_file = args.model.endswith(".engine")
     opts = None if engine_file else compile_options(args)
     t0 = time.perf_counter()
     engine, inp = load_runnable(args.model, runtime=args.runtime, device=args.device, weights=args.weights,
                                 options=opts, flags=flags, images=files is not None,
-                                given=engine_settings_given(args) if engine_file else None)
+                                given=engine_settings_given(args) if engine_file else None,
+                                calibration=args.calibration, calibration_images=args.calibration_images)
     setup_s = time.perf_counter() - t0
     if files is not None:
         from .images import image_batches

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from ..common.errors import UserError
-from .options import add_prune_args, add_source_args, batch_size, mark_given
+from .options import add_calibration_args, add_prune_args, add_source_args, batch_size, mark_given
 
 HELP = """\
 Check that engines compute what the pruned ONNX model says. SOURCE is the pruned ONNX file, a
@@ -30,6 +30,7 @@ examples:
   sparsecnn verify r18-90.onnx --inputs in.npz --runtimes csr       the same inputs again, by input name
   sparsecnn verify r18-90.onnx --runtimes csr --dtype fp16 --device cuda --json -   machine-readable
   sparsecnn verify r18-90.onnx --runtimes csr --save-outputs outs.npz   every output kept, for a closer look
+  sparsecnn verify v90.onnx --runtimes ecr --calibration photos/ --device cuda   ecr's kernels chosen on real images
 """
 
 
@@ -72,6 +73,7 @@ def add_parser(sub) -> None:
                    help="write the inputs (by name) and every output ('RUNTIME:OUTPUT', 'onnxruntime:OUTPUT')")
     p.add_argument("--json", metavar="FILE|-", help="write the results as JSON to FILE, or to stdout with '-' "
                                                     "(the table then goes to stderr)")
+    add_calibration_args(p, "when it compiles (the kernels checked are the ones it chose)")
     p.set_defaults(func=run)
 
 
@@ -88,6 +90,7 @@ def _runtimes(text: str) -> list[str]:
 
 def run(args) -> int:
     from ..common.fileio import check_outputs, write_bytes_atomic, write_text_atomic
+    from .calibration import calibration_for, check_path
     from .verify import check_engine_file, check_runtimes, outputs_npz, read_inputs
 
     engine_file = args.source.endswith(".engine")
@@ -97,7 +100,8 @@ def run(args) -> int:
     if engine_file:
         given = [f for f, on in (("--runtimes", getattr(args, "runtimes_given", False)), ("--prune", args.prune),
                                  ("--dtype", args.dtype), ("--tf32", args.tf32), ("--option", args.options),
-                                 ("--weights", args.weights), ("--exclude", args.exclude)) if on]
+                                 ("--weights", args.weights), ("--exclude", args.exclude),
+                                 ("--calibration", args.calibration)) if on]
         if given:
             one = len(given) == 1
             raise UserError(f"{args.source} is a saved engine: it runs as it was built, so {', '.join(given)} "
@@ -110,6 +114,8 @@ def run(args) -> int:
     check_outputs({"--save-outputs": args.save_outputs, "--json": json_file},
                   [args.source, args.weights, args.inputs, args.onnx])  # before any work
     arrays = read_inputs(args.inputs) if args.inputs else None  # a missing file fails before the model loads
+    if args.calibration:
+        check_path(args.calibration)  # so does a missing calibration source
     common = {"inputs": arrays, "input_source": args.inputs or "", "batch": args.batch, "seed": args.seed,
               "atol": args.atol, "rtol": args.rtol}
     if engine_file:
@@ -130,8 +136,13 @@ def run(args) -> int:
                 model, results = run_pipeline(model, pipeline)
             for r in results:
                 print(r.summary(), file=sys.stderr)
+        from ..runtimes import get_runtime
+
+        calibration = calibration_for([get_runtime(n) for n in runtimes], args.calibration, model, src.spec,
+                                      args.calibration_images,
+                                      warn=lambda line: print(f"warning: {line}", file=sys.stderr))
         result = check_runtimes(model, runtimes, args.device, dtype=args.dtype or "fp32", tf32=args.tf32,
-                                options=options, where=src.label, **common)
+                                options=options, where=src.label, calibration=calibration, **common)
     text = str(result)
     print(text, file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":

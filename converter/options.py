@@ -118,6 +118,29 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "bad value is an error")
 
 
+# Calibration images a folder gives by default (here, not in converter/calibration.py: verbs import
+# this module to build --help and must load no heavy library): enough for each layer's input
+# sparsity to settle, few enough that every candidate is checked and timed on a small batch.
+CALIBRATION_IMAGES = 16
+
+
+def add_calibration_args(p: argparse.ArgumentParser, when: str) -> None:
+    """--calibration and --calibration-images; `when`: the verb's clause saying when they apply."""
+    g = p.add_argument_group("calibration (for runtimes that choose kernels on activations: ecr, hybrid)")
+    g.add_argument("--calibration", metavar="DIR|FILE.npz",
+                   help="real inputs the runtime chooses its kernels on " + when + ": ecr's and hybrid's ECR/PECR "
+                        "kernels skip the zeros of each layer's input, so whether one beats dense depends on "
+                        "the data; give images like those you will run. A folder of images (an ImageFolder or a "
+                        "flat folder, prepared per the model's input spec) or an .npz holding the input array by "
+                        "input name (`run --save-inputs` writes one). Without it they choose on a random input, and "
+                        "each layer's row of engine.report() (kept in the engine file) says so; other runtimes "
+                        "choose on weights and shapes and ignore it (a warning says so)")
+    g.add_argument("--calibration-images", type=int_range(1, MAX_BATCH), default=CALIBRATION_IMAGES, metavar="N",
+                   help=f"at most N calibration images (default {CALIBRATION_IMAGES}): from a folder evenly spaced "
+                        "over its sorted files (every class of an ImageFolder), from an .npz its first N; they "
+                        "run as one batch, and the kernels are chosen at that batch size")
+
+
 # --- the input spec: what images become before they reach the model ---------------------------------
 # Named normalisations for --mean / --std (resolved in converter/source.py, which knows the values).
 NORMALISATIONS = ("imagenet",)

@@ -325,17 +325,23 @@ def check_engine_settings(path: str, manifest: dict, given: dict[str, tuple[str,
 
 def load_runnable(model: str, *, runtime: str, device: str, weights: str | None = None,
                   options: dict | None = None, flags: SpecFlags | None = None, images: bool = False,
-                  given: dict | None = None):
+                  given: dict | None = None, calibration: str | None = None, calibration_images: int | None = None):
     """(engine, ModelInput) for `sparsecnn run`: an engine file loads as saved (on `device` unless
     "auto"; `given`, the engine settings on the command line, must agree with it); an ONNX file or a
-    registry model is rewritten and compiled for `runtime`. With `images`, a missing input spec fails
-    before any compilation."""
-    from ..runtimes import load_engine, require_runtime, resolve_device
+    registry model is rewritten and compiled for `runtime`, on `calibration` (a folder of images or an
+    .npz, converter/calibration.py) where the runtime chooses on activations. With `images`, a
+    missing input spec fails before any compilation."""
+    from ..runtimes import compile_engine, load_engine, require_runtime, resolve_device
+    from .calibration import calibration_for
 
     flags = flags or SpecFlags()
     if model.endswith(".engine"):
         from ..runtimes.base import read_engine_file
 
+        if calibration:
+            raise UserError(f"{model} is a saved engine: its kernels were chosen when it was built; drop "
+                            "--calibration (it applies when `run` builds an engine from an ONNX file or registry "
+                            "model, and to `convert --engine`)")
         manifest, saved = read_engine_file(model)
         check_engine_settings(model, manifest, given or {})
         stored = get_input_spec(saved, model)
@@ -350,7 +356,10 @@ def load_runnable(model: str, *, runtime: str, device: str, weights: str | None 
         src.input.require_spec()
     if src.spec is not None:  # the engine carries what it was given (ecr calibrates on images of this spec)
         set_input_spec(src.model, src.spec.to_dict())
-    return rt.compile(rt.rewrite(src.model, options), dev, options), src.input
+    sparse = rt.rewrite(src.model, options)
+    calib = calibration_for([rt], calibration, sparse, src.spec, calibration_images,
+                            warn=lambda line: print(f"warning: {line}", file=sys.stderr))
+    return compile_engine(rt, sparse, dev, options, calibration=calib), src.input
 
 
 def convert_opset(model: onnx.ModelProto, opset: int, where: str) -> onnx.ModelProto:

@@ -354,11 +354,12 @@ def check_runtimes(model: onnx.ModelProto, runtimes: list[str], device: str = "a
                    tf32: bool = False, options: Mapping[str, dict] | None = None,
                    inputs: Mapping[str, np.ndarray] | None = None, input_source: str = "", batch: int = 1,
                    seed: int = 0, atol: float | None = None, rtol: float | None = None, where: str = "the model",
-                   quiet: bool = False) -> VerifyResult:
+                   quiet: bool = False, calibration: torch.Tensor | None = None) -> VerifyResult:
     """Rewrite and compile `model` (the pruned ONNX) for each runtime, run all on the same inputs
     (`inputs` by name, else random of the model's size) and compare every output with ONNX Runtime's.
-    `options`: per runtime its typed settings (runtimes.options.validate_for_runtimes)."""
-    from ..runtimes import require_runtime, resolve_device
+    `options`: per runtime its typed settings (runtimes.options.validate_for_runtimes); `calibration`:
+    the input batch runtimes that choose on activations compile on (converter/calibration.py)."""
+    from ..runtimes import compile_engine, require_runtime, resolve_device
     from .source import stage
 
     rts = [require_runtime(n) for n in runtimes]  # an unknown or unavailable runtime fails before any work
@@ -372,7 +373,7 @@ def check_runtimes(model: onnx.ModelProto, runtimes: list[str], device: str = "a
     for rt in rts:
         opts = {"dtype": dtype, "tf32": tf32, "extra": dict((options or {}).get(rt.name, {}))}
         with stage(f"compiling for runtime '{rt.name}' on {dev} ({dtype})", quiet):
-            engine = rt.compile(rt.rewrite(model, opts), dev, opts)
+            engine = compile_engine(rt, rt.rewrite(model, opts), dev, opts, calibration=calibration)
         subjects.append(Subject(rt.name, engine_runner(engine), d_atol if atol is None else atol,
                                 d_rtol if rtol is None else rtol))
     with stage(f"running {len(subjects)} engine{'s' if len(subjects) != 1 else ''} and ONNX Runtime", quiet):

@@ -675,3 +675,36 @@ def test_verify_inputs_file_not_npz(capsys, tmp_path, tiny_onnx_bytes, content):
 
 def test_verify_missing_inputs_file_fails_before_the_model_loads(capsys, tmp_path):
     fails(capsys, tmp_path, "verify", "no-such-model.onnx", "--inputs", "in.npz", match="inputs file not found: in.npz")
+
+
+# ---- 7. calibration input (converter/calibration.py) ---------------------------------------------------
+
+CONVERT_ECR = ("convert", "tinynet", "-o", "x.onnx", "--runtime", "ecr", "--engine", "x.engine", "--device", "cpu")
+CALIBRATION_CASES = {
+    "missing path": ((*CONVERT_ECR, "--calibration", "nowhere"), "--calibration not found: nowhere"),
+    "empty folder": ((*CONVERT_ECR, "--calibration", "empty"), "--calibration empty: no images"),
+    "not a folder or npz": ((*CONVERT_ECR, "--calibration", "notes.txt"), "neither a folder of images nor an .npz"),
+    "npz without the input": ((*CONVERT_ECR, "--calibration", "other.npz"), r"no array 'input' \(it holds 'image'\)"),
+    "npz of the wrong shape": ((*CONVERT_ECR, "--calibration", "small.npz"),
+                               r"array 'input' has shape \[2, 3, 16, 16\]; input 'input' takes \[N, 3, 32, 32\]"),
+    "convert without --engine": (("convert", "tinynet", "-o", "x.onnx", "--calibration", "empty"),
+                                 "takes effect only with --engine"),
+    "run missing path": (("run", "tinynet", "--runtime", "ecr", "--device", "cpu", "--calibration", "nowhere"),
+                         "--calibration not found"),
+    "run a saved engine": (("run", "e.engine", "--device", "cpu", "--calibration", "other.npz"),
+                           "saved engine.*drop --calibration"),
+    "verify npz of the wrong shape": (("verify", "tinynet", "--runtimes", "ecr", "--device", "cpu", "--calibration",
+                                       "small.npz"), r"has shape \[2, 3, 16, 16\]"),
+    "verify a saved engine": (("verify", "e.engine", "--calibration", "other.npz"), "--calibration does not apply"),
+}
+
+
+@pytest.mark.parametrize("case", list(CALIBRATION_CASES))
+def test_bad_calibration(capsys, tmp_path, engine_members, case):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not images")
+    np.savez(tmp_path / "other.npz", image=np.zeros((1, 3, 32, 32), np.float32))
+    np.savez(tmp_path / "small.npz", input=np.zeros((2, 3, 16, 16), np.float32))
+    write_engine(tmp_path / "e.engine", engine_members)
+    argv, match = CALIBRATION_CASES[case]
+    fails(capsys, tmp_path, *argv, match=match)
