@@ -194,12 +194,13 @@ def _eager_candidate(prep: Prepared, regime: Regime, x: torch.Tensor, device: to
 
 def _engine_candidate(label, kind, runtime_name, prune, dense_conv, model, regime, x, device,
                       options: dict | None = None) -> Candidate:
-    from ..runtimes import require_runtime
+    from ..runtimes import compile_engine, require_runtime
 
     rt = require_runtime(runtime_name)
     opts = regime.compile_options(extra={"dense_conv": dense_conv, **(options or {})})
     sparse = rt.rewrite(model, opts)
-    eng = rt.compile(sparse, device, opts)
+    # no calibration: bench's input is random, and the report must keep saying the ECR choice was made on it
+    eng = compile_engine(rt, sparse, device, opts)
     xs = eng.prepare(x)
     with torch.no_grad(), eng._precision_context():
         runner = eng.runner(*xs)  # on GPU: captures the graph (and, for best, decides per layer)

@@ -372,6 +372,11 @@ def _pick_layers(result: dict, model: str | None):
     return (model, regime, batch), sel
 
 
+# the winning library of a layer, in engines that choose per layer among libraries (hybrid)
+LIBRARY_COLOURS = {"dense": "#8c8c8c", "torch": "#8c8c8c", "csr": "#4c72b0", "ecr": "#55a868", "pecr": "#2e7d32",
+                   "cusparselt": "#c44e52", "sparsert": "#8172b2"}
+
+
 def plot_layers(result: dict, model: str | None = None):
     """Figure 8: per weight layer, the best dense engine's time and each engine's speedup over it."""
     plt = _plt()
@@ -401,13 +406,22 @@ def plot_layers(result: dict, model: str | None = None):
     ax_t.grid(True, axis="y", alpha=0.3)
     width = 0.8 / max(1, len(others))
     for k, e in enumerate(others):
-        by_name = {}
+        by_name, library = {}, {}
         for r in e["rows"]:
             for m in r.get("matched") or []:
                 if r.get("speedup") is not None:
                     by_name[m] = r["speedup"]
+                    if r.get("library"):  # an engine choosing per layer among libraries (hybrid): who won
+                        library[m] = "pecr" if r.get("format") == "pecr" else r["library"]
         vals = [by_name.get(n, 0.0) for n in names]
-        ax_s.bar([i - 0.4 + width * (k + 0.5) for i in range(len(names))], vals, width, label=e["engine"])
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(names))]
+        if library:
+            ax_s.bar(xs, vals, width, color=[LIBRARY_COLOURS.get(library.get(n), "#dddddd") for n in names],
+                     edgecolor="black", linewidth=0.4)
+            for lib in dict.fromkeys(library.values()):
+                ax_s.bar([0], [0], color=LIBRARY_COLOURS.get(lib, "#dddddd"), label=f"{e['engine']}: {lib}")
+        else:
+            ax_s.bar(xs, vals, width, label=e["engine"])
     ax_s.axhline(1.0, color="black", lw=1, ls="--")
     ax_s.set_ylabel(f"speedup over {ref['engine'] if ref else 'dense'} layer (×)")
     ax_s.set_xlabel("layer (weight layers in network order)")

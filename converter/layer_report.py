@@ -187,6 +187,10 @@ def runtime_reason(step: dict) -> str:
         parts.append(str(step["reason"]))
     elif str(step.get("op", "")).startswith("sparsecnn::"):
         parts.append("rewritten to its sparse op (no measured choice)")
+    if step.get("calibration"):  # an activation-sparse choice made on random input says so
+        parts.append(str(step["calibration"]))
+    if step.get("measured_on"):  # a reloaded choice measured on another card
+        parts.append(str(step["measured_on"]))
     return "; ".join(parts)
 
 
