@@ -44,7 +44,6 @@ def build_spmm(weight: torch.Tensor, n: int, dtype: torch.dtype, device=None, ma
     """
     from ...passes.csr.layout import csr_from_dense
     from ..nvrtc import device_arch
-    from .runtime import time_candidate
     from .codegen import (DEFAULT_MAX_INSTRUCTIONS, GeneratedKernel, LayerGeometry, build_program,
                                    candidate_configs, compile_programs, layer_key, load_tuning, render_cuda,
                                    store_tuning, TileConfig, tuning_key)
@@ -91,10 +90,16 @@ def build_spmm(weight: torch.Tensor, n: int, dtype: torch.dtype, device=None, ma
     t0 = time.perf_counter()
     b = torch.randn(k, n, device=device).to(dtype)
     timings = {}
-    if len(kernels) > 1:
-        for name, kern in kernels.items():
-            timings[name] = round(time_candidate(lambda x, kern=kern: kern(x), (b,), device), 5)
-        best = min(timings, key=timings.get)
+    if len(kernels) > 1:  # the one chooser: each config checked against the first, timed interleaved
+        from ..chooser import Candidate, Chooser
+
+        cands = [Candidate(name, (lambda x, kern=kern: kern(x)), dense=False, library="sparsert")
+                 for name, kern in kernels.items()]
+        d = Chooser(device, dtype).choose("sweep", cands, (b,), reference=cands[0].name)
+        timings = {name: round(ms, 5) for name, ms in d.times_ms.items()}
+        best = d.chosen
+        if d.rejected:
+            entry["rejected"] = d.rejected
         store_tuning({tkey: {"choice": "generated", "config": best, "ms": timings}})
     else:
         best = next(iter(kernels))

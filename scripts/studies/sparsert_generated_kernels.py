@@ -85,9 +85,10 @@ def make_kernel(prog, src, device):
 
 def time_warm(fn, args, device, reps):
     """Median ms per call from a CUDA graph of 10 back-to-back calls (L2 warm)."""
-    from sparsecnn.runtimes.sparsert.runtime import time_candidate
+    from sparsecnn.runtimes.timing import time_calls
 
-    return time_candidate(fn, args, device, launches=10, reps=max(5, reps // 5))
+    return time_calls(lambda j: fn(*args), device, reps=max(5, reps // 5), warmup=1, min_inner=10,
+                      warmup_ms=2.0).median_ms
 
 
 def time_cold(fn, args, device, reps):
