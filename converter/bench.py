@@ -79,6 +79,7 @@ class BenchConfig:
     progress: bool = True
     quick: bool = False
     runtime_options: dict = field(default_factory=dict)  # runtime -> its typed --option values
+    calibration: str | None = None  # images or .npz the activation-sparse runtimes choose on (else random)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -118,6 +119,8 @@ class Prepared:
     pruned: dict[str, onnx.ModelProto]
     info: dict
     report_rows: dict = field(default_factory=dict)  # prune setting -> the layer report's pruning rows
+    spec: object = None                # the input spec (size, normalisation), to read calibration images
+    calibration: object = None         # the calibration batch read for this model (bench --calibration)
 
 
 def prepare_model(name: str, prunes: list[str], scope: str = "layer", weights: str | None = None,
@@ -137,12 +140,14 @@ def prepare_model(name: str, prunes: list[str], scope: str = "layer", weights: s
         dense = export_onnx(module, spec, entry.exclude)
         shape = tuple(spec.shape)
     else:
+        spec = None
         src = load_source(name, weights, quiet=quiet)
         module, dense = None, src.model
         dims = [d.dim_value for d in dense.graph.input[0].type.tensor_type.shape.dim][1:]
         if src.spec is None and not all(dims):
             raise UserError(f"{name}: the input size is not fixed in the ONNX file; export it with a fixed size")
         shape = tuple(src.spec.shape) if src.spec else tuple(dims)
+        spec = src.spec
     pruned = {}
     info = {"dense_onnx_bytes": onnx_bytes(dense), "prune": {}}
     for p in prunes:
@@ -153,7 +158,7 @@ def prepare_model(name: str, prunes: list[str], scope: str = "layer", weights: s
         info["prune"][p] = {"prunable_sparsity": summary["prunable_sparsity"], "dense_bytes": summary["dense_bytes"],
                             "nonzero_bytes": summary["nonzero_bytes"], "onnx_bytes": onnx_bytes(model),
                             "prunable_layers": summary["prunable_layers"], "two_four_layers": summary["two_four_layers"]}
-    return Prepared(name, module, dense, shape, pruned, info)
+    return Prepared(name, module, dense, shape, pruned, info, spec=spec)
 
 
 # --- engines -------------------------------------------------------------------------------
@@ -193,14 +198,14 @@ def _eager_candidate(prep: Prepared, regime: Regime, x: torch.Tensor, device: to
 
 
 def _engine_candidate(label, kind, runtime_name, prune, dense_conv, model, regime, x, device,
-                      options: dict | None = None) -> Candidate:
+                      options: dict | None = None, calibration=None) -> Candidate:
     from ..runtimes import compile_engine, require_runtime
 
     rt = require_runtime(runtime_name)
     opts = regime.compile_options(extra={"dense_conv": dense_conv, **(options or {})})
     sparse = rt.rewrite(model, opts)
-    # no calibration: bench's input is random, and the report must keep saying the ECR choice was made on it
-    eng = compile_engine(rt, sparse, device, opts)
+    # without --calibration the activation-sparse choices are made on random input, and the report says so
+    eng = compile_engine(rt, sparse, device, opts, calibration=calibration)
     xs = eng.prepare(x)
     with torch.no_grad(), eng._precision_context():
         runner = eng.runner(*xs)  # on GPU: captures the graph (and, for best, decides per layer)
@@ -383,11 +388,17 @@ def _build_candidates(cfg, prep, regime, batch, x, where, errors, bar) -> list[C
     for mode in cfg.dense_modes:
         attempt(DENSE_LABEL[mode], lambda mode=mode: _engine_candidate(
             DENSE_LABEL[mode], "dense", "torch", "none", mode, prep.dense, regime, x, device))
+    if cfg.calibration and prep.calibration is None:
+        from ..runtimes import takes_calibration
+        from .calibration import read_calibration
+
+        if any(takes_calibration(rt) for rt in cfg.runtimes):
+            prep.calibration = read_calibration(cfg.calibration, prep.dense, prep.spec)
     for rt in cfg.runtimes:
         for p in cfg.prunes:
             attempt(f"{rt} @ {p}", lambda rt=rt, p=p: _engine_candidate(
                 f"{rt} @ {p}", "runtime", rt, p, cfg.runtime_dense_conv, prep.pruned[p], regime, x, device,
-                cfg.runtime_options.get(rt)))
+                cfg.runtime_options.get(rt), prep.calibration))
     # correctness: dense engines against eager, each runtime against the torch runtime on its pruned model
     ref_out = None
     for c in cands:
@@ -649,7 +660,8 @@ def run_bench(*, models: list[str], gemm: bool, quick: bool, regimes: list, batc
               scope: str = "layer", weights: str | None = None, per_layer: bool = True, flush_l2: bool = False,
               budget_ms: float = 300.0, repeats: int = 2, progress: bool = True, accuracy: dict | None = None,
               gemm_sparsities: list[float] | None = None, gemm_methods: list[str] | None = None,
-              gemm_regimes: list[str] | None = None, options: list[str] | None = None, log=None) -> dict:
+              gemm_regimes: list[str] | None = None, options: list[str] | None = None, log=None,
+              calibration: str | None = None) -> dict:
     """Validate the settings (before any work), then time every configuration (sharded over
     `devices`) and, with `gemm`, the GEMM sweep; returns the result `bench_report` writes.
     `options`: --option KEY=VALUE pairs, each going to the benchmarked runtimes that declare it."""
@@ -657,6 +669,7 @@ def run_bench(*, models: list[str], gemm: bool, quick: bool, regimes: list, batc
     from ..runtimes import availability, runtime_names
     from ..runtimes.torch.dense_conv import CHOICES
     from .bench_shards import cards_line, run_sharded
+    from .calibration import check_path
 
     if quick and not models:
         models = list(QUICK_MODELS)
@@ -692,7 +705,8 @@ def run_bench(*, models: list[str], gemm: bool, quick: bool, regimes: list, batc
                       scope=scope, weights=weights, per_layer=per_layer,
                       flush_l2=flush_l2, budget_ms=(20.0 if quick else budget_ms),
                       min_reps=3 if quick else 10, max_reps=20 if quick else 300, layer_reps=3 if quick else 20,
-                      repeats=repeats, progress=progress, quick=quick, runtime_options=runtime_options)
+                      repeats=repeats, progress=progress, quick=quick, runtime_options=runtime_options,
+                      calibration=None if calibration is None else str(check_path(calibration)))
     result = new_result(cfg, environment(device))
     errors = result["errors"]
     if models:

@@ -84,6 +84,8 @@ def add_parser(sub) -> None:
                    help="a runtime setting, repeatable, given to every benchmarked runtime that declares it "
                         "(`sparsecnn doctor --options RUNTIME` lists them; e.g. guard=false, "
                         "csr_weight_budget=0.25); a key none of them declares is an error")
+    p.add_argument("--calibration", metavar="DIR|FILE.npz", help="images (or prepared inputs) the activation-sparse "
+                   "runtimes (ecr, hybrid) choose on; without it they choose on random input and say so")
     p.add_argument("--weights", help="weights for registry models (state dict or torchvision name; default random)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--devices", help="split the configurations (model x regime x batch) over these devices, one "
@@ -141,8 +143,6 @@ def run(args) -> int:
         print(f"wrote {out / 'bench.md'} and {', '.join(files) or 'no plots'}")
         return 0
     models = list(args.models)
-    if args.repeats < 1:
-        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
     devices = parse_devices(args.devices) if args.devices else [resolve_device(args.device)]
     quick = args.quick
     if not quick and devices[0].type == "cpu" and not [m for m in models if m != "spmm"]:
@@ -158,7 +158,7 @@ def run(args) -> int:
         budget_ms=args.budget_ms, repeats=args.repeats, progress=not args.no_progress, accuracy=accuracy,
         gemm_sparsities=_floats(args.gemm_sparsities, "--gemm-sparsities") if args.gemm_sparsities else None,
         gemm_methods=_csv(args.gemm_methods) or None, gemm_regimes=[r.name for r in parse_regimes(args.gemm_regimes)],
-        options=args.options, log=lambda line: print(line, file=sys.stderr))
+        options=args.options, log=lambda line: print(line, file=sys.stderr), calibration=args.calibration)
     out.mkdir(parents=True, exist_ok=True)
     files = write_reports(result, out)
     write_json(result, out / "bench.json")
