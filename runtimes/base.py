@@ -238,6 +238,18 @@ class Engine:
         # a graph keeps the kernels it captured: the winner's, captured in the state now applied, is the engine
         return graphs[winner]
 
+    def walk_to_choose(self, inputs: tuple, before: Callable, replaying: bool) -> None:
+        """Run `inputs` through the network with `before(step, args)` ahead of each step: layers that
+        choose on real activations (calibration) decide on what their predecessors produce. Graphs
+        captured before are stale; a fresh choice (not `replaying` saved ones) drops the plans too."""
+        prepared = self.prepare(*inputs)
+        with torch.no_grad(), self._precision_context():
+            self.executor.walk(*prepared, before=before)
+        self._graphs.clear()
+        self._as_chosen.clear()
+        if not replaying:
+            self.plans.clear()
+
     def prepare(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.executor.prepare_input(x) for x in inputs)
 

@@ -1,4 +1,6 @@
 """Small shared test utilities (independent of the code under test)."""
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -24,3 +26,23 @@ def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def input_shape(model: onnx.ModelProto, batch: int = 1) -> tuple[int, ...]:
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     return (batch, *dims[1:])
+
+
+# --- the CLI as a test drives it ----------------------------------------------------------------
+
+def cli(capsys, *argv):
+    """(exit code, stdout, stderr) of `sparsecnn ARGV` run in this process."""
+    from sparsecnn.converter.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def fails(capsys, *argv, match: str) -> str:
+    """The one error line of a command that must exit 2 (no traceback), matching `match`."""
+    code, out, err = cli(capsys, *argv)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert re.search(match, errors[0]), errors[0]
+    return errors[0]

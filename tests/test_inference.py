@@ -9,23 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import cli, fails
 from sparsecnn.converter.cli import main
 from sparsecnn.converter.inference import NpzWriter, timing_lines
 from sparsecnn.runtimes.timing import Timing
-
-
-def cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def fails(capsys, *argv, match: str) -> str:
-    code, out, err = cli(capsys, *argv)
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    assert re.search(match, errors[0]), errors[0]
-    return errors[0]
 
 
 @pytest.fixture

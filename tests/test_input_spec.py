@@ -11,23 +11,10 @@ import pytest
 import torch
 
 from sparsecnn.common.onnxio import get_input_spec
+from helpers import cli, fails
 from sparsecnn.converter.cli import main
 
 SIZE = 32  # mobilenet_v2 at 32x32: its last feature map is 1x1, a run takes a fraction of a second
-
-
-def cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def fails(capsys, *argv, match: str) -> str:
-    code, out, err = cli(capsys, *argv)
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    assert re.search(match, errors[0]), errors[0]
-    return errors[0]
 
 
 def _export(path, dynamic_axes=None, batch=1, module=None):

@@ -651,7 +651,6 @@ class EcrEngine(Engine):
     def calibrate(self, *inputs: torch.Tensor, saved: dict | None = None) -> list[dict]:
         """Choose every ECR layer's implementation on `inputs` run through the network (each layer
         sees the activations its predecessors produce); `saved`: decisions to replay instead."""
-        prepared = self.prepare(*inputs)
         dense_only = self.options.extra.get("ecr_layers", "auto") == "dense"
         rows = []
 
@@ -661,12 +660,7 @@ class EcrEngine(Engine):
                 step.fn = op.choose(args[0], self.chooser, (saved or {}).get(op.name), dense_only)
                 rows.append({"name": step.name, **step.fn.decision.report()})
 
-        with torch.no_grad(), self._precision_context():
-            self.executor.walk(*prepared, before=before)
-        self._graphs.clear()  # graphs captured before the choices are stale
-        self._as_chosen.clear()
-        if saved is None:
-            self.plans.clear()
+        self.walk_to_choose(inputs, before, replaying=saved is not None)
         return rows
 
 

@@ -66,17 +66,10 @@ OPTIONS = [
 
 
 def available() -> tuple[bool, str]:
-    try:
-        if not torch.cuda.is_available():
-            return True, "CPU: reference ops (the library kernels need a GPU)"
-        from ..nvrtc import nvrtc_available
+    from ..csr.runtime import available as kernels_available  # the same needs: NVRTC on a GPU, else references
 
-        ok, why = nvrtc_available()
-        if not ok:
-            return False, f"CUDA GPU present but NVRTC is not usable ({why}); `pip install 'sparsecnn[gpu]'`"
-        return True, f"per layer the fastest of dense, {', '.join(LIBRARIES)} on {torch.cuda.get_device_name(0)}"
-    except Exception as exc:  # never raise from available()
-        return False, f"{type(exc).__name__}: {exc}"
+    ok, why = kernels_available()
+    return ok, (f"per layer the fastest of dense, {', '.join(LIBRARIES)}; {why}" if ok else why)
 
 
 def _options(options) -> CompileOptions:
@@ -317,19 +310,12 @@ class HybridEngine(Engine):
     def calibrate(self, *inputs: torch.Tensor, saved: dict | None = None) -> None:
         """Choose every group on `inputs` run through the network (each group sees what its
         predecessors produce); `saved`: decisions to replay instead of measuring."""
-        prepared = self.prepare(*inputs)
-
         def before(step, args):
             group = self.groups.get(step.name)
             if group is not None and not hasattr(step.fn, "decision"):
                 step.fn = group.choose(args, self.chooser, (saved or {}).get(group.name))
 
-        with torch.no_grad(), self._precision_context():
-            self.executor.walk(*prepared, before=before)
-        self._graphs.clear()  # graphs captured before the choices are stale
-        self._as_chosen.clear()
-        if saved is None:
-            self.plans.clear()
+        self.walk_to_choose(inputs, before, replaying=saved is not None)
 
 
 def _card(device: torch.device) -> dict:
