@@ -5,7 +5,8 @@
 #      one-shot, pruned gradually while fine-tuning (masks kept)
 #   3. write a handful of real test images as PNG files named by their class
 #   4. build an engine of the fine-tuned pruned model for the fastest runtime here: torch on a CPU (every
-#      sparse runtime runs only its slow reference ops there), hybrid on a GPU (calibrated on real images)
+#      sparse runtime runs only its slow reference ops there), hybrid on a GPU (calibrated on real images;
+#      not yet run on a GPU: on a CPU with SPARSECNN_DEMO_RUNTIME=hybrid its commands run and verify PASSED)
 #   5. classify the PNG files on the engine, by class name
 #   6. verify the engine against ONNX Runtime on those same images
 # and end with a short table. Fashion-MNIST comes from Debian (apt-get install -y dataset-fashion-mnist)
@@ -20,7 +21,8 @@ out=${1:-demo-out}
 mkdir -p "$out"
 
 step="start"
-trap 'echo "demo FAILED at step: $step (exit $?); what it wrote is in $out/" >&2' ERR
+# once, from the main shell: with -E a failing $(...) would report too
+trap 'rc=$?; [[ $BASHPID != "$$" ]] || echo "demo FAILED at step: $step (exit $rc); what it wrote is in $out/" >&2' ERR
 say() { step=$1; printf '\n==> %s\n' "$1"; }
 
 if [[ ${SPARSECNN_DEMO_QUICK:-0} == 1 ]]; then
@@ -80,7 +82,7 @@ say "1/6 train $model on $train_images Fashion-MNIST images, $epochs epoch(s) ($
 sparsecnn train "$model" -o "$out/$model.pt" --device "$device" --subset "$train_images" --epochs "$epochs" \
     --eval-subset "$test_images" --no-progress
 
-say "2/6 prune $sparsity and compare on $test_images test images: dense, one-shot, fine-tuned"
+say "2/6 prune to sparsity $sparsity and compare on $test_images test images: dense, one-shot, fine-tuned"
 sparsecnn compare "$out/$model.pt" --methods "$sparsity" --device "$device" --subset "$test_images" \
     --finetune-epochs "$finetune_epochs" --train-subset "$train_images" --save-dir "$out/variants" \
     --json "$out/compare.json" --no-progress
