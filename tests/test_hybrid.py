@@ -236,3 +236,26 @@ def test_hybrid_libraries_limits_the_candidates_and_batch_sets_the_calibration_b
     rows = [r for r in eng.report() if r["op"].startswith("sparsecnn::CsrConv")]
     assert rows and all(set(r["libraries_ms"]) == {"dense", "csr"} and r["library"] == "csr" for r in rows)
     assert seen and all(shape[0] == 3 for shape in seen)
+
+
+@emu
+def test_an_engine_saved_on_another_compute_capability_is_measured_again_with_fresh_plans(exported, monkeypatch,
+                                                                                         tmp_path):
+    from sparsecnn.runtimes import load_engine
+
+    model = get_runtime("hybrid").rewrite(_pruned(exported, "tinynet"))
+    monkeypatch.setattr(Chooser, "time", _clock({"csr": 0.5, "ecr": 0.8}))
+    backends = _backends()
+    eng = hybrid.compile_with_backends(model, "cpu", {}, calibration=torch.rand(1, 3, 32, 32), backends=backends)
+    eng.plans["1x3x32x32"] = {"chosen": "dense", "reason": "whole-graph guard: measured on the other card"}
+    eng.card = {"name": "Other Card", "capability": "sm_00"}
+    path = eng.save(tmp_path / "h.engine")
+    # the reload goes through load_engine with this test's CPU kernels
+    monkeypatch.setattr(hybrid, "compile", lambda m, d, o, state=None: hybrid.compile_with_backends(
+        m, d, o, state=state, backends=backends))
+    timed = []
+    monkeypatch.setattr(Chooser, "time", lambda self, c, a: timed.append(1) or _clock({"csr": 0.5})(self, c, a))
+    with pytest.warns(UserWarning, match="measured again"):
+        again = load_engine(path, "cpu")
+    assert timed and all(sw.decision.how == "measured" for sw in again.switches())
+    assert again.plans == {}  # the other card's plan is not replayed over choices made here

@@ -302,6 +302,7 @@ class HybridEngine(Engine):
         self.groups: dict[str, Group] = dict(groups or {})
         self.chooser = chooser
         self.card = card or {}
+        self.measured_again = False  # choices saved on another compute capability, measured here again
 
     def saved_state(self) -> dict:
         return {"card": self.card,
@@ -399,6 +400,7 @@ def compile_with_backends(model: onnx.ModelProto, device, options=None, state: d
     reps = int(opts.extra.get("choose_reps", 30))
     chooser = Chooser(dev, ex.dtype, tf32=opts.tf32, reps=reps, margin=float(opts.extra.get("choose_margin", MARGIN)))
     engine = HybridEngine(model, dev, opts, ex, groups=groups, chooser=chooser, card=card)
+    engine.measured_again = bool(note) and not saved  # the saved plans were for the saved choices
     engine.plans.update(state.get("plans") or {})
     if not groups:
         return engine
