@@ -9,13 +9,8 @@ import zipfile
 import pytest
 import torch
 
+from helpers import cli as run_cli
 from sparsecnn.converter.cli import main
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
