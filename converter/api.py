@@ -379,9 +379,7 @@ def verify(engine_or_model, onnx=None, inputs=None, *, atol: float | None = None
             raise UserError(f"{name} must be a number >= 0, got {v!r}")
     arrays, source = _inputs(inputs, reference, batch, seed, where)
     if is_engine:
-        d_atol, d_rtol = _verify.default_tolerance(engine_or_model.options.dtype, engine_or_model.options.tf32)
-        subject = _verify.Subject(engine_or_model.runtime, _verify.engine_runner(engine_or_model),
-                                  d_atol if atol is None else float(atol), d_rtol if rtol is None else float(rtol))
+        subject = _verify.engine_subject(engine_or_model, atol, rtol)
     else:
         d_atol, d_rtol = _verify.default_tolerance("fp32")
         names_in = [n for n, _, _ in _verify.model_inputs(reference)]

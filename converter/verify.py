@@ -350,6 +350,21 @@ def outputs_npz(result: VerifyResult) -> bytes:
 
 # ---- the flows `sparsecnn verify` runs -----------------------------------------------------------
 
+def given_or_random(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray] | None, input_source: str, batch: int,
+                    seed: int, where: str) -> tuple[dict[str, np.ndarray], str]:
+    """(input arrays, what they are): `inputs` checked against `model`, else random of its size."""
+    if inputs is not None:
+        return check_inputs(inputs, model, input_source or "the inputs"), input_source
+    return random_inputs(model, batch, seed, where), f"random, seed {seed}"
+
+
+def engine_subject(engine, atol: float | None = None, rtol: float | None = None) -> Subject:
+    """An engine as a verify subject, at its dtype's tolerance where `atol`/`rtol` are not given."""
+    d_atol, d_rtol = default_tolerance(engine.options.dtype, engine.options.tf32)
+    return Subject(engine.runtime, engine_runner(engine), d_atol if atol is None else float(atol),
+                   d_rtol if rtol is None else float(rtol))
+
+
 def check_runtimes(model: onnx.ModelProto, runtimes: list[str], device: str = "auto", *, dtype: str = "fp32",
                    tf32: bool = False, options: Mapping[str, dict] | None = None,
                    inputs: Mapping[str, np.ndarray] | None = None, input_source: str = "", batch: int = 1,
@@ -364,18 +379,13 @@ def check_runtimes(model: onnx.ModelProto, runtimes: list[str], device: str = "a
 
     rts = [require_runtime(n) for n in runtimes]  # an unknown or unavailable runtime fails before any work
     dev = resolve_device(device)
-    if inputs is not None:
-        arrays, source = check_inputs(inputs, model, input_source or "the inputs"), input_source
-    else:
-        arrays, source = random_inputs(model, batch, seed, where), f"random, seed {seed}"
-    d_atol, d_rtol = default_tolerance(dtype, tf32)
+    arrays, source = given_or_random(model, inputs, input_source, batch, seed, where)
     subjects = []
     for rt in rts:
         opts = {"dtype": dtype, "tf32": tf32, "extra": dict((options or {}).get(rt.name, {}))}
         with stage(f"compiling for runtime '{rt.name}' on {dev} ({dtype})", quiet):
             engine = compile_engine(rt, rt.rewrite(model, opts), dev, opts, calibration=calibration)
-        subjects.append(Subject(rt.name, engine_runner(engine), d_atol if atol is None else atol,
-                                d_rtol if rtol is None else rtol))
+        subjects.append(engine_subject(engine, atol, rtol))
     with stage(f"running {len(subjects)} engine{'s' if len(subjects) != 1 else ''} and ONNX Runtime", quiet):
         return verify(subjects, model, arrays, where=where, input_source=source)
 
@@ -407,12 +417,7 @@ def check_engine_file(path: str, device: str = "auto", *, reference: str | None 
     if sorted(ref_in) != sorted(engine.input_names) or sorted(ref_out) != sorted(engine.output_names):
         raise UserError(f"{reference} has inputs {ref_in} and outputs {ref_out}; the engine {list(engine.input_names)} "
                         f"and {list(engine.output_names)}: give the ONNX file the engine was built from")
-    if inputs is not None:
-        arrays, source = check_inputs(inputs, model, input_source or "the inputs"), input_source
-    else:
-        arrays, source = random_inputs(model, batch, seed, where), f"random, seed {seed}"
-    d_atol, d_rtol = default_tolerance(engine.options.dtype, engine.options.tf32)
-    subject = Subject(engine.runtime, engine_runner(engine), d_atol if atol is None else atol,
-                      d_rtol if rtol is None else rtol)
+    arrays, source = given_or_random(model, inputs, input_source, batch, seed, where)
+    subject = engine_subject(engine, atol, rtol)
     with stage("running the engine and ONNX Runtime", quiet):
         return verify([subject], model, arrays, where=where, input_source=source)
