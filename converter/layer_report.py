@@ -114,7 +114,7 @@ def prune_rows(model: onnx.ModelProto, exclude: list[str] | None = None, method:
 def custom_op_rows(model: onnx.ModelProto) -> list[dict]:
     """One row per `sparsecnn`-domain node: the format it stores, its stored bytes and, where the op
     says it (CSR's non-zeros, a dense weight's zeros), the layer's shape and sparsity."""
-    from ..passes.graph import SPARSECNN_DOMAIN, node_attrs, node_label
+    from ..passes.graph import SPARSECNN_DOMAIN, node_attrs, node_label, tensor_nbytes
 
     sizes = {t.name: t for t in model.graph.initializer}
     rows = []
@@ -125,7 +125,7 @@ def custom_op_rows(model: onnx.ModelProto) -> list[dict]:
         stored = {i: sizes[i] for i in node.input if i in sizes}
         row = {"name": node_label(node), "op": f"sparsecnn::{node.op_type}",
                "format": OP_FORMATS.get(node.op_type, "sparse"),
-               "stored_bytes": sum(_tensor_bytes(t) for t in stored.values()),
+               "stored_bytes": sum(tensor_nbytes(t) for t in stored.values()),
                "initializers": list(stored)}
         values = next((t for n, t in stored.items() if n.endswith(".csr.values")), None)
         row_ptr = next((t for n, t in stored.items() if n.endswith(".csr.row_ptr")), None)
@@ -144,11 +144,6 @@ def custom_op_rows(model: onnx.ModelProto) -> list[dict]:
             row["sparsity_note"] = "2 of every 4 stored (at least 50 % zeros)"
         rows.append(row)
     return rows
-
-
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    n = int(np.prod(t.dims)) if len(t.dims) else 1
-    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 # --- what the runtime runs, and why -----------------------------------------------------------------
