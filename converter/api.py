@@ -31,12 +31,10 @@ from torch import nn
 
 from ..common.errors import UserError
 from ..common.onnxio import get_input_spec, save_onnx, set_input_spec, validate_model
-from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from ..models.registry import InputSpec
 from ..passes.graph import copy_model
 from . import verify as _verify
 
-# Named normalisations for prune(mean=..., std=...).
-NORMALISATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
 # The pruned ONNX each compiled engine came from, for verify(engine) without onnx= (no reference
 # from the engine is kept: it goes with the engine).
@@ -254,6 +252,8 @@ def _module_spec(label, shape, out, mean, std, scale, labels, input_name, output
 
 
 def _normalisation(mean, std, channels: int):
+    from .source import NORMALISATIONS
+
     named = [v for v in (mean, std) if isinstance(v, str)]
     for v in named:
         if v.lower() not in NORMALISATIONS:

@@ -57,7 +57,8 @@ class SpecFlags:
         return any(v is not None for v in (self.shape, self.mean, self.std, self.scale, self.labels))
 
 
-_NAMED = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+# named normalisations for --mean/--std and prune(mean=..., std=...): name -> (mean, std)
+NORMALISATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 _ADD_NORMALISATION = ("--mean and --std (e.g. --mean imagenet --std imagenet), or --scale alone for a model that "
                       "only scales its pixels")
 
@@ -200,11 +201,11 @@ def _normalisation(flags: SpecFlags, channels: int) -> tuple[tuple[float, ...], 
     """(mean, std) of --mean/--std for an input of `channels` channels."""
     if (flags.mean is None) != (flags.std is None):
         raise UserError("--mean and --std go together; give both")
-    mean = _NAMED[flags.mean][0] if isinstance(flags.mean, str) else _per_channel(flags.mean, channels, "--mean")
-    std = _NAMED[flags.std][1] if isinstance(flags.std, str) else _per_channel(flags.std, channels, "--std")
+    mean = NORMALISATIONS[flags.mean][0] if isinstance(flags.mean, str) else _per_channel(flags.mean, channels, "--mean")
+    std = NORMALISATIONS[flags.std][1] if isinstance(flags.std, str) else _per_channel(flags.std, channels, "--std")
     if len(mean) != channels or len(std) != channels:
         named = flags.mean if isinstance(flags.mean, str) else flags.std
-        raise UserError(f"--mean/--std '{named}' is for {len(_NAMED[named][0])} channels; the model's input has "
+        raise UserError(f"--mean/--std '{named}' is for {len(NORMALISATIONS[named][0])} channels; the model's input has "
                         f"{channels}")
     if any(v <= 0 for v in std):
         raise UserError(f"--std {','.join(map(str, std))} has a value <= 0")
