@@ -1,17 +1,15 @@
 """Per-layer facts about a model: shapes, sparsity, 2:4 compliance, bytes dense vs non-zero."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
-import torch
 from onnx import numpy_helper
 
 from .graph import initializer_map, node_label, weight_nodes
 from .masks import is_2to4
-from .prune import prunable_weights
+from .prune import _tensor, prunable_weights
 
 
 @dataclass
@@ -44,9 +42,7 @@ def layer_table(model: onnx.ModelProto) -> list[LayerInfo]:
     for node, name, axis in weight_nodes(model):
         arr = numpy_helper.to_array(inits[name])  # a read-only view of one copy of its bytes
         nnz = int(np.count_nonzero(arr))
-        with warnings.catch_warnings():  # is_2to4 only reads it
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            two_four = is_2to4(torch.from_numpy(arr), axis) if arr.shape[axis] % 4 == 0 else None
+        two_four = is_2to4(_tensor(arr), axis) if arr.shape[axis] % 4 == 0 else None  # is_2to4 only reads it
         rows.append(LayerInfo(node_label(node), node.op_type, name, tuple(arr.shape), arr.size, nnz,
                               name in prunable, two_four, arr.nbytes, nnz * arr.itemsize))
     return rows
