@@ -66,8 +66,8 @@ def _pruned(model: onnx.ModelProto, layers: list, mask_of, exclude: list[str] | 
         del values  # one layer's bytes, then their copy in the model: never three arrays at once
         add_initializer(out, t, raw)
     if exclude:  # the layers `exclude` left dense join the file's list: it says what was left dense on purpose
-        set_prune_exclusions(out, [w for _, w, _ in weight_nodes(model)
-                                   if _is_excluded(w, prune_exclusions(model) + list(exclude))])
+        patterns = prune_exclusions(model) + list(exclude)
+        set_prune_exclusions(out, [w for _, w, _ in weight_nodes(model) if _is_excluded(w, patterns)])
     return out
 
 
