@@ -10,29 +10,21 @@ Plots (matplotlib, Agg):
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from ..common.errors import UserError
 from ..common.fileio import read_json, write_text_atomic
 from .figures import save_figure
+from . import layer_report
 from .layer_report import fit_name
 
 MODE_SHORT = {"cudnn": "cuDNN", "cudnn_nhwc": "cuDNN NHWC", "im2col": "im2col", "im2col_nhwc": "im2col NHWC"}
 
 
 def write_json(result: dict, path: Path) -> Path:
-    write_text_atomic(path, json.dumps(result, indent=1, default=_jsonable))
+    layer_report.write_json(result, path)  # the one JSON writer (numpy/torch values, atomic)
     return path
-
-
-def _jsonable(o):
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
 
 
 def _f(v, fmt=".3f", none="–"):
