@@ -114,6 +114,6 @@ def load_engine(path: str | Path, device: str | None = None):
         # the file was validated; what is left is its saved state, which only the runtime reads
         raise UserError(f"{path}: its saved state does not fit runtime '{manifest['runtime']}' "
                         f"({type(exc).__name__}: {exc}); rebuild the engine") from exc
-    if not getattr(engine, "measured_again", False):  # its layers were re-measured (another card): plan anew
+    if not engine.measured_again:
         engine.plans.update(state.get("plans") or {})  # whole-graph plans: replayed, not re-timed
     return engine

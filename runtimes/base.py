@@ -90,6 +90,9 @@ class Engine:
     """A compiled model: callable on torch tensors, reports per layer what ran, saves and loads."""
 
     runtime = "base"
+    # a reload whose layers were measured again (e.g. saved on another compute capability): the saved
+    # whole-graph plans were for the saved choices, and load_engine does not replay them
+    measured_again = False
 
     def __init__(self, model: onnx.ModelProto, device: str | torch.device, options: CompileOptions,
                  executor: Executor):
@@ -302,6 +305,9 @@ class Engine:
         """What the engine file keeps: the runtime's own state, every chosen layer's decision
         (`choices`, read back by the runtime's builders) and the whole-graph plans (`plans`)."""
         state = dict(self.saved_state())
+        decided = {c.name: dict(c.decided) for c in self.best_dense_convs() if c.decided}
+        if decided:  # the dense convs' measured choices (dense_conv=best), replayed by `with_saved_decisions`
+            state["dense_conv_decisions"] = decided
         switches = self.switches()
         if switches:
             state["choices"] = {sw.name: {**sw.decision.to_dict(), "active": sw.active} for sw in switches}
@@ -342,6 +348,31 @@ ENGINE_MAX_MANIFEST_BYTES = 64 * 2**20
 # real weights, even 99 % pruned, stay far below
 ENGINE_MAX_RATIO = 500
 _ENGINE_MEMBER_NAME = re.compile(r"^(engine\.json|model\.onnx|files/[A-Za-z0-9_.\-][A-Za-z0-9_.\-/]*)$")
+
+
+def with_saved_decisions(extra: dict, state: dict | None) -> dict:
+    """The executor's options for a reload: `extra` plus the dense convs' saved choices (full_state's
+    `dense_conv_decisions`), so a reloaded engine keeps them instead of measuring again."""
+    out = dict(extra)
+    if state and state.get("dense_conv_decisions"):
+        out["dense_conv_decisions"] = state["dense_conv_decisions"]
+    return out
+
+
+def calibration_input(model: onnx.ModelProto, batch: int) -> torch.Tensor:
+    """A seeded random input batch of the model's size (input spec, else the ONNX input's fixed dims), for
+    runtimes that choose on activations when no calibration images are given."""
+    from ..common.onnxio import get_input_spec
+
+    spec = get_input_spec(model)
+    if spec:
+        shape = (spec["channels"], spec["height"], spec["width"])
+    else:
+        dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
+        if not dims or any(d <= 0 for d in dims):
+            raise UserError("the model's input size is unknown; pass calibration images to compile")
+        shape = tuple(dims)
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
 
 
 def read_engine_files(path: str | Path) -> dict[str, bytes]:

@@ -179,5 +179,5 @@ def test_whole_network_plan_choice_keeps_the_fastest_graph_and_rewrites_layer_ch
         assert conv.info["choices"][key]["layer_best"] in conv.info["choices"][key]["ms"]
     ref = get_runtime("torch").compile(exported("tinyresnet"), "cpu", {})
     assert rel_err(replay.replay()[0], ref.executor(*x)[0]) < 1e-5
-    assert set(eng.saved_state()["dense_conv_decisions"]) == {c.name for c in eng.dense_convs}
+    assert set(eng.full_state()["dense_conv_decisions"]) == {c.name for c in eng.dense_convs}
     assert eng.full_state()["plans"]["2x3x32x32"]["chosen"] == "cudnn"

@@ -41,7 +41,7 @@ import torch
 from ...common.errors import UserError
 from ...passes.ecr.rewrite import fuse_ecr
 from ...passes.graph import SPARSECNN_DOMAIN, run_pipeline
-from ..base import CompileOptions, Engine
+from ..base import CompileOptions, Engine, calibration_input, with_saved_decisions
 from ...passes.ecr.reference import (ECR_CONV, ECR_CONV_POOL, ConvGeometry, PoolGeometry, conv_geometry, max_pool,  # noqa: F401
                                      pool_geometry)
 from ..executor import Executor
@@ -644,10 +644,6 @@ class EcrEngine(Engine):
         default = extra.get("whole_network_check", extra.get("ecr_layers", "auto") != "sparse")
         return bool(extra.get("guard", default))
 
-    def saved_state(self) -> dict:
-        # the ECR layers' decisions travel as the base engine's `choices`; the plain dense convs' here
-        return {"dense_conv_decisions": {c.name: dict(c.decided) for c in self.best_dense_convs() if c.decided}}
-
     def calibrate(self, *inputs: torch.Tensor, saved: dict | None = None) -> list[dict]:
         """Choose every ECR layer's implementation on `inputs` run through the network (each layer
         sees the activations its predecessors produce); `saved`: decisions to replay instead."""
@@ -662,20 +658,6 @@ class EcrEngine(Engine):
 
         self.walk_to_choose(inputs, before, replaying=saved is not None)
         return rows
-
-
-def _calibration_input(model: onnx.ModelProto, batch: int) -> torch.Tensor:
-    from ...common.onnxio import get_input_spec
-
-    spec = get_input_spec(model)
-    if spec:
-        shape = (spec["channels"], spec["height"], spec["width"])
-    else:
-        dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
-        if not dims or any(d <= 0 for d in dims):
-            raise UserError("the model's input size is unknown; pass calibration images to compile")
-        shape = tuple(dims)
-    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
 
 
 def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options: CompileOptions | dict | None = None,
@@ -712,10 +694,8 @@ def compile_with_kernels(model: onnx.ModelProto, device, options: CompileOptions
         return EcrOp(ctx, scratch, kernels)
 
     table = {**reference_ops(), (SPARSECNN_DOMAIN, ECR_CONV): builder, (SPARSECNN_DOMAIN, ECR_CONV_POOL): builder}
-    extra = dict(opts.extra)
-    if state and state.get("dense_conv_decisions"):  # a reloaded engine keeps its dense convs' measured choices
-        extra["dense_conv_decisions"] = state["dense_conv_decisions"]
-    ex = Executor(model, dev, opts.dtype, ops=table, channels_last=opts.channels_last, options=extra)
+    ex = Executor(model, dev, opts.dtype, ops=table, channels_last=opts.channels_last,
+                  options=with_saved_decisions(opts.extra, state))
     ops = {s.name: s.fn for s in ex.steps if isinstance(s.fn, EcrOp)}
     chooser = Chooser(dev, ex.dtype, tf32=opts.tf32, reps=reps,
                       margin=float(opts.extra.get("choose_margin", MARGIN)),
@@ -726,10 +706,10 @@ def compile_with_kernels(model: onnx.ModelProto, device, options: CompileOptions
         return engine
     if calibration is None and all(op.name in saved for op in ops.values()):
         # replayed, not re-timed: any input of the calibration shape gives the candidates to match them with
-        engine.calibrate(_calibration_input(model, int(opts.extra.get("batch", 1))), saved=saved)
+        engine.calibrate(calibration_input(model, int(opts.extra.get("batch", 1))), saved=saved)
         return engine
     if calibration is None:
-        calibration = _calibration_input(model, int(opts.extra.get("batch", 1)))
+        calibration = calibration_input(model, int(opts.extra.get("batch", 1)))
         for op in ops.values():
             op.ctx.info["calibration"] = "random input (no calibration images given)"
         warnings.warn("ecr: kernels chosen on a random input; pass calibration images for real activation sparsity")

@@ -44,7 +44,7 @@ from ...passes.csr.reference import (OPS as CSR_REFERENCE_OPS, bias_tensor, conv
 from ...passes.csr.rewrite import CSR_CONV_POOL, csr_rewrite, fuse_csr_pool
 from ...passes.ecr.reference import max_pool, pool_geometry
 from ...passes.graph import SPARSECNN_DOMAIN, PassResult, run_pipeline
-from ..base import CompileOptions, Engine
+from ..base import CompileOptions, Engine, calibration_input, with_saved_decisions
 from ..executor import Executor
 from ..ops import NodeContext
 from ..options import DENSE_CONV, SHARED_OPTIONS, Option, with_default
@@ -139,7 +139,8 @@ class Group:
         self.csr = CSR(values, cols.to(torch.int32), row_ptr.to(torch.int32), order.to(torch.int32),
                        (m, g["in_channels"] * kh * kw))
         self.weight = self.csr.to_dense().reshape(m, g["in_channels"], kh, kw)
-        bias = bias_tensor(ctx)
+        self.bias_fp32 = bias_tensor(ctx)  # CPU fp32: what the csr plans and the ECR packing take
+        bias = self.bias_fp32
         self.bias = bias.to(ctx.device, ctx.dtype) if bias is not None else None
         self.relu, self.residual = g["relu"], has_residual(ctx)
         self.pool = pool_geometry(ctx.attrs) if ctx.node.op_type == CSR_CONV_POOL else None
@@ -153,9 +154,9 @@ class Group:
         ctx.info.update(group="conv" + "".join("+" + f for f in fused), nnz=self.csr.nnz,
                         sparsity=round(1.0 - self.csr.density, 4))
 
-    def after(self, y: torch.Tensor, residual: torch.Tensor | None = None, relu: bool | None = None) -> torch.Tensor:
+    def after(self, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The rest of the group after a conv output y (bias already in): residual, ReLU, max-pool."""
-        y = epilogue(y, None, residual, self.relu if relu is None else relu)
+        y = epilogue(y, None, residual, self.relu)
         return max_pool(y, self.pool) if self.pool is not None else y
 
     # each library's implementations of this group (empty, with a reason, where it has none)
@@ -174,7 +175,7 @@ class Group:
         (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = (self.g[k] for k in ("kernel", "stride", "pads", "dilation"))
         geom = ConvGeometry(self.csr.shape[0], self.g["in_channels"], x.shape[2], x.shape[3], kh, kw, sh, sw,
                             pt, pl, pb, pr, dh, dw)
-        bias = bias_tensor(self.ctx)
+        bias = self.bias_fp32
         dtype, device, backend = self.ctx.dtype, self.backends.device, self.backends.csr
         pool = self.pool
 
@@ -202,7 +203,7 @@ class Group:
         # kernel computes the conv and the group's rest runs as torch ops
         fused_relu = self.relu and not self.residual
         w = self.weight.to(self.backends.device, torch.float32)
-        bias = bias_tensor(self.ctx)
+        bias = self.bias_fp32
         layer = EcrLayer(w, bias.to(w.device) if bias is not None else None, attrs,
                          self.pool if fused_relu else None, fused_relu, self.backends.scratch, self.backends.ecr)
         if fused_relu:  # the kernel is the whole group: ECR with its ReLU, or PECR with the pool
@@ -302,11 +303,9 @@ class HybridEngine(Engine):
         self.groups: dict[str, Group] = dict(groups or {})
         self.chooser = chooser
         self.card = card or {}
-        self.measured_again = False  # choices saved on another compute capability, measured here again
 
     def saved_state(self) -> dict:
-        return {"card": self.card,
-                "dense_conv_decisions": {c.name: dict(c.decided) for c in self.best_dense_convs() if c.decided}}
+        return {"card": self.card}
 
     def calibrate(self, *inputs: torch.Tensor, saved: dict | None = None) -> None:
         """Choose every group on `inputs` run through the network (each group sees what its
@@ -324,12 +323,6 @@ def _card(device: torch.device) -> dict:
         return {"name": "cpu", "capability": "cpu"}
     major, minor = torch.cuda.get_device_capability(device)
     return {"name": torch.cuda.get_device_name(device), "capability": f"sm_{major}{minor}"}
-
-
-def _calibration_input(model: onnx.ModelProto, batch: int) -> torch.Tensor:
-    from ..ecr.runtime import _calibration_input as ecr_calibration_input
-
-    return ecr_calibration_input(model, batch)
 
 
 def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options: CompileOptions | dict | None = None,
@@ -375,7 +368,7 @@ def compile_with_backends(model: onnx.ModelProto, device, options=None, state: d
     if saved and saved_card and saved_card.get("capability") != card["capability"]:
         note = (f"choices saved on {saved_card.get('name')} ({saved_card.get('capability')}) were measured again on "
                 f"{card['name']} ({card['capability']}): another compute capability")
-        saved, state["plans"] = {}, {}
+        saved = {}
         warnings.warn("hybrid: " + note)
     elif saved and saved_card and saved_card.get("name") != card["name"]:
         note = f"choices were made on {saved_card.get('name')}, not on this {card['name']} (same compute capability)"
@@ -391,25 +384,22 @@ def compile_with_backends(model: onnx.ModelProto, device, options=None, state: d
     if backends.csr is not None:  # fully connected layers: csr's SpMV against cuBLAS
         session = _KernelSession(dev, opts, state, backends.csr)
         table[(SPARSECNN_DOMAIN, "CsrGemm")] = session.build_gemm
-    extra = dict(opts.extra)
-    if state.get("dense_conv_decisions"):
-        extra["dense_conv_decisions"] = state["dense_conv_decisions"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # older cuSPARSELt search APIs' deprecation notice
-        ex = Executor(model, dev, opts.dtype, ops=table, channels_last=False, options=extra)
+        ex = Executor(model, dev, opts.dtype, ops=table, channels_last=False,
+                      options=with_saved_decisions(opts.extra, state))
     reps = int(opts.extra.get("choose_reps", 30))
     chooser = Chooser(dev, ex.dtype, tf32=opts.tf32, reps=reps, margin=float(opts.extra.get("choose_margin", MARGIN)))
     engine = HybridEngine(model, dev, opts, ex, groups=groups, chooser=chooser, card=card)
-    engine.measured_again = bool(note) and not saved  # the saved plans were for the saved choices
-    engine.plans.update(state.get("plans") or {})
+    engine.measured_again = bool(note) and not saved  # load_engine: the saved plans were for the saved choices
     if not groups:
         return engine
     if calibration is None and all(g in saved for g in groups):
-        engine.calibrate(_calibration_input(model, int(opts.extra.get("batch", 1))), saved=saved)
+        engine.calibrate(calibration_input(model, int(opts.extra.get("batch", 1))), saved=saved)
     else:
         random_input = calibration is None
         if random_input:
-            calibration = _calibration_input(model, int(opts.extra.get("batch", 1)))
+            calibration = calibration_input(model, int(opts.extra.get("batch", 1)))
         engine.calibrate(calibration, saved=saved or None)
         if random_input:
             for g in groups.values():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import onnx
 import torch
 
-from ..base import CompileOptions, Engine
+from ..base import CompileOptions, Engine, with_saved_decisions
 from .dense_conv import DenseConv, check_mode
 from ..executor import Executor
 from .options import OPTIONS  # noqa: F401  (declared options: runtimes/options.py)
@@ -52,18 +52,13 @@ class TorchEngine(Engine):
     def dense_convs(self) -> list[DenseConv]:
         return [s.fn for s in self.executor.steps if isinstance(s.fn, DenseConv)]
 
-    def saved_state(self) -> dict:
-        return {"dense_conv_decisions": {c.name: dict(c.decided) for c in self.dense_convs if c.decided}}
 
 
 def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options: CompileOptions | dict | None = None,
             state: dict | None = None) -> TorchEngine:
     opts = options if isinstance(options, CompileOptions) else CompileOptions.from_dict(options)
     check_mode(opts.extra.get("dense_conv", "cudnn"))
-    extra = dict(opts.extra)
-    if state and state.get("dense_conv_decisions"):  # a reloaded engine keeps its measured choices
-        extra["dense_conv_decisions"] = state["dense_conv_decisions"]
     ex = Executor(model, device, opts.dtype, ops=reference_ops(), channels_last=opts.channels_last,
-                  options=extra)
+                  options=with_saved_decisions(opts.extra, state))
     engine = TorchEngine(model, device, opts, ex)
     return engine
