@@ -337,19 +337,20 @@ def load_runnable(model: str, *, runtime: str, device: str, weights: str | None 
 
     flags = flags or SpecFlags()
     if model.endswith(".engine"):
-        from ..runtimes.base import read_engine_file
+        from ..runtimes.base import read_engine
 
         if calibration:
             raise UserError(f"{model} is a saved engine: its kernels were chosen when it was built; drop "
                             "--calibration (it applies when `run` builds an engine from an ONNX file or registry "
                             "model, and to `convert --engine`)")
-        manifest, saved = read_engine_file(model)
+        read = read_engine(model)  # once: load_engine rebuilds from what was read here
+        manifest, saved = read[0], read[1]
         check_engine_settings(model, manifest, given or {})
         stored = get_input_spec(saved, model)
         inp = resolve_input(saved, InputSpec.from_dict(stored, model) if stored else None, flags, model)
         if images:
             inp.require_spec()
-        return load_engine(model, None if device == "auto" else device), inp
+        return load_engine(model, None if device == "auto" else device, read=read), inp
     rt = require_runtime(runtime)
     dev = resolve_device(device)
     src = load_source(model, weights, flags=flags)

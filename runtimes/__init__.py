@@ -93,19 +93,19 @@ def compile_engine(rt_or_name: ModuleType | str, model, device, options=None, st
     return rt.compile(model, device, options, state=state, **kwargs)
 
 
-def load_engine(path: str | Path, device: str | None = None):
-    """Rebuild a saved engine on `device` (default: the one it was compiled for, if present)."""
-    from .base import CompileOptions, read_engine_file, read_engine_files
+def load_engine(path: str | Path, device: str | None = None, read: tuple | None = None):
+    """Rebuild a saved engine on `device` (default: the one it was compiled for, if present).
+    `read`: what `base.read_engine(path)` returned, when the caller has already read the file."""
+    from .base import CompileOptions, read_engine
     from .options import validate_saved
 
-    manifest, model = read_engine_file(path)  # the one validator: sizes, manifest schema, model
+    manifest, model, files = read or read_engine(path)  # the one validator: sizes, manifest schema, model
     rt = require_runtime(manifest["runtime"])
     options = CompileOptions.from_dict(manifest["options"])
     # an engine saved by another version may carry options this one does not declare: drop them, say so
     options.extra = validate_saved(manifest["runtime"], options.extra)
     dev = resolve_device(device or manifest["options"].get("device"))
     state = dict(manifest.get("state") or {})
-    files = read_engine_files(path)
     if files:
         state["files"] = files
     try:

@@ -375,9 +375,10 @@ def calibration_input(model: onnx.ModelProto, batch: int) -> torch.Tensor:
     return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
 
 
-def read_engine_files(path: str | Path) -> dict[str, bytes]:
-    """The `saved_files` of an engine file ({} for engines that saved none)."""
-    return _read_engine(path)[2]
+def read_engine(path: str | Path) -> tuple[dict, onnx.ModelProto, dict[str, bytes]]:
+    """The manifest, model and `saved_files` of an engine file, all validated in one read (one
+    UserError line for each fault); what `load_engine` rebuilds from."""
+    return _read_engine(path)
 
 
 def read_engine_file(path: str | Path) -> tuple[dict, onnx.ModelProto]:
