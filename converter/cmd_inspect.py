@@ -72,8 +72,9 @@ def run(args) -> int:
     src = load_source(args.source, args.weights, args.num_classes, args.opset, quiet=quiet)
     if args.activations:
         return _activations(args, src)
-    return _report(args, build_report(pruned=src.model if not _rewritten(src.model) else None,
-                                      sparse=src.model if _rewritten(src.model) else None, source=src.label))
+    sparse = _rewritten(src.model)
+    return _report(args, build_report(pruned=None if sparse else src.model, sparse=src.model if sparse else None,
+                                      source=src.label))
 
 
 def _is_engine(path: str) -> bool:
