@@ -39,8 +39,7 @@ import torch
 
 from ...common.errors import UserError
 from ...passes.csr.layout import CSR
-from ...passes.csr.reference import (OPS as CSR_REFERENCE_OPS, bias_tensor, conv_geometry, csr_tensors, epilogue,
-                                     has_residual)
+from ...passes.csr.reference import bias_tensor, conv_geometry, csr_tensors, epilogue, has_residual
 from ...passes.csr.rewrite import CSR_CONV_POOL, csr_rewrite, fuse_csr_pool
 from ...passes.ecr.reference import max_pool, pool_geometry
 from ...passes.graph import SPARSECNN_DOMAIN, PassResult, run_pipeline
@@ -332,8 +331,7 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options:
     if dev.type != "cuda":  # the reference ops: correct, not fast
         from ..reference_ops import reference_ops
 
-        ops = {**reference_ops(), **CSR_REFERENCE_OPS}
-        ex = Executor(model, dev, opts.dtype, ops=ops, channels_last=False, options=opts.extra)
+        ex = Executor(model, dev, opts.dtype, ops=reference_ops(), channels_last=False, options=opts.extra)
         return HybridEngine(model, dev, opts, ex, card=_card(dev))
     ok, why = available()
     if not ok:
