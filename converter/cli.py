@@ -116,8 +116,18 @@ def library_error(exc: BaseException) -> str | None:
     return None
 
 
+def _tolerate_narrow_terminals() -> None:
+    # Under an ASCII locale without Python's UTF-8 mode (LC_ALL=C PYTHONUTF8=0, some CI and ssh set-ups)
+    # a '\u2013' or '\u00d7' in a report would end the command with a traceback; escape what cannot be encoded.
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if not encoding.startswith("utf") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _tolerate_narrow_terminals()
     debug = "--debug" in argv  # anywhere on the line: `sparsecnn run ... --debug` as well
     argv = [a for a in argv if a != "--debug"]
     command = _command(argv)

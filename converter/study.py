@@ -58,7 +58,7 @@ def environment(device: torch.device | str, modules: tuple[str, ...] = ()) -> di
         try:
             q = subprocess.run(["nvidia-smi", f"--id={device.index or 0}",
                                 "--query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu",
-                                "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+                                "--format=csv,noheader"], capture_output=True, encoding="utf-8", errors="replace", timeout=20)
             fields = [f.strip() for f in q.stdout.strip().split(",")]
             if q.returncode == 0 and len(fields) == 5:
                 env.update(driver=fields[0], sm_clock=fields[1], sm_clock_max=fields[2], power_limit=fields[3],

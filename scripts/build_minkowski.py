@@ -75,7 +75,7 @@ def find_nvcc(cuda_home: str | None) -> Path | None:
 
 
 def nvcc_version(nvcc: Path) -> str:
-    out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True).stdout
+    out = subprocess.run([str(nvcc), "--version"], capture_output=True, encoding="utf-8", errors="replace").stdout
     for token in out.replace(",", " ").split():
         if token.startswith("V") and token[1:2].isdigit():
             return ".".join(token[1:].split(".")[:2])
@@ -171,7 +171,7 @@ def unpack_and_patch(sdist: Path, work: Path) -> Path:
     src = work / f"MinkowskiEngine-{ME_VERSION}"
     cmd = (["patch", "-p1", "--forward", "--batch", "-i", str(PATCH)] if shutil.which("patch")
            else ["git", "apply", "-p1", str(PATCH)])
-    res = subprocess.run(cmd, cwd=src, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=src, capture_output=True, encoding="utf-8", errors="replace")
     if res.returncode != 0:
         raise BuildError(f"patch {PATCH.name} does not apply: {res.stdout.strip()[-300:]} {res.stderr.strip()[-200:]}")
     return src
@@ -246,12 +246,12 @@ def strip_wheel(wheel: Path) -> None:
 def install(wheel: Path) -> None:
     log(f"installing {wheel}")
     res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)],
-                         capture_output=True, text=True)
+                         capture_output=True, encoding="utf-8", errors="replace")
     if res.returncode != 0:
         raise BuildError(f"pip could not install {wheel}: {res.stderr.strip().splitlines()[-1:]}")
     check = subprocess.run([sys.executable, "-c", "import MinkowskiEngine as ME; from MinkowskiEngineBackend import _C;"
                             "print(ME.__version__, 'CUDA' if _C.is_cuda_available() else 'CPU')"],
-                           capture_output=True, text=True, cwd=tempfile.gettempdir())
+                           capture_output=True, encoding="utf-8", errors="replace", cwd=tempfile.gettempdir())
     if check.returncode != 0:
         raise BuildError(f"installed, but `import MinkowskiEngine` fails: {check.stderr.strip().splitlines()[-1:]}")
     log(f"MinkowskiEngine {check.stdout.strip()} build installed for {sys.executable}")

@@ -148,7 +148,7 @@ def host_kernel(cuda_source: str, name: str, workdir: Path | None = None):
         d = Path(workdir or tempfile.mkdtemp(prefix="sparsert-host-"))
         (d / f"{key}.cpp").write_text(src)
         subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-o", str(d / f"{key}.so"),
-                        str(d / f"{key}.cpp")], check=True, capture_output=True, text=True)
+                        str(d / f"{key}.cpp")], check=True, capture_output=True, encoding="utf-8", errors="replace")
         _libs[key] = ctypes.CDLL(str(d / f"{key}.so"))
     fn = _libs[key].launch_host
     fn.restype = None

@@ -237,7 +237,7 @@ def test_import_loads_nothing_heavy_and_names_load_on_use():
             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n"
             "print(sparsecnn.__version__, callable(sparsecnn.prune), 'torch' in sys.modules)\n"
             "print(sorted(n for n in ('prune', 'compile', 'verify', 'compare', 'load') if n in dir(sparsecnn)))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", check=True, cwd=ROOT)
     heavy, loaded, names = out.stdout.splitlines()
     assert heavy == ""
     from importlib.metadata import version
@@ -271,7 +271,7 @@ def test_wheel_installs_the_package_and_nothing_else(tmp_path):
     if tuple(int(p) for p in setuptools.__version__.split(".")[:2] if p.isdigit()) < (70, 1):
         pytest.importorskip("wheel")  # bdist_wheel lived in the `wheel` package before setuptools 70.1
     git = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True)
+                         capture_output=True, encoding="utf-8", errors="replace")
     if git.returncode:
         pytest.skip("not a git checkout: the files to package are unknown")
     listed = git.stdout.split()
@@ -281,7 +281,7 @@ def test_wheel_installs_the_package_and_nothing_else(tmp_path):
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             (src / name).write_bytes((ROOT / name).read_bytes())
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp_path / "wheel"), str(src)], capture_output=True, text=True)
+                            str(tmp_path / "wheel"), str(src)], capture_output=True, encoding="utf-8", errors="replace")
     assert built.returncode == 0, built.stderr[-3000:]
     import zipfile
 

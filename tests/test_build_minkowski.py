@@ -57,7 +57,7 @@ def test_strip_wheel_shrinks_the_extension_and_keeps_record_hashes_valid(tmp_pat
 
 def test_cache_key_names_me_torch_python_and_flavour():
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "build_minkowski.py"), "--cpu", "--blas", "torch",
-                          "--print-key"], capture_output=True, text=True)
+                          "--print-key"], capture_output=True, encoding="utf-8")
     assert out.returncode == 0, out.stderr
     import torch
 

@@ -1,3 +1,4 @@
+import os
 import pickle
 import subprocess
 import sys
@@ -118,6 +119,18 @@ def test_bad_input_gets_one_line_nonzero_exit_no_output(capsys, tmp_path, case):
     assert "Traceback" not in err and "this must never run" not in out
     assert not out_file.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_report_with_non_ascii_characters_prints_on_an_ascii_terminal(tmp_path):
+    # an ASCII stdout (LC_ALL=C without UTF-8 mode does the same): the layer table's en dash must not end
+    # the command with a UnicodeEncodeError once the engine is written
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    proc = subprocess.run([sys.executable, "-m", "sparsecnn.converter.cli", "convert", "tinynet", "--prune", "0.5",
+                           "-o", "t.onnx", "--runtime", "torch", "--engine", "t.engine"],
+                          capture_output=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode("ascii", "replace")[-2000:]
+    proc.stdout.decode("ascii")  # escaped, not raw UTF-8
+    assert b"\\u2013" in proc.stdout and (tmp_path / "t.engine").exists()
 
 
 def test_console_script_exits_nonzero_without_traceback(tmp_path):

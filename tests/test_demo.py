@@ -33,7 +33,7 @@ def _run_demo(out: Path, **env_vars: str) -> subprocess.CompletedProcess:
     # `python` and `sparsecnn` in the script must be this interpreter's (CI's second leg runs a venv's)
     env = dict(os.environ, SPARSECNN_DEMO_QUICK="1", **env_vars,
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    return subprocess.run(["bash", str(DEMO), str(out)], env=env, capture_output=True, text=True, timeout=900,
+    return subprocess.run(["bash", str(DEMO), str(out)], env=env, capture_output=True, encoding="utf-8", timeout=900,
                           cwd=ROOT)
 
 

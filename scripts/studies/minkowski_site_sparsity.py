@@ -75,7 +75,7 @@ def env_info(device: torch.device) -> dict:
 def gpu_suite(dry: bool) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_minkowski.py"]
     cmd += ["-m", "not slow", "-k", "tiny or offsets"] if dry else ["-m", "gpu"]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=240)
     tail = (res.stdout + res.stderr).strip().splitlines()
     return {"cmd": " ".join(cmd[1:]), "rc": res.returncode, "summary": tail[-1] if tail else "", "tail": tail[-30:]}
 
