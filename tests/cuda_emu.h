@@ -2,13 +2,16 @@
 // and runs every CUDA thread of a block as a host thread, blocks one after another.
 // Supports what sparsecnn's kernels use: threadIdx/blockIdx/blockDim/gridDim, __syncthreads,
 // dynamic shared memory, __shfl_xor_sync with a full mask, __ldg, atomicAdd(float, float2, float4), fp16
-// conversions and the CUDA vector types. Kernels must not return early before a barrier.
+// conversions, the CUDA vector types and the tensor-core mma of runtimes/cuda/mma.cuh (at the end).
+// Kernels must not return early before a barrier.
 #pragma once
 #include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <bit>
 #include <map>
@@ -66,6 +69,7 @@ struct BlockState {
   std::barrier<>* block_barrier;
   std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
   std::vector<float> exchange;
+  std::vector<unsigned> mma_regs;  // per lane: the registers an emulated mma reads from the whole warp
   void* smem;
   std::mutex subwarp_mutex;  // __syncwarp(mask): one barrier per (warp, mask), made on first use
   std::map<unsigned long long, std::unique_ptr<std::barrier<>>> subwarp_barriers;
@@ -83,6 +87,7 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
   for (unsigned w = 0; w < (nt + 31) / 32; ++w)
     state.warp_barriers.emplace_back(std::make_unique<std::barrier<>>(std::min(32u, nt - 32 * w)));
   state.exchange.assign(nt, 0.f);
+  state.mma_regs.assign(((nt + 31) / 32) * 32 * 9, 0u);
   state.nthreads = nt;
   std::vector<float4> smem((smem_bytes + 15) / 16 + 1);
   state.smem = smem.data();
@@ -181,3 +186,94 @@ inline float2 atomicAdd(float2* p, float2 v) { return float2{atomicAdd(&p->x, v.
 inline float4 atomicAdd(float4* p, float4 v) {
   return float4{atomicAdd(&p->x, v.x), atomicAdd(&p->y, v.y), atomicAdd(&p->z, v.z), atomicAdd(&p->w, v.w)};
 }
+
+// Tensor-core mma (runtimes/cuda/mma.cuh), fragment by fragment as the PTX ISA lays them out (the
+// layouts are written out in mma.cuh): each lane deposits its A, B (and metadata) registers in its
+// warp's scratch, then computes its own four outputs from all 32 lanes' registers. fp16 x fp16
+// products are exact in fp32; each output sums them in fp32 in k order (the card's order is not
+// specified, so results may differ from it in the last bits). Every lane of a full warp must call.
+namespace emu {
+constexpr unsigned kMmaWords = 9;  // a[4], b[4], metadata
+inline float mma_half(unsigned reg, unsigned which) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(which ? reg >> 16 : reg & 0xffffu)));
+}
+// This lane's scratch row, after checking the warp is whole; sets `lane` and the warp's first row.
+inline unsigned* mma_deposit(unsigned& lane, unsigned*& warp_regs) {
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const unsigned warp = t / 32;
+  lane = t % 32;
+  auto& st = *tl_state;
+  if (st.nthreads - 32 * warp < 32) {
+    std::fprintf(stderr, "emulated mma: warp %u has fewer than 32 threads\n", warp);
+    std::abort();
+  }
+  warp_regs = st.mma_regs.data() + warp * 32 * kMmaWords;
+  return warp_regs + lane * kMmaWords;
+}
+inline void mma_warp_barrier() {
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  tl_state->warp_barriers[t / 32]->arrive_and_wait();
+}
+
+inline void mma_m16n8k16_f16f32(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+  unsigned lane, *regs;
+  unsigned* mine = mma_deposit(lane, regs);
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  for (int i = 0; i < 2; ++i) mine[4 + i] = b[i];
+  mma_warp_barrier();
+  const unsigned g = lane / 4, tq = lane % 4;
+  float out[4];
+  for (unsigned i = 0; i < 4; ++i) {
+    const unsigned row = g + 8 * (i / 2), col = 2 * tq + (i & 1);
+    float acc = c[i];
+    for (unsigned k = 0; k < 16; ++k) {
+      // A[row][k]: lane (row % 8) * 4 + (k % 8) / 2, register (row >= 8) + 2 (k >= 8), half k & 1
+      const unsigned* ar = regs + ((row % 8) * 4 + (k % 8) / 2) * kMmaWords;
+      const float av = mma_half(ar[(row / 8) + 2 * (k / 8)], k & 1);
+      // B[k][col]: lane col * 4 + (k % 8) / 2, register k / 8, half k & 1
+      const unsigned* br = regs + (col * 4 + (k % 8) / 2) * kMmaWords;
+      const float bv = mma_half(br[4 + k / 8], k & 1);
+      acc += av * bv;
+    }
+    out[i] = acc;
+  }
+  mma_warp_barrier();  // nobody overwrites the scratch before every lane has read it
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+inline void mma_sp_m16n8k32_f16f32(float d[4], const unsigned a[4], const unsigned b[4], const float c[4],
+                                   unsigned meta) {
+  unsigned lane, *regs;
+  unsigned* mine = mma_deposit(lane, regs);
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  for (int i = 0; i < 4; ++i) mine[4 + i] = b[i];
+  mine[8] = meta;
+  mma_warp_barrier();
+  const unsigned g = lane / 4, tq = lane % 4;
+  float out[4];
+  for (unsigned i = 0; i < 4; ++i) {
+    const unsigned row = g + 8 * (i / 2), col = 2 * tq + (i & 1);
+    float acc = c[i];
+    for (unsigned q = 0; q < 8; ++q) {  // the 4-column groups of the row
+      // kept values: lane (row % 8) * 4 + q % 4, register (row >= 8) + 2 (q >= 4), halves 0 and 1
+      const unsigned areg = regs[((row % 8) * 4 + q % 4) * kMmaWords + (row / 8) + 2 * (q / 4)];
+      // metadata (selector 0): lane (row % 8) * 4 + q / 4, bits 16 (row >= 8) + 4 (q % 4)
+      const unsigned m = regs[((row % 8) * 4 + q / 4) * kMmaWords + 8] >> (16 * (row / 8) + 4 * (q % 4));
+      const unsigned p0 = m & 3u, p1 = (m >> 2) & 3u;
+      if (p0 >= p1) {  // ordered metadata: two distinct positions, ascending (mma.cuh)
+        std::fprintf(stderr, "emulated mma.sp: row %u group %u metadata %u,%u not ascending\n", row, q, p0, p1);
+        std::abort();
+      }
+      for (unsigned j = 0; j < 2; ++j) {
+        const unsigned k = 4 * q + (j ? p1 : p0);
+        // B[k][col]: lane col * 4 + (k % 8) / 2, register k / 8, half k & 1
+        const unsigned* br = regs + (col * 4 + (k % 8) / 2) * kMmaWords;
+        acc += mma_half(areg, j) * mma_half(br[4 + k / 8], k & 1);
+      }
+    }
+    out[i] = acc;
+  }
+  mma_warp_barrier();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+}  // namespace emu
