@@ -70,3 +70,25 @@ class EmuBackend:
         fn.argtypes = [ctypes.c_uint] * 5 + [ctypes.c_void_p]
         self.launches.append((expr, g, smem))
         fn(*g, block[0], smem, ctypes.addressof(params))
+
+
+class EmuKernels:
+    """The `extern "C"` kernels `names` of source `filename`, each taking one parameter block by value,
+    run on the emulator: `launch(name, grid, block, params)`, the interface of a runtime's NVRTC
+    launcher (e.g. runtimes/cusparselt/mma_conv.NvrtcMma). `sms`: the SM count the host plans for."""
+
+    def __init__(self, filename: str, names: tuple[str, ...], sms: int = 132):
+        lines = ["#define SPARSECNN_EMU 1", f'#include "{filename}"']
+        for name in names:
+            lines.append(f'extern "C" void emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, '
+                         f'const void* params) {{ emu::launch_params(&{name}, dim3(gx, gy, gz), dim3(bx), 0, params); }}')
+        self.lib = compile_library(filename, "\n".join(lines) + "\n")
+        self.sms = sms
+        self.launches: list[tuple[str, tuple]] = []
+
+    def launch(self, name: str, grid, block, params) -> None:
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        fn = getattr(self.lib, f"emu_{name}")
+        fn.argtypes = [ctypes.c_uint] * 4 + [ctypes.c_void_p]
+        self.launches.append((name, g))
+        fn(*g, block[0], ctypes.addressof(params))

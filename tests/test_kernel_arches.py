@@ -31,6 +31,8 @@ FAMILIES = {
     "csr_spmv": lambda: _csr("csr_spmv.cu"),
     "csr_sputnik": lambda: _csr("csr_sputnik.cu"),
     "ecr_conv": _ecr,
+    # sm_80+ runs mma.sp; older archs compile the fallback that traps (the host never launches it there)
+    "two_four_mma": lambda: ("conv2to4_mma.cu", [("conv2to4_mma", "conv2to4_finish")]),
 }
 
 

@@ -1,0 +1,111 @@
+"""conv2to4_mma.cu, sparsecnn's 2:4 implicit-GEMM convolution on sparse tensor cores: the weight's
+register order (round trip against the portable layout), the kernel on the CPU emulator against
+torch's conv on the unpacked weight (shapes kept tiny: every CUDA thread is a host thread), and in
+the GPU suite the real kernel and the runtime paths that offer it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cuda_emu
+from helpers import rel_err
+from test_two_four import random_2to4
+from sparsecnn.passes.two_four.layout import conv_gemm_view, conv_weight_from_view, pack_2to4, unpack_2to4
+from sparsecnn.runtimes.cusparselt.mma_conv import (KERNEL_SOURCE, KERNELS, MmaConv, mma_unavailable, pack_for_mma,
+                                                    unpack_from_mma)
+
+TOL = 2e-3  # fp16 output (rel_err, max |a - b| / max |b|)
+
+
+def two_four_weight(cout, cin, kh, kw, seed):
+    """A 2:4 conv weight (every pattern, groups with 0-2 non-zeros) in fp16, W[Cout, Cin, kh, kw]."""
+    return conv_weight_from_view(random_2to4(cout, kh * kw * cin, seed), (kh, kw)).half()
+
+
+@pytest.mark.parametrize("m,k", [(1, 4), (20, 36), (16, 32), (33, 200), (5, 12)])
+def test_register_order_round_trips_against_unpack(m, k):
+    values, positions = pack_2to4(random_2to4(m, k, seed=m + k).half())
+    wfrag, wmeta = pack_for_mma(values, positions)
+    assert wfrag.shape == (-(-m // 16), -(-k // 32), 32, 4) and wmeta.shape == wfrag.shape[:3]
+    assert torch.equal(unpack_from_mma(wfrag, wmeta, m, k), unpack_2to4(values, positions))
+    # padding groups (rows past M, columns past K) hold positions (0, 1): valid metadata, zero values
+    meta = (wmeta.to(torch.int64) & 0xFFFFFFFF).reshape(-1, 8, 4)[:, :, :2]
+    nibbles = torch.stack([(meta >> (4 * i)) & 0xF for i in range(8)], -1)
+    assert bool(((nibbles & 3) < (nibbles >> 2)).all())  # every group: two distinct ascending positions
+    assert bool((unpack_from_mma(wfrag, wmeta, wfrag.shape[0] * 16, wfrag.shape[1] * 32)[m:] == 0).all())
+
+
+# (cout, cin, h, w, kernel, stride, pads [t, l, b, r], dilation, batch, residual+relu, split)
+CASES = {
+    "3x3 s1 pad1, odd Cout and spatial, batch 2": (20, 8, 7, 9, 3, 1, [1, 1, 1, 1], 1, 2, False, 1),
+    "3x3 s2 pad1, split-K 3": (32, 16, 9, 9, 3, 2, [1, 1, 1, 1], 1, 1, False, 3),
+    "1x1, residual + relu": (20, 12, 7, 9, 1, 1, [0, 0, 0, 0], 1, 2, True, 1),
+    "3x3 dilation 2 pad 2, split-K 2": (16, 8, 9, 7, 3, 1, [2, 2, 2, 2], 2, 1, False, 2),
+    "3x3 Cin 4 (chunks straddle taps), asymmetric pads, residual + relu, split-K": (
+        12, 4, 6, 5, 3, 2, [0, 1, 1, 0], 1, 2, True, 2),
+    "Cin 40 (K chunks past one tap), auto split": (24, 40, 5, 5, 3, 1, [1, 1, 1, 1], 1, 1, True, None),
+}
+
+
+@pytest.fixture(scope="module")
+def emu_kernels():
+    if not cuda_emu.available():
+        pytest.skip("g++ not installed")
+    return cuda_emu.EmuKernels(KERNEL_SOURCE, KERNELS)
+
+
+def run_case(case, backend, device="cpu", seed=0):
+    cout, cin, h, w, k, s, pads, d, batch, fused, split = case
+    g = torch.Generator().manual_seed(seed)
+    weight = two_four_weight(cout, cin, k, k, seed)
+    values, positions = pack_2to4(conv_gemm_view(weight))
+    bias = torch.randn(cout, generator=g)
+    x = torch.randn(batch, cin, h, w, generator=g).half()
+    conv = MmaConv(values, positions, (k, k), (s, s), (d, d), pads, bias, fused, backend, device, split=split)
+    ref = F.conv2d(F.pad(x.float(), (pads[1], pads[3], pads[0], pads[2])), weight.float(), bias, s, 0, d)
+    residual = torch.randn(ref.shape, generator=g).half() if fused else None
+    if fused:
+        ref = torch.relu(ref + residual.float())
+    xd = x.to(device).contiguous(memory_format=torch.channels_last)
+    y = conv(xd, None if residual is None else residual.to(device))
+    return y, ref, conv
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_on_the_emulator_matches_torch_conv(name, emu_kernels):
+    case = CASES[name]
+    launches = len(emu_kernels.launches)
+    y, ref, conv = run_case(case, emu_kernels)
+    assert y.shape == ref.shape and y.dtype == torch.float16
+    assert y.is_contiguous(memory_format=torch.channels_last)  # NHWC memory, NCHW shape
+    assert rel_err(y, ref) <= TOL
+    names = [n for n, _ in emu_kernels.launches[launches:]]
+    splits = conv.nsplit(y.shape[0] * y.shape[2] * y.shape[3])[0]
+    assert names == (["conv2to4_mma", "conv2to4_finish"] if splits > 1 else ["conv2to4_mma"])
+    if case[-1] not in (None, 1):
+        assert splits == case[-1]
+
+
+def test_auto_split_k_follows_the_grid_against_the_sms(emu_kernels):
+    values, positions = pack_2to4(random_2to4(32, 9 * 64, seed=1).half())
+    conv = MmaConv(values, positions, (3, 3), (1, 1), (1, 1), [1, 1, 1, 1], None, False, emu_kernels, "cpu")
+    assert conv.nsplit(64 * 132)[0] == 1        # 132 blocks fill the H100's SMs: no split
+    assert 1 < conv.nsplit(64)[0] <= 16         # one block: split over K
+    assert conv.nsplit(64)[0] * conv.nsplit(64)[1] >= conv.kc
+
+
+def test_the_kernel_is_offered_only_on_cuda_sm80_fp16():
+    assert "CUDA" in mma_unavailable(torch.device("cpu"), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_on_the_gpu_matches_torch_conv(name):
+    from sparsecnn.runtimes.cusparselt.mma_conv import NvrtcMma
+
+    dev = torch.device("cuda")
+    why = mma_unavailable(dev, torch.float16)
+    if why:
+        pytest.skip(why)
+    y, ref, _ = run_case(CASES[name], NvrtcMma(dev), dev)
+    torch.cuda.synchronize()
+    assert rel_err(y.float().cpu(), ref) <= TOL
