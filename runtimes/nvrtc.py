@@ -52,6 +52,7 @@ ARCH_FEATURES = {
     "vector atomics": 90,   # atomicAdd on float2/float4 (split-K partial sums); else one atomic per float
     "tensor cores": 70,     # mma (fp16); the NVRTC kernels do not use them, cuDNN/TensorRT do
     "2:4 sparse tensor cores": 80,  # mma.sp: cuSPARSELt and TensorRT SPARSE_WEIGHTS
+    "mma.sync m16n8k16": 80,  # dense fp16 mma, fp32 accumulate (mma.cuh): the csr tensor-core kernel, csr_tc.cu
 }
 
 
@@ -80,6 +81,9 @@ def kernel_notes(arch: str, family: str) -> str:
     staging = "cp.async staging" if n >= ARCH_FEATURES["cp.async"] else "staging by plain loads (no cp.async before sm_80)"
     atomics = ("vector split-K atomics" if n >= ARCH_FEATURES["vector atomics"]
                else "scalar split-K atomics")
+    if family == "csr":  # csr_tc.cu builds everywhere; below sm_80 its FMA fallback is never offered
+        atomics += (", fp16 tensor-core kernel (mma.sync m16n8k16)" if has_feature(arch, "mma.sync m16n8k16")
+                    else ", no tensor-core kernel (mma.sync m16n8k16 needs sm_80)")
     return f"{arch}: {what} with {staging}, {atomics}"
 
 

@@ -30,6 +30,7 @@ FAMILIES = {
     "csr_conv": lambda: _csr("csr_conv.cu"),
     "csr_spmv": lambda: _csr("csr_spmv.cu"),
     "csr_sputnik": lambda: _csr("csr_sputnik.cu"),
+    "csr_tc": lambda: _csr("csr_tc.cu"),  # fp16 only: mma.sync from sm_80, an FMA fallback below
     "ecr_conv": _ecr,
     # sm_80+ runs mma.sp; older archs compile the fallback that traps (the host never launches it there)
     "two_four_mma": lambda: ("conv2to4_mma.cu", [("conv2to4_mma", "conv2to4_finish")]),

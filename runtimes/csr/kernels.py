@@ -85,17 +85,24 @@ def all_expressions(filename: str, dtype: torch.dtype) -> tuple[str, ...]:
     if filename == "csr_sputnik.cu":
         return tuple(sputnik_expression(dtype, v) for v in SPUTNIK_VARIANTS[dtype]) + (
             im2col_expression(dtype), shift_expression(dtype))
+    if filename == "csr_tc.cu":
+        from .tensor_core import all_tc_expressions
+
+        return all_tc_expressions(dtype)
     raise KeyError(filename)
 
 
-KERNEL_FILES = ("csr_conv.cu", "csr_spmv.cu", "csr_sputnik.cu")
+KERNEL_FILES = ("csr_conv.cu", "csr_spmv.cu", "csr_sputnik.cu")  # csr_tc.cu: fp16 only, tensor_core.py
 
 
 class NvrtcBackend:
     """Compiles each kernel source once per dtype (all its instantiations) and launches on the GPU."""
 
     def __init__(self, device: torch.device | str):
+        from ..nvrtc import device_arch
+
         self.device = torch.device(device)
+        self.arch = device_arch(self.device)  # which kernels the card can run (tensor_core.tensor_cores)
         self._kernels: dict[str, object] = {}
         self._smem_set: dict[str, int] = {}
 
@@ -241,7 +248,7 @@ ROW_SHAPES = ((2, 256), (4, 256), (8, 256), (4, 512), (8, 512))  # (rows per war
 
 
 def candidate_configs(g: ConvGeometry, sms: int = 132, batch: int = 1, dtype: torch.dtype = torch.float32,
-                      sputnik: bool = True) -> list:
+                      sputnik: bool = True, arch: str | None = None) -> list:
     """The configurations worth timing for a layer (up to about 17), most promising first.
 
     Rows per block trade staging traffic (each block stages its tile's operand once for all
@@ -249,8 +256,11 @@ def candidate_configs(g: ConvGeometry, sms: int = 132, batch: int = 1, dtype: to
     waste; a K split (fp32 atomics) fills the GPU when rows x tiles make too few blocks.
     After them (sputnik=True) Sputnik's SpMM (csr_sputnik.cu): its heuristic config and
     neighbours, on the layer's input directly for a pointwise conv / GEMM, after an explicit
-    im2col (timed with it) for other convs.
+    im2col (timed with it) for other convs. Last, for fp16 on a card of `arch` with
+    mma.sync m16n8k16 (sm_80+), the tensor-core kernel's configs (tensor_core.py).
     """
+    from .tensor_core import tc_candidates, tensor_cores
+
     out = _staged_configs(g, sms, batch)
     if sputnik and g.k <= 65536:
         if g.pointwise:
@@ -260,6 +270,8 @@ def candidate_configs(g: ConvGeometry, sms: int = 132, batch: int = 1, dtype: to
             out += sputnik_candidates(npix, dtype, n_align=-(-npix // IM2COL_ALIGN) * IM2COL_ALIGN, im2col=True)
             if (g.sh, g.sw) == (1, 1):
                 out += sputnik_candidates(g.ho * (g.w + g.pl + g.pr), dtype, shifted=True)
+    if tensor_cores(arch, dtype):
+        out += tc_candidates(g, sms, batch)
     return out
 
 
@@ -843,20 +855,32 @@ class SputnikPlan:
 
 
 def make_plan(csr: CSR, g: ConvGeometry, cfg, dtype: torch.dtype, device, backend, bias=None, relu: bool = False):
-    """The plan of a config of either family (ConvConfig: csr_conv.cu; SputnikConfig: csr_sputnik.cu)."""
-    cls = SputnikPlan if isinstance(cfg, SputnikConfig) else ConvPlan
+    """The plan of a config of any family (ConvConfig: csr_conv.cu; SputnikConfig: csr_sputnik.cu;
+    TcConfig: csr_tc.cu)."""
+    from .tensor_core import TcConfig, TcPlan
+
+    cls = SputnikPlan if isinstance(cfg, SputnikConfig) else TcPlan if isinstance(cfg, TcConfig) else ConvPlan
     return cls(csr, g, cfg, dtype, device, backend, bias, relu)
 
 
 def config_from_dict(d: dict):
-    """Inverse of cfg.to_dict() for both families (a saved engine's per-layer decision)."""
+    """Inverse of cfg.to_dict() for every family (a saved engine's per-layer decision)."""
+    from .tensor_core import TcConfig
+
     d = dict(d)
-    if d.pop("family", None) == SputnikConfig.family:
+    family = d.pop("family", None)
+    if family == SputnikConfig.family:
         return SputnikConfig(**d)
+    if family == TcConfig.family:
+        return TcConfig(**d)
     return ConvConfig(**d)
 
 
 def kernel_name(cfg, dtype: torch.dtype) -> str:
+    from .tensor_core import TcConfig, tc_expression
+
+    if isinstance(cfg, TcConfig):
+        return f"{tc_expression(cfg.tm, cfg.tn)} (tensor cores, mma.sync m16n8k16)"
     if isinstance(cfg, SputnikConfig):
         spmm = sputnik_expression(dtype, cfg.kernel())
         if cfg.im2col:

@@ -328,7 +328,7 @@ class _KernelSession:
         self.dense_fp32_bytes[ctx.name] = m * geom.k * 4 + (m * 4 if bias is not None else 0)
         ctx.info.update(nnz=csr.nnz, sparsity=1.0 - csr.density, relu_fused=relu, residual_fused=residual)
         return self._choose(
-            ctx, csr.density, candidate_configs(geom, self.sms, dtype=ctx.dtype),
+            ctx, csr.density, candidate_configs(geom, self.sms, dtype=ctx.dtype, arch=getattr(self.backend, "arch", None)),
             lambda cfg: make_plan(csr, geom, cfg, ctx.dtype, self.device, self.backend, bias, relu),
             lambda plan, t, r=None: plan.conv(t, r), dense_forms, args, lambda cfg: kernel_name(cfg, ctx.dtype))
 

@@ -182,7 +182,8 @@ class Group:
             y = plan.conv(t, r)
             return max_pool(y, pool).contiguous() if pool is not None else y
 
-        cands, _ = config_candidates(candidate_configs(geom, self.backends.sms, dtype=dtype),
+        cands, _ = config_candidates(candidate_configs(geom, self.backends.sms, dtype=dtype,
+                                                       arch=getattr(backend, "arch", None)),
                                      lambda cfg: make_plan(self.csr, geom, cfg, dtype, device, backend, bias, self.relu),
                                      run, lambda cfg: kernel_name(cfg, dtype))
         return cands or self._no("csr", "no kernel config fits this layer")
