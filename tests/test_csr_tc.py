@@ -119,6 +119,15 @@ def test_tensor_core_kernel_matches_conv2d(backend, g, cfg, opts, sparsity):
 
 
 @emu
+def test_tensor_core_spmm_of_the_gemm_sweep_matches_matmul(backend):
+    g = ConvGeometry(20, 100, 1, 7)  # odd M, K past one tile, N = 7
+    a = gemm_view(sparse_weight(g, 0.8, seed=3))
+    b = torch.randn(100, 7).half()
+    plan = make_plan(csr_from_dense(a), g, TcConfig(64, 16, 2), torch.float16, "cpu", backend)
+    assert rel_err(plan.spmm(b).float(), a.half().float() @ b.float()) <= TOL
+
+
+@emu
 def test_runtime_offers_the_tensor_core_kernel_for_fp16_and_replays_it(monkeypatch):
     """csr's per-layer choice on sm_80+ in fp16 holds the tensor-core configs; every candidate is
     checked against the dense form by the one chooser (timings faked so the tc kernel wins here);

@@ -1,5 +1,5 @@
-"""GEMM-sweep method "csr": sparsecnn's CSR SpMM kernels (runtimes/csr/cuda/csr_conv.cu, SpMM layout, and
-the Sputnik port csr_sputnik.cu).
+"""GEMM-sweep method "csr": sparsecnn's CSR SpMM kernels (runtimes/csr/cuda/csr_conv.cu, SpMM layout, the
+Sputnik port csr_sputnik.cu, and in fp16 on sm_80+ the tensor-core kernel csr_tc.cu).
 
 Listed in converter/gemm_sweep.py's SWEEP_PLUGINS, which reads this module's METHODS. The first call for a given N
 times every candidate configuration (csr_kernels.candidate_configs) on the device and keeps
@@ -27,7 +27,7 @@ def csr_spmm_method(weight: torch.Tensor, dtype: torch.dtype, backend=None):
         n = b.shape[1]
         if n not in tuned:  # one-time: pick the config for this N (outside any graph capture)
             g = ConvGeometry(m, k, 1, n)
-            cfg, plan, us, timed = tune(candidate_configs(g, sms, dtype=dtype),
+            cfg, plan, us, timed = tune(candidate_configs(g, sms, dtype=dtype, arch=getattr(backend, "arch", None)),
                                         lambda c: make_plan(csr, g, c, dtype, device, backend), lambda p, a: p.spmm(a), b,
                                         device)
             tuned[n] = {"plan": plan, "config": cfg.label(), "family": getattr(cfg, "family", "staged"), "us": us,

@@ -221,6 +221,12 @@ class TcPlan:
             y.relu_()
         return y.to(self.dtype)
 
+    def spmm(self, b: torch.Tensor) -> torch.Tensor:
+        """B [K, N] -> A @ B [M, N] (the GEMM sweep's operation): B as a 1 x N image of K channels."""
+        if (self.g.h, self.g.w) != (1, b.shape[1]) or not self.g.pointwise:
+            raise ValueError(f"plan prepared for {self.g}, not a GEMM with N = {b.shape[1]}")
+        return self.conv(b.unsqueeze(0).unsqueeze(2))[0, :, 0, :]
+
     __call__ = conv
 
 
