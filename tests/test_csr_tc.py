@@ -167,6 +167,31 @@ def test_runtime_offers_the_tensor_core_kernel_for_fp16_and_replays_it(monkeypat
     del plain
 
 
+@emu
+def test_hybrid_takes_the_tensor_core_configs_from_csr(monkeypatch):
+    """hybrid's csr candidates are csr's config_candidates: on sm_80+ in fp16 they hold the
+    tensor-core kernel, which wins here by faked timing and computes the group right."""
+    from test_csr_runtime import conv_model, masked_weight
+
+    from sparsecnn.runtimes import get_runtime
+    from sparsecnn.runtimes.chooser import Chooser
+    from sparsecnn.runtimes.hybrid import runtime as hybrid
+
+    monkeypatch.setattr(Chooser, "time", lambda self, cands, args: {
+        c.name: 0.5 if c.name.startswith("tensor-core") else 1.0 if c.dense else 2.0 for c in cands})
+    model = conv_model(masked_weight((24, 8, 3, 3), 0.2, seed=5), (1, 8, 6, 7), bias=np.ones(24), relu=True,
+                       pads=[1, 1, 1, 1])
+    backend = cuda_emu.EmuBackend()
+    backend.arch = "sm_80"
+    eng = hybrid.compile_with_backends(get_runtime("hybrid").rewrite(model), "cpu",
+                                       {"dtype": "fp16", "hybrid_libraries": ["csr"]},
+                                       backends=hybrid.Backends(torch.device("cpu"), csr=backend))
+    row = next(r for r in eng.report() if r["op"].startswith("sparsecnn::CsrConv"))
+    assert row["library"] == "csr" and "tensor cores" in row["kernel"], row
+    x = np.random.default_rng(3).standard_normal(input_shape(model, 1)).astype(np.float32)
+    assert rel_err(eng(torch.from_numpy(x))[0].float(), ort_run(model, x)[0]) <= 5e-3
+
+
 # --- on the GPU (run with -m gpu on an sm_80+ card) ----------------------------------------------
 
 gpu = pytest.mark.gpu
