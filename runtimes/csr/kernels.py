@@ -102,7 +102,8 @@ class NvrtcBackend:
         from ..nvrtc import device_arch
 
         self.device = torch.device(device)
-        self.arch = device_arch(self.device)  # which kernels the card can run (tensor_core.tensor_cores)
+        # which kernels the card can run (tensor_core.tensor_cores); None off a GPU
+        self.arch = device_arch(self.device) if self.device.type == "cuda" else None
         self._kernels: dict[str, object] = {}
         self._smem_set: dict[str, int] = {}
 
