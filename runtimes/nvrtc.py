@@ -51,7 +51,7 @@ ARCH_FEATURES = {
     "cp.async": 80,         # asynchronous global->shared copies (CSR and ECR staging); else plain loads
     "vector atomics": 90,   # atomicAdd on float2/float4 (split-K partial sums); else one atomic per float
     "tensor cores": 70,     # mma (fp16); the NVRTC kernels do not use them, cuDNN/TensorRT do
-    "2:4 sparse tensor cores": 80,  # mma.sp: cuSPARSELt and TensorRT SPARSE_WEIGHTS
+    "2:4 sparse tensor cores": 80,  # mma.sp: cuSPARSELt, TensorRT SPARSE_WEIGHTS, conv2to4_mma.cu (mma.cuh)
     "mma.sync m16n8k16": 80,  # dense fp16 mma, fp32 accumulate (mma.cuh): the csr tensor-core kernel, csr_tc.cu
 }
 
@@ -67,16 +67,20 @@ def has_feature(arch: str, feature: str) -> bool:
     return arch_number(arch) >= ARCH_FEATURES[feature]
 
 
-KERNEL_FAMILIES = ("csr", "ecr", "sparsert")
+KERNEL_FAMILIES = ("csr", "ecr", "sparsert", "two_four_mma")
 
 
 def kernel_notes(arch: str, family: str) -> str:
-    """Which variant of a kernel family ('csr', 'ecr', 'sparsert') a card of `arch` gets, in one line."""
+    """Which variant of a kernel family ('csr', 'ecr', 'sparsert', 'two_four_mma') a card of `arch` gets, in one line."""
     n = arch_number(arch)
     if n < arch_number(OLDEST_ARCH):
         return f"{arch}: older than {OLDEST_ARCH}, the oldest architecture the kernels are built for in CI; untested"
     if family == "sparsert":
         return f"{arch}: generated kernels (plain loads and FMAs; nothing architecture-specific)"
+    if family == "two_four_mma":
+        if not has_feature(arch, "2:4 sparse tensor cores"):
+            return f"{arch}: no 2:4 mma.sp conv (sparse tensor cores need sm_80; its source builds, its mma traps)"
+        return f"{arch}: 2:4 conv on sparse tensor cores (mma.sp, fp16), staging by plain loads"
     what = {"csr": "CSR kernels", "ecr": "ECR/PECR kernels"}[family]
     staging = "cp.async staging" if n >= ARCH_FEATURES["cp.async"] else "staging by plain loads (no cp.async before sm_80)"
     atomics = ("vector split-K atomics" if n >= ARCH_FEATURES["vector atomics"]
