@@ -46,7 +46,8 @@ def test_kernel_family_compiles_for_arch(family, arch, capsys):
     for exprs in programs:
         cubin, names = nvrtc.compile_cubin(source, arch, filename, name_expressions=exprs, use_cache=False)
         assert cubin[:4] == b"\x7fELF" and set(names) == set(exprs)
-    notes = {"csr": nvrtc.kernel_notes(arch, "csr"), "ecr": nvrtc.kernel_notes(arch, "ecr")}.get(family.split("_")[0])
+    notes = {"csr": nvrtc.kernel_notes(arch, "csr"), "ecr": nvrtc.kernel_notes(arch, "ecr"),
+             "two": nvrtc.kernel_notes(arch, "two_four_mma")}.get(family.split("_")[0])
     with capsys.disabled():
         print(f"\n  NVRTC {'.'.join(map(str, nvrtc.nvrtc_version()))} {arch} {family}: "
               f"{sum(map(len, programs))} kernels compiled" + (f" ({notes})" if notes else ""))
@@ -78,6 +79,8 @@ def test_kernel_notes_follow_the_hardware():
     assert "vector split-K atomics" in nvrtc.kernel_notes("sm_90", "ecr")
     assert "untested" in nvrtc.kernel_notes("sm_35", "csr")
     assert nvrtc.has_feature("sm_87", "2:4 sparse tensor cores") and not nvrtc.has_feature("sm_72", "cp.async")
+    assert "mma.sp" in nvrtc.kernel_notes("sm_87", "two_four_mma")
+    assert nvrtc.kernel_notes("sm_72", "two_four_mma").startswith("sm_72: no 2:4 mma.sp conv")
     with pytest.raises(ValueError):
         nvrtc.arch_number("87")
 
