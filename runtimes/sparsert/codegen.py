@@ -58,6 +58,7 @@ CODE_SIZE_RULE = ("weights as fma immediates; a program of more than max_instruc
                   "CSR or dense (ptxas ~60-90 us per instruction, linear; __constant__ memory "
                   "would not shrink the instruction count)")
 DEFAULT_MAX_INSTRUCTIONS = 120_000
+DEFAULT_MAX_CONFIGS = 3        # tile configurations generated (each one NVRTC compile) per layer
 MAX_ACCUMULATORS = 64          # registers for R x V accumulators per thread
 MAX_STATIC_SHARED = 48 * 1024  # k-split reduction buffer must fit static shared memory
 H100_SMS = 132                 # only used to size candidate grids; timing decides
@@ -676,7 +677,7 @@ def _group_loads(lengths: np.ndarray, order: np.ndarray, csr_cols: np.ndarray, r
     return len(groups), total
 
 
-def candidate_configs(csr, geometry: LayerGeometry, dtype: str = "fp32", max_configs: int = 3,
+def candidate_configs(csr, geometry: LayerGeometry, dtype: str = "fp32", max_configs: int = DEFAULT_MAX_CONFIGS,
                       max_instructions: int = DEFAULT_MAX_INSTRUCTIONS, batch: int = 1) -> list[TileConfig]:
     """A few diverse tile configurations worth timing for this layer (best guess first).
 

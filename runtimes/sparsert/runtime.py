@@ -41,7 +41,7 @@ from ..base import CompileOptions, Engine, _MatmulPrecision
 from ..executor import Executor
 from ..ops import NodeContext
 from ..options import SHARED_OPTIONS, Option
-from .codegen import DEFAULT_MAX_INSTRUCTIONS
+from .codegen import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_INSTRUCTIONS
 
 name = "sparsert"
 
@@ -50,7 +50,7 @@ OPTIONS = [
     *SHARED_OPTIONS,
     Option("min_sparsity", float, 0.5, "rewrite layers at least this sparse", minimum=0.0),
     Option("candidates", list, list(CANDIDATE_KINDS), "what each layer may run", choices=CANDIDATE_KINDS),
-    Option("max_configs", int, 3, "tile configurations generated per layer", minimum=1),
+    Option("max_configs", int, DEFAULT_MAX_CONFIGS, "tile configurations generated per layer", minimum=1),
     Option("max_instructions", int, DEFAULT_MAX_INSTRUCTIONS, "code-size cap per generated kernel", minimum=1),
     Option("tune_batch", int, 1, "batch size the candidates are timed at", minimum=1),
     Option("compile_workers", int, None, "NVRTC compile threads/processes (default: the CPU count)", minimum=1),
@@ -143,27 +143,172 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options:
 
 
 # --------------------------------------------------------------------------------------------
+# One layer's generated kernels as the chooser's candidates: shared by the planner and hybrid
+# --------------------------------------------------------------------------------------------
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16"}  # what the generated kernels store
+
+
+class KernelLoader:
+    """Where generated programs become kernels: on a CUDA device NVRTC (in parallel, disk-cached)
+    and codegen.GeneratedKernel; when emulating on the CPU (the emulate_kernels option, tests)
+    the IR interpreter codegen.EmulatedKernel, which compiles nothing and is never fast."""
+
+    def __init__(self, device: torch.device | str, emulate: bool | None = None, arch: str | None = None,
+                 workers: int | None = None):
+        from ..nvrtc import device_arch
+
+        self.device = torch.device(device)
+        self.emulate = self.device.type != "cuda" if emulate is None else bool(emulate)
+        self.arch = arch or ("sm_90" if self.emulate else device_arch(self.device))
+        self.workers = workers
+        self._zeros: torch.Tensor | None = None
+
+    def compile(self, sources: list[tuple[str, str]], progress: bool = False) -> list:
+        """One codegen.CompileRecord per (source, kernel name)."""
+        from . import codegen
+
+        if self.emulate:
+            return [codegen.CompileRecord(n, 0.0, 0.0, 0, False) for _, n in sources]
+        return codegen.compile_programs(sources, self.arch, self.workers, progress=progress)
+
+    def load(self, program, source: str):
+        from .codegen import EmulatedKernel, GeneratedKernel
+
+        return EmulatedKernel(program) if self.emulate else GeneratedKernel(program, self.device, source=source)
+
+    def zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """The padding taps' zero buffer, shared by the kernels (allocated before any graph capture)."""
+        if self._zeros is None or self._zeros.numel() < numel or self._zeros.dtype != dtype:
+            self._zeros = torch.zeros(max(numel, 1), device=self.device, dtype=dtype)
+        return self._zeros
+
+
+class LayerPrograms:
+    """One CSR layer as code generation sees it (what a kernel bakes in: pattern, weights, bias,
+    geometry, epilogue) and its generated programs. The planner generates every layer's programs
+    and compiles them together; hybrid one group's at a time (`node_candidates`). Either way the
+    chooser's candidates come from `candidates`."""
+
+    def __init__(self, name: str, csr, geometry, bias: torch.Tensor | None = None, relu: bool = False,
+                 residual: bool = False):
+        from .codegen import layer_key
+
+        self.name, self.csr, self.geometry, self.bias = name, csr, geometry, bias
+        self.relu, self.residual = bool(relu), bool(residual)
+        self.key = layer_key(csr, geometry, bias, self.relu, self.residual) if geometry is not None else ""
+        self.reason = ""                 # why no generated candidate
+        self.programs: list = []         # generated candidates (codegen.Program)
+        self.sources: list[tuple[str, str]] = []
+        self.records: list = []          # codegen.CompileRecord per program
+        self.gen_s = 0.0
+
+    def generate(self, dtype: str, max_configs: int = DEFAULT_MAX_CONFIGS,
+                 max_instructions: int = DEFAULT_MAX_INSTRUCTIONS, batch: int = 1, config: str | None = None) -> bool:
+        """Build and render the programs of `config` (a saved TileConfig name) or of the best few
+        configurations within the code-size cap; False, with `reason`, when none fits."""
+        from .codegen import TileConfig, build_program, candidate_configs, render_cuda
+
+        t0 = time.perf_counter()
+        if config:
+            configs = [TileConfig.parse(config)]
+        else:
+            configs = candidate_configs(self.csr, self.geometry, dtype, max_configs, max_instructions, batch)
+        if not configs:
+            self.reason = (f"code size: every configuration exceeds {max_instructions} instructions "
+                           f"({self.csr.nnz} non-zeros)")
+        for cfg in configs:
+            prog = build_program(self.csr, self.geometry, cfg, self.bias, self.relu, self.residual, dtype, key=self.key)
+            self.programs.append(prog)
+            self.sources.append(render_cuda(prog))
+        self.gen_s += time.perf_counter() - t0
+        return bool(configs)
+
+    def candidates(self, loader: KernelLoader, after=None) -> tuple[list, dict[str, str], dict[str, dict]]:
+        """The compiled programs as the one chooser's candidates (library "sparsert", named
+        `generated:<config>`): fn(x, residual=None) runs the kernel, with bias, residual and ReLU
+        at its store, then `after` on its output (hybrid: the group's max-pool). Also why a
+        program has no candidate (compile or load error) and each candidate's code statistics."""
+        from ..chooser import Candidate
+
+        candidates, notes, code = [], {}, {}
+        for prog, (src, _), rec in zip(self.programs, self.sources, self.records):
+            label = f"generated:{prog.config.name}"
+            if rec.error:
+                notes[label] = rec.error.splitlines()[0][:300]
+                continue
+            try:
+                kern = loader.load(prog, src)
+            except Exception as exc:  # a kernel that does not load is a bug worth seeing in the report
+                notes[label] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            zeros = loader.zeros(kern.zeros_needed(), kern.torch_dtype) if kern.zeros_needed() else None
+            if after is None:
+                fn = (lambda x, r=None, kern=kern, zeros=zeros: kern(x, residual=r, zeros=zeros))
+            else:
+                fn = (lambda x, r=None, kern=kern, zeros=zeros: after(kern(x, residual=r, zeros=zeros)))
+            candidates.append(Candidate(label, fn, dense=False, library="sparsert",
+                                        detail={"config": prog.config.name, "kernel": prog.name,
+                                                "instructions": prog.instructions()}))
+            code[label] = {**prog.stats(), "compile_s": round(rec.seconds, 3), "cubin_bytes": rec.cubin_bytes,
+                           "cached": rec.cached}
+        return candidates, notes, code
+
+
+def node_candidates(ctx: NodeContext, x: torch.Tensor, loader: KernelLoader, max_configs: int = DEFAULT_MAX_CONFIGS,
+                    max_instructions: int = DEFAULT_MAX_INSTRUCTIONS, config: str | None = None,
+                    after=None) -> tuple[list, str, dict]:
+    """sparsert's generated kernels for one CsrConv / CsrConvPool / CsrGemm node on input `x` (its
+    real shape and dtype), generated, compiled and loaded now: (the chooser's candidates, why
+    there are none, what generating and compiling cost). `config`: only that saved TileConfig (a
+    reload); `after`: applied to each kernel's output (a CsrConvPool's max-pool, which no
+    generated kernel fuses). At most `max_configs` programs, each within `max_instructions`
+    (codegen.CODE_SIZE_RULE): a layer with more non-zeros than that gets none."""
+    from ...passes.csr.layout import CSR
+    from ...passes.csr.reference import bias_tensor, conv_geometry, csr_tensors, has_residual
+    from .codegen import LayerGeometry
+
+    dtype = DTYPE_NAMES.get(x.dtype)
+    if dtype is None:
+        return [], f"generated kernels store fp32 or fp16, not {str(x.dtype).replace('torch.', '')}", {}
+    values, cols, row_ptr, order = csr_tensors(ctx)
+    m = row_ptr.numel() - 1
+    if ctx.node.op_type == "CsrGemm":
+        k, relu = int(ctx.attr("in_features")), bool(ctx.attr("relu", 0))
+        geometry = LayerGeometry("gemm", m, k, n=x.shape[0])
+    else:
+        g = conv_geometry(ctx)
+        (kh, kw), relu = g["kernel"], g["relu"]
+        k = g["in_channels"] * kh * kw
+        geometry = LayerGeometry.conv(m, g["in_channels"], x.shape[2], x.shape[3], kh, kw, g["stride"], g["pads"],
+                                      g["dilation"])
+    csr = CSR(values, cols.to(torch.int32), row_ptr.to(torch.int32), order.to(torch.int32), (m, k))
+    layer = LayerPrograms(ctx.name, csr, geometry, bias_tensor(ctx), relu, has_residual(ctx))
+    if not layer.generate(dtype, max_configs, max_instructions, x.shape[0], config):
+        return [], layer.reason, {"gen_s": round(layer.gen_s, 3)}
+    t0 = time.perf_counter()
+    layer.records = loader.compile(layer.sources)
+    cost = {"configs": len(layer.programs), "gen_s": round(layer.gen_s, 3),
+            "compile_s": round(time.perf_counter() - t0, 3)}
+    candidates, notes, _ = layer.candidates(loader, after)
+    return candidates, "; ".join(f"{k}: {v}" for k, v in notes.items()), cost
+
+
+# --------------------------------------------------------------------------------------------
 # The planner: generate and compile every candidate first (in parallel), then choose per layer
 # --------------------------------------------------------------------------------------------
 
-class _Layer:
-    def __init__(self, node: onnx.NodeProto):
+class _Layer(LayerPrograms):
+    """A layer of the planner: its node, the candidate kinds it considers, a saved decision."""
+
+    def __init__(self, node: onnx.NodeProto, csr, geometry, weight_shape: list[int], bias=None, relu: bool = False,
+                 residual: bool = False, reason: str = ""):
+        super().__init__(node_label(node), csr, geometry, bias, relu, residual)
         self.node = node
-        self.name = node_label(node)
-        self.geometry = None
-        self.csr = None
-        self.bias = None
-        self.relu = False
-        self.residual = False
-        self.weight_shape: list[int] = []
-        self.key = ""
-        self.reason = ""                 # why no generated candidate
+        self.weight_shape = weight_shape
+        self.reason = reason
         self.kinds: list[str] = []       # candidate kinds to consider
-        self.programs: list = []         # generated candidates (Program)
-        self.sources: list[tuple[str, str]] = []
-        self.records: list = []          # CompileRecord per program
         self.fixed: dict | None = None   # a decision from saved state / tuning cache
-        self.gen_s = 0.0
 
 
 class Planner:
@@ -193,57 +338,54 @@ class Planner:
         self.tuning_updates: dict[str, dict] = {}
         self.costs = {"gen_s": 0.0, "compile_wall_s": 0.0, "compile_cpu_s": 0.0, "tune_s": 0.0,
                       "programs": 0, "programs_compiled": 0, "instructions": 0}
-        self._zeros: torch.Tensor | None = None
-        self._csr_rt = None
+        self.loader: KernelLoader | None = None  # made by prepare
 
     # -- preparation ------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        from .codegen import (LayerGeometry, build_program, candidate_configs, compile_programs, layer_key,
-                                       load_tuning, render_cuda, TileConfig, tuning_key)
+        from .codegen import LayerGeometry, load_tuning, tuning_key
         from ...passes.csr.layout import CSR
 
         inits = {t.name: t for t in self.model.graph.initializer}
         shapes = static_shapes(self.model)
         tuning = {} if self.retune else load_tuning()
         dtype = self.opts.dtype
-        max_configs = int(self.extra.get("max_configs") or 3)
+        max_configs = int(self.extra.get("max_configs") or DEFAULT_MAX_CONFIGS)
         max_instr = int(self.extra.get("max_instructions") or DEFAULT_MAX_INSTRUCTIONS)
+        self.loader = KernelLoader(self.device, self.emulate, self.arch, self.extra.get("compile_workers"))
         for node in self.model.graph.node:
             if node.domain != "sparsecnn" or node.op_type not in CSR_OPS:
                 continue
-            layer = _Layer(node)
-            self.layers[layer.name] = layer
             attrs = node_attrs(node)
-            layer.relu = bool(attrs.get("relu", 0))
-            layer.residual = len(node.input) > 6 and bool(node.input[6])
             arr = [numpy_helper.to_array(inits[n]) for n in node.input[1:5]]
             m = int(arr[2].size) - 1
             if node.op_type == "CsrConv":
                 shape = [m, int(attrs["in_channels"]), *[int(v) for v in attrs["kernel_shape"]]]
             else:
                 shape = [m, int(attrs["in_features"])]
-            layer.weight_shape = shape
             k = int(np.prod(shape[1:]))
-            layer.csr = CSR(torch.from_numpy(arr[0].astype(np.float32)), torch.from_numpy(arr[1].astype(np.int32)),
-                            torch.from_numpy(arr[2].astype(np.int32)), torch.from_numpy(arr[3].astype(np.int32)), (m, k))
+            csr = CSR(torch.from_numpy(arr[0].astype(np.float32)), torch.from_numpy(arr[1].astype(np.int32)),
+                      torch.from_numpy(arr[2].astype(np.int32)), torch.from_numpy(arr[3].astype(np.int32)), (m, k))
+            bias = None
             if len(node.input) > 5 and node.input[5]:
-                layer.bias = torch.from_numpy(numpy_helper.to_array(inits[node.input[5]]).astype(np.float32))
+                bias = torch.from_numpy(numpy_helper.to_array(inits[node.input[5]]).astype(np.float32))
             in_dims = shapes.get(node.input[0])
+            geometry, reason = None, ""
             if node.op_type == "CsrConv":
                 if in_dims is None or len(in_dims) != 4 or any(d is None for d in in_dims[1:]):
-                    layer.reason = "input spatial shape unknown at compile time"
+                    reason = "input spatial shape unknown at compile time"
                 else:
-                    layer.geometry = LayerGeometry.conv(m, shape[1], in_dims[2], in_dims[3], shape[2], shape[3],
-                                                        attrs.get("strides", [1, 1]), attrs.get("pads", [0, 0, 0, 0]),
-                                                        attrs.get("dilations", [1, 1]))
+                    geometry = LayerGeometry.conv(m, shape[1], in_dims[2], in_dims[3], shape[2], shape[3],
+                                                  attrs.get("strides", [1, 1]), attrs.get("pads", [0, 0, 0, 0]),
+                                                  attrs.get("dilations", [1, 1]))
             else:
-                layer.geometry = LayerGeometry("gemm", m, k, n=self.batch)
+                geometry = LayerGeometry("gemm", m, k, n=self.batch)
+            layer = _Layer(node, csr, geometry, shape, bias, bool(attrs.get("relu", 0)),
+                           len(node.input) > 6 and bool(node.input[6]), reason)
+            self.layers[layer.name] = layer
             kinds = list(self.kinds)
             if layer.geometry is None:
                 kinds = [x for x in kinds if x != "generated"]
-            else:
-                layer.key = layer_key(layer.csr, layer.geometry, layer.bias, layer.relu, layer.residual)
             # the candidate set is part of the key: a winner among fewer candidates is no winner
             tkey = tuning_key(layer.key, self.arch, dtype, self.batch, ",".join(sorted(kinds))) if layer.key else ""
             fixed = self.saved.get(layer.name)
@@ -256,52 +398,31 @@ class Planner:
                 kinds = [fixed["choice"]]
             layer.kinds = kinds
             if "generated" in kinds:
-                t0 = time.perf_counter()
-                if layer.fixed and layer.fixed.get("config"):
-                    configs = [TileConfig.parse(layer.fixed["config"])]
-                else:
-                    configs = candidate_configs(layer.csr, layer.geometry, dtype, max_configs, max_instr, self.batch)
-                if not configs:
-                    layer.reason = (f"code size: every configuration exceeds {max_instr} instructions "
-                                    f"({layer.csr.nnz} non-zeros)")
+                saved_config = layer.fixed.get("config") if layer.fixed else None
+                if not layer.generate(dtype, max_configs, max_instr, self.batch, saved_config):
                     layer.kinds = [x for x in kinds if x != "generated"] or ["dense"]
-                for cfg in configs:
-                    prog = build_program(layer.csr, layer.geometry, cfg, layer.bias, layer.relu, layer.residual,
-                                         dtype, key=layer.key)
-                    layer.programs.append(prog)
-                    layer.sources.append(render_cuda(prog))
-                layer.gen_s = time.perf_counter() - t0
                 self.costs["gen_s"] += layer.gen_s
         jobs = [src for layer in self.layers.values() for src in layer.sources]
-        if jobs and self.emulate:
-            from .codegen import CompileRecord
-
-            for layer in self.layers.values():
-                layer.records = [CompileRecord(n, 0.0, 0.0, 0, False) for _, n in layer.sources]
-        elif jobs:
+        if jobs:  # every layer's programs at once: NVRTC in parallel across layers
             t0 = time.perf_counter()
-            records = compile_programs(jobs, self.arch, self.extra.get("compile_workers"), progress=len(jobs) > 4)
-            self.costs["compile_wall_s"] = time.perf_counter() - t0
+            records = self.loader.compile(jobs, progress=len(jobs) > 4)
             it = iter(records)
             for layer in self.layers.values():
                 layer.records = [next(it) for _ in layer.sources]
-            self.costs["compile_cpu_s"] = sum(r.cpu_seconds for r in records)
-            self.costs["programs"] = len(records)
-            self.costs["programs_compiled"] = sum(not r.cached for r in records)
-            self.costs["instructions"] = sum(p.instructions() for layer in self.layers.values() for p in layer.programs)
+            if not self.emulate:
+                self.costs["compile_wall_s"] = time.perf_counter() - t0
+                self.costs["compile_cpu_s"] = sum(r.cpu_seconds for r in records)
+                self.costs["programs"] = len(records)
+                self.costs["programs_compiled"] = sum(not r.cached for r in records)
+                self.costs["instructions"] = sum(p.instructions() for layer in self.layers.values()
+                                                 for p in layer.programs)
         self.costs = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.costs.items()}
 
     # -- per-layer build (called by the Executor) -------------------------------------------
 
-    def zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        if self._zeros is None or self._zeros.numel() < numel or self._zeros.dtype != dtype:
-            self._zeros = torch.zeros(max(numel, 1), device=self.device, dtype=dtype)
-        return self._zeros
-
     def builder(self, ctx: NodeContext):
         from ...passes.csr.reference import used_inputs
         from ..chooser import Candidate, Switch
-        from .codegen import EmulatedKernel, GeneratedKernel
 
         layer = self.layers[ctx.name]
         ctx.info.clear()
@@ -314,23 +435,8 @@ class Planner:
         args = self._example_inputs(ctx, layer)
         dense_forms = self._dense_forms(ctx, layer, args[0] if args else None)
         candidates: list = list(dense_forms) if "dense" in layer.kinds else []
-        notes: dict[str, str] = {}
-        code: dict[str, dict] = {}
-        for prog, (src, _), rec in zip(layer.programs, layer.sources, layer.records):
-            label = f"generated:{prog.config.name}"
-            if rec.error:
-                notes[label] = rec.error.splitlines()[0][:300]
-                continue
-            try:
-                kern = EmulatedKernel(prog) if self.emulate else GeneratedKernel(prog, self.device, source=src)
-            except Exception as exc:  # a kernel that does not load is a bug worth seeing in the report
-                notes[label] = f"{type(exc).__name__}: {exc}"[:300]
-                continue
-            zeros = self.zeros(kern.zeros_needed(), kern.torch_dtype) if kern.zeros_needed() else None
-            candidates.append(Candidate(label, (lambda x, r=None, kern=kern, zeros=zeros: kern(x, residual=r, zeros=zeros)),
-                                        dense=False, library="sparsert", detail={"config": prog.config.name}))
-            code[label] = {**prog.stats(), "compile_s": round(rec.seconds, 3), "cubin_bytes": rec.cubin_bytes,
-                           "cached": rec.cached}
+        generated, notes, code = layer.candidates(self.loader)
+        candidates += generated
         if "csr" in layer.kinds:
             fn, why = self._csr_candidate(ctx, layer)
             if fn is not None:
