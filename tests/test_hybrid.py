@@ -1,6 +1,7 @@
 """The hybrid runtime on CPU: grouping (rewrite), per-layer choice over libraries (csr kernels
 through the CPU emulator, ecr through a stand-in that computes each plan with the dense oracle,
-cuSPARSELt's lowering with F.linear for its GEMM), the whole-graph guard and save/reload.
+cuSPARSELt's lowering with F.linear for its GEMM, sparsert's generated programs through its IR
+interpreter), the whole-graph guard and save/reload.
 Timing is faked where a test needs a given winner; outputs are checked against ONNX Runtime."""
 import numpy as np
 import onnxruntime as ort
@@ -38,9 +39,11 @@ def _no_timing(*a, **k):
     raise AssertionError("a reloaded engine must not time anything")
 
 
-def _backends(two_four=None, wrong=lambda name: False):
+def _backends(two_four=None, wrong=lambda name: False, sparsert=False):
+    from sparsecnn.runtimes.sparsert.runtime import KernelLoader
+
     return hybrid.Backends(torch.device("cpu"), csr=cuda_emu.EmuBackend(), ecr=ReferenceEcrKernels(wrong),
-                           two_four=two_four)
+                           two_four=two_four, sparsert=KernelLoader("cpu", emulate=True) if sparsert else None)
 
 
 def test_rewrite_groups_conv_relu_pool_and_conv_add_relu(exported):
@@ -172,6 +175,116 @@ def test_options_are_declared_and_a_bad_library_is_refused(exported):
         hybrid.compile_with_backends(model, "cpu", {"channels_last": True}, backends=hybrid.Backends(torch.device("cpu")))
 
 
+# --- sparsert's generated kernels as candidates (the IR interpreter stands in for the GPU) ----
+
+def _groups(eng):
+    return [r for r in eng.report() if r["op"].startswith("sparsecnn::CsrConv")]
+
+
+@emu
+def test_a_group_whose_fastest_candidate_is_a_generated_kernel_runs_sparsert_and_a_reload_replays_it(
+        exported, monkeypatch, tmp_path):
+    from sparsecnn.runtimes import load_engine
+    from sparsecnn.runtimes.sparsert import runtime as sparsert
+
+    model = _pruned(exported, "tinyresnet")  # residual groups: the kernel adds the residual at its store
+    sparse = get_runtime("hybrid").rewrite(model)
+    monkeypatch.setattr(Chooser, "time", _clock({"sparsert": 0.4, "ecr": 0.9}))
+    backends = _backends(sparsert=True)
+    x = torch.rand(1, 3, 32, 32)
+    # csr's emulator is left out here (the slowest on the CPU; the tests above cover it)
+    eng = hybrid.compile_with_backends(sparse, "cpu", _opts(hybrid_libraries="ecr,cusparselt,sparsert",
+                                                            sparsert_max_configs=2), calibration=x, backends=backends)
+    rows = _groups(eng)
+    assert rows and all(r["library"] == "sparsert" for r in rows)
+    assert any("residual" in r["group"] for r in rows)
+    for r in rows:  # every library spoke, and sparsert won on the stand-in clock
+        assert set(r["libraries_ms"]) == {"dense", "ecr", "sparsert"} and r["unsupported"]["cusparselt"]
+        assert min(r["libraries_ms"], key=r["libraries_ms"].get) == "sparsert"
+        assert r["choice"]["chosen"].startswith("generated:") and r["kernel"].startswith("sparsert_")
+        assert r["sparsert_build_s"]["configs"] == 2
+    torch.testing.assert_close(eng(x)[0], _oracle(model, x), rtol=1e-4, atol=1e-4)
+
+    path = eng.save(tmp_path / "h.engine")
+    monkeypatch.setattr(hybrid, "compile", lambda m, d, o, state=None: hybrid.compile_with_backends(
+        m, d, o, state=state, backends=backends))
+    monkeypatch.setattr(Chooser, "time", _no_timing)
+    generated = []
+    real_generate = sparsert.LayerPrograms.generate
+
+    def spy(self, *a, **k):
+        ok = real_generate(self, *a, **k)
+        generated.append(len(self.programs))
+        return ok
+
+    monkeypatch.setattr(sparsert.LayerPrograms, "generate", spy)
+    again = load_engine(path, "cpu")
+    assert [sw.decision.how for sw in again.switches()] == ["saved"] * len(again.switches())
+    assert {sw.name: sw.active for sw in again.switches()} == {sw.name: sw.active for sw in eng.switches()}
+    assert generated == [1] * len(rows)  # the saved config alone is generated again
+    assert all(r["library"] == "sparsert" for r in _groups(again))
+    torch.testing.assert_close(again(x)[0], _oracle(model, x), rtol=1e-4, atol=1e-4)
+
+
+@emu
+def test_hybrid_libraries_dense_sparsert_narrows_and_a_pooled_group_pools_after_the_kernel(exported, monkeypatch):
+    model = _pruned(exported, "tinynet")
+    monkeypatch.setattr(Chooser, "time", _clock({"sparsert": 0.5, "csr": 0.1, "ecr": 0.1}))
+    x = torch.rand(2, 3, 32, 32)
+    eng = hybrid.compile_with_backends(get_runtime("hybrid").rewrite(model), "cpu",
+                                       _opts(hybrid_libraries="dense,sparsert", sparsert_max_configs=1),
+                                       calibration=x, backends=_backends(sparsert=True))
+    rows = _groups(eng)
+    pooled = [r for r in rows if r["op"] == "sparsecnn::CsrConvPool"]
+    assert pooled and all(r["library"] == "sparsert" for r in rows)  # csr and ecr, faster here, were not asked
+    assert all(set(r["libraries_ms"]) == {"dense", "sparsert"} and "unsupported" not in r for r in rows)
+    torch.testing.assert_close(eng(x)[0], _oracle(model, x), rtol=1e-4, atol=1e-4)
+
+
+@emu
+def test_a_wrong_generated_kernel_is_rejected(exported, monkeypatch):
+    from sparsecnn.runtimes.sparsert import codegen
+
+    real_call = codegen.EmulatedKernel.__call__
+    monkeypatch.setattr(codegen.EmulatedKernel, "__call__", lambda self, x, **kw: real_call(self, x, **kw) * 1.01)
+    monkeypatch.setattr(Chooser, "time", _clock({"sparsert": 0.1}))
+    eng = hybrid.compile_with_backends(get_runtime("hybrid").rewrite(_pruned(exported, "tinynet")), "cpu",
+                                       _opts(hybrid_libraries="sparsert", sparsert_max_configs=1),
+                                       backends=_backends(sparsert=True))
+    rows = _groups(eng)
+    assert rows and all(r["library"] == "dense" for r in rows)
+    assert all(any(n.startswith("generated:") and "wrong result" in why for n, why in r["choice"]["rejected"].items())
+               for r in rows)
+
+
+@emu
+def test_sparsert_max_configs_and_max_instructions_bound_the_generated_candidates(exported, monkeypatch):
+    monkeypatch.setattr(Chooser, "time", _clock({"sparsert": 0.5}))
+    model = get_runtime("hybrid").rewrite(_pruned(exported, "tinynet"))
+    x = torch.rand(1, 3, 32, 32)
+
+    def generated(**pairs):
+        eng = hybrid.compile_with_backends(model, "cpu", _opts(hybrid_libraries="sparsert", **pairs), calibration=x,
+                                           backends=_backends(sparsert=True))
+        return eng, [sum(n.startswith("generated:") for n in r["choice"].get("candidates_ms", {}))
+                     for r in _groups(eng)]
+
+    _, one = generated(sparsert_max_configs=1)
+    _, three = generated(sparsert_max_configs=3)
+    assert one and set(one) == {1} and max(three) > 1
+    eng, none = generated(sparsert_max_instructions=1)  # fewer instructions than non-zeros: nothing generated
+    assert set(none) == {0}
+    rows = _groups(eng)
+    assert all("code size" in r["unsupported"]["sparsert"] and r["library"] == "dense" for r in rows)
+    # and the other limits say why, as every library does
+    group = next(iter(eng.groups.values()))
+    bf16 = torch.rand(1, group.g["in_channels"], 8, 8, dtype=torch.bfloat16)
+    assert group.sparsert_candidates(bf16) == [] and "bfloat16" in group.unsupported["sparsert"]
+    no_kernels = hybrid.compile_with_backends(model, "cpu", _opts(hybrid_libraries="sparsert"), calibration=x,
+                                              backends=_backends())
+    assert all("no generated kernels" in r["unsupported"]["sparsert"] for r in _groups(no_kernels))
+
+
 # --- on the lent GPU: the real kernels of every library --------------------------------------
 
 @pytest.mark.gpu
@@ -193,9 +306,40 @@ def test_gpu_hybrid_engine_matches_onnxruntime_and_reloads(exported, tmp_path, n
     assert rows and all("libraries_ms" in r or r.get("choice", {}).get("how") == "only candidate" for r in rows)
     if prune == "2:4":
         assert any("cusparselt" in r.get("libraries_ms", {}) for r in rows)
+    # sparsert's generated kernels competed and none computed a wrong result
+    assert any("sparsert" in r.get("libraries_ms", {}) for r in rows)
+    assert not [n for r in rows for n in r.get("choice", {}).get("rejected", {}) if n.startswith("generated:")]
     path = eng.save(tmp_path / "h.engine")
     again = load_engine(path)
     assert [sw.decision.how for sw in again.switches()] == ["saved"] * len(again.switches())
+    assert rel_err(again(x.cuda())[0].cpu(), ref) <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, dtype", [("tinyresnet", "fp32"), ("tinynet", "fp16")])
+def test_gpu_hybrid_runs_sparsert_generated_kernels_and_reloads_them(exported, tmp_path, monkeypatch, name, dtype):
+    """The generated kernels compiled with NVRTC, checked by the chooser against cuDNN, then made
+    the winner by a stand-in clock (guard off: the engine runs them) and replayed from the file."""
+    from sparsecnn.common.numerics import rel_err
+    from sparsecnn.runtimes import load_engine
+
+    model = _pruned(exported, name)
+    rt = get_runtime("hybrid")
+    x = torch.rand(2, 3, 32, 32)
+    ref = _oracle(model, x)
+    tol = {"fp32": 1e-4, "fp16": 2e-2}[dtype]
+    monkeypatch.setattr(Chooser, "time", _clock({"sparsert": 0.3}))
+    options = {"dtype": dtype, "tf32": False, "extra": {"hybrid_libraries": ["sparsert"], "guard": False,
+                                                        "choose_reps": 5}}
+    eng = rt.compile(rt.rewrite(model), "cuda", options, calibration=x)
+    rows = [r for r in eng.report() if r["op"].startswith("sparsecnn::CsrConv")]
+    assert rows and all(r["library"] == "sparsert" and not r["choice"].get("rejected") for r in rows)
+    assert rel_err(eng(x.cuda())[0].cpu(), ref) <= tol
+    path = eng.save(tmp_path / "h.engine")
+    monkeypatch.setattr(Chooser, "time", _no_timing)
+    again = load_engine(path)
+    assert [sw.decision.how for sw in again.switches()] == ["saved"] * len(again.switches())
+    assert all(r["library"] == "sparsert" for r in again.report() if r["op"].startswith("sparsecnn::CsrConv"))
     assert rel_err(again(x.cuda())[0].cpu(), ref) <= tol
 
 

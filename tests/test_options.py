@@ -519,6 +519,10 @@ RUNTIME_TESTS = {
     ("hybrid", "csr_exclude"): "test_hybrid:test_hybrid_max_density_and_csr_exclude_change_which_layers_are_grouped",
     ("hybrid", "hybrid_libraries"): "test_hybrid:test_hybrid_libraries_limits_the_candidates_and_batch_sets_the_calibration_batch",
     ("hybrid", "batch"): "test_hybrid:test_hybrid_libraries_limits_the_candidates_and_batch_sets_the_calibration_batch",
+    ("hybrid", "sparsert_max_configs"):
+        "test_hybrid:test_sparsert_max_configs_and_max_instructions_bound_the_generated_candidates",
+    ("hybrid", "sparsert_max_instructions"):
+        "test_hybrid:test_sparsert_max_configs_and_max_instructions_bound_the_generated_candidates",
 }
 
 

@@ -13,9 +13,12 @@ puts every library's implementation of it before the one chooser (runtimes/choos
 - candidates per group (`LIBRARIES`; `hybrid_libraries` narrows them): the layer's dense forms
   (dense_conv's engines: cuDNN NCHW / NHWC, im2col + cuBLAS), csr's kernel configs,
   ecr / pecr's variants (where the geometry allows: dilation 1), cuSPARSELt for 2:4 weights
-  (fp16 on CUDA). A library that cannot take a group says why ("unsupported: ...") in the
-  report. Every candidate takes and returns NCHW-contiguous tensors, so a layout change a
-  library needs (cuSPARSELt's NHWC im2col, dense:cudnn_nhwc) is inside its measured time.
+  (fp16 on CUDA), sparsert's generated kernels (a few tile configs per group, each generated
+  with the weights baked in and compiled with NVRTC when the group chooses: the compile time
+  is the price; `sparsert_max_configs`, `sparsert_max_instructions`). A library that cannot
+  take a group says why ("unsupported: ...") in the report. Every candidate takes and returns
+  NCHW-contiguous tensors, so a layout change a library needs (cuSPARSELt's NHWC im2col,
+  dense:cudnn_nhwc) is inside its measured time.
 - choice: at compile time on the layer's *real* input — calibration images (`calibration=`)
   run through the network, each group choosing on what its predecessors produce, because
   ecr's speed depends on input zeros (without calibration a random input is used, and the
@@ -47,19 +50,25 @@ from ..base import CompileOptions, Engine, calibration_input, with_saved_decisio
 from ..executor import Executor
 from ..ops import NodeContext
 from ..options import DENSE_CONV, SHARED_OPTIONS, Option, with_default
+from ..sparsert.codegen import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_INSTRUCTIONS
 
 name = "hybrid"
-LIBRARIES = ("csr", "ecr", "cusparselt")
+LIBRARIES = ("csr", "ecr", "cusparselt", "sparsert")
 DEFAULT_MAX_DENSITY = 0.6  # 2:4 layers (density 0.5) become groups too: cuSPARSELt is one of their candidates
 OPTIONS = [
     *[o for o in SHARED_OPTIONS if o is not DENSE_CONV],
     with_default(DENSE_CONV, "best", "how convs outside any group (too dense, grouped, excluded) run (default best "
                  "on GPU: per layer the fastest dense form, measured)"),
     Option("hybrid_libraries", list, list(LIBRARIES), "the sparse libraries whose implementations compete per "
-           "layer (the dense forms always do)", choices=LIBRARIES),
+           "layer (the dense forms always do: 'dense' may be named, alone it means no sparse library)",
+           choices=("dense", *LIBRARIES)),
     Option("hybrid_max_density", float, DEFAULT_MAX_DENSITY, "layers denser than this are not grouped (they run "
            "dense)", minimum=0.0),
     Option("csr_exclude", list, [], "layers to leave dense (weight or module names, globs)"),
+    Option("sparsert_max_configs", int, DEFAULT_MAX_CONFIGS, "sparsert tile configs generated per group, each one "
+           "NVRTC compile at compile time", minimum=1),
+    Option("sparsert_max_instructions", int, DEFAULT_MAX_INSTRUCTIONS, "code-size cap per generated sparsert kernel "
+           "(a group with more non-zeros gets no sparsert candidate)", minimum=1),
     Option("batch", int, 1, "calibration batch when no calibration input is given", minimum=1),
 ]
 
@@ -95,9 +104,10 @@ def rewrite(model: onnx.ModelProto, options=None) -> onnx.ModelProto:
 class Backends:
     """The kernels each library runs with: real ones on CUDA; the CPU tests pass emulators."""
 
-    def __init__(self, device: torch.device, csr=None, ecr=None, two_four: str | None = None):
+    def __init__(self, device: torch.device, csr=None, ecr=None, two_four: str | None = None, sparsert=None):
         self.device = device
         self.csr, self.ecr, self.two_four = csr, ecr, two_four
+        self.sparsert = sparsert  # sparsert.runtime.KernelLoader: NVRTC, or the IR interpreter in CPU tests
         self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         self._scratch = None
 
@@ -105,13 +115,14 @@ class Backends:
     def for_device(cls, device: torch.device, dtype: str) -> "Backends":
         from ..csr.kernels import NvrtcBackend
         from ..ecr.runtime import KernelSet
+        from ..sparsert.runtime import KernelLoader
 
         two_four = None
         if dtype in ("fp16", "bf16"):
             from ..cusparselt.runtime import available as cslt_available
 
             two_four = "cslt" if cslt_available()[0] else None
-        return cls(device, NvrtcBackend(device), KernelSet.get(device), two_four)
+        return cls(device, NvrtcBackend(device), KernelSet.get(device), two_four, KernelLoader(device))
 
     @property
     def scratch(self):
@@ -231,16 +242,38 @@ class Group:
                           library="cusparselt", detail={"kernel": "cuSPARSELt 2:4 (im2col + sparse GEMM)",
                                                         **lowering.describe(x)}, buffers=list(gemm.buffers))]
 
+    def sparsert_candidates(self, x: torch.Tensor, config: str | None = None) -> list:
+        """sparsert's kernels generated for this group's weights and input size (its one home,
+        sparsert.runtime.node_candidates); a pooled group's pool runs after the kernel.
+        `config`: only that one (a reload replays its saved config, nothing else is compiled)."""
+        from ..sparsert.runtime import node_candidates
+
+        if self.backends.sparsert is None:
+            return self._no("sparsert", "no generated kernels on this device (NVRTC and a CUDA GPU)")
+        pool = self.pool
+        opts = self.ctx.options
+        cands, why, cost = node_candidates(
+            self.ctx, x, self.backends.sparsert, int(opts.get("sparsert_max_configs", DEFAULT_MAX_CONFIGS)),
+            int(opts.get("sparsert_max_instructions", DEFAULT_MAX_INSTRUCTIONS)), config,
+            after=(lambda y: max_pool(y, pool).contiguous()) if pool is not None else None)
+        if cost:
+            self.ctx.info["sparsert_build_s"] = cost  # generating and compiling: hybrid's compile-time price
+        return cands or self._no("sparsert", why or "no generated kernel")
+
     def _no(self, library: str, why: str) -> list:
         self.unsupported[library] = why
         return []
 
-    def candidates(self, x: torch.Tensor, only: set[str] | None = None) -> list:
+    def candidates(self, x: torch.Tensor, only: set[str] | None = None, saved: dict | None = None) -> list:
         """Dense forms first (the reference is cuDNN), then each allowed library's; `only`: the
-        libraries to build (a reloaded engine builds only what its saved decision needs)."""
+        libraries to build (a reloaded engine builds only what its saved decision needs, and a
+        saved sparsert choice only its config: `saved`, the saved Decision)."""
         self.unsupported.clear()
         out = self.dense_candidates(x)
-        makers = {"csr": self.csr_candidates, "ecr": self.ecr_candidates, "cusparselt": self.two_four_candidates}
+        saved_config = (saved.get("detail") or {}).get("config") if saved and saved.get("library") == "sparsert" \
+            else None
+        makers = {"csr": self.csr_candidates, "ecr": self.ecr_candidates, "cusparselt": self.two_four_candidates,
+                  "sparsert": lambda t: self.sparsert_candidates(t, saved_config)}
         for lib in self.libraries:
             if only is None or lib in only:
                 try:
@@ -258,7 +291,7 @@ class Group:
         only = None
         if saved and saved.get("chosen"):
             only = {saved.get("library")} if not str(saved["chosen"]).startswith("dense:") else set()
-        candidates = self.candidates(x, only)
+        candidates = self.candidates(x, only, saved if only is not None else None)
         self.library_of = {c.name: ("dense" if c.dense else c.library) for c in candidates}
         decision = chooser.choose(self.name, candidates, call, reference="dense:cudnn", saved=saved)
         sw = Switch(decision, candidates, self.ctx.info, describe=self.describe)
@@ -354,10 +387,10 @@ def compile_with_backends(model: onnx.ModelProto, device, options=None, state: d
         raise UserError("the hybrid runtime plans NCHW activations (each candidate prices its own layout); "
                         "drop --channels-last")
     opts.extra.setdefault("dense_conv", "best")
-    libraries = list(opts.extra.get("hybrid_libraries", LIBRARIES))
+    libraries = [lib for lib in opts.extra.get("hybrid_libraries", LIBRARIES) if lib != "dense"]  # dense always is
     unknown = sorted(set(libraries) - set(LIBRARIES))
     if unknown:
-        raise UserError(f"hybrid_libraries: unknown {', '.join(unknown)}; choose from {', '.join(LIBRARIES)}")
+        raise UserError(f"hybrid_libraries: unknown {', '.join(unknown)}; choose from dense, {', '.join(LIBRARIES)}")
     backends = backends or Backends(dev)
     state = dict(state or {})
     card = _card(dev)
