@@ -109,3 +109,102 @@ def test_kernel_on_the_gpu_matches_torch_conv(name):
     y, ref, _ = run_case(CASES[name], NvrtcMma(dev), dev)
     torch.cuda.synchronize()
     assert rel_err(y.float().cpu(), ref) <= TOL
+
+
+# --- the runtime paths that offer it (CPU: the emulator stands in for the card) ---------------------
+
+def _fp16_conv_on_cpu() -> bool:
+    try:  # older torch builds have no fp16 convolution on the CPU (the dense forms the chooser checks against)
+        F.conv2d(torch.ones(1, 4, 3, 3, dtype=torch.float16), torch.ones(4, 4, 1, 1, dtype=torch.float16))
+        return True
+    except RuntimeError:
+        return False
+
+
+needs_fp16_cpu = pytest.mark.skipif(not _fp16_conv_on_cpu(), reason="this torch has no fp16 conv on the CPU")
+
+
+def _clock(fastest):
+    """A Chooser.time stand-in: `fastest` 1 ms, other sparse candidates 1.5, dense forms 2."""
+    return lambda self, cands, args: {c.name: 1.0 if c.name == fastest else (2.0 if c.dense else 1.5) for c in cands}
+
+
+def _cusparselt_engine(model, mma, state=None, **extra):
+    from sparsecnn.runtimes.base import CompileOptions
+    from sparsecnn.runtimes.cusparselt import runtime as cs
+
+    return cs.build_engine(model, torch.device("cpu"), CompileOptions.from_dict({"dtype": "fp16", "extra": extra}),
+                           "dense", state, mma)
+
+
+@needs_fp16_cpu
+def test_cusparselt_runtime_chooses_the_mma_kernel_checks_it_and_replays_it(exported, emu_kernels, monkeypatch):
+    from helpers import ort_run
+    from sparsecnn.passes.prune import prune_2to4
+    from sparsecnn.runtimes.chooser import Chooser
+    from sparsecnn.runtimes.cusparselt import runtime as cs
+    from sparsecnn.runtimes.cusparselt.mma_conv import NAME
+
+    pruned = prune_2to4(exported("tinynet")).model
+    model = cs.rewrite(pruned)
+    x = torch.rand(1, 3, 32, 32)
+    monkeypatch.setattr(Chooser, "time", _clock(NAME))
+    launches = len(emu_kernels.launches)
+    eng = _cusparselt_engine(model, emu_kernels)
+    y = eng(x)[0]
+    switches = eng.switches()
+    assert switches and all(sw.active == NAME and "conv2to4_mma" in sw.info["kernel"] for sw in switches)
+    assert len(emu_kernels.launches) > launches  # the kernel ran (checked against cuDNN's form, then timed)
+    assert rel_err(y.float(), torch.from_numpy(ort_run(pruned, x.numpy())[0])) <= 1e-2  # fp16 network
+
+    state = eng.full_state()
+    monkeypatch.setattr(Chooser, "time", lambda *a: pytest.fail("a saved decision was timed again"))
+    again = _cusparselt_engine(model, emu_kernels, state)
+    assert rel_err(again(x)[0].float(), y.float()) == 0
+    assert all(sw.decision.how == "saved" and sw.active == NAME for sw in again.switches())
+
+    # a wrong kernel is never chosen, and the report says why
+    monkeypatch.setattr(Chooser, "time", _clock(NAME))
+    from sparsecnn.runtimes.cusparselt.mma_conv import MmaConv
+
+    right = MmaConv.__call__
+    monkeypatch.setattr(MmaConv, "__call__", lambda self, t, r=None: right(self, t, r) * 1.5)
+    wrong = _cusparselt_engine(model, emu_kernels)
+    wrong(x)
+    for sw in wrong.switches():
+        assert sw.active != NAME and "wrong result" in sw.info["choice"]["rejected"][NAME]
+
+
+@needs_fp16_cpu
+def test_cusparselt_runtime_says_why_the_mma_kernel_is_not_offered(exported):
+    from sparsecnn.passes.prune import prune_2to4
+    from sparsecnn.runtimes.cusparselt import runtime as cs
+
+    eng = _cusparselt_engine(cs.rewrite(prune_2to4(exported("tinynet")).model), None, force="dense")
+    eng(torch.rand(1, 3, 32, 32))
+    rows = [r for r in eng.report() if r["op"].startswith("sparsecnn::Conv2to4")]
+    assert rows and all("CUDA" in r["unsupported"]["mma.sp"] for r in rows)
+
+
+@needs_fp16_cpu
+def test_hybrid_offers_the_mma_kernel_to_2to4_groups_with_their_residual_and_relu(exported, emu_kernels, monkeypatch):
+    from test_hybrid import _backends, _oracle, _pruned
+
+    from sparsecnn.runtimes import get_runtime
+    from sparsecnn.runtimes.chooser import Chooser
+    from sparsecnn.runtimes.cusparselt.mma_conv import NAME
+    from sparsecnn.runtimes.hybrid import runtime as hybrid
+
+    model = _pruned(exported, "tinyresnet", "2:4")
+    monkeypatch.setattr(Chooser, "time", _clock(NAME))
+    backends = _backends()
+    backends.mma = cuda_emu.EmuKernels(KERNEL_SOURCE, KERNELS, sms=1)  # planned for one SM: no split-K, half the launches
+    x = torch.rand(1, 3, 32, 32)
+    # csr's emulated configs would take minutes; the guard's whole-graph runs are not what this checks
+    opts = {"dtype": "fp16", "extra": {"hybrid_libraries": ["cusparselt"], "guard": False}}
+    eng = hybrid.compile_with_backends(get_runtime("hybrid").rewrite(model), "cpu", opts, calibration=x,
+                                       backends=backends)
+    rows = [r for r in eng.report() if r["op"].startswith("sparsecnn::CsrConv")]
+    chosen = [r for r in rows if "conv2to4_mma" in str(r.get("kernel"))]
+    assert chosen and any("residual" in r["group"] for r in chosen)  # a fused Add + Relu group ran in the kernel
+    assert rel_err(eng(x)[0].float(), _oracle(model, x)) <= 1e-2

@@ -155,7 +155,7 @@ class MmaConv:
             raise NotImplementedError(f"the mma.sp kernel needs Cin a multiple of 4 (2:4 along input channels), "
                                       f"got {self.cin}")
         self.stride, self.dilation = [int(v) for v in stride], [int(v) for v in dilation]
-        self.pads = [int(v) for v in pads]  # [top, left, bottom, right]
+        self.pads = pads  # [top, left, bottom, right], or a function of the input (ONNX auto_pad)
         self.relu = bool(relu)
         self.backend, self.device = backend, torch.device(device)
         self.split = split  # None: by the grid's size against the SMs; an int: forced
@@ -165,8 +165,12 @@ class MmaConv:
         self.bias = None if bias is None else bias.detach().to(self.device, torch.float32).contiguous()
         self.buffers = [self.wfrag, self.wmeta] + ([self.bias] if self.bias is not None else [])
 
-    def out_hw(self, h: int, w: int) -> tuple[int, int]:
-        (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.stride, self.dilation, self.pads
+    def pads_for(self, x: torch.Tensor) -> list[int]:
+        return [int(v) for v in (self.pads(x) if callable(self.pads) else self.pads)]
+
+    def out_hw(self, x: torch.Tensor) -> tuple[int, int]:
+        (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.stride, self.dilation, self.pads_for(x)
+        h, w = x.shape[2:]
         return conv_out_size(h, pt + pb, self.kh, sh, dh), conv_out_size(w, pl + pr, self.kw, sw, dw)
 
     def nsplit(self, n_pixels: int) -> tuple[int, int]:
@@ -181,8 +185,8 @@ class MmaConv:
         return -(-self.kc // per), per
 
     def describe(self, x: torch.Tensor) -> dict:
-        n, _, h, w = x.shape
-        ho, wo = self.out_hw(h, w)
+        n = x.shape[0]
+        ho, wo = self.out_hw(x)
         splits, _ = self.nsplit(n * ho * wo)
         return {"kernel": KERNEL_LABEL, "gemm": [self.m, self.k, n * ho * wo], "split_k": splits,
                 "padded": {d: [a, b] for d, a, b in (("M", self.m, self.mt * TILE_M), ("K", self.k, self.kc * CHUNK))
@@ -194,7 +198,7 @@ class MmaConv:
             raise ValueError(f"input has {c} channels, the weight {self.cin}")
         if x.dtype != torch.float16:
             raise NotImplementedError(f"the mma.sp kernel reads fp16, not {x.dtype}")
-        ho, wo = self.out_hw(h, w)
+        ho, wo = self.out_hw(x)
         xh = x.permute(0, 2, 3, 1)
         if not xh.is_contiguous() or xh.data_ptr() % 8:
             xh = xh.contiguous()  # the gather reads 4 channels (8 bytes) at a time
@@ -208,7 +212,7 @@ class MmaConv:
         pixels = n * ho * wo
         splits, per = self.nsplit(pixels)
         ws = torch.zeros(pixels, self.m, dtype=torch.float32, device=x.device) if splits > 1 else None
-        (sh, sw), (dh, dw), (pt, pl, _, _) = self.stride, self.dilation, self.pads
+        (sh, sw), (dh, dw), (pt, pl, _, _) = self.stride, self.dilation, self.pads_for(x)
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         p = Conv2to4Params(ptr(self.wfrag), ptr(self.wmeta), ptr(xh), ptr(self.bias), ptr(r), ptr(y), ptr(ws),
                            self.m, self.mt, self.k, self.kc, self.cin, h, w, ho, wo, pixels, self.kw, sh, sw, pt, pl,

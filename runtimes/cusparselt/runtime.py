@@ -14,7 +14,11 @@ multiples of 16 and the dense matrix's multiples of 8 (PyTorch's table for fp16/
 torch/sparse/semi_structured.py); where a layer's Cout, K or N*Ho*Wo is not, it is padded
 with zeros and the report says so.
 
-Each layer picks cuSPARSELt or one of its dense forms (runtimes/torch/dense_conv.py's engines:
+A 2:4 conv has a second sparse candidate, `mma.sp`: sparsecnn's own implicit-GEMM kernel on
+sparse tensor cores (mma_conv.py, cuda/conv2to4_mma.cu: no im2col, NHWC fp16), offered on CUDA
+sm_80+ in fp16; elsewhere the layer's report says why not (`unsupported`).
+
+Each layer picks cuSPARSELt, the mma.sp kernel or one of its dense forms (runtimes/torch/dense_conv.py's engines:
 cuDNN NCHW/NHWC, im2col + cuBLAS; cuBLAS linear for a Gemm) with the one chooser
 (runtimes/chooser.py) the first time it runs (in the warm-up that precedes the CUDA graph
 capture): each candidate is checked against the cuDNN form, the correct ones timed interleaved
@@ -23,7 +27,7 @@ removes), and sparse runs only where it beats the best dense form by the margin.
 network then replays as one CUDA graph, guarded by the base Engine: the engine as chosen, all
 dense, and uniformly on cuDNN NCHW / NHWC, the fastest kept, `engine.plans` says which and why.
 
-Options (CompileOptions.extra): `force` = "sparse" | "dense" (skip the measurement),
+Options (CompileOptions.extra): `force` = "sparse" (cuSPARSELt) | "mma" | "dense" (skip the measurement),
 `choose_margin` (`margin` is its older name), `guard` (`whole_network_check` its older name),
 `tune_reps` (timed repetitions per candidate, default 20).
 """
@@ -46,12 +50,13 @@ from ..ops import STANDARD_OPS, NodeContext, resolve_pads
 from ..torch.dense_conv import DenseConv
 from ...passes.two_four.reference import dense_context, dense_weight
 from ..options import SHARED_OPTIONS, Option
+from .mma_conv import NAME as MMA, MmaConv, mma_unavailable
 
 name = "cusparselt"
 OPTIONS = [
     *SHARED_OPTIONS,
-    Option("force", str, None, "run every 2:4 layer sparse or dense without measuring (default: measure)",
-           choices=("sparse", "dense")),
+    Option("force", str, None, "run every 2:4 layer on cuSPARSELt (sparse), the mma.sp conv kernel (mma; Gemm "
+           "layers: cuSPARSELt) or dense without measuring (default: measure)", choices=("sparse", "mma", "dense")),
     Option("margin", float, MARGIN, "older name of choose_margin (a layer runs sparse only when faster than its "
            "best dense form by this fraction)", minimum=0.0),
     Option("tune_reps", int, 20, "timed repetitions per candidate (overrides choose_reps)", minimum=1),
@@ -256,10 +261,11 @@ class TwoFourLayer(Switch):
     Later input shapes keep that decision."""
 
     def __init__(self, ctx: NodeContext, sparse, dense_forms, gemm: SparseGemm, bias, kind: str,
-                 saved: dict | None = None):
+                 saved: dict | None = None, mma: MmaConv | None = None):
         # Switch.__init__ runs at the first call, when the candidates can be measured
         self.name_, self.sparse, self.dense_forms, self.gemm, self.bias, self.kind = (
             ctx.name, sparse, dense_forms, gemm, bias, kind)
+        self.mma = mma  # sparsecnn's mma.sp conv, where offered (else the report's `unsupported` says why)
         self.ctx, self.info = ctx, ctx.info
         extra = ctx.options
         self.force = extra.get("force")
@@ -285,20 +291,23 @@ class TwoFourLayer(Switch):
         entry = self.sparse.describe(x)
         sparse = Candidate(SPARSE, self.sparse, dense=False, library="cusparselt", detail=entry,
                            buffers=list(self.gemm.buffers))
-        return [*self.dense_forms(x), sparse]
+        mma = [] if self.mma is None else [Candidate(MMA, self.mma, dense=False, library="cusparselt",
+                                                     detail=self.mma.describe(x), buffers=list(self.mma.buffers))]
+        return [*self.dense_forms(x), sparse, *mma]
 
     def decide(self, x: torch.Tensor) -> Decision:
         from ..chooser import Chooser
 
         candidates = self.layer_candidates(x)
-        entry = dict(candidates[-1].detail)
+        entry = dict(next(c for c in candidates if c.name == SPARSE).detail)
         if entry["padded"]:
             entry["padding_note"] = "padded with zeros to cuSPARSELt's multiples (" + ", ".join(
                 f"{d} {a}->{b}" for d, (a, b) in entry["padded"].items()) + ")"
         default_dense = "dense:cudnn_nhwc" if self.kind == "conv" else "dense:linear"  # the engine runs NHWC
         forced, why = None, None
-        if self.force in ("sparse", "dense"):
-            forced, why = (SPARSE if self.force == "sparse" else default_dense), f"forced {self.force} (extra force={self.force})"
+        if self.force in ("sparse", "mma", "dense"):
+            forced = {"sparse": SPARSE, "dense": default_dense}.get(self.force, MMA if self.mma is not None else SPARSE)
+            why = f"forced {forced} (extra force={self.force})"
         elif x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             forced, why = default_dense, "not measured (first seen inside a graph capture): dense by default"
         elif self.gemm.backend == "cslt" and self.saved is None:
@@ -313,6 +322,8 @@ class TwoFourLayer(Switch):
         times = d.times_ms
         if SPARSE in times:
             entry["sparse_us"] = round(times[SPARSE] * 1e3, 2)
+        if MMA in times:
+            entry["mma_us"] = round(times[MMA] * 1e3, 2)
         if d.best_dense_ms is not None:
             entry["dense_us"] = round(d.best_dense_ms * 1e3, 2)
         entry.update(choice="dense" if d.dense else "sparse", chosen=d.chosen, reason=d.reason)
@@ -335,7 +346,22 @@ def _bias(ctx: NodeContext):
     return None if b is None else b.to(ctx.device, ctx.dtype)
 
 
-def _layer_builder(kind: str, backend: str):
+def _mma_layer(ctx: NodeContext, mma_backend, bias) -> tuple[MmaConv | None, str | None]:
+    """The conv on conv2to4_mma.cu, or None and why it is not offered here."""
+    if mma_backend is None:
+        return None, mma_unavailable(ctx.device, ctx.dtype) or "no mma.sp kernel backend"
+    if ctx.dtype != torch.float16:
+        return None, f"the mma.sp kernel runs fp16, not {str(ctx.dtype).replace('torch.', '')}"
+    values, positions = ctx.const(1), ctx.const(2)
+    kernel = list(ctx.attr("kernel_shape"))
+    if values.shape[1] * 2 % (4 * kernel[0] * kernel[1]):
+        return None, "input channels not a multiple of 4"
+    stride, dilation = ctx.attr("strides", [1, 1]), ctx.attr("dilations", [1, 1])
+    return MmaConv(values, positions, kernel, stride, dilation,
+                   lambda x: resolve_pads(ctx, x, kernel, stride, dilation), bias, False, mma_backend, ctx.device), None
+
+
+def _layer_builder(kind: str, backend: str, mma_backend=None):
     def build(ctx: NodeContext):
         if ctx.dtype not in (torch.float16, torch.bfloat16) and backend == "cslt":
             raise NotImplementedError("cuSPARSELt runs fp16/bf16 only")
@@ -370,21 +396,36 @@ def _layer_builder(kind: str, backend: str):
             def dense_forms(x):
                 return [Candidate("dense:linear", lambda t: dense_run(t, bias), dense=True, library="torch",
                                   detail={"kernel": "cuBLAS linear"}, buffers=weights)]
+        mma, mma_why = _mma_layer(ctx, mma_backend, bias) if kind == "conv" else (None, "a conv kernel")
+        if mma_why:
+            ctx.info["unsupported"] = {MMA: mma_why}
         saved = (ctx.options.get("_saved_choices") or {}).get(ctx.name)
         layer = TwoFourLayer(ctx, lowering, dense_forms, gemm, bias, kind,
-                             saved if saved and "chosen" in saved else None)
+                             saved if saved and "chosen" in saved else None, mma)
         if saved and "chosen" not in saved and saved:  # an engine saved before the one chooser: shape -> entry
             layer.force = next(iter(saved.values())).get("choice", layer.force)
-        ctx.info["buffers"] = list(gemm.buffers) + weights
+        ctx.info["buffers"] = list(gemm.buffers) + weights + (list(mma.buffers) if mma is not None else [])
         return layer
 
     return build
 
 
-def op_table(backend: str = "cslt") -> dict:
-    """Builders for the 2:4 ops; backend "dense" is the CPU-testable stand-in for cuSPARSELt."""
-    return {(SPARSECNN_DOMAIN, CONV_OP): _layer_builder("conv", backend),
+def op_table(backend: str = "cslt", mma=None) -> dict:
+    """Builders for the 2:4 ops; backend "dense" is the CPU-testable stand-in for cuSPARSELt. `mma`: the
+    launcher of conv2to4_mma.cu (mma_conv.NvrtcMma on a GPU, the emulator in CPU tests), or None."""
+    return {(SPARSECNN_DOMAIN, CONV_OP): _layer_builder("conv", backend, mma),
             (SPARSECNN_DOMAIN, GEMM_OP): _layer_builder("gemm", backend)}
+
+
+def mma_backend(device: torch.device, dtype: str):
+    """conv2to4_mma.cu's launcher where it is offered (CUDA sm_80+, fp16), else None (the report says why)."""
+    from ..executor import TORCH_DTYPES
+
+    if mma_unavailable(torch.device(device), TORCH_DTYPES[dtype]) is not None:
+        return None
+    from .mma_conv import NvrtcMma
+
+    return NvrtcMma(torch.device(device))
 
 
 # --- the engine --------------------------------------------------------------------------
@@ -423,19 +464,20 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cuda", options
     ok, reason = available()
     if not ok:
         raise UserError(f"runtime cusparselt is not available here: {reason}")
-    return build_engine(model, dev, opts, "cslt", state)
+    return build_engine(model, dev, opts, "cslt", state, mma_backend(dev, opts.dtype))
 
 
 def build_engine(model: onnx.ModelProto, device: torch.device, opts: CompileOptions, backend: str = "cslt",
-                 state: dict | None = None) -> CuSparseLtEngine:
-    """The engine without the environment checks; backend "dense" runs anywhere (dry runs, CPU tests)."""
+                 state: dict | None = None, mma=None) -> CuSparseLtEngine:
+    """The engine without the environment checks; backend "dense" runs anywhere (dry runs, CPU tests);
+    `mma`: conv2to4_mma.cu's launcher (op_table)."""
     if not any(n.domain == SPARSECNN_DOMAIN for n in model.graph.node):
         model = rewrite(model)
     extra = dict(opts.extra)
     extra["_saved_choices"] = (state or {}).get("choices", {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notice of older search APIs
-        ex = Executor(model, device, opts.dtype, ops=op_table(backend), channels_last=True, options=extra)
+        ex = Executor(model, device, opts.dtype, ops=op_table(backend, mma), channels_last=True, options=extra)
     engine_opts = CompileOptions.from_dict({**opts.to_dict(), "channels_last": True})
     engine = CuSparseLtEngine(model, device, engine_opts, ex)
     return engine
