@@ -104,6 +104,8 @@ def rewrite(model: onnx.ModelProto, options=None) -> onnx.ModelProto:
 class Backends:
     """The kernels each library runs with: real ones on CUDA; the CPU tests pass emulators."""
 
+    _mma, _mma_made = None, False  # conv2to4_mma.cu's launcher (the `mma` property)
+
     def __init__(self, device: torch.device, csr=None, ecr=None, two_four: str | None = None, sparsert=None):
         self.device = device
         self.csr, self.ecr, self.two_four = csr, ecr, two_four
@@ -123,6 +125,20 @@ class Backends:
 
             two_four = "cslt" if cslt_available()[0] else None
         return cls(device, NvrtcBackend(device), KernelSet.get(device), two_four, KernelLoader(device))
+
+    @property
+    def mma(self):
+        """conv2to4_mma.cu's launcher (cusparselt/mma_conv.py), made on first use where the kernel is offered
+        (CUDA sm_80+), else None; the CPU tests set the emulator."""
+        if not self._mma_made:
+            from ..cusparselt.runtime import mma_backend
+
+            self._mma, self._mma_made = mma_backend(self.device, "fp16"), True
+        return self._mma
+
+    @mma.setter
+    def mma(self, launcher) -> None:
+        self._mma, self._mma_made = launcher, True
 
     @property
     def scratch(self):
@@ -229,18 +245,49 @@ class Group:
         from ...passes.masks import is_2to4
         from ...passes.two_four.layout import conv_gemm_view
         from ..chooser import Candidate
+        from ...passes.two_four.layout import pack_2to4
+        from ..cusparselt.mma_conv import NAME as MMA, MmaConv, mma_unavailable
         from ..cusparselt.runtime import ConvLowering, SparseGemm
 
-        if self.backends.two_four is None:
-            return self._no("cusparselt", "cuSPARSELt runs fp16/bf16 on CUDA only")
+        if self.backends.two_four is None and self.backends.mma is None:
+            return self._no("cusparselt", "cuSPARSELt runs fp16/bf16 on CUDA only; "
+                            + (mma_unavailable(self.backends.device, x.dtype) or "no mma.sp kernel here"))
         if not is_2to4(self.weight, axis=1):
             return self._no("cusparselt", "not 2:4")
-        a = conv_gemm_view(self.weight).to(self.backends.device, self.ctx.dtype)
-        gemm = SparseGemm(a, self.bias, self.backends.two_four)
-        lowering = ConvLowering(self.ctx, gemm, list(self.g["kernel"]))
-        return [Candidate("cusparselt", lambda t, r=None: self.after(lowering(t), r).contiguous(), dense=False,
-                          library="cusparselt", detail={"kernel": "cuSPARSELt 2:4 (im2col + sparse GEMM)",
-                                                        **lowering.describe(x)}, buffers=list(gemm.buffers))]
+        cands = []
+        if self.backends.two_four is not None:
+            a = conv_gemm_view(self.weight).to(self.backends.device, self.ctx.dtype)
+            gemm = SparseGemm(a, self.bias, self.backends.two_four)
+            lowering = ConvLowering(self.ctx, gemm, list(self.g["kernel"]))
+            cands.append(Candidate("cusparselt", lambda t, r=None: self.after(lowering(t), r).contiguous(),
+                                   dense=False, library="cusparselt",
+                                   detail={"kernel": "cuSPARSELt 2:4 (im2col + sparse GEMM)", **lowering.describe(x)},
+                                   buffers=list(gemm.buffers)))
+        why = None
+        if self.backends.mma is None:
+            why = mma_unavailable(self.backends.device, x.dtype) or "no mma.sp kernel here"
+        elif x.dtype != torch.float16:
+            why = f"the mma.sp kernel runs fp16, not {str(x.dtype).replace('torch.', '')}"
+        elif self.g["in_channels"] % 4:
+            why = "input channels not a multiple of 4"
+        if why:
+            self.unsupported[MMA] = why
+            return cands
+        # sparsecnn's implicit-GEMM mma.sp conv (library cusparselt: the 2:4 runtime's folder, so a reload
+        # rebuilds it): bias, residual and ReLU in the kernel, the pool after; NCHW in and out like every
+        # candidate, the layout changes inside its measured time
+        values, positions = pack_2to4(conv_gemm_view(self.weight).to(torch.float16))
+        conv = MmaConv(values, positions, self.g["kernel"], self.g["stride"], self.g["dilation"], list(self.g["pads"]),
+                       self.bias_fp32, self.relu, self.backends.mma, self.backends.device)
+        pool = self.pool
+
+        def run(t, r=None):
+            y = conv(t.contiguous(memory_format=torch.channels_last), r)
+            return (max_pool(y, pool) if pool is not None else y).contiguous()
+
+        cands.append(Candidate(MMA, run, dense=False, library="cusparselt", detail=conv.describe(x),
+                               buffers=list(conv.buffers)))
+        return cands
 
     def sparsert_candidates(self, x: torch.Tensor, config: str | None = None) -> list:
         """sparsert's kernels generated for this group's weights and input size (its one home,
