@@ -208,3 +208,43 @@ def test_hybrid_offers_the_mma_kernel_to_2to4_groups_with_their_residual_and_rel
     chosen = [r for r in rows if "conv2to4_mma" in str(r.get("kernel"))]
     assert chosen and any("residual" in r["group"] for r in chosen)  # a fused Add + Relu group ran in the kernel
     assert rel_err(eng(x)[0].float(), _oracle(model, x)) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_cusparselt_engine_forced_onto_the_mma_kernel_matches_onnxruntime(exported):
+    from helpers import ort_run
+    from sparsecnn.passes.prune import prune_2to4
+    from sparsecnn.runtimes.cusparselt import runtime as cs
+    from sparsecnn.runtimes.cusparselt.mma_conv import NAME
+
+    why = mma_unavailable(torch.device("cuda"), torch.float16) or (None if cs.available()[0] else cs.available()[1])
+    if why:
+        pytest.skip(why)
+    model = prune_2to4(exported("tinyresnet")).model
+    x = torch.rand(2, 3, 32, 32)
+    eng = cs.compile(cs.rewrite(model), "cuda", {"dtype": "fp16", "extra": {"force": "mma", "guard": False}})
+    y = eng(x.cuda())[0].float().cpu()
+    assert rel_err(y, torch.from_numpy(ort_run(model, x.numpy())[0])) <= 2e-2  # fp16 network vs ORT fp32
+    assert eng.switches() and all(sw.active == NAME for sw in eng.switches() if sw.kind == "conv")
+
+
+@pytest.mark.gpu
+def test_gpu_hybrid_times_the_mma_kernel_on_2to4_groups_and_never_finds_it_wrong(exported):
+    from test_hybrid import _oracle, _pruned
+
+    from sparsecnn.runtimes import get_runtime
+    from sparsecnn.runtimes.cusparselt.mma_conv import NAME
+
+    why = mma_unavailable(torch.device("cuda"), torch.float16)
+    if why:
+        pytest.skip(why)
+    model = _pruned(exported, "tinyresnet", "2:4")
+    rt = get_runtime("hybrid")
+    x = torch.rand(2, 3, 32, 32)
+    eng = rt.compile(rt.rewrite(model), "cuda", {"dtype": "fp16", "extra": {"choose_reps": 5,
+                                                                             "hybrid_libraries": ["cusparselt"]}},
+                     calibration=x)
+    rows = [r for r in eng.report() if r["op"].startswith("sparsecnn::CsrConv")]
+    assert rows and all(NAME in r["choice"].get("candidates_ms", {}) for r in rows)
+    assert not [r for r in rows if NAME in r["choice"].get("rejected", {})]
+    assert rel_err(eng(x.cuda())[0].float().cpu(), _oracle(model, x)) <= 2e-2
