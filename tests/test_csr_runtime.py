@@ -107,6 +107,38 @@ def test_layers_that_do_not_pay_or_cannot_be_expressed_stay_dense_with_reasons()
     assert csr_rewrite(model, exclude=["sparse"]).counters["dense_excluded"] == 1
 
 
+class _ConvBnStack(torch.nn.Module):
+    """Three conv + BatchNorm layers of equal width: fresh, their folded biases are all zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(c, 8, 3, padding=1, bias=False) for c in (3, 8, 8))
+        self.bns = torch.nn.ModuleList(torch.nn.BatchNorm2d(8) for _ in range(3))
+
+    def forward(self, x):
+        for conv, bn in zip(self.convs, self.bns):
+            x = torch.relu(bn(conv(x)))
+        return x.mean((2, 3))
+
+
+def test_a_torch_exported_file_whose_biases_sit_behind_identity_nodes_goes_csr(tmp_path):
+    """torch's exporter folds BatchNorm in eval mode and deduplicates the equal (zero) biases behind
+    Identity nodes; loading the file inlines them, or the rewrite sees no constant bias and keeps the
+    conv dense (ResNet-50 from torchvision kept 47 of 53 convs dense so)."""
+    from sparsecnn.converter.source import load_source
+
+    path = tmp_path / "stack.onnx"
+    torch.onnx.export(_ConvBnStack().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+    assert sum(n.op_type == "Identity" for n in onnx.load(str(path)).graph.node) == 2  # the file as torch writes it
+    model = load_source(str(path), quiet=True).model
+    assert not any(n.op_type == "Identity" for n in model.graph.node)
+    set_prune_exclusions(model, [])
+    pruned, _ = run_pipeline(model, [(prune_unstructured, {"sparsity": 0.9})])
+    res = csr_rewrite(pruned)
+    assert dict(res.counters) == {"conv_csr": 3, "relu_fused": 3}
+
+
 def block_model(extra_consumer=(), graph_output=(), broadcast=False, shortcut_first=False, ws=None):
     """A ResNet block with a projection shortcut: y = relu(conv_b(relu(conv_a(x))) + conv_s(x)).
     shortcut_first: conv_s comes before conv_b in the node list (so conv_b is the later one);
