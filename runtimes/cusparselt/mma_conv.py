@@ -133,10 +133,12 @@ class NvrtcMma:
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
 
     def launch(self, name: str, grid, block, params: Conv2to4Params) -> None:
-        if name not in self._kernels:
+        if not self._kernels:  # both at once: split-K's finishing pass must not load a module inside a graph capture
             from ..nvrtc import Kernel, load_source
 
-            self._kernels[name] = Kernel(load_source(KERNEL_SOURCE), name, self.device, filename=KERNEL_SOURCE)
+            source = load_source(KERNEL_SOURCE)
+            self._kernels = {k: Kernel(source, k, self.device, name_expressions=KERNELS, filename=KERNEL_SOURCE)
+                             for k in KERNELS}
         self._kernels[name](grid, block, params)
 
 
