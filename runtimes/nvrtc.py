@@ -169,11 +169,14 @@ def _options_and_key(source: str, arch: str, options: tuple[str, ...], name_expr
     """NVRTC's options for a compile, and the cache key of its result (source, included headers,
     options, name expressions, NVRTC version)."""
     ver = _bindings()[1].nvrtcVersion()
-    opts = [f"--gpu-architecture={arch}", "-std=c++17", "--device-as-default-execution-space",
-            *[f"--include-path={d}" for d in cuda_include_dirs()], *[f"--include-path={d}" for d in KERNEL_DIRS], *options]
+    includes = [*[f"--include-path={d}" for d in cuda_include_dirs()], *[f"--include-path={d}" for d in KERNEL_DIRS]]
+    opts = [f"--gpu-architecture={arch}", "-std=c++17", "--device-as-default-execution-space", *options]
+    # The key holds what decides the cubin, not where files sit: the project's headers by content, CUDA's
+    # by the NVRTC version that ships them. So a cache filled on one machine (`sparsecnn doctor
+    # --compile-kernels`, NVRTC needs no GPU) is valid on another with the same NVRTC.
     key = hashlib.sha256("\0".join([source, arch, *opts, *name_expressions, str(ver[1:])]).encode()
                          + _included_sources(source)).hexdigest()[:32]
-    return opts, key
+    return opts[:3] + includes + opts[3:], key
 
 
 def compile_cubin(source: str, arch: str, name: str = "kernel.cu", options: tuple[str, ...] = (),
@@ -234,11 +237,29 @@ def compile_groups(source: str, arch: str, name: str, groups: list[tuple[str, ..
     processes (NVRTC compiles one program on one core; a source with many template instances
     compiles several times faster this way). Groups already cached are skipped; if workers
     cannot start, the caller's own compile_cubin calls compile what is missing one by one."""
-    todo = [(source, arch, name, options, tuple(group)) for group in groups
-            if not (cache_dir() / f"{_options_and_key(source, arch, options, group)[1]}.cubin").is_file()]
+    compile_programs([(source, arch, name, options, tuple(group)) for group in groups], workers, serial=False)
+
+
+def is_cached(source: str, arch: str, options: tuple[str, ...], name_expressions: tuple[str, ...]) -> bool:
+    return (cache_dir() / f"{_options_and_key(source, arch, options, name_expressions)[1]}.cubin").is_file()
+
+
+def compile_programs(programs: list[tuple], workers: int | None = None, serial: bool = True) -> int:
+    """Fill the cache with `programs`, each (source, arch, name, options, name_expressions), in
+    parallel worker processes; those already cached are skipped. Returns how many were compiled.
+    When workers cannot start (or only one is wanted), `serial` compiles them here one by one;
+    otherwise the caller's own compile_cubin calls compile (and report) whatever is missing."""
+    todo = [p for p in programs if not is_cached(p[0], p[1], p[3], p[4])]
     workers = min(len(todo), workers or os.cpu_count() or 1)
-    if workers < 2:
-        return
+    if workers >= 2 and _compile_in_workers(todo, workers):
+        return len(todo)
+    if serial:
+        for program in todo:
+            compile_cubin(*program)
+    return len(todo) if serial else 0
+
+
+def _compile_in_workers(todo: list[tuple], workers: int) -> bool:
     try:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -247,19 +268,27 @@ def compile_groups(source: str, arch: str, name: str, groups: list[tuple[str, ..
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_compile_group, todo))
     except Exception:  # noqa: BLE001 - the serial path compiles (and reports) whatever failed here
-        pass
+        return False
+    return True
 
 
-def _included_sources(source: str) -> bytes:
-    """Contents of the local headers a source includes, so editing a header changes the key."""
+def _included_sources(source: str, seen: set[str] | None = None) -> bytes:
+    """Contents of the local headers a source includes, and those they include, so editing any of
+    them changes the key."""
+    seen = set() if seen is None else seen
     out = b""
     for line in source.splitlines():
         line = line.strip()
         if line.startswith('#include "'):
+            name = line.split('"')[1]
+            if name in seen:
+                continue
+            seen.add(name)
             try:
-                out += kernel_path(line.split('"')[1]).read_bytes()
+                text = kernel_path(name).read_bytes()
             except FileNotFoundError:
-                pass
+                continue
+            out += text + _included_sources(text.decode("utf-8", "replace"), seen)
     return out
 
 

@@ -12,6 +12,10 @@ work=$out/gpu-check
 mkdir -p "$work"
 part=${1:-tests}
 shift || true
+# every kernel family into the cache first, in parallel (16 cores): a part's time limit then times
+# the part, not NVRTC (a fresh card spent over 85 s compiling inside the first bench)
+timeout 600 python3 -m sparsecnn.converter.cli doctor --compile-kernels > "$work/compile-kernels.log" 2>&1
+echo "compile-kernels: exit $? ($(tail -n 1 "$work/compile-kernels.log"))"
 case "$part" in
   tests)
     OUT=$work scripts/gpu_tests.sh "$@" | tee "$work/tests-summary.txt"

@@ -11,3 +11,9 @@ ln -sfn "$PWD/__init__.py" "$site/sparsecnn/__init__.py"  # the package itself: 
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export SPARSECNN_CACHE=/tmp/sparsecnn-cache
+# A kernel cache filled off the card and carried along (NVRTC needs no GPU, and the cache key holds no
+# paths): `SPARSECNN_CACHE=.carry/cache sparsecnn doctor --compile-kernels sm_90` here, then
+# SPARSECNN_CACHE_SEED=.carry/cache there. It spares a fresh card minutes of compiling.
+if [ -n "${SPARSECNN_CACHE_SEED:-}" ] && [ -d "$SPARSECNN_CACHE_SEED/kernels" ]; then
+  mkdir -p "$SPARSECNN_CACHE/kernels" && cp -n "$SPARSECNN_CACHE_SEED"/kernels/* "$SPARSECNN_CACHE/kernels/"
+fi

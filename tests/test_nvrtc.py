@@ -70,3 +70,65 @@ def test_compiling_leaves_python_objects_intact(tmp_path, monkeypatch):
     path = tmp_path / "w.pt"
     torch.save({"w": torch.ones(2)}, path)
     assert torch.load(path, weights_only=True)["w"].sum() == 2
+
+
+def test_cache_key_holds_header_contents_not_paths(tmp_path, monkeypatch):
+    """A cache filled on one machine must be found on another (other install paths), and an edit to a
+    header two includes deep must miss it."""
+    from sparsecnn.runtimes import nvrtc
+
+    src_dir = tmp_path / "cuda"
+    src_dir.mkdir()
+    (src_dir / "outer.cuh").write_text('#include "inner.cuh"\n', encoding="utf-8")
+    (src_dir / "inner.cuh").write_text("#define SCALE 2\n", encoding="utf-8")
+    monkeypatch.setattr(nvrtc, "KERNEL_DIRS", (src_dir,))
+    source = '#include "outer.cuh"\n__global__ void k(float* p) { p[0] *= SCALE; }\n'
+    opts, key = nvrtc._options_and_key(source, "sm_90", (), ())
+    assert f"--include-path={src_dir}" in opts  # the compiler still finds the headers
+    monkeypatch.setattr(nvrtc, "cuda_include_dirs", lambda: ["/elsewhere/cuda/include"])
+    monkeypatch.setattr(nvrtc, "KERNEL_DIRS", (src_dir, tmp_path / "moved"))
+    assert nvrtc._options_and_key(source, "sm_90", (), ())[1] == key
+    (src_dir / "inner.cuh").write_text("#define SCALE 3\n", encoding="utf-8")
+    assert nvrtc._options_and_key(source, "sm_90", (), ())[1] != key
+
+
+def test_precompile_fills_the_cache_once_and_names_unknown_families(tmp_path, monkeypatch):
+    from sparsecnn.common.errors import UserError
+    from sparsecnn.runtimes import kernel_programs
+
+    monkeypatch.setenv("SPARSECNN_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel_programs, "FAMILIES",
+                        {"smoke": lambda: ("smoke.cu", [("axpb<float>",), ("axpb<__half>",)])})
+    first = kernel_programs.precompile(["sm_90"], workers=1)
+    assert [(r["family"], r["programs"], r["compiled"]) for r in first] == [("smoke", 2, 2)]
+    assert len(list(tmp_path.rglob("*.cubin"))) == 2
+    # what the precompile wrote is what a later compile of the same program finds
+    cached, _ = compile_cubin(load_source("smoke.cu"), "sm_90", "smoke.cu", name_expressions=("axpb<__half>",))
+    assert cached in {p.read_bytes() for p in tmp_path.rglob("*.cubin")}
+    assert len(list(tmp_path.rglob("*.cubin"))) == 2
+    assert kernel_programs.precompile(["sm_90"], workers=1)[0]["compiled"] == 0
+    with pytest.raises(UserError, match="unknown kernel family nope"):
+        kernel_programs.precompile(["sm_90"], families=["nope"])
+
+
+def test_runtime_programs_cover_each_instantiation_once():
+    from sparsecnn.runtimes.csr import kernels
+    from sparsecnn.runtimes.ecr.runtime import VARIANTS, kernel_programs as ecr_programs
+
+    for filename in kernels.KERNEL_FILES:
+        for dtype in (torch.float32, torch.float16):
+            groups = kernels.dtype_programs(filename, dtype)
+            flat = [e for g in groups for e in g]
+            assert sorted(flat) == sorted(kernels.all_expressions(filename, dtype))
+            assert max(map(len, groups)) <= kernels.PROGRAM_SIZE
+    assert len(ecr_programs()) == len(VARIANTS)
+
+
+def test_doctor_compile_kernels_wants_a_written_arch(capsys):
+    from sparsecnn.converter.cli import main
+
+    assert main(["doctor", "--compile-kernels", "90"]) == 2
+    assert "written like sm_90" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["doctor", "--compile-kernels"]) == 2
+        assert "name the architectures" in capsys.readouterr().err

@@ -95,8 +95,24 @@ def all_expressions(filename: str, dtype: torch.dtype) -> tuple[str, ...]:
 KERNEL_FILES = ("csr_conv.cu", "csr_spmv.cu", "csr_sputnik.cu")  # csr_tc.cu: fp16 only, tensor_core.py
 
 
+PROGRAM_SIZE = 4  # instantiations per NVRTC program: csr_conv's 34 in one took 85 s on one core
+
+
+def dtype_programs(filename: str, dtype: torch.dtype) -> list[tuple[str, ...]]:
+    """The programs NvrtcBackend compiles from `filename` for `dtype`: its instantiations in groups of
+    PROGRAM_SIZE, compiled in parallel worker processes the first time one is needed."""
+    exprs = all_expressions(filename, dtype)
+    return [exprs[i:i + PROGRAM_SIZE] for i in range(0, len(exprs), PROGRAM_SIZE)]
+
+
+def kernel_programs(filename: str) -> list[tuple[str, ...]]:
+    """Every program of `filename`, both dtypes (what `doctor --compile-kernels` fills the cache with)."""
+    return [g for dtype in (torch.float32, torch.float16) for g in dtype_programs(filename, dtype)]
+
+
 class NvrtcBackend:
-    """Compiles each kernel source once per dtype (all its instantiations) and launches on the GPU."""
+    """Compiles a kernel source's programs for a dtype the first time one of them is needed (in parallel
+    workers; see dtype_programs) and launches on the GPU."""
 
     def __init__(self, device: torch.device | str):
         from ..nvrtc import device_arch
@@ -106,13 +122,19 @@ class NvrtcBackend:
         self.arch = device_arch(self.device) if self.device.type == "cuda" else None
         self._kernels: dict[str, object] = {}
         self._smem_set: dict[str, int] = {}
+        self._compiled: set[tuple[str, torch.dtype]] = set()
 
     def _kernel(self, filename: str, expr: str, dtype: torch.dtype):
         if expr not in self._kernels:
-            from ..nvrtc import Kernel
+            from ..nvrtc import Kernel, compile_groups
 
-            self._kernels[expr] = Kernel(load_source(filename), expr, self.device,
-                                         name_expressions=all_expressions(filename, dtype), filename=filename)
+            programs = dtype_programs(filename, dtype)
+            if (filename, dtype) not in self._compiled:
+                compile_groups(load_source(filename), self.arch, filename, programs)
+                self._compiled.add((filename, dtype))
+            program = next(g for g in programs if expr in g)
+            self._kernels[expr] = Kernel(load_source(filename), expr, self.device, name_expressions=program,
+                                         filename=filename)
         return self._kernels[expr]
 
     def launch(self, filename: str, expr: str, dtype: torch.dtype, grid, block, smem: int, params: CsrParams) -> None:

@@ -195,6 +195,13 @@ LIST_SPLIT_SCALES = (1.0, 0.0)  # list and row kernels
 SM_SHARED_BYTES = 228 * 1024  # shared memory per SM (H100, A100-class and Orin: the most a plan counts on)
 SM_REGISTERS = 64 * 1024
 MAX_CC = 64                  # largest channel chunk; the transposed weight is padded for it
+def kernel_programs() -> list[tuple[str, ...]]:
+    """The programs KernelSet compiles from KERNEL_SOURCE: one per variant (its fp32 and fp16
+    kernels), so they compile in parallel the first time (and `doctor --compile-kernels` fills the
+    same cache entries)."""
+    return [(v.expr(False), v.expr(True)) for v in VARIANTS]
+
+
 MAX_CT = max(v.ct for v in VARIANTS)  # output channels of the widest block; W^T rows and bias padded to it
 
 
@@ -422,8 +429,7 @@ class KernelSet:
 
         self.device = device
         source = load_source(KERNEL_SOURCE)
-        # one program per variant (its fp32 and fp16 kernels), compiled in parallel the first time
-        groups = {v: (v.expr(False), v.expr(True)) for v in VARIANTS}
+        groups = dict(zip(VARIANTS, kernel_programs()))
         compile_groups(source, device_arch(device), KERNEL_SOURCE, list(groups.values()))
         props = torch.cuda.get_device_properties(device)
         self.sm_count = props.multi_processor_count
