@@ -519,21 +519,27 @@ def _layers(cfg, cands, model, regime, batch, x, net_rows, where, errors, prep=N
         entry = {"model": model, "regime": regime.name, "batch": batch, "engine": label, "kind": c.kind,
                  "runtime": c.runtime, "prune": c.prune, "reference": ref_label, "rows": rows, "bound": bound}
         if c.kind == "runtime" and prep is not None:  # the one per-layer report: pruning rule, what ran, why
-            entry["report"] = _layer_report(prep, c, prof, regime)
+            entry["report"] = _layer_report(prep, c, prof, regime, batch)
         entries.append(entry)
     return entries
 
 
-def _layer_report(prep: Prepared, c: Candidate, profile: list[dict], regime: Regime) -> dict:
+def _layer_report(prep: Prepared, c: Candidate, profile: list[dict], regime: Regime, batch: int) -> dict:
     from ..passes.prune import parse_prune
+    from ..passes.roofline import layer_costs
+    from ..runtimes.base import card_properties
     from .layer_report import build_report, prune_rows
 
     if c.prune not in prep.report_rows:
         parsed = parse_prune(c.prune)
         prep.report_rows[c.prune] = prune_rows(prep.pruned[c.prune], method=parsed[0] if parsed else None)
+    card = card_properties(c.engine.device)
+    # the roofline prices what the engine runs: its rewritten model (fused residuals), at the profile's batch
+    costs = layer_costs(getattr(c.engine, "model", None) or prep.pruned[c.prune], batch) if card else None
     report = build_report(base=prep.report_rows[c.prune], steps=profile, runtime=c.runtime,
-                          device=str(c.engine.device), dtype=regime.dtype)
-    return {"layers": report["layers"], "summary": report["summary"], "warnings": report["warnings"]}
+                          device=str(c.engine.device), dtype=regime.dtype, card=card, tf32=regime.tf32, batch=batch,
+                          costs=costs)
+    return {k: report[k] for k in ("layers", "summary", "warnings", "roofline") if k in report}
 
 
 # --- accuracy from another command -----------------------------------------------------
@@ -661,10 +667,11 @@ def run_bench(*, models: list[str], gemm: bool, quick: bool, regimes: list, batc
               budget_ms: float = 300.0, repeats: int = 2, progress: bool = True, accuracy: dict | None = None,
               gemm_sparsities: list[float] | None = None, gemm_methods: list[str] | None = None,
               gemm_regimes: list[str] | None = None, options: list[str] | None = None, log=None,
-              calibration: str | None = None) -> dict:
+              calibration: str | None = None, gemm_shapes: list[str] | None = None) -> dict:
     """Validate the settings (before any work), then time every configuration (sharded over
     `devices`) and, with `gemm`, the GEMM sweep; returns the result `bench_report` writes.
-    `options`: --option KEY=VALUE pairs, each going to the benchmarked runtimes that declare it."""
+    `options`: --option KEY=VALUE pairs, each going to the benchmarked runtimes that declare it;
+    `gemm_shapes`: the sweep's shape sets (`gemm_sweep.sweep_shapes`: seed, a model's convs)."""
     from ..passes.prune import parse_prune
     from ..runtimes import availability, runtime_names
     from ..runtimes.torch.dense_conv import CHOICES
@@ -697,6 +704,11 @@ def run_bench(*, models: list[str], gemm: bool, quick: bool, regimes: list, batc
     from .options import options_per_runtime
 
     runtime_options = options_per_runtime(runtimes, options or []) if options else {}
+    shapes = None
+    if gemm and gemm_shapes:  # a model's conv shapes: resolved (an unknown name fails) before any timing
+        from .gemm_sweep import sweep_shapes
+
+        shapes = sweep_shapes(gemm_shapes)
     device = devices[0]
     if quick and device.type == "cpu":
         torch.set_num_threads(1)  # tiny nets on a shared CPU: threads only add scheduling noise
@@ -720,7 +732,7 @@ def run_bench(*, models: list[str], gemm: bool, quick: bool, regimes: list, batc
         from .gemm_sweep import run_sweep
 
         result["gemm"] = run_sweep(
-            device, shapes=QUICK_GEMM_SHAPES if quick else None,
+            device, shapes=shapes or (QUICK_GEMM_SHAPES if quick else None),
             sparsities=gemm_sparsities or (QUICK_GEMM_SPARSITIES if quick else None),
             methods=gemm_methods, regimes=gemm_regimes, reps=5 if quick else 50, flush_l2=flush_l2,
             repeats=repeats, progress=progress, errors=errors)

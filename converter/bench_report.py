@@ -189,9 +189,14 @@ def markdown(result: dict) -> str:
             if e["engine"] == e["reference"]:
                 continue
             report = {r["name"]: r for r in (e.get("report") or {}).get("layers", [])}
-            lines += [f"### {e['model']} · {e['engine']} · {e['regime']} · batch {e['batch']}", "",
-                      "| layer | op | pruning | sparsity | dense ms | ms | speedup | runs as | why |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+            roof = (e.get("report") or {}).get("roofline") or {}
+            lines += [f"### {e['model']} · {e['engine']} · {e['regime']} · batch {e['batch']}", ""]
+            if roof:  # roof: the layer's roofline time on this card and measured / roofline
+                lines += [f"roof: none ({roof['reason']})" if roof.get("reason") else
+                          f"roof: {roof['label']}: max(FLOPs / {roof['peak_tflops']:g} TFLOP/s {roof['peak']}, "
+                          f"bytes / {roof['bandwidth_gbs']:g} GB/s) on {roof['card']} ({roof['source']})", ""]
+            lines += ["| layer | op | pruning | sparsity | dense ms | ms | speedup | roof | runs as | why |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in e["rows"]:
                 if r["op"] in ("Conv", "Gemm", "MatMul") or r["op"].startswith("sparsecnn::"):
                     rep = report.get(r["name"], {})
@@ -200,7 +205,8 @@ def markdown(result: dict) -> str:
                         pruning = f"{pruning}: {rep['rule']}"
                     lines.append(f"| {r['name']} | {r['op']} | {pruning} | {_f(rep.get('sparsity'), '.3f', '')} | "
                                  f"{_f(r.get('dense_ms'), '.4f')} | {_f(r['ms'], '.4f')} | {_x(r.get('speedup'))} | "
-                                 f"{rep.get('kernel', r.get('kernel', ''))} | {rep.get('why', '')} |")
+                                 f"{layer_report.roof_cell(rep)} | {rep.get('kernel', r.get('kernel', ''))} | "
+                                 f"{rep.get('why', '')} |")
             for w in (e.get("report") or {}).get("warnings", []):
                 lines.append(f"\nwarning: {w}")
             lines.append("")

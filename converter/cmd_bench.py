@@ -23,9 +23,9 @@ fp32 (TF32 allowed). Each configuration is timed twice and the spread reported; 
 engine is also timed per layer, with the share of time the runtime accelerates and the
 whole-network speedup that share allows.
 
-The word `spmm` among the models (or --gemm) runs the GEMM-level sweep: conv layers of
-VGG-19 / ResNet-18 as GEMMs at batch 1, sparsity 0.5-0.98, cuBLAS (fp32, TF32, fp16) vs
-cuSPARSE (torch CSR) vs every registered sparse method, each checked against fp64.
+The word `spmm` among the models (or --gemm) runs the GEMM-level sweep: conv layers as GEMMs
+at batch 1 (VGG-19 / ResNet-18's; any model's with --gemm-shapes), sparsity 0.5-0.98, cuBLAS
+(fp32, TF32, fp16) vs cuSPARSE (torch CSR) vs every registered sparse method, checked vs fp64.
 
 Writes to --out: bench.json (every raw number, card, driver, versions), bench.md (tables)
 and PNG plots: gemm_speedup.png (speedup vs sparsity), layers_<model>.png (per-layer
@@ -44,7 +44,7 @@ examples:
   sparsecnn bench --quick                                   whole harness on tiny nets (CPU is fine)
   sparsecnn bench resnet18 vgg19 --batch 1,32 --regimes fp16,fp32-cuda-core
   sparsecnn bench vgg19 --runtimes csr --prune 0.9,0.95 --accuracy compare.json
-  sparsecnn bench spmm --gemm-methods cublas,cusparse       GEMM sweep only
+  sparsecnn bench spmm --gemm-shapes seed,resnet50,trafficcamnet   GEMM sweep only, with two models' convs
   sparsecnn bench resnet18 vgg19 --batch 1,32 --devices all  one process per GPU, whole configurations each
   sparsecnn bench trafficcamnet --dense cudnn,cudnn_nhwc,im2col,best --flush-l2
   sparsecnn bench --report-only out/bench.json --accuracy acc.json   re-render tables and plots
@@ -98,9 +98,9 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int_range(1, 100), default=2, help="timings per configuration, for the spread (default 2)")
     p.add_argument("--gemm", action="store_true", help="also run the GEMM sweep (as the word spmm does)")
     p.add_argument("--gemm-methods", help="comma-separated GEMM methods (default: all registered)")
-    p.add_argument("--gemm-regimes", default="fp32-cuda-core,fp32,fp16",
-                   help="regimes of the GEMM sweep (default fp32-cuda-core,fp32,fp16)")
+    p.add_argument("--gemm-regimes", default="fp32-cuda-core,fp32,fp16", help="GEMM sweep regimes (default: all three)")
     p.add_argument("--gemm-sparsities", help="comma-separated sparsities (default 0.5,0.7,0.8,0.9,0.95,0.98)")
+    p.add_argument("--gemm-shapes", help="shape sets: seed (the default), registry models or ONNX files (their convs)")
     p.add_argument("--accuracy", help="JSON of accuracies from another command, shown in the summary (see below)")
     p.add_argument("--report-only", metavar="JSON", help="re-render bench.md and the plots from a bench.json")
     p.add_argument("-o", "--out", default="bench-out", help="output folder (default bench-out)")
@@ -153,8 +153,8 @@ def run(args) -> int:
         models=[m for m in models if m != "spmm"], gemm=args.gemm or "spmm" in models, quick=quick,
         regimes=parse_regimes(args.regimes), batches=_ints(args.batch or ("1,2" if quick else "1"), "--batch"),
         prunes=_csv(args.prune) or ["none"], dense=_csv(args.dense), runtime_dense_conv=args.runtime_dense_conv,
-        runtimes=None if args.runtimes is None else _csv(args.runtimes), devices=devices,
-        scope=args.scope, weights=args.weights, per_layer=not args.no_per_layer, flush_l2=args.flush_l2,
+        runtimes=None if args.runtimes is None else _csv(args.runtimes), devices=devices, scope=args.scope,
+        weights=args.weights, per_layer=not args.no_per_layer, flush_l2=args.flush_l2, gemm_shapes=_csv(args.gemm_shapes),
         budget_ms=args.budget_ms, repeats=args.repeats, progress=not args.no_progress, accuracy=accuracy,
         gemm_sparsities=_floats(args.gemm_sparsities, "--gemm-sparsities") if args.gemm_sparsities else None,
         gemm_methods=_csv(args.gemm_methods) or None, gemm_regimes=[r.name for r in parse_regimes(args.gemm_regimes)],

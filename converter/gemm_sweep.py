@@ -38,6 +38,20 @@ SWEEP_SHAPES: list[tuple[int, int, int]] = [
     (64, 576, 3136), (128, 1152, 784), (256, 2304, 196), (512, 4608, 49),
 ]
 SWEEP_SPARSITIES: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+SEED_SHAPES = "seed"  # the name of SWEEP_SHAPES among `bench --gemm-shapes` sets
+
+
+def sweep_shapes(sets: list[str]) -> list[tuple[int, int, int]]:
+    """The sweep's (M, K, N) for `sets`, in order, each shape once: 'seed' is SWEEP_SHAPES; a registry
+    model (resnet50, trafficcamnet, ...) or an ONNX file gives every conv of it as a GEMM at batch 1
+    (`passes.roofline.conv_gemm_shapes`: derived from the model, not typed in)."""
+    from ..passes.roofline import conv_gemm_shapes
+    from .source import load_source
+
+    shapes: list[tuple[int, int, int]] = []
+    for name in sets:
+        shapes += SWEEP_SHAPES if name == SEED_SHAPES else conv_gemm_shapes(load_source(name, quiet=True).model, 1)
+    return list(dict.fromkeys(shapes))
 
 MethodFactory = Callable[[torch.Tensor, torch.dtype], Callable[[torch.Tensor], torch.Tensor]]
 METHODS: dict[str, MethodFactory] = {}

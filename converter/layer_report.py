@@ -224,16 +224,95 @@ def steps_from_choices(choices: dict) -> list[dict]:
     return rows
 
 
+# --- roofline: what the card's peaks allow per layer ---------------------------------------------------
+
+# the runtime's format of a layer -> the weight format the cost model prices
+COST_FORMATS = {"dense": "dense", "csr": "csr", "sparsert": "csr", "2:4": "2:4", "cusparselt": "2:4"}
+FEATURE_MAP_FORMATS = ("ecr", "pecr", "minkowski")
+
+
+def card_roofline(device: str | None, card: dict | None, dtype: str | None, tf32: bool = False):
+    """(Board with the card's peaks, precision, the report's `roofline` header) for an engine on `device`;
+    (None, None, {'reason'}) when no roofline can be drawn there."""
+    from ..passes.roofline import card_peaks
+
+    if device is None or str(device).startswith("cpu"):
+        return None, None, {"reason": "a CPU engine: the roofline is drawn for GPUs only"}
+    if not card:
+        return None, None, {"reason": "the GPU is not named (an engine file saved before engines recorded their card)"}
+    board, source = card_peaks(card.get("name", ""), tuple(card.get("capability") or ()) or None, card.get("sms"),
+                               card.get("clock_khz"), card.get("mem_clock_khz"), card.get("bus_bits"))
+    if board is None:
+        return None, None, {"card": card.get("name"), "reason": source}
+    precision = "fp16" if dtype == "fp16" else ("tf32" if tf32 else "fp32")
+    peak = board.peak_tflops(precision)
+    if not peak:
+        return None, None, {"card": card.get("name"), "reason": f"no {precision.upper()} peak known for "
+                                                                 f"{card.get('name')} ({source})"}
+    what = {"fp32": "FP32 CUDA cores", "tf32": "TF32 tensor cores", "fp16": "FP16 tensor cores"}[precision]
+    return board, precision, {"card": card.get("name"), "precision": precision, "peak": what, "peak_tflops": peak,
+                              "bandwidth_gbs": board.dram_gbs, "source": source,
+                              "label": "ESTIMATE from published peaks (not measured)"}
+
+
+def add_roofline(rows: list[dict], costs: list[dict], board, precision: str) -> None:
+    """Per weight layer that a runtime ran: its FLOPs and bytes at its sparsity in the runtime's format,
+    max(FLOPs / peak, bytes / bandwidth) (`roofline_us`), the dense form's (`roofline_dense_us`), CSR's
+    for a pruned layer (`roofline_csr_us`), and measured / roofline where the layer was timed; or
+    `roofline_reason`."""
+    from ..passes.roofline import format_cost, roofline_time
+
+    by_name = {c["name"]: c for c in costs if "m" in c}
+    bpv = 2 if precision == "fp16" else 4
+    for r in rows:
+        if "runs_as" not in r:
+            continue
+        c = by_name.get(r["name"])
+        fmt = COST_FORMATS.get(str(r.get("format") or "dense"))
+        if c is None:
+            r["roofline_reason"] = "shape unknown (shape inference does not reach the layer)"
+            continue
+        if fmt is None:
+            r["roofline_reason"] = (f"feature-map-sparse format {r['format']}: its work depends on the input's zeros"
+                                    if r.get("format") in FEATURE_MAP_FORMATS else f"no cost model for format "
+                                                                                     f"{r.get('format')}")
+            continue
+
+        def time_us(f):
+            cost = format_cost(c["m"], c["k"], c["n"], f, bpv, c["act_elems"], nnz=c["nnz"])
+            t = roofline_time(cost["flops"], cost["bytes"], board, precision)
+            return cost, t
+
+        cost, t = time_us(fmt)
+        r.update(roofline_format=fmt, roofline_flops=cost["flops"], roofline_bytes=cost["bytes"],
+                 roofline_us=t["s"] * 1e6, roofline_bound=t["bound"], roofline_dense_us=time_us("dense")[1]["s"] * 1e6)
+        if c["nnz"] < c["weights"]:
+            r["roofline_csr_us"] = time_us("csr")[1]["s"] * 1e6
+        if isinstance(r.get("ms"), (int, float)) and r["roofline_us"] > 0:
+            r["measured_over_roofline"] = r["ms"] * 1e3 / r["roofline_us"]
+
+
+def roof_cell(r: dict) -> str:
+    """The roofline column: the layer's roofline time and measured / roofline ('12.3us 2.4x'), or '–'."""
+    if not isinstance(r.get("roofline_us"), (int, float)):
+        return "–"
+    ratio = r.get("measured_over_roofline")
+    return f"{r['roofline_us']:.3g}us" + (f" {ratio:.1f}x" if ratio is not None else "")
+
+
 # --- the report ---------------------------------------------------------------------------------------
 
 def build_report(*, pruned: onnx.ModelProto | None = None, sparse: onnx.ModelProto | None = None,
                  steps: list[dict] | None = None, plans: dict | None = None, exclude: list[str] | None = None,
                  method: str | None = None, source: str = "", runtime: str | None = None,
-                 device: str | None = None, dtype: str | None = None, base: list[dict] | None = None) -> dict:
+                 device: str | None = None, dtype: str | None = None, base: list[dict] | None = None,
+                 card: dict | None = None, tf32: bool = False, batch: int = 1, costs: list[dict] | None = None) -> dict:
     """The report as a JSON-ready dict. `pruned`: the hand-off model (pruning rules and sparsity), or
     `base`: its `prune_rows` computed already; `sparse`: the runtime-rewritten model (its custom ops);
     `steps`: the engine's report rows (`Engine.report()`, an engine file's, or `Engine.profile()`'s,
-    which add each layer's time); `plans`: the engine's whole-graph plans."""
+    which add each layer's time); `plans`: the engine's whole-graph plans. Where a runtime ran, each
+    layer gets its roofline on `card` (`runtimes.base.card_properties`) at `batch` (the batch its time
+    was measured at), from `costs` (`passes.roofline.layer_costs`; default: of `sparse`, else `pruned`)."""
     from_pruned = pruned is not None or base is not None
     base = list(base) if base is not None else (prune_rows(pruned, exclude, method) if pruned is not None else [])
     custom = custom_op_rows(sparse) if sparse is not None else []
@@ -274,6 +353,16 @@ def build_report(*, pruned: onnx.ModelProto | None = None, sparse: onnx.ModelPro
         summary["custom_op_bytes"] = sum(c["stored_bytes"] for c in custom)
     report = {"schema": REPORT_SCHEMA, "version": 1, "source": source, "runtime": runtime, "device": device,
               "dtype": dtype, "layers": rows, "summary": summary, "warnings": warnings}
+    if any("runs_as" in r for r in rows):
+        board, precision, report["roofline"] = card_roofline(device, card, dtype, tf32)
+        if board is not None:
+            if costs is None:
+                from ..passes.roofline import layer_costs
+
+                model = sparse if sparse is not None else pruned
+                costs = layer_costs(model, batch) if model is not None else []
+            report["roofline"]["batch"] = batch
+            add_roofline(rows, costs, board, precision)
     if custom:
         report["custom_ops"] = custom
     if plans:
@@ -308,7 +397,8 @@ def engine_file_report(path: str | Path) -> dict:
         steps = steps_from_choices(state.get("choices"))
     opts = manifest.get("options") or {}
     report = build_report(sparse=model, steps=steps, plans=state.get("plans"), source=str(path),
-                          runtime=manifest["runtime"], device=manifest.get("device"), dtype=opts.get("dtype"))
+                          runtime=manifest["runtime"], device=manifest.get("device"), dtype=opts.get("dtype"),
+                          card=manifest.get("card"), tf32=bool(opts.get("tf32")))
     if manifest.get("report") is None:
         report["note"] = "an engine file from before engines kept their report: its saved decisions only"
     return report
@@ -318,9 +408,12 @@ def convert_report(pruned: onnx.ModelProto, args, *, sparse: onnx.ModelProto | N
                    device=None, source: str = "") -> dict:
     """`sparsecnn convert`'s report: the pruned model, with what the runtime rewrote and compiled when it did."""
     from ..passes.prune import parse_prune
+    from ..runtimes.base import card_properties
 
     parsed = parse_prune(getattr(args, "prune", None))
     return build_report(pruned=pruned, sparse=sparse, steps=engine.report() if engine is not None else None,
+                        card=card_properties(device) if engine is not None else None,
+                        tf32=bool(getattr(args, "tf32", False)),  # the chooser timed each layer at batch 1
                         plans=getattr(engine, "plans", None), exclude=getattr(args, "exclude", None),
                         method=parsed[0] if parsed else None, source=source,
                         runtime=getattr(args, "runtime", None) if sparse is not None else None,
@@ -361,7 +454,7 @@ def format_report(report: dict, name_width: int = 40) -> str:
     with_rt = any("runs_as" in r for r in rows)
     head = f"{'layer':<{name_width}} {'op':<12} {'shape':<16} {'sparsity':>8} {'2:4':>4}  {'pruning':<32}"
     if with_rt:
-        head += f" {'runs as':<34} {'ms':>8}  why"
+        head += f" {'runs as':<34} {'ms':>8} {'roof':>13}  why"
     lines = [head, "-" * len(head)]
     for r in rows:
         tf = r.get("two_four", "")
@@ -380,7 +473,7 @@ def format_report(report: dict, name_width: int = 40) -> str:
             if r.get("library") and r["library"] not in runs:
                 runs = f"{r['library']}: {runs}"
             ms = f"{r['ms']:.4f}" if isinstance(r.get("ms"), (int, float)) else "–"
-            line += f" {fit_text(runs or '–', 34):<34} {ms:>8}  {r.get('why', '')}"
+            line += f" {fit_text(runs or '–', 34):<34} {ms:>8} {roof_cell(r):>13}  {r.get('why', '')}"
         lines.append(line.rstrip())
     lines.append("-" * len(head))
     s = report.get("summary", {})
@@ -392,6 +485,14 @@ def format_report(report: dict, name_width: int = 40) -> str:
         what.append(f"{s.get('sparse_kernels', 0)} on sparse kernels ({report.get('runtime')} on {report.get('device')}, "
                     f"{report.get('dtype')})")
     lines.append("; ".join(what))
+    roof = report.get("roofline")
+    if roof:
+        if roof.get("reason"):
+            lines.append(f"roof: none ({roof['reason']})")
+        else:
+            lines.append(f"roof: {roof['label']}, batch {roof['batch']}: max(FLOPs / {roof['peak_tflops']:g} TFLOP/s "
+                         f"{roof['peak']}, bytes / {roof['bandwidth_gbs']:g} GB/s) on {roof['card']} "
+                         f"({roof['source']}); then measured / roofline")
     for shape, plan in (report.get("plans") or {}).items():
         ms = ", ".join(f"{k} {v:.3f} ms" for k, v in (plan.get("ms") or {}).items())
         lines.append(f"whole graph at {shape}: kept '{plan.get('chosen')}'"

@@ -159,6 +159,11 @@ MODELS: dict[str, ModelEntry] = {
             InputSpec(3, 224, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000),
             exclude=("conv1", "fc"), classifier="fc", torchvision_builder="resnet18"),
         ModelEntry(
+            "resnet50", "ResNet-50 (torchvision, bottleneck blocks), 1000 ImageNet classes by default",
+            _torchvision("resnet50"),
+            InputSpec(3, 224, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000),
+            exclude=("conv1", "fc"), classifier="fc", torchvision_builder="resnet50"),
+        ModelEntry(
             "vgg19", "VGG-19 without batch norm (torchvision), 1000 ImageNet classes by default",
             _torchvision("vgg19"),
             InputSpec(3, 224, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000),

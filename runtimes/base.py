@@ -288,7 +288,8 @@ class Engine:
         manifest = {"format": ENGINE_FORMAT, "version": ENGINE_VERSION, "runtime": self.runtime,
                     "options": self.options.to_dict(), "state": self.full_state(),
                     # what ran per layer, for `sparsecnn inspect ENGINE` (a reload recompiles, never reads it)
-                    "device": str(self.device), "report": json.loads(json.dumps(self.report(), default=str))}
+                    "device": str(self.device), "card": card_properties(self.device),
+                    "report": json.loads(json.dumps(self.report(), default=str))}
         with atomic_path(path) as tmp:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
                 z.writestr("engine.json", json.dumps(manifest, indent=2))
@@ -348,6 +349,19 @@ ENGINE_MAX_MANIFEST_BYTES = 64 * 2**20
 # real weights, even 99 % pruned, stay far below
 ENGINE_MAX_RATIO = 500
 _ENGINE_MEMBER_NAME = re.compile(r"^(engine\.json|model\.onnx|files/[A-Za-z0-9_.\-][A-Za-z0-9_.\-/]*)$")
+
+
+def card_properties(device: torch.device | str) -> dict | None:
+    """The GPU behind `device` as the per-layer report's roofline needs it (torch's name, capability, SMs,
+    clocks in kHz, memory bus in bits; a field torch does not report is None); None on a CPU."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return {"name": props.name, "capability": [props.major, props.minor], "sms": props.multi_processor_count,
+            # clocks and bus width: torch 2.6 and newer
+            "clock_khz": getattr(props, "clock_rate", None), "mem_clock_khz": getattr(props, "memory_clock_rate", None),
+            "bus_bits": getattr(props, "memory_bus_width", None)}
 
 
 def with_saved_decisions(extra: dict, state: dict | None) -> dict:
