@@ -35,6 +35,12 @@ def _ecr() -> tuple[str, list[tuple[str, ...]]]:
     return KERNEL_SOURCE, kernel_programs()
 
 
+def _two_four_mma() -> tuple[str, list[tuple[str, ...]]]:
+    from .cusparselt.mma_conv import KERNEL_SOURCE, KERNELS
+
+    return KERNEL_SOURCE, [KERNELS]
+
+
 # family -> () -> (source file, [one program's name expressions, ...]), as the runtimes compile them
 FAMILIES: dict[str, Callable[[], tuple[str, list[tuple[str, ...]]]]] = {
     "csr_conv": _csr("csr_conv.cu"),
@@ -42,6 +48,7 @@ FAMILIES: dict[str, Callable[[], tuple[str, list[tuple[str, ...]]]]] = {
     "csr_sputnik": _csr("csr_sputnik.cu"),
     "csr_tc": _csr_tensor_cores,
     "ecr_conv": _ecr,
+    "two_four_mma": _two_four_mma,  # sm_80+ runs mma.sp; older archs build a fallback that traps, never launched
 }
 
 

@@ -6,35 +6,22 @@ The fallback paths also run on the CPU emulator, compiled as for the Jetson Nano
 import pytest
 import torch
 
-from sparsecnn.runtimes import nvrtc
+from sparsecnn.runtimes import kernel_programs, nvrtc
 
 needs_nvrtc = pytest.mark.skipif(not nvrtc.nvrtc_available()[0], reason="NVRTC not installed")
 ARCHS = nvrtc.compile_archs() if nvrtc.nvrtc_available()[0] else ()
 
 
-def _csr(filename):
-    from sparsecnn.runtimes.csr.kernels import all_expressions
-
-    return filename, [all_expressions(filename, d) for d in (torch.float32, torch.float16)]
-
-
-def _ecr():
-    from sparsecnn.runtimes.ecr.runtime import KERNEL_SOURCE, VARIANTS
-
-    return KERNEL_SOURCE, [tuple(v.expr(h) for v in VARIANTS for h in (False, True))]
+def _one_program(family):
+    # every instantiation of a family in one program: what compiles there compiles in the runtimes' groups
+    filename, groups = kernel_programs.FAMILIES[family]()
+    return filename, [tuple(e for g in groups for e in g)]
 
 
-# family -> () -> (source file, [one program's name expressions, ...])
-FAMILIES = {
-    "smoke": lambda: ("smoke.cu", [("axpb<float>", "axpb<__half>")]),
-    "csr_conv": lambda: _csr("csr_conv.cu"),
-    "csr_spmv": lambda: _csr("csr_spmv.cu"),
-    "csr_sputnik": lambda: _csr("csr_sputnik.cu"),
-    "csr_tc": lambda: _csr("csr_tc.cu"),  # fp16 only: mma.sync from sm_80, an FMA fallback below
-    "ecr_conv": _ecr,
-    # sm_80+ runs mma.sp; older archs compile the fallback that traps (the host never launches it there)
-    "two_four_mma": lambda: ("conv2to4_mma.cu", [("conv2to4_mma", "conv2to4_finish")]),
-}
+# family -> () -> (source file, [one program's name expressions, ...]): the runtimes' own list
+# (runtimes/kernel_programs.py, what `doctor --compile-kernels` fills the cache with) and NVRTC's smoke kernel
+FAMILIES = {"smoke": lambda: ("smoke.cu", [("axpb<float>", "axpb<__half>")]),
+            **{family: (lambda f=family: _one_program(f)) for family in kernel_programs.FAMILIES}}
 
 
 @needs_nvrtc
