@@ -162,13 +162,11 @@ def _dense_onnx(model, *, input_shape, mean, std, scale, labels, input_name, out
 
     flags = _spec_flags(input_shape, mean, std, scale)
     if isinstance(model, onnx.ModelProto):
-        from ..passes.graph import run_pipeline
-        from .export import EXPORT_PIPELINE
+        from .source import ready_for_pruning
 
         where = "the given ONNX model"
         validate_model(model, where)
-        if any(n.op_type == "BatchNormalization" for n in model.graph.node):
-            model, _ = run_pipeline(model, EXPORT_PIPELINE)
+        model = ready_for_pruning(model)
         stored = get_input_spec(model, where)
         inp = resolve_input(model, InputSpec.from_dict(stored, where) if stored else None, flags, where)
         label = model.graph.name or "onnx"

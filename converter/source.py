@@ -14,7 +14,6 @@ from ..common.errors import UserError
 from ..common.onnxio import get_input_spec, load_onnx, set_input_spec
 from ..models.registry import (IMAGENET_MEAN, IMAGENET_STD, MODELS, InputSpec, get_entry, load_model,
                                load_state_dict_file)
-from ..passes.fold_bn import fold_bn, inline_constant_identities
 from ..passes.graph import run_pipeline
 
 
@@ -247,6 +246,19 @@ def checkpoint_arch(path: str) -> str | None:
     return obj.get("arch") if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
 
 
+def ready_for_pruning(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An ONNX model from elsewhere (a file or a notebook's ModelProto) in the form our own export
+    gives: BatchNorm folded into the convs, constants behind Identity nodes inlined. torch's exporter
+    folds BatchNorm itself in eval mode but still deduplicates equal initializers (a fresh model's
+    folded biases are all zeros) behind Identity nodes, and a bias behind one is no constant to the
+    rewrites (csr kept 47 of torchvision ResNet-50's 53 convs dense for it)."""
+    if any(n.op_type in ("BatchNormalization", "Identity") for n in model.graph.node):
+        from .export import EXPORT_PIPELINE
+
+        model, _ = run_pipeline(model, EXPORT_PIPELINE)
+    return model
+
+
 def load_source(source: str, weights: str | None = None, num_classes: int | None = None, opset: int = 17,
                 quiet: bool = False, flags: SpecFlags | None = None) -> Source:
     """Resolve `source` to a dense ONNX model ready for the prune passes; `flags` complete or override
@@ -257,12 +269,7 @@ def load_source(source: str, weights: str | None = None, num_classes: int | None
     path = Path(source)
     if source.endswith(".onnx") or (path.is_file() and path.suffix == ".onnx"):
         with stage(f"loading {source}", quiet):
-            model = load_onnx(path)
-            # torch's exporter folds BatchNorm itself in eval mode but still deduplicates equal initializers
-            # (a fresh model's folded biases are all zeros) behind Identity nodes: a bias behind one is no
-            # constant to the rewrites (csr kept 47 of ResNet-50's 53 convs dense for it)
-            if any(n.op_type in ("BatchNormalization", "Identity") for n in model.graph.node):
-                model, _ = run_pipeline(model, [(inline_constant_identities, {}), (fold_bn, {})])
+            model = ready_for_pruning(load_onnx(path))
         stored = get_input_spec(model, path)
         inp = resolve_input(model, InputSpec.from_dict(stored, str(path)) if stored else None, flags, str(path))
         return Source(model, inp.spec, path.name, inp, path)

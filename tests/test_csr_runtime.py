@@ -139,6 +139,18 @@ def test_a_torch_exported_file_whose_biases_sit_behind_identity_nodes_goes_csr(t
     assert dict(res.counters) == {"conv_csr": 3, "relu_fused": 3}
 
 
+def test_the_api_readies_a_notebooks_modelproto_as_load_source_readies_a_file(tmp_path):
+    from sparsecnn.converter.api import prune
+
+    path = tmp_path / "stack.onnx"
+    torch.onnx.export(_ConvBnStack().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+    pruned = prune(onnx.load(str(path)), "0.9", input_shape=[3, 8, 8], scale=1 / 255)
+    assert not any(n.op_type == "Identity" for n in pruned.onnx.graph.node)
+    # stem and last conv dense by the prune rules; the middle one's bias sat behind an Identity
+    assert dict(csr_rewrite(pruned.onnx).counters) == {"dense_excluded": 2, "conv_csr": 1, "relu_fused": 1}
+
+
 def block_model(extra_consumer=(), graph_output=(), broadcast=False, shortcut_first=False, ws=None):
     """A ResNet block with a projection shortcut: y = relu(conv_b(relu(conv_a(x))) + conv_s(x)).
     shortcut_first: conv_s comes before conv_b in the node list (so conv_b is the later one);
