@@ -42,11 +42,15 @@ def _compile_kernels(archs: list[str]) -> int:
             raise UserError("no CUDA GPU here: name the architectures to compile for, e.g. "
                             "`sparsecnn doctor --compile-kernels sm_87 sm_90`")
         archs = sorted({nvrtc.device_arch(i) for i in range(torch.cuda.device_count())})
+    supported = nvrtc.supported_archs()
     for arch in archs:
         try:
             nvrtc.arch_number(arch)
         except ValueError:
             raise UserError(f"--compile-kernels {arch}: an architecture is written like sm_90") from None
+        if supported and arch not in supported:
+            raise UserError(f"--compile-kernels {arch}: {why} compiles for {supported[0]} to {supported[-1]} only "
+                            "(CUDA 12's NVRTC still targets the Jetson Nano, TX2 and Xavier: docs/jetson.md)")
     rows = precompile(archs, progress=lambda line: print(line, flush=True))
     print(f"{sum(r['compiled'] for r in rows)} programs compiled, {sum(r['programs'] for r in rows)} in all, "
           f"into {nvrtc.cache_dir()} ({nvrtc.nvrtc_available()[1]})")

@@ -99,14 +99,18 @@ def nvrtc_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def supported_archs() -> tuple[str, ...]:
+    """Every architecture the loaded NVRTC can compile for ('sm_75', ...); empty if it cannot say."""
+    err, supported = _bindings()[1].nvrtcGetSupportedArchs()
+    return tuple(f"sm_{int(x)}" for x in supported) if int(err) == 0 else ()
+
+
 def compile_archs() -> tuple[str, ...]:
     """The architectures CI builds every kernel for with the loaded NVRTC: CUDA 12's for every
     Jetson generation, CUDA 13's (which dropped sm_53-sm_72) for Orin and the H100."""
     wanted = JETSON_ARCHS if nvrtc_version()[0] < 13 else CI_ARCHS
-    err, supported = _bindings()[1].nvrtcGetSupportedArchs()
-    if int(err) != 0:
-        return wanted
-    return tuple(a for a in wanted if arch_number(a) in {int(x) for x in supported})
+    supported = supported_archs()
+    return tuple(a for a in wanted if a in supported) if supported else wanted
 
 
 class KernelCompileError(RuntimeError):

@@ -129,6 +129,9 @@ def test_doctor_compile_kernels_wants_a_written_arch(capsys):
 
     assert main(["doctor", "--compile-kernels", "90"]) == 2
     assert "written like sm_90" in capsys.readouterr().err
+    assert main(["doctor", "--compile-kernels", "sm_9999"]) == 2  # before any compile, not NVRTC's traceback
+    err = capsys.readouterr().err
+    assert "sm_9999: NVRTC" in err and "only" in err and err.count("\n") == 1
     if not torch.cuda.is_available():
         assert main(["doctor", "--compile-kernels"]) == 2
         assert "name the architectures" in capsys.readouterr().err
