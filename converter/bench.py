@@ -705,6 +705,10 @@ def run_bench(*, models: list[str], gemm: bool, quick: bool, regimes: list, batc
 
     runtime_options = options_per_runtime(runtimes, options or []) if options else {}
     shapes = None
+    if gemm_shapes is not None and not gemm:
+        raise UserError("--gemm-shapes sets the GEMM sweep's shapes: add the word spmm (or --gemm) to run the sweep")
+    if gemm_shapes is not None and not gemm_shapes:
+        raise UserError("--gemm-shapes names no shape set: give seed, a registry model or an ONNX file")
     if gemm and gemm_shapes:  # a model's conv shapes: resolved (an unknown name fails) before any timing
         from .gemm_sweep import sweep_shapes
 

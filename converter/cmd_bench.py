@@ -55,8 +55,8 @@ prune may also be given as "sparsity" or "method" ("2:4"); accuracy as top1 / ac
 (fraction or percent); a fine-tuned row wins over a one-shot row of the same setting.
 """
 
-def _csv(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
+def _csv(text: str | None) -> list[str] | None:  # None: the flag was not given; []: given empty
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
 def add_parser(sub) -> None:
@@ -152,9 +152,9 @@ def run(args) -> int:
     result = run_bench(
         models=[m for m in models if m != "spmm"], gemm=args.gemm or "spmm" in models, quick=quick,
         regimes=parse_regimes(args.regimes), batches=_ints(args.batch or ("1,2" if quick else "1"), "--batch"),
-        prunes=_csv(args.prune) or ["none"], dense=_csv(args.dense), runtime_dense_conv=args.runtime_dense_conv,
-        runtimes=None if args.runtimes is None else _csv(args.runtimes), devices=devices, scope=args.scope,
-        weights=args.weights, per_layer=not args.no_per_layer, flush_l2=args.flush_l2, gemm_shapes=_csv(args.gemm_shapes),
+        prunes=_csv(args.prune) or ["none"], dense=_csv(args.dense) or [], runtime_dense_conv=args.runtime_dense_conv,
+        runtimes=_csv(args.runtimes), devices=devices, scope=args.scope, gemm_shapes=_csv(args.gemm_shapes),
+        weights=args.weights, per_layer=not args.no_per_layer, flush_l2=args.flush_l2,
         budget_ms=args.budget_ms, repeats=args.repeats, progress=not args.no_progress, accuracy=accuracy,
         gemm_sparsities=_floats(args.gemm_sparsities, "--gemm-sparsities") if args.gemm_sparsities else None,
         gemm_methods=_csv(args.gemm_methods) or None, gemm_regimes=[r.name for r in parse_regimes(args.gemm_regimes)],

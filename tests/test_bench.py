@@ -200,6 +200,8 @@ def test_report_only_rerenders_with_an_accuracy_file(quick, tmp_path):
     (["--prune", "1.5"], "sparsity"),
     (["--dense", "winograd"], "unknown dense engine"),
     (["--accuracy", "/nonexistent.json"], "accuracy file not found"),
+    (["--gemm-shapes", "resnet50"], "add the word spmm"),  # would be ignored without the sweep
+    (["--gemm", "--gemm-shapes", ","], "names no shape set"),
 ])
 def test_bad_options_are_one_line_user_errors(capsys, tmp_path, argv, needle):
     code = main(["bench", "tinynet", "-o", str(tmp_path), "--no-progress", *argv])
