@@ -46,7 +46,7 @@ from ...passes.csr.reference import bias_tensor, conv_geometry, csr_tensors, epi
 from ...passes.csr.rewrite import CSR_CONV_POOL, csr_rewrite, fuse_csr_pool
 from ...passes.ecr.reference import max_pool, pool_geometry
 from ...passes.graph import SPARSECNN_DOMAIN, PassResult, run_pipeline
-from ..base import CompileOptions, Engine, calibration_input, with_saved_decisions
+from ..base import CompileOptions, Engine, calibration_input, card_properties, with_saved_decisions
 from ..executor import Executor
 from ..ops import NodeContext
 from ..options import DENSE_CONV, SHARED_OPTIONS, Option, with_default
@@ -399,10 +399,12 @@ class HybridEngine(Engine):
 
 
 def _card(device: torch.device) -> dict:
-    if device.type != "cuda":
+    """What a saved engine's choices were measured on (base.card_properties, as the engine file keeps it)."""
+    props = card_properties(device)
+    if props is None:
         return {"name": "cpu", "capability": "cpu"}
-    major, minor = torch.cuda.get_device_capability(device)
-    return {"name": torch.cuda.get_device_name(device), "capability": f"sm_{major}{minor}"}
+    major, minor = props["capability"]
+    return {"name": props["name"], "capability": f"sm_{major}{minor}"}
 
 
 def compile(model: onnx.ModelProto, device: str | torch.device = "cpu", options: CompileOptions | dict | None = None,
