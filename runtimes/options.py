@@ -45,6 +45,8 @@ class Option:
             return None
         if self.type is list:
             items = [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else list(value)
+            if not items and self.choices is not None:  # a pick from a set that picks nothing is a slip, not a wish
+                raise ValueError(f"names none of {', '.join(map(str, self.choices))}")
             return [self._scalar(v, self.item) for v in items]
         return self._scalar(value, self.type)
 

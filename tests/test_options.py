@@ -65,6 +65,13 @@ def test_bad_option_value_exits_2_with_one_line(capsys, pair, words):
     assert len(lines) == 1 and all(w in lines[0] for w in words), err
 
 
+def test_a_choice_list_given_empty_exits_2_with_one_line(capsys):
+    code, _, err = run_cli(capsys, "run", "tinynet", "--device", "cpu", "--runtime", "hybrid", "--option",
+                           "hybrid_libraries=")
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "hybrid_libraries" in lines[0] and "names none of" in lines[0], err
+
+
 def test_an_option_of_another_runtime_is_refused(capsys):
     code, _, err = run_cli(capsys, "run", "tinynet", "--device", "cpu", "--option", "csr_fuse=false")
     assert code == 2 and "runtime 'torch'" in error_lines(err)[0]
