@@ -192,9 +192,7 @@ def markdown(result: dict) -> str:
             roof = (e.get("report") or {}).get("roofline") or {}
             lines += [f"### {e['model']} · {e['engine']} · {e['regime']} · batch {e['batch']}", ""]
             if roof:  # roof: the layer's roofline time on this card and measured / roofline
-                lines += [f"roof: none ({roof['reason']})" if roof.get("reason") else
-                          f"roof: {roof['label']}: max(FLOPs / {roof['peak_tflops']:g} TFLOP/s {roof['peak']}, "
-                          f"bytes / {roof['bandwidth_gbs']:g} GB/s) on {roof['card']} ({roof['source']})", ""]
+                lines += [layer_report.roof_line(roof), ""]
             lines += ["| layer | op | pruning | sparsity | dense ms | ms | speedup | roof | runs as | why |",
                       "|---|---|---|---|---|---|---|---|---|---|"]
             for r in e["rows"]:

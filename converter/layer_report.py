@@ -292,6 +292,15 @@ def add_roofline(rows: list[dict], costs: list[dict], board, precision: str) -> 
             r["measured_over_roofline"] = r["ms"] * 1e3 / r["roofline_us"]
 
 
+def roof_line(roof: dict) -> str:
+    """The report's one line saying what the roof column rests on (peaks, card, source) or why it is blank."""
+    if roof.get("reason"):
+        return f"roof: none ({roof['reason']})"
+    batch = f", batch {roof['batch']}" if roof.get("batch") is not None else ""
+    return (f"roof: {roof['label']}{batch}: max(FLOPs / {roof['peak_tflops']:g} TFLOP/s {roof['peak']}, bytes / "
+            f"{roof['bandwidth_gbs']:g} GB/s) on {roof['card']} ({roof['source']}); then measured / roofline")
+
+
 def roof_cell(r: dict) -> str:
     """The roofline column: the layer's roofline time and measured / roofline ('12.3us 2.4x'), or '–'."""
     if not isinstance(r.get("roofline_us"), (int, float)):
@@ -485,14 +494,8 @@ def format_report(report: dict, name_width: int = 40) -> str:
         what.append(f"{s.get('sparse_kernels', 0)} on sparse kernels ({report.get('runtime')} on {report.get('device')}, "
                     f"{report.get('dtype')})")
     lines.append("; ".join(what))
-    roof = report.get("roofline")
-    if roof:
-        if roof.get("reason"):
-            lines.append(f"roof: none ({roof['reason']})")
-        else:
-            lines.append(f"roof: {roof['label']}, batch {roof['batch']}: max(FLOPs / {roof['peak_tflops']:g} TFLOP/s "
-                         f"{roof['peak']}, bytes / {roof['bandwidth_gbs']:g} GB/s) on {roof['card']} "
-                         f"({roof['source']}); then measured / roofline")
+    if report.get("roofline"):
+        lines.append(roof_line(report["roofline"]))
     for shape, plan in (report.get("plans") or {}).items():
         ms = ", ".join(f"{k} {v:.3f} ms" for k, v in (plan.get("ms") or {}).items())
         lines.append(f"whole graph at {shape}: kept '{plan.get('chosen')}'"

@@ -23,7 +23,7 @@ import torch
 from onnx import numpy_helper
 
 from ..common.shapes import conv_out_size
-from .graph import node_label, skeleton
+from .graph import node_attrs, node_label, skeleton
 from .masks import is_2to4
 
 
@@ -218,7 +218,7 @@ def _conv_pixels(attrs: dict, in_shape: list[int]) -> int:
 def _gemm_view(node: onnx.NodeProto, inits: dict, ins: list, outs: list) -> dict | None:
     """A weight layer as a GEMM C[M, N] = W[M, K] @ B[K, N] (N: output pixels x batch): M, K, N, the
     weight's non-zeros and the format it is stored in; None for a node without a constant weight."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attrs(node)
     dims = lambda i: list(inits[node.input[i]].dims) if len(node.input) > i and node.input[i] in inits else None  # noqa: E731
     out_elems = int(np.prod(outs[0]))
     if node.op_type in CSR_OPS:

@@ -50,7 +50,7 @@ OLDEST_ARCH = "sm_53"  # fp16 arithmetic and everything the kernels use; older c
 ARCH_FEATURES = {
     "cp.async": 80,         # asynchronous global->shared copies (CSR and ECR staging); else plain loads
     "vector atomics": 90,   # atomicAdd on float2/float4 (split-K partial sums); else one atomic per float
-    "tensor cores": 70,     # mma (fp16); the NVRTC kernels do not use them, cuDNN/TensorRT do
+    "tensor cores": 70,     # mma (fp16); the NVRTC kernels use the m16n8k16 shape, which needs sm_80 (below)
     "2:4 sparse tensor cores": 80,  # mma.sp: cuSPARSELt, TensorRT SPARSE_WEIGHTS, conv2to4_mma.cu (mma.cuh)
     "mma.sync m16n8k16": 80,  # dense fp16 mma, fp32 accumulate (mma.cuh): the csr tensor-core kernel, csr_tc.cu
 }
@@ -174,13 +174,13 @@ def _options_and_key(source: str, arch: str, options: tuple[str, ...], name_expr
     options, name expressions, NVRTC version)."""
     ver = _bindings()[1].nvrtcVersion()
     includes = [*[f"--include-path={d}" for d in cuda_include_dirs()], *[f"--include-path={d}" for d in KERNEL_DIRS]]
-    opts = [f"--gpu-architecture={arch}", "-std=c++17", "--device-as-default-execution-space", *options]
+    base = [f"--gpu-architecture={arch}", "-std=c++17", "--device-as-default-execution-space"]
     # The key holds what decides the cubin, not where files sit: the project's headers by content, CUDA's
     # by the NVRTC version that ships them. So a cache filled on one machine (`sparsecnn doctor
     # --compile-kernels`, NVRTC needs no GPU) is valid on another with the same NVRTC.
-    key = hashlib.sha256("\0".join([source, arch, *opts, *name_expressions, str(ver[1:])]).encode()
+    key = hashlib.sha256("\0".join([source, arch, *base, *options, *name_expressions, str(ver[1:])]).encode()
                          + _included_sources(source)).hexdigest()[:32]
-    return opts[:3] + includes + opts[3:], key
+    return base + includes + list(options), key
 
 
 def compile_cubin(source: str, arch: str, name: str = "kernel.cu", options: tuple[str, ...] = (),

@@ -128,13 +128,12 @@ class NvrtcBackend:
         if expr not in self._kernels:
             from ..nvrtc import Kernel, compile_groups
 
-            programs = dtype_programs(filename, dtype)
+            programs, source = dtype_programs(filename, dtype), load_source(filename)
             if (filename, dtype) not in self._compiled:
-                compile_groups(load_source(filename), self.arch, filename, programs)
+                compile_groups(source, self.arch, filename, programs)
                 self._compiled.add((filename, dtype))
             program = next(g for g in programs if expr in g)
-            self._kernels[expr] = Kernel(load_source(filename), expr, self.device, name_expressions=program,
-                                         filename=filename)
+            self._kernels[expr] = Kernel(source, expr, self.device, name_expressions=program, filename=filename)
         return self._kernels[expr]
 
     def launch(self, filename: str, expr: str, dtype: torch.dtype, grid, block, smem: int, params: CsrParams) -> None:

@@ -170,8 +170,8 @@ class MmaConv:
     def pads_for(self, x: torch.Tensor) -> list[int]:
         return [int(v) for v in (self.pads(x) if callable(self.pads) else self.pads)]
 
-    def out_hw(self, x: torch.Tensor) -> tuple[int, int]:
-        (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.stride, self.dilation, self.pads_for(x)
+    def out_hw(self, x: torch.Tensor, pads: list[int] | None = None) -> tuple[int, int]:
+        (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.stride, self.dilation, pads or self.pads_for(x)
         h, w = x.shape[2:]
         return conv_out_size(h, pt + pb, self.kh, sh, dh), conv_out_size(w, pl + pr, self.kw, sw, dw)
 
@@ -200,7 +200,8 @@ class MmaConv:
             raise ValueError(f"input has {c} channels, the weight {self.cin}")
         if x.dtype != torch.float16:
             raise NotImplementedError(f"the mma.sp kernel reads fp16, not {x.dtype}")
-        ho, wo = self.out_hw(x)
+        pads = self.pads_for(x)  # once a call: a SAME conv resolves them from the input
+        ho, wo = self.out_hw(x, pads)
         xh = x.permute(0, 2, 3, 1)
         if not xh.is_contiguous() or xh.data_ptr() % 8:
             xh = xh.contiguous()  # the gather reads 4 channels (8 bytes) at a time
@@ -214,7 +215,7 @@ class MmaConv:
         pixels = n * ho * wo
         splits, per = self.nsplit(pixels)
         ws = torch.zeros(pixels, self.m, dtype=torch.float32, device=x.device) if splits > 1 else None
-        (sh, sw), (dh, dw), (pt, pl, _, _) = self.stride, self.dilation, self.pads_for(x)
+        (sh, sw), (dh, dw), (pt, pl, _, _) = self.stride, self.dilation, pads
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         p = Conv2to4Params(ptr(self.wfrag), ptr(self.wmeta), ptr(xh), ptr(self.bias), ptr(r), ptr(y), ptr(ws),
                            self.m, self.mt, self.k, self.kc, self.cin, h, w, ho, wo, pixels, self.kw, sh, sw, pt, pl,

@@ -50,7 +50,7 @@ from ..ops import STANDARD_OPS, NodeContext, resolve_pads
 from ..torch.dense_conv import DenseConv
 from ...passes.two_four.reference import dense_context, dense_weight
 from ..options import SHARED_OPTIONS, Option
-from .mma_conv import NAME as MMA, MmaConv, mma_unavailable
+from .mma_conv import NAME as MMA, MmaConv, _round_up, mma_unavailable
 
 name = "cusparselt"
 OPTIONS = [
@@ -94,10 +94,6 @@ def available() -> tuple[bool, str]:
 def rewrite(model: onnx.ModelProto, options: dict | None = None) -> onnx.ModelProto:
     model, _ = run_pipeline(model, [(rewrite_2to4, {})])
     return model
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
 
 
 # --- the sparse GEMM ---------------------------------------------------------------------
