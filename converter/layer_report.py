@@ -284,8 +284,9 @@ def add_roofline(rows: list[dict], costs: list[dict], board, precision: str) -> 
             return cost, t
 
         cost, t = time_us(fmt)
+        dense_t = t if fmt == "dense" else time_us("dense")[1]
         r.update(roofline_format=fmt, roofline_flops=cost["flops"], roofline_bytes=cost["bytes"],
-                 roofline_us=t["s"] * 1e6, roofline_bound=t["bound"], roofline_dense_us=time_us("dense")[1]["s"] * 1e6)
+                 roofline_us=t["s"] * 1e6, roofline_bound=t["bound"], roofline_dense_us=dense_t["s"] * 1e6)
         if c["nnz"] < c["weights"]:
             r["roofline_csr_us"] = time_us("csr")[1]["s"] * 1e6
         if isinstance(r.get("ms"), (int, float)) and r["roofline_us"] > 0:
