@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.gpu
 
-RUNTIMES = ["torch", "csr", "sparsert", "ecr", "cusparselt", "tensorrt", "minkowski"]
+RUNTIMES = ["torch", "csr", "sparsert", "ecr", "cusparselt", "tensorrt", "minkowski", "hybrid"]
 TWO_FOUR_RUNTIMES = {"cusparselt", "tensorrt"}  # they exploit 2:4 weights only
 
 
