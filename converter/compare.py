@@ -460,28 +460,30 @@ def _columns(results: list[dict]) -> list[tuple]:
     return [c for c in COLUMNS if c[0] in ("method", "variant") or any(r.get(c[1]) is not None for r in map(_cells, rows))]
 
 
+def _title(res: dict) -> str:
+    return (f"{res['model']} on {res['data']} ({res['images']} images, input {res['input']['height']}x"
+            f"{res['input']['width']}), evaluated through ONNX on the {res['runtime']} runtime ({res['device']})")
+
+
+def _texts(row: dict, cols: list[tuple]) -> list[str]:
+    return [_fmt(row.get(key), spec) if spec != "s" else str(row.get(key) if row.get(key) is not None else "-")
+            for _, key, spec, _ in cols]
+
+
 def format_table(results: list[dict]) -> str:
     """A plain-text table per model (one header line, one line per variant)."""
     lines = []
     for res in results:
         cols = _columns([res])
-        lines.append(f"{res['model']} on {res['data']} ({res['images']} images, input "
-                     f"{res['input']['height']}x{res['input']['width']}), through ONNX on the {res['runtime']} "
-                     f"runtime ({res['device']})")
+        lines.append(_title(res))
         lines.append("  ".join(f"{h:>{w}}" if i > 1 else f"{h:<{w}}" for i, (h, _, _, w) in enumerate(cols)))
         for row in map(_cells, res["rows"]):
             if row.get("error"):
                 lines.append(f"{row['method']:<22}  failed: {row['error']}")
                 continue
-            parts = []
-            for i, (_, key, spec, w) in enumerate(cols):
-                v = row.get(key)
-                text = _fmt(v, spec) if spec != "s" else (v if v is not None else "-")
-                parts.append(f"{text:<{w}}" if i < 2 else f"{text:>{w}}")
-            lines.append("  ".join(parts))
-        for note in res.get("notes", []):
-            lines.append(f"note: {note}")
-        lines.append("")
+            lines.append("  ".join(f"{t:<{w}}" if i < 2 else f"{t:>{w}}"
+                                   for i, (t, (_, _, _, w)) in enumerate(zip(_texts(row, cols), cols))))
+        lines += [f"note: {note}" for note in res.get("notes", [])] + [""]
     lines.append("sparsity: weights zero or removed, over all Conv/Gemm weights; FLOPs: of the dense model (channel "
                  "pruning); compr.: CSR (nnz*8 + (rows+1)*4 bytes per layer) for unstructured, values + 2-bit "
                  "indices for 2:4, the smaller dense ONNX for channel; masks: zeros survive export + BN folding")
@@ -492,21 +494,15 @@ def markdown_table(results: list[dict]) -> str:
     out = []
     for res in results:
         cols = _columns([res])
-        out.append(f"**{res['model']}** on {res['data']} ({res['images']} images, input "
-                   f"{res['input']['height']}x{res['input']['width']}), evaluated through ONNX on the "
-                   f"{res['runtime']} runtime ({res['device']})\n")
+        out.append(f"**{_title(res)}**\n")
         out.append("| " + " | ".join(h for h, _, _, _ in cols) + " |")
         out.append("|" + "|".join("---" for _ in cols) + "|")
         for row in map(_cells, res["rows"]):
             if row.get("error"):
                 out.append(f"| {row['method']} | failed: {row['error']} |" + " |" * (len(cols) - 2))
-                continue
-            out.append("| " + " | ".join(
-                (_fmt(row.get(k), s) if s != "s" else str(row.get(k) if row.get(k) is not None else "-"))
-                for _, k, s, _ in cols) + " |")
-        for note in res.get("notes", []):
-            out.append(f"\nNote: {note}")
-        out.append("")
+            else:
+                out.append("| " + " | ".join(_texts(row, cols)) + " |")
+        out += [f"\nNote: {note}" for note in res.get("notes", [])] + [""]
     return "\n".join(out)
 
 

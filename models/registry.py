@@ -129,6 +129,13 @@ def _torchvision(name: str) -> Callable[[int], nn.Module]:
     return build
 
 
+def _imagenet_torchvision(name: str, description: str, exclude: tuple[str, ...], classifier: str) -> ModelEntry:
+    """A torchvision classifier at 224x224 with ImageNet normalisation; torchvision knows its weights."""
+    return ModelEntry(name, description, _torchvision(name),
+                      InputSpec(3, 224, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000),
+                      exclude=exclude, classifier=classifier, torchvision_builder=name)
+
+
 def _detectnet(num_classes: int) -> nn.Module:
     from .detectnet import DetectNetV2
 
@@ -153,21 +160,12 @@ _TINY_INPUT = InputSpec(3, 32, 32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), nu
 MODELS: dict[str, ModelEntry] = {
     e.name: e
     for e in [
-        ModelEntry(
-            "resnet18", "ResNet-18 (torchvision), 1000 ImageNet classes by default",
-            _torchvision("resnet18"),
-            InputSpec(3, 224, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000),
-            exclude=("conv1", "fc"), classifier="fc", torchvision_builder="resnet18"),
-        ModelEntry(
-            "resnet50", "ResNet-50 (torchvision, bottleneck blocks), 1000 ImageNet classes by default",
-            _torchvision("resnet50"),
-            InputSpec(3, 224, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000),
-            exclude=("conv1", "fc"), classifier="fc", torchvision_builder="resnet50"),
-        ModelEntry(
-            "vgg19", "VGG-19 without batch norm (torchvision), 1000 ImageNet classes by default",
-            _torchvision("vgg19"),
-            InputSpec(3, 224, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000),
-            exclude=("features.0", "classifier.6"), classifier="classifier.6", torchvision_builder="vgg19"),
+        _imagenet_torchvision("resnet18", "ResNet-18 (torchvision), 1000 ImageNet classes by default",
+                              exclude=("conv1", "fc"), classifier="fc"),
+        _imagenet_torchvision("resnet50", "ResNet-50 (torchvision, bottleneck blocks), 1000 ImageNet classes by "
+                              "default", exclude=("conv1", "fc"), classifier="fc"),
+        _imagenet_torchvision("vgg19", "VGG-19 without batch norm (torchvision), 1000 ImageNet classes by default",
+                              exclude=("features.0", "classifier.6"), classifier="classifier.6"),
         ModelEntry(
             "trafficcamnet", "TrafficCamNet: DetectNet_v2 on ResNet-18 (layer4 at stride 1), 544x960",
             _detectnet,
