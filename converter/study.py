@@ -5,12 +5,14 @@
   engine -- the torch runtime with dense_conv=best (per layer the fastest of cuDNN NCHW / NHWC
   and im2col + cuBLAS, runtimes/torch/dense_conv.py), whole network in one CUDA graph, and of
   the dense engines timed in the same run the fastest;
+- `study_parser`: every study's --out and --dry-run, and its module docstring as --help;
 - `error_record`: what a failed part of a study leaves in its results, so one failure is
   recorded and the other parts still run;
 - the error measure is `sparsecnn.common.numerics.rel_err` (re-exported here for the studies).
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -22,7 +24,18 @@ import torch
 
 from ..common.numerics import rel_err
 
-__all__ = ["environment", "dense_engines", "best_dense", "fastest", "error_record", "rel_err", "DENSE_LAYOUTS"]
+__all__ = ["study_parser", "environment", "dense_engines", "best_dense", "fastest", "error_record", "rel_err", "DENSE_LAYOUTS"]
+
+
+def study_parser(doc: str | None, out: str = "out", writes: str | None = None,
+                 dry_run: str | None = None) -> argparse.ArgumentParser:
+    """A study's command line: its docstring as --help, --out (the folder `writes` names what goes
+    into) and, where the study has one, --dry-run (what the CPU stand-in run checks)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=out, help=f"folder for {writes}" if writes else f"results folder (default {out})")
+    if dry_run:
+        ap.add_argument("--dry-run", action="store_true", help=dry_run)
+    return ap
 
 
 def environment(device: torch.device | str, modules: tuple[str, ...] = ()) -> dict:

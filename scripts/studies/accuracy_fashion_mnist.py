@@ -17,7 +17,6 @@ a short table with the targets last.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -33,7 +32,7 @@ from sparsecnn.converter.training import recipe_for, save_checkpoint, train_mode
 from sparsecnn.converter.data import fashion_mnist_spec, load_data
 from sparsecnn.converter.export import export_onnx
 from sparsecnn.converter.finetune import FitConfig, make_optimizer
-from sparsecnn.converter.study import environment, error_record
+from sparsecnn.converter.study import environment, error_record, study_parser
 from sparsecnn.models.registry import get_entry
 
 MODELS = ("resnet18", "vgg19")
@@ -129,14 +128,12 @@ def _f(row, key) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out")
+    ap = study_parser(__doc__, dry_run="CPU, tiny subsets, 1 epoch each: checks the code paths")
     ap.add_argument("--ckpt-dir", default="runs", help="where the trained dense checkpoints go (default runs/)")
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget for the whole script")
     ap.add_argument("--data", help="Fashion-MNIST folder (default: the Debian package's files, or "
                                    "$SPARSECNN_FASHION_MNIST)")
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny subsets, 1 epoch each: checks the code paths")
     args = ap.parse_args()
     t_start = time.perf_counter()
     out = Path(args.out)

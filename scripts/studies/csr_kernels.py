@@ -31,7 +31,6 @@ short, split it:  --parts correctness,sweep   and   --parts nets  (or --models p
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record, rel_err
+from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record, rel_err, study_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 SPUTNIK = {  # cuBLAS time / Sputnik time on the H100, as published with Sputnik
@@ -544,9 +543,7 @@ def short_table(results: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out", help="folder for csr.json and csr.md")
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, emulated kernels: checks the script runs")
+    ap = study_parser(__doc__, writes="csr.json and csr.md", dry_run="CPU, tiny sizes, emulated kernels: checks the script runs")
     ap.add_argument("--parts", default="correctness,sweep,nets", help="comma list of correctness, sweep, conv, nets "
                     "(sweep includes the conv view unless --no-conv)")
     ap.add_argument("--no-conv", action="store_true", help="skip the conv (vs cuDNN) view of the sweep shapes")

@@ -20,12 +20,13 @@ budget (--budget-s, default 270 s) is spent; one failing part is recorded and th
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from sparsecnn.converter.study import study_parser
 
 RESULT_FILE = "dense_baselines.json"
 # Dense CUDA-graph batch-1 reference points measured on the H100 with cuDNN only (2026-11-25).
@@ -35,9 +36,7 @@ REFERENCE_MS = {("resnet18", "fp16"): 0.40, ("resnet18", "fp32-cuda-core"): 1.21
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out")
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny nets and GEMMs, no timing claims")
+    ap = study_parser(__doc__, dry_run="CPU, tiny nets and GEMMs, no timing claims")
     ap.add_argument("--budget-s", type=float, default=270.0, help="stop starting new parts after this long")
     ap.add_argument("--measure-ms", type=float, default=200.0, help="length of one timing of one configuration")
     ap.add_argument("--no-gemm", action="store_true")

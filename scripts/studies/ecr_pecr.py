@@ -44,7 +44,6 @@ breakeven.png, activations.png; prints a short table last.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -56,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecnn.common.numerics import rel_err
-from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record, fastest
+from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record, fastest, study_parser
 from sparsecnn.runtimes.timing import time_calls, time_fn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -804,8 +803,7 @@ def short_table(res):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out/ecr-pecr")
+    ap = study_parser(__doc__, out="out/ecr-pecr", dry_run="CPU, tiny sizes, reference ops: checks the plumbing")
     ap.add_argument("--checkpoint", help="trained Fashion-MNIST VGG-19 sparsecnn checkpoint (else random weights)")
     ap.add_argument("--reps", type=int, default=30, help="graph replays per kernel timing (default 30)")
     ap.add_argument("--parts", default="correct,fig8,vgg", help="comma-separated parts (default correct,fig8,vgg; "
@@ -815,7 +813,6 @@ def main() -> None:
     ap.add_argument("--fig8-budget-s", type=float, default=170.0,
                     help="fig8 starts no new (layer, dtype, target) after this many seconds of its own (default "
                          "170); the bar's fp32 PECR layers run first, fp16 last")
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, reference ops: checks the plumbing")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the plots of a saved ecr.json into --out")
     args = ap.parse_args()
     if args.replot:

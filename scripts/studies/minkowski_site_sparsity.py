@@ -20,7 +20,6 @@ Writes <out>/minkowski.json (every number), minkowski_sweep.png, minkowski.md; p
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from sparsecnn.common.fileio import atomic_path
 from sparsecnn.common.numerics import rel_err
 from sparsecnn.converter.export import export_onnx
 from sparsecnn.converter.figures import save_figure
-from sparsecnn.converter.study import dense_engines, environment, error_record
+from sparsecnn.converter.study import dense_engines, environment, error_record, study_parser
 from sparsecnn.runtimes.timing import time_fn
 from sparsecnn.models import load_model
 from sparsecnn.passes.prune import prune_unstructured
@@ -338,9 +337,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out", help="folder for minkowski.json, minkowski_sweep.png, minkowski.md")
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, no timing claims")
+    ap = study_parser(__doc__, writes="minkowski.json, minkowski_sweep.png, minkowski.md", dry_run="CPU, tiny sizes, no timing claims")
     ap.add_argument("--reps", type=int, default=40, help="timed repetitions of dense runs (ME runs use a quarter)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["suite", "networks", "sweep"], help="parts to skip")
     args = ap.parse_args()

@@ -22,7 +22,6 @@ One failing part is recorded and the others go on. NVRTC compiles run on all CPU
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecnn.common.numerics import rel_err
-from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record
+from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record, study_parser
 
 T_START = time.perf_counter()
 
@@ -568,9 +567,7 @@ def short_table(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out", help="folder for sparsert.json and sparsert.md")
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, interpreted kernels: checks the script")
+    ap = study_parser(__doc__, writes="sparsert.json and sparsert.md", dry_run="CPU, tiny sizes, interpreted kernels: checks the script")
     ap.add_argument("--parts", default="1,2,3", help="which parts to run (default 1,2,3)")
     ap.add_argument("--models", default="resnet18,vgg19,trafficcamnet")
     ap.add_argument("--reps", type=int, default=100, help="timing repetitions (default 100)")

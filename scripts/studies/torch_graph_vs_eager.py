@@ -7,7 +7,6 @@ Prints a short table last; writes every number to <out>/spine.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 from sparsecnn.common.numerics import rel_err
 from sparsecnn.converter.export import export_onnx
-from sparsecnn.converter.study import environment
+from sparsecnn.converter.study import environment, study_parser
 from sparsecnn.runtimes.timing import time_fn
 from sparsecnn.models import load_model
 from sparsecnn.passes.prune import prune_unstructured
@@ -33,8 +32,7 @@ def env() -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out")
+    ap = study_parser(__doc__)
     ap.add_argument("--reps", type=int, default=200)
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)

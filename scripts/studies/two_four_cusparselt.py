@@ -21,7 +21,6 @@ Writes <out>/two-four.json (every number) and <out>/two-four.md; prints a short 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import json
 import time
@@ -32,7 +31,7 @@ import torch
 from sparsecnn.common.fileio import write_text_atomic
 from sparsecnn.common.numerics import rel_err
 from sparsecnn.converter.export import export_onnx
-from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record
+from sparsecnn.converter.study import best_dense, dense_engines, environment, error_record, study_parser
 from sparsecnn.runtimes.timing import time_fn, time_interleaved
 from sparsecnn.models import load_model
 from sparsecnn.passes.masks import mask_2to4
@@ -289,9 +288,7 @@ def short_table(results: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out", help="folder for two-four.json and two-four.md")
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny nets, dense stand-in for cuSPARSELt")
+    ap = study_parser(__doc__, writes="two-four.json and two-four.md", dry_run="CPU, tiny nets, dense stand-in for cuSPARSELt")
     ap.add_argument("--models", default=None, help="comma-separated registry models (default resnet18,vgg19,trafficcamnet)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--reps", type=int, default=50)
