@@ -46,3 +46,21 @@ def fails(capsys, *argv, match: str) -> str:
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
     assert re.search(match, errors[0]), errors[0]
     return errors[0]
+
+
+class Separable(torch.nn.Module):
+    """stem -> depthwise 3x3 -> pointwise 1x1 -> depthwise 3x3 with channel multiplier 2 -> grouped 3x3 -> head:
+    the conv kinds the pruning rules tell apart (stem and head dense, depthwise warned about)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = torch.nn.Conv2d(8, 16, 1)
+        self.dw2 = torch.nn.Conv2d(16, 32, 3, padding=1, groups=16)
+        self.grouped = torch.nn.Conv2d(32, 32, 3, padding=1, groups=4)  # grouped, not depthwise
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.grouped(self.dw2(self.pw(self.dw(self.stem(x)))))
+        return self.head(x.mean((2, 3)))

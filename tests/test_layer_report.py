@@ -9,7 +9,7 @@ import zipfile
 import pytest
 import torch
 
-from helpers import cli as run_cli
+from helpers import Separable, cli as run_cli
 from sparsecnn.converter.cli import main
 
 
@@ -129,28 +129,17 @@ def test_report_rows_from_engine_steps_carry_the_chosen_time():
     assert row["ms"] == 0.25 and row["library"] == "csr" and row["why"] == "faster: 2.00x the best dense form"
 
 
-class _Depthwise(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
-        self.pw = torch.nn.Conv2d(16, 32, 1)
-        self.head = torch.nn.Linear(32, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.pw(torch.relu(self.dw(torch.relu(self.stem(x))))))
-        return self.head(x.mean((2, 3)))
-
-
 def test_a_pruned_depthwise_conv_is_warned_about(capsys, tmp_path):
     src = tmp_path / "dw.onnx"
-    torch.onnx.export(_Depthwise().eval(), (torch.randn(1, 3, 16, 16),), str(src), dynamo=False, opset_version=17,
+    torch.onnx.export(Separable().eval(), (torch.randn(1, 3, 16, 16),), str(src), dynamo=False, opset_version=17,
                       input_names=["x"], output_names=["y"])
     code, out, err = run_cli(capsys, "convert", src, "--prune", "0.8", "-o", tmp_path / "dw-80.onnx", "--json",
                              tmp_path / "r.json")
     assert code == 0
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "depthwise conv pruned to 80%" in warnings[0] and "--exclude" in warnings[0]
+    # one warning per depthwise conv (the grouped conv is not one), each naming its layer and the way out
+    assert [w.split(":")[1].strip() for w in warnings] == ["/dw/Conv", "/dw2/Conv"]
+    assert all("depthwise conv pruned to 8" in w and "--exclude" in w for w in warnings)
     rows = {r["weight"]: r for r in json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["layers"]}
     assert rows["dw.weight"]["rule"] == "depthwise conv (tiny filters)" and rows["dw.weight"]["pruning"] == "pruned"
     assert rows["stem.weight"]["rule"].startswith("stem") and rows["pw.weight"]["rule"] == ""

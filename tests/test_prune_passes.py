@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import initializers
+from helpers import Separable, initializers
 from sparsecnn.passes.graph import check_model, default_exclusions, prune_exclusions, weight_nodes
 from sparsecnn.passes.prune import prune_2to4, prune_unstructured, prune_pipeline
 from sparsecnn.common.errors import UserError
@@ -90,30 +90,13 @@ def test_bad_prune_spec_is_a_user_error(spec):
         prune_pipeline(spec)
 
 
-class _Separable(torch.nn.Module):
-    """stem -> depthwise 3x3 -> pointwise 1x1 -> depthwise 3x3 with channel multiplier 2 -> head."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.pw = torch.nn.Conv2d(8, 16, 1)
-        self.dw2 = torch.nn.Conv2d(16, 32, 3, padding=1, groups=16)
-        self.grouped = torch.nn.Conv2d(32, 32, 3, padding=1, groups=4)  # grouped, not depthwise
-        self.head = torch.nn.Linear(32, 5)
-
-    def forward(self, x):
-        x = self.grouped(self.dw2(self.pw(self.dw(self.stem(x)))))
-        return self.head(x.mean((2, 3)))
-
-
 def test_depthwise_convs_are_pruned_and_counted_and_a_module_keeps_stem_and_head_dense():
     from sparsecnn.converter.export import export_onnx
     from sparsecnn.models.registry import InputSpec
     from sparsecnn.passes.prune import depthwise_weights
 
     torch.manual_seed(0)
-    dense = export_onnx(_Separable().eval(), InputSpec(3, 8, 8), None)  # None: the stem-and-head rule
+    dense = export_onnx(Separable().eval(), InputSpec(3, 8, 8), None)  # None: the stem-and-head rule
     assert set(prune_exclusions(dense)) == {"stem.weight", "head.weight"}
     assert depthwise_weights(dense) == ["dw.weight", "dw2.weight"]
     res = prune_unstructured(dense, 0.9)
