@@ -77,6 +77,14 @@ BOARDS = {
                        "NVIDIA Jetson Orin Nano data sheet: 40/20 INT8 TOPS sparse/dense -> fp16 20/10 TFLOPS, LPDDR5 68 GB/s",
                        tensor_cores=True, jetpack="JetPack 6 (CUDA 12.6, TensorRT 10.3)", python="3.10",
                        fp32_tflops=1.28),
+    # NVIDIA Jetson Orin Nano Super Developer Kit (JetPack 6.1+ "MAXN SUPER" mode of the same 8GB module):
+    # GPU at 1020 MHz, "67 INT8 TOPS" (sparse), 128-bit LPDDR5 102 GB/s. fp16 derived as above: 67 / 2 =
+    # 33.5 TFLOPS sparse, 16.75 dense.
+    "orin-nano-super": Board("Jetson Orin Nano 8GB (Super mode)", "sm_87", 16.75, 33.5, 102.0,
+                             "NVIDIA Jetson Orin Nano Super Developer Kit: 67 sparse INT8 TOPS -> fp16 33.5/16.75 "
+                             "TFLOPS sparse/dense (derived), LPDDR5 102 GB/s",
+                             tensor_cores=True, jetpack="JetPack 6.1+ (CUDA 12.6, TensorRT 10.3), MAXN SUPER mode",
+                             python="3.10", fp32_tflops=2.09),
     # NVIDIA Jetson Orin NX series data sheet (16GB module): 1024 CUDA cores, 32 tensor cores at
     # 918 MHz: the Orin Nano's GPU at 918/625 of its clock, so 60/30 INT8 TOPS sparse/dense ->
     # fp16 30/15 TFLOPS (derived the same way); 128-bit LPDDR5, 102.4 GB/s.
@@ -96,7 +104,7 @@ BOARDS = {
 
 # fp32_tflops of the boards: CUDA cores x 2 (FMA) x the GPU clock of the mode above (derived, not in the
 # data sheets): Nano 128 x 0.9216 GHz, TX2 256 x 1.3, Xavier NX 384 x 1.1, Orin Nano 1024 x 0.625,
-# Orin NX 1024 x 0.918, AGX Orin 2048 x 1.3.
+# Orin Nano Super 1024 x 1.02, Orin NX 1024 x 0.918, AGX Orin 2048 x 1.3.
 
 # Data-centre and desktop cards by the name torch.cuda.get_device_name reports. FP32 is the CUDA-core
 # (non-tensor) rate; fp16 and tf32 the dense tensor-core rates (the data sheets print the 2:4-sparse
@@ -265,12 +273,17 @@ def format_cost(m: int, k: int, n: int, fmt: str, bytes_per_value: int, act_elem
     - dense: 2·M·K·N FLOPs; the whole weight;
     - csr: 2·nnz·N useful FLOPs; values + column indices (`index_bytes`: uint16, docs/csr.md) + row
       pointers (int32, M + 1);
-    - 2:4: half the dense FLOPs; the kept half of the values + 2 bits of position per kept value.
+    - 2:4: half the dense FLOPs; the kept half of the values + 2 bits of position per kept value;
+    - tiled-csl (Flash-LLM's "load sparse, compute dense", runtimes/csr/tensor_core.py): the dense FLOPs
+      (tensor cores multiply the zeros back in) and one 32-bit word per non-zero (value + position).
     """
     act = bytes_per_value * act_elems
     if fmt == "csr":
         nnz = m * k if nnz is None else nnz
         return {"flops": 2 * nnz * n, "bytes": nnz * (bytes_per_value + index_bytes) + 4 * (m + 1) + act}
+    if fmt == "tiled-csl":
+        nnz = m * k if nnz is None else nnz
+        return {"flops": 2 * m * k * n, "bytes": 4 * nnz + act}
     if fmt == "2:4":
         kept = m * k // 2
         return {"flops": 2 * kept * n, "bytes": bytes_per_value * kept + kept // 4 + act}

@@ -150,3 +150,17 @@ def test_the_gemm_sweep_takes_a_models_conv_shapes(shapes_onnx, capsys, tmp_path
     code, _, err = run_cli(capsys, "bench", "spmm", "--gemm-shapes", "seed,no-such-model", "--device", "cpu",
                            "--no-progress", "-o", tmp_path / "out")
     assert code == 2 and "no-such-model" in err and len(err.strip().splitlines()) <= 2, err
+
+
+def test_each_weight_format_costs_by_hand():
+    from sparsecnn.passes.roofline import format_cost
+
+    m, k, n, act, nnz = 64, 576, 196, 1000, 3686  # about 90 % of 64 x 576 pruned
+    assert format_cost(m, k, n, "dense", 2, act) == {"flops": 2 * m * k * n, "bytes": 2 * m * k + 2 * act}
+    assert format_cost(m, k, n, "csr", 2, act, nnz=nnz) == {"flops": 2 * nnz * n,
+                                                            "bytes": nnz * (2 + 2) + 4 * (m + 1) + 2 * act}
+    assert format_cost(m, k, n, "2:4", 2, act) == {"flops": m * k * n, "bytes": m * k + m * k // 8 + 2 * act}
+    # load sparse, compute dense: the tensor cores do the dense FLOPs; one 32-bit word per non-zero
+    assert format_cost(m, k, n, "tiled-csl", 2, act, nnz=nnz) == {"flops": 2 * m * k * n, "bytes": 4 * nnz + 2 * act}
+    with pytest.raises(ValueError):
+        format_cost(m, k, n, "ecr", 2, act)
