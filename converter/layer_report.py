@@ -261,6 +261,7 @@ def add_roofline(rows: list[dict], costs: list[dict], board, precision: str) -> 
     for a pruned layer (`roofline_csr_us`), and measured / roofline where the layer was timed; or
     `roofline_reason`."""
     from ..passes.roofline import format_cost, roofline_time
+    from ..runtimes.csr.tensor_core import LABEL_PREFIX as TC_LABEL_PREFIX
 
     by_name = {c["name"]: c for c in costs if "m" in c}
     bpv = 2 if precision == "fp16" else 4
@@ -269,6 +270,8 @@ def add_roofline(rows: list[dict], costs: list[dict], board, precision: str) -> 
             continue
         c = by_name.get(r["name"])
         fmt = COST_FORMATS.get(str(r.get("format") or "dense"))
+        if fmt == "csr" and str((r.get("choice") or {}).get("chosen", "")).startswith(TC_LABEL_PREFIX):
+            fmt = "tiled-csl"  # csr's tensor-core kernel: loads sparse, computes dense
         if c is None:
             r["roofline_reason"] = "shape unknown (shape inference does not reach the layer)"
             continue

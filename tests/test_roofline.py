@@ -64,6 +64,17 @@ def test_a_dense_fp16_layer_takes_the_tensor_core_peak_and_two_byte_values():
     assert _report({"op": "Conv", "format": "dense"}, tf32=True)["roofline"]["peak_tflops"] == 494.5
 
 
+def test_a_layer_on_csrs_tensor_core_kernel_is_priced_as_load_sparse_compute_dense():
+    choice = {"chosen": "tensor-core tc m64 n64", "library": "csr"}
+    (row,) = _report({"op": "sparsecnn::CsrConv", "format": "csr", "choice": choice}, dtype="fp16")["layers"]
+    # the dense FLOPs on the tensor cores, one 4-byte word per non-zero + fp16 input and output
+    assert row["roofline_format"] == "tiled-csl" and row["roofline_flops"] == 2 * 64 * 576 * 256
+    assert row["roofline_bytes"] == 4 * 3687 + 2 * 2 * 64 * 256
+    (plain,) = _report({"op": "sparsecnn::CsrConv", "format": "csr", "choice": {"chosen": "r8v1w4"}},
+                       dtype="fp16")["layers"]
+    assert plain["roofline_format"] == "csr"
+
+
 @pytest.mark.parametrize("device,card,dtype,reason", [
     ("cpu", None, "fp32", "a CPU engine: the roofline is drawn for GPUs only"),
     ("cuda:0", None, "fp32", "the GPU is not named"),
