@@ -227,6 +227,34 @@ def test_a_group_whose_fastest_candidate_is_a_generated_kernel_runs_sparsert_and
 
 
 @emu
+def test_every_groups_generated_programs_compile_in_one_batch_before_calibration(exported, monkeypatch):
+    from sparsecnn.runtimes.sparsert import runtime as sparsert
+
+    monkeypatch.setattr(Chooser, "time", _clock({"sparsert": 0.4}))
+    backends = _backends(sparsert=True)
+    batches, generated = [], []
+    real_compile, real_generate = backends.sparsert.compile, sparsert.LayerPrograms.generate
+    monkeypatch.setattr(backends.sparsert, "compile", lambda sources, progress=False: (
+        batches.append([name for _, name in sources]), real_compile(sources, progress))[1])
+
+    def spy(self, *a, **k):
+        generated.append(self.name)
+        return real_generate(self, *a, **k)
+
+    monkeypatch.setattr(sparsert.LayerPrograms, "generate", spy)
+    model = _pruned(exported, "tinyresnet")
+    x = torch.rand(2, 3, 32, 32)  # the calibration batch is the batch the programs are generated for
+    eng = hybrid.compile_with_backends(get_runtime("hybrid").rewrite(model), "cpu",
+                                       _opts(hybrid_libraries="sparsert", sparsert_max_configs=2), calibration=x,
+                                       backends=backends)
+    rows = _groups(eng)
+    assert len(batches) == 1 and len(batches[0]) == 2 * len(rows)  # one NVRTC batch, every group's two programs
+    assert sorted(generated) == sorted(r["name"] for r in rows)  # each group generated once, ahead
+    assert all(r["library"] == "sparsert" and r["sparsert_build_s"]["compiled"].startswith("ahead") for r in rows)
+    torch.testing.assert_close(eng(x)[0], _oracle(model, x), rtol=1e-4, atol=1e-4)
+
+
+@emu
 def test_hybrid_libraries_dense_sparsert_narrows_and_a_pooled_group_pools_after_the_kernel(exported, monkeypatch):
     model = _pruned(exported, "tinynet")
     monkeypatch.setattr(Chooser, "time", _clock({"sparsert": 0.5, "csr": 0.1, "ecr": 0.1}))

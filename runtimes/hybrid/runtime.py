@@ -174,6 +174,7 @@ class Group:
                                lambda t: g["pads"], "best", {}, ctx.options)
         self.unsupported: dict[str, str] = {}
         self.library_of: dict[str, str] = {}
+        self.sparsert_prepared: tuple | None = None  # (input shape, LayerPrograms) compiled ahead (prepare_sparsert)
         ctx.inputs_used = [0, 6] if self.residual else [0]  # the weight lives in the candidates
         fused = [s for s, on in (("bias", bias is not None), ("residual", self.residual), ("relu", self.relu),
                                  ("maxpool", self.pool is not None)) if on]
@@ -299,10 +300,12 @@ class Group:
             return self._no("sparsert", "no generated kernels on this device (NVRTC and a CUDA GPU)")
         pool = self.pool
         opts = self.ctx.options
+        prepared = self.sparsert_prepared
+        prepared = prepared[1] if prepared and config is None and prepared[0] == tuple(x.shape) else None
         cands, why, cost = node_candidates(
             self.ctx, x, self.backends.sparsert, int(opts.get("sparsert_max_configs", DEFAULT_MAX_CONFIGS)),
             int(opts.get("sparsert_max_instructions", DEFAULT_MAX_INSTRUCTIONS)), config,
-            after=(lambda y: max_pool(y, pool).contiguous()) if pool is not None else None)
+            after=(lambda y: max_pool(y, pool).contiguous()) if pool is not None else None, prepared=prepared)
         if cost:
             self.ctx.info["sparsert_build_s"] = cost  # generating and compiling: hybrid's compile-time price
         return cands or self._no("sparsert", why or "no generated kernel")
@@ -398,6 +401,27 @@ class HybridEngine(Engine):
         self.walk_to_choose(inputs, before, replaying=saved is not None)
 
 
+def prepare_sparsert(groups: dict[str, Group], model: onnx.ModelProto, loader, options: dict, batch: int) -> int:
+    """Generate and compile sparsert's programs for every group whose input shape shape inference knows,
+    in one parallel batch, before calibration visits the groups one by one (each would wait for its own
+    NVRTC run: minutes on ResNet-18). A group whose real input differs compiles its own then. Returns
+    how many groups were prepared."""
+    from ...passes.graph import static_shapes
+    from ..sparsert.runtime import prepare_nodes
+
+    shapes = static_shapes(model)
+    items = []
+    for g in groups.values():
+        dims = shapes.get(g.ctx.node.input[0])
+        if dims and len(dims) == 4 and all(isinstance(d, int) and d > 0 for d in dims[1:]):
+            items.append((g.ctx, (batch, *dims[1:])))
+    prepared = prepare_nodes(items, loader, int(options.get("sparsert_max_configs", DEFAULT_MAX_CONFIGS)),
+                             int(options.get("sparsert_max_instructions", DEFAULT_MAX_INSTRUCTIONS)))
+    for name, entry in prepared.items():
+        groups[name].sparsert_prepared = entry
+    return len(prepared)
+
+
 def _card(device: torch.device) -> dict:
     """What a saved engine's choices were measured on (base.card_properties, as the engine file keeps it)."""
     props = card_properties(device)
@@ -479,6 +503,9 @@ def compile_with_backends(model: onnx.ModelProto, device, options=None, state: d
         engine.calibrate(calibration_input(model, int(opts.extra.get("batch", 1))), saved=saved)
     else:
         random_input = calibration is None
+        if "sparsert" in libraries and backends.sparsert is not None and not saved:
+            prepare_sparsert(groups, model, backends.sparsert, opts.extra,
+                             int(calibration.shape[0]) if calibration is not None else int(opts.extra.get("batch", 1)))
         if random_input:
             calibration = calibration_input(model, int(opts.extra.get("batch", 1)))
         engine.calibrate(calibration, saved=saved or None)

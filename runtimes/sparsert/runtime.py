@@ -202,6 +202,7 @@ class LayerPrograms:
         self.sources: list[tuple[str, str]] = []
         self.records: list = []          # codegen.CompileRecord per program
         self.gen_s = 0.0
+        self.compile_s = 0.0
 
     def generate(self, dtype: str, max_configs: int = DEFAULT_MAX_CONFIGS,
                  max_instructions: int = DEFAULT_MAX_INSTRUCTIONS, batch: int = 1, config: str | None = None) -> bool:
@@ -255,41 +256,84 @@ class LayerPrograms:
         return candidates, notes, code
 
 
-def node_candidates(ctx: NodeContext, x: torch.Tensor, loader: KernelLoader, max_configs: int = DEFAULT_MAX_CONFIGS,
-                    max_instructions: int = DEFAULT_MAX_INSTRUCTIONS, config: str | None = None,
-                    after=None) -> tuple[list, str, dict]:
-    """sparsert's generated kernels for one CsrConv / CsrConvPool / CsrGemm node on input `x` (its
-    real shape and dtype), generated, compiled and loaded now: (the chooser's candidates, why
-    there are none, what generating and compiling cost). `config`: only that saved TileConfig (a
-    reload); `after`: applied to each kernel's output (a CsrConvPool's max-pool, which no
-    generated kernel fuses). At most `max_configs` programs, each within `max_instructions`
-    (codegen.CODE_SIZE_RULE): a layer with more non-zeros than that gets none."""
+def node_programs(ctx: NodeContext, shape: tuple[int, ...], dtype: str, max_configs: int = DEFAULT_MAX_CONFIGS,
+                  max_instructions: int = DEFAULT_MAX_INSTRUCTIONS,
+                  config: str | None = None) -> tuple[LayerPrograms | None, str]:
+    """The generating half of `node_candidates`: one CsrConv / CsrConvPool / CsrGemm node's programs for
+    an input of `shape` stored as `dtype` ('fp32', 'fp16'), rendered, not compiled; or (None, why)."""
     from ...passes.csr.layout import CSR
     from ...passes.csr.reference import bias_tensor, conv_geometry, csr_tensors, has_residual
     from .codegen import LayerGeometry
 
-    dtype = DTYPE_NAMES.get(x.dtype)
-    if dtype is None:
-        return [], f"generated kernels store fp32 or fp16, not {str(x.dtype).replace('torch.', '')}", {}
     values, cols, row_ptr, order = csr_tensors(ctx)
     m = row_ptr.numel() - 1
     if ctx.node.op_type == "CsrGemm":
         k, relu = int(ctx.attr("in_features")), bool(ctx.attr("relu", 0))
-        geometry = LayerGeometry("gemm", m, k, n=x.shape[0])
+        geometry = LayerGeometry("gemm", m, k, n=shape[0])
     else:
         g = conv_geometry(ctx)
         (kh, kw), relu = g["kernel"], g["relu"]
         k = g["in_channels"] * kh * kw
-        geometry = LayerGeometry.conv(m, g["in_channels"], x.shape[2], x.shape[3], kh, kw, g["stride"], g["pads"],
+        geometry = LayerGeometry.conv(m, g["in_channels"], shape[2], shape[3], kh, kw, g["stride"], g["pads"],
                                       g["dilation"])
     csr = CSR(values, cols.to(torch.int32), row_ptr.to(torch.int32), order.to(torch.int32), (m, k))
     layer = LayerPrograms(ctx.name, csr, geometry, bias_tensor(ctx), relu, has_residual(ctx))
-    if not layer.generate(dtype, max_configs, max_instructions, x.shape[0], config):
-        return [], layer.reason, {"gen_s": round(layer.gen_s, 3)}
-    t0 = time.perf_counter()
-    layer.records = loader.compile(layer.sources)
-    cost = {"configs": len(layer.programs), "gen_s": round(layer.gen_s, 3),
-            "compile_s": round(time.perf_counter() - t0, 3)}
+    if not layer.generate(dtype, max_configs, max_instructions, shape[0], config):
+        return None, layer.reason
+    return layer, ""
+
+
+def prepare_nodes(items: list[tuple[NodeContext, tuple[int, ...]]], loader: KernelLoader,
+                  max_configs: int = DEFAULT_MAX_CONFIGS,
+                  max_instructions: int = DEFAULT_MAX_INSTRUCTIONS) -> dict[str, tuple[tuple, LayerPrograms]]:
+    """Generate every (node, input shape)'s programs, then compile them all in one parallel NVRTC batch
+    (a layer at a time leaves the cores idle: ResNet-18's programs take minutes of CPU): {node name:
+    (the shape, its LayerPrograms with records)}, for `node_candidates(prepared=...)` to load. A node
+    whose dtype has no generated kernels, or whose every config is over the code-size cap, is left out."""
+    layers: dict[str, tuple[tuple, LayerPrograms]] = {}
+    for ctx, shape in items:
+        dtype = DTYPE_NAMES.get(ctx.dtype)
+        if dtype is None:
+            continue
+        layer, _ = node_programs(ctx, tuple(shape), dtype, max_configs, max_instructions)
+        if layer is not None:
+            layers[ctx.name] = (tuple(shape), layer)
+    sources = [src for _, layer in layers.values() for src in layer.sources]
+    if sources:
+        t0 = time.perf_counter()
+        records = iter(loader.compile(sources, progress=len(sources) > 4))
+        wall = time.perf_counter() - t0
+        for _, layer in layers.values():
+            layer.records = [next(records) for _ in layer.sources]
+            layer.compile_s = wall  # the batch's wall time: compiled together, not one by one
+    return layers
+
+
+def node_candidates(ctx: NodeContext, x: torch.Tensor, loader: KernelLoader, max_configs: int = DEFAULT_MAX_CONFIGS,
+                    max_instructions: int = DEFAULT_MAX_INSTRUCTIONS, config: str | None = None,
+                    after=None, prepared: LayerPrograms | None = None) -> tuple[list, str, dict]:
+    """sparsert's generated kernels for one CsrConv / CsrConvPool / CsrGemm node on input `x` (its
+    real shape and dtype), generated, compiled and loaded now: (the chooser's candidates, why
+    there are none, what generating and compiling cost). `config`: only that saved TileConfig (a
+    reload); `after`: applied to each kernel's output (a CsrConvPool's max-pool, which no
+    generated kernel fuses); `prepared`: the node's programs `prepare_nodes` already generated and
+    compiled for x's shape (then only loaded here). At most `max_configs` programs, each within
+    `max_instructions` (codegen.CODE_SIZE_RULE): a layer with more non-zeros than that gets none."""
+    dtype = DTYPE_NAMES.get(x.dtype)
+    if dtype is None:
+        return [], f"generated kernels store fp32 or fp16, not {str(x.dtype).replace('torch.', '')}", {}
+    if prepared is not None:
+        layer = prepared
+        cost = {"configs": len(layer.programs), "gen_s": round(layer.gen_s, 3),
+                "compile_s": round(layer.compile_s, 3), "compiled": "ahead, with every layer's programs at once"}
+    else:
+        layer, why = node_programs(ctx, tuple(x.shape), dtype, max_configs, max_instructions, config)
+        if layer is None:
+            return [], why, {}
+        t0 = time.perf_counter()
+        layer.records = loader.compile(layer.sources)
+        cost = {"configs": len(layer.programs), "gen_s": round(layer.gen_s, 3),
+                "compile_s": round(time.perf_counter() - t0, 3)}
     candidates, notes, _ = layer.candidates(loader, after)
     return candidates, "; ".join(f"{k}: {v}" for k, v in notes.items()), cost
 
