@@ -6,6 +6,7 @@
 #   source scripts/gpu_env.sh && scripts/gpu_check.sh tests              # pytest -m gpu, file by file
 #   source scripts/gpu_env.sh && scripts/gpu_check.sh bench fp32-cuda-core csr,ecr 0.9 [MODELS...]
 #   source scripts/gpu_env.sh && scripts/gpu_check.sh bench fp16 cusparselt 2:4 [MODELS...]
+#   source scripts/gpu_env.sh && scripts/gpu_check.sh train-ab [EPOCHS]   # one process vs torchrun, A B B A
 set -u
 out=${OUT:-out}
 work=$out/gpu-check
@@ -40,6 +41,32 @@ for n in r["networks"]:
               f"{(n.get('speedup_vs_best_dense') or 0):6.3f}x  guard={n.get('guard', '-')}  err={n.get('rel_err', 0):.1e}")
 EOF
     done
+    ;;
+  train-ab)
+    # `train` alone and under `torchrun --nproc-per-node 1`, alternating (one, ddp, ddp, one) so a fresh
+    # card's first run and clock drift fall on both; needs SPARSECNN_FASHION_MNIST
+    epochs=${1:-18}
+    for run in one-1 ddp-1 ddp-2 one-2; do
+      launch=(python3 -m sparsecnn.converter.cli)
+      [ "${run%-*}" = ddp ] && launch=(torchrun --standalone --nproc-per-node 1 -m sparsecnn.converter.cli)
+      start=$SECONDS
+      "${launch[@]}" train resnet18 --prune 0.9 --epochs "$epochs" --no-progress -o "$work/$run.pt" \
+        > "$work/train-$run.log" 2>&1
+      echo "train $run: exit $?, wall $((SECONDS - start)) s"
+    done
+    python3 - "$work" <<'EOF2'
+import sys, torch
+from pathlib import Path
+for run in ("one-1", "ddp-1", "ddp-2", "one-2"):
+    p = Path(sys.argv[1]) / f"{run}.pt"
+    if not p.exists():
+        print(f"  {run}: no checkpoint"); continue
+    t = torch.load(p, weights_only=True)["train"]
+    h = t["history"]
+    later = (h[-1]["seconds"] - h[0]["seconds"]) / max(1, len(h) - 1)
+    print(f"  {run:<6} processes {t.get('processes')}  test top-1 {t['test_top1']:.2f} %  "
+          f"training {h[-1]['seconds']:.2f} s  epochs 2-{len(h)} {later:.3f} s/epoch")
+EOF2
     ;;
 esac
 tar czf "$out/gpu-check-$part.tgz" -C "$work" . 2>/dev/null
