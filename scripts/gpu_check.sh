@@ -25,11 +25,13 @@ case "$part" in
     regimes=${1:-fp32-cuda-core}; runtimes=${2:-csr,ecr}; prune=${3:-0.9}
     shift 3 || true
     models=("$@"); [ ${#models[@]} -gt 0 ] || models=(resnet18 vgg19 trafficcamnet)
+    # BENCH_LIMIT_S per model (default 170), BENCH_BATCH (default 1; e.g. 1,8,32), BENCH_PER_LAYER=1: per-layer tables
     limit=${BENCH_LIMIT_S:-170}
     for m in "${models[@]}"; do
       dir="$work/bench-$m-${regimes//,/_}-${runtimes//,/_}"
+      per_layer=(--no-per-layer); [ "${BENCH_PER_LAYER:-0}" = 1 ] && per_layer=()
       timeout "$limit" python3 -m sparsecnn.converter.cli bench "$m" --runtimes "$runtimes" --prune "$prune" \
-        --regimes "$regimes" --no-per-layer --no-progress -o "$dir" > "$dir.log" 2>&1
+        --regimes "$regimes" --batch "${BENCH_BATCH:-1}" "${per_layer[@]}" --no-progress -o "$dir" > "$dir.log" 2>&1
       echo "bench $m $regimes $runtimes @ $prune: exit $?"
       # the rows a person reads: engine, regime, median ms and the ratio to the best dense engine
       python3 - "$dir/bench.json" <<'EOF' 2>/dev/null || tail -3 "$dir.log"
@@ -37,7 +39,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 for n in r["networks"]:
     if n.get("median_ms") and n["kind"] != "eager":
-        print(f"  {n['model'][:14]:<14} {n['regime']:<15} {n['engine'][:26]:<26} {n['median_ms']:8.4f} ms "
+        print(f"  {n['model'][:14]:<14} b{n.get('batch', 1):<3} {n['regime']:<15} {n['engine'][:26]:<26} {n['median_ms']:8.4f} ms "
               f"{(n.get('speedup_vs_best_dense') or 0):6.3f}x  guard={n.get('guard', '-')}  err={n.get('rel_err', 0):.1e}")
 EOF
     done
