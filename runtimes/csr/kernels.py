@@ -18,6 +18,7 @@ import torch
 
 from ...passes.csr.layout import CSR
 from ..nvrtc import load_source
+from ..split_k import even_split, split_wanted
 from ...common.shapes import conv_out_size
 
 THREADS = 256  # the SpMV kernel's block; conv/SpMM configs choose 256 or 512
@@ -251,18 +252,14 @@ def with_split(g: ConvGeometry, cfg: ConvConfig, sms: int, batch: int = 1, min_c
     vector groups to pay) when there are fewer chunks than splits wanted.
     """
     blocks = grid_blocks(g, cfg, batch)
-    if blocks >= sms:
+    want = split_wanted(blocks, sms)
+    if want == 1:
         return None
-    want = -(-2 * sms // blocks)
     rs = g.kh * g.kw
     chunk_c = cfg.chunk_c
     if -(-g.c // chunk_c) < want:
         chunk_c = min(chunk_c, max(-(-min_chunk_k // rs), -(-g.c // want)))
-    nchunks = -(-g.c // chunk_c)
-    if nchunks < 2:
-        return None
-    cps = -(-nchunks // min(nchunks, want))
-    nsplit = -(-nchunks // cps)
+    nsplit = even_split(-(-g.c // chunk_c), want)
     return ConvConfig(**{**cfg.to_dict(), "chunk_c": chunk_c, "nsplit": nsplit}) if nsplit > 1 else None
 
 

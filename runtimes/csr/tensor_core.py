@@ -19,6 +19,7 @@ import torch
 
 from ...passes.csr.layout import CSR
 from ..nvrtc import has_feature
+from ..split_k import split_count
 from .kernels import ConvGeometry, PlanDoesNotFit, _ptr, _residual
 
 TILE_K = 64
@@ -83,13 +84,8 @@ def _k_tiles(k: int) -> int:
 
 
 def tc_split(g: ConvGeometry, tm: int, tn: int, sms: int, batch: int = 1) -> int:
-    """Blocks along K so the grid covers about two waves (1 when it does already)."""
-    blocks = -(-g.m // tm) * -(-(g.ho * g.wo) // tn) * batch
-    kt = _k_tiles(g.k)
-    if blocks >= sms or kt < 2:
-        return 1
-    per = -(-kt // min(kt, -(-2 * sms // blocks)))
-    return -(-kt // per)
+    """Blocks along K for this tile's grid (M tiles x pixel tiles x batch): split_k's rule over K tiles."""
+    return split_count(-(-g.m // tm) * -(-(g.ho * g.wo) // tn) * batch, _k_tiles(g.k), sms)
 
 
 def tc_candidates(g: ConvGeometry, sms: int = 132, batch: int = 1) -> list[TcConfig]:

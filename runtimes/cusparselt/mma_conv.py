@@ -25,6 +25,7 @@ import ctypes
 import torch
 
 from ...common.shapes import conv_out_size
+from ..split_k import even_split, split_count
 
 KERNEL_SOURCE = "conv2to4_mma.cu"
 KERNELS = ("conv2to4_mma", "conv2to4_finish")
@@ -176,15 +177,14 @@ class MmaConv:
         return conv_out_size(h, pt + pb, self.kh, sh, dh), conv_out_size(w, pl + pr, self.kw, sw, dw)
 
     def nsplit(self, n_pixels: int) -> tuple[int, int]:
-        """(splits, chunks per split) over K for an output of n_pixels columns."""
-        blocks = -(-n_pixels // BLOCK_N) * -(-self.mt // (BLOCK_M // TILE_M))
+        """(splits, chunks per split) over K for an output of n_pixels columns: forced, or split_k's rule
+        (at most MAX_SPLIT slices of two chunks or more)."""
         if self.split is not None:
-            want = max(1, int(self.split))
+            splits = even_split(self.kc, int(self.split))
         else:
-            sms = getattr(self.backend, "sms", 132)
-            want = 1 if blocks >= sms else min(-(-sms // blocks), max(1, self.kc // 2), MAX_SPLIT)
-        per = -(-self.kc // min(want, self.kc))
-        return -(-self.kc // per), per
+            blocks = -(-n_pixels // BLOCK_N) * -(-self.mt // (BLOCK_M // TILE_M))
+            splits = split_count(blocks, self.kc, getattr(self.backend, "sms", 132), min(self.kc // 2, MAX_SPLIT))
+        return splits, -(-self.kc // splits)
 
     def describe(self, x: torch.Tensor) -> dict:
         n = x.shape[0]
