@@ -5,8 +5,14 @@ add fp32 partial sums into one buffer.
 - `split_wanted(blocks, sms, cap)`: the one rule - slices enough that the grid covers about two
   waves of the SMs; none when it fills them already.
 - `split_count(blocks, chunks, sms, cap)`: that rule applied to `chunks` K chunks, evened out.
+- `run_split`: the host's side of a launch that may split - a zeroed fp32 buffer, then the ReLU
+  (partial sums cannot take it) and the cast.
 """
 from __future__ import annotations
+
+from typing import Callable
+
+import torch
 
 
 def split_wanted(blocks: int, sms: int, cap: int | None = None) -> int:
@@ -29,4 +35,20 @@ def split_count(blocks: int, chunks: int, sms: int, cap: int | None = None) -> i
     return even_split(chunks, split_wanted(blocks, sms, cap))
 
 
-__all__ = ["even_split", "split_count", "split_wanted"]
+
+def run_split(launch: Callable[[torch.Tensor], None], shape, dtype: torch.dtype, device, split: bool,
+              relu: bool) -> torch.Tensor:
+    """Allocate the output of `shape` and `launch(y)` into it. Split: y is a zeroed fp32 buffer the
+    slices add into; the ReLU and the cast to `dtype` happen here, after the launch."""
+    if not split:
+        y = torch.empty(shape, dtype=dtype, device=device)
+        launch(y)
+        return y
+    acc = torch.zeros(shape, dtype=torch.float32, device=device)
+    launch(acc)
+    if relu:
+        acc.relu_()
+    return acc.to(dtype)
+
+
+__all__ = ["even_split", "run_split", "split_count", "split_wanted"]

@@ -18,7 +18,7 @@ import torch
 
 from ...passes.csr.layout import CSR
 from ..nvrtc import load_source
-from ..split_k import even_split, split_wanted
+from ..split_k import even_split, run_split, split_wanted
 from ...common.shapes import conv_out_size
 
 THREADS = 256  # the SpMV kernel's block; conv/SpMM configs choose 256 or 512
@@ -528,15 +528,9 @@ class ConvPlan:
     def _run(self, x: torch.Tensor, out_shape, n: int, sx, sy_of, y_view, r=None, sr=(0, 0, 0, 0)) -> torch.Tensor:
         """Allocate, launch over `n` images (with the split-K epilogue if needed), return the output.
         r: the residual (strides sr, as the output's) added in the epilogue, before the ReLU."""
-        if self.cfg.nsplit == 1:
-            y = torch.empty(out_shape, dtype=self.dtype, device=x.device)
-            self._launch(x, y, n, sx, sy_of(y), False, r, sr)
-            return y_view(y)
-        acc = torch.zeros(out_shape, dtype=torch.float32, device=x.device)
-        self._launch(x, acc, n, sx, sy_of(acc), True, r, sr)
-        if self.relu:
-            acc.relu_()
-        return y_view(acc if self.dtype == torch.float32 else acc.to(self.dtype))
+        split = self.cfg.nsplit > 1
+        return y_view(run_split(lambda y: self._launch(x, y, n, sx, sy_of(y), split, r, sr), out_shape, self.dtype,
+                                x.device, split, self.relu))
 
     def conv(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, C, H, W] (any strides for windows) -> y [N, M, Ho, Wo] contiguous; `residual`

@@ -19,7 +19,7 @@ import torch
 
 from ...passes.csr.layout import CSR
 from ..nvrtc import has_feature
-from ..split_k import split_count
+from ..split_k import run_split, split_count
 from .kernels import ConvGeometry, PlanDoesNotFit, _ptr, _residual
 
 TILE_K = 64
@@ -198,8 +198,10 @@ class TcPlan:
         shape = (n, g.m, g.ho, g.wo)
         r = _residual(residual, shape, self.dtype, flat_pixels=True)
         split = cfg.nsplit > 1
-        y = (torch.zeros if split else torch.empty)(shape, dtype=torch.float32 if split else self.dtype,
-                                                    device=x.device)
+        return run_split(lambda y: self._launch(x, y, r, split), shape, self.dtype, x.device, split, self.relu)
+
+    def _launch(self, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor | None, split: bool) -> None:
+        g, cfg, n = self.g, self.cfg, x.shape[0]
         p = TcParams()
         p.words, p.tile_ptr, p.k_tab, p.bias = (self.words.data_ptr(), self.tile_ptr.data_ptr(),
                                                 self.k_tab.data_ptr(), _ptr(self.bias))
@@ -214,11 +216,6 @@ class TcPlan:
         p.relu, p.accumulate = int(self.relu), int(split)
         grid = (-(-self.npix // cfg.tn), -(-g.m // cfg.tm), n * cfg.nsplit)
         self.backend.launch("csr_tc.cu", self.expr, self.dtype, grid, (THREADS,), self.smem, p)
-        if not split:
-            return y
-        if self.relu:
-            y.relu_()
-        return y.to(self.dtype)
 
     def spmm(self, b: torch.Tensor) -> torch.Tensor:
         """B [K, N] -> A @ B [M, N] (the GEMM sweep's operation): B as a 1 x N image of K channels."""
