@@ -91,6 +91,15 @@ def test_auto_split_k_follows_the_grid_against_the_sms(emu_kernels):
     assert conv.nsplit(64 * 132)[0] == 1        # 132 blocks fill the H100's SMs: no split
     assert 1 < conv.nsplit(64)[0] <= 16         # one block: split over K
     assert conv.nsplit(64)[0] * conv.nsplit(64)[1] >= conv.kc
+    assert conv.nsplit(64 * 100) == (3, 6)      # 100 blocks: slices for about two waves (264 blocks), as csr's
+
+
+def test_mma_conv_says_why_it_cannot_run_a_layer():
+    values, positions = pack_2to4(random_2to4(8, 4, seed=2).half())  # K = 4: Cin 4 at 1x1, Cin 2 at 1x2
+    with pytest.raises(NotImplementedError, match="runs fp16, not float32"):
+        MmaConv(values, positions, (1, 1), (1, 1), (1, 1), [0] * 4, None, False, None, "cpu", dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="Cin a multiple of 4"):
+        MmaConv(values, positions, (1, 2), (1, 1), (1, 1), [0] * 4, None, False, None, "cpu")
 
 
 def test_the_kernel_is_offered_only_on_cuda_sm80_fp16():

@@ -107,14 +107,18 @@ def unpack_from_mma(wfrag: torch.Tensor, wmeta: torch.Tensor, m: int, k: int) ->
     return a[:m, :k]
 
 
+def _not_fp16(dtype: torch.dtype) -> str | None:
+    return None if dtype == torch.float16 else f"the mma.sp kernel runs fp16, not {str(dtype).replace('torch.', '')}"
+
+
 def mma_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why conv2to4_mma is not offered on `device` at `dtype`, or None when it is."""
     from .. import nvrtc
 
     if device.type != "cuda":
         return "the mma.sp kernel needs a CUDA GPU"
-    if dtype != torch.float16:
-        return f"the mma.sp kernel runs fp16, not {str(dtype).replace('torch.', '')}"
+    if why := _not_fp16(dtype):
+        return why
     try:
         arch = nvrtc.device_arch(device)
     except Exception as exc:  # noqa: BLE001 - a report line, never an exception
@@ -144,10 +148,15 @@ class NvrtcMma:
 
 
 class MmaConv:
-    """One 2:4 conv layer on conv2to4_mma.cu: y = relu?(conv(x, A) + bias + residual)."""
+    """One 2:4 conv layer on conv2to4_mma.cu: y = relu?(conv(x, A) + bias + residual). A layer the
+    kernel cannot run (`dtype`, the engine's, not fp16; Cin not a multiple of 4) raises
+    NotImplementedError or ValueError saying why."""
 
     def __init__(self, values: torch.Tensor, positions: torch.Tensor, kernel, stride, dilation, pads,
-                 bias: torch.Tensor | None, relu: bool, backend, device, split: int | None = None):
+                 bias: torch.Tensor | None, relu: bool, backend, device, split: int | None = None,
+                 dtype: torch.dtype = torch.float16):
+        if why := _not_fp16(dtype):
+            raise NotImplementedError(why)
         self.m, half = values.shape
         self.k = 2 * half
         self.kh, self.kw = (int(v) for v in kernel)
@@ -198,8 +207,8 @@ class MmaConv:
         n, c, h, w = x.shape
         if c != self.cin:
             raise ValueError(f"input has {c} channels, the weight {self.cin}")
-        if x.dtype != torch.float16:
-            raise NotImplementedError(f"the mma.sp kernel reads fp16, not {x.dtype}")
+        if why := _not_fp16(x.dtype):
+            raise NotImplementedError(why)
         pads = self.pads_for(x)  # once a call: a SAME conv resolves them from the input
         ho, wo = self.out_hw(x, pads)
         xh = x.permute(0, 2, 3, 1)

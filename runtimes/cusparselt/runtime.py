@@ -343,18 +343,17 @@ def _bias(ctx: NodeContext):
 
 
 def _mma_layer(ctx: NodeContext, mma_backend, bias) -> tuple[MmaConv | None, str | None]:
-    """The conv on conv2to4_mma.cu, or None and why it is not offered here."""
+    """The conv on conv2to4_mma.cu, or None and why it is not offered here (MmaConv's own reason)."""
     if mma_backend is None:
         return None, mma_unavailable(ctx.device, ctx.dtype) or "no mma.sp kernel backend"
-    if ctx.dtype != torch.float16:
-        return None, f"the mma.sp kernel runs fp16, not {str(ctx.dtype).replace('torch.', '')}"
-    values, positions = ctx.const(1), ctx.const(2)
     kernel = list(ctx.attr("kernel_shape"))
-    if values.shape[1] * 2 % (4 * kernel[0] * kernel[1]):
-        return None, "input channels not a multiple of 4"
     stride, dilation = ctx.attr("strides", [1, 1]), ctx.attr("dilations", [1, 1])
-    return MmaConv(values, positions, kernel, stride, dilation,
-                   lambda x: resolve_pads(ctx, x, kernel, stride, dilation), bias, False, mma_backend, ctx.device), None
+    try:
+        return MmaConv(ctx.const(1), ctx.const(2), kernel, stride, dilation,
+                       lambda x: resolve_pads(ctx, x, kernel, stride, dilation), bias, False, mma_backend, ctx.device,
+                       dtype=ctx.dtype), None
+    except (NotImplementedError, ValueError) as exc:
+        return None, str(exc)
 
 
 def _layer_builder(kind: str, backend: str, mma_backend=None):
