@@ -205,6 +205,7 @@ def _export_module(module: nn.Module, input_shape, mean, std, scale, labels, inp
     import numbers
 
     from .export import export_onnx
+    from .source import normalisation
     from .verify import eval_mode
 
     if input_shape is None:
@@ -214,7 +215,7 @@ def _export_module(module: nn.Module, input_shape, mean, std, scale, labels, inp
     if not dims or not all(isinstance(d, numbers.Integral) and d > 0 for d in dims):
         raise UserError(f"input_shape must be (channels, height, width) of positive integers, got {input_shape!r}")
     shape = tuple(int(d) for d in dims)
-    mean, std = _normalisation(mean, std, shape[0])
+    mean, std = normalisation(mean, std, shape[0], ("mean", "std"))
     label = type(module).__name__
     # export runs on the CPU: a module elsewhere is copied, never moved; its modes come back as they were
     cpu = module if all(p.device.type == "cpu" for p in module.parameters()) else copy.deepcopy(module).cpu()
@@ -247,24 +248,6 @@ def _module_spec(label, shape, out, mean, std, scale, labels, input_name, output
     except TypeError as exc:
         raise UserError(f"bad input spec for {label}: {exc}") from None
     return spec
-
-
-def _normalisation(mean, std, channels: int):
-    from .source import NORMALISATIONS
-
-    named = [v for v in (mean, std) if isinstance(v, str)]
-    for v in named:
-        if v.lower() not in NORMALISATIONS:
-            raise UserError(f"unknown normalisation '{v}'; give numbers per channel or one of "
-                            f"{', '.join(NORMALISATIONS)}")
-    if (mean is None) != (std is None):
-        raise UserError("mean and std go together; give both (e.g. mean='imagenet', std='imagenet') or neither")
-    if mean is None:
-        return None, None
-    mean = NORMALISATIONS[mean.lower()][0] if isinstance(mean, str) else tuple(float(v) for v in mean)
-    std = NORMALISATIONS[std.lower()][1] if isinstance(std, str) else tuple(float(v) for v in std)
-    mean, std = (v * channels if len(v) == 1 else v for v in (mean, std))
-    return mean, std
 
 
 # ---- compile, load -------------------------------------------------------------------------------

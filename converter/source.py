@@ -176,7 +176,7 @@ def resolve_input(model: onnx.ModelProto, stored: InputSpec | None, flags: SpecF
     if flags.mean is not None or flags.std is not None:
         if shape is None:
             return ModelInput(where, name, None, dims[0], None, tuple(missing))
-        mean, std = _normalisation(flags, shape[0])
+        mean, std = normalisation(flags.mean, flags.std, shape[0])
     elif stored is not None:
         mean, std = stored.mean, stored.std
     if not known:
@@ -196,18 +196,37 @@ def resolve_input(model: onnx.ModelProto, stored: InputSpec | None, flags: SpecF
     return ModelInput(where, name, shape, dims[0], spec, tuple(missing))
 
 
-def _normalisation(flags: SpecFlags, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of --mean/--std for an input of `channels` channels."""
-    if (flags.mean is None) != (flags.std is None):
-        raise UserError("--mean and --std go together; give both")
-    mean = NORMALISATIONS[flags.mean][0] if isinstance(flags.mean, str) else _per_channel(flags.mean, channels, "--mean")
-    std = NORMALISATIONS[flags.std][1] if isinstance(flags.std, str) else _per_channel(flags.std, channels, "--std")
-    if len(mean) != channels or len(std) != channels:
-        named = flags.mean if isinstance(flags.mean, str) else flags.std
-        raise UserError(f"--mean/--std '{named}' is for {len(NORMALISATIONS[named][0])} channels; the model's input has "
-                        f"{channels}")
+def normalisation(mean, std, channels: int, names: tuple[str, str] = ("--mean", "--std")):
+    """(mean, std) per channel for an input of `channels` channels, each given as numbers (one for all
+    channels, or one per channel) or a name of NORMALISATIONS; (None, None) when neither is given.
+    The one check of normalisation for the CLI's flags and the Python API's arguments (`names`)."""
+    import math
+
+    if (mean is None) != (std is None):
+        raise UserError(f"{names[0]} and {names[1]} go together; give both (e.g. imagenet for both) or neither")
+    if mean is None:
+        return None, None
+
+    def per_channel(value, name: str, which: int) -> tuple[float, ...]:
+        if isinstance(value, str):
+            if value.lower() not in NORMALISATIONS:
+                raise UserError(f"{name}: unknown normalisation '{value}'; give numbers per channel or one of "
+                                f"{', '.join(NORMALISATIONS)}")
+            named = NORMALISATIONS[value.lower()][which]
+            if len(named) != channels:
+                raise UserError(f"{name} '{value}' is for {len(named)} channels; the model's input has {channels}")
+            return tuple(named)
+        try:
+            numbers = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise UserError(f"{name} takes numbers or a name such as imagenet, not {value!r}") from None
+        if not numbers or not all(math.isfinite(v) for v in numbers):
+            raise UserError(f"{name} needs finite numbers, got {value!r}")
+        return _per_channel(numbers, channels, name)
+
+    mean, std = per_channel(mean, names[0], 0), per_channel(std, names[1], 1)
     if any(v <= 0 for v in std):
-        raise UserError(f"--std {','.join(map(str, std))} has a value <= 0")
+        raise UserError(f"{names[1]} {','.join(map(str, std))} has a value <= 0")
     return mean, std
 
 
@@ -221,7 +240,7 @@ def spec_with_flags(spec: InputSpec, flags: SpecFlags, where: str) -> InputSpec:
             raise UserError(f"--input-shape {_dims(flags.shape)} has {c} channels; {where} takes {spec.channels}")
         changes.update(height=h, width=w)
     if flags.mean is not None or flags.std is not None:
-        changes["mean"], changes["std"] = _normalisation(flags, spec.channels)
+        changes["mean"], changes["std"] = normalisation(flags.mean, flags.std, spec.channels)
     if flags.scale is not None:
         changes["scale"] = flags.scale
     if flags.labels:

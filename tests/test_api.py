@@ -190,6 +190,10 @@ def test_verify_takes_inputs_as_tensor_dict_or_npz(tmp_path):
     (lambda s, m: s.prune(m, "0.9", input_shape=(1, 32, 32)), r"fails on an input of shape \[1, 1, 32, 32\]"),
     (lambda s, m: s.prune(m, "0.9", input_shape=(3, 32, 32), exclude=["layer9"]), "'layer9' matches no"),
     (lambda s, m: s.prune(m, "0.9", input_shape=(3, 32, 32), mean="imagenet"), "mean and std go together"),
+    (lambda s, m: s.prune(m, "0.9", input_shape=(3, 32, 32), mean=(0.5, 0.5), std=(0.5,)), "mean has 2 values"),
+    (lambda s, m: s.prune(m, "0.9", input_shape=(3, 32, 32), mean=(0.5,), std=(0.0,)), "has a value <= 0"),
+    (lambda s, m: s.prune(m, "0.9", input_shape=(3, 32, 32), mean=(float("nan"),), std=(1.0,)), "finite numbers"),
+    (lambda s, m: s.prune(m, "0.9", input_shape=(3, 32, 32), mean="cifar", std="cifar"), "unknown normalisation"),
     (lambda s, m: s.prune("tinynet", "0.9", output_names=["y"]), "name an nn.Module's ONNX export"),
     (lambda s, m: s.prune("resnet99"), "unknown model 'resnet99'"),
     (lambda s, m: s.prune(42), "takes an nn.Module"),
@@ -203,7 +207,7 @@ def test_verify_takes_inputs_as_tensor_dict_or_npz(tmp_path):
      r"shape \[1, 3, 8, 8\]; input 'input' takes \[N, 3, 32, 32\]"),
     (lambda s, m: s.verify(s.compile(s.prune("tinynet"), device="cpu"), rtol=-1), "rtol must be"),
 ], ids=["sparsity word", "sparsity 1.0", "no input_shape", "input the module refuses", "exclude typo",
-        "mean without std", "output names of a registry model", "unknown model", "not a model", "missing onnx",
+        "mean without std", "mean of 2 channels", "zero std", "nan mean", "unknown normalisation", "output names of a registry model", "unknown model", "not a model", "missing onnx",
         "compile a module", "unknown runtime", "bad option", "bad dtype", "module without onnx",
         "inputs of another size", "negative rtol"])
 def test_user_errors_are_one_line(call, match):
