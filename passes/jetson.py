@@ -172,7 +172,8 @@ def board_runtimes(board) -> list[RuntimeFit]:
     fits.append(RuntimeFit("torch", on_board, "NVIDIA's PyTorch wheel for JetPack 6 (2.5-2.8), cuDNN dense convs"
                            + ("; fp16 on tensor cores" if board.tensor_cores else "") if on_board else no_toolkit))
     fits.append(RuntimeFit("cusparselt", on_board and sparse_tc,
-                           "2:4 on sparse tensor cores, if NVIDIA's torch wheel was built with cuSPARSELt" if on_board
+                           "2:4 on sparse tensor cores: cuSPARSELt if NVIDIA's torch wheel was built with it, else "
+                           "sparsecnn's mma.sp conv kernel through NVRTC (convs only)" if on_board
                            and sparse_tc else ("needs 2:4 sparse tensor cores (sm_80+, Orin)" if on_board else no_toolkit)))
     for name, what in (("csr", "CSR kernels (unstructured weights)"), ("sparsert", "generated kernels (unstructured weights)"),
                        ("ecr", "ECR/PECR kernels (feature-map sparsity)")):

@@ -136,8 +136,8 @@ def test_compile_refuses_fp32_and_cpu_with_a_user_error():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_cslt_conv_matches_the_reference_fp16(case):
-    if not cs.available()[0]:
-        pytest.skip(cs.available()[1])
+    if not cs.cusparselt_available()[0]:
+        pytest.skip(cs.cusparselt_available()[1])
     cout, cin, kernel, stride, pads, dilation, auto_pad, batch, (h, w) = case
     model = conv_model(cout, cin, kernel, stride, pads, dilation, auto_pad, seed=int(torch.randint(0, 10**6, ())))
     ex = lowered(model, "cuda", "fp16", backend="cslt")
@@ -150,8 +150,8 @@ def test_cslt_conv_matches_the_reference_fp16(case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch,out_f,in_f", [(1, 10, 20), (3, 4096, 2048), (32, 1000, 512)])
 def test_cslt_gemm_matches_the_reference_fp16(batch, out_f, in_f):
-    if not cs.available()[0]:
-        pytest.skip(cs.available()[1])
+    if not cs.cusparselt_available()[0]:
+        pytest.skip(cs.cusparselt_available()[1])
     model = gemm_model(out_f, in_f, 1.0, 1.0, seed=int(torch.randint(0, 10**6, ())))
     ex = lowered(model, "cuda", "fp16", backend="cslt")
     x = torch.randn(batch, in_f)
@@ -162,8 +162,8 @@ def test_cslt_gemm_matches_the_reference_fp16(batch, out_f, in_f):
 
 @pytest.mark.gpu
 def test_cusparselt_engine_on_tinyresnet_measures_and_reports_each_layer(exported):
-    if not cs.available()[0]:
-        pytest.skip(cs.available()[1])
+    if not cs.cusparselt_available()[0]:
+        pytest.skip(cs.cusparselt_available()[1])
     model = prune_2to4(exported("tinyresnet")).model
     engine = cs.compile(cs.rewrite(model), "cuda", {"dtype": "fp16", "extra": {"tune_reps": 5}})
     x = torch.randn(2, 3, 32, 32)

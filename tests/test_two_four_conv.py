@@ -138,12 +138,12 @@ def _clock(fastest):
     return lambda self, cands, args: {c.name: 1.0 if c.name == fastest else (2.0 if c.dense else 1.5) for c in cands}
 
 
-def _cusparselt_engine(model, mma, state=None, **extra):
+def _cusparselt_engine(model, mma, state=None, backend="dense", **extra):
     from sparsecnn.runtimes.base import CompileOptions
     from sparsecnn.runtimes.cusparselt import runtime as cs
 
     return cs.build_engine(model, torch.device("cpu"), CompileOptions.from_dict({"dtype": "fp16", "extra": extra}),
-                           "dense", state, mma)
+                           backend, state, mma)
 
 
 @needs_fp16_cpu
@@ -182,6 +182,34 @@ def test_cusparselt_runtime_chooses_the_mma_kernel_checks_it_and_replays_it(expo
     wrong(x)
     for sw in wrong.switches():
         assert sw.active != NAME and "wrong result" in sw.info["choice"]["rejected"][NAME]
+
+
+@needs_fp16_cpu
+def test_without_cusparselt_the_runtime_runs_2to4_convs_on_the_mma_kernel_and_gemms_dense(
+        exported, emu_kernels, monkeypatch):
+    """A PyTorch built without cuSPARSELt (a Jetson wheel may be one): the 2:4 convs still choose
+    the mma.sp kernel, the fully connected layer runs dense, and the report says why."""
+    from helpers import ort_run
+    from sparsecnn.passes.prune import prune_2to4
+    from sparsecnn.runtimes.chooser import Chooser
+    from sparsecnn.runtimes.cusparselt import runtime as cs
+    from sparsecnn.runtimes.cusparselt.mma_conv import NAME
+
+    from sparsecnn.passes.graph import set_prune_exclusions
+
+    dense = exported("tinynet")
+    set_prune_exclusions(dense, ["features.0.weight"])  # the classifier 2:4 too
+    pruned = prune_2to4(dense).model
+    monkeypatch.setattr(Chooser, "time", _clock(NAME))
+    eng = _cusparselt_engine(cs.rewrite(pruned), emu_kernels, backend=cs.NO_GEMM)
+    x = torch.rand(1, 3, 32, 32)
+    y = eng(x)[0]
+    assert rel_err(y.float(), torch.from_numpy(ort_run(pruned, x.numpy())[0])) <= 1e-2
+    rows = {r["op"]: r for r in eng.report() if r["op"].startswith("sparsecnn::")}
+    conv, gemm = rows["sparsecnn::Conv2to4"], rows["sparsecnn::Gemm2to4"]
+    assert conv["choice"]["chosen"] == NAME and set(conv["choice"]["candidates_ms"]) >= {NAME}
+    assert cs.SPARSE not in conv["choice"]["candidates_ms"] and "cuSPARSELt" in conv["unsupported"][cs.SPARSE]
+    assert gemm["choice"]["chosen"] == "dense:linear"  # no sparse GEMM without cuSPARSELt
 
 
 @needs_fp16_cpu

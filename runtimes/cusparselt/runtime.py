@@ -45,7 +45,7 @@ from ...passes.graph import SPARSECNN_DOMAIN, run_pipeline
 from ...passes.two_four.layout import CONV_OP, GEMM_OP, rewrite_2to4, unpack_2to4
 from ..base import CompileOptions, Engine
 from ..chooser import MARGIN, Candidate, Decision, Switch
-from ..executor import Executor
+from ..executor import TORCH_DTYPES, Executor
 from ..ops import STANDARD_OPS, NodeContext, resolve_pads
 from ..torch.dense_conv import DenseConv
 from ...passes.two_four.reference import dense_context, dense_weight
@@ -72,6 +72,23 @@ SUPPORTED_DTYPES = ("fp16", "bf16")
 
 
 def available() -> tuple[bool, str]:
+    """cuSPARSELt through PyTorch, or else sparsecnn's own mma.sp conv kernel (sm_80+, NVRTC): either runs
+    2:4 layers sparse."""
+    ok, why = cusparselt_available()
+    if ok:
+        return ok, why
+    try:
+        if not torch.cuda.is_available():
+            return ok, why
+        mma_why = mma_unavailable(torch.device("cuda", 0), torch.float16)
+    except Exception:  # available() never raises; cusparselt_available's reason says what broke
+        return ok, why
+    if mma_why is not None:
+        return False, f"{why}; and the mma.sp kernel: {mma_why}"
+    return True, f"{why}: 2:4 convs on sparsecnn's mma.sp kernel only (fp16), fully connected layers dense"
+
+
+def cusparselt_available() -> tuple[bool, str]:
     try:
         if not torch.cuda.is_available():
             return False, "no CUDA GPU visible to PyTorch"
@@ -248,6 +265,7 @@ class GemmLowering:
 # --- choosing sparse or dense per layer --------------------------------------------------
 
 SPARSE = "cusparselt"  # the sparse candidate's name; the dense ones are dense:<mode> (or dense:linear)
+NO_GEMM = "none"  # build_engine's backend where PyTorch has no cuSPARSELt: the mma.sp kernel alone
 
 
 class TwoFourLayer(Switch):
@@ -284,19 +302,20 @@ class TwoFourLayer(Switch):
         return self.fn(x)
 
     def layer_candidates(self, x: torch.Tensor) -> list:
-        entry = self.sparse.describe(x)
-        sparse = Candidate(SPARSE, self.sparse, dense=False, library="cusparselt", detail=entry,
-                           buffers=list(self.gemm.buffers))
+        sparse = [] if self.gemm is None else [Candidate(SPARSE, self.sparse, dense=False, library="cusparselt",
+                                                         detail=self.sparse.describe(x),
+                                                         buffers=list(self.gemm.buffers))]
         mma = [] if self.mma is None else [Candidate(MMA, self.mma, dense=False, library="cusparselt",
                                                      detail=self.mma.describe(x), buffers=list(self.mma.buffers))]
-        return [*self.dense_forms(x), sparse, *mma]
+        return [*self.dense_forms(x), *sparse, *mma]
 
     def decide(self, x: torch.Tensor) -> Decision:
         from ..chooser import Chooser
 
         candidates = self.layer_candidates(x)
-        entry = dict(next(c for c in candidates if c.name == SPARSE).detail)
-        if entry["padded"]:
+        entry = dict(next((c.detail for c in candidates if c.name == SPARSE),
+                          {"sparse": "no cuSPARSELt here: the mma.sp kernel or dense"}))
+        if entry.get("padded"):
             entry["padding_note"] = "padded with zeros to cuSPARSELt's multiples (" + ", ".join(
                 f"{d} {a}->{b}" for d, (a, b) in entry["padded"].items()) + ")"
         default_dense = "dense:cudnn_nhwc" if self.kind == "conv" else "dense:linear"  # the engine runs NHWC
@@ -306,7 +325,7 @@ class TwoFourLayer(Switch):
             why = f"forced {forced} (extra force={self.force})"
         elif x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             forced, why = default_dense, "not measured (first seen inside a graph capture): dense by default"
-        elif self.gemm.backend == "cslt" and self.saved is None:
+        elif self.gemm is not None and self.gemm.backend == "cslt" and self.saved is None:
             found = self.gemm.search(x.new_zeros(_round_up(entry["gemm"][2], DENSE_ALIGN), self.gemm.kp))
             if found:  # cslt_search on: the algorithm cuSPARSELt found is the sparse candidate's
                 self.gemm.alg[_round_up(entry["gemm"][2], DENSE_ALIGN)] = entry["cslt_alg"] = found
@@ -327,7 +346,8 @@ class TwoFourLayer(Switch):
             entry["rejected"] = dict(d.rejected)
         self.choices[self.shape_key(x)] = entry
         self._describe()
-        self.info["buffers"] = list(self.gemm.buffers) + [b for c in self.candidates.values() for b in c.buffers]
+        self.info["buffers"] = list(self.gemm.buffers if self.gemm is not None else []) + [
+            b for c in self.candidates.values() for b in c.buffers]
         return d
 
     def _describe(self) -> None:
@@ -358,7 +378,7 @@ def _mma_layer(ctx: NodeContext, mma_backend, bias) -> tuple[MmaConv | None, str
 
 def _layer_builder(kind: str, backend: str, mma_backend=None):
     def build(ctx: NodeContext):
-        if ctx.dtype not in (torch.float16, torch.bfloat16) and backend == "cslt":
+        if ctx.dtype not in (torch.float16, torch.bfloat16) and backend in ("cslt", NO_GEMM):
             raise NotImplementedError("cuSPARSELt runs fp16/bf16 only")
         weight = dense_weight(ctx)  # ONNX layout, engine dtype
         bias = _bias(ctx)
@@ -371,10 +391,11 @@ def _layer_builder(kind: str, backend: str, mma_backend=None):
             dense_run = lambda t, c=None: std(t, weight, c)  # noqa: E731
             alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
         fused_bias = bias if (alpha == 1.0 and beta == 1.0) else None
-        gemm = SparseGemm(a, fused_bias, backend, allow_search=bool(ctx.options.get("cslt_search", False)))
+        gemm = None if backend == NO_GEMM else SparseGemm(a, fused_bias, backend,
+                                                          allow_search=bool(ctx.options.get("cslt_search", False)))
         weights = [weight] + ([bias] if bias is not None else [])
         if kind == "conv":
-            lowering = ConvLowering(ctx, gemm, list(ctx.attr("kernel_shape")))
+            lowering = ConvLowering(ctx, gemm, list(ctx.attr("kernel_shape"))) if gemm is not None else None
             kernel = list(ctx.attr("kernel_shape"))
             stride, dilation = ctx.attr("strides", [1, 1]), ctx.attr("dilations", [1, 1])
             dense = DenseConv(ctx.name, weight, stride, dilation, int(ctx.attr("group", 1)),
@@ -386,27 +407,32 @@ def _layer_builder(kind: str, backend: str, mma_backend=None):
                     f.buffers = weights
                 return forms
         else:
-            lowering = GemmLowering(ctx, gemm, alpha, beta, bias)
+            lowering = GemmLowering(ctx, gemm, alpha, beta, bias) if gemm is not None else None
 
             def dense_forms(x):
                 return [Candidate("dense:linear", lambda t: dense_run(t, bias), dense=True, library="torch",
                                   detail={"kernel": "cuBLAS linear"}, buffers=weights)]
         mma, mma_why = _mma_layer(ctx, mma_backend, bias) if kind == "conv" else (None, "a conv kernel")
-        if mma_why:
-            ctx.info["unsupported"] = {MMA: mma_why}
+        unsupported = {MMA: mma_why} if mma_why else {}
+        if gemm is None:
+            unsupported[SPARSE] = "cuSPARSELt is not in this PyTorch (torch.backends.cusparselt)"
+        if unsupported:
+            ctx.info["unsupported"] = unsupported
         saved = (ctx.options.get("_saved_choices") or {}).get(ctx.name)
         layer = TwoFourLayer(ctx, lowering, dense_forms, gemm, bias, kind,
                              saved if saved and "chosen" in saved else None, mma)
         if saved and "chosen" not in saved and saved:  # an engine saved before the one chooser: shape -> entry
             layer.force = next(iter(saved.values())).get("choice", layer.force)
-        ctx.info["buffers"] = list(gemm.buffers) + weights + (list(mma.buffers) if mma is not None else [])
+        ctx.info["buffers"] = (list(gemm.buffers) if gemm is not None else []) + weights + (
+            list(mma.buffers) if mma is not None else [])
         return layer
 
     return build
 
 
 def op_table(backend: str = "cslt", mma=None) -> dict:
-    """Builders for the 2:4 ops; backend "dense" is the CPU-testable stand-in for cuSPARSELt. `mma`: the
+    """Builders for the 2:4 ops; backend "dense" is the CPU-testable stand-in for cuSPARSELt, NO_GEMM a
+    PyTorch without cuSPARSELt (2:4 convs on the mma.sp kernel or dense, GEMMs dense). `mma`: the
     launcher of conv2to4_mma.cu (mma_conv.NvrtcMma on a GPU, the emulator in CPU tests), or None."""
     return {(SPARSECNN_DOMAIN, CONV_OP): _layer_builder("conv", backend, mma),
             (SPARSECNN_DOMAIN, GEMM_OP): _layer_builder("gemm", backend)}
@@ -456,10 +482,15 @@ def compile(model: onnx.ModelProto, device: str | torch.device = "cuda", options
                         "1:2 sparsity, not 2:4); use --dtype fp16")
     if dev.type != "cuda":
         raise UserError("runtime cusparselt needs a CUDA GPU (sm_80 or newer); use --runtime torch on the CPU")
-    ok, reason = available()
-    if not ok:
-        raise UserError(f"runtime cusparselt is not available here: {reason}")
-    return build_engine(model, dev, opts, "cslt", state, mma_backend(dev, opts.dtype))
+    ok, reason = cusparselt_available()
+    mma = mma_backend(dev, opts.dtype)
+    if not ok and mma is None:
+        raise UserError(f"runtime cusparselt is not available here: {reason}; and sparsecnn's mma.sp kernel: "
+                        f"{mma_unavailable(dev, TORCH_DTYPES[opts.dtype])}")
+    if not ok:  # e.g. a Jetson PyTorch built without cuSPARSELt: the 2:4 convs can still run sparse
+        warnings.warn(f"cusparselt: {reason}; 2:4 convs choose between sparsecnn's mma.sp kernel and dense, "
+                      "2:4 fully connected layers run dense")
+    return build_engine(model, dev, opts, "cslt" if ok else NO_GEMM, state, mma)
 
 
 def build_engine(model: onnx.ModelProto, device: torch.device, opts: CompileOptions, backend: str = "cslt",

@@ -121,7 +121,7 @@ class Backends:
 
         two_four = None
         if dtype in ("fp16", "bf16"):
-            from ..cusparselt.runtime import available as cslt_available
+            from ..cusparselt.runtime import cusparselt_available as cslt_available
 
             two_four = "cslt" if cslt_available()[0] else None
         return cls(device, NvrtcBackend(device), KernelSet.get(device), two_four, KernelLoader(device))

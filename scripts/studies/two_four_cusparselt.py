@@ -47,7 +47,7 @@ RESULT_FILE = "two-four.json"
 
 
 def env_info(device: str) -> dict:
-    return {**environment(device, modules=("cuda.bindings",)), "cusparselt": cs.available()}
+    return {**environment(device, modules=("cuda.bindings",)), "cusparselt": cs.cusparselt_available()}
 
 
 # --- part 1: the GEMM check --------------------------------------------------------------
