@@ -46,6 +46,15 @@ class Board:
         return {"fp32": self.fp32_tflops, "tf32": self.tf32_tflops, "fp16": self.fp16_dense_tflops or None}[precision]
 
 
+_JETPACK6 = "JetPack 6 (CUDA 12.6, TensorRT 10.3)"
+
+
+def _orin(name: str, fp16_dense: float, gbs: float, fp32: float, source: str, jetpack: str = _JETPACK6) -> Board:
+    """An Orin module (sm_87, Ampere tensor cores, 2:4 doubling the fp16 rate, JetPack 6's Python 3.10)."""
+    return Board(name, "sm_87", fp16_dense, 2 * fp16_dense, gbs, source, tensor_cores=True, jetpack=jetpack,
+                 python="3.10", fp32_tflops=fp32)
+
+
 # Peaks as NVIDIA publishes them for each module (data sheets, developer-kit pages); where a data
 # sheet gives INT8 TOPS only, fp16 is derived (Ampere tensor cores: fp16 = half the INT8 rate) and
 # the comment says so. Not checked on a board: no Jetson has been run by this project.
@@ -73,33 +82,24 @@ BOARDS = {
     # Ampere tensor cores run FP16 at half the INT8 rate: 10 TFLOPS dense, 20 sparse
     # (derived from the INT8 figures). JetPack 6.1+ "Super" mode (1020 MHz, 102 GB/s,
     # 67 sparse INT8 TOPS) would raise every number here by ~1.6x (compute) and 1.5x (bytes).
-    "orin-nano": Board("Jetson Orin Nano 8GB", "sm_87", 10.0, 20.0, 68.0,
-                       "NVIDIA Jetson Orin Nano data sheet: 40/20 INT8 TOPS sparse/dense -> fp16 20/10 TFLOPS, LPDDR5 68 GB/s",
-                       tensor_cores=True, jetpack="JetPack 6 (CUDA 12.6, TensorRT 10.3)", python="3.10",
-                       fp32_tflops=1.28),
+    "orin-nano": _orin("Jetson Orin Nano 8GB", 10.0, 68.0, 1.28, "NVIDIA Jetson Orin Nano data sheet: 40/20 INT8 "
+                       "TOPS sparse/dense -> fp16 20/10 TFLOPS, LPDDR5 68 GB/s"),
     # NVIDIA Jetson Orin Nano Super Developer Kit (JetPack 6.1+ "MAXN SUPER" mode of the same 8GB module):
     # GPU at 1020 MHz, "67 INT8 TOPS" (sparse), 128-bit LPDDR5 102 GB/s. fp16 derived as above: 67 / 2 =
     # 33.5 TFLOPS sparse, 16.75 dense.
-    "orin-nano-super": Board("Jetson Orin Nano 8GB (Super mode)", "sm_87", 16.75, 33.5, 102.0,
+    "orin-nano-super": _orin("Jetson Orin Nano 8GB (Super mode)", 16.75, 102.0, 2.09,
                              "NVIDIA Jetson Orin Nano Super Developer Kit: 67 sparse INT8 TOPS -> fp16 33.5/16.75 "
                              "TFLOPS sparse/dense (derived), LPDDR5 102 GB/s",
-                             tensor_cores=True, jetpack="JetPack 6.1+ (CUDA 12.6, TensorRT 10.3), MAXN SUPER mode",
-                             python="3.10", fp32_tflops=2.09),
+                             jetpack="JetPack 6.1+ in MAXN SUPER mode (CUDA 12.6, TensorRT 10.3)"),
     # NVIDIA Jetson Orin NX series data sheet (16GB module): 1024 CUDA cores, 32 tensor cores at
     # 918 MHz: the Orin Nano's GPU at 918/625 of its clock, so 60/30 INT8 TOPS sparse/dense ->
     # fp16 30/15 TFLOPS (derived the same way); 128-bit LPDDR5, 102.4 GB/s.
-    "orin-nx": Board("Jetson Orin NX 16GB", "sm_87", 15.0, 30.0, 102.4,
-                     "NVIDIA Jetson Orin NX data sheet: 1024-core GPU at 918 MHz -> fp16 30/15 TFLOPS sparse/dense "
-                     "(derived), LPDDR5 102.4 GB/s",
-                     tensor_cores=True, jetpack="JetPack 6 (CUDA 12.6, TensorRT 10.3)", python="3.10",
-                     fp32_tflops=1.88),
+    "orin-nx": _orin("Jetson Orin NX 16GB", 15.0, 102.4, 1.88, "NVIDIA Jetson Orin NX data sheet: 1024-core GPU "
+                     "at 918 MHz -> fp16 30/15 TFLOPS sparse/dense (derived), LPDDR5 102.4 GB/s"),
     # NVIDIA Jetson AGX Orin series data sheet (64GB module): 2048 CUDA cores, 64 tensor cores at
     # 1.3 GHz, GPU "170 sparse INT8 TOPS" -> fp16 85/42.5 TFLOPS sparse/dense; 256-bit LPDDR5, 204.8 GB/s.
-    "agx-orin": Board("Jetson AGX Orin 64GB", "sm_87", 42.5, 85.0, 204.8,
-                      "NVIDIA Jetson AGX Orin data sheet: GPU 170 sparse INT8 TOPS -> fp16 85/42.5 TFLOPS, "
-                      "LPDDR5 204.8 GB/s",
-                      tensor_cores=True, jetpack="JetPack 6 (CUDA 12.6, TensorRT 10.3)", python="3.10",
-                      fp32_tflops=5.32),
+    "agx-orin": _orin("Jetson AGX Orin 64GB", 42.5, 204.8, 5.32, "NVIDIA Jetson AGX Orin data sheet: GPU 170 "
+                      "sparse INT8 TOPS -> fp16 85/42.5 TFLOPS, LPDDR5 204.8 GB/s"),
 }
 
 # fp32_tflops of the boards: CUDA cores x 2 (FMA) x the GPU clock of the mode above (derived, not in the
