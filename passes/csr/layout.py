@@ -40,11 +40,14 @@ class CSR:
     def row_lengths(self) -> torch.Tensor:
         return (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
 
+    def row_indices(self) -> torch.Tensor:
+        """[nnz] int64: the row of each non-zero (row_ptr expanded), on row_ptr's device."""
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.row_ptr.device), self.row_lengths())
+
     def to_dense(self) -> torch.Tensor:
         m, k = self.shape
-        rows = torch.repeat_interleave(torch.arange(m), self.row_lengths())
         dense = torch.zeros(m, k, dtype=self.values.dtype)
-        dense[rows, self.col_idx.long()] = self.values
+        dense[self.row_indices(), self.col_idx.long()] = self.values
         return dense
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "CSR":

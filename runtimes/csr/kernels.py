@@ -324,7 +324,7 @@ def chunk_pointers(csr: CSR, chunk_k: int) -> torch.Tensor:
     """[M, nchunks + 1] int32: where row m's entries with column >= q*chunk_k begin."""
     m, k = csr.shape
     nchunks = max(1, -(-k // chunk_k))
-    rows = torch.repeat_interleave(torch.arange(m, dtype=torch.int64), csr.row_lengths())
+    rows = csr.row_indices()
     keys = rows * k + csr.col_idx.to(torch.int64)  # ascending: rows in order, columns ascending in a row
     bounds = torch.clamp(torch.arange(nchunks + 1, dtype=torch.int64) * chunk_k, max=k)
     queries = torch.arange(m, dtype=torch.int64)[:, None] * k + bounds[None, :]
@@ -378,7 +378,7 @@ def staged_sparse_runs(csr: CSR, chunk_ptr: torch.Tensor, chunk_k: int,
     if csr.nnz:
         slot_of_row = torch.empty(m, dtype=torch.int64)
         slot_of_row[csr.row_order.long()] = torch.arange(m)
-        rows = torch.repeat_interleave(torch.arange(m), csr.row_lengths())
+        rows = csr.row_indices()
         entry = torch.arange(csr.nnz, dtype=torch.int64)
         chunk = csr.col_idx.long() // chunk_k  # chunk_ptr's chunks are column ranges of chunk_k
         slot = slot_of_row[rows]
@@ -393,7 +393,7 @@ def rows_block_column_use(csr: CSR, rows_per_block: int) -> torch.Tensor:
     nblocks = -(-m // rows_per_block)
     block_of_row = torch.empty(m, dtype=torch.int64)
     block_of_row[csr.row_order.long()] = torch.arange(m) // rows_per_block
-    rows = torch.repeat_interleave(torch.arange(m), csr.row_lengths())
+    rows = csr.row_indices()
     used = torch.zeros(nblocks * k, dtype=torch.uint8)
     used[block_of_row[rows] * k + csr.col_idx.long()] = 1
     return used

@@ -116,7 +116,7 @@ def tiled_csl(csr: CSR, tm: int) -> tuple[torch.Tensor, torch.Tensor]:
     mts, kts = -(-m // tm), _k_tiles(k)
     if tm * PITCH + 8 > 65536:
         raise PlanDoesNotFit(f"a {tm}-row tile's positions do not fit 16 bits")
-    rows = torch.repeat_interleave(torch.arange(m), csr.row_lengths())
+    rows = csr.row_indices()
     cols = csr.col_idx.long()
     tile = (rows // tm) * kts + cols // TILE_K
     pos = (rows % tm) * PITCH + cols % TILE_K
