@@ -401,9 +401,9 @@ def sparsity_summary_from_rows(rows: list[dict]) -> dict:
 
 def engine_file_report(path: str | Path) -> dict:
     """The report of a saved engine: its model (custom ops, pruning rules) and what it saved about its layers."""
-    from ..runtimes.base import read_engine_file
+    from ..runtimes.base import read_engine
 
-    manifest, model = read_engine_file(path)  # the one validator
+    manifest, model, _ = read_engine(path)  # the one validator
     state = manifest.get("state") or {}
     steps = manifest.get("report")
     if steps is None:

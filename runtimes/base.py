@@ -391,18 +391,8 @@ def calibration_input(model: onnx.ModelProto, batch: int) -> torch.Tensor:
 
 def read_engine(path: str | Path) -> tuple[dict, onnx.ModelProto, dict[str, bytes]]:
     """The manifest, model and `saved_files` of an engine file, all validated in one read (one
-    UserError line for each fault); what `load_engine` rebuilds from."""
-    return _read_engine(path)
-
-
-def read_engine_file(path: str | Path) -> tuple[dict, onnx.ModelProto]:
-    """The manifest and model of an engine file, both validated (one UserError line for each fault)."""
-    manifest, model, _ = _read_engine(path)
-    return manifest, model
-
-
-def _read_engine(path: str | Path) -> tuple[dict, onnx.ModelProto, dict[str, bytes]]:
-    """The one engine-file validator: zip members bounded, manifest schema, model as checked ONNX."""
+    UserError line for each fault); what `load_engine` rebuilds from. The one engine-file
+    validator: zip members bounded, manifest schema, model as checked ONNX."""
     from ..common.onnxio import parse_model
 
     p = Path(path)

@@ -333,7 +333,7 @@ def test_tuner_times_sparse_and_dense_with_the_fused_residual_and_engines_round_
     """Per fused layer, every sparse candidate and the dense form are timed on (x, residual);
     the dense form adds it (and applies the ReLU) itself; the saved engine reloads its choices."""
     from sparsecnn.runtimes.csr import runtime as csr_rt
-    from sparsecnn.runtimes.base import read_engine_file
+    from sparsecnn.runtimes.base import read_engine
 
     from sparsecnn.runtimes.chooser import Chooser
 
@@ -367,7 +367,7 @@ def test_tuner_times_sparse_and_dense_with_the_fused_residual_and_engines_round_
     ref = ort_run(pruned, x.numpy())[0]
     assert rel_err(engine(x)[0], ref) <= 1e-4
     path = engine.save(tmp_path / "fused.engine")
-    manifest, model = read_engine_file(path)
+    manifest, model, _ = read_engine(path)
     assert sum(len(n.input) == 7 for n in model.graph.node if n.op_type == "CsrConv") == 3
     timed.clear()
     again = csr_rt.compile_with_backend(model, "cpu", manifest["options"], state=manifest["state"], backend=backend)
