@@ -11,6 +11,7 @@ Plots (matplotlib, Agg):
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 from ..common.errors import UserError
@@ -205,6 +206,8 @@ def markdown(result: dict) -> str:
                                  f"{_f(r.get('dense_ms'), '.4f')} | {_f(r['ms'], '.4f')} | {_x(r.get('speedup'))} | "
                                  f"{layer_report.roof_cell(rep)} | {rep.get('kernel', r.get('kernel', ''))} | "
                                  f"{rep.get('why', '')} |")
+            if (gap := roof_gap(list(report.values()))):
+                lines.append(f"\n{gap}")
             for w in (e.get("report") or {}).get("warnings", []):
                 lines.append(f"\nwarning: {w}")
             lines.append("")
@@ -294,6 +297,22 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     return save_figure(fig, path, dpi=110, bbox_inches="tight")
+
+
+ROOF_FACTOR = 3.0  # a kernel within this factor of its layer's roofline time is near the card's limit
+
+
+def roof_gap(rows: list[dict]) -> str:
+    """One line: how many timed weight layers run within ROOF_FACTOR of their roofline time, and the
+    furthest ones (the layers where a kernel, not the card, is the limit); '' when nothing was priced."""
+    ratios = sorted(((r["measured_over_roofline"], r["name"]) for r in rows
+                     if isinstance(r.get("measured_over_roofline"), (int, float))), reverse=True)
+    if not ratios:
+        return ""
+    near = sum(1 for v, _ in ratios if v <= ROOF_FACTOR)
+    far = ", ".join(f"{name} {v:.1f}x" for v, name in ratios[:3] if v > ROOF_FACTOR)
+    return (f"roof gap: {near} of {len(ratios)} timed layers within {ROOF_FACTOR:g}x of their roofline time "
+            f"(median {statistics.median(v for v, _ in ratios):.1f}x)" + (f"; furthest: {far}" if far else ""))
 
 
 def _geomean(xs):

@@ -175,3 +175,14 @@ def test_each_weight_format_costs_by_hand():
     assert format_cost(m, k, n, "tiled-csl", 2, act, nnz=nnz) == {"flops": 2 * m * k * n, "bytes": 4 * nnz + 2 * act}
     with pytest.raises(ValueError):
         format_cost(m, k, n, "ecr", 2, act)
+
+
+def test_the_roof_gap_line_counts_layers_near_their_roofline_and_names_the_furthest():
+    from sparsecnn.converter.bench_report import roof_gap
+
+    rows = [{"name": "a", "measured_over_roofline": 2.0}, {"name": "b", "measured_over_roofline": 7.5},
+            {"name": "c", "measured_over_roofline": 1.2}, {"name": "d", "measured_over_roofline": 3.5},
+            {"name": "untimed"}]
+    assert roof_gap(rows) == ("roof gap: 2 of 4 timed layers within 3x of their roofline time (median 2.8x); "
+                              "furthest: b 7.5x, d 3.5x")
+    assert roof_gap([{"name": "untimed"}]) == ""
