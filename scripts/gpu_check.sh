@@ -42,6 +42,8 @@ for n in r["networks"]:
         print(f"  {n['model'][:14]:<14} b{n.get('batch', 1):<3} {n['regime']:<15} {n['engine'][:26]:<26} {n['median_ms']:8.4f} ms "
               f"{(n.get('speedup_vs_best_dense') or 0):6.3f}x  guard={n.get('guard', '-')}  err={n.get('rel_err', 0):.1e}")
 EOF
+      # per engine, how far its layers run from their roofline (bench.md's "roof gap" lines)
+      awk '/^### /{h=substr($0,5)} /^roof gap/{print "  " h ": " $0}' "$dir/bench.md" 2>/dev/null
     done
     ;;
   train-ab)
