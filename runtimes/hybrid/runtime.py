@@ -264,22 +264,20 @@ class Group:
                                    dense=False, library="cusparselt",
                                    detail={"kernel": "cuSPARSELt 2:4 (im2col + sparse GEMM)", **lowering.describe(x)},
                                    buffers=list(gemm.buffers)))
-        why = None
         if self.backends.mma is None:
-            why = mma_unavailable(self.backends.device, x.dtype) or "no mma.sp kernel here"
-        elif x.dtype != torch.float16:
-            why = f"the mma.sp kernel runs fp16, not {str(x.dtype).replace('torch.', '')}"
-        elif self.g["in_channels"] % 4:
-            why = "input channels not a multiple of 4"
-        if why:
-            self.unsupported[MMA] = why
+            self.unsupported[MMA] = mma_unavailable(self.backends.device, x.dtype) or "no mma.sp kernel here"
             return cands
         # sparsecnn's implicit-GEMM mma.sp conv (library cusparselt: the 2:4 runtime's folder, so a reload
         # rebuilds it): bias, residual and ReLU in the kernel, the pool after; NCHW in and out like every
-        # candidate, the layout changes inside its measured time
-        values, positions = pack_2to4(conv_gemm_view(self.weight).to(torch.float16))
-        conv = MmaConv(values, positions, self.g["kernel"], self.g["stride"], self.g["dilation"], list(self.g["pads"]),
-                       self.bias_fp32, self.relu, self.backends.mma, self.backends.device)
+        # candidate, the layout changes inside its measured time. MmaConv says why it cannot run a layer.
+        try:
+            values, positions = pack_2to4(conv_gemm_view(self.weight).to(torch.float16))
+            conv = MmaConv(values, positions, self.g["kernel"], self.g["stride"], self.g["dilation"],
+                           list(self.g["pads"]), self.bias_fp32, self.relu, self.backends.mma, self.backends.device,
+                           dtype=x.dtype)
+        except (NotImplementedError, ValueError) as exc:
+            self.unsupported[MMA] = str(exc)
+            return cands
         pool = self.pool
 
         def run(t, r=None):
