@@ -205,6 +205,22 @@ def serialized_parts(model: onnx.ModelProto) -> tuple[int, Iterator[bytes]]:
     return size, parts()
 
 
+def tensor_buffer(like: onnx.TensorProto) -> tuple[bytearray, np.ndarray]:
+    """(buffer, values): `like` serialised into a bytearray as name, type, dims and its values as raw
+    data, and a writable array over those values (shaped and typed as `like`). Edit the values in
+    place, then `model.graph.initializer.add().MergeFromString(buffer)`: protobuf parses a bytearray
+    where it lies, so the one copy made is the model's own. Setting `raw_data` takes bytes, which
+    costs a second copy of the tensor beside the array (VGG-19's fc6: 392 MiB more)."""
+    header = onnx.TensorProto(name=like.name, data_type=like.data_type, dims=like.dims)
+    source = onnx.numpy_helper.to_array(like)  # a view of one copy of its bytes, dropped on return
+    head = header.SerializeToString() + _tag(_TENSOR_RAW_DATA) + _varint(source.nbytes)
+    buffer = bytearray(len(head) + source.nbytes)
+    buffer[:len(head)] = head
+    values = np.frombuffer(buffer, dtype=source.dtype, offset=len(head)).reshape(source.shape)
+    values[...] = source
+    return buffer, values
+
+
 def _raw_nbytes(t: onnx.TensorProto) -> int:
     """len(t.raw_data) from dims and type, without reading it (0 when the values are elsewhere)."""
     if not t.HasField("raw_data"):

@@ -64,6 +64,7 @@ def run(args) -> int:
 def _run(args, stdout) -> int:
     from ..common.errors import UserError
     from ..common.fileio import check_outputs
+    from ..common.memory import trim_heap
     from ..common.onnxio import save_onnx
     from ..passes.graph import run_pipeline
     from ..passes.prune import prune_pipeline
@@ -109,6 +110,7 @@ def _run(args, stdout) -> int:
     if pipeline:
         with stage(f"pruning ({args.prune}{', ' + args.scope if args.prune != '2:4' else ''})"):
             model, results = run_pipeline(model, pipeline)
+        trim_heap()  # the dense model was freed into the heap: the rewrite and save start from one model
         for r in results:
             print(r.summary(), file=sys.stderr)
     sparse = engine = None

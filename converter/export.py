@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..common.errors import UserError
+from ..common.memory import trim_heap
 from ..common.onnxio import set_input_spec
 from ..models.registry import InputSpec
 from ..passes.fold_bn import fold_bn, inline_constant_identities
@@ -52,6 +53,7 @@ def export_onnx(module: nn.Module, spec: InputSpec, exclude: tuple[str, ...] | N
             model.ParseFromString(buf.getbuffer())  # no copy of the serialised bytes
             del buf
     model, _ = run_pipeline(model, EXPORT_PIPELINE)
+    trim_heap()  # the exporter's scratch and the model before the pipeline were freed into the heap
     set_input_spec(model, spec.to_dict())
     if exclude is None:
         set_prune_exclusions(model, default_exclusions(model))

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from ..common.errors import UserError
+from ..common.memory import trim_heap
 from ..common.onnxio import copy_fields, save_onnx
 
 SPARSECNN_DOMAIN = "sparsecnn"
@@ -59,16 +60,6 @@ def copy_model_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     copy_fields(model, out, skip={"graph"})
     copy_fields(model.graph, out.graph, skip={"initializer"})
     return out
-
-
-def add_initializer(model: onnx.ModelProto, like: onnx.TensorProto, raw: bytes) -> None:
-    """Append an initializer named, typed and shaped as `like` holding `raw` (its values' bytes, little-
-    endian as ONNX stores them). Written in place: the caller drops its array before calling, so at most
-    the bytes and their copy in the model exist at once."""
-    t = model.graph.initializer.add()
-    t.name, t.data_type = like.name, like.data_type
-    t.dims.extend(like.dims)
-    t.raw_data = raw
 
 
 def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
@@ -195,6 +186,7 @@ def run_pipeline(model: onnx.ModelProto, pipeline: Iterable[tuple[Pass, dict]],
         if results:  # only the last model lives on (it is returned): one copy per pass would pile up
             results[-1].model = None
         gc.collect()  # a graphsurgeon graph is a web of cycles holding its input model's tensors: free it now
+        trim_heap()
         results.append(res)
         done.append(name)
         model = res.model
@@ -240,21 +232,30 @@ _DATA_FIELDS = {"raw_data", "float_data", "int32_data", "int64_data", "double_da
 
 
 def _export_holding_weights(graph) -> onnx.ModelProto:
-    """gs.export_onnx, with each large constant still as imported (LazyValues over a TensorProto of
-    the input model) copied into the output once. graphsurgeon copies every initializer into a
-    GraphProto, then that into the model: three models in memory at its peak (VGG-19: 1.6 GB on
-    top of the input). They go out as headers (name, type, dims, no data) and are filled afterwards."""
+    """gs.export_onnx, with each large constant copied into the output once: one still as imported
+    (LazyValues over a TensorProto of the input model) or an array a pass made (fold_bn's weights).
+    graphsurgeon copies every initializer into a GraphProto, then that into the model, an array's
+    bytes first: three models in memory at its peak (VGG-19: 1.6 GB on top of the input). They go
+    out as headers (name, type, dims, no data) and are filled afterwards."""
     import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
     held = {}
     for t in graph.tensors().values():
-        if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and \
-                isinstance(t._values.tensor, onnx.TensorProto) and tensor_nbytes(t._values.tensor) > _HOLD_ABOVE:
+        if not isinstance(t, gs.Constant):
+            continue
+        if isinstance(t._values, LazyValues) and isinstance(t._values.tensor, onnx.TensorProto) and \
+                tensor_nbytes(t._values.tensor) > _HOLD_ABOVE:
             header = onnx.TensorProto()
             copy_fields(t._values.tensor, header, skip=_DATA_FIELDS)
-            held[t.name] = (t, t._values)
-            t._values = LazyValues(header)
+        elif isinstance(t._values, np.ndarray) and t._values.nbytes > _HOLD_ABOVE and t.data_location is None and \
+                t.export_dtype == t.dtype:  # graphsurgeon's own path converts dtypes: leave those to it
+            header = onnx.TensorProto(name=t.name, data_type=dtype_to_onnx(t.dtype), dims=t.shape)
+        else:
+            continue
+        held[t.name] = (t, t._values)
+        t._values = LazyValues(header)
     try:
         out = gs.export_onnx(graph, do_type_check=True)
     finally:
@@ -262,8 +263,12 @@ def _export_holding_weights(graph) -> onnx.ModelProto:
             t._values = values
     for init in out.graph.initializer:
         if init.name in held:
-            init.CopyFrom(held[init.name][1].tensor)
-            init.name = held[init.name][0].name
+            t, values = held[init.name]
+            if isinstance(values, np.ndarray):
+                init.raw_data = values.tobytes()  # graphsurgeon's bytes, made one tensor at a time
+            else:
+                init.CopyFrom(values.tensor)
+                init.name = t.name
     return out
 
 

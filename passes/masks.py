@@ -79,8 +79,8 @@ def mask_magnitude(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep.view_as(weight)
 
 
-_LEAN_ABOVE = 1 << 22  # elements: larger CPU weights take the lean path (same mask, a quarter of the memory)
-_CHUNK = 1 << 22
+_LEAN_ABOVE = 1 << 20  # elements: larger CPU weights take the lean path (same mask, a quarter of the memory)
+_CHUNK = 1 << 20  # 4 MiB of fp32 magnitudes: larger chunks left 75 MiB of heap behind them (a 64 MiB layer's mask)
 
 
 def _mask_magnitude_lean(weight: torch.Tensor, n_zero: int) -> torch.Tensor:

@@ -14,8 +14,10 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from .graph import (PassResult, add_initializer, copy_model_without_initializers, initializer_map, prune_exclusions,
-                    set_prune_exclusions, weight_nodes)
+from ..common.memory import trim_heap
+from ..common.onnxio import tensor_buffer
+from .graph import (PassResult, copy_model_without_initializers, initializer_map, prune_exclusions,
+                    set_prune_exclusions, tensor_nbytes, weight_nodes)
 from .masks import is_excluded as _is_excluded
 from .masks import masks_for
 
@@ -47,24 +49,28 @@ def depthwise_weights(model: onnx.ModelProto) -> list[str]:
 def _pruned(model: onnx.ModelProto, layers: list, mask_of, exclude: list[str] | None = None) -> onnx.ModelProto:
     """A copy of `model` whose `layers`' weights are multiplied by `mask_of(name, weight)` (a keep-mask,
     or None to leave the layer as is), built one initializer at a time: the input and its copy are
-    each in memory once, plus one layer's arrays. (Copying the model, then every weight as an array,
-    then replacing each in the copy peaked at 5.5 GB on VGG-19's 548 MiB.)"""
+    each in memory once, plus one layer's values and their copy in the output. (Copying the model,
+    then every weight as an array, then replacing each in the copy peaked at 5.5 GB on VGG-19's 548 MiB.)"""
     targets = {w for _, w, _ in layers}
     out = copy_model_without_initializers(model)
-    for t in model.graph.initializer:
+    inits = list(model.graph.initializer)
+    slots = [out.graph.initializer.add() for _ in inits]  # the input's order, filled in any order
+    # Largest first: the largest layer's two copies are made while the output holds nothing else yet.
+    for i in sorted(range(len(inits)), key=lambda i: -tensor_nbytes(inits[i])):
+        t, slot = inits[i], slots[i]
         if t.name not in targets:
-            out.graph.initializer.append(t)
+            slot.CopyFrom(t)
             continue
-        weight = numpy_helper.to_array(t)  # a read-only view of one copy of its bytes
+        buffer, weight = tensor_buffer(t)  # a writable copy of its values, already serialised
         keep = mask_of(t.name, weight)
         if keep is None:
-            out.graph.initializer.append(t)
+            slot.CopyFrom(t)
             continue
-        values = weight * keep
+        np.multiply(weight, keep, out=weight)  # weight * keep, in place
         del weight, keep
-        raw = np.ascontiguousarray(values).tobytes()
-        del values  # one layer's bytes, then their copy in the model: never three arrays at once
-        add_initializer(out, t, raw)
+        trim_heap()  # the mask and its scratch, before the output's copy of the layer is made
+        slot.MergeFromString(buffer)
+        del buffer
     if exclude:  # the layers `exclude` left dense join the file's list: it says what was left dense on purpose
         patterns = prune_exclusions(model) + list(exclude)
         set_prune_exclusions(out, [w for _, w, _ in weight_nodes(model) if _is_excluded(w, patterns)])
@@ -72,7 +78,7 @@ def _pruned(model: onnx.ModelProto, layers: list, mask_of, exclude: list[str] | 
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
-    """A torch view of a read-only weight array (the masks only read it)."""
+    """A torch view of a weight array, a read-only one too (the masks only read it)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*")
         return torch.from_numpy(array)
