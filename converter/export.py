@@ -50,7 +50,8 @@ def export_onnx(module: nn.Module, spec: InputSpec, exclude: tuple[str, ...] | N
             buf = io.BytesIO()
             torch.onnx.export(module, (x,), buf, **settings)
             model = onnx.ModelProto()
-            model.ParseFromString(buf.getbuffer())  # no copy of the serialised bytes
+            # upb copies a memoryview once (only a bytearray parses in place): small, the weights are not in it
+            model.ParseFromString(buf.getbuffer())
             del buf
     model, _ = run_pipeline(model, EXPORT_PIPELINE)
     trim_heap()  # the exporter's scratch and the model before the pipeline were freed into the heap
