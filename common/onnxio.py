@@ -44,6 +44,44 @@ def parse_model(data: bytes, where: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
+    """The model with large initializers turned into typed graph inputs.
+
+    The checker and shape inference see every name, type and shape without serialising
+    hundreds of megabytes of weights; small initializers (shapes, axes) keep their values.
+    """
+    out = onnx.ModelProto()
+    graph = model.graph
+    out.CopyFrom(onnx.helper.make_model(onnx.GraphProto(), opset_imports=model.opset_import))
+    out.ir_version = model.ir_version
+    g = out.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    input_names = {i.name for i in graph.input}
+    for t in graph.initializer:
+        nbytes = tensor_nbytes(t)  # from its dims: reading raw_data would copy it (all of VGG-19's fc6)
+        if nbytes <= max_bytes:
+            g.initializer.append(t)
+        elif t.name not in input_names:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return out
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """The bytes a tensor's values take, from its dims and type: no copy of its data is made."""
+    n = 1
+    for d in t.dims:
+        n *= d
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 8
+    return n * itemsize
+
+
 def validate_model(model: onnx.ModelProto, where: str | os.PathLike, check: bool = True) -> None:
     """Everything a model from a file must pass before sparsecnn uses it, each failure one line
     naming `where`: no external data, a supported opset, the ONNX checker, finite weights,
@@ -59,16 +97,22 @@ def validate_model(model: onnx.ModelProto, where: str | os.PathLike, check: bool
         raise UserError(f"{where} uses ONNX opset {opset}; sparsecnn reads opsets {OPSET_FLOOR} to "
                         f"{OPSET_CEILING} (convert it with onnx.version_converter)")
     if check:
-        try:
-            onnx.checker.check_model(model)
+        try:  # on the skeleton: checking the model itself serialises and re-parses every weight (2 models more)
+            onnx.checker.check_model(skeleton(model))
         except onnx.checker.ValidationError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
             raise UserError(f"{where} fails the ONNX checker: {first}") from None
-    for t in model.graph.initializer:
+    for t in model.graph.initializer:  # one tensor at a time: what the checker checks of the weights it did not see
+        try:
+            values = onnx.numpy_helper.to_array(t)
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"{where}: weight tensor '{t.name}' holds data that does not fit its shape "
+                            f"{list(t.dims)} ({str(exc).splitlines()[0][:120]})") from None
         if t.data_type in _FLOAT_TYPES:
-            bad = nonfinite_kind(onnx.numpy_helper.to_array(t))
+            bad = nonfinite_kind(values)
             if bad:
                 raise UserError(f"{where}: weight tensor '{t.name}' holds {bad} values; fix or retrain the model")
+        del values
     _check_metadata(model, where)
     spec = get_input_spec(model, where)
     _check_input_feeds_first_conv(model, where, spec)

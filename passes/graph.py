@@ -25,7 +25,7 @@ import onnx
 
 from ..common.errors import UserError
 from ..common.memory import trim_heap
-from ..common.onnxio import copy_fields, save_onnx
+from ..common.onnxio import copy_fields, save_onnx, skeleton, tensor_nbytes
 
 SPARSECNN_DOMAIN = "sparsecnn"
 SPARSECNN_OPSET = 1
@@ -60,44 +60,6 @@ def copy_model_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     copy_fields(model, out, skip={"graph"})
     copy_fields(model.graph, out.graph, skip={"initializer"})
     return out
-
-
-def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
-    """The model with large initializers turned into typed graph inputs.
-
-    The checker and shape inference see every name, type and shape without serialising
-    hundreds of megabytes of weights; small initializers (shapes, axes) keep their values.
-    """
-    out = onnx.ModelProto()
-    graph = model.graph
-    out.CopyFrom(onnx.helper.make_model(onnx.GraphProto(), opset_imports=model.opset_import))
-    out.ir_version = model.ir_version
-    g = out.graph
-    g.name = graph.name
-    g.node.extend(graph.node)
-    g.input.extend(graph.input)
-    g.output.extend(graph.output)
-    g.value_info.extend(graph.value_info)
-    input_names = {i.name for i in graph.input}
-    for t in graph.initializer:
-        nbytes = tensor_nbytes(t)  # from its dims: reading raw_data would copy it (all of VGG-19's fc6)
-        if nbytes <= max_bytes:
-            g.initializer.append(t)
-        elif t.name not in input_names:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return out
-
-
-def tensor_nbytes(t: onnx.TensorProto) -> int:
-    """The bytes a tensor's values take, from its dims and type: no copy of its data is made."""
-    n = 1
-    for d in t.dims:
-        n *= d
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        itemsize = 8
-    return n * itemsize
 
 
 def node_attrs(node: onnx.NodeProto) -> dict:

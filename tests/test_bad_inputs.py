@@ -353,6 +353,18 @@ def test_onnx_input_that_cannot_feed_the_first_conv(capsys, tmp_path, tiny_onnx_
     fails(capsys, tmp_path, verb, "m.onnx", *extra, match="5 channels")
 
 
+def test_onnx_weight_shorter_than_its_shape(capsys, tmp_path, tiny_onnx_bytes):
+    """The largest weight (past the checker's skeleton, which sees only its type and shape) cut short."""
+    from sparsecnn.passes.graph import tensor_nbytes
+
+    m = tiny_model(tiny_onnx_bytes)
+    t = max(m.graph.initializer, key=tensor_nbytes)
+    assert tensor_nbytes(t) > 4096 and t.HasField("raw_data")
+    t.raw_data = t.raw_data[:-4]
+    write_model(tmp_path / "m.onnx", m)
+    fails(capsys, tmp_path, "inspect", "m.onnx", match=f"'{t.name}' holds data that does not fit its shape")
+
+
 def test_onnx_with_external_data(capsys, tmp_path, tiny_onnx_bytes):
     m = tiny_model(tiny_onnx_bytes)
     t = m.graph.initializer[0]
