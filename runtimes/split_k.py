@@ -35,7 +35,6 @@ def split_count(blocks: int, chunks: int, sms: int, cap: int | None = None) -> i
     return even_split(chunks, split_wanted(blocks, sms, cap))
 
 
-
 def run_split(launch: Callable[[torch.Tensor], None], shape, dtype: torch.dtype, device, split: bool,
               relu: bool) -> torch.Tensor:
     """Allocate the output of `shape` and `launch(y)` into it. Split: y is a zeroed fp32 buffer the

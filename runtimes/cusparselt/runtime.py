@@ -313,8 +313,7 @@ class TwoFourLayer(Switch):
         from ..chooser import Chooser
 
         candidates = self.layer_candidates(x)
-        entry = dict(next((c.detail for c in candidates if c.name == SPARSE),
-                          {"sparse": "no cuSPARSELt here: the mma.sp kernel or dense"}))
+        entry = dict(next((c.detail for c in candidates if c.name == SPARSE), {}))  # {}: no cuSPARSELt here
         if entry.get("padded"):
             entry["padding_note"] = "padded with zeros to cuSPARSELt's multiples (" + ", ".join(
                 f"{d} {a}->{b}" for d, (a, b) in entry["padded"].items()) + ")"
@@ -382,7 +381,6 @@ def _layer_builder(kind: str, backend: str, mma_backend=None):
             raise NotImplementedError("cuSPARSELt runs fp16/bf16 only")
         weight = dense_weight(ctx)  # ONNX layout, engine dtype
         bias = _bias(ctx)
-        a = unpack_2to4(ctx.const(1).to(ctx.device, ctx.dtype), ctx.const(2))
         if kind == "conv":
             alpha = beta = 1.0
         else:
@@ -391,8 +389,10 @@ def _layer_builder(kind: str, backend: str, mma_backend=None):
             dense_run = lambda t, c=None: std(t, weight, c)  # noqa: E731
             alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
         fused_bias = bias if (alpha == 1.0 and beta == 1.0) else None
-        gemm = None if backend == NO_GEMM else SparseGemm(a, fused_bias, backend,
-                                                          allow_search=bool(ctx.options.get("cslt_search", False)))
+        gemm = None  # without cuSPARSELt no sparse GEMM, and no unpacked copy of the weight for one
+        if backend != NO_GEMM:
+            a = unpack_2to4(ctx.const(1).to(ctx.device, ctx.dtype), ctx.const(2))
+            gemm = SparseGemm(a, fused_bias, backend, allow_search=bool(ctx.options.get("cslt_search", False)))
         weights = [weight] + ([bias] if bias is not None else [])
         if kind == "conv":
             lowering = ConvLowering(ctx, gemm, list(ctx.attr("kernel_shape"))) if gemm is not None else None

@@ -501,11 +501,10 @@ def compile_with_backends(model: onnx.ModelProto, device, options=None, state: d
         engine.calibrate(calibration_input(model, int(opts.extra.get("batch", 1))), saved=saved)
     else:
         random_input = calibration is None
-        if "sparsert" in libraries and backends.sparsert is not None and not saved:
-            prepare_sparsert(groups, model, backends.sparsert, opts.extra,
-                             int(calibration.shape[0]) if calibration is not None else int(opts.extra.get("batch", 1)))
         if random_input:
             calibration = calibration_input(model, int(opts.extra.get("batch", 1)))
+        if "sparsert" in libraries and backends.sparsert is not None and not saved:
+            prepare_sparsert(groups, model, backends.sparsert, opts.extra, int(calibration.shape[0]))
         engine.calibrate(calibration, saved=saved or None)
         if random_input:
             for g in groups.values():

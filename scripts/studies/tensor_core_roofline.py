@@ -28,7 +28,7 @@ FORMS = ("dense", "2:4", "tiled-csl")
 
 def targets() -> dict:
     """--cards names -> Board: the Jetson boards by key, the data-centre cards by torch's device name."""
-    return {**BOARDS, **{k: v for k, v in CARDS.items()}}
+    return {**BOARDS, **CARDS}
 
 
 def named_layer(model: str, cost: dict) -> str:
@@ -59,8 +59,8 @@ def layer_rows(model: str, costs: list[dict], board, sparsity: float) -> list[di
 
 
 def summary(rows: list[dict]) -> dict:
-    def total(form, only=None):
-        sel = [r for r in rows if (only is None or r["bar"]) and r.get(form)]
+    def total(form):
+        sel = [r for r in rows if r.get(form)]
         return sum(r[form]["us"] for r in sel) if sel else None
 
     out = {"layers": len(rows), "compute_bound_dense": sum(r["dense"]["bound"] == "compute" for r in rows)}
