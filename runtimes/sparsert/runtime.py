@@ -298,15 +298,24 @@ def prepare_nodes(items: list[tuple[NodeContext, tuple[int, ...]]], loader: Kern
         layer, _ = node_programs(ctx, tuple(shape), dtype, max_configs, max_instructions)
         if layer is not None:
             layers[ctx.name] = (tuple(shape), layer)
-    sources = [src for _, layer in layers.values() for src in layer.sources]
-    if sources:
-        t0 = time.perf_counter()
-        records = iter(loader.compile(sources, progress=len(sources) > 4))
-        wall = time.perf_counter() - t0
-        for _, layer in layers.values():
-            layer.records = [next(records) for _ in layer.sources]
-            layer.compile_s = wall  # the batch's wall time: compiled together, not one by one
+    compile_together([layer for _, layer in layers.values()], loader)
     return layers
+
+
+def compile_together(layers: list[LayerPrograms], loader: KernelLoader) -> list:
+    """Every layer's programs in one NVRTC batch (in parallel across layers), each layer's records
+    set and its `compile_s` the batch's wall time; all the records, in the layers' order."""
+    sources = [src for layer in layers for src in layer.sources]
+    if not sources:
+        return []
+    t0 = time.perf_counter()
+    records = loader.compile(sources, progress=len(sources) > 4)
+    wall = time.perf_counter() - t0
+    it = iter(records)
+    for layer in layers:
+        layer.records = [next(it) for _ in layer.sources]
+        layer.compile_s = wall  # compiled together, not one by one
+    return records
 
 
 def node_candidates(ctx: NodeContext, x: torch.Tensor, loader: KernelLoader, max_configs: int = DEFAULT_MAX_CONFIGS,
@@ -446,20 +455,14 @@ class Planner:
                 if not layer.generate(dtype, max_configs, max_instr, self.batch, saved_config):
                     layer.kinds = [x for x in kinds if x != "generated"] or ["dense"]
                 self.costs["gen_s"] += layer.gen_s
-        jobs = [src for layer in self.layers.values() for src in layer.sources]
-        if jobs:  # every layer's programs at once: NVRTC in parallel across layers
-            t0 = time.perf_counter()
-            records = self.loader.compile(jobs, progress=len(jobs) > 4)
-            it = iter(records)
-            for layer in self.layers.values():
-                layer.records = [next(it) for _ in layer.sources]
-            if not self.emulate:
-                self.costs["compile_wall_s"] = time.perf_counter() - t0
-                self.costs["compile_cpu_s"] = sum(r.cpu_seconds for r in records)
-                self.costs["programs"] = len(records)
-                self.costs["programs_compiled"] = sum(not r.cached for r in records)
-                self.costs["instructions"] = sum(p.instructions() for layer in self.layers.values()
-                                                 for p in layer.programs)
+        records = compile_together(list(self.layers.values()), self.loader)
+        if records and not self.emulate:
+            self.costs["compile_wall_s"] = next(iter(self.layers.values())).compile_s
+            self.costs["compile_cpu_s"] = sum(r.cpu_seconds for r in records)
+            self.costs["programs"] = len(records)
+            self.costs["programs_compiled"] = sum(not r.cached for r in records)
+            self.costs["instructions"] = sum(p.instructions() for layer in self.layers.values()
+                                             for p in layer.programs)
         self.costs = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.costs.items()}
 
     # -- per-layer build (called by the Executor) -------------------------------------------
