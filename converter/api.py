@@ -330,15 +330,16 @@ def load(path: str | Path, device: str | None = None):
 # ---- verify --------------------------------------------------------------------------------------
 
 def verify(engine_or_model, onnx=None, inputs=None, *, atol: float | None = None, rtol: float | None = None,
-           batch: int = 1, seed: int = 0) -> _verify.VerifyResult:
+           batch: int | None = None, seed: int = 0) -> _verify.VerifyResult:
     """Run `engine_or_model` and ONNX Runtime (CPU) on the same inputs and compare every output.
 
     engine_or_model: an Engine (from compile() or load()), or any callable on tensors such as an
         nn.Module (checked against the ONNX file exported from it, e.g. prune(module, 'none')).
     onnx: the reference: a PrunedModel, onnx.ModelProto or .onnx path; for an engine from compile()
         the model it was compiled from is the default.
-    inputs: None (standard-normal of the model's size, `batch`, `seed`: what `sparsecnn verify` and
-        `run --random` draw), a tensor or array (the single input), {input name: tensor or array},
+    inputs: None (standard-normal of the model's size, `batch` (default: its fixed batch, else 1) and
+        `seed`: what `sparsecnn verify` and `run --random` draw), a tensor or array (the single input),
+        {input name: tensor or array},
         or an .npz path (arrays by input name, as `sparsecnn run --save-inputs` writes).
     atol, rtol: an output passes when max|got - ref| <= atol + rtol * max|ref|; defaults: atol 0, rtol
         the engine's dtype tolerance from common/numerics.py (fp32 1e-4, fp16 2e-2, TF32 5e-3).
@@ -371,7 +372,7 @@ def verify(engine_or_model, onnx=None, inputs=None, *, atol: float | None = None
     return _verify.verify([subject], reference, arrays, where=where, input_source=source)
 
 
-def _inputs(inputs, reference: onnx.ModelProto, batch: int, seed: int, where: str):
+def _inputs(inputs, reference: onnx.ModelProto, batch: int | None, seed: int, where: str):
     if inputs is None:
         return _verify.random_inputs(reference, batch, seed, where), f"random, seed {seed}"
     if isinstance(inputs, (str, Path)):

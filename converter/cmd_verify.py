@@ -65,7 +65,8 @@ def add_parser(sub) -> None:
                    help="a setting of a chosen runtime, repeatable (`sparsecnn doctor --options RUNTIME`)")
     p.add_argument("--inputs", metavar="FILE.npz", help="inputs by input name (`run --save-inputs -o FILE.npz` "
                                                         "writes one; other arrays in it are ignored)")
-    p.add_argument("--batch", type=batch_size, default=1, help="batch size of random inputs (default 1)")
+    p.add_argument("--batch", type=batch_size, help="batch size of random inputs (default: the model's fixed "
+                                                     "batch, else 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of random inputs (default 0, as `run --random`)")
     p.add_argument("--atol", type=_tolerance, help="absolute slack (default 0)")
     p.add_argument("--rtol", type=_tolerance, help="tolerance relative to max |reference| (default by --dtype)")

@@ -58,10 +58,13 @@ def _fmt_dims(dims) -> str:
                            for i, d in enumerate(dims)) + "]"
 
 
-def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0, where: str = "the model"
+def random_inputs(model: onnx.ModelProto, batch: int | None = None, seed: int = 0, where: str = "the model"
                   ) -> dict[str, np.ndarray]:
-    """Standard-normal inputs of the model's declared sizes and `batch`, seeded as `sparsecnn run
-    --random --seed` draws them (one torch generator, inputs in graph order)."""
+    """Standard-normal inputs of the model's declared sizes and `batch` (default: an input's fixed
+    batch, else 1; another batch than a fixed one is a user error), seeded as `sparsecnn run --random
+    --seed` draws them (one torch generator, inputs in graph order)."""
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise UserError(f"batch must be a whole number >= 1, got {batch!r}")
     spec = get_input_spec(model, where)
     gen = torch.Generator().manual_seed(seed)
     out = {}
@@ -75,7 +78,11 @@ def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0, where: 
         if not dims or any(d is None for d in shape):
             raise UserError(f"{where}: input '{name}' has no fixed size ({_fmt_dims(dims)}); give its values in "
                             "an .npz file (--inputs FILE.npz)")
-        out[name] = torch.randn(batch, *shape, generator=gen).numpy()
+        if dims[0] is not None and batch is not None and batch != dims[0]:
+            raise UserError(f"{where}: input '{name}' has a fixed batch of {dims[0]}; drop --batch {batch}, or "
+                            "export the model with a dynamic batch axis")
+        n = batch if batch is not None else dims[0] or 1
+        out[name] = torch.randn(n, *shape, generator=gen).numpy()
     return out
 
 
@@ -350,7 +357,8 @@ def outputs_npz(result: VerifyResult) -> bytes:
 
 # ---- the flows `sparsecnn verify` runs -----------------------------------------------------------
 
-def given_or_random(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray] | None, input_source: str, batch: int,
+def given_or_random(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray] | None, input_source: str,
+                    batch: int | None,
                     seed: int, where: str) -> tuple[dict[str, np.ndarray], str]:
     """(input arrays, what they are): `inputs` checked against `model`, else random of its size."""
     if inputs is not None:
@@ -367,7 +375,7 @@ def engine_subject(engine, atol: float | None = None, rtol: float | None = None)
 
 def check_runtimes(model: onnx.ModelProto, runtimes: list[str], device: str = "auto", *, dtype: str = "fp32",
                    tf32: bool = False, options: Mapping[str, dict] | None = None,
-                   inputs: Mapping[str, np.ndarray] | None = None, input_source: str = "", batch: int = 1,
+                   inputs: Mapping[str, np.ndarray] | None = None, input_source: str = "", batch: int | None = None,
                    seed: int = 0, atol: float | None = None, rtol: float | None = None, where: str = "the model",
                    quiet: bool = False, calibration: torch.Tensor | None = None) -> VerifyResult:
     """Rewrite and compile `model` (the pruned ONNX) for each runtime, run all on the same inputs
@@ -391,7 +399,7 @@ def check_runtimes(model: onnx.ModelProto, runtimes: list[str], device: str = "a
 
 
 def check_engine_file(path: str, device: str = "auto", *, reference: str | None = None,
-                      inputs: Mapping[str, np.ndarray] | None = None, input_source: str = "", batch: int = 1,
+                      inputs: Mapping[str, np.ndarray] | None = None, input_source: str = "", batch: int | None = None,
                       seed: int = 0, atol: float | None = None, rtol: float | None = None,
                       quiet: bool = False) -> VerifyResult:
     """A saved engine against ONNX Runtime on `reference` (the pruned ONNX file it was built from);

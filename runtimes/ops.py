@@ -14,6 +14,8 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from ..common.errors import UserError
+
 # NodeContext, attributes and the op table live in passes/node.py (below the format references);
 # re-exported here, the executor's op module.
 from ..passes.node import (STANDARD_OPS, Builder, NodeContext, OpFn, _torch_pad, attributes, op,  # noqa: F401
@@ -23,13 +25,120 @@ def _simple(fn: Callable) -> Builder:
     return lambda ctx: fn
 
 
+def _div(a, b):
+    # ONNX divides integers with truncation (shape arithmetic: ShuffleNet's channel split);
+    # torch.div would return floats, which Slice cannot take as bounds
+    if a.is_floating_point() or b.is_floating_point():
+        return torch.div(a, b)
+    return torch.div(a, b, rounding_mode="trunc")
+
+
 for _name, _fn in {
     "Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Exp": torch.exp,
-    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div,
-    "Neg": torch.neg, "Sqrt": torch.sqrt, "Abs": torch.abs,
+    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": _div, "Pow": torch.pow,
+    "Neg": torch.neg, "Sqrt": torch.sqrt, "Abs": torch.abs, "Erf": torch.erf, "Reciprocal": torch.reciprocal,
+    "Log": torch.log, "Floor": torch.floor, "Ceil": torch.ceil, "Softplus": F.softplus, "Mish": F.mish,
+    "HardSwish": F.hardswish, "Max": lambda *xs: _fold(torch.maximum, xs), "Min": lambda *xs: _fold(torch.minimum, xs),
+    "Sum": lambda *xs: _fold(torch.add, xs), "Equal": torch.eq, "Where": torch.where,
     "Identity": lambda x: x, "Shape": lambda x: torch.tensor(list(x.shape), dtype=torch.int64),
 }.items():
     op(_name)(_simple(_fn))
+
+
+def _fold(fn, xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = fn(out, x)
+    return out
+
+
+@op("HardSigmoid")
+def _hard_sigmoid(ctx):
+    alpha, beta = ctx.attr("alpha", 0.2), ctx.attr("beta", 0.5)
+    return lambda x: torch.clamp(alpha * x + beta, 0.0, 1.0)
+
+
+@op("Elu")
+def _elu(ctx):
+    alpha = ctx.attr("alpha", 1.0)
+    return lambda x: F.elu(x, alpha)
+
+
+@op("PRelu")
+def _prelu(ctx):
+    return lambda x, slope: torch.where(x >= 0, x, x * slope)
+
+
+@op("Gelu")
+def _gelu(ctx):
+    approximate = ctx.attr("approximate", "none")
+    return lambda x: F.gelu(x, approximate=approximate)
+
+
+@op("ConstantOfShape")
+def _constant_of_shape(ctx):
+    value = ctx.attr("value")
+    t = torch.as_tensor(np.array(value if value is not None else np.zeros(1, np.float32))).reshape(())
+    if t.is_floating_point():
+        t = t.to(ctx.dtype)
+
+    def run(shape):
+        return torch.full([int(v) for v in shape.tolist()], t.item(), dtype=t.dtype,
+                          device=ctx.device if t.is_floating_point() else "cpu")
+
+    return run
+
+
+@op("Expand")
+def _expand(ctx):
+    def run(x, shape):
+        dims = [int(v) for v in shape.tolist()]
+        # ONNX broadcasts both ways (a 1 in the shape keeps x's size); torch's expand does not
+        target = torch.broadcast_shapes(tuple(x.shape), tuple(dims))
+        return x.expand(target)
+
+    return run
+
+
+@op("Split")
+def _split(ctx):
+    axis = ctx.attr("axis", 0)
+    attr_split = ctx.attr("split")
+    parts = len(ctx.node.output)
+
+    def run(x, split=None):
+        sizes = attr_split if split is None else [int(v) for v in split.tolist()]
+        if sizes is None:
+            n = x.shape[axis]
+            size = -(-n // parts)  # ONNX: equal parts, the last smaller when it does not divide
+            sizes = [min(size, n - i * size) for i in range(parts)]
+        return tuple(torch.split(x, list(sizes), dim=axis))
+
+    return run
+
+
+@op("LayerNormalization")
+def _layer_norm(ctx):
+    if len([o for o in ctx.node.output[1:] if o]):
+        raise NotImplementedError("LayerNormalization with its Mean or InvStdDev output")
+    axis = ctx.attr("axis", -1)
+    eps = ctx.attr("epsilon", 1e-5)
+
+    def run(x, scale, bias=None):
+        a = axis % x.dim()
+        dims = tuple(range(a, x.dim()))
+        mean = x.mean(dim=dims, keepdim=True)
+        var = (x - mean).square().mean(dim=dims, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + eps) * scale
+        return y if bias is None else y + bias
+
+    return run
+
+
+@op("InstanceNormalization")
+def _instance_norm(ctx):
+    eps = ctx.attr("epsilon", 1e-5)
+    return lambda x, scale, bias: F.instance_norm(x, weight=scale, bias=bias, eps=eps)
 
 
 @op("Dropout")
@@ -86,6 +195,68 @@ def _conv(ctx):
         return conv(F.pad(x, _torch_pad(pads)), weight, bias, stride, 0, dilation, groups)
 
     ctx.info.update(kernel="torch.conv (cuDNN)" if ctx.device.type == "cuda" else "torch.conv")
+    return run
+
+
+@op("ConvTranspose")
+def _conv_transpose(ctx):
+    w = ctx.const(1)
+    kernel = ctx.attr("kernel_shape") or (list(w.shape[2:]) if w is not None else None)
+    if kernel is None:
+        raise NotImplementedError("ConvTranspose whose weight is not a constant")
+    spatial = len(kernel)
+    stride = ctx.attr("strides", [1] * spatial)
+    dilation = ctx.attr("dilations", [1] * spatial)
+    groups = ctx.attr("group", 1)
+    extra = ctx.attr("output_padding", [0] * spatial)
+    if ctx.attr("output_shape") is not None or ctx.attr("auto_pad", "NOTSET") != "NOTSET":
+        raise NotImplementedError("ConvTranspose with output_shape or auto_pad (give explicit pads)")
+    pads = ctx.attr("pads", [0] * 2 * spatial)
+    conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial]
+
+    def run(x, weight, bias=None):
+        weight = w if w is not None else weight
+        begin, end = pads[:spatial], pads[spatial:]
+        if begin == end and all(e < max(s, d) for e, s, d in zip(extra, stride, dilation)):
+            return conv(x, weight, bias, stride, begin, extra, groups, dilation)
+        # asymmetric pads: the full output (output_padding grows its end), cropped each side, then the bias
+        y = conv(x, weight, None, stride, 0, 0, groups, dilation)
+        y = F.pad(y, _torch_pad([0] * spatial + list(extra)))
+        y = y[(slice(None), slice(None)) + tuple(slice(b, y.shape[2 + i] - e) for i, (b, e) in enumerate(zip(begin, end)))]
+        return y if bias is None else y + bias.view(-1, *[1] * spatial)
+
+    ctx.info.update(kernel="torch.conv_transpose")
+    return run
+
+
+@op("Resize")
+def _resize(ctx):
+    mode = ctx.attr("mode", "nearest")
+    coords = ctx.attr("coordinate_transformation_mode", "half_pixel")
+    nearest = ctx.attr("nearest_mode", "round_prefer_floor")
+    if ctx.attr("antialias", 0) or ctx.attr("axes") is not None or ctx.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise NotImplementedError("Resize with antialias, axes or keep_aspect_ratio_policy")
+    if mode == "nearest" and (coords, nearest) == ("asymmetric", "floor"):
+        how = {"mode": "nearest"}  # torch's nearest (what F.interpolate exports)
+    elif mode == "linear" and coords in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        how = {"mode": "bilinear", "align_corners": coords == "align_corners"}
+    else:
+        raise NotImplementedError(f"Resize mode={mode} coordinate_transformation_mode={coords}"
+                                  + (f" nearest_mode={nearest}" if mode == "nearest" else "")
+                                  + " (torch's interpolate exports nearest/asymmetric/floor or linear/half_pixel)")
+
+    def run(x, roi=None, scales=None, sizes=None):
+        by_size = sizes is not None and sizes.numel() > 0
+        given = [int(v) for v in sizes.tolist()] if by_size else [float(f) for f in scales.tolist()]
+        if given[:2] != (list(x.shape[:2]) if by_size else [1.0, 1.0]):
+            raise UserError(f"Resize '{ctx.name}' scales the batch or channel axis, which this runtime cannot run")
+        if x.dim() != 4 and how["mode"] == "bilinear":
+            raise UserError(f"Resize '{ctx.name}': linear resize of a {x.dim()}-D tensor is not supported")
+        if by_size:
+            return F.interpolate(x, size=given[2:], **how)
+        # by scale, ONNX maps coordinates with the scale given, not in/out sizes: so does torch here
+        return F.interpolate(x, scale_factor=given[2:], recompute_scale_factor=False, **how)
+
     return run
 
 
@@ -257,7 +428,7 @@ def _gather(ctx):
 @op("Constant")
 def _constant(ctx):
     value = ctx.attr("value")
-    t = torch.as_tensor(value)
+    t = torch.as_tensor(np.array(value))  # a copy: the attribute's array is read-only
     if t.is_floating_point():
         t = t.to(ctx.device, ctx.dtype)
     return lambda: t
@@ -309,11 +480,19 @@ def _slice(ctx):
         ax = axes.tolist() if axes is not None else list(range(len(st)))
         sp = steps.tolist() if steps is not None else [1] * len(st)
         index = [slice(None)] * x.dim()
+        flips = []
         for s, e, a, k in zip(st, en, ax, sp):
-            if k != 1:
-                raise NotImplementedError("Slice with steps other than 1")
+            a %= x.dim()
             n = x.shape[a]
-            index[a] = slice(max(min(s if s >= 0 else s + n, n), 0), max(min(e if e >= 0 else e + n, n), 0))
+            s, e = (s + n if s < 0 else s), (e + n if e < 0 else e)
+            if k > 0:
+                index[a] = slice(max(min(s, n), 0), max(min(e, n), 0), k)
+            else:  # ONNX's reverse slice (torch indexing takes no negative step): flip, then slice forward
+                s, e = max(min(s, n - 1), -1), max(min(e, n - 1), -1)
+                index[a] = slice(n - 1 - s, n - 1 - e, -k) if s > e else slice(0, 0)
+                flips.append(a)
+        if flips:
+            x = torch.flip(x, flips)
         return x[tuple(index)]
 
     return run

@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import onnx
 import pytest
@@ -56,6 +58,68 @@ def test_spatial_ops_match_onnxruntime_including_asymmetric_padding(node_kwargs)
     ref = ort_run(model, x)[0]
     assert tuple(ours.shape) == ref.shape
     assert rel_err(ours, ref) < 1e-5
+
+
+def _const(name, values, dtype=np.float32):
+    return onnx.numpy_helper.from_array(np.asarray(values, dtype=dtype), name)
+
+
+_W = np.random.default_rng(2).standard_normal((4, 3, 3, 3))
+# ops torchvision CNNs and common layers export (MobileNetV3, ConvNeXt, ShuffleNet, segmentation
+# heads, decoders), each in the forms their exporters write, against ONNX Runtime
+STANDARD_OP_CASES = {
+    "HardSwish": (dict(op_type="HardSwish"), []),
+    "HardSigmoid": (dict(op_type="HardSigmoid", alpha=1 / 6, beta=0.5), []),
+    "Erf": (dict(op_type="Erf"), []),
+    "LayerNormalization": (dict(op_type="LayerNormalization", axis=-1, epsilon=1e-6),
+                           [_const("s", np.linspace(0.5, 2, 11)), _const("b", np.linspace(-1, 1, 11))]),
+    "ConvTranspose": (dict(op_type="ConvTranspose", strides=[2, 2]), [_const("w", _W), _const("b", [1, 2, 3])]),
+    "ConvTranspose-asymmetric": (dict(op_type="ConvTranspose", strides=[3, 2], pads=[1, 0, 0, 1], output_padding=[2, 1]),
+                                 [_const("w", _W), _const("b", [1, 2, 3])]),
+    "Slice-reversed": (dict(op_type="Slice"), [_const("st", [-1, 7], np.int64), _const("en", [-2**63 + 1, 0], np.int64),
+                                               _const("ax", [3, 2], np.int64), _const("sp", [-1, -3], np.int64)]),
+    "Resize-linear": (dict(op_type="Resize", mode="linear", coordinate_transformation_mode="pytorch_half_pixel"),
+                      [_const("roi", []), _const("sc", [1, 1, 2.0, 1.5])]),
+    "Resize-nearest": (dict(op_type="Resize", mode="nearest", coordinate_transformation_mode="asymmetric",
+                            nearest_mode="floor"), [_const("roi", []), _const("sc", [1, 1, 2.0, 3.0])]),
+    "Split": (dict(op_type="Split", axis=1), [_const("split", [1, 3], np.int64)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STANDARD_OP_CASES))
+def test_standard_ops_of_common_cnns_match_onnxruntime(case):
+    kwargs, inits = STANDARD_OP_CASES[case]
+    kwargs = dict(kwargs)
+    op_type = kwargs.pop("op_type")
+    outs = ["y", "z"] if op_type == "Split" else ["y"]
+    node = helper.make_node(op_type, ["x"] + [t.name for t in inits], outs, **kwargs)
+    model = _single_node_model(node, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 9, 11])],
+                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * 4) for o in outs], inits)
+    x = np.random.default_rng(1).standard_normal((2, 4, 9, 11)).astype(np.float32)
+    ours = get_runtime("torch").compile(model, "cpu", {})(torch.from_numpy(x))
+    ref = ort_run(model, x)
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        assert tuple(a.shape) == b.shape
+        assert rel_err(a, b) < 1e-5
+
+
+def test_integer_shape_arithmetic_divides_as_onnx_does():
+    """ShuffleNet's x.chunk(2, dim=1): Shape -> Gather -> Add -> Div -> Mul -> Slice bounds. ONNX
+    divides integers (truncating); a float quotient made Slice fail inside the engine with a traceback."""
+    class Half(torch.nn.Module):
+        def forward(self, x):
+            a, b = x.chunk(2, dim=1)
+            return a * 2 - b
+
+    path = io.BytesIO()
+    torch.onnx.export(Half(), (torch.zeros(1, 4, 3, 3),), path, dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {1: "C"}})
+    model = onnx.load_from_string(path.getvalue())
+    assert "Div" in {n.op_type for n in model.graph.node}
+    x = np.random.default_rng(0).standard_normal((1, 6, 3, 3)).astype(np.float32)
+    ours = get_runtime("torch").compile(model, "cpu", {})(torch.from_numpy(x))[0]
+    assert rel_err(ours, ort_run(model, x)[0]) < 1e-6
 
 
 def test_unknown_op_fails_at_compile_time_naming_node_and_op():

@@ -141,6 +141,22 @@ def test_user_errors_are_one_line_exit_2(capsys, pruned, monkeypatch, argv, matc
     assert "Traceback" not in err
 
 
+def test_random_inputs_take_a_fixed_batch_and_another_batch_is_one_line(capsys, tmp_path, pruned):
+    """A file exported with a fixed batch: random inputs are drawn at it; --batch 3 was drawn anyway,
+    the engines ran it and ONNX Runtime's cut-off 'invalid dimensions' message ended the run."""
+    import onnx
+
+    model = onnx.load(str(pruned / "t.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(model, str(tmp_path / "b2.onnx"))
+    code, out, _ = verify(capsys, tmp_path / "b2.onnx", "--device", "cpu")
+    assert code == 0 and "'input' [2, 3, 32, 32]" in out
+    code, _, err = verify(capsys, tmp_path / "b2.onnx", "--device", "cpu", "--batch", "3")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "sparsecnn verify: error: b2.onnx: input 'input' has a fixed batch of 2; drop --batch 3, or export "
+        "the model with a dynamic batch axis") and "Traceback" not in err
+
+
 def test_a_runtime_not_available_here_fails_before_the_model_is_built(capsys, monkeypatch):
     import sparsecnn.converter.source as source
     import sparsecnn.runtimes.csr.runtime as csr
