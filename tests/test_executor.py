@@ -83,6 +83,13 @@ STANDARD_OP_CASES = {
     "Resize-nearest": (dict(op_type="Resize", mode="nearest", coordinate_transformation_mode="asymmetric",
                             nearest_mode="floor"), [_const("roi", []), _const("sc", [1, 1, 2.0, 3.0])]),
     "Split": (dict(op_type="Split", axis=1), [_const("split", [1, 3], np.int64)]),
+    "Pow": (dict(op_type="Pow"), [_const("p", 2.0)]),
+    "Max": (dict(op_type="Max"), [_const("m", [[[0.1]], [[-0.2]], [[0.0]], [[0.3]]])]),
+    "Expand": (dict(op_type="Expand"), [_const("shape", [3, 1, 1, 1, 1], np.int64)]),
+    "PRelu": (dict(op_type="PRelu"), [_const("slope", [[[0.1]], [[0.2]], [[0.3]], [[0.4]]])]),
+    "Softplus": (dict(op_type="Softplus"), []),
+    "Elu": (dict(op_type="Elu", alpha=0.7), []),
+    "InstanceNormalization": (dict(op_type="InstanceNormalization"), [_const("s", [1, 2, 3, 4]), _const("b", [0, 1, 0, 1])]),
 }
 
 
@@ -94,7 +101,8 @@ def test_standard_ops_of_common_cnns_match_onnxruntime(case):
     outs = ["y", "z"] if op_type == "Split" else ["y"]
     node = helper.make_node(op_type, ["x"] + [t.name for t in inits], outs, **kwargs)
     model = _single_node_model(node, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 9, 11])],
-                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * 4) for o in outs], inits)
+                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * (5 if op_type == "Expand" else 4))
+                                for o in outs], inits)
     x = np.random.default_rng(1).standard_normal((2, 4, 9, 11)).astype(np.float32)
     ours = get_runtime("torch").compile(model, "cpu", {})(torch.from_numpy(x))
     ref = ort_run(model, x)
