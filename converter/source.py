@@ -287,6 +287,11 @@ def load_source(source: str, weights: str | None = None, num_classes: int | None
     flags = flags or SpecFlags()
     path = Path(source)
     if source.endswith(".onnx") or (path.is_file() and path.suffix == ".onnx"):
+        given = [f for f, v in (("--weights", weights), ("--num-classes", num_classes)) if v is not None]
+        if given:  # an ONNX file holds its weights and classifier: these would be ignored
+            one = len(given) == 1
+            raise UserError(f"{source} is an ONNX file: it holds its own weights and classifier, so "
+                            f"{' and '.join(given)} {'does' if one else 'do'} not apply; drop {'it' if one else 'them'}")
         with stage(f"loading {source}", quiet):
             model = ready_for_pruning(load_onnx(path))
         stored = get_input_spec(model, path)
@@ -298,6 +303,9 @@ def load_source(source: str, weights: str | None = None, num_classes: int | None
         if arch is None:
             raise UserError(f"{source} is a checkpoint without an architecture name; give the model and the "
                             f"file separately: `{Path(sys.argv[0]).name} ... resnet18 --weights {source}`")
+        if weights is not None and weights != source:
+            raise UserError(f"{source} is a checkpoint: it holds the weights, so --weights {weights} does not apply; "
+                            f"drop it, or give the model name: `{Path(sys.argv[0]).name} ... {arch} --weights {weights}`")
         weights = source
     get_entry(arch)  # an unknown name fails before any progress is printed
     with stage(f"building {arch}" + (f" with weights {weights}" if weights else " (random weights, seed 0)"), quiet):

@@ -200,6 +200,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
     (sparsecnn's own checkpoints also carry 'arch', 'num_classes' and 'input').
     """
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p} is a folder; give a checkpoint file (a state dict saved with torch.save), a "
+                        "registry model name or an .onnx file")
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p}")
     try:
@@ -213,6 +216,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise UserError(f"{p} is corrupt or truncated and cannot be read as a PyTorch checkpoint "
                         f"({type(exc).__name__}); save it again") from None
+    except Exception as exc:  # noqa: BLE001 - a file that is no checkpoint (text, an image) fails in pickle's
+        # own way (KeyError, IndexError, UnicodeDecodeError, ...): the file is at fault, not sparsecnn
+        raise UserError(f"{p} is not a PyTorch checkpoint (torch.load: {type(exc).__name__}); give a state dict "
+                        "saved with torch.save(model.state_dict(), path)") from None
     return obj
 
 

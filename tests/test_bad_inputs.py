@@ -395,6 +395,33 @@ def test_checkpoint_with_bad_stored_spec(capsys, tmp_path, stored, match):
     fails(capsys, tmp_path, "convert", "c.pt", "-o", "o.onnx", match=match)
 
 
+def test_text_file_that_is_no_checkpoint(capsys, tmp_path):
+    """torch.load's weights-only unpickler failed on it with a KeyError: a traceback."""
+    (tmp_path / "c.pt").write_text("hello\n")
+    fails(capsys, tmp_path, "convert", "c.pt", "-o", "o.onnx", match=r"c\.pt is not a PyTorch checkpoint")
+    fails(capsys, tmp_path, "convert", "tinynet", "--weights", "c.pt", "-o", "o.onnx", match="not a PyTorch checkpoint")
+
+
+def test_folder_given_as_the_model(capsys, tmp_path):
+    (tmp_path / "models").mkdir()
+    fails(capsys, tmp_path, "convert", "models", "-o", "o.onnx", match="models is a folder; give a checkpoint file")
+
+
+@pytest.mark.parametrize("flags,match", [(["--weights", "w.pt"], "so --weights does not apply"),
+                                         (["--num-classes", "5"], "so --num-classes does not apply")])
+def test_weights_or_classes_for_an_onnx_file_are_refused_not_ignored(capsys, tmp_path, tiny_onnx_bytes, flags, match):
+    (tmp_path / "m.onnx").write_bytes(tiny_onnx_bytes)
+    save_state(tmp_path / "w.pt", tinynet_state())
+    fails(capsys, tmp_path, "convert", "m.onnx", *flags, "-o", "o.onnx", match=match)
+
+
+def test_weights_for_a_checkpoint_are_refused_not_ignored(capsys, tmp_path):
+    save_state(tmp_path / "c.pt", tinynet_state(), arch="tinynet")
+    save_state(tmp_path / "w.pt", tinynet_state())
+    fails(capsys, tmp_path, "convert", "c.pt", "--weights", "w.pt", "-o", "o.onnx",
+          match=r"c\.pt is a checkpoint: it holds the weights, so --weights w\.pt does not apply")
+
+
 def test_checkpoint_classes_disagree_with_flag(capsys, tmp_path):
     torch.save({"arch": "tinynet", "num_classes": 10, "state_dict": tinynet_state()}, tmp_path / "c.pt")
     fails(capsys, tmp_path, "convert", "c.pt", "--num-classes", "5", "-o", "o.onnx", match="10 classes")
