@@ -35,7 +35,7 @@ def preprocess(image, spec: InputSpec) -> torch.Tensor:
         # PIL's convert() to "L"/"RGB" clips these at 255 instead of scaling: scale to 0..255 here
         arr = np.asarray(image, dtype=np.float32) * (255.0 / WIDE_MODES[image.mode])
         image = Image.fromarray(arr, mode="F").resize((spec.width, spec.height), Image.BILINEAR)
-        arr = np.asarray(image, dtype=np.float32)[..., None]
+        arr = np.array(image, dtype=np.float32)[..., None]  # a copy: torch warns on the image's read-only view
         arr = np.repeat(arr, spec.channels, axis=2) if spec.channels != 1 else arr
     else:
         image = image.convert("RGB" if spec.channels == 3 else "L").resize((spec.width, spec.height),

@@ -221,16 +221,24 @@ def test_non_finite_or_negative_learning_rate(capsys, tmp_path, verb, value):
     fails(capsys, tmp_path, verb, "tinynet", *extra, f"--lr={value}", match="--lr")
 
 
-def test_16bit_png_is_scaled_not_clipped(tmp_path):
+@pytest.mark.parametrize("channels", [3, 1])
+def test_16bit_png_is_scaled_not_clipped(tmp_path, monkeypatch, channels):
     from PIL import Image
 
     from sparsecnn.converter.images import preprocess
     from sparsecnn.models.registry import InputSpec
 
+    from_numpy = torch.from_numpy
+
+    def writable_only(arr):  # a read-only array made torch print a UserWarning to the user (1-channel models)
+        assert arr.flags.writeable
+        return from_numpy(arr)
+
+    monkeypatch.setattr(torch, "from_numpy", writable_only)
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "g16.png")
     with Image.open(tmp_path / "g16.png") as im:
-        x = preprocess(im, InputSpec(3, 8, 8, scale=1 / 255))
-    assert x.shape == (3, 8, 8) and abs(float(x.mean()) - 32768 / 65535) < 1e-3  # clipped would read 1.0
+        x = preprocess(im, InputSpec(channels, 8, 8, scale=1 / 255))
+    assert x.shape == (channels, 8, 8) and abs(float(x.mean()) - 32768 / 65535) < 1e-3  # clipped would read 1.0
 
 
 # ---- 2. engine files are untrusted ------------------------------------------------------------------
