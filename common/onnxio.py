@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -249,20 +250,51 @@ def serialized_parts(model: onnx.ModelProto) -> tuple[int, Iterator[bytes]]:
     return size, parts()
 
 
-def tensor_buffer(like: onnx.TensorProto) -> tuple[bytearray, np.ndarray]:
+def tensor_buffer(like: onnx.TensorProto, raw: bytes | None = None) -> tuple[bytearray, np.ndarray]:
     """(buffer, values): `like` serialised into a bytearray as name, type, dims and its values as raw
     data, and a writable array over those values (shaped and typed as `like`). Edit the values in
     place, then `model.graph.initializer.add().MergeFromString(buffer)`: protobuf parses a bytearray
     where it lies, so the one copy made is the model's own. Setting `raw_data` takes bytes, which
-    costs a second copy of the tensor beside the array (VGG-19's fc6: 392 MiB more)."""
+    costs a second copy of the tensor beside the array (VGG-19's fc6: 392 MiB more).
+    `raw`: `like`'s raw data read out before (`split_raw`), `like` then holding the rest."""
     header = onnx.TensorProto(name=like.name, data_type=like.data_type, dims=like.dims)
-    source = onnx.numpy_helper.to_array(like)  # a view of one copy of its bytes, dropped on return
+    if raw is None:
+        source = onnx.numpy_helper.to_array(like)  # a view of one copy of its bytes, dropped on return
+    else:
+        source = np.frombuffer(raw, dtype=onnx.helper.tensor_dtype_to_np_dtype(like.data_type)).reshape(tuple(like.dims))
     head = header.SerializeToString() + _tag(_TENSOR_RAW_DATA) + _varint(source.nbytes)
     buffer = bytearray(len(head) + source.nbytes)
     buffer[:len(head)] = head
     values = np.frombuffer(buffer, dtype=source.dtype, offset=len(head)).reshape(source.shape)
     values[...] = source
     return buffer, values
+
+
+# Types whose raw data numpy reads as it lies (to_array converts the others: bfloat16, float8, 4-bit).
+_PLAIN_RAW = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                        onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+                        onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.UINT32,
+                        onnx.TensorProto.INT64, onnx.TensorProto.UINT64})
+
+
+def split_raw(t: onnx.TensorProto) -> tuple[onnx.TensorProto, bytes | None]:
+    """(the rest, raw data): a copy of `t` in its own message without its raw data, and that raw data
+    (one read, one copy), so the model `t` lies in can be freed while its values live on; (a whole
+    copy, None) when numpy could not read the raw data as it lies (another type, a big-endian host,
+    values in a typed field). `tensor_buffer(rest, raw)` and `join_raw(slot, rest, raw)` use them."""
+    rest = onnx.TensorProto()
+    if t.HasField("raw_data") and t.data_type in _PLAIN_RAW and sys.byteorder == "little":
+        copy_fields(t, rest, skip={"raw_data"})
+        return rest, t.raw_data
+    rest.CopyFrom(t)
+    return rest, None
+
+
+def join_raw(slot: onnx.TensorProto, rest: onnx.TensorProto, raw: bytes | None) -> None:
+    """Fill `slot` (empty) with what `split_raw` gave: the original tensor, serialised byte for byte."""
+    slot.CopyFrom(rest)
+    if raw is not None:
+        slot.raw_data = raw
 
 
 def _raw_nbytes(t: onnx.TensorProto) -> int:

@@ -66,7 +66,7 @@ def _run(args, stdout) -> int:
     from ..common.fileio import check_outputs
     from ..common.memory import trim_heap
     from ..common.onnxio import save_onnx
-    from ..passes.graph import run_pipeline
+    from ..passes.graph import Owned, run_pipeline
     from ..passes.prune import prune_pipeline
     from . import layer_report
     from ..runtimes import compile_engine, require_runtime, resolve_device
@@ -109,7 +109,8 @@ def _run(args, stdout) -> int:
               "fixed) to store one, or `run` and `compare` will ask for them with images", file=sys.stderr)
     if pipeline:
         with stage(f"pruning ({args.prune}{', ' + args.scope if args.prune != '2:4' else ''})"):
-            model, results = run_pipeline(model, pipeline)
+            handed, model = Owned(model), None  # prune frees the dense model once it has read its weights
+            model, results = run_pipeline(handed, pipeline)
         trim_heap()  # the dense model was freed into the heap: the rewrite and save start from one model
         for r in results:
             print(r.summary(), file=sys.stderr)

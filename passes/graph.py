@@ -103,6 +103,37 @@ def check_model(model: onnx.ModelProto) -> None:
     onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
 
 
+class Owned:
+    """A model handed to `run_pipeline` by a caller that keeps no other reference to it.
+
+    upb keeps a model's weights in one arena, freed only with the last reference to any part of it,
+    and every read of a weight is a copy: a pass that edits weights holds its input whole beside its
+    output, plus the layer it is editing twice over. A pass marked `frees_input` (prune) may take an
+    owned input (`take()`), read its weights out and drop it before it builds its output: two copies
+    of the weights at most, not two plus the largest layer twice (VGG-19's fc6: 784 MiB).
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model: onnx.ModelProto | None = model
+
+    def take(self) -> onnx.ModelProto:
+        model, self.model = self.model, None
+        if model is None:
+            raise RuntimeError("an owned model is taken once")
+        return model
+
+
+def frees_input(fn):
+    """Mark a pass that accepts an `Owned` model and frees it once it has read what it needs."""
+    fn.frees_input = True
+    return fn
+
+
+def taken(model) -> onnx.ModelProto:
+    """The model itself, whether handed over `Owned` or not (for passes that cannot free it early)."""
+    return model.take() if isinstance(model, Owned) else model
+
+
 Pass = Callable[..., PassResult]
 DUMP_ENV = "SPARSECNN_DUMP_PASSES"
 _pipeline_runs = itertools.count()  # numbers each run's dump files, so nested pipelines do not overwrite
@@ -117,10 +148,12 @@ def pass_name(fn: Pass) -> str:
     return getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", None) or repr(fn)
 
 
-def run_pipeline(model: onnx.ModelProto, pipeline: Iterable[tuple[Pass, dict]],
+def run_pipeline(model: onnx.ModelProto | Owned, pipeline: Iterable[tuple[Pass, dict]],
                  dump_dir: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, list[PassResult]]:
     """Run the passes in order, checking the model after each. The results keep their counters; only
     the last keeps its model (the one returned), so a pipeline holds at most two models at a time.
+    An `Owned` model goes to the first pass as it is when that pass `frees_input`, so the pipeline
+    holds no reference to it; any other pass gets the model itself.
 
     An exception in a pass or its check becomes a `PassError` naming the pass and those run
     before it (torch.fx's wording); a `UserError` stays one (a line for the user) and gains
@@ -129,13 +162,21 @@ def run_pipeline(model: onnx.ModelProto, pipeline: Iterable[tuple[Pass, dict]],
     """
     dump_dir = dump_dir or os.environ.get(DUMP_ENV) or None
     run = next(_pipeline_runs)
+    handed, model = (model, None) if isinstance(model, Owned) else (None, model)
     if dump_dir:
-        _dump(model, dump_dir, run, 0, "input")
+        _dump(handed.model if handed is not None else model, dump_dir, run, 0, "input")
     results, done = [], []
     for step, (fn, options) in enumerate(pipeline, 1):
         name = pass_name(fn)
+        if handed is not None and not getattr(fn, "frees_input", False):
+            model, handed = handed.take(), None
         try:
-            res = fn(model, **options)
+            if handed is not None:  # the pass takes it; no reference is left here
+                given, handed = handed, None
+                res = fn(given, **options)
+                del given
+            else:
+                res = fn(model, **options)
             res.name = res.name or name
             check_model(res.model)
         except UserError as exc:
@@ -152,6 +193,8 @@ def run_pipeline(model: onnx.ModelProto, pipeline: Iterable[tuple[Pass, dict]],
         results.append(res)
         done.append(name)
         model = res.model
+    if handed is not None:  # no pass ran
+        model = handed.take()
     return model, results
 
 

@@ -15,9 +15,9 @@ import torch
 from onnx import numpy_helper
 
 from ..common.memory import trim_heap
-from ..common.onnxio import tensor_buffer
-from .graph import (PassResult, copy_model_without_initializers, initializer_map, prune_exclusions,
-                    set_prune_exclusions, tensor_nbytes, weight_nodes)
+from ..common.onnxio import join_raw, split_raw, tensor_buffer
+from .graph import (Owned, PassResult, copy_model_without_initializers, frees_input, initializer_map,
+                    prune_exclusions, set_prune_exclusions, taken, tensor_nbytes, weight_nodes)
 from .masks import is_excluded as _is_excluded
 from .masks import masks_for
 
@@ -46,35 +46,64 @@ def depthwise_weights(model: onnx.ModelProto) -> list[str]:
     return out
 
 
-def _pruned(model: onnx.ModelProto, layers: list, mask_of, exclude: list[str] | None = None) -> onnx.ModelProto:
-    """A copy of `model` whose `layers`' weights are multiplied by `mask_of(name, weight)` (a keep-mask,
+def _pruned(model: onnx.ModelProto | Owned, targets: set[str], mask_of, exclude: list[str] | None = None
+            ) -> onnx.ModelProto:
+    """A copy of `model` whose `targets`' weights are multiplied by `mask_of(name, weight)` (a keep-mask,
     or None to leave the layer as is), built one initializer at a time: the input and its copy are
     each in memory once, plus one layer's values and their copy in the output. (Copying the model,
-    then every weight as an array, then replacing each in the copy peaked at 5.5 GB on VGG-19's 548 MiB.)"""
-    targets = {w for _, w, _ in layers}
+    then every weight as an array, then replacing each in the copy peaked at 5.5 GB on VGG-19's 548 MiB.)
+    An `Owned` model is freed once the targets' values are read out of it (`split_raw`): the layer
+    being pruned then has its values and their copy in the output, not the input's copy too."""
+    owned = isinstance(model, Owned)
+    model = taken(model)
     out = copy_model_without_initializers(model)
+    patterns = prune_exclusions(model) + list(exclude or [])
     inits = list(model.graph.initializer)
     slots = [out.graph.initializer.add() for _ in inits]  # the input's order, filled in any order
     # Largest first: the largest layer's two copies are made while the output holds nothing else yet.
-    for i in sorted(range(len(inits)), key=lambda i: -tensor_nbytes(inits[i])):
-        t, slot = inits[i], slots[i]
-        if t.name not in targets:
-            slot.CopyFrom(t)
-            continue
-        buffer, weight = tensor_buffer(t)  # a writable copy of its values, already serialised
+    order = sorted(range(len(inits)), key=lambda i: -tensor_nbytes(inits[i]))
+    held: dict[int, tuple] = {}  # an owned input's targets: (the tensor without its values, its raw values)
+    if owned:  # the other tensors are copied and the targets' values read out, then the input goes
+        for i in order:
+            if inits[i].name in targets:
+                held[i] = split_raw(inits[i])
+            else:
+                slots[i].CopyFrom(inits[i])
+        del inits, model
+        trim_heap()
+    for i in order:
+        if owned:
+            if i not in held:
+                continue
+            t, raw = held.pop(i)
+        else:
+            t, raw = inits[i], None
+            if t.name not in targets:
+                slots[i].CopyFrom(t)
+                continue
+        buffer, weight = tensor_buffer(t, raw)  # a writable copy of its values, already serialised
+        # An owned input's values go now: the buffer holds them, and the mask takes a copy as large.
+        split, raw = raw is not None, None
         keep = mask_of(t.name, weight)
-        if keep is None:
-            slot.CopyFrom(t)
+        if keep is None:  # left as it was (2:4 on channels not in fours): `t` whole, as it came
+            join_raw(slots[i], t, weight.tobytes() if split else None)
             continue
         np.multiply(weight, keep, out=weight)  # weight * keep, in place
         del weight, keep
         trim_heap()  # the mask and its scratch, before the output's copy of the layer is made
-        slot.MergeFromString(buffer)
+        slots[i].MergeFromString(buffer)
         del buffer
     if exclude:  # the layers `exclude` left dense join the file's list: it says what was left dense on purpose
-        patterns = prune_exclusions(model) + list(exclude)
-        set_prune_exclusions(out, [w for _, w, _ in weight_nodes(model) if _is_excluded(w, patterns)])
+        set_prune_exclusions(out, [w for _, w, _ in weight_nodes(out) if _is_excluded(w, patterns)])
     return out
+
+
+def _plan(model: onnx.ModelProto | Owned, exclude: list[str] | None) -> tuple[dict[str, int], int]:
+    """({prunable weight: its input-channel axis}, layers excluded), read without keeping a reference
+    into the model (an owned one must be free to go)."""
+    view = model.model if isinstance(model, Owned) else model
+    layers = {w: axis for _, w, axis in prunable_weights(view, exclude)}
+    return layers, len(weight_nodes(view)) - len(layers)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -84,35 +113,36 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def prune_2to4(model: onnx.ModelProto, exclude: list[str] | None = None) -> PassResult:
+@frees_input
+def prune_2to4(model: onnx.ModelProto | Owned, exclude: list[str] | None = None) -> PassResult:
     """2 of every 4 consecutive input channels zero (magnitude), per output channel and tap.
 
     A layer whose input channels are not a multiple of 4 is skipped whole and counted.
     """
     counters: Counter = Counter()
-    layers = prunable_weights(model, exclude)
-    counters["excluded"] = len(weight_nodes(model)) - len(layers)
-    axes = {name: axis for _, name, axis in layers}
+    axes, counters["excluded"] = _plan(model, exclude)
 
     def mask_of(name: str, weight: np.ndarray):  # one layer at a time: its mask depends on it alone
         masks, found = masks_for({name: _tensor(weight)}, "2:4", axes={name: axes[name]})
         counters.update(found)
         return masks[name].numpy() if name in masks else None
 
-    out = _pruned(model, layers, mask_of, exclude)
+    out = _pruned(model, set(axes), mask_of, exclude)
     return PassResult(out, counters, "prune_2to4")
 
 
-def prune_unstructured(model: onnx.ModelProto, sparsity: float, scope: str = "layer",
+@frees_input
+def prune_unstructured(model: onnx.ModelProto | Owned, sparsity: float, scope: str = "layer",
                        exclude: list[str] | None = None) -> PassResult:
     """Magnitude pruning to `sparsity` per layer or globally over the prunable layers."""
     counters: Counter = Counter()
-    layers = prunable_weights(model, exclude)
-    counters["excluded"] = len(weight_nodes(model)) - len(layers)
+    layers, counters["excluded"] = _plan(model, exclude)
     if scope == "global":  # one threshold over every layer: the magnitudes are ranked together
+        model = taken(model)  # read whole for the ranking, so kept whole until the output is built
         inits = initializer_map(model)
-        masks, found = masks_for({w: _tensor(numpy_helper.to_array(inits[w])) for _, w, _ in layers},
+        masks, found = masks_for({w: _tensor(numpy_helper.to_array(inits[w])) for w in layers},
                                  "unstructured", sparsity, scope)
+        del inits
         counters.update(found)
         mask_of = lambda name, weight: masks[name].numpy() if name in masks else None  # noqa: E731
     else:
@@ -124,8 +154,8 @@ def prune_unstructured(model: onnx.ModelProto, sparsity: float, scope: str = "la
             masks[name] = True
             return one[name].numpy()
 
-    out = _pruned(model, layers, mask_of, exclude)
-    depthwise = sum(1 for w in depthwise_weights(model) if w in masks)
+    out = _pruned(model, set(layers), mask_of, exclude)
+    depthwise = sum(1 for w in depthwise_weights(out) if w in masks)  # the output's weights have the input's shapes
     if depthwise:
         counters["pruned_depthwise"] = depthwise
     return PassResult(out, counters, f"prune_unstructured({sparsity:g},{scope})")
