@@ -108,7 +108,7 @@ def prune(model, sparsity: str | float | None = "0.9", *, exclude: Sequence[str]
     grouped convs dense anyway; `exclude` them to keep them dense.
     """
     from ..passes.graph import run_pipeline
-    from ..passes.prune import depthwise_weights, prunable_weights, prune_pipeline
+    from ..passes.prune import check_exclusions, depthwise_weights, prunable_weights, prune_pipeline
 
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     if scope not in ("layer", "global"):
@@ -118,7 +118,7 @@ def prune(model, sparsity: str | float | None = "0.9", *, exclude: Sequence[str]
     dense, spec, label = _dense_onnx(model, input_shape=input_shape, mean=mean, std=std, scale=scale, labels=labels,
                                      input_name=input_name, output_names=output_names, weights=weights,
                                      num_classes=num_classes, opset=opset)
-    _check_exclude(dense, exclude, label)
+    check_exclusions(dense, exclude)  # before any work, and for prune 'none' too
     pruned, results = run_pipeline(dense, pipeline) if pipeline else (dense, [])
     if any(r.counters.get("pruned_depthwise") for r in results):
         prunable = {w for _, w, _ in prunable_weights(dense, exclude)}
@@ -128,20 +128,6 @@ def prune(model, sparsity: str | float | None = "0.9", *, exclude: Sequence[str]
                       "channels lose all of them, and csr runs grouped convs dense anyway; keep them dense with "
                       f"exclude=[...] (e.g. exclude={names[:2]!r})", UserWarning, stacklevel=2)
     return PrunedModel(pruned, spec, label, None if not pipeline else str(sparsity), [r.summary() for r in results])
-
-
-def _check_exclude(model: onnx.ModelProto, patterns: list[str], label: str) -> list[str]:
-    """The model's weight names; a pattern matching none of them (a typo) is a UserError."""
-    from ..passes.graph import weight_nodes
-    from ..passes.masks import is_excluded
-
-    names = [w for _, w, _ in weight_nodes(model)]
-    for pattern in patterns:
-        if not any(is_excluded(w, [pattern]) for w in names):
-            raise UserError(f"exclude pattern '{pattern}' matches no Conv/Gemm weight of {label}; names are module "
-                            f"or weight names such as '{names[-1] if names else 'features.0'}' (globs allowed; "
-                            "PrunedModel.layers() lists them)")
-    return names
 
 
 def _dense_onnx(model, *, input_shape, mean, std, scale, labels, input_name, output_names, weights, num_classes,
@@ -447,8 +433,9 @@ def compare(model, methods: Sequence[str] = ("2:4", "0.9", "channel:0.5"), data:
         Fashion-MNIST (default, Debian's dataset-fashion-mnist) or an ImageFolder directory; subset:
         the first N images. Fine-tuning with masks is the CLI's (`sparsecnn compare`).
     """
-    from ..passes.graph import prune_exclusions, set_prune_exclusions
+    from ..passes.graph import prune_exclusions, set_prune_exclusions, weight_nodes
     from ..passes.masks import is_excluded
+    from ..passes.prune import check_exclusions
     from ..runtimes import resolve_device
     from .compare import Subject, compare_model, load_subject, parse_methods
     from .data import load_data
@@ -468,8 +455,9 @@ def compare(model, methods: Sequence[str] = ("2:4", "0.9", "channel:0.5"), data:
                         "ONNX file with `sparsecnn compare FILE.onnx --methods 2:4 0.9`")
     # every method leaves the same layers dense: the model's own list and `exclude`, in the ONNX
     # metadata (one-shot passes) and as module names (channel pruning, fine-tuning)
-    weights_found = _check_exclude(subject.dense_onnx, exclude, subject.label)
-    dense_list = [w for w in weights_found if is_excluded(w, prune_exclusions(subject.dense_onnx) + exclude)]
+    check_exclusions(subject.dense_onnx, exclude)
+    dense_list = [w for n, w, _ in weight_nodes(subject.dense_onnx)
+                  if is_excluded(w, prune_exclusions(subject.dense_onnx) + exclude, n.name)]
     set_prune_exclusions(subject.dense_onnx, dense_list)
     subject = dataclasses.replace(subject, exclude=tuple(w.removesuffix(".weight") for w in dense_list))
     images = load_data(data, "test").subset(subset)

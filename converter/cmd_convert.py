@@ -67,18 +67,27 @@ def _run(args, stdout) -> int:
     from ..common.memory import trim_heap
     from ..common.onnxio import save_onnx
     from ..passes.graph import Owned, run_pipeline
-    from ..passes.prune import prune_pipeline
     from . import layer_report
     from ..runtimes import compile_engine, require_runtime, resolve_device
     from .calibration import calibration_for, check_path
-    from .options import compile_options
+    from .options import compile_options, prune_passes
     from ..common.onnxio import set_input_spec
     from .source import SpecFlags, convert_opset, load_source, stage
 
-    pipeline = prune_pipeline(args.prune, args.scope, args.exclude)  # validates --prune before any work
+    pipeline = prune_passes(args)  # validates --prune, --scope and --exclude before any work
     if not (args.engine or args.sparse_onnx) and (getattr(args, "runtime_given", False) or args.options):
         raise UserError(f"--runtime {args.runtime} / --option take effect only with --engine FILE or "
                         "--sparse-onnx FILE; add one, or drop them")
+    # engine settings given without the file they shape: refused, not ignored (the rewrite takes the
+    # precision and layout settings too, so --sparse-onnx is enough for those)
+    unused = [flag for flag, on, needs_engine in (
+        ("--device", args.device != "auto", True), ("--no-cuda-graph", args.no_cuda_graph, True),
+        ("--dtype", getattr(args, "dtype_given", False), False), ("--tf32", args.tf32, False),
+        ("--channels-last", args.channels_last, False)) if on and not (args.engine or (args.sparse_onnx and not needs_engine))]
+    if unused:
+        one = len(unused) == 1
+        raise UserError(f"{', '.join(unused)} {'sets' if one else 'set'} how an engine is built; {'it takes' if one else 'they take'} "
+                        f"effect only with --engine FILE: add one, or drop {'it' if one else 'them'}")
     if args.calibration and not args.engine:
         raise UserError("--calibration is what an engine's kernels are chosen on; it takes effect only with "
                         "--engine FILE: add one, or drop it")

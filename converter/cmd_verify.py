@@ -100,6 +100,7 @@ def run(args) -> int:
             raise UserError(f"{flag} must name an .npz file, got {path}")
     if engine_file:
         given = [f for f, on in (("--runtimes", getattr(args, "runtimes_given", False)), ("--prune", args.prune),
+                                 ("--scope", getattr(args, "scope_given", False)),
                                  ("--dtype", args.dtype), ("--tf32", args.tf32), ("--option", args.options),
                                  ("--weights", args.weights), ("--exclude", args.exclude),
                                  ("--calibration", args.calibration)) if on]
@@ -123,11 +124,10 @@ def run(args) -> int:
         result = check_engine_file(args.source, args.device, reference=args.onnx, **common)
     else:
         from ..passes.graph import run_pipeline
-        from ..passes.prune import prune_pipeline
-        from .options import options_per_runtime
+        from .options import options_per_runtime, prune_passes
         from .source import load_source, stage
 
-        pipeline = prune_pipeline(args.prune, args.scope, args.exclude)
+        pipeline = prune_passes(args)
         runtimes = _runtimes(args.runtimes)
         options = options_per_runtime(runtimes, args.options)
         src = load_source(args.source, args.weights, args.num_classes, args.opset)

@@ -65,7 +65,7 @@ def prune_rules(model: onnx.ModelProto, exclude: list[str] | None = None, method
     inits = initializer_map(model)
     rules: dict[str, str] = {}
     for node, weight, axis in weight_nodes(model):
-        hit = next((p for p in exclude or [] if is_excluded(weight, [p])), None)
+        hit = next((p for p in exclude or [] if is_excluded(weight, [p], node.name)), None)
         if hit is not None:  # (the prune pass also adds it to the file's exclusion list)
             rules[weight] = f"--exclude {hit}"
             continue

@@ -96,11 +96,27 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
 def add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune", metavar="SPEC", help="'2:4' (2 of every 4 input channels zero, TensorRT's rule), "
                                                    "a sparsity such as 0.9 (unstructured magnitude), or 'none'")
-    p.add_argument("--scope", choices=["layer", "global"], default="layer",
+    p.add_argument("--scope", choices=["layer", "global"], default="layer", action=mark_given("scope"),
                    help="unstructured pruning: same sparsity in every layer, or one threshold over all (default layer)")
     p.add_argument("--exclude", nargs="*", default=[], metavar="NAME",
-                   help="extra layers to leave dense (module or weight names, globs allowed); stems, "
-                        "classifiers and detection heads are excluded already")
+                   help="extra layers to leave dense (module, weight or node names as `inspect` shows them, globs "
+                        "allowed); stems, classifiers and detection heads are excluded already")
+
+
+def prune_passes(args) -> list:
+    """The passes --prune, --scope and --exclude mean (add_prune_args), checked before any work: a
+    flag the --prune setting makes moot is a UserError, not ignored."""
+    from ..passes.prune import parse_prune, prune_pipeline
+
+    pipeline = prune_pipeline(args.prune, args.scope, args.exclude)  # a bad --prune fails here
+    parsed = parse_prune(args.prune)
+    if getattr(args, "scope_given", False) and (parsed is None or parsed[0] != "unstructured"):
+        raise UserError(f"--scope spreads an unstructured sparsity (--prune 0.9) over the layers; "
+                        f"--prune {args.prune or 'none'} has none to spread: drop --scope")
+    if args.exclude and parsed is None:
+        raise UserError("--exclude names layers to leave dense when pruning; without --prune nothing is pruned: "
+                        "add --prune or drop --exclude")
+    return pipeline
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

@@ -161,10 +161,14 @@ def masks_for(weights: dict[str, torch.Tensor], method: str, sparsity: float | N
     raise UserError(f"unknown pruning method '{method}'; use one of {', '.join(PRUNE_METHODS)} (or channel)")
 
 
-def is_excluded(weight: str, patterns) -> bool:
-    """Whether weight `weight` (or its module, the name without '.weight') matches a pattern (globs allowed)."""
+def is_excluded(weight: str, patterns, node: str | None = None) -> bool:
+    """Whether weight `weight` (or its module, the name without '.weight', or `node`, the name of the ONNX
+    node using it) matches a pattern (globs allowed). A file exported elsewhere names its folded weights
+    'onnx::Conv_123': its node names ('/features/features.1/conv/Conv', what inspect and warnings show)
+    are the names a user can give."""
     module = weight.removesuffix(".weight")
-    return any(fnmatch.fnmatchcase(weight, p) or fnmatch.fnmatchcase(module, p) for p in patterns)
+    return any(fnmatch.fnmatchcase(weight, p) or fnmatch.fnmatchcase(module, p) or
+               (node is not None and fnmatch.fnmatchcase(node, p)) for p in patterns)
 
 
 def module_weights(module: torch.nn.Module, exclude=()) -> dict[str, tuple[torch.nn.Parameter, int]]:

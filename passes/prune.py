@@ -25,7 +25,20 @@ from .masks import masks_for
 def prunable_weights(model: onnx.ModelProto, exclude: list[str] | None = None) -> list[tuple[onnx.NodeProto, str, int]]:
     """Weight layers that a prune pass may touch: every Conv/Gemm/MatMul weight not excluded."""
     patterns = prune_exclusions(model) + list(exclude or [])
-    return [(n, w, axis) for n, w, axis in weight_nodes(model) if not _is_excluded(w, patterns)]
+    return [(n, w, axis) for n, w, axis in weight_nodes(model) if not _is_excluded(w, patterns, n.name)]
+
+
+def check_exclusions(model: onnx.ModelProto, exclude: list[str] | None) -> None:
+    """A pattern of `exclude` that names no weight layer (a typo, a name the file does not use) is a
+    UserError: it would leave nothing dense and say nothing."""
+    from ..common.errors import UserError
+
+    layers = weight_nodes(model)
+    for pattern in exclude or []:
+        if not any(_is_excluded(w, [pattern], n.name) for n, w, _ in layers):
+            example = f"'{layers[-1][0].name or layers[-1][1]}'" if layers else "a layer's name"
+            raise UserError(f"exclude pattern '{pattern}' matches no Conv/Gemm layer of the model; give module, "
+                            f"weight or node names such as {example} (globs allowed; `sparsecnn inspect` lists them)")
 
 
 def depthwise_weights(model: onnx.ModelProto) -> list[str]:
@@ -94,7 +107,7 @@ def _pruned(model: onnx.ModelProto | Owned, targets: set[str], mask_of, exclude:
         slots[i].MergeFromString(buffer)
         del buffer
     if exclude:  # the layers `exclude` left dense join the file's list: it says what was left dense on purpose
-        set_prune_exclusions(out, [w for _, w, _ in weight_nodes(out) if _is_excluded(w, patterns)])
+        set_prune_exclusions(out, [w for n, w, _ in weight_nodes(out) if _is_excluded(w, patterns, n.name)])
     return out
 
 
@@ -102,6 +115,7 @@ def _plan(model: onnx.ModelProto | Owned, exclude: list[str] | None) -> tuple[di
     """({prunable weight: its input-channel axis}, layers excluded), read without keeping a reference
     into the model (an owned one must be free to go)."""
     view = model.model if isinstance(model, Owned) else model
+    check_exclusions(view, exclude)
     layers = {w: axis for _, w, axis in prunable_weights(view, exclude)}
     return layers, len(weight_nodes(view)) - len(layers)
 

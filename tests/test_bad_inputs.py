@@ -623,12 +623,36 @@ FLAG_CASES = [
     ("convert", "tinynet", "--opset", "99"),
     ("convert", "tinynet", "-o", "x.onnx", "--runtime", "csr"),
     ("convert", "tinynet", "-o", "x.onnx", "--option", "dense_conv=best"),
+    # flags the rest of the command makes moot were ignored without a word
+    ("convert", "tinynet", "-o", "x.onnx", "--prune", "2:4", "--scope", "global"),
+    ("convert", "tinynet", "-o", "x.onnx", "--scope", "layer"),
+    ("convert", "tinynet", "-o", "x.onnx", "--exclude", "conv2"),
+    ("convert", "tinynet", "-o", "x.onnx", "--prune", "0.5", "--exclude", "no_such_layer"),
+    ("convert", "tinynet", "-o", "x.onnx", "--dtype", "fp16"),
+    ("convert", "tinynet", "-o", "x.onnx", "--device", "cpu"),
+    ("convert", "tinynet", "-o", "x.onnx", "--tf32"),
+    ("convert", "tinynet", "-o", "x.onnx", "--no-cuda-graph", "--runtime", "csr", "--sparse-onnx", "s.onnx"),
+    ("verify", "tinynet", "--device", "cpu", "--prune", "2:4", "--scope", "global"),
 ]
 
 
 @pytest.mark.parametrize("argv", FLAG_CASES, ids=[" ".join(a[2:]) + f" ({a[0]})" for a in FLAG_CASES])
 def test_bad_flag(capsys, tmp_path, argv):
     fails(capsys, tmp_path, *argv)
+
+
+def test_exclude_takes_the_node_names_a_foreign_file_shows(capsys, tmp_path):
+    """torch.onnx.export names BatchNorm-folded weights 'onnx::Conv_12': the depthwise warning and
+    inspect name the node ('/features/features.1/Conv'), and --exclude with that name was ignored."""
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 8, 3),
+                            torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 8, 3), torch.nn.Conv2d(8, 4, 1)).eval()
+    torch.onnx.export(m, (torch.zeros(1, 3, 16, 16),), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17)
+    weights = {n.name: n.input[1] for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "Conv"}
+    assert weights["/2/Conv"].startswith("onnx::")  # folded: no module name left in the file
+    assert cli("convert", "m.onnx", "--prune", "0.9", "--exclude", "/2/Conv", "-o", "p.onnx") == 0
+    sparsity = {n: float(np.mean(numpy_helper.to_array(t) == 0)) for t in onnx.load(str(tmp_path / "p.onnx")).graph.initializer
+                for n, w in weights.items() if t.name == w}
+    assert sparsity["/2/Conv"] == 0 and sparsity["/4/Conv"] > 0.85  # /0 and /5 are the stem and head
 
 
 def test_library_out_of_memory_is_one_line(capsys, tmp_path, monkeypatch):
