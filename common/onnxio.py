@@ -27,12 +27,47 @@ def load_onnx(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
     if not p.is_file():
         raise UserError(f"ONNX file not found: {p}")
     try:
-        # external data stays unread: validate_model refuses it rather than follow its paths
+        # external data is read by _read_external_data, which checks its paths first
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises several types for a damaged file
         raise UserError(f"{p} is not a readable ONNX file ({type(exc).__name__}: {exc}); re-export it") from None
+    _read_external_data(model, p)
     validate_model(model, p, check=check)
     return model
+
+
+def _read_external_data(model: onnx.ModelProto, p: Path) -> None:
+    """Weights kept in files beside the model, read into it: torch.onnx.export writes them so by
+    default since torch 2.9 ('m.onnx' + 'm.onnx.data'). Each tensor's file must lie in the model's
+    folder and hold the bytes it names, so a crafted location reads nothing else; an engine's model
+    (parse_model) never reads any."""
+    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
+
+    tensors = [t for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL or t.external_data]
+    if not tensors:
+        return
+    folder = p.resolve().parent
+    for t in tensors:
+        try:
+            info = ExternalDataInfo(t)
+        except ValueError as exc:
+            raise UserError(f"{p}: tensor '{t.name}' has bad external data fields ({exc}); re-export it") from None
+        loc = info.location
+        target = (folder / loc).resolve() if loc else folder
+        if not loc or Path(loc).is_absolute() or folder not in target.parents:
+            raise UserError(f"{p}: tensor '{t.name}' keeps its data in '{loc}', not a file beside the model; "
+                            "sparsecnn reads external data only from the model's own folder")
+        if not target.is_file():
+            raise UserError(f"{p}: tensor '{t.name}' keeps its data in {loc}, which is missing; put it beside "
+                            f"{p.name}, or export a self-contained file (torch.onnx.export(..., external_data=False))")
+        end = (info.offset or 0) + (info.length if info.length is not None else tensor_nbytes(t))
+        if end > target.stat().st_size:
+            raise UserError(f"{p}: tensor '{t.name}' needs bytes up to {end} of {loc}, which holds "
+                            f"{target.stat().st_size}: the file is cut short or another model's; re-export it")
+    try:
+        load_external_data_for_model(model, str(folder))
+    except Exception as exc:  # noqa: BLE001 - onnx's own checks of the same paths, an unreadable file
+        raise UserError(f"{p}: cannot read its external data ({type(exc).__name__}: {exc}); re-export it") from None
 
 
 def parse_model(data: bytes, where: str | os.PathLike) -> onnx.ModelProto:

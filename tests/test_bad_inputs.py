@@ -373,7 +373,7 @@ def test_onnx_weight_shorter_than_its_shape(capsys, tmp_path, tiny_onnx_bytes):
     fails(capsys, tmp_path, "inspect", "m.onnx", match=f"'{t.name}' holds data that does not fit its shape")
 
 
-def test_onnx_with_external_data(capsys, tmp_path, tiny_onnx_bytes):
+def test_onnx_with_external_data_outside_its_folder_reads_nothing(capsys, tmp_path, tiny_onnx_bytes):
     m = tiny_model(tiny_onnx_bytes)
     t = m.graph.initializer[0]
     t.ClearField("raw_data")
@@ -381,7 +381,40 @@ def test_onnx_with_external_data(capsys, tmp_path, tiny_onnx_bytes):
     t.data_location = onnx.TensorProto.EXTERNAL
     t.external_data.add(key="location", value="../../etc/passwd")
     write_model(tmp_path / "m.onnx", m)
-    fails(capsys, tmp_path, "inspect", "m.onnx", match="external")
+    fails(capsys, tmp_path, "inspect", "m.onnx", match="not a file beside the model")
+
+
+def _external(tiny_onnx_bytes, folder):
+    """tinynet saved as torch.onnx.export saves by default since torch 2.9: m.onnx + m.onnx.data."""
+    onnx.save_model(tiny_model(tiny_onnx_bytes), str(folder / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
+
+
+def test_onnx_with_external_data_beside_it_is_read(capsys, tmp_path, tiny_onnx_bytes):
+    """Such files were refused whole ('sparsecnn reads only self-contained models')."""
+    _external(tiny_onnx_bytes, tmp_path)
+    assert cli("convert", "m.onnx", "--prune", "0.5", "-o", "p.onnx") == 0
+    dense = {t.name: numpy_helper.to_array(t) for t in tiny_model(tiny_onnx_bytes).graph.initializer}
+    pruned = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "p.onnx")).graph.initializer}
+    assert dense.keys() == pruned.keys()
+    assert all(np.array_equal(np.where(pruned[k] == 0, 0, dense[k]), pruned[k]) for k in dense)  # values, masked
+
+
+@pytest.mark.parametrize("case,match", [("missing", "m.onnx.data, which is missing"),
+                                        ("cut short", "the file is cut short"),
+                                        ("a link out of the folder", "not a file beside the model")])
+def test_onnx_with_bad_external_data(capsys, tmp_path, tiny_onnx_bytes, case, match):
+    _external(tiny_onnx_bytes, tmp_path)
+    data = tmp_path / "m.onnx.data"
+    if case == "missing":
+        data.unlink()
+    elif case == "cut short":
+        data.write_bytes(data.read_bytes()[:100])
+    else:
+        (tmp_path.parent / "outside.bin").write_bytes(data.read_bytes())
+        data.unlink()
+        data.symlink_to(tmp_path.parent / "outside.bin")
+    fails(capsys, tmp_path, "convert", "m.onnx", "-o", "p.onnx", match=match)
 
 
 def test_onnx_not_protobuf(capsys, tmp_path):
