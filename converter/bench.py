@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -355,6 +357,10 @@ def run_networks(cfg: BenchConfig, errors: list[dict], cache: dict | None = None
                 _time_candidates(cfg, cands, regime, where, errors)
                 rows = _network_rows(cfg, cands, model_name, regime, batch)
                 network_rows.extend(rows)
+                for r in rows:
+                    if r.get("median_ms"):
+                        _say(cfg, f"bench: {where}: {r['engine']} {r['median_ms']:.4f} ms, "
+                                  f"{r.get('speedup_vs_best_dense') or 0:.3f}x the best dense engine")
                 if cfg.per_layer:
                     layer_entries.extend(_layers(cfg, cands, model_name, regime, batch, x, rows, where, errors, prep))
                 del cands
@@ -367,15 +373,24 @@ def run_networks(cfg: BenchConfig, errors: list[dict], cache: dict | None = None
     return network_rows, layer_entries, models_info
 
 
+def _say(cfg, line: str) -> None:
+    """Without the progress bar (logs, CI), a line per engine built and timed: a run cut short by a time
+    limit still tells how far it got and what each engine cost to build."""
+    if not cfg.progress:
+        print(line, file=sys.stderr, flush=True)
+
+
 def _build_candidates(cfg, prep, regime, batch, x, where, errors, bar) -> list[Candidate]:
     device = cfg.device
     cands: list[Candidate] = []
 
     def attempt(what: str, make):
         bar.set_postfix_str(f"{where}: {what}")
+        start = time.perf_counter()
         try:
             c = make()
             cands.extend(c if isinstance(c, list) else [c])
+            _say(cfg, f"bench: {where}: {what} built in {time.perf_counter() - start:.1f} s")
         except UserError as exc:  # the runtime says it cannot run this (a precision, an op): skipped, not failed
             errors.append({"where": f"{where} {what}", "error": str(exc), "kind": UNSUPPORTED})
         except Exception as exc:

@@ -1,6 +1,7 @@
 """`sparsecnn bench`: the whole harness on tiny nets (CPU), its JSON, its tables and its plots."""
 import json
 import math
+import re
 import sys
 import types
 
@@ -291,7 +292,7 @@ def _fake_runtime_module():
     return mod
 
 
-def test_a_sparse_runtime_plugs_in_and_gets_layer_matching_and_the_bound(monkeypatch, tmp_path):
+def test_a_sparse_runtime_plugs_in_and_gets_layer_matching_and_the_bound(monkeypatch, tmp_path, capsys):
     from sparsecnn import runtimes
 
     monkeypatch.setitem(sys.modules, "fake_sparse_runtime", _fake_runtime_module())
@@ -310,6 +311,10 @@ def test_a_sparse_runtime_plugs_in_and_gets_layer_matching_and_the_bound(monkeyp
     assert 0 < b["share"] < 1 and b["accelerated_layers"] == 3
     assert b["amdahl_max_speedup"] == pytest.approx(1 / (1 - b["share"]))
     assert "fakesparse @ 0.8" in (tmp_path / "bench.md").read_text(encoding="utf-8")
+    # without the bar, each engine says when it is built and what it timed (a run cut short still tells)
+    log = capsys.readouterr().err
+    assert re.search(r"tinynet fp32-cuda-core batch 1: fakesparse @ 0\.8 built in \d+\.\d s", log)
+    assert re.search(r"tinynet fp32-cuda-core batch 1: fakesparse @ 0\.8 [\d.]+ ms, [\d.]+x the best dense", log)
 
 
 # --- timing helpers ------------------------------------------------------------------------------
