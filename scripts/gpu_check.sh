@@ -34,7 +34,7 @@ case "$part" in
         --regimes "$regimes" --batch "${BENCH_BATCH:-1}" "${per_layer[@]}" --no-progress -o "$dir" > "$dir.log" 2>&1
       echo "bench $m $regimes $runtimes @ $prune: exit $?"
       # the rows a person reads: engine, regime, median ms and the ratio to the best dense engine
-      python3 - "$dir/bench.json" <<'EOF' 2>/dev/null || tail -3 "$dir.log"
+      python3 - "$dir/bench.json" <<'EOF' 2>/dev/null || tail -n 2 "$dir.log"
 import json, sys
 r = json.load(open(sys.argv[1]))
 for n in r["networks"]:
@@ -42,6 +42,8 @@ for n in r["networks"]:
         print(f"  {n['model'][:14]:<14} b{n.get('batch', 1):<3} {n['regime']:<15} {n['engine'][:26]:<26} {n['median_ms']:8.4f} ms "
               f"{(n.get('speedup_vs_best_dense') or 0):6.3f}x  guard={n.get('guard', '-')}  err={n.get('rel_err', 0):.1e}")
 EOF
+      # a run cut short wrote no bench.json: its log's per-engine lines say what was built and timed
+      [ -f "$dir/bench.json" ] || grep -E "built in|the best dense engine" "$dir.log" | tail -n 14
       # per engine, how far its layers run from their roofline (bench.md's "roof gap" lines)
       awk '/^### /{h=substr($0,5)} /^roof gap/{print "  " h ": " $0}' "$dir/bench.md" 2>/dev/null
     done
