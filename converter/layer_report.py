@@ -103,8 +103,11 @@ def prune_rows(model: onnx.ModelProto, exclude: list[str] | None = None, method:
         row = {**info.to_dict(), "name": info.node, "pruning": pruning, "rule": rule or ""}
         row["shape"] = list(info.shape)
         if depthwise and info.sparsity > 0:
+            # the name --exclude takes back: the module's where the weight has one, else the node's
+            # (a file from torch.onnx.export names BatchNorm-folded weights 'onnx::Conv_12')
+            name = info.weight.removesuffix(".weight") if "::" not in info.weight else info.node
             row["warning"] = (f"depthwise conv pruned to {info.sparsity:.0%}: its {int(np.prod(info.shape[1:]))}-weight "
-                              "filters lose most of their values; consider --exclude for it")
+                              f"filters lose most of their values; consider --exclude '{name}'")
         rows.append(row)
     return rows
 

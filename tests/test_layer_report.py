@@ -140,6 +140,10 @@ def test_a_pruned_depthwise_conv_is_warned_about(capsys, tmp_path):
     # one warning per depthwise conv (the grouped conv is not one), each naming its layer and the way out
     assert [w.split(":")[1].strip() for w in warnings] == ["/dw/Conv", "/dw2/Conv"]
     assert all("depthwise conv pruned to 8" in w and "--exclude" in w for w in warnings)
+    # the name the warning gives, given back, keeps the layer dense
+    excluded = [w.split("--exclude ")[1].strip("'") for w in warnings]
+    assert run_cli(capsys, "convert", src, "--prune", "0.8", "-o", tmp_path / "dw-ex.onnx", "--exclude", *excluded)[0] == 0
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     rows = {r["weight"]: r for r in json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["layers"]}
     assert rows["dw.weight"]["rule"] == "depthwise conv (tiny filters)" and rows["dw.weight"]["pruning"] == "pruned"
     assert rows["stem.weight"]["rule"].startswith("stem") and rows["pw.weight"]["rule"] == ""
