@@ -163,6 +163,25 @@ def test_pooling_after_relu_matches_onnxruntime(op, attrs, size, device):
 
 
 @needs_me
+@pytest.mark.parametrize("op", ["Conv", "MaxPool"])
+def test_an_input_with_no_active_site_runs_dense(op):
+    """RegNet's squeeze-excitation: ReLU of a pooled [N, C, 1, 1] vector can be all zeros, and ME's
+    convolution on the empty sparse tensor killed the process (SIGSEGV) in `verify --runtimes minkowski`."""
+    rng = np.random.default_rng(0)
+    relu = helper.make_node("Relu", ["x"], ["r"])
+    if op == "Conv":
+        node = helper.make_node("Conv", ["r", "w", "b"], ["y"], kernel_shape=[1, 1])
+        inits = {"w": rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "b": np.ones(4, np.float32)}
+    else:
+        node, inits = helper.make_node("MaxPool", ["r"], ["y"], kernel_shape=[2, 2], strides=[2, 2]), {}
+    model = _model([relu, node], (2, 3, 4, 4), inits)
+    x = -np.abs(rng.standard_normal((2, 3, 4, 4))).astype(np.float32)  # nothing survives the ReLU
+    got = rt.compile(model, "cpu", {})(torch.from_numpy(x))[0]
+    ref = ort_run(model, x)[0]
+    assert tuple(got.shape) == ref.shape and np.abs(got.numpy() - ref).max() < 1e-6
+
+
+@needs_me
 def test_max_pool_of_possibly_negative_values_runs_dense_with_a_reason():
     rng = np.random.default_rng()
     shape = (1, 3, 8, 8)

@@ -406,6 +406,8 @@ def _conv_builder(state: _State):
             if not isinstance(x, SparseMap):
                 with rec.phase(label, "coords"):
                     x = to_sparse(x, state, label + ":in")
+            if not x.feats.shape[0]:  # no active site (an SE block's ReLU output that is all zeros):
+                return dense_fn(x.dense(), *rest)  # ME's convolution segfaults on an empty tensor
             n, c, h, wd = x.shape
             pads = resolve_pads(ctx, torch.empty(0, 0, h, wd), kernel, stride, dilation)
             if _window_ok(kernel, dilation, pads):  # an auto_pad that resolved off-centre
@@ -544,6 +546,8 @@ def _pool_builder(state: _State, op_type: str):
             if not isinstance(x, SparseMap):
                 with state.recorder.phase(label, "coords"):
                     x = to_sparse(x, state, label + ":in")
+            if not x.feats.shape[0]:  # no active site: ME crashes on an empty tensor, the dense op is exact
+                return dense_fn(x.dense())
             if is_max and not x.nonneg:
                 ctx.info.update(path="dense", reason="max pooling of values that may be negative: a missing site "
                                                      "is a zero the dense max would see")
