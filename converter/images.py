@@ -12,19 +12,30 @@ from ..models.registry import InputSpec
 # Grey modes wider than 8 bits and their full-scale value (16-bit PNG and TIFF open as these).
 WIDE_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0}
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
 
 
 def image_files(path: str | Path) -> list[Path]:
+    """The image file, or a folder's images (by suffix, sorted); each one's header is read here, so a
+    file that is no image (a text file named .png) fails before any work, not after the batches before it."""
     p = Path(path)
     if p.is_file():
-        return [p]
-    if p.is_dir():
+        files = [p]
+    elif p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {p}")
-        return files
-    raise UserError(f"input not found: {p}")
+    else:
+        raise UserError(f"input not found: {p}")
+    from PIL import Image, UnidentifiedImageError
+
+    for f in files:
+        try:
+            with Image.open(f):  # the header only: pixels are read batch by batch (a cut-short file fails then)
+                pass
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"cannot read image {f}: {exc}") from None
+    return files
 
 
 def preprocess(image, spec: InputSpec) -> torch.Tensor:

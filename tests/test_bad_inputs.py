@@ -740,6 +740,25 @@ def test_run_writes_npz_from_outputs(capsys, tmp_path):
         assert set(z.files) == {"logits", "input"}
 
 
+def test_a_folder_holding_a_file_that_is_no_image_fails_before_any_batch(capsys, tmp_path):
+    """run printed the classes of the images sorted before it, then stopped at it."""
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 30), (60 * i, 0, 0)).save(tmp_path / "photos" / f"a{i}.jpg")
+    (tmp_path / "photos" / "b.png").write_text("not a png")
+    Image.new("P", (20, 20)).save(tmp_path / "photos" / "c.gif")  # read now, not skipped as a non-image
+    code = cli("run", "tinynet", "--device", "cpu", "--input", "photos", "--batch", "1", "-o", "o.npz")
+    out = capsys.readouterr()
+    assert code == 2 and out.err.strip().splitlines()[-1] == ("sparsecnn run: error: cannot read image photos/b.png: "
+                                                               "cannot identify image file 'photos/b.png'")
+    assert out.out == "" and not (tmp_path / "o.npz").exists()  # nothing was classified first
+    (tmp_path / "photos" / "b.png").unlink()
+    assert cli("run", "tinynet", "--device", "cpu", "--input", "photos", "--no-progress") == 0
+    assert "c.gif:" in capsys.readouterr().out
+
+
 def test_bench_text_table_truncates_long_names_visibly():
     from sparsecnn.converter.bench_report import fit_name
 
