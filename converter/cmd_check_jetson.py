@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..common.errors import UserError
 from .options import add_source_args, batch_size
 
 EXAMPLES = """\
@@ -56,6 +57,10 @@ def run(args) -> int:
         from ..common.fileio import check_output
 
         check_output(args.write_fp16, [args.source, args.weights], "--write-fp16")
+    if getattr(args, "opset_given", False) and args.source.endswith(".onnx"):  # was ignored without a word
+        raise UserError(f"--opset sets the opset a registry model is exported at; {args.source} is checked as it is "
+                        f"(a converted copy is not the file you deploy): convert it first with `sparsecnn convert "
+                        f"{args.source} --opset {args.opset} -o FILE.onnx`")
     src = load_source(args.source, args.weights, args.num_classes, args.opset, quiet=args.json)
     report = check_trt82(src.model)
     if args.write_fp16:

@@ -72,7 +72,7 @@ def _run(args, stdout) -> int:
     from .calibration import calibration_for, check_path
     from .options import compile_options, prune_passes
     from ..common.onnxio import set_input_spec
-    from .source import SpecFlags, convert_opset, load_source, stage
+    from .source import SpecFlags, load_source, stage
 
     pipeline = prune_passes(args)  # validates --prune, --scope and --exclude before any work
     if not (args.engine or args.sparse_onnx) and (getattr(args, "runtime_given", False) or args.options):
@@ -102,15 +102,13 @@ def _run(args, stdout) -> int:
         check_outputs({"-o": args.output, "--engine": args.engine, "--sparse-onnx": args.sparse_onnx, "--json": json_file},
                       inputs)
     flags = SpecFlags.from_args(args)
-    src = load_source(args.source, args.weights, args.num_classes, args.opset, flags=flags)
+    src = load_source(args.source, args.weights, args.num_classes, args.opset, flags=flags,
+                      opset_given=getattr(args, "opset_given", False))
     if src.spec is None and flags.given():  # what was given is stored whole or not at all
         src.input.require_spec()
     out = Path(args.output or _default_output(src.label, args.prune))
     check_outputs({"-o": out, "--engine": args.engine, "--sparse-onnx": args.sparse_onnx, "--json": json_file}, inputs)
     model, src.model = src.model, None  # one dense model in memory: pruning's copy replaces it
-    if getattr(args, "opset_given", False) and src.path is not None:  # an export is at --opset already
-        with stage(f"converting {src.label} to opset {args.opset} (onnx.version_converter)"):
-            model = convert_opset(model, args.opset, src.label)
     if src.spec is not None:
         set_input_spec(model, src.spec.to_dict())
     else:

@@ -69,7 +69,8 @@ def run(args) -> int:
         if args.activations:
             raise UserError("--activations profiles a model, not an engine file; give the ONNX file it was built from")
         return _report(args, engine_file_report(args.source))
-    src = load_source(args.source, args.weights, args.num_classes, args.opset, quiet=quiet)
+    src = load_source(args.source, args.weights, args.num_classes, args.opset, quiet=quiet,
+                      opset_given=getattr(args, "opset_given", False))
     if args.activations:
         return _activations(args, src)
     sparse = _rewritten(src.model)

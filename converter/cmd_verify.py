@@ -130,7 +130,8 @@ def run(args) -> int:
         pipeline = prune_passes(args)
         runtimes = _runtimes(args.runtimes)
         options = options_per_runtime(runtimes, args.options)
-        src = load_source(args.source, args.weights, args.num_classes, args.opset)
+        src = load_source(args.source, args.weights, args.num_classes, args.opset,
+                          opset_given=getattr(args, "opset_given", False))
         model = src.model
         if pipeline:
             with stage(f"pruning ({args.prune})"):

@@ -90,7 +90,7 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int_range(1, 10**6), help="classifier size (default: the model's, or the checkpoint's)")
     p.add_argument("--opset", type=opset, default=17, action=mark_given("opset"),
                    help="ONNX opset of the export (13 for TensorRT 8.2 on the original Jetson Nano; default 17); an "
-                        "ONNX file keeps its own, and `convert` converts it when this is given")
+                        "ONNX file keeps its own unless this is given, then it is converted to it")
 
 
 def add_prune_args(p: argparse.ArgumentParser) -> None:

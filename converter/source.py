@@ -279,9 +279,11 @@ def ready_for_pruning(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def load_source(source: str, weights: str | None = None, num_classes: int | None = None, opset: int = 17,
-                quiet: bool = False, flags: SpecFlags | None = None) -> Source:
+                quiet: bool = False, flags: SpecFlags | None = None, opset_given: bool = False) -> Source:
     """Resolve `source` to a dense ONNX model ready for the prune passes; `flags` complete or override
-    its input spec (an ONNX file from elsewhere carries none)."""
+    its input spec (an ONNX file from elsewhere carries none). A registry model or checkpoint is
+    exported at `opset`; an ONNX file keeps its own unless `opset_given` (--opset on the command
+    line), then it is converted to it (every verb alike: verify and inspect ignored it)."""
     from .export import export_onnx
 
     flags = flags or SpecFlags()
@@ -294,6 +296,9 @@ def load_source(source: str, weights: str | None = None, num_classes: int | None
                             f"{' and '.join(given)} {'does' if one else 'do'} not apply; drop {'it' if one else 'them'}")
         with stage(f"loading {source}", quiet):
             model = ready_for_pruning(load_onnx(path))
+        if opset_given:
+            with stage(f"converting {path.name} to opset {opset} (onnx.version_converter)", quiet):
+                model = convert_opset(model, opset, path.name)
         stored = get_input_spec(model, path)
         inp = resolve_input(model, InputSpec.from_dict(stored, str(path)) if stored else None, flags, str(path))
         return Source(model, inp.spec, path.name, inp, path)

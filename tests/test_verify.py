@@ -157,6 +157,15 @@ def test_random_inputs_take_a_fixed_batch_and_another_batch_is_one_line(capsys, 
         "the model with a dynamic batch axis") and "Traceback" not in err
 
 
+def test_opset_given_with_an_onnx_file_converts_it_as_convert_does(capsys, tmp_path, pruned):
+    """verify and inspect took --opset and ignored it for an ONNX file; convert converted it."""
+    assert main(["convert", "tinynet", "--opset", "13", "--prune", "0.5", "-o", str(tmp_path / "t13.onnx")]) == 0
+    code, out, err = verify(capsys, tmp_path / "t13.onnx", "--device", "cpu", "--opset", "17")
+    assert code == 0 and "converting t13.onnx to opset 17" in err and "PASSED" in out
+    assert main(["check-jetson", str(tmp_path / "t13.onnx"), "--opset", "13"]) == 2  # checks the file as it is
+    assert "convert it first" in capsys.readouterr().err
+
+
 def test_a_runtime_not_available_here_fails_before_the_model_is_built(capsys, monkeypatch):
     import sparsecnn.converter.source as source
     import sparsecnn.runtimes.csr.runtime as csr
