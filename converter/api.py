@@ -87,13 +87,13 @@ def prune(model, sparsity: str | float | None = "0.9", *, exclude: Sequence[str]
           input_shape: Sequence[int] | None = None, mean: Sequence[float] | str | None = None,
           std: Sequence[float] | str | None = None, scale: float | None = None, labels: Sequence[str] | None = None,
           input_name: str = "input", output_names: Sequence[str] | None = None, weights: str | None = None,
-          num_classes: int | None = None, opset: int = 17) -> PrunedModel:
+          num_classes: int | None = None, opset: int | None = None) -> PrunedModel:
     """Export `model` to ONNX with BatchNorm folded and prune it, as `sparsecnn convert --prune` does.
 
     model: an `nn.Module` (give `input_shape`), an ONNX file path or `onnx.ModelProto`, a registry
         model name (`weights`, `num_classes` as in the CLI) or a sparsecnn checkpoint path.
     sparsity: 0.9 / '0.9' (unstructured magnitude), '2:4' (2 of every 4 input channels), or 'none'.
-    exclude: more layers to leave dense (module or weight names, globs allowed). Stems and classifiers
+    exclude: more layers to leave dense (module, weight or ONNX node names, globs allowed). Stems and classifiers
         are left dense already: a registry model's own list; for anything else every weight layer that
         reads the input or reaches an output without another weight layer (the CLI's rule for ONNX files).
     scope: 'layer' (every layer at `sparsity`) or 'global' (one threshold over all prunable layers).
@@ -102,6 +102,8 @@ def prune(model, sparsity: str | float | None = "0.9", *, exclude: Sequence[str]
         stored in the ONNX file so `load_images` and `sparsecnn run` prepare images. An nn.Module
         needs `input_shape` (input_name, output_names name its ONNX input and outputs); an ONNX
         file from elsewhere takes them as `convert --input-shape/--mean/--std/--scale` do.
+    opset: the ONNX opset a module or registry model is exported at (default 17); an ONNX file keeps
+        its own unless it is given, then it is converted to it (as `convert --opset`).
 
     Depthwise convs are pruned like any layer (as the CLI does) with a warning naming them: their
     3x3 filters have 9 weights, so 0.9 empties most of their channels, and the csr runtime runs
@@ -138,7 +140,7 @@ def _dense_onnx(model, *, input_shape, mean, std, scale, labels, input_name, out
             raise UserError("weights= and num_classes= are for a registry model; load an nn.Module's weights "
                             "with module.load_state_dict(...) before prune()")
         return _export_module(model, input_shape, mean, std, 1.0 / 255.0 if scale is None else scale, labels,
-                              input_name, output_names, opset)
+                              input_name, output_names, opset or 17)
     if isinstance(model, PrunedModel):
         raise UserError("this model is pruned already; prune the dense model (or its ONNX file) instead")
     if input_name != "input" or output_names is not None:
@@ -153,11 +155,16 @@ def _dense_onnx(model, *, input_shape, mean, std, scale, labels, input_name, out
         where = "the given ONNX model"
         validate_model(model, where)
         model = ready_for_pruning(model)
+        if opset is not None:  # as --opset converts an ONNX file
+            from .source import convert_opset
+
+            model = convert_opset(model, opset, where)
         stored = get_input_spec(model, where)
         inp = resolve_input(model, InputSpec.from_dict(stored, where) if stored else None, flags, where)
         label = model.graph.name or "onnx"
     elif isinstance(model, (str, Path)):
-        src = load_source(str(model), weights, num_classes, opset, quiet=True, flags=flags)
+        src = load_source(str(model), weights, num_classes, opset or 17, quiet=True, flags=flags,
+                          opset_given=opset is not None)
         model, inp, label = src.model, src.input, src.label
     else:
         raise UserError(f"prune() takes an nn.Module, an ONNX file path or onnx.ModelProto, or a registry model "

@@ -332,3 +332,18 @@ def test_an_onnx_file_or_registry_model_takes_the_input_spec_as_converts_flags(t
     onnx.save(foreign, str(tmp_path / "f.onnx"))
     scaled = sparsecnn.prune(tmp_path / "f.onnx", "0.5", scale=1.0)
     assert scaled.spec.scale == 1.0 and scaled.spec.mean is None
+
+
+def test_opset_converts_an_onnx_file_as_convert_does(tmp_path):
+    """prune(FILE.onnx, opset=17) kept the file's opset without a word."""
+    import sparsecnn
+    from sparsecnn.converter.cli import main
+
+    assert main(["convert", "tinynet", "--opset", "13", "-o", str(tmp_path / "t13.onnx")]) == 0
+
+    def opset(pruned):
+        return next(o.version for o in pruned.onnx.opset_import if o.domain in ("", "ai.onnx"))
+
+    assert opset(sparsecnn.prune(tmp_path / "t13.onnx", "0.5")) == 13
+    assert opset(sparsecnn.prune(tmp_path / "t13.onnx", "0.5", opset=17)) == 17
+    assert opset(sparsecnn.prune(onnx.load(str(tmp_path / "t13.onnx")), "0.5", opset=17)) == 17
