@@ -25,7 +25,7 @@ import torch
 from ..common.errors import UserError
 from ..models.registry import InputSpec
 from ..runtimes import takes_calibration
-from .images import IMAGE_SUFFIXES, image_files, load_images
+from .images import IMAGE_SUFFIXES, NoImages, image_files, load_images
 from .options import CALIBRATION_IMAGES
 
 
@@ -50,8 +50,8 @@ def _source_path(path: str | Path, flag: str) -> Path:
 
 def _images_in(folder: Path, flag: str) -> list[Path]:
     try:
-        return image_files(folder)
-    except UserError:
+        return image_files(folder)  # an unreadable image is its own one-line error, naming the file
+    except NoImages:
         raise UserError(f"{flag} {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it or its "
                         "subfolders; give a folder of images (an ImageFolder or a flat folder) or an .npz "
                         "file") from None

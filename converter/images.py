@@ -15,6 +15,10 @@ WIDE_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 6553
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
 
 
+class NoImages(UserError):
+    """A folder holding no file with an image suffix (callers may say so in their own words)."""
+
+
 def image_files(path: str | Path) -> list[Path]:
     """The image file, or a folder's images (by suffix, sorted); each one's header is read here, so a
     file that is no image (a text file named .png) fails before any work, not after the batches before it."""
@@ -24,7 +28,7 @@ def image_files(path: str | Path) -> list[Path]:
     elif p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {p}")
+            raise NoImages(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {p}")
     else:
         raise UserError(f"input not found: {p}")
     from PIL import Image, UnidentifiedImageError

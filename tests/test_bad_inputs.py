@@ -806,6 +806,7 @@ CONVERT_ECR = ("convert", "tinynet", "-o", "x.onnx", "--runtime", "ecr", "--engi
 CALIBRATION_CASES = {
     "missing path": ((*CONVERT_ECR, "--calibration", "nowhere"), "--calibration not found: nowhere"),
     "empty folder": ((*CONVERT_ECR, "--calibration", "empty"), "--calibration empty: no images"),
+    "a file that is no image": ((*CONVERT_ECR, "--calibration", "photos"), r"cannot read image photos/b\.png"),
     "not a folder or npz": ((*CONVERT_ECR, "--calibration", "notes.txt"), "neither a folder of images nor an .npz"),
     "npz without the input": ((*CONVERT_ECR, "--calibration", "other.npz"), r"no array 'input' \(it holds 'image'\)"),
     "npz of the wrong shape": ((*CONVERT_ECR, "--calibration", "small.npz"),
@@ -825,6 +826,8 @@ CALIBRATION_CASES = {
 @pytest.mark.parametrize("case", list(CALIBRATION_CASES))
 def test_bad_calibration(capsys, tmp_path, engine_members, case):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "b.png").write_text("not a png")
     (tmp_path / "notes.txt").write_text("not images")
     np.savez(tmp_path / "other.npz", image=np.zeros((1, 3, 32, 32), np.float32))
     np.savez(tmp_path / "small.npz", input=np.zeros((2, 3, 16, 16), np.float32))
