@@ -254,6 +254,20 @@ class Engine:
             self.plans.clear()
 
     def prepare(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The inputs on the engine's device, dtype and layout; a wrong count, type, rank or channel
+        count is a UserError naming the input (a graph replay took extra inputs silently, a wrong shape
+        failed deep inside a layer with torch's message). Batch and spatial sizes may differ from the
+        declared ones: a convolutional engine runs any (bench and the tests run smaller inputs)."""
+        names, dims_of = self.executor.input_names, self.executor.input_dims
+        if len(inputs) != len(names):
+            raise UserError(f"model takes {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}")
+        for name, dims, x in zip(names, dims_of, inputs):
+            if not isinstance(x, torch.Tensor):
+                raise UserError(f"input '{name}' must be a torch tensor, got {type(x).__name__}"
+                                + (" (torch.from_numpy(x) makes one)" if type(x).__module__ == "numpy" else ""))
+            if dims is not None and (x.dim() != len(dims) or (len(dims) > 1 and dims[1] not in (None, x.shape[1]))):
+                want = ", ".join("N" if i == 0 else "?" if d is None else str(d) for i, d in enumerate(dims))
+                raise UserError(f"input '{name}' has shape {list(x.shape)}; the model takes [{want}]")
         return tuple(self.executor.prepare_input(x) for x in inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

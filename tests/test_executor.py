@@ -138,6 +138,21 @@ def test_unknown_op_fails_at_compile_time_naming_node_and_op():
         get_runtime("torch").compile(model, "cpu", {})
 
 
+@pytest.mark.parametrize("args,match", [
+    ((np.zeros((1, 3, 32, 32), np.float32),), r"input 'input' must be a torch tensor, got ndarray \(torch\.from_numpy"),
+    ((torch.zeros(3, 32, 32),), r"has shape \[3, 32, 32\]; the model takes \[N, 3, 32, 32\]"),
+    ((torch.zeros(1, 1, 32, 32),), r"has shape \[1, 1, 32, 32\]; the model takes \[N, 3, 32, 32\]"),
+    ((torch.zeros(1, 3, 32, 32), torch.zeros(1)), r"model takes 1 input\(s\) \(input\), got 2"),
+], ids=["numpy array", "no batch axis", "wrong channels", "an extra input"])
+def test_engine_call_with_a_wrong_input_is_one_line(exported, args, match):
+    """These failed deep inside a layer with torch's message (or AttributeError); a graph replay
+    dropped an extra input silently."""
+    engine = get_runtime("torch").compile(exported("tinynet"), "cpu", {})
+    with pytest.raises(UserError, match=match):
+        engine(*args)
+    assert engine(torch.zeros(2, 3, 32, 32))[0].shape == (2, 10)  # any batch
+
+
 def test_engine_save_load_roundtrip(exported, tmp_path):
     from sparsecnn.runtimes import load_engine
 
