@@ -54,7 +54,8 @@ def prune_rules(model: onnx.ModelProto, exclude: list[str] | None = None, method
     apply, named. Stems read the input, heads reach an output with no weight layer between
     (`stem_and_head_roles`); a registry model lists its own, a foreign file gets that rule.
     `method`: '2:4' or 'unstructured' when known (2:4 also needs input channels in fours)."""
-    from ..passes.graph import PRUNE_EXCLUDE_KEY, initializer_map, prune_exclusions, stem_and_head_roles, weight_nodes
+    from ..passes.graph import (PRUNE_EXCLUDE_KEY, dense_only_weight_nodes, initializer_map, prune_exclusions,
+                                stem_and_head_roles, weight_nodes)
     from ..passes.masks import is_excluded
     from ..passes.prune import depthwise_weights
 
@@ -81,6 +82,8 @@ def prune_rules(model: onnx.ModelProto, exclude: list[str] | None = None, method
             continue
         if weight in depthwise:
             rules[weight] = "depthwise conv (tiny filters)"
+    for node, weight in dense_only_weight_nodes(model):
+        rules[weight] = f"{node.op_type}: no runtime has a sparse kernel for it"
     return rules
 
 

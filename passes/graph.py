@@ -312,6 +312,15 @@ def weight_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, int]
     return found
 
 
+def dense_only_weight_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
+    """Weight layers no runtime has a sparse kernel for (ConvTranspose): never pruned, since pruning them
+    would cost accuracy and buy no time; the layer reports list them as dense, with that reason."""
+    inits = initializer_map(model)
+    return [(node, node.input[1]) for node in model.graph.node
+            if node.domain in STANDARD_DOMAINS and node.op_type == "ConvTranspose"
+            and len(node.input) > 1 and node.input[1] in inits]
+
+
 def default_exclusions(model: onnx.ModelProto) -> list[str]:
     """Weights left dense when nothing says otherwise: stems and heads (`stem_and_head_roles`).
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import initializer_map, node_label, weight_nodes
+from .graph import dense_only_weight_nodes, initializer_map, node_label, weight_nodes
 from .masks import is_2to4
 from .prune import _tensor, prunable_weights
 
@@ -45,6 +45,11 @@ def layer_table(model: onnx.ModelProto) -> list[LayerInfo]:
         two_four = is_2to4(_tensor(arr), axis) if arr.shape[axis] % 4 == 0 else None  # is_2to4 only reads it
         rows.append(LayerInfo(node_label(node), node.op_type, name, tuple(arr.shape), arr.size, nnz,
                               name in prunable, two_four, arr.nbytes, nnz * arr.itemsize))
+    for node, name in dense_only_weight_nodes(model):
+        arr = numpy_helper.to_array(inits[name])
+        nnz = int(np.count_nonzero(arr))
+        rows.append(LayerInfo(node_label(node), node.op_type, name, tuple(arr.shape), arr.size, nnz,
+                              False, None, arr.nbytes, nnz * arr.itemsize))
     return rows
 
 

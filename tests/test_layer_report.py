@@ -149,6 +149,32 @@ def test_a_pruned_depthwise_conv_is_warned_about(capsys, tmp_path):
     assert rows["stem.weight"]["rule"].startswith("stem") and rows["pw.weight"]["rule"] == ""
 
 
+class _Upsampler(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.mid = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.out = torch.nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.up(torch.relu(self.mid(torch.relu(self.enc(x)))))))
+
+
+def test_a_conv_transpose_is_listed_dense_with_its_reason(capsys, tmp_path):
+    src = tmp_path / "up.onnx"
+    torch.onnx.export(_Upsampler().eval(), (torch.randn(1, 3, 8, 8),), str(src), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+    code, out, err = run_cli(capsys, "convert", src, "--prune", "0.9", "-o", tmp_path / "p.onnx", "--json",
+                             tmp_path / "r.json")
+    assert code == 0
+    rows = {r["weight"]: r for r in json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["layers"]}
+    up = rows["up.weight"]
+    assert up["op"] == "ConvTranspose" and up["pruning"] == "dense" and up["sparsity"] == 0.0
+    assert "no runtime has a sparse kernel" in up["rule"]
+    assert rows["mid.weight"]["pruning"] == "pruned"  # the conv between stem and head is pruned as before
+
+
 def test_long_layer_names_keep_their_end_behind_a_visible_marker():
     from sparsecnn.converter.layer_report import build_report, fit_name, format_report
 
