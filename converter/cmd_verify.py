@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from ..common.errors import UserError
-from .options import add_calibration_args, add_prune_args, add_source_args, batch_size, mark_given
+from .options import add_calibration_args, add_prune_args, add_source_args, batch_size, input_shape, mark_given
 
 HELP = """\
 Check that engines compute what the pruned ONNX model says. SOURCE is the pruned ONNX file, a
@@ -67,6 +67,9 @@ def add_parser(sub) -> None:
                                                         "writes one; other arrays in it are ignored)")
     p.add_argument("--batch", type=batch_size, help="batch size of random inputs (default: the model's fixed "
                                                      "batch, else 1)")
+    p.add_argument("--input-shape", type=input_shape, metavar="CxHxW",
+                   help="size of random inputs where the ONNX file leaves height and width open (e.g. 3x224x224, "
+                        "or 2x3x224x224 with the batch); a file `convert` wrote carries its own")
     p.add_argument("--seed", type=int, default=0, help="seed of random inputs (default 0, as `run --random`)")
     p.add_argument("--atol", type=_tolerance, help="absolute slack (default 0)")
     p.add_argument("--rtol", type=_tolerance, help="tolerance relative to max |reference| (default by --dtype)")
@@ -115,11 +118,13 @@ def run(args) -> int:
     json_file = args.json if args.json and args.json != "-" else None
     check_outputs({"--save-outputs": args.save_outputs, "--json": json_file},
                   [args.source, args.weights, args.inputs, args.onnx])  # before any work
+    if args.inputs and args.input_shape:
+        raise UserError("--input-shape sizes random inputs; --inputs gives the inputs themselves: drop one")
     arrays = read_inputs(args.inputs) if args.inputs else None  # a missing file fails before the model loads
     if args.calibration:
         check_path(args.calibration)  # so does a missing calibration source
     common = {"inputs": arrays, "input_source": args.inputs or "", "batch": args.batch, "seed": args.seed,
-              "atol": args.atol, "rtol": args.rtol}
+              "atol": args.atol, "rtol": args.rtol, "input_shape": args.input_shape}
     if engine_file:
         result = check_engine_file(args.source, args.device, reference=args.onnx, **common)
     else:

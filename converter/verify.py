@@ -58,26 +58,46 @@ def _fmt_dims(dims) -> str:
                            for i, d in enumerate(dims)) + "]"
 
 
-def random_inputs(model: onnx.ModelProto, batch: int | None = None, seed: int = 0, where: str = "the model"
-                  ) -> dict[str, np.ndarray]:
+def random_inputs(model: onnx.ModelProto, batch: int | None = None, seed: int = 0, where: str = "the model",
+                  input_shape: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
     """Standard-normal inputs of the model's declared sizes and `batch` (default: an input's fixed
     batch, else 1; another batch than a fixed one is a user error), seeded as `sparsecnn run --random
-    --seed` draws them (one torch generator, inputs in graph order)."""
+    --seed` draws them (one torch generator, inputs in graph order). `input_shape` (CxHxW or NxCxHxW,
+    `--input-shape`) sizes a model's one image input where its file leaves sizes open."""
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise UserError(f"batch must be a whole number >= 1, got {batch!r}")
     spec = get_input_spec(model, where)
+    inputs = model_inputs(model)
+    if input_shape is not None:
+        if len(inputs) != 1 or len(inputs[0][1]) != 4:
+            raise UserError(f"{where}: --input-shape sizes a model with one NxCxHxW input; this one takes "
+                            f"{', '.join(f'{n} {_fmt_dims(d)}' for n, d, _ in inputs)}: give its values in an .npz "
+                            "file (--inputs FILE.npz)")
+        if len(input_shape) == 4:
+            if batch is not None and batch != input_shape[0]:
+                raise UserError(f"--input-shape says batch {input_shape[0]} and --batch says {batch}; give one")
+            batch, input_shape = input_shape[0], input_shape[1:]
+        name, dims, _ = inputs[0]
+        clash = [f"{d} (not {g})" for d, g in zip(dims[1:], input_shape) if d is not None and d != g]
+        if clash:
+            raise UserError(f"{where}: input '{name}' is {_fmt_dims(dims)}; --input-shape "
+                            f"{'x'.join(map(str, input_shape))} differs from its fixed sizes; drop --input-shape "
+                            "or give the model's sizes")
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for name, dims, elem in model_inputs(model):
+    for name, dims, elem in inputs:
         if elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
             raise UserError(f"{where}: input '{name}' is not a float tensor; give its values in an .npz file "
                             "(--inputs FILE.npz)")
         shape = dims[1:]
-        if any(d is None for d in shape) and spec and len(dims) == 4:
+        if input_shape is not None:
+            shape = list(input_shape)
+        elif any(d is None for d in shape) and spec and len(dims) == 4:
             shape = [spec.get("channels"), spec.get("height"), spec.get("width")]
         if not dims or any(d is None for d in shape):
+            hint = " or its size with --input-shape CxHxW" if len(dims) == 4 else ""
             raise UserError(f"{where}: input '{name}' has no fixed size ({_fmt_dims(dims)}); give its values in "
-                            "an .npz file (--inputs FILE.npz)")
+                            f"an .npz file (--inputs FILE.npz){hint}")
         if dims[0] is not None and batch is not None and batch != dims[0]:
             raise UserError(f"{where}: input '{name}' has a fixed batch of {dims[0]}; drop --batch {batch}, or "
                             "export the model with a dynamic batch axis")
@@ -358,12 +378,12 @@ def outputs_npz(result: VerifyResult) -> bytes:
 # ---- the flows `sparsecnn verify` runs -----------------------------------------------------------
 
 def given_or_random(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray] | None, input_source: str,
-                    batch: int | None,
-                    seed: int, where: str) -> tuple[dict[str, np.ndarray], str]:
+                    batch: int | None, seed: int, where: str, input_shape: tuple[int, ...] | None = None
+                    ) -> tuple[dict[str, np.ndarray], str]:
     """(input arrays, what they are): `inputs` checked against `model`, else random of its size."""
     if inputs is not None:
         return check_inputs(inputs, model, input_source or "the inputs"), input_source
-    return random_inputs(model, batch, seed, where), f"random, seed {seed}"
+    return random_inputs(model, batch, seed, where, input_shape), f"random, seed {seed}"
 
 
 def engine_subject(engine, atol: float | None = None, rtol: float | None = None) -> Subject:
@@ -377,7 +397,8 @@ def check_runtimes(model: onnx.ModelProto, runtimes: list[str], device: str = "a
                    tf32: bool = False, options: Mapping[str, dict] | None = None,
                    inputs: Mapping[str, np.ndarray] | None = None, input_source: str = "", batch: int | None = None,
                    seed: int = 0, atol: float | None = None, rtol: float | None = None, where: str = "the model",
-                   quiet: bool = False, calibration: torch.Tensor | None = None) -> VerifyResult:
+                   quiet: bool = False, calibration: torch.Tensor | None = None,
+                   input_shape: tuple[int, ...] | None = None) -> VerifyResult:
     """Rewrite and compile `model` (the pruned ONNX) for each runtime, run all on the same inputs
     (`inputs` by name, else random of the model's size) and compare every output with ONNX Runtime's.
     `options`: per runtime its typed settings (runtimes.options.validate_for_runtimes); `calibration`:
@@ -387,7 +408,7 @@ def check_runtimes(model: onnx.ModelProto, runtimes: list[str], device: str = "a
 
     rts = [require_runtime(n) for n in runtimes]  # an unknown or unavailable runtime fails before any work
     dev = resolve_device(device)
-    arrays, source = given_or_random(model, inputs, input_source, batch, seed, where)
+    arrays, source = given_or_random(model, inputs, input_source, batch, seed, where, input_shape)
     subjects = []
     for rt in rts:
         opts = {"dtype": dtype, "tf32": tf32, "extra": dict((options or {}).get(rt.name, {}))}
@@ -401,7 +422,7 @@ def check_runtimes(model: onnx.ModelProto, runtimes: list[str], device: str = "a
 def check_engine_file(path: str, device: str = "auto", *, reference: str | None = None,
                       inputs: Mapping[str, np.ndarray] | None = None, input_source: str = "", batch: int | None = None,
                       seed: int = 0, atol: float | None = None, rtol: float | None = None,
-                      quiet: bool = False) -> VerifyResult:
+                      quiet: bool = False, input_shape: tuple[int, ...] | None = None) -> VerifyResult:
     """A saved engine against ONNX Runtime on `reference` (the pruned ONNX file it was built from);
     without one, on the engine's own model where ONNX Runtime can run it (the torch runtime keeps
     the pruned ONNX as it is)."""
@@ -425,7 +446,7 @@ def check_engine_file(path: str, device: str = "auto", *, reference: str | None 
     if sorted(ref_in) != sorted(engine.input_names) or sorted(ref_out) != sorted(engine.output_names):
         raise UserError(f"{reference} has inputs {ref_in} and outputs {ref_out}; the engine {list(engine.input_names)} "
                         f"and {list(engine.output_names)}: give the ONNX file the engine was built from")
-    arrays, source = given_or_random(model, inputs, input_source, batch, seed, where)
+    arrays, source = given_or_random(model, inputs, input_source, batch, seed, where, input_shape)
     subject = engine_subject(engine, atol, rtol)
     with stage("running the engine and ONNX Runtime", quiet):
         return verify([subject], model, arrays, where=where, input_source=source)

@@ -157,6 +157,29 @@ def test_random_inputs_take_a_fixed_batch_and_another_batch_is_one_line(capsys, 
         "the model with a dynamic batch axis") and "Traceback" not in err
 
 
+def test_input_shape_sizes_random_inputs_of_a_file_with_open_height_and_width(capsys, tmp_path, pruned):
+    """An ONNX file from elsewhere with dynamic H and W and no stored spec: verify could only ask for an .npz."""
+    import onnx
+
+    model = onnx.load(str(pruned / "t.onnx"))
+    del model.metadata_props[:]  # no stored input spec, as a file from torch.onnx.export
+    for i, name in ((2, "h"), (3, "w")):
+        model.graph.input[0].type.tensor_type.shape.dim[i].dim_param = name
+    onnx.save(model, str(tmp_path / "hw.onnx"))
+    code, _, err = verify(capsys, tmp_path / "hw.onnx", "--device", "cpu")
+    assert code == 2 and "has no fixed size" in err and "--input-shape CxHxW" in err
+    code, out, _ = verify(capsys, tmp_path / "hw.onnx", "--device", "cpu", "--input-shape", "3x24x40")
+    assert code == 0 and "'input' [1, 3, 24, 40]" in out
+    code, out, _ = verify(capsys, tmp_path / "hw.onnx", "--device", "cpu", "--input-shape", "2x3x16x16")
+    assert code == 0 and "'input' [2, 3, 16, 16]" in out
+    code, _, err = verify(capsys, tmp_path / "hw.onnx", "--device", "cpu", "--input-shape", "1x24x24")
+    assert code == 2 and "differs from its fixed sizes" in err and "Traceback" not in err
+    np.savez(tmp_path / "x.npz", input=np.zeros((1, 3, 16, 16), np.float32))
+    code, _, err = verify(capsys, tmp_path / "hw.onnx", "--device", "cpu", "--input-shape", "3x16x16",
+                          "--inputs", tmp_path / "x.npz")
+    assert code == 2 and "drop one" in err
+
+
 def test_opset_given_with_an_onnx_file_converts_it_as_convert_does(capsys, tmp_path, pruned):
     """verify and inspect took --opset and ignored it for an ONNX file; convert converted it."""
     assert main(["convert", "tinynet", "--opset", "13", "--prune", "0.5", "-o", str(tmp_path / "t13.onnx")]) == 0
