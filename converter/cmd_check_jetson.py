@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
     p.add_argument("--roofline", action="store_true", help="also print the roofline estimate")
-    from ..passes.roofline import BOARDS
+    from ..common.peaks import BOARDS
 
     p.add_argument("--board", choices=[*BOARDS, "both", "all"], default=None,
                    help="a Jetson board: which runtimes and kernels apply there, the roofline estimate and what it "
@@ -49,7 +49,8 @@ def run(args) -> int:
     from dataclasses import asdict
 
     from ..passes.jetson import board_runtimes, check_trt82
-    from ..passes.roofline import BOARDS, CANNOT_PREDICT, estimate, format_estimate
+    from ..common.peaks import BOARDS
+    from ..passes.roofline import CANNOT_PREDICT, estimate, format_estimate
     from ..runtimes.nvrtc import KERNEL_FAMILIES, kernel_notes
     from .source import load_source
 

@@ -240,7 +240,7 @@ FEATURE_MAP_FORMATS = ("ecr", "pecr", "minkowski")
 def card_roofline(device: str | None, card: dict | None, dtype: str | None, tf32: bool = False):
     """(Board with the card's peaks, precision, the report's `roofline` header) for an engine on `device`;
     (None, None, {'reason'}) when no roofline can be drawn there."""
-    from ..passes.roofline import card_peaks
+    from ..common.peaks import card_peaks
 
     if device is None or str(device).startswith("cpu"):
         return None, None, {"reason": "a CPU engine: the roofline is drawn for GPUs only"}

@@ -160,7 +160,7 @@ def toolkit_runs_on(board) -> bool:
 
 
 def board_runtimes(board) -> list[RuntimeFit]:
-    """Per runtime: can it run on `board` (a passes.roofline.Board), and what it exploits there."""
+    """Per runtime: can it run on `board` (a common.peaks.Board), and what it exploits there."""
     on_board = toolkit_runs_on(board)
     no_toolkit = f"not on the board: {board.jetpack} has Python {board.python}, sparsecnn needs 3.10 (convert on a host)"
     sparse_tc = board.fp16_sparse_tflops is not None

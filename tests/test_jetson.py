@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from sparsecnn.converter.cli import main
 from sparsecnn.passes.jetson import check_trt82
 from sparsecnn.passes.prune import prune_2to4
-from sparsecnn.passes.roofline import BOARDS, estimate
+from sparsecnn.common.peaks import BOARDS
+from sparsecnn.passes.roofline import estimate
 from sparsecnn.passes.two_four.layout import rewrite_2to4
 
 ROOT = Path(__file__).resolve().parents[1]

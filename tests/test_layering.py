@@ -164,6 +164,21 @@ def test_help_imports_no_verb_and_a_verb_help_only_its_own():
     assert out.stdout.split("\n")[:2] == ["[]", "['cmd_bench']"]
 
 
+def test_every_verb_help_loads_no_heavy_library():
+    """`COMMAND --help` under a second: building a verb's parser imports no torch, onnx or numpy
+    (check-jetson's --board choices imported the roofline model, torch with it: 2.2 s)."""
+    code = ("import sys, contextlib, io\n"
+            "from sparsecnn.converter.cli import VERBS, main\n"
+            "for verb in VERBS:\n"
+            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "        main([verb, '--help'])\n"
+            f"    print(verb, ' '.join(m for m in {HEAVY!r} if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8",
+                         errors="replace", check=True, cwd=ROOT)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) >= 9 and all(len(line.split()) == 1 for line in lines), out.stdout
+
+
 def test_top_level_api_loads_library_modules_only():
     """`import sparsecnn` (the repository root's __init__.py) names its API by module, loaded on first
     use: each is a library module below the verbs, and defines the name."""

@@ -9,7 +9,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from sparsecnn.converter.layer_report import build_report, format_report
-from sparsecnn.passes.roofline import card_peaks, conv_gemm_shapes
+from sparsecnn.common.peaks import card_peaks
+from sparsecnn.passes.roofline import conv_gemm_shapes
 
 H100 = {"name": "NVIDIA H100 80GB HBM3"}
 

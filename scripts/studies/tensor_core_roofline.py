@@ -21,7 +21,8 @@ from sparsecnn.converter.export import export_onnx
 from sparsecnn.converter.study import study_parser
 from sparsecnn.models import load_model
 from sparsecnn.passes.prune import prune_unstructured
-from sparsecnn.passes.roofline import BOARDS, CARDS, CONV_OPS, format_cost, layer_costs, roofline_time
+from sparsecnn.common.peaks import BOARDS, CARDS
+from sparsecnn.passes.roofline import CONV_OPS, format_cost, layer_costs, roofline_time
 
 FORMS = ("dense", "2:4", "tiled-csl")
 
