@@ -407,15 +407,15 @@ def load_runnable(model: str, *, runtime: str, device: str, weights: str | None 
 
 
 def convert_opset(model: onnx.ModelProto, opset: int, where: str) -> onnx.ModelProto:
-    """`model` at default-domain `opset` (onnx.version_converter, then the checker); a model already there
-    comes back as is; one the converter cannot take there is a UserError naming why."""
-    from onnx import version_converter
+    """`model` at default-domain `opset` (onnx.version_converter as passes/opset.py helps it, then the
+    checker); a model already there comes back as is; one the converter cannot take there is a UserError naming why."""
+    from ..passes.opset import convert_version
 
     have = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if have == opset:
         return model
     try:
-        converted = version_converter.convert_version(model, opset)
+        converted = convert_version(model, opset)
         onnx.checker.check_model(converted)
     except Exception as exc:  # noqa: BLE001 - the converter raises RuntimeError, checker ValidationError, ...
         why = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
