@@ -106,6 +106,21 @@ def skeleton(model: onnx.ModelProto, max_bytes: int = 4096) -> onnx.ModelProto:
     return out
 
 
+def graph_inputs(model: onnx.ModelProto) -> list[tuple[str, list[int | None] | None, int]]:
+    """(name, declared dims, ONNX element type) of each graph input that is not a weight: dims None
+    where symbolic (or 0), the list None for an input declared without a shape."""
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        t = vi.type.tensor_type
+        dims = ([d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
+                if t.HasField("shape") else None)
+        out.append((vi.name, dims, t.elem_type))
+    return out
+
+
 def tensor_nbytes(t: onnx.TensorProto) -> int:
     """The bytes a tensor's values take, from its dims and type: no copy of its data is made."""
     n = 1

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 
 from ..common.errors import UserError
-from ..common.onnxio import get_input_spec, load_onnx, set_input_spec
+from ..common.onnxio import get_input_spec, graph_inputs, load_onnx, set_input_spec
 from ..models.registry import (IMAGENET_MEAN, IMAGENET_STD, MODELS, InputSpec, get_entry, load_model,
                                load_state_dict_file)
 from ..passes.graph import run_pipeline
@@ -106,11 +106,8 @@ def _dims(dims) -> str:
 
 def graph_input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
     """The first graph input that is not a weight: its name and dims (None where not fixed)."""
-    inits = {t.name for t in model.graph.initializer}
-    vi = next(v for v in model.graph.input if v.name not in inits)
-    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-            for d in vi.type.tensor_type.shape.dim]
-    return vi.name, dims
+    name, dims, _ = graph_inputs(model)[0]
+    return name, dims or []
 
 
 def _classes(model: onnx.ModelProto) -> int | None:

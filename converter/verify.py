@@ -28,7 +28,7 @@ import torch
 
 from ..common.errors import UserError
 from ..common.numerics import layer_tolerance, rel_err
-from ..common.onnxio import get_input_spec
+from ..common.onnxio import get_input_spec, graph_inputs
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -41,16 +41,8 @@ def default_tolerance(dtype: str = "fp32", tf32: bool = False) -> tuple[float, f
 # ---- the model's inputs ------------------------------------------------------------------------
 
 def model_inputs(model: onnx.ModelProto) -> list[tuple[str, list[int | None], int]]:
-    """(name, dims with None where symbolic, ONNX element type) of each real graph input."""
-    inits = {t.name for t in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        t = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
-        out.append((vi.name, dims, t.elem_type))
-    return out
+    """(name, dims with None where symbolic, ONNX element type) of each real graph input (no shape: [])."""
+    return [(name, dims or [], elem) for name, dims, elem in graph_inputs(model)]
 
 
 def _fmt_dims(dims) -> str:

@@ -14,6 +14,7 @@ import torch
 from onnx import numpy_helper
 
 from ..common.errors import UserError
+from ..common.onnxio import graph_inputs
 from ..passes.graph import node_label, static_shapes
 from .ops import STANDARD_OPS, Builder, NodeContext, attributes
 
@@ -46,13 +47,9 @@ class Executor:
         table = dict(STANDARD_OPS)
         table.update(ops or {})
         graph = model.graph
-        init_names = {t.name for t in graph.initializer}
-        self.input_names = [i.name for i in graph.input if i.name not in init_names]
-        # declared sizes (None where symbolic; None for an input declared without a shape): what
-        # Engine.prepare checks a caller's tensors against
-        self.input_dims = [[d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                            for d in i.type.tensor_type.shape.dim] if i.type.tensor_type.HasField("shape") else None
-                           for i in graph.input if i.name not in init_names]
+        inputs = graph_inputs(model)
+        self.input_names = [name for name, _, _ in inputs]
+        self.input_dims = [dims for _, dims, _ in inputs]  # declared sizes: what Engine.prepare checks calls against
         self.output_names = [o.name for o in graph.output]
         self.consts: dict[str, torch.Tensor] = {t.name: self._to_device(numpy_helper.to_array(t)) for t in graph.initializer}
         shapes = static_shapes(model)

@@ -129,12 +129,24 @@ def test_report_rows_from_engine_steps_carry_the_chosen_time():
     assert row["ms"] == 0.25 and row["library"] == "csr" and row["why"] == "faster: 2.00x the best dense form"
 
 
-def test_a_pruned_depthwise_conv_is_warned_about(capsys, tmp_path):
-    src = tmp_path / "dw.onnx"
-    torch.onnx.export(Separable().eval(), (torch.randn(1, 3, 16, 16),), str(src), dynamo=False, opset_version=17,
+def _export(module, size, path):
+    torch.onnx.export(module.eval(), (torch.randn(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
                       input_names=["x"], output_names=["y"])
-    code, out, err = run_cli(capsys, "convert", src, "--prune", "0.8", "-o", tmp_path / "dw-80.onnx", "--json",
-                             tmp_path / "r.json")
+    return path
+
+
+def _convert_with_report(capsys, src, prune, tmp_path):
+    """convert SRC --prune P --json: (exit code, stderr, the report's rows by weight)."""
+    code, _, err = run_cli(capsys, "convert", src, "--prune", prune, "-o", tmp_path / "pruned.onnx", "--json",
+                           tmp_path / "r.json")
+    rows = {r["weight"]: r for r in json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["layers"]} \
+        if code == 0 else {}
+    return code, err, rows
+
+
+def test_a_pruned_depthwise_conv_is_warned_about(capsys, tmp_path):
+    src = _export(Separable(), 16, tmp_path / "dw.onnx")
+    code, err, rows = _convert_with_report(capsys, src, "0.8", tmp_path)
     assert code == 0
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     # one warning per depthwise conv (the grouped conv is not one), each naming its layer and the way out
@@ -144,7 +156,6 @@ def test_a_pruned_depthwise_conv_is_warned_about(capsys, tmp_path):
     excluded = [w.split("--exclude ")[1].strip("'") for w in warnings]
     assert run_cli(capsys, "convert", src, "--prune", "0.8", "-o", tmp_path / "dw-ex.onnx", "--exclude", *excluded)[0] == 0
     assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    rows = {r["weight"]: r for r in json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["layers"]}
     assert rows["dw.weight"]["rule"] == "depthwise conv (tiny filters)" and rows["dw.weight"]["pruning"] == "pruned"
     assert rows["stem.weight"]["rule"].startswith("stem") and rows["pw.weight"]["rule"] == ""
 
@@ -162,13 +173,8 @@ class _Upsampler(torch.nn.Module):
 
 
 def test_a_conv_transpose_is_listed_dense_with_its_reason(capsys, tmp_path):
-    src = tmp_path / "up.onnx"
-    torch.onnx.export(_Upsampler().eval(), (torch.randn(1, 3, 8, 8),), str(src), dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["y"])
-    code, out, err = run_cli(capsys, "convert", src, "--prune", "0.9", "-o", tmp_path / "p.onnx", "--json",
-                             tmp_path / "r.json")
+    code, _, rows = _convert_with_report(capsys, _export(_Upsampler(), 8, tmp_path / "up.onnx"), "0.9", tmp_path)
     assert code == 0
-    rows = {r["weight"]: r for r in json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["layers"]}
     up = rows["up.weight"]
     assert up["op"] == "ConvTranspose" and up["pruning"] == "dense" and up["sparsity"] == 0.0
     assert "no runtime has a sparse kernel" in up["rule"]
